@@ -1,0 +1,387 @@
+//! Jobs: the submission ([`JobSpec`]), the stored record ([`JobRecord`]), its light summary for
+//! lists and events ([`JobSummary`]), statuses and outcomes.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::requirements::Requirements;
+
+/// A job's identity: a UUIDv7 string chosen by the broker at submission.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(pub String);
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for JobId {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+/// Default number of attempts a job gets before it fails for good.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+
+/// What a client submits. Build it with [`crate::validate::parse_job_spec`] from JSON, or directly
+/// and then call [`JobSpec::validate`]; backends refuse specs that do not validate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Service name: `comfyui`, `a1111`, `openai`, `rest`, `simulation`, `NAME-sim` or a custom name.
+    #[serde(alias = "service_required", alias = "job_type")]
+    pub service: String,
+    /// Opaque service payload (a ComfyUI workflow, an A1111 body, …).
+    #[serde(default)]
+    pub payload: Value,
+    /// What a worker must (and must not) have.
+    #[serde(default, skip_serializing_if = "Requirements::is_empty")]
+    pub requirements: Requirements,
+    /// Higher runs first; 0 is a valid priority. Any `i32`.
+    #[serde(default)]
+    pub priority: i32,
+    /// Groups the steps of one workflow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_id: Option<String>,
+    /// Overrides `priority` for ordering when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_priority: Option<i32>,
+    /// Overrides `created_at` (ms since the epoch) for ordering when set, so later steps of a
+    /// workflow keep the workflow's place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_datetime: Option<i64>,
+    /// The step of the workflow this job is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_number: Option<u32>,
+    /// Customer the job runs for; checked against workers' allowed/denied customer lists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer_id: Option<String>,
+    /// Attempts before the job fails for good (1 = no retry).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Overall time limit of one attempt, in ms (enforced by the worker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// No-sign-of-life limit of one attempt, in ms (enforced by the worker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_timeout_ms: Option<u64>,
+    /// Base of the exponential retry backoff, in ms (attempt n waits base × 2^(n-1), capped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_backoff_ms: Option<u64>,
+    /// The same key submitted again returns the first job instead of creating another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+fn default_max_attempts() -> u32 {
+    DEFAULT_MAX_ATTEMPTS
+}
+
+/// Default retry backoff base when a spec does not set one.
+pub const DEFAULT_RETRY_BACKOFF_MS: u64 = 1_000;
+/// Longest wait between two attempts.
+pub const MAX_RETRY_BACKOFF_MS: u64 = 300_000;
+
+impl JobSpec {
+    /// A spec for `service` with `payload` and every other field at its default.
+    pub fn new(service: impl Into<String>, payload: Value) -> Self {
+        Self {
+            service: service.into(),
+            payload,
+            requirements: Requirements::default(),
+            priority: 0,
+            workflow_id: None,
+            workflow_priority: None,
+            workflow_datetime: None,
+            step_number: None,
+            customer_id: None,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            timeout_ms: None,
+            progress_timeout_ms: None,
+            retry_backoff_ms: None,
+            idempotency_key: None,
+        }
+    }
+
+    /// Priority used for ordering: `workflow_priority` if set, else `priority`.
+    pub fn effective_priority(&self) -> i32 {
+        self.workflow_priority.unwrap_or(self.priority)
+    }
+
+    /// Time used for ordering: `workflow_datetime` if set, else `created_at_ms`.
+    pub fn effective_time(&self, created_at_ms: i64) -> i64 {
+        self.workflow_datetime.unwrap_or(created_at_ms)
+    }
+
+    /// Delay before attempt `next_attempt` (2, 3, …) may run: base × 2^(n-2), capped.
+    pub fn retry_delay_ms(&self, next_attempt: u32) -> u64 {
+        let base = self.retry_backoff_ms.unwrap_or(DEFAULT_RETRY_BACKOFF_MS);
+        let shift = next_attempt.saturating_sub(2).min(30);
+        base.saturating_mul(1u64 << shift).min(MAX_RETRY_BACKOFF_MS.max(base))
+    }
+}
+
+/// Job status. `unworkable` is a flag on pending jobs ([`JobSummary::unworkable`]), not a status,
+/// because such a job is still waiting and becomes claimable as soon as the fleet changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    /// Waiting in the queue (possibly delayed by a retry backoff).
+    Pending,
+    /// Claimed by a worker, no progress yet.
+    Assigned,
+    /// The worker reported progress.
+    InProgress,
+    /// Finished with a result.
+    Completed,
+    /// Finished with an error, no attempts left (or not retryable).
+    Failed,
+    /// Cancelled by a client.
+    Cancelled,
+}
+
+impl JobStatus {
+    /// Every status, in lifecycle order.
+    pub const ALL: [JobStatus; 6] =
+        [Self::Pending, Self::Assigned, Self::InProgress, Self::Completed, Self::Failed, Self::Cancelled];
+
+    /// The wire name (`pending`, `in_progress`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Assigned => "assigned",
+            Self::InProgress => "in_progress",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// True for completed, failed and cancelled.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+
+    /// True while a worker holds the job.
+    pub fn is_running(self) -> bool {
+        matches!(self, Self::Assigned | Self::InProgress)
+    }
+}
+
+impl fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a job failed, for metrics and for deciding what an operator should do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureCategory {
+    /// The service rejected the job (bad workflow, missing model): retrying will not help.
+    Validation,
+    /// The service failed while running it.
+    #[default]
+    Service,
+    /// The service could not be reached.
+    Connection,
+    /// The job exceeded its overall or progress timeout.
+    Timeout,
+    /// The worker's lease expired (worker died or hung).
+    LeaseExpired,
+    /// Anything else.
+    Internal,
+}
+
+/// A typed error outcome. The broker decides requeue-or-fail from `retryable`, never from text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobError {
+    /// Human-readable message.
+    pub message: String,
+    /// Failure category.
+    #[serde(default)]
+    pub category: FailureCategory,
+    /// Whether another attempt may succeed.
+    #[serde(default)]
+    pub retryable: bool,
+}
+
+impl JobError {
+    /// A retryable error of `category`.
+    pub fn retryable(category: FailureCategory, message: impl Into<String>) -> Self {
+        Self { message: message.into(), category, retryable: true }
+    }
+    /// A fatal (not retryable) error of `category`.
+    pub fn fatal(category: FailureCategory, message: impl Into<String>) -> Self {
+        Self { message: message.into(), category, retryable: false }
+    }
+}
+
+/// How a finished job ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Outcome {
+    /// Completed with this result.
+    Result {
+        /// The service's result document (size-limited; large artefacts are stored by reference).
+        value: Value,
+    },
+    /// Failed with this error.
+    Error {
+        /// The error.
+        error: JobError,
+    },
+}
+
+/// The light view of a job: everything but payload and result. Lists, snapshots and events carry it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSummary {
+    /// Identity.
+    pub id: JobId,
+    /// Service name.
+    pub service: String,
+    /// Current status.
+    pub status: JobStatus,
+    /// Attempts started so far (0 before the first claim).
+    pub attempt: u32,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// Submitted priority.
+    pub priority: i32,
+    /// Workflow fields.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_id: Option<String>,
+    /// Workflow priority.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_priority: Option<i32>,
+    /// Workflow time (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_datetime: Option<i64>,
+    /// Workflow step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_number: Option<u32>,
+    /// Customer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer_id: Option<String>,
+    /// Worker holding (or last holding) the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_id: Option<String>,
+    /// Progress 0–100 of the current attempt.
+    pub progress: f64,
+    /// Latest progress message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Submission time (ms since epoch).
+    pub created_at: i64,
+    /// Time of the last change (ms).
+    pub updated_at: i64,
+    /// When the current attempt was claimed (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<i64>,
+    /// When the job reached a terminal status (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<i64>,
+    /// A pending job waiting for its retry backoff is not claimable before this time (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_at: Option<i64>,
+    /// A cancel was requested while the job was running.
+    #[serde(default)]
+    pub cancel_requested: bool,
+    /// No registered worker could serve this pending job when the fleet was last evaluated.
+    #[serde(default)]
+    pub unworkable: bool,
+    /// Last error (of the final attempt when failed, of the previous attempt while retrying).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<JobError>,
+}
+
+/// The full stored job: its spec (with payload), its summary and its outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Mutable state.
+    #[serde(flatten)]
+    pub summary: JobSummary,
+    /// The submitted spec, payload included.
+    pub spec: JobSpec,
+    /// Result or error once finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
+}
+
+impl JobSummary {
+    /// The summary of a freshly submitted job.
+    pub fn new_pending(id: JobId, spec: &JobSpec, now_ms: i64) -> Self {
+        Self {
+            id,
+            service: spec.service.clone(),
+            status: JobStatus::Pending,
+            attempt: 0,
+            max_attempts: spec.max_attempts,
+            priority: spec.priority,
+            workflow_id: spec.workflow_id.clone(),
+            workflow_priority: spec.workflow_priority,
+            workflow_datetime: spec.workflow_datetime,
+            step_number: spec.step_number,
+            customer_id: spec.customer_id.clone(),
+            worker_id: None,
+            progress: 0.0,
+            message: None,
+            created_at: now_ms,
+            updated_at: now_ms,
+            started_at: None,
+            finished_at: None,
+            run_at: None,
+            cancel_requested: false,
+            unworkable: false,
+            error: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_names_round_trip() {
+        for s in JobStatus::ALL {
+            assert_eq!(JobStatus::parse(s.as_str()), Some(s));
+            assert_eq!(serde_json::to_value(s).ok(), Some(Value::String(s.as_str().into())));
+        }
+        assert_eq!(JobStatus::parse("queued"), None);
+    }
+
+    #[test]
+    fn retry_delay_grows_and_caps() {
+        let mut spec = JobSpec::new("x", Value::Null);
+        spec.retry_backoff_ms = Some(100);
+        assert_eq!(spec.retry_delay_ms(2), 100);
+        assert_eq!(spec.retry_delay_ms(3), 200);
+        assert_eq!(spec.retry_delay_ms(4), 400);
+        assert_eq!(spec.retry_delay_ms(60), MAX_RETRY_BACKOFF_MS);
+        spec.retry_backoff_ms = Some(0);
+        assert_eq!(spec.retry_delay_ms(5), 0);
+    }
+
+    #[test]
+    fn effective_fields() {
+        let mut spec = JobSpec::new("x", Value::Null);
+        spec.priority = 5;
+        assert_eq!(spec.effective_priority(), 5);
+        assert_eq!(spec.effective_time(10), 10);
+        spec.workflow_priority = Some(0);
+        spec.workflow_datetime = Some(3);
+        assert_eq!(spec.effective_priority(), 0);
+        assert_eq!(spec.effective_time(10), 3);
+    }
+}

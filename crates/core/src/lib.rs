@@ -1,0 +1,40 @@
+//! # fleetq-core
+//!
+//! The domain of fleetq with no I/O: what a job, a worker and an event are, and the pure rules that
+//! decide everything else (validation, matching, ordering, state transitions). The broker backends,
+//! the worker runtime and the API all call into this crate so that a rule exists in exactly one place.
+//!
+//! # Layout
+//! - [`job`]: [`JobSpec`] (what a client submits), [`JobRecord`] (what the broker stores), statuses,
+//!   outcomes and failure categories.
+//! - [`state`]: the job state machine; every status change in every backend goes through
+//!   [`JobStatus::apply`].
+//! - [`validate`]: submission validation with errors that name the offending field.
+//! - [`requirements`]: parsed [`Requirements`] and their canonical form.
+//! - [`worker`]: worker registration, capabilities, connector status and machine events.
+//! - [`matching`]: [`explain`], the one rule deciding whether a worker may serve a job.
+//! - [`order`]: the exact ordering key of pending jobs ([`OrderKey`]).
+//! - [`partition`]: the partition a pending job lives in (service + everything matching depends on).
+//! - [`event`]: the events appended to the broker's ordered log, and [`Snapshot`] folding.
+
+pub mod event;
+pub mod job;
+pub mod matching;
+pub mod order;
+pub mod partition;
+pub mod requirements;
+pub mod state;
+pub mod validate;
+pub mod worker;
+
+pub use event::{Event, EventKind, Snapshot};
+pub use job::{FailureCategory, JobError, JobId, JobRecord, JobSpec, JobStatus, JobSummary, Outcome};
+pub use matching::{Match, explain};
+pub use order::OrderKey;
+pub use partition::PartitionKey;
+pub use requirements::Requirements;
+pub use state::{Action, IllegalTransition};
+pub use validate::{Limits, ValidationError};
+pub use worker::{
+    Capabilities, ConnectorReport, ConnectorStatus, MachineEvent, WorkerInfo, WorkerRegistration,
+};

@@ -1,0 +1,202 @@
+//! Submission validation. A bad job is rejected at submission with an error naming the field, so
+//! nothing downstream (matching, the broker's scripts) ever has to cope with malformed stored data.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use thiserror::Error;
+
+use crate::job::JobSpec;
+use crate::order::MAX_TIME_MS;
+use crate::requirements::{Requirements, kind};
+
+/// A rejected input: which field, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Error, Serialize, Deserialize)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    /// Dot path of the offending field (`requirements.hardware.gpu_memory_gb`, `priority`, …).
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl ValidationError {
+    /// An error about `field`.
+    pub fn new(field: &str, message: impl Into<String>) -> Self {
+        Self { field: field.to_owned(), message: message.into() }
+    }
+}
+
+/// Size limits applied at submission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Largest payload, as serialized JSON bytes.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_payload_bytes: 4 * 1024 * 1024 }
+    }
+}
+
+/// Longest service, worker, machine, customer or workflow name.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// Checks an identifier: non-empty, at most [`MAX_NAME_LEN`] bytes, ASCII letters, digits and `._-:`,
+/// starting with a letter or digit.
+pub fn check_name(field: &str, value: &str) -> Result<(), ValidationError> {
+    if value.is_empty() {
+        return Err(ValidationError::new(field, "must not be empty"));
+    }
+    if value.len() > MAX_NAME_LEN {
+        return Err(ValidationError::new(field, format!("longer than {MAX_NAME_LEN} characters")));
+    }
+    let ok_first = value.as_bytes()[0].is_ascii_alphanumeric();
+    let ok_rest = value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'));
+    if !ok_first || !ok_rest {
+        return Err(ValidationError::new(
+            field,
+            format!(
+                "{value:?} is not a valid name: use letters, digits and . _ - : (starting with a letter or digit)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Parses and validates the JSON body of a submission (`POST /api/jobs`, `fleetq explain --job`).
+pub fn parse_job_spec(text: &str, limits: &Limits) -> Result<JobSpec, ValidationError> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| ValidationError::new("body", format!("not valid JSON: {e}")))?;
+    job_spec_from_value(value, limits)
+}
+
+/// Validates an already parsed JSON submission.
+pub fn job_spec_from_value(mut value: Value, limits: &Limits) -> Result<JobSpec, ValidationError> {
+    let Some(obj) = value.as_object_mut() else {
+        return Err(ValidationError::new("body", format!("must be an object, got {}", kind(&value))));
+    };
+    // Requirements get their own parser so its errors name the exact nested field.
+    let requirements = obj.remove("requirements").unwrap_or(Value::Null);
+    let mut spec: JobSpec = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { "body".to_owned() } else { path };
+        ValidationError::new(&field, e.into_inner().to_string())
+    })?;
+    spec.requirements = Requirements::parse(&requirements, "requirements")?;
+    spec.validate(limits)?;
+    Ok(spec)
+}
+
+impl JobSpec {
+    /// Validates every field; backends call this on every submission.
+    pub fn validate(&self, limits: &Limits) -> Result<(), ValidationError> {
+        check_name("service", &self.service)?;
+        for (field, v) in [("customer_id", &self.customer_id), ("workflow_id", &self.workflow_id)] {
+            if let Some(v) = v {
+                check_name(field, v)?;
+            }
+        }
+        if let Some(key) = &self.idempotency_key
+            && (key.is_empty() || key.len() > 256)
+        {
+            return Err(ValidationError::new("idempotency_key", "must be 1 to 256 characters"));
+        }
+        if !(1..=100).contains(&self.max_attempts) {
+            return Err(ValidationError::new("max_attempts", "must be between 1 and 100"));
+        }
+        if let Some(t) = self.workflow_datetime
+            && !(0..=MAX_TIME_MS).contains(&t)
+        {
+            return Err(ValidationError::new(
+                "workflow_datetime",
+                "must be milliseconds since the Unix epoch (0 ..= 2^48-1)",
+            ));
+        }
+        for (field, v) in [("timeout_ms", self.timeout_ms), ("progress_timeout_ms", self.progress_timeout_ms)]
+        {
+            if v == Some(0) {
+                return Err(ValidationError::new(field, "must be greater than 0 (omit it for no limit)"));
+            }
+        }
+        let size = serde_json::to_vec(&self.payload).map(|v| v.len()).unwrap_or(usize::MAX);
+        if size > limits.max_payload_bytes {
+            return Err(ValidationError::new(
+                "payload",
+                format!("{size} bytes is over the limit of {} bytes", limits.max_payload_bytes),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn field_of(v: Value) -> String {
+        parse_job_spec(&v.to_string(), &Limits { max_payload_bytes: 64 }).expect_err(&v.to_string()).field
+    }
+
+    #[test]
+    fn accepts_a_full_submission() {
+        let spec = parse_job_spec(
+            &json!({
+                "service": "comfyui", "payload": {"prompt": {}}, "priority": 0,
+                "requirements": {"hardware": {"gpu_memory_gb": 16}},
+                "workflow_id": "wf-1", "workflow_priority": 5, "workflow_datetime": 1_700_000_000_000i64,
+                "step_number": 2, "customer_id": "acme", "max_attempts": 2, "timeout_ms": 60000,
+                "idempotency_key": "abc"
+            })
+            .to_string(),
+            &Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(spec.workflow_priority, Some(5));
+        assert_eq!(spec.requirements.positive.len(), 1);
+    }
+
+    #[test]
+    fn legacy_service_field_name() {
+        let spec = parse_job_spec(r#"{"service_required":"a1111"}"#, &Limits::default()).unwrap();
+        assert_eq!(spec.service, "a1111");
+    }
+
+    #[test]
+    fn rejections_name_the_field() {
+        let cases = [
+            (json!([]), "body"),
+            (json!({"payload": {}}), "body"),
+            (json!({"service": ""}), "service"),
+            (json!({"service": "comfy ui"}), "service"),
+            (json!({"service": "-x"}), "service"),
+            (json!({"service": 5}), "service"),
+            (json!({"service": "x", "customer_id": ""}), "customer_id"),
+            (json!({"service": "x", "priority": "5"}), "priority"),
+            (json!({"service": "x", "priority": 1.5}), "priority"),
+            (json!({"service": "x", "priority": 4_000_000_000u64}), "priority"),
+            (json!({"service": "x", "requirements": "gpu"}), "requirements"),
+            (
+                json!({"service": "x", "requirements": {"hardware": {"gpu_memory_gb": "16"}}}),
+                "requirements.hardware.gpu_memory_gb",
+            ),
+            (json!({"service": "x", "requirements": {"models": 3}}), "requirements.models"),
+            (
+                json!({"service": "x", "requirements": {"positive_requirements": {"a": 1}, "b": 2}}),
+                "requirements.b",
+            ),
+            (json!({"service": "x", "payload": "x".repeat(100)}), "payload"),
+            (json!({"service": "x", "max_attempts": 0}), "max_attempts"),
+            (json!({"service": "x", "workflow_datetime": -1}), "workflow_datetime"),
+            (json!({"service": "x", "timeout_ms": 0}), "timeout_ms"),
+            (json!({"service": "x", "idempotency_key": ""}), "idempotency_key"),
+            (json!({"service": "x", "surprise": 1}), "surprise"),
+        ];
+        for (v, field) in cases {
+            assert_eq!(field_of(v.clone()), field, "{v}");
+        }
+        assert_eq!(parse_job_spec("{", &Limits::default()).unwrap_err().field, "body");
+    }
+}

@@ -1,0 +1,302 @@
+//! Workers, their capabilities, connector status and machine events.
+//!
+//! A worker registers with a [`WorkerRegistration`] (the `worker.json` document of `fleetq explain`).
+//! Registration is validated: an empty `worker_id`, `machine_id` or service list is rejected, never
+//! patched with a default (the seeds' `machine_id: unknown` corruption).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::validate::{ValidationError, check_name};
+
+/// A worker's capabilities: a free-form JSON object compared against job requirements.
+///
+/// Keys with a meaning of their own:
+/// - `models`: an array of model names for every service, an object `{service: [names] | "all"}`, or `"all"`;
+/// - `customer_isolation`: `"none"` (default), `"loose"` or `"strict"`;
+/// - `allowed_customers` / `denied_customers`: arrays of customer ids;
+/// - `workflow_id`: restricts the worker to that workflow's jobs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Capabilities(pub Map<String, Value>);
+
+impl Capabilities {
+    /// Looks up a dot path, accepting nested objects and dotted keys alike
+    /// (`hardware.gpu_memory_gb` finds `{"hardware": {"gpu_memory_gb": …}}` and `{"hardware.gpu_memory_gb": …}`).
+    pub fn lookup(&self, path: &str) -> Option<&Value> {
+        let segments: Vec<&str> = path.split('.').collect();
+        lookup_in(&self.0, &segments)
+    }
+
+    /// The worker's `workflow_id` restriction, if any.
+    pub fn workflow_restriction(&self) -> Option<&str> {
+        self.0.get("workflow_id").and_then(Value::as_str).filter(|s| !s.is_empty())
+    }
+
+    /// The worker's customer isolation (`none` when absent).
+    pub fn isolation(&self) -> &str {
+        self.0.get("customer_isolation").and_then(Value::as_str).unwrap_or("none")
+    }
+
+    /// A string list capability (`allowed_customers`, …), `None` when absent.
+    pub fn string_list(&self, key: &str) -> Option<Vec<&str>> {
+        self.0
+            .get(key)
+            .and_then(Value::as_array)
+            .map(|items| items.iter().filter_map(Value::as_str).collect())
+    }
+}
+
+fn lookup_in<'a>(obj: &'a Map<String, Value>, segments: &[&str]) -> Option<&'a Value> {
+    for i in 1..=segments.len() {
+        let key = segments[..i].join(".");
+        if let Some(v) = obj.get(&key) {
+            let rest = &segments[i..];
+            if rest.is_empty() {
+                return Some(v);
+            }
+            if let Some(found) = v.as_object().and_then(|inner| lookup_in(inner, rest)) {
+                return Some(found);
+            }
+        }
+    }
+    None
+}
+
+/// What a worker registers with (`worker.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerRegistration {
+    /// Stable identity, e.g. `box1-gpu0`.
+    pub worker_id: String,
+    /// The machine this worker runs on.
+    pub machine_id: String,
+    /// Services this worker's connectors serve (`comfyui`, `a1111-sim`, …).
+    pub services: Vec<String>,
+    /// Capabilities compared against requirements.
+    #[serde(default)]
+    pub capabilities: Capabilities,
+}
+
+impl WorkerRegistration {
+    /// Rejects a registration with missing or malformed identity fields.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        check_name("worker_id", &self.worker_id)?;
+        check_name("machine_id", &self.machine_id)?;
+        if self.services.is_empty() {
+            return Err(ValidationError::new("services", "must list at least one service"));
+        }
+        for (i, s) in self.services.iter().enumerate() {
+            check_name(&format!("services[{i}]"), s)?;
+        }
+        for key in ["allowed_customers", "denied_customers"] {
+            if let Some(v) = self.capabilities.0.get(key)
+                && !v.as_array().is_some_and(|a| a.iter().all(Value::is_string))
+            {
+                return Err(ValidationError::new(
+                    &format!("capabilities.{key}"),
+                    "must be an array of strings",
+                ));
+            }
+        }
+        if let Some(v) = self.capabilities.0.get("customer_isolation")
+            && !matches!(v.as_str(), Some("none" | "loose" | "strict"))
+        {
+            return Err(ValidationError::new(
+                "capabilities.customer_isolation",
+                "must be \"none\", \"loose\" or \"strict\"",
+            ));
+        }
+        if let Some(v) = self.capabilities.0.get("workflow_id")
+            && !v.is_string()
+        {
+            return Err(ValidationError::new("capabilities.workflow_id", "must be a string"));
+        }
+        if let Some(v) = self.capabilities.0.get("models") {
+            let ok = |v: &Value| v == "all" || v.as_array().is_some_and(|a| a.iter().all(Value::is_string));
+            let valid = ok(v) || v.as_object().is_some_and(|o| o.values().all(ok));
+            if !valid {
+                return Err(ValidationError::new(
+                    "capabilities.models",
+                    "must be \"all\", an array of strings, or an object of service → array/\"all\"",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A connector's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectorStatus {
+    /// Constructing / first health check pending.
+    Starting,
+    /// Healthy, no job.
+    Idle,
+    /// Running a job.
+    Active,
+    /// Reachable but failing.
+    Error,
+    /// Unreachable (or failed to construct).
+    Offline,
+}
+
+/// One connector status report from a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnectorReport {
+    /// The connector's service name.
+    pub service: String,
+    /// Its status.
+    pub status: ConnectorStatus,
+    /// Reason, for `error` and `offline`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the worker observed it (ms).
+    pub at: i64,
+}
+
+/// A registered worker as the broker knows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// What it registered with.
+    #[serde(flatten)]
+    pub registration: WorkerRegistration,
+    /// First registration time (ms).
+    pub registered_at: i64,
+    /// Last heartbeat (ms). Heartbeats are not evented; a snapshot carries the latest value.
+    pub last_seen: i64,
+    /// Latest report per connector.
+    #[serde(default)]
+    pub connectors: BTreeMap<String, ConnectorReport>,
+}
+
+/// A machine lifecycle event (startup steps, ready, shutdown).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineEvent {
+    /// The machine.
+    pub machine_id: String,
+    /// `starting`, `step`, `ready`, `stopping`, `stopped` or `error`.
+    pub phase: String,
+    /// A startup step's name, for `step`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    /// Free text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When (ms).
+    pub at: i64,
+}
+
+impl MachineEvent {
+    /// Rejects an event with a malformed machine id or unknown phase.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        check_name("machine_id", &self.machine_id)?;
+        if !matches!(self.phase.as_str(), "starting" | "step" | "ready" | "stopping" | "stopped" | "error") {
+            return Err(ValidationError::new(
+                "phase",
+                "must be starting, step, ready, stopping, stopped or error",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A machine's folded state.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct MachineState {
+    /// The machine.
+    pub machine_id: String,
+    /// Latest phase.
+    pub phase: String,
+    /// Startup steps seen since the last `starting`, in order.
+    pub steps: Vec<String>,
+    /// Latest message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Time of the latest event (ms).
+    pub updated_at: i64,
+}
+
+impl MachineState {
+    /// Folds one event into the state.
+    pub fn apply(&mut self, e: &MachineEvent) {
+        self.machine_id.clone_from(&e.machine_id);
+        if e.phase == "starting" {
+            self.steps.clear();
+        }
+        if let Some(step) = &e.step {
+            self.steps.push(step.clone());
+        }
+        if e.phase != "step" || self.phase.is_empty() {
+            self.phase.clone_from(&e.phase);
+        }
+        self.message.clone_from(&e.message);
+        self.updated_at = e.at;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn caps(v: Value) -> Capabilities {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn lookup_nested_and_dotted() {
+        let c =
+            caps(json!({"hardware": {"gpu_memory_gb": 24}, "location.region": "eu", "a": {"b.c": {"d": 1}}}));
+        assert_eq!(c.lookup("hardware.gpu_memory_gb"), Some(&json!(24)));
+        assert_eq!(c.lookup("location.region"), Some(&json!("eu")));
+        assert_eq!(c.lookup("a.b.c.d"), Some(&json!(1)));
+        assert_eq!(c.lookup("hardware.gpu_model"), None);
+        assert_eq!(c.lookup("hardware"), Some(&json!({"gpu_memory_gb": 24})));
+    }
+
+    #[test]
+    fn registration_validation() {
+        let ok = WorkerRegistration {
+            worker_id: "w1".into(),
+            machine_id: "m1".into(),
+            services: vec!["comfyui".into()],
+            capabilities: caps(json!({"customer_isolation": "strict", "models": {"comfyui": ["sdxl"]}})),
+        };
+        assert!(ok.validate().is_ok());
+        let mut bad = ok.clone();
+        bad.machine_id = String::new();
+        assert_eq!(bad.validate().unwrap_err().field, "machine_id");
+        let mut bad = ok.clone();
+        bad.services.clear();
+        assert_eq!(bad.validate().unwrap_err().field, "services");
+        let mut bad = ok.clone();
+        bad.capabilities = caps(json!({"customer_isolation": "very"}));
+        assert_eq!(bad.validate().unwrap_err().field, "capabilities.customer_isolation");
+        let mut bad = ok;
+        bad.capabilities = caps(json!({"models": {"comfyui": "sdxl"}}));
+        assert_eq!(bad.validate().unwrap_err().field, "capabilities.models");
+    }
+
+    #[test]
+    fn machine_fold() {
+        let mut m = MachineState::default();
+        let ev = |phase: &str, step: Option<&str>| MachineEvent {
+            machine_id: "m".into(),
+            phase: phase.into(),
+            step: step.map(Into::into),
+            message: None,
+            at: 1,
+        };
+        m.apply(&ev("starting", None));
+        m.apply(&ev("step", Some("pull")));
+        m.apply(&ev("step", Some("comfyui")));
+        m.apply(&ev("ready", None));
+        assert_eq!(m.phase, "ready");
+        assert_eq!(m.steps, vec!["pull", "comfyui"]);
+    }
+}
