@@ -1,1 +1,370 @@
+//! # fleetq-broker
+//!
+//! The broker contract ([`Broker`]) and its two backends, held to one conformance suite:
+//! - [`embedded::EmbeddedBroker`]: SQLite (WAL) in one process — the default for one box;
+//! - `redis::RedisBroker`: Redis ≥ 7 with server-side functions — for a fleet (next).
+//!
+//! # Core promises (DESIGN.md §4)
+//! - **One path for truth.** Every state change happens atomically and appends exactly one event to
+//!   the ordered log in the same step ([`Event::seq`] strictly increases). [`Broker::snapshot`] states
+//!   the sequence it is as of; [`Broker::events_after`] continues from there without gaps.
+//! - **Fenced leases.** Only the holder of a job's *current* attempt may renew, report progress,
+//!   complete, fail or release it; anyone else gets [`BrokerError::LeaseLost`] and changes nothing.
+//! - **Exact order.** Pending jobs are ordered by [`fleetq_core::OrderKey`] within partitions
+//!   ([`fleetq_core::PartitionSpec`]); a claim takes the best head among the partitions the worker
+//!   matches, so incompatible jobs never hide compatible ones.
+//! - **Blocking claims.** [`Broker::claim`] waits on a wake-up signal, never by sleep-polling.
+//!
+//! # Layout
+//! - [`Broker`] and the types it speaks ([`Lease`], [`LeaseRef`], …), [`BrokerError`];
+//! - [`clock`]: wall time behind a trait so tests control it;
+//! - [`embedded`]: the SQLite backend;
+//! - [`subscribe`]: a live event stream on top of any backend;
+//! - `conformance` and `testing` (feature `test-utils`): the suite and a `redis-server` harness.
 
+pub mod clock;
+pub mod embedded;
+
+mod subscribe;
+
+#[cfg(feature = "test-utils")]
+pub mod conformance;
+#[cfg(feature = "test-utils")]
+pub mod testing;
+
+use std::future::Future;
+use std::time::Duration;
+
+use fleetq_core::{
+    ConnectorReport, Event, IllegalTransition, JobError, JobId, JobRecord, JobSpec, JobStatus, JobSummary,
+    Limits, MachineEvent, MachineState, Snapshot, ValidationError, WorkerInfo, WorkerRegistration,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+pub use subscribe::subscribe;
+use thiserror::Error;
+
+pub use crate::clock::{Clock, ManualClock, SystemClock};
+
+/// Errors of every broker operation.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum BrokerError {
+    /// The input was rejected; nothing changed.
+    #[error("invalid input: {0}")]
+    Invalid(#[from] ValidationError),
+    /// The caller does not hold the job's current attempt (it timed out, was re-queued or re-claimed);
+    /// nothing changed.
+    #[error("lease lost for job {0}")]
+    LeaseLost(JobId),
+    /// No such job.
+    #[error("job {0} not found")]
+    JobNotFound(JobId),
+    /// The worker is not registered (or its presence expired): register again.
+    #[error("worker {0} is not registered")]
+    UnknownWorker(String),
+    /// The operation is illegal in the job's status.
+    #[error(transparent)]
+    Illegal(#[from] IllegalTransition),
+    /// A result over the configured limit; store large artefacts elsewhere and return a reference.
+    #[error("result of {size} bytes is over the limit of {limit} bytes")]
+    ResultTooLarge {
+        /// Size of the result.
+        size: usize,
+        /// Configured limit.
+        limit: usize,
+    },
+    /// SQLite failed.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// Redis failed.
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    /// Stored data could not be decoded (a bug or a foreign writer).
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+    /// The backend was shut down.
+    #[error("broker is closed")]
+    Closed,
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
+
+/// Tunables shared by both backends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BrokerConfig {
+    /// How long a claim or renewal holds a job.
+    pub lease_ms: i64,
+    /// A worker not heard from for this long is removed.
+    pub worker_ttl_ms: i64,
+    /// Progress events of one job are at most this often (the latest progress is still stored).
+    pub progress_coalesce_ms: i64,
+    /// Event log length cap (older events are trimmed).
+    pub max_events: usize,
+    /// Largest stored result document.
+    pub max_result_bytes: usize,
+    /// Finished jobs are kept this long.
+    pub retention_ms: i64,
+    /// Most pending jobs a snapshot lists (running ones are always listed).
+    pub snapshot_pending_limit: usize,
+    /// Longest a claim blocks between two re-checks (delayed retries becoming due, missed wake-ups).
+    pub claim_recheck_ms: u64,
+    /// A job given back by a worker (failure, release, lease expiry) is not offered to that same
+    /// worker for this long after it becomes claimable, so another matching worker gets it first.
+    pub retry_avoid_ms: i64,
+    /// Submission limits.
+    pub limits: Limits,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            lease_ms: 30_000,
+            worker_ttl_ms: 30_000,
+            progress_coalesce_ms: 250,
+            max_events: 100_000,
+            max_result_bytes: 1024 * 1024,
+            retention_ms: 7 * 24 * 3600 * 1000,
+            snapshot_pending_limit: 1000,
+            claim_recheck_ms: 1000,
+            retry_avoid_ms: 5_000,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// What [`Broker::submit`] returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Submitted {
+    /// The job's id.
+    pub id: JobId,
+    /// False when an idempotency key matched an existing job (whose id this is).
+    pub created: bool,
+}
+
+/// Identifies one attempt of one job held by one worker: what fenced operations present.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LeaseRef {
+    /// The job.
+    pub job_id: JobId,
+    /// The attempt the holder claimed.
+    pub attempt: u32,
+    /// The holder.
+    pub worker_id: String,
+}
+
+/// A claimed job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The job, payload included.
+    pub job: JobRecord,
+    /// Which attempt this is (1-based).
+    pub attempt: u32,
+    /// The holder.
+    pub worker_id: String,
+    /// Lease expiry (ms); renew or report progress before it.
+    pub deadline_ms: i64,
+}
+
+impl Lease {
+    /// The reference fenced operations take.
+    pub fn as_ref(&self) -> LeaseRef {
+        LeaseRef {
+            job_id: self.job.summary.id.clone(),
+            attempt: self.attempt,
+            worker_id: self.worker_id.clone(),
+        }
+    }
+}
+
+/// State of a held lease after a renewal or a progress report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseState {
+    /// New expiry (ms).
+    pub deadline_ms: i64,
+    /// A client asked to cancel: interrupt the service, then call [`Broker::fail`] or [`Broker::release`].
+    pub cancel_requested: bool,
+}
+
+/// What [`Broker::fail`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum FailOutcome {
+    /// Another attempt will run, not before `run_at` (ms).
+    Retrying {
+        /// Earliest time of the next attempt.
+        run_at: i64,
+    },
+    /// The job failed for good.
+    Failed,
+    /// A cancel had been requested: the job is cancelled.
+    Cancelled,
+}
+
+/// What [`Broker::cancel`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelOutcome {
+    /// The job was pending and is now cancelled.
+    Cancelled,
+    /// The job is running; its worker was asked to stop.
+    Requested,
+    /// The job had already finished; nothing changed.
+    AlreadyFinished,
+}
+
+/// What [`Broker::reap`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReapReport {
+    /// Expired leases put back in the queue.
+    pub requeued: usize,
+    /// Expired leases whose job failed (no attempts left) or was cancelled (cancel requested).
+    pub finished: usize,
+    /// Delayed retries that became claimable.
+    pub promoted: usize,
+    /// Workers removed for missing heartbeats.
+    pub workers_expired: usize,
+}
+
+/// A page request over jobs, newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobFilter {
+    /// Only this status.
+    pub status: Option<JobStatus>,
+    /// Only this service.
+    pub service: Option<String>,
+    /// Page size (default 100, at most 1000).
+    pub limit: Option<usize>,
+    /// Continue after this cursor (from [`JobPage::next`]).
+    pub cursor: Option<String>,
+}
+
+/// A page of jobs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobPage {
+    /// Jobs, newest first.
+    pub jobs: Vec<JobSummary>,
+    /// Cursor of the next page, if any.
+    pub next: Option<String>,
+}
+
+/// The broker contract. Both backends implement it and pass `conformance`.
+///
+/// Futures are `Send` so callers can spawn them; implementations may write `async fn`.
+pub trait Broker: Send + Sync + 'static {
+    /// The configuration in force.
+    fn config(&self) -> &BrokerConfig;
+
+    /// Validates and enqueues a job. An idempotency key already used returns that job.
+    fn submit(&self, spec: JobSpec) -> impl Future<Output = Result<Submitted>> + Send;
+
+    /// Validates every spec first, then enqueues them all (all or nothing on validation).
+    fn submit_batch(&self, specs: Vec<JobSpec>) -> impl Future<Output = Result<Vec<Submitted>>> + Send;
+
+    /// Claims the best pending job `worker_id` may serve, waiting up to `wait` for one.
+    fn claim(&self, worker_id: &str, wait: Duration) -> impl Future<Output = Result<Option<Lease>>> + Send;
+
+    /// Extends the lease.
+    fn renew(&self, lease: &LeaseRef) -> impl Future<Output = Result<LeaseState>> + Send;
+
+    /// Records progress (0–100) and extends the lease.
+    fn progress(
+        &self,
+        lease: &LeaseRef,
+        progress: f64,
+        message: Option<String>,
+    ) -> impl Future<Output = Result<LeaseState>> + Send;
+
+    /// Finishes the job with `result`.
+    fn complete(&self, lease: &LeaseRef, result: Value) -> impl Future<Output = Result<()>> + Send;
+
+    /// Finishes the job with `result` and claims the worker's next job in the same step (no wait).
+    fn complete_and_claim(
+        &self,
+        lease: &LeaseRef,
+        result: Value,
+    ) -> impl Future<Output = Result<Option<Lease>>> + Send;
+
+    /// Fails the attempt: retried with backoff while `error.retryable` and attempts remain.
+    fn fail(&self, lease: &LeaseRef, error: JobError) -> impl Future<Output = Result<FailOutcome>> + Send;
+
+    /// Gives the job back at once (progress timeout, shutdown). `reason == "shutdown"` refunds the
+    /// attempt; other reasons count it and fail the job when attempts are exhausted.
+    fn release(&self, lease: &LeaseRef, reason: &str) -> impl Future<Output = Result<FailOutcome>> + Send;
+
+    /// Cancels a pending job at once, or asks the worker of a running job to stop.
+    fn cancel(&self, id: &JobId) -> impl Future<Output = Result<CancelOutcome>> + Send;
+
+    /// Puts a failed or cancelled job back in the queue with its attempts reset.
+    fn retry(&self, id: &JobId) -> impl Future<Output = Result<()>> + Send;
+
+    /// Re-queues or finishes jobs whose lease expired, promotes due retries, expires silent workers.
+    /// Idempotent; safe from every process. Claims do the lease part themselves.
+    fn reap(&self) -> impl Future<Output = Result<ReapReport>> + Send;
+
+    /// Re-evaluates which pending partitions no registered worker can serve and flags their jobs.
+    /// Returns the number of partitions whose flag changed.
+    fn evaluate_workability(&self) -> impl Future<Output = Result<usize>> + Send;
+
+    /// Registers (or re-registers, replacing every field) a worker.
+    fn register_worker(&self, registration: WorkerRegistration) -> impl Future<Output = Result<()>> + Send;
+
+    /// Marks a worker alive.
+    fn heartbeat(&self, worker_id: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// Removes a worker (its running jobs come back when their leases expire).
+    fn deregister_worker(&self, worker_id: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// Records a connector's status; only changes are evented.
+    fn report_connector(
+        &self,
+        worker_id: &str,
+        report: ConnectorReport,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Records a machine lifecycle event.
+    fn machine_event(&self, event: MachineEvent) -> impl Future<Output = Result<()>> + Send;
+
+    /// One job with payload and outcome.
+    fn job(&self, id: &JobId) -> impl Future<Output = Result<Option<JobRecord>>> + Send;
+
+    /// A page of jobs, newest first.
+    fn jobs(&self, filter: &JobFilter) -> impl Future<Output = Result<JobPage>> + Send;
+
+    /// Registered workers.
+    fn workers(&self) -> impl Future<Output = Result<Vec<WorkerInfo>>> + Send;
+
+    /// Known machines.
+    fn machines(&self) -> impl Future<Output = Result<Vec<MachineState>>> + Send;
+
+    /// The live state, as of a stated sequence.
+    fn snapshot(&self) -> impl Future<Output = Result<Snapshot>> + Send;
+
+    /// Up to `limit` events with `seq > after`, waiting up to `wait` for the first one.
+    fn events_after(
+        &self,
+        after: u64,
+        limit: usize,
+        wait: Duration,
+    ) -> impl Future<Output = Result<Vec<Event>>> + Send;
+}
+
+/// Clamps a page size.
+pub(crate) fn page_limit(filter: &JobFilter) -> usize {
+    filter.limit.unwrap_or(100).clamp(1, 1000)
+}
+
+/// A fresh job id (UUIDv7: time-ordered, unique across processes).
+pub(crate) fn new_job_id() -> JobId {
+    JobId(uuid::Uuid::now_v7().to_string())
+}
+
+/// Checks a result against the size limit and returns its JSON text.
+pub(crate) fn encode_result(config: &BrokerConfig, result: &Value) -> Result<String> {
+    let text = serde_json::to_string(result).map_err(|e| BrokerError::Corrupt(e.to_string()))?;
+    if text.len() > config.max_result_bytes {
+        return Err(BrokerError::ResultTooLarge { size: text.len(), limit: config.max_result_bytes });
+    }
+    Ok(text)
+}

@@ -29,12 +29,13 @@ pub mod worker;
 
 pub use event::{Event, EventKind, Snapshot};
 pub use job::{FailureCategory, JobError, JobId, JobRecord, JobSpec, JobStatus, JobSummary, Outcome};
-pub use matching::{Match, explain};
+pub use matching::{Match, explain, matches_partition, matching_partitions};
 pub use order::OrderKey;
-pub use partition::PartitionKey;
+pub use partition::{PartitionKey, PartitionSpec};
 pub use requirements::Requirements;
 pub use state::{Action, IllegalTransition};
-pub use validate::{Limits, ValidationError};
+pub use validate::{Limits, ValidationError, job_spec_from_value, parse_job_spec};
 pub use worker::{
-    Capabilities, ConnectorReport, ConnectorStatus, MachineEvent, WorkerInfo, WorkerRegistration,
+    Capabilities, ConnectorReport, ConnectorStatus, MachineEvent, MachineState, WorkerInfo,
+    WorkerRegistration,
 };

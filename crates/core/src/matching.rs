@@ -351,3 +351,15 @@ mod tests {
         );
     }
 }
+
+/// The partitions (of those given) whose jobs `worker` may serve, ignoring the workflow rule.
+pub fn matching_partitions<'a>(
+    worker: &WorkerRegistration,
+    partitions: impl IntoIterator<Item = (&'a crate::PartitionKey, &'a PartitionSpec)>,
+) -> Vec<crate::PartitionKey> {
+    partitions
+        .into_iter()
+        .filter(|(_, spec)| matches_partition(worker, spec))
+        .map(|(k, _)| k.clone())
+        .collect()
+}

@@ -1,0 +1,954 @@
+//! The conformance suite: every broker guarantee written once, generic over the backend.
+//!
+//! A backend's test file instantiates all of it with [`conformance_tests!`](crate::conformance_tests),
+//! giving an async function that builds a fresh [`Fixture`]. Time only moves through the fixture's
+//! [`crate::ManualClock`]; nothing here sleeps to make something happen.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use fleetq_core::{
+    ConnectorReport, ConnectorStatus, Event, EventKind, FailureCategory, JobError, JobId, JobSpec, JobStatus,
+    MachineEvent, Snapshot, WorkerRegistration, explain,
+};
+use serde_json::{Value, json};
+
+pub use crate::testing::Fixture;
+use crate::{Broker, BrokerError, CancelOutcome, FailOutcome, JobFilter, LeaseRef};
+
+/// Instantiates every conformance case as a `#[tokio::test]` calling `$make().await` for its fixture.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:path) => {
+        $crate::conformance_tests!(@cases $make;
+            submit_get_and_idempotency, invalid_submission_changes_nothing, batch_is_all_or_nothing,
+            claim_follows_exact_order, claim_needs_registered_worker, matching_rules_through_broker,
+            incompatible_heads_do_not_hide_compatible_jobs, workflow_restricted_worker,
+            claim_blocks_until_a_job_arrives, claim_wait_expires_empty, fencing_rejects_stale_holder,
+            killed_worker_job_comes_back, concurrent_claimers_never_share_a_job, terminal_events_exactly_once,
+            snapshot_and_events_converge, retry_backoff_keeps_place, retry_prefers_another_worker,
+            attempts_exhausted_and_fatal_errors_fail, cancel_pending_and_running, progress_is_coalesced,
+            release_for_shutdown_refunds_attempt, manual_retry_requeues, unworkable_jobs_are_flagged,
+            worker_presence_lifecycle, connector_status_changes_only, machine_events_fold,
+            job_listing_pages, oversized_result_is_refused, events_after_waits_for_news,
+            complete_and_claim_hands_over_next_job, lease_renewal_extends_deadline);
+    };
+    (@cases $make:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                let fixture = $make().await;
+                $crate::conformance::$case(fixture).await;
+            }
+        )*
+    };
+}
+
+fn worker(id: &str, services: &[&str], caps: Value) -> WorkerRegistration {
+    WorkerRegistration {
+        worker_id: id.into(),
+        machine_id: "m1".into(),
+        services: services.iter().map(|s| (*s).to_owned()).collect(),
+        capabilities: serde_json::from_value(caps).expect("capabilities object"),
+    }
+}
+
+fn job(v: Value) -> JobSpec {
+    fleetq_core::job_spec_from_value(v, &fleetq_core::Limits::default()).expect("valid job")
+}
+
+fn sim(payload: Value) -> JobSpec {
+    JobSpec::new("simulation", payload)
+}
+
+async fn all_events<B: Broker>(b: &B) -> Vec<Event> {
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = b.events_after(after, 1000, Duration::ZERO).await.expect("events");
+        match page.last() {
+            Some(last) => after = last.seq,
+            None => return out,
+        }
+        out.extend(page);
+    }
+}
+
+async fn status<B: Broker>(b: &B, id: &JobId) -> JobStatus {
+    b.job(id).await.expect("job query").expect("job exists").summary.status
+}
+
+async fn claim_now<B: Broker>(b: &B, worker: &str) -> Option<crate::Lease> {
+    b.claim(worker, Duration::ZERO).await.expect("claim")
+}
+
+/// Submit returns ids; get returns the record; an idempotency key returns the first job.
+pub async fn submit_get_and_idempotency<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    let mut spec = sim(json!({"steps": 3}));
+    spec.idempotency_key = Some("order-42".into());
+    spec.customer_id = Some("acme".into());
+    let first = b.submit(spec.clone()).await.expect("submit");
+    assert!(first.created);
+    let again = b.submit(spec.clone()).await.expect("resubmit");
+    assert_eq!(again, crate::Submitted { id: first.id.clone(), created: false });
+    let rec = b.job(&first.id).await.expect("get").expect("exists");
+    assert_eq!(rec.summary.status, JobStatus::Pending);
+    assert_eq!(rec.summary.attempt, 0);
+    assert_eq!(rec.summary.created_at, crate::testing::T0);
+    assert_eq!(rec.spec.payload, json!({"steps": 3}));
+    assert_eq!(rec.spec.customer_id.as_deref(), Some("acme"));
+    assert!(b.job(&JobId("nope".into())).await.expect("get").is_none());
+    let submitted =
+        all_events(b).await.iter().filter(|e| matches!(e.kind, EventKind::JobSubmitted { .. })).count();
+    assert_eq!(submitted, 1, "an idempotent resubmission appends no event");
+}
+
+/// A bad job is rejected with its field named, and nothing is stored or evented.
+pub async fn invalid_submission_changes_nothing<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    let mut bad = sim(json!({}));
+    bad.service = "no spaces allowed".into();
+    match b.submit(bad).await {
+        Err(BrokerError::Invalid(e)) => assert_eq!(e.field, "service"),
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    let mut huge = sim(json!("x".repeat(70 * 1024)));
+    huge.priority = 1;
+    assert!(matches!(b.submit(huge).await, Err(BrokerError::Invalid(e)) if e.field == "payload"));
+    assert!(all_events(b).await.is_empty());
+    assert!(b.jobs(&JobFilter::default()).await.expect("list").jobs.is_empty());
+}
+
+/// One invalid spec rejects the whole batch.
+pub async fn batch_is_all_or_nothing<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    let mut bad = sim(json!(2));
+    bad.max_attempts = 0;
+    let err = b.submit_batch(vec![sim(json!(1)), bad]).await.expect_err("batch with a bad job");
+    assert!(matches!(err, BrokerError::Invalid(ref e) if e.field == "[1].max_attempts"), "{err}");
+    assert!(b.jobs(&JobFilter::default()).await.expect("list").jobs.is_empty());
+    let ok = b.submit_batch((0..5).map(|i| sim(json!(i))).collect()).await.expect("batch");
+    assert_eq!(ok.len(), 5);
+    assert_eq!(b.jobs(&JobFilter::default()).await.expect("list").jobs.len(), 5);
+}
+
+/// Priority (workflow priority when set) first, then time (workflow time when set), then submission.
+pub async fn claim_follows_exact_order<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.register_worker(worker("w", &["simulation"], json!({}))).await.expect("register");
+    let mut expected = Vec::new();
+    let add = |label: &str, priority: i32, wf_priority: Option<i32>, wf_time: Option<i64>| {
+        let mut s = sim(json!(label));
+        s.priority = priority;
+        s.workflow_priority = wf_priority;
+        s.workflow_datetime = wf_time;
+        (label.to_owned(), s)
+    };
+    let specs = vec![
+        add("p0-a", 0, None, None),
+        add("p5", 5, None, None),
+        add("p0-b", 0, None, None),
+        add("wf-prio-9", 0, Some(9), None),
+        add("p-neg", -3, None, None),
+        add("p0-old-wf", 0, None, Some(crate::testing::T0 - 60_000)),
+        add("max", i32::MAX, None, None),
+        add("min", i32::MIN, None, None),
+        add("wf-prio-0-over-5", 5, Some(0), Some(crate::testing::T0 - 1)),
+    ];
+    for (i, (label, spec)) in specs.into_iter().enumerate() {
+        // Later submissions are later in time too, except where workflow_datetime says otherwise.
+        fx.clock.advance(i as i64);
+        b.submit(spec).await.expect("submit");
+        expected.push(label);
+    }
+    let want = ["max", "wf-prio-9", "p5", "p0-old-wf", "wf-prio-0-over-5", "p0-a", "p0-b", "p-neg", "min"];
+    let mut got = Vec::new();
+    while let Some(lease) = claim_now(b, "w").await {
+        got.push(lease.job.spec.payload.as_str().unwrap_or_default().to_owned());
+        b.complete(&lease.as_ref(), json!(null)).await.expect("complete");
+    }
+    assert_eq!(got, want);
+}
+
+/// An unregistered worker cannot claim.
+pub async fn claim_needs_registered_worker<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.submit(sim(json!(1))).await.expect("submit");
+    assert!(
+        matches!(b.claim("ghost", Duration::ZERO).await, Err(BrokerError::UnknownWorker(w)) if w == "ghost")
+    );
+}
+
+/// Each job goes only to a worker that `explain` says matches, and every job that some worker
+/// matches is claimed.
+pub async fn matching_rules_through_broker<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    let workers = vec![
+        worker(
+            "big",
+            &["comfyui"],
+            json!({"hardware": {"gpu_memory_gb": 80, "gpu_model": "A100"}, "models": {"comfyui": ["sdxl", "flux"]}, "region": "us"}),
+        ),
+        worker(
+            "small",
+            &["comfyui", "a1111"],
+            json!({"hardware": {"gpu_memory_gb": 16, "gpu_model": "RTX 4080"}, "models": ["sd15"], "asset_type": ["image", "video"], "region": "eu"}),
+        ),
+        worker(
+            "strict",
+            &["comfyui"],
+            json!({"customer_isolation": "strict", "allowed_customers": ["acme"], "hardware": {"gpu_memory_gb": 24}}),
+        ),
+        worker("deny", &["a1111", "comfyui-sim"], json!({"denied_customers": ["evil"]})),
+    ];
+    for w in &workers {
+        b.register_worker(w.clone()).await.expect("register");
+    }
+    let jobs = vec![
+        json!({"service": "comfyui", "requirements": {"hardware": {"gpu_memory_gb": 40}}}),
+        json!({"service": "comfyui", "requirements": {"hardware.gpu_memory_gb": 16}}),
+        json!({"service": "comfyui", "requirements": {"models": ["flux"]}}),
+        json!({"service": "comfyui", "requirements": {"models": ["sd15"]}}),
+        json!({"service": "comfyui", "requirements": {"hardware.gpu_model": "A100"}}),
+        json!({"service": "comfyui", "requirements": {"negative_requirements": {"hardware.gpu_memory_gb": 24}}}),
+        json!({"service": "comfyui", "requirements": {"customer_isolation": "strict"}, "customer_id": "acme"}),
+        json!({"service": "comfyui", "customer_id": "other"}),
+        json!({"service": "a1111", "customer_id": "evil"}),
+        json!({"service": "a1111", "requirements": {"asset_type": "video"}}),
+        json!({"service": "comfyui-sim"}),
+        json!({"service": "comfyui", "requirements": {"region": "ap"}}),
+        json!({"service": "openai"}),
+    ];
+    let mut ids = HashMap::new();
+    for (i, j) in jobs.iter().enumerate() {
+        let id = b.submit(job(j.clone())).await.expect("submit").id;
+        ids.insert(id, i);
+    }
+    let mut claimed_by: HashMap<usize, String> = HashMap::new();
+    loop {
+        let mut progress = false;
+        for w in &workers {
+            if let Some(lease) = claim_now(b, &w.worker_id).await {
+                let idx = ids[&lease.job.summary.id];
+                let verdict = explain(w, &job(jobs[idx].clone()));
+                assert!(
+                    verdict.matches,
+                    "{} claimed job {idx} it does not match: {:?}",
+                    w.worker_id, verdict.reasons
+                );
+                claimed_by.insert(idx, w.worker_id.clone());
+                b.complete(&lease.as_ref(), json!(null)).await.expect("complete");
+                progress = true;
+            }
+        }
+        if !progress {
+            break;
+        }
+    }
+    for (idx, j) in jobs.iter().enumerate() {
+        let servable = workers.iter().any(|w| explain(w, &job(j.clone())).matches);
+        assert_eq!(claimed_by.contains_key(&idx), servable, "job {idx} {j}");
+    }
+    assert_eq!(claimed_by.len(), 11, "{claimed_by:?}");
+}
+
+/// Many better-placed jobs that the worker cannot serve never hide one it can.
+pub async fn incompatible_heads_do_not_hide_compatible_jobs<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.register_worker(worker("small", &["comfyui"], json!({"hardware": {"gpu_memory_gb": 16}})))
+        .await
+        .expect("reg");
+    let mut big = Vec::new();
+    for i in 0..2000 {
+        let mut s = job(
+            json!({"service": "comfyui", "priority": 100, "requirements": {"hardware.gpu_memory_gb": 80}}),
+        );
+        s.payload = json!(i);
+        big.push(s);
+    }
+    b.submit_batch(big).await.expect("batch");
+    let mut fits =
+        job(json!({"service": "comfyui", "priority": -5, "requirements": {"hardware.gpu_memory_gb": 8}}));
+    fits.payload = json!("fits");
+    let id = b.submit(fits).await.expect("submit").id;
+    let lease = claim_now(b, "small").await.expect("the compatible job is found");
+    assert_eq!(lease.job.summary.id, id);
+    assert!(claim_now(b, "small").await.is_none());
+}
+
+/// A worker restricted to a workflow takes that workflow's jobs only, in order.
+pub async fn workflow_restricted_worker<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.register_worker(worker("wf", &["simulation"], json!({"workflow_id": "wf-7"}))).await.expect("reg");
+    b.submit(sim(json!("other"))).await.expect("submit");
+    let mut s1 = sim(json!("step1"));
+    s1.workflow_id = Some("wf-7".into());
+    let mut s2 = s1.clone();
+    s2.payload = json!("step2");
+    s2.priority = 3;
+    let mut s3 = s1.clone();
+    s3.workflow_id = Some("wf-8".into());
+    b.submit_batch(vec![s1, s2, s3]).await.expect("batch");
+    let first = claim_now(b, "wf").await.expect("workflow job");
+    assert_eq!(first.job.spec.payload, json!("step2"));
+    let second = claim_now(b, "wf").await.expect("workflow job");
+    assert_eq!(second.job.spec.payload, json!("step1"));
+    assert!(claim_now(b, "wf").await.is_none(), "other workflows and plain jobs are not taken");
+}
+
+/// A waiting claim is woken by a submission (no polling interval involved: the wait is long).
+pub async fn claim_blocks_until_a_job_arrives<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.clone();
+    b.register_worker(worker("w", &["simulation"], json!({}))).await.expect("reg");
+    let waiter = {
+        let b = b.clone();
+        tokio::spawn(async move { b.claim("w", Duration::from_secs(60)).await })
+    };
+    tokio::task::yield_now().await;
+    let id = b.submit(sim(json!("wake"))).await.expect("submit").id;
+    let lease = tokio::time::timeout(Duration::from_secs(30), waiter)
+        .await
+        .expect("claim returned well before its 60 s wait")
+        .expect("task")
+        .expect("claim")
+        .expect("a job");
+    assert_eq!(lease.job.summary.id, id);
+}
+
+/// A claim on an empty queue returns nothing once its wait is over.
+pub async fn claim_wait_expires_empty<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.register_worker(worker("w", &["simulation"], json!({}))).await.expect("reg");
+    assert!(b.claim("w", Duration::from_millis(50)).await.expect("claim").is_none());
+}
+
+/// The seeds' timeout-vs-completion race: a job times out, is re-claimed, and the first holder's late
+/// completion is rejected without changing anything.
+pub async fn fencing_rejects_stale_holder<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.register_worker(worker("w1", &["simulation"], json!({}))).await.expect("reg");
+    b.register_worker(worker("w2", &["simulation"], json!({}))).await.expect("reg");
+    let id = b.submit(sim(json!(1))).await.expect("submit").id;
+    let first = claim_now(b, "w1").await.expect("claim");
+    fx.clock.advance(b.config().lease_ms + 1);
+    let reaped = b.reap().await.expect("reap");
+    assert_eq!(reaped.requeued, 1);
+    fx.clock.advance(b.config().retry_avoid_ms + 1);
+    let second = claim_now(b, "w2").await.expect("re-claim");
+    assert_eq!(second.attempt, 2);
+    let before = b.job(&id).await.expect("get");
+    let events_before = all_events(b).await.len();
+    let stale = first.as_ref();
+    assert!(matches!(b.complete(&stale, json!("late")).await, Err(BrokerError::LeaseLost(_))));
+    assert!(matches!(
+        b.fail(&stale, JobError::fatal(FailureCategory::Service, "x")).await,
+        Err(BrokerError::LeaseLost(_))
+    ));
+    assert!(matches!(b.progress(&stale, 50.0, None).await, Err(BrokerError::LeaseLost(_))));
+    assert!(matches!(b.renew(&stale).await, Err(BrokerError::LeaseLost(_))));
+    assert!(matches!(b.release(&stale, "x").await, Err(BrokerError::LeaseLost(_))));
+    let forged = LeaseRef { worker_id: "w1".into(), ..second.as_ref() };
+    assert!(matches!(b.complete(&forged, json!(1)).await, Err(BrokerError::LeaseLost(_))));
+    assert_eq!(b.job(&id).await.expect("get"), before, "stale calls changed nothing");
+    assert_eq!(all_events(b).await.len(), events_before, "stale calls appended no event");
+    b.complete(&second.as_ref(), json!("ok")).await.expect("current holder completes");
+    let rec = b.job(&id).await.expect("get").expect("exists");
+    assert_eq!(rec.summary.status, JobStatus::Completed);
+    assert_eq!(rec.outcome, Some(fleetq_core::Outcome::Result { value: json!("ok") }));
+}
+
+/// A worker that dies: its job comes back by itself when the lease expires (claims reap too).
+pub async fn killed_worker_job_comes_back<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.register_worker(worker("dies", &["simulation"], json!({}))).await.expect("reg");
+    b.register_worker(worker("lives", &["simulation"], json!({}))).await.expect("reg");
+    let id = b.submit(sim(json!(1))).await.expect("submit").id;
+    let _lost = claim_now(b, "dies").await.expect("claim");
+    assert!(claim_now(b, "lives").await.is_none(), "held while the lease runs");
+    fx.clock.advance(b.config().lease_ms + 1);
+    let lease = claim_now(b, "lives").await.expect("claim reaps the expired lease itself");
+    assert_eq!(lease.job.summary.id, id);
+    assert_eq!(lease.attempt, 2);
+    let evs = all_events(b).await;
+    assert!(
+        evs.iter()
+            .any(|e| matches!(&e.kind, EventKind::JobRequeued { reason, .. } if reason == "lease_expired"))
+    );
+}
+
+/// 32 concurrent claimers never receive the same job, and together drain the queue.
+pub async fn concurrent_claimers_never_share_a_job<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.clone();
+    for i in 0..32 {
+        b.register_worker(worker(&format!("w{i}"), &["simulation"], json!({}))).await.expect("reg");
+    }
+    let n = 400;
+    b.submit_batch((0..n).map(|i| sim(json!(i))).collect()).await.expect("batch");
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let b = b.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(lease) = b.claim(&format!("w{i}"), Duration::ZERO).await.expect("claim") {
+                got.push(lease.job.summary.id.clone());
+                b.complete(&lease.as_ref(), json!(null)).await.expect("complete");
+            }
+            got
+        }));
+    }
+    let mut seen = HashSet::new();
+    for t in tasks {
+        for id in t.await.expect("task") {
+            assert!(seen.insert(id.clone()), "job {id} claimed twice");
+        }
+    }
+    assert_eq!(seen.len(), n);
+}
+
+/// Every job gets exactly one terminal event, whatever path it took.
+pub async fn terminal_events_exactly_once<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.register_worker(worker("w", &["simulation"], json!({}))).await.expect("reg");
+    let mut once = sim(json!("fails"));
+    once.max_attempts = 1;
+    let ids: Vec<JobId> = b
+        .submit_batch(vec![sim(json!("ok")), once, sim(json!("cancel"))])
+        .await
+        .expect("batch")
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    b.cancel(&ids[2]).await.expect("cancel");
+    b.cancel(&ids[2]).await.expect("cancel twice");
+    while let Some(lease) = claim_now(b, "w").await {
+        if lease.job.spec.payload == json!("ok") {
+            b.complete(&lease.as_ref(), json!(1)).await.expect("complete");
+            assert!(b.complete(&lease.as_ref(), json!(2)).await.is_err(), "second completion refused");
+        } else {
+            b.fail(&lease.as_ref(), JobError::retryable(FailureCategory::Service, "boom"))
+                .await
+                .expect("fail");
+        }
+    }
+    fx.clock.advance(b.config().lease_ms * 3);
+    b.reap().await.expect("reap");
+    let mut terminal: HashMap<JobId, usize> = HashMap::new();
+    for e in all_events(b).await {
+        if let Some(j) = e.kind.job().filter(|j| j.status.is_terminal()) {
+            *terminal.entry(j.id.clone()).or_default() += 1;
+        }
+    }
+    for id in &ids {
+        assert_eq!(terminal.get(id), Some(&1), "job {id}");
+    }
+    assert_eq!(status(b, &ids[0]).await, JobStatus::Completed);
+    assert_eq!(status(b, &ids[1]).await, JobStatus::Failed);
+    assert_eq!(status(b, &ids[2]).await, JobStatus::Cancelled);
+}
+
+fn normalized(mut s: Snapshot) -> Snapshot {
+    for w in s.workers.values_mut() {
+        w.last_seen = 0;
+        for c in w.connectors.values_mut() {
+            c.at = 0;
+        }
+    }
+    s
+}
+
+/// A snapshot plus the events after it equals a fresh snapshot.
+pub async fn snapshot_and_events_converge<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.machine_event(MachineEvent {
+        machine_id: "m1".into(),
+        phase: "starting".into(),
+        step: None,
+        message: None,
+        at: 1,
+    })
+    .await
+    .expect("machine");
+    b.register_worker(worker("early", &["simulation"], json!({}))).await.expect("reg");
+    b.submit(sim(json!("before"))).await.expect("submit");
+    let early = b.snapshot().await.expect("snapshot");
+    // Everything below happens after the early snapshot.
+    b.machine_event(MachineEvent {
+        machine_id: "m1".into(),
+        phase: "step".into(),
+        step: Some("pull".into()),
+        message: None,
+        at: 2,
+    })
+    .await
+    .expect("machine");
+    b.register_worker(worker("late", &["simulation", "other"], json!({}))).await.expect("reg");
+    b.report_connector(
+        "late",
+        ConnectorReport { service: "simulation".into(), status: ConnectorStatus::Idle, message: None, at: 3 },
+    )
+    .await
+    .expect("report");
+    let ids: Vec<JobId> = b
+        .submit_batch((0..6).map(|i| sim(json!(i))).collect())
+        .await
+        .expect("batch")
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    b.submit(JobSpec::new("nobody-serves-this", json!(null))).await.expect("submit");
+    b.evaluate_workability().await.expect("evaluate");
+    let l1 = claim_now(b, "early").await.expect("claim");
+    b.progress(&l1.as_ref(), 40.0, Some("sampling".into())).await.expect("progress");
+    b.complete(&l1.as_ref(), json!(null)).await.expect("complete");
+    let l2 = claim_now(b, "late").await.expect("claim");
+    b.progress(&l2.as_ref(), 10.0, None).await.expect("progress");
+    b.cancel(&ids[5]).await.expect("cancel");
+    let _l3 = claim_now(b, "late").await.expect("claim");
+    b.deregister_worker("early").await.expect("deregister");
+    let mut folded = early.clone();
+    for e in b.events_after(early.seq, 10_000, Duration::ZERO).await.expect("events") {
+        folded.apply(&e);
+    }
+    let fresh = b.snapshot().await.expect("snapshot");
+    assert_eq!(folded.seq, fresh.seq);
+    assert_eq!(normalized(folded), normalized(fresh.clone()));
+    assert_eq!(fresh.workers.len(), 1);
+    assert!(fresh.jobs.values().any(|j| j.unworkable), "the unservable job is flagged");
+    assert_eq!(fresh.machines["m1"].steps, vec!["pull"]);
+    // Folding everything from zero converges too.
+    let mut from_zero = Snapshot::default();
+    for e in all_events(b).await {
+        from_zero.apply(&e);
+    }
+    assert_eq!(normalized(from_zero), normalized(fresh));
+}
+
+/// A retryable failure waits out its backoff and keeps its place in the order.
+pub async fn retry_backoff_keeps_place<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.register_worker(worker("w", &["simulation"], json!({}))).await.expect("reg");
+    let mut first = sim(json!("first"));
+    first.retry_backoff_ms = Some(2_000);
+    let id = b.submit(first).await.expect("submit").id;
+    let lease = claim_now(b, "w").await.expect("claim");
+    let out = b
+        .fail(&lease.as_ref(), JobError::retryable(FailureCategory::Connection, "down"))
+        .await
+        .expect("fail");
+    assert_eq!(out, FailOutcome::Retrying { run_at: crate::testing::T0 + 2_000 });
+    let rec = b.job(&id).await.expect("get").expect("exists");
+    assert_eq!(rec.summary.status, JobStatus::Pending);
+    assert_eq!(rec.summary.error.as_ref().map(|e| e.category), Some(FailureCategory::Connection));
+    fx.clock.advance(1);
+    let later = b.submit(sim(json!("later"))).await.expect("submit").id;
+    let meanwhile = claim_now(b, "w").await.expect("the later job runs during the backoff");
+    assert_eq!(meanwhile.job.summary.id, later);
+    b.complete(&meanwhile.as_ref(), json!(null)).await.expect("complete");
+    b.submit(sim(json!("latest"))).await.expect("submit");
+    fx.clock.advance(2_000);
+    // The only worker gets its own retry (no other worker matches), ahead of the newer job.
+    let retried = claim_now(b, "w").await.expect("claim after backoff");
+    assert_eq!(retried.job.summary.id, id);
+    assert_eq!(retried.attempt, 2);
+}
+
+/// A retried job goes to another matching worker when there is one.
+pub async fn retry_prefers_another_worker<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.register_worker(worker("a", &["simulation"], json!({}))).await.expect("reg");
+    b.register_worker(worker("b", &["simulation"], json!({}))).await.expect("reg");
+    let mut spec = sim(json!(1));
+    spec.retry_backoff_ms = Some(0);
+    let id = b.submit(spec).await.expect("submit").id;
+    let lease = claim_now(b, "a").await.expect("claim");
+    b.fail(&lease.as_ref(), JobError::retryable(FailureCategory::Service, "oom")).await.expect("fail");
+    assert!(claim_now(b, "a").await.is_none(), "the failing worker does not get it straight back");
+    let other = claim_now(b, "b").await.expect("another worker takes it");
+    assert_eq!(other.job.summary.id, id);
+    b.fail(&other.as_ref(), JobError::retryable(FailureCategory::Service, "oom")).await.expect("fail");
+    fx.clock.advance(b.config().retry_avoid_ms);
+    let back = claim_now(b, "b").await.expect("after the avoidance window anyone may take it");
+    assert_eq!(back.attempt, 3);
+}
+
+/// Attempts run out, and a fatal error fails at once.
+pub async fn attempts_exhausted_and_fatal_errors_fail<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.register_worker(worker("w", &["simulation"], json!({}))).await.expect("reg");
+    let mut spec = sim(json!("retry"));
+    spec.max_attempts = 2;
+    spec.retry_backoff_ms = Some(0);
+    let id = b.submit(spec).await.expect("submit").id;
+    let l1 = claim_now(b, "w").await.expect("claim");
+    let r = b.fail(&l1.as_ref(), JobError::retryable(FailureCategory::Service, "1")).await.expect("fail");
+    assert!(matches!(r, FailOutcome::Retrying { .. }));
+    let l2 = claim_now(b, "w").await.expect("only worker retakes it");
+    let r = b.fail(&l2.as_ref(), JobError::retryable(FailureCategory::Service, "2")).await.expect("fail");
+    assert_eq!(r, FailOutcome::Failed);
+    let rec = b.job(&id).await.expect("get").expect("exists");
+    assert_eq!(rec.summary.status, JobStatus::Failed);
+    assert_eq!(rec.summary.attempt, 2);
+    assert!(matches!(rec.outcome, Some(fleetq_core::Outcome::Error { ref error }) if error.message == "2"));
+    let fatal = b.submit(sim(json!("fatal"))).await.expect("submit").id;
+    let l = claim_now(b, "w").await.expect("claim");
+    let r = b
+        .fail(&l.as_ref(), JobError::fatal(FailureCategory::Validation, "bad workflow"))
+        .await
+        .expect("fail");
+    assert_eq!(r, FailOutcome::Failed);
+    assert_eq!(status(b, &fatal).await, JobStatus::Failed);
+    // Lease expiry with no attempts left fails too.
+    let mut once = sim(json!("once"));
+    once.max_attempts = 1;
+    let once = b.submit(once).await.expect("submit").id;
+    claim_now(b, "w").await.expect("claim");
+    fx.clock.advance(b.config().lease_ms + 1);
+    assert_eq!(b.reap().await.expect("reap").finished, 1);
+    let rec = b.job(&once).await.expect("get").expect("exists");
+    assert_eq!(rec.summary.status, JobStatus::Failed);
+    assert_eq!(rec.summary.error.map(|e| e.category), Some(FailureCategory::LeaseExpired));
+}
+
+/// Pending jobs cancel at once; running ones after the worker hears of it.
+pub async fn cancel_pending_and_running<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.register_worker(worker("w", &["simulation"], json!({}))).await.expect("reg");
+    let running = b.submit(sim(json!("run"))).await.expect("submit").id;
+    let pending = b.submit(sim(json!("wait"))).await.expect("submit").id;
+    let lease = claim_now(b, "w").await.expect("claim");
+    assert_eq!(lease.job.summary.id, running);
+    assert_eq!(b.cancel(&pending).await.expect("cancel"), CancelOutcome::Cancelled);
+    assert_eq!(status(b, &pending).await, JobStatus::Cancelled);
+    assert!(claim_now(b, "w").await.is_none(), "a cancelled job is never claimed");
+    assert_eq!(b.cancel(&running).await.expect("cancel"), CancelOutcome::Requested);
+    let state = b.progress(&lease.as_ref(), 30.0, None).await.expect("progress");
+    assert!(state.cancel_requested);
+    assert!(b.renew(&lease.as_ref()).await.expect("renew").cancel_requested);
+    let out = b
+        .fail(&lease.as_ref(), JobError::retryable(FailureCategory::Service, "interrupted"))
+        .await
+        .expect("fail");
+    assert_eq!(out, FailOutcome::Cancelled);
+    assert_eq!(status(b, &running).await, JobStatus::Cancelled);
+    assert_eq!(b.cancel(&running).await.expect("cancel"), CancelOutcome::AlreadyFinished);
+    assert!(matches!(b.cancel(&JobId("missing".into())).await, Err(BrokerError::JobNotFound(_))));
+}
+
+/// Progress events are coalesced, but the latest progress always precedes the terminal event.
+pub async fn progress_is_coalesced<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.register_worker(worker("w", &["simulation"], json!({}))).await.expect("reg");
+    let id = b.submit(sim(json!(1))).await.expect("submit").id;
+    let lease = claim_now(b, "w").await.expect("claim");
+    for p in 1..=20 {
+        b.progress(&lease.as_ref(), f64::from(p) * 4.0, Some(format!("step {p}"))).await.expect("progress");
+    }
+    let rec = b.job(&id).await.expect("get").expect("exists");
+    assert_eq!(rec.summary.progress, 80.0, "the stored progress is always the latest");
+    assert_eq!(rec.summary.status, JobStatus::InProgress);
+    fx.clock.advance(b.config().progress_coalesce_ms);
+    b.progress(&lease.as_ref(), 90.0, None).await.expect("progress");
+    b.progress(&lease.as_ref(), 95.0, Some("almost".into())).await.expect("progress");
+    b.complete(&lease.as_ref(), json!("done")).await.expect("complete");
+    let progress: Vec<(f64, Option<String>)> = all_events(b)
+        .await
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::JobProgress { job } => Some((job.progress, job.message.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        progress,
+        vec![(4.0, Some("step 1".into())), (90.0, None), (95.0, Some("almost".into()))],
+        "superseded progress is dropped; the held-back latest precedes completion"
+    );
+    let kinds: Vec<&str> = all_events(b)
+        .await
+        .iter()
+        .map(|e| e.kind.name())
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .take(2)
+        .collect();
+    assert_eq!(kinds, vec!["job_completed", "job_progress"]);
+}
+
+/// Releasing for shutdown gives the job back without spending an attempt.
+pub async fn release_for_shutdown_refunds_attempt<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.register_worker(worker("w", &["simulation"], json!({}))).await.expect("reg");
+    let mut spec = sim(json!(1));
+    spec.max_attempts = 1;
+    let id = b.submit(spec).await.expect("submit").id;
+    for _ in 0..3 {
+        let lease = claim_now(b, "w").await.expect("claim");
+        assert_eq!(lease.attempt, 1);
+        assert!(matches!(
+            b.release(&lease.as_ref(), "shutdown").await.expect("release"),
+            FailOutcome::Retrying { .. }
+        ));
+    }
+    let lease = claim_now(b, "w").await.expect("claim");
+    let out = b.release(&lease.as_ref(), "progress_timeout").await.expect("release");
+    assert_eq!(out, FailOutcome::Failed, "a counted release with no attempts left fails");
+    let rec = b.job(&id).await.expect("get").expect("exists");
+    assert_eq!(rec.summary.error.map(|e| e.category), Some(FailureCategory::Timeout));
+}
+
+/// An operator re-runs a failed job; it keeps its place.
+pub async fn manual_retry_requeues<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.register_worker(worker("w", &["simulation"], json!({}))).await.expect("reg");
+    let id = b.submit(sim(json!(1))).await.expect("submit").id;
+    assert!(matches!(b.retry(&id).await, Err(BrokerError::Illegal(_))), "pending jobs cannot be retried");
+    let lease = claim_now(b, "w").await.expect("claim");
+    b.fail(&lease.as_ref(), JobError::fatal(FailureCategory::Service, "x")).await.expect("fail");
+    fx.clock.advance(10);
+    b.submit(sim(json!(2))).await.expect("submit");
+    b.retry(&id).await.expect("retry");
+    let rec = b.job(&id).await.expect("get").expect("exists");
+    assert_eq!((rec.summary.status, rec.summary.attempt, rec.outcome), (JobStatus::Pending, 0, None));
+    let again = claim_now(b, "w").await.expect("claim");
+    assert_eq!(again.job.summary.id, id, "retried job keeps its original place");
+    assert_eq!(again.attempt, 1);
+}
+
+/// A job nobody can serve is flagged, and unflagged when a capable worker arrives.
+pub async fn unworkable_jobs_are_flagged<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.register_worker(worker("small", &["comfyui"], json!({"vram": 8}))).await.expect("reg");
+    let id =
+        b.submit(job(json!({"service": "comfyui", "requirements": {"vram": 24}}))).await.expect("submit").id;
+    let ok = b.submit(job(json!({"service": "comfyui"}))).await.expect("submit").id;
+    b.evaluate_workability().await.expect("evaluate");
+    assert!(b.job(&id).await.expect("get").expect("exists").summary.unworkable);
+    assert!(!b.job(&ok).await.expect("get").expect("exists").summary.unworkable);
+    assert_eq!(b.evaluate_workability().await.expect("evaluate"), 0, "unchanged flags are not re-published");
+    b.register_worker(worker("big", &["comfyui"], json!({"vram": 48}))).await.expect("reg");
+    b.evaluate_workability().await.expect("evaluate");
+    let rec = b.job(&id).await.expect("get").expect("exists");
+    assert!(!rec.summary.unworkable);
+    assert_eq!(rec.summary.status, JobStatus::Pending);
+    let flags: Vec<bool> = all_events(b)
+        .await
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::PartitionWorkability { jobs, unworkable, .. } if jobs.contains(&id) => {
+                Some(*unworkable)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(flags, vec![true, false]);
+}
+
+/// Registration, heartbeat, invalid re-registration, deregistration and expiry.
+pub async fn worker_presence_lifecycle<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    let w = worker("w1", &["comfyui"], json!({"gpu": "A100"}));
+    b.register_worker(w.clone()).await.expect("reg");
+    let mut bad = w.clone();
+    bad.machine_id = String::new();
+    assert!(matches!(b.register_worker(bad).await, Err(BrokerError::Invalid(e)) if e.field == "machine_id"));
+    let listed = b.workers().await.expect("workers");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].registration, w, "a rejected re-registration blanks nothing");
+    fx.clock.advance(b.config().worker_ttl_ms / 2);
+    b.heartbeat("w1").await.expect("heartbeat");
+    b.register_worker(worker("w2", &["a1111"], json!({}))).await.expect("reg");
+    fx.clock.advance(b.config().worker_ttl_ms / 2 + 1);
+    assert_eq!(b.reap().await.expect("reap").workers_expired, 0);
+    b.heartbeat("w2").await.expect("heartbeat");
+    fx.clock.advance(b.config().worker_ttl_ms / 2 + 1);
+    let report = b.reap().await.expect("reap");
+    assert_eq!(report.workers_expired, 1, "w1 went silent");
+    assert!(matches!(b.heartbeat("w1").await, Err(BrokerError::UnknownWorker(_))));
+    b.deregister_worker("w2").await.expect("deregister");
+    assert!(b.workers().await.expect("workers").is_empty());
+    let reasons: Vec<String> = all_events(b)
+        .await
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::WorkerRemoved { worker_id, reason } => Some(format!("{worker_id}:{reason}")),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reasons, vec!["w1:expired", "w2:deregistered"]);
+}
+
+/// Connector reports are stored, and only changes are evented.
+pub async fn connector_status_changes_only<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.register_worker(worker("w", &["comfyui"], json!({}))).await.expect("reg");
+    let report = |status, at| ConnectorReport { service: "comfyui".into(), status, message: None, at };
+    for (s, at) in [
+        (ConnectorStatus::Starting, 1),
+        (ConnectorStatus::Idle, 2),
+        (ConnectorStatus::Idle, 3),
+        (ConnectorStatus::Idle, 4),
+        (ConnectorStatus::Offline, 5),
+    ] {
+        b.report_connector("w", report(s, at)).await.expect("report");
+    }
+    let statuses: Vec<ConnectorStatus> = all_events(b)
+        .await
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::ConnectorStatus { report, .. } => Some(report.status),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(statuses, vec![ConnectorStatus::Starting, ConnectorStatus::Idle, ConnectorStatus::Offline]);
+    let w = b.workers().await.expect("workers").remove(0);
+    assert_eq!(w.connectors["comfyui"].status, ConnectorStatus::Offline);
+    assert!(matches!(
+        b.report_connector("ghost", report(ConnectorStatus::Idle, 1)).await,
+        Err(BrokerError::UnknownWorker(_))
+    ));
+}
+
+/// Machine events fold into machine state.
+pub async fn machine_events_fold<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    let ev = |phase: &str, step: Option<&str>| MachineEvent {
+        machine_id: "box1".into(),
+        phase: phase.into(),
+        step: step.map(Into::into),
+        message: None,
+        at: 5,
+    };
+    for e in [
+        ev("starting", None),
+        ev("step", Some("comfyui-gpu0")),
+        ev("step", Some("comfyui-gpu1")),
+        ev("ready", None),
+    ] {
+        b.machine_event(e).await.expect("machine");
+    }
+    assert!(matches!(b.machine_event(ev("exploded", None)).await, Err(BrokerError::Invalid(_))));
+    let machines = b.machines().await.expect("machines");
+    assert_eq!(machines.len(), 1);
+    assert_eq!(machines[0].phase, "ready");
+    assert_eq!(machines[0].steps, vec!["comfyui-gpu0", "comfyui-gpu1"]);
+}
+
+/// Listing pages newest first with a cursor, filtered by status and service.
+pub async fn job_listing_pages<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.register_worker(worker("w", &["simulation"], json!({}))).await.expect("reg");
+    let mut ids = Vec::new();
+    for i in 0..25 {
+        fx.clock.advance(1);
+        ids.push(b.submit(sim(json!(i))).await.expect("submit").id);
+    }
+    b.submit(JobSpec::new("other", json!(null))).await.expect("submit");
+    let lease = claim_now(b, "w").await.expect("claim");
+    let mut seen = Vec::new();
+    let mut filter =
+        JobFilter { service: Some("simulation".into()), limit: Some(10), ..JobFilter::default() };
+    loop {
+        let page = b.jobs(&filter).await.expect("list");
+        seen.extend(page.jobs.iter().map(|j| j.id.clone()));
+        match page.next {
+            Some(next) => filter.cursor = Some(next),
+            None => break,
+        }
+    }
+    ids.reverse();
+    assert_eq!(seen, ids, "every job once, newest first");
+    let running =
+        b.jobs(&JobFilter { status: Some(JobStatus::Assigned), ..JobFilter::default() }).await.expect("list");
+    assert_eq!(running.jobs.iter().map(|j| j.id.clone()).collect::<Vec<_>>(), vec![lease.job.summary.id]);
+    let bad = JobFilter { cursor: Some("garbage".into()), ..JobFilter::default() };
+    assert!(matches!(b.jobs(&bad).await, Err(BrokerError::Invalid(_))));
+}
+
+/// A result over the limit is refused and the job stays with its holder.
+pub async fn oversized_result_is_refused<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.register_worker(worker("w", &["simulation"], json!({}))).await.expect("reg");
+    let id = b.submit(sim(json!(1))).await.expect("submit").id;
+    let lease = claim_now(b, "w").await.expect("claim");
+    let big = json!("x".repeat(b.config().max_result_bytes + 1));
+    assert!(matches!(b.complete(&lease.as_ref(), big).await, Err(BrokerError::ResultTooLarge { .. })));
+    assert_eq!(status(b, &id).await, JobStatus::Assigned);
+    b.complete(&lease.as_ref(), json!({"images": ["ref://bucket/1.png"]})).await.expect("complete");
+}
+
+/// `events_after` blocks until an event arrives; the subscription stream continues without gaps.
+pub async fn events_after_waits_for_news<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.clone();
+    b.submit(sim(json!(0))).await.expect("submit");
+    let head = b.snapshot().await.expect("snapshot").seq;
+    let waiter = {
+        let b = b.clone();
+        tokio::spawn(async move { b.events_after(head, 10, Duration::from_secs(60)).await })
+    };
+    tokio::task::yield_now().await;
+    b.submit(sim(json!(1))).await.expect("submit");
+    let got = tokio::time::timeout(Duration::from_secs(30), waiter)
+        .await
+        .expect("woken")
+        .expect("task")
+        .expect("events");
+    assert_eq!(got.first().map(|e| e.seq), Some(head + 1));
+    use futures::StreamExt;
+    let stream = crate::subscribe(b.clone(), 0);
+    tokio::pin!(stream);
+    for i in 2..5 {
+        b.submit(sim(json!(i))).await.expect("submit");
+    }
+    let mut seqs = Vec::new();
+    while seqs.len() < 5 {
+        let e = stream.next().await.expect("stream continues").expect("event");
+        seqs.push(e.seq);
+    }
+    let first = seqs[0];
+    assert_eq!(seqs, (first..first + 5).collect::<Vec<_>>(), "gap-free and ordered");
+}
+
+/// Completing can hand back the worker's next job in the same step.
+pub async fn complete_and_claim_hands_over_next_job<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.register_worker(worker("w", &["simulation"], json!({}))).await.expect("reg");
+    let ids: Vec<JobId> = b
+        .submit_batch((0..3).map(|i| sim(json!(i))).collect())
+        .await
+        .expect("batch")
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    let mut lease = claim_now(b, "w").await.expect("claim");
+    let mut done = vec![lease.job.summary.id.clone()];
+    while let Some(next) = b.complete_and_claim(&lease.as_ref(), json!("ok")).await.expect("complete+claim") {
+        done.push(next.job.summary.id.clone());
+        lease = next;
+    }
+    assert_eq!(done, ids);
+    for id in &ids {
+        assert_eq!(status(b, id).await, JobStatus::Completed);
+    }
+}
+
+/// Renewal and progress push the deadline out, so a live worker keeps its job.
+pub async fn lease_renewal_extends_deadline<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.register_worker(worker("w", &["simulation"], json!({}))).await.expect("reg");
+    let id = b.submit(sim(json!(1))).await.expect("submit").id;
+    let lease = claim_now(b, "w").await.expect("claim");
+    let lease_ms = b.config().lease_ms;
+    for _ in 0..5 {
+        fx.clock.advance(lease_ms - 1);
+        let st = b.renew(&lease.as_ref()).await.expect("renew");
+        assert_eq!(st.deadline_ms, crate::Clock::now_ms(&fx.clock) + lease_ms);
+        assert_eq!(b.reap().await.expect("reap").requeued, 0);
+    }
+    fx.clock.advance(lease_ms - 1);
+    b.progress(&lease.as_ref(), 50.0, None).await.expect("progress");
+    fx.clock.advance(lease_ms - 1);
+    b.reap().await.expect("reap");
+    assert_eq!(status(b, &id).await, JobStatus::InProgress);
+}

@@ -1,0 +1,981 @@
+//! The writer thread's state and every operation of the embedded backend, run inside a savepoint
+//! of the current group transaction (see the parent module).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use fleetq_core::{
+    Action, ConnectorReport, Event, EventKind, FailureCategory, JobError, JobId, JobRecord, JobSpec,
+    JobStatus, JobSummary, MachineEvent, MachineState, OrderKey, Outcome, PartitionKey, PartitionSpec,
+    Snapshot, WorkerInfo, WorkerRegistration, matches_partition, matching_partitions,
+};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::{
+    BrokerConfig, BrokerError, CancelOutcome, Clock, FailOutcome, JobFilter, JobPage, Lease, LeaseRef,
+    LeaseState, ReapReport, Result, Submitted, new_job_id, page_limit,
+};
+
+const SCHEMA: &str = include_str!("schema.sql");
+const SCHEMA_VERSION: i64 = 1;
+
+fn corrupt(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Corrupt(e.to_string())
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(corrupt)
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(corrupt)
+}
+
+/// A job row as the operations need it.
+struct Row {
+    summary: JobSummary,
+    spec: String,
+    lease_deadline: Option<i64>,
+    progress_evt_at: Option<i64>,
+    progress_dirty: bool,
+    avoid_worker: Option<String>,
+    avoid_until: Option<i64>,
+}
+
+/// A claimable job a worker might take.
+struct Candidate {
+    order: String,
+    id: String,
+    partition: PartitionKey,
+    avoid_worker: Option<String>,
+    avoid_until: Option<i64>,
+}
+
+/// How a stored row's outcome column changes.
+enum OutcomeChange {
+    Keep,
+    Set(String),
+    Clear,
+}
+
+pub(super) struct State {
+    conn: Connection,
+    config: BrokerConfig,
+    clock: Arc<dyn Clock>,
+    /// Every partition ever seen, with its unworkable flag. Mirrors the `partitions` table.
+    partitions: HashMap<PartitionKey, (PartitionSpec, bool)>,
+    /// Bumped when a partition is added or a worker (re)registers: invalidates `match_cache`.
+    generation: u64,
+    /// Registered workers. Mirrors the `workers` table.
+    workers: HashMap<String, WorkerInfo>,
+    /// Per worker: (generation, partitions it matches).
+    match_cache: HashMap<String, (u64, Vec<PartitionKey>)>,
+    /// A savepoint rolled back after touching the caches: reload them before the next operation.
+    caches_dirty: bool,
+    committed_seq: u64,
+    /// A job became claimable in the current group.
+    wake: bool,
+    events_since_trim: usize,
+}
+
+impl State {
+    pub(super) fn open(path: &Path, config: BrokerConfig, clock: Arc<dyn Clock>) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;
+             PRAGMA foreign_keys = ON;",
+        )?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(BrokerError::Corrupt(format!(
+                "store schema version {version} is newer than this fleetq ({SCHEMA_VERSION})"
+            )));
+        }
+        conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+        let mut st = Self {
+            conn,
+            config,
+            clock,
+            partitions: HashMap::new(),
+            generation: 0,
+            workers: HashMap::new(),
+            match_cache: HashMap::new(),
+            caches_dirty: true,
+            committed_seq: 0,
+            wake: false,
+            events_since_trim: 0,
+        };
+        st.reload_caches()?;
+        st.committed_seq = st.max_seq()?;
+        Ok(st)
+    }
+
+    fn reload_caches(&mut self) -> Result<()> {
+        let mut partitions = HashMap::new();
+        {
+            let mut stmt = self.conn.prepare("SELECT key, spec, unworkable FROM partitions")?;
+            let rows =
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?)))?;
+            for row in rows {
+                let (key, spec, flag) = row?;
+                partitions.insert(PartitionKey(key), (from_json(&spec)?, flag));
+            }
+        }
+        let mut workers = HashMap::new();
+        {
+            let mut stmt = self.conn.prepare("SELECT id, info, last_seen FROM workers")?;
+            let rows =
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?)))?;
+            for row in rows {
+                let (id, info, last_seen) = row?;
+                let mut info: WorkerInfo = from_json(&info)?;
+                info.last_seen = last_seen;
+                workers.insert(id, info);
+            }
+        }
+        self.partitions = partitions;
+        self.workers = workers;
+        self.match_cache.clear();
+        self.generation += 1;
+        self.caches_dirty = false;
+        Ok(())
+    }
+
+    fn max_seq(&self) -> Result<u64> {
+        Ok(self.conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get::<_, i64>(0))?
+            as u64)
+    }
+
+    pub(super) fn committed_seq(&self) -> u64 {
+        self.committed_seq
+    }
+
+    pub(super) fn take_wake(&mut self) -> bool {
+        std::mem::take(&mut self.wake)
+    }
+
+    pub(super) fn begin(&mut self) -> Result<()> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        Ok(())
+    }
+
+    pub(super) fn commit(&mut self) -> Result<()> {
+        self.conn.execute_batch("COMMIT")?;
+        self.committed_seq = self.max_seq()?;
+        Ok(())
+    }
+
+    pub(super) fn rollback(&mut self) {
+        let _ = self.conn.execute_batch("ROLLBACK");
+        self.wake = false;
+        self.caches_dirty = true;
+        if let Ok(seq) = self.max_seq() {
+            self.committed_seq = seq;
+        }
+    }
+
+    /// Runs one operation under a savepoint: its writes roll back alone when it fails.
+    pub(super) fn savepoint<R>(&mut self, f: impl FnOnce(&mut Self) -> Result<R>) -> Result<R> {
+        if self.caches_dirty {
+            self.reload_caches()?;
+        }
+        self.conn.execute_batch("SAVEPOINT op")?;
+        let out = f(self);
+        if out.is_ok() {
+            self.conn.execute_batch("RELEASE op")?;
+        } else {
+            self.conn.execute_batch("ROLLBACK TO op; RELEASE op")?;
+            self.caches_dirty = true;
+        }
+        out
+    }
+
+    fn now(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    // ----- events --------------------------------------------------------------------------------
+
+    fn emit(&mut self, kind: EventKind) -> Result<()> {
+        let body = to_json(&kind)?;
+        self.conn
+            .prepare_cached("INSERT INTO events(at, body) VALUES (?1, ?2)")?
+            .execute(params![self.now(), body])?;
+        self.events_since_trim += 1;
+        if self.events_since_trim >= 1024 {
+            self.events_since_trim = 0;
+            let last = self.conn.last_insert_rowid();
+            self.conn
+                .execute("DELETE FROM events WHERE seq <= ?1", [last - self.config.max_events as i64])?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn events_after(&mut self, after: u64, limit: usize) -> Result<Vec<Event>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, at, body FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+        let rows = stmt.query_map(params![after as i64, limit.clamp(1, 10_000) as i64], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?))
+        })?;
+        rows.map(|row| {
+            let (seq, at, body) = row?;
+            Ok(Event { seq: seq as u64, at, kind: from_json(&body)? })
+        })
+        .collect()
+    }
+
+    // ----- job rows ------------------------------------------------------------------------------
+
+    fn load(&self, id: &JobId) -> Result<Option<Row>> {
+        self.conn
+            .prepare_cached(
+                "SELECT summary, spec, lease_deadline, progress_evt_at, progress_dirty, avoid_worker, avoid_until
+                 FROM jobs WHERE id = ?1",
+            )?
+            .query_row([&id.0], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            })
+            .optional()?
+            .map(|(summary, spec, lease_deadline, progress_evt_at, dirty, avoid_worker, avoid_until)| {
+                Ok(Row {
+                    summary: from_json(&summary)?,
+                    spec,
+                    lease_deadline,
+                    progress_evt_at,
+                    progress_dirty: dirty,
+                    avoid_worker,
+                    avoid_until,
+                })
+            })
+            .transpose()
+    }
+
+    fn must_load(&self, id: &JobId) -> Result<Row> {
+        self.load(id)?.ok_or_else(|| BrokerError::JobNotFound(id.clone()))
+    }
+
+    /// Loads the job only if `lease` holds its current attempt.
+    fn held(&self, lease: &LeaseRef) -> Result<Row> {
+        let row = self.must_load(&lease.job_id)?;
+        let s = &row.summary;
+        if !s.status.is_running()
+            || s.attempt != lease.attempt
+            || s.worker_id.as_deref() != Some(&lease.worker_id)
+        {
+            return Err(BrokerError::LeaseLost(lease.job_id.clone()));
+        }
+        Ok(row)
+    }
+
+    fn store(&mut self, row: &Row, outcome: OutcomeChange) -> Result<()> {
+        let now = self.now();
+        let s = &row.summary;
+        let pending = s.status == JobStatus::Pending;
+        let run_at = s.run_at.filter(|t| pending && *t > now);
+        let claimable = pending && run_at.is_none();
+        self.wake |= claimable;
+        let lease_deadline = if s.status.is_running() { row.lease_deadline } else { None };
+        let (set_outcome, outcome_text) = match outcome {
+            OutcomeChange::Keep => (false, None),
+            OutcomeChange::Set(t) => (true, Some(t)),
+            OutcomeChange::Clear => (true, None),
+        };
+        self.conn
+            .prepare_cached(
+                "UPDATE jobs SET status = ?1, claimable = ?2, run_at = ?3, lease_deadline = ?4, finished_at = ?5,
+                   progress_evt_at = ?6, progress_dirty = ?7, avoid_worker = ?8, avoid_until = ?9, summary = ?10,
+                   outcome = CASE WHEN ?11 THEN ?12 ELSE outcome END
+                 WHERE id = ?13",
+            )?
+            .execute(params![
+                s.status.as_str(),
+                claimable,
+                run_at,
+                lease_deadline,
+                s.finished_at,
+                row.progress_evt_at,
+                row.progress_dirty,
+                row.avoid_worker,
+                row.avoid_until,
+                to_json(s)?,
+                set_outcome,
+                outcome_text,
+                s.id.0,
+            ])?;
+        Ok(())
+    }
+
+    /// Emits the progress that coalescing held back, so it precedes the terminal event.
+    fn flush_progress(&mut self, row: &mut Row) -> Result<()> {
+        if row.progress_dirty {
+            row.progress_dirty = false;
+            self.emit(EventKind::JobProgress { job: row.summary.clone() })?;
+        }
+        Ok(())
+    }
+
+    fn transition(row: &mut Row, action: Action, now: i64) -> Result<()> {
+        row.summary.status = row.summary.status.apply(action)?;
+        row.summary.updated_at = now;
+        Ok(())
+    }
+
+    // ----- partitions and matching ---------------------------------------------------------------
+
+    /// Records a partition the first time it is seen. Returns true when it is new.
+    fn ensure_partition(&mut self, key: &PartitionKey, spec: PartitionSpec) -> Result<bool> {
+        if self.partitions.contains_key(key) {
+            return Ok(false);
+        }
+        self.conn.execute(
+            "INSERT OR IGNORE INTO partitions(key, spec, unworkable) VALUES (?1, ?2, 0)",
+            params![key.0, to_json(&spec)?],
+        )?;
+        self.partitions.insert(key.clone(), (spec, false));
+        self.generation += 1;
+        Ok(true)
+    }
+
+    fn matching(&mut self, worker_id: &str) -> Result<Vec<PartitionKey>> {
+        if let Some((generation, parts)) = self.match_cache.get(worker_id)
+            && *generation == self.generation
+        {
+            return Ok(parts.clone());
+        }
+        let worker =
+            self.workers.get(worker_id).ok_or_else(|| BrokerError::UnknownWorker(worker_id.to_owned()))?;
+        let parts =
+            matching_partitions(&worker.registration, self.partitions.iter().map(|(k, (s, _))| (k, s)));
+        self.match_cache.insert(worker_id.to_owned(), (self.generation, parts.clone()));
+        Ok(parts)
+    }
+
+    /// Whether a registered worker other than `worker_id` may serve the partition's jobs.
+    fn others_match(&self, worker_id: &str, partition: &PartitionKey) -> bool {
+        let Some((spec, _)) = self.partitions.get(partition) else { return false };
+        self.workers
+            .values()
+            .any(|w| w.registration.worker_id != worker_id && matches_partition(&w.registration, spec))
+    }
+
+    pub(super) fn evaluate_workability(&mut self) -> Result<usize> {
+        let keys: Vec<PartitionKey> = self.partitions.keys().cloned().collect();
+        let mut changed = 0;
+        for key in keys {
+            changed += usize::from(self.evaluate_partition(&key)?);
+        }
+        Ok(changed)
+    }
+
+    /// Re-evaluates one partition's unworkable flag; when it changed, flags its pending jobs and
+    /// appends one event. Partitions without pending jobs keep their flag until they have some.
+    fn evaluate_partition(&mut self, key: &PartitionKey) -> Result<bool> {
+        let Some((spec, flag)) = self.partitions.get(key) else { return Ok(false) };
+        let unworkable = !self.workers.values().any(|w| matches_partition(&w.registration, spec));
+        if unworkable == *flag {
+            return Ok(false);
+        }
+        let ids: Vec<String> = {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT id FROM jobs WHERE partition = ?1 AND status = 'pending' ORDER BY order_key",
+            )?;
+            let rows = stmt.query_map([&key.0], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        if ids.is_empty() {
+            return Ok(false);
+        }
+        self.conn
+            .execute("UPDATE partitions SET unworkable = ?1 WHERE key = ?2", params![unworkable, key.0])?;
+        if let Some(entry) = self.partitions.get_mut(key) {
+            entry.1 = unworkable;
+        }
+        for id in &ids {
+            let mut row = self.must_load(&JobId(id.clone()))?;
+            row.summary.unworkable = unworkable;
+            self.store(&row, OutcomeChange::Keep)?;
+        }
+        self.emit(EventKind::PartitionWorkability {
+            partition: key.0.clone(),
+            jobs: ids.into_iter().map(JobId).collect(),
+            unworkable,
+        })?;
+        Ok(true)
+    }
+
+    // ----- submission and claiming ---------------------------------------------------------------
+
+    pub(super) fn submit(&mut self, spec: JobSpec) -> Result<Submitted> {
+        if let Some(key) = &spec.idempotency_key {
+            let existing: Option<String> = self
+                .conn
+                .prepare_cached("SELECT id FROM jobs WHERE idempotency_key = ?1")?
+                .query_row([key], |r| r.get(0))
+                .optional()?;
+            if let Some(id) = existing {
+                return Ok(Submitted { id: JobId(id), created: false });
+            }
+        }
+        let now = self.now();
+        let id = new_job_id();
+        let pspec = PartitionSpec::of(&spec);
+        let pkey = pspec.key();
+        let new_partition = self.ensure_partition(&pkey, pspec)?;
+        let unworkable = self.partitions.get(&pkey).is_some_and(|(_, flag)| *flag);
+        let seq: i64 = self
+            .conn
+            .prepare_cached("UPDATE meta SET v = v + 1 WHERE k = 'job_seq' RETURNING v")?
+            .query_row([], |r| r.get(0))?;
+        let order = OrderKey::new(spec.effective_priority(), spec.effective_time(now), seq as u64).encode();
+        let mut summary = JobSummary::new_pending(id.clone(), &spec, now);
+        summary.unworkable = unworkable;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO jobs(id, service, status, partition, order_key, claimable, workflow_id,
+                   idempotency_key, created_at, summary, spec)
+                 VALUES (?1, ?2, 'pending', ?3, ?4, 1, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                id.0,
+                spec.service,
+                pkey.0,
+                order,
+                spec.workflow_id,
+                spec.idempotency_key,
+                now,
+                to_json(&summary)?,
+                to_json(&spec)?,
+            ])?;
+        self.wake = true;
+        self.emit(EventKind::JobSubmitted { job: summary })?;
+        if new_partition {
+            self.evaluate_partition(&pkey)?;
+        }
+        Ok(Submitted { id, created: true })
+    }
+
+    /// Candidate job ids for `worker_id`, best first: the head of each matching partition (or, for
+    /// a workflow-restricted worker, that workflow's claimable jobs in matching partitions).
+    fn candidates(&mut self, worker_id: &str) -> Result<Vec<Candidate>> {
+        let parts = self.matching(worker_id)?;
+        let restriction = self
+            .workers
+            .get(worker_id)
+            .and_then(|w| w.registration.capabilities.workflow_restriction())
+            .map(str::to_owned);
+        let mut out = Vec::new();
+        if let Some(wf) = restriction {
+            let allowed: HashSet<&str> = parts.iter().map(|p| p.0.as_str()).collect();
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT order_key, id, partition, avoid_worker, avoid_until FROM jobs
+                 WHERE claimable = 1 AND workflow_id = ?1 ORDER BY order_key LIMIT 256",
+            )?;
+            let rows = stmt.query_map([&wf], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get::<_, String>(2)?, r.get(3)?, r.get(4)?))
+            })?;
+            for row in rows {
+                let (order, id, part, avoid_worker, avoid_until) = row?;
+                if allowed.contains(part.as_str()) {
+                    out.push(Candidate {
+                        order,
+                        id,
+                        partition: PartitionKey(part),
+                        avoid_worker,
+                        avoid_until,
+                    });
+                }
+            }
+        } else {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT order_key, id, avoid_worker, avoid_until FROM jobs
+                 WHERE claimable = 1 AND partition = ?1 ORDER BY order_key LIMIT 1",
+            )?;
+            for p in &parts {
+                let head = stmt
+                    .query_row([&p.0], |r| {
+                        Ok(Candidate {
+                            order: r.get(0)?,
+                            id: r.get(1)?,
+                            partition: p.clone(),
+                            avoid_worker: r.get(2)?,
+                            avoid_until: r.get(3)?,
+                        })
+                    })
+                    .optional()?;
+                out.extend(head);
+            }
+            out.sort_by(|a, b| a.order.cmp(&b.order));
+        }
+        Ok(out)
+    }
+
+    pub(super) fn claim(&mut self, worker_id: &str) -> Result<Option<Lease>> {
+        if !self.workers.contains_key(worker_id) {
+            return Err(BrokerError::UnknownWorker(worker_id.to_owned()));
+        }
+        let now = self.now();
+        self.reap_leases(now, 64)?;
+        self.promote(now)?;
+        self.touch_worker(worker_id, now)?;
+        let candidates = self.candidates(worker_id)?;
+        let chosen = candidates.into_iter().find(|c| {
+            let avoided =
+                c.avoid_worker.as_deref() == Some(worker_id) && c.avoid_until.is_some_and(|t| now < t);
+            !avoided || !self.others_match(worker_id, &c.partition)
+        });
+        let Some(Candidate { id, .. }) = chosen else { return Ok(None) };
+        let mut row = self.must_load(&JobId(id))?;
+        Self::transition(&mut row, Action::Claim, now)?;
+        let s = &mut row.summary;
+        s.attempt += 1;
+        s.worker_id = Some(worker_id.to_owned());
+        s.started_at = Some(now);
+        s.progress = 0.0;
+        s.message = None;
+        s.cancel_requested = false;
+        s.unworkable = false;
+        s.run_at = None;
+        let deadline = now + self.config.lease_ms;
+        row.lease_deadline = Some(deadline);
+        row.progress_evt_at = None;
+        row.progress_dirty = false;
+        row.avoid_worker = None;
+        row.avoid_until = None;
+        self.store(&row, OutcomeChange::Keep)?;
+        self.emit(EventKind::JobClaimed { job: row.summary.clone() })?;
+        let spec: JobSpec = from_json(&row.spec)?;
+        Ok(Some(Lease {
+            attempt: row.summary.attempt,
+            worker_id: worker_id.to_owned(),
+            deadline_ms: deadline,
+            job: JobRecord { summary: row.summary, spec, outcome: None },
+        }))
+    }
+
+    // ----- the holder's operations ---------------------------------------------------------------
+
+    pub(super) fn renew(
+        &mut self,
+        lease: &LeaseRef,
+        progress: Option<(f64, Option<String>)>,
+    ) -> Result<LeaseState> {
+        let now = self.now();
+        let mut row = self.held(lease)?;
+        let deadline = now + self.config.lease_ms;
+        row.lease_deadline = Some(deadline);
+        if let Some((p, message)) = progress {
+            let was = row.summary.status;
+            Self::transition(&mut row, Action::Progress, now)?;
+            row.summary.progress = if p.is_finite() { p.clamp(0.0, 100.0) } else { row.summary.progress };
+            row.summary.message = message;
+            let due = was != row.summary.status
+                || row.progress_evt_at.is_none_or(|t| now - t >= self.config.progress_coalesce_ms);
+            if due {
+                row.progress_evt_at = Some(now);
+                row.progress_dirty = false;
+                self.emit(EventKind::JobProgress { job: row.summary.clone() })?;
+            } else {
+                row.progress_dirty = true;
+            }
+        }
+        self.store(&row, OutcomeChange::Keep)?;
+        Ok(LeaseState { deadline_ms: deadline, cancel_requested: row.summary.cancel_requested })
+    }
+
+    pub(super) fn complete(&mut self, lease: &LeaseRef, result: String) -> Result<()> {
+        let now = self.now();
+        let mut row = self.held(lease)?;
+        self.flush_progress(&mut row)?;
+        Self::transition(&mut row, Action::Complete, now)?;
+        row.summary.progress = 100.0;
+        row.summary.finished_at = Some(now);
+        let outcome = format!(r#"{{"kind":"result","value":{result}}}"#);
+        self.store(&row, OutcomeChange::Set(outcome))?;
+        self.emit(EventKind::JobCompleted { job: row.summary })
+    }
+
+    pub(super) fn fail(
+        &mut self,
+        lease: &LeaseRef,
+        error: JobError,
+        reason: Option<&str>,
+    ) -> Result<FailOutcome> {
+        let now = self.now();
+        let mut row = self.held(lease)?;
+        self.flush_progress(&mut row)?;
+        self.give_back(&mut row, error, now, reason.unwrap_or("retry"), true)
+    }
+
+    pub(super) fn release(&mut self, lease: &LeaseRef, reason: &str) -> Result<FailOutcome> {
+        let now = self.now();
+        let mut row = self.held(lease)?;
+        self.flush_progress(&mut row)?;
+        if reason == "shutdown" {
+            row.summary.attempt = row.summary.attempt.saturating_sub(1);
+        }
+        let category =
+            if reason.contains("timeout") { FailureCategory::Timeout } else { FailureCategory::Internal };
+        let error = JobError::retryable(category, format!("released: {reason}"));
+        self.give_back(&mut row, error, now, reason, false)
+    }
+
+    /// The end of an attempt that did not complete: cancel if requested, else retry while allowed,
+    /// else fail. `backoff` applies the spec's retry delay (failures) or not (releases, expiry).
+    fn give_back(
+        &mut self,
+        row: &mut Row,
+        error: JobError,
+        now: i64,
+        reason: &str,
+        backoff: bool,
+    ) -> Result<FailOutcome> {
+        let holder = row.summary.worker_id.clone();
+        if row.summary.cancel_requested {
+            Self::transition(row, Action::ConfirmCancel, now)?;
+            row.summary.finished_at = Some(now);
+            let outcome = to_json(&Outcome::Error { error: JobError::fatal(error.category, "cancelled") })?;
+            self.store(row, OutcomeChange::Set(outcome))?;
+            self.emit(EventKind::JobCancelled { job: row.summary.clone() })?;
+            return Ok(FailOutcome::Cancelled);
+        }
+        if error.retryable && row.summary.attempt < row.summary.max_attempts {
+            Self::transition(row, Action::Requeue, now)?;
+            let delay = if backoff {
+                let spec: JobSpec = from_json(&row.spec)?;
+                spec.retry_delay_ms(row.summary.attempt + 1) as i64
+            } else {
+                0
+            };
+            let run_at = now + delay;
+            row.summary.run_at = (delay > 0).then_some(run_at);
+            row.summary.progress = 0.0;
+            row.summary.error = Some(error);
+            row.avoid_worker = holder;
+            row.avoid_until = Some(run_at + self.config.retry_avoid_ms);
+            self.store(row, OutcomeChange::Keep)?;
+            self.emit(EventKind::JobRequeued { job: row.summary.clone(), reason: reason.to_owned() })?;
+            return Ok(FailOutcome::Retrying { run_at });
+        }
+        Self::transition(row, Action::Fail, now)?;
+        row.summary.finished_at = Some(now);
+        row.summary.error = Some(error.clone());
+        let outcome = to_json(&Outcome::Error { error })?;
+        self.store(row, OutcomeChange::Set(outcome))?;
+        self.emit(EventKind::JobFailed { job: row.summary.clone() })?;
+        Ok(FailOutcome::Failed)
+    }
+
+    // ----- client and operator operations --------------------------------------------------------
+
+    pub(super) fn cancel(&mut self, id: &JobId) -> Result<CancelOutcome> {
+        let now = self.now();
+        let mut row = self.must_load(id)?;
+        match row.summary.status {
+            JobStatus::Pending => {
+                Self::transition(&mut row, Action::Cancel, now)?;
+                row.summary.finished_at = Some(now);
+                self.store(&row, OutcomeChange::Keep)?;
+                self.emit(EventKind::JobCancelled { job: row.summary })?;
+                Ok(CancelOutcome::Cancelled)
+            }
+            s if s.is_running() => {
+                if !row.summary.cancel_requested {
+                    Self::transition(&mut row, Action::Cancel, now)?;
+                    row.summary.cancel_requested = true;
+                    self.store(&row, OutcomeChange::Keep)?;
+                    self.emit(EventKind::JobCancelRequested { job: row.summary })?;
+                }
+                Ok(CancelOutcome::Requested)
+            }
+            _ => Ok(CancelOutcome::AlreadyFinished),
+        }
+    }
+
+    pub(super) fn retry(&mut self, id: &JobId) -> Result<()> {
+        let now = self.now();
+        let mut row = self.must_load(id)?;
+        Self::transition(&mut row, Action::Retry, now)?;
+        let s = &mut row.summary;
+        s.attempt = 0;
+        s.progress = 0.0;
+        s.message = None;
+        s.finished_at = None;
+        s.started_at = None;
+        s.run_at = None;
+        s.cancel_requested = false;
+        s.error = None;
+        s.worker_id = None;
+        row.avoid_worker = None;
+        row.avoid_until = None;
+        self.store(&row, OutcomeChange::Clear)?;
+        self.emit(EventKind::JobRetried { job: row.summary })
+    }
+
+    pub(super) fn reap(&mut self) -> Result<ReapReport> {
+        let now = self.now();
+        let mut report = ReapReport::default();
+        loop {
+            let (requeued, finished) = self.reap_leases(now, 500)?;
+            report.requeued += requeued;
+            report.finished += finished;
+            if requeued + finished < 500 {
+                break;
+            }
+        }
+        report.promoted = self.promote(now)?;
+        let expired: Vec<String> = self
+            .workers
+            .values()
+            .filter(|w| w.last_seen < now - self.config.worker_ttl_ms)
+            .map(|w| w.registration.worker_id.clone())
+            .collect();
+        for id in &expired {
+            self.remove_worker(id, "expired")?;
+        }
+        report.workers_expired = expired.len();
+        self.conn.execute(
+            "DELETE FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?1",
+            [now - self.config.retention_ms],
+        )?;
+        Ok(report)
+    }
+
+    /// Ends up to `limit` expired leases. Returns (requeued, finished).
+    fn reap_leases(&mut self, now: i64, limit: usize) -> Result<(usize, usize)> {
+        let ids: Vec<String> = {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT id FROM jobs WHERE lease_deadline IS NOT NULL AND lease_deadline <= ?1
+                 ORDER BY lease_deadline LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![now, limit as i64], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let (mut requeued, mut finished) = (0, 0);
+        for id in ids {
+            let mut row = self.must_load(&JobId(id))?;
+            self.flush_progress(&mut row)?;
+            let error =
+                JobError::retryable(FailureCategory::LeaseExpired, "lease expired: worker stopped reporting");
+            match self.give_back(&mut row, error, now, "lease_expired", false)? {
+                FailOutcome::Retrying { .. } => requeued += 1,
+                _ => finished += 1,
+            }
+        }
+        Ok((requeued, finished))
+    }
+
+    /// Makes due delayed retries claimable.
+    fn promote(&mut self, now: i64) -> Result<usize> {
+        let n = self
+            .conn
+            .prepare_cached(
+                "UPDATE jobs SET claimable = 1, run_at = NULL
+                 WHERE status = 'pending' AND claimable = 0 AND run_at IS NOT NULL AND run_at <= ?1",
+            )?
+            .execute([now])?;
+        self.wake |= n > 0;
+        Ok(n)
+    }
+
+    // ----- workers and machines ------------------------------------------------------------------
+
+    pub(super) fn register_worker(&mut self, registration: WorkerRegistration) -> Result<()> {
+        let now = self.now();
+        let id = registration.worker_id.clone();
+        let (registered_at, connectors) = match self.workers.get(&id) {
+            Some(old) => (old.registered_at, old.connectors.clone()),
+            None => (now, BTreeMap::new()),
+        };
+        let info = WorkerInfo { registration, registered_at, last_seen: now, connectors };
+        self.conn.execute(
+            "INSERT INTO workers(id, info, last_seen) VALUES (?1, ?2, ?3)
+             ON CONFLICT(id) DO UPDATE SET info = excluded.info, last_seen = excluded.last_seen",
+            params![id, to_json(&info)?, now],
+        )?;
+        self.workers.insert(id.clone(), info.clone());
+        self.match_cache.remove(&id);
+        self.emit(EventKind::WorkerRegistered { worker: info })?;
+        self.evaluate_workability()?;
+        Ok(())
+    }
+
+    fn touch_worker(&mut self, id: &str, now: i64) -> Result<()> {
+        let n = self
+            .conn
+            .prepare_cached("UPDATE workers SET last_seen = ?1 WHERE id = ?2")?
+            .execute(params![now, id])?;
+        if n == 0 {
+            return Err(BrokerError::UnknownWorker(id.to_owned()));
+        }
+        if let Some(w) = self.workers.get_mut(id) {
+            w.last_seen = now;
+        }
+        Ok(())
+    }
+
+    pub(super) fn heartbeat(&mut self, id: &str) -> Result<()> {
+        let now = self.now();
+        self.touch_worker(id, now)
+    }
+
+    pub(super) fn remove_worker(&mut self, id: &str, reason: &str) -> Result<()> {
+        if self.workers.remove(id).is_none() {
+            return Err(BrokerError::UnknownWorker(id.to_owned()));
+        }
+        self.conn.execute("DELETE FROM workers WHERE id = ?1", [id])?;
+        self.match_cache.remove(id);
+        self.emit(EventKind::WorkerRemoved { worker_id: id.to_owned(), reason: reason.to_owned() })?;
+        self.evaluate_workability()?;
+        Ok(())
+    }
+
+    pub(super) fn report_connector(&mut self, worker_id: &str, report: ConnectorReport) -> Result<()> {
+        let now = self.now();
+        let Some(info) = self.workers.get_mut(worker_id) else {
+            return Err(BrokerError::UnknownWorker(worker_id.to_owned()));
+        };
+        let changed = info
+            .connectors
+            .get(&report.service)
+            .is_none_or(|old| old.status != report.status || old.message != report.message);
+        info.connectors.insert(report.service.clone(), report.clone());
+        info.last_seen = now;
+        let text = to_json(&*info)?;
+        self.conn.execute(
+            "UPDATE workers SET info = ?1, last_seen = ?2 WHERE id = ?3",
+            params![text, now, worker_id],
+        )?;
+        if changed {
+            self.emit(EventKind::ConnectorStatus { worker_id: worker_id.to_owned(), report })?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn machine_event(&mut self, event: MachineEvent) -> Result<()> {
+        let mut state: MachineState = self
+            .conn
+            .prepare_cached("SELECT state FROM machines WHERE id = ?1")?
+            .query_row([&event.machine_id], |r| r.get::<_, String>(0))
+            .optional()?
+            .map(|s| from_json(&s))
+            .transpose()?
+            .unwrap_or_default();
+        state.apply(&event);
+        self.conn.execute(
+            "INSERT INTO machines(id, state) VALUES (?1, ?2) ON CONFLICT(id) DO UPDATE SET state = excluded.state",
+            params![event.machine_id, to_json(&state)?],
+        )?;
+        self.emit(EventKind::Machine { event })
+    }
+
+    // ----- queries -------------------------------------------------------------------------------
+
+    pub(super) fn job(&mut self, id: &JobId) -> Result<Option<JobRecord>> {
+        self.conn
+            .prepare_cached("SELECT summary, spec, outcome FROM jobs WHERE id = ?1")?
+            .query_row([&id.0], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<String>>(2)?))
+            })
+            .optional()?
+            .map(|(summary, spec, outcome)| {
+                Ok(JobRecord {
+                    summary: from_json(&summary)?,
+                    spec: from_json(&spec)?,
+                    outcome: outcome.map(|o| from_json(&o)).transpose()?,
+                })
+            })
+            .transpose()
+    }
+
+    pub(super) fn jobs(&mut self, filter: &JobFilter) -> Result<JobPage> {
+        let limit = page_limit(filter);
+        let (c_at, c_id) = match &filter.cursor {
+            Some(c) => {
+                let (at, id) = c.split_once(':').ok_or_else(|| {
+                    BrokerError::Invalid(fleetq_core::ValidationError::new(
+                        "cursor",
+                        "not a cursor of this broker",
+                    ))
+                })?;
+                let at: i64 = at.parse().map_err(|_| {
+                    BrokerError::Invalid(fleetq_core::ValidationError::new(
+                        "cursor",
+                        "not a cursor of this broker",
+                    ))
+                })?;
+                (at, id.to_owned())
+            }
+            None => (i64::MAX, String::new()),
+        };
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT summary, created_at, id FROM jobs
+             WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR service = ?2)
+               AND (created_at < ?3 OR (created_at = ?3 AND ?4 <> '' AND id < ?4))
+             ORDER BY created_at DESC, id DESC LIMIT ?5",
+        )?;
+        let rows = stmt.query_map(
+            params![filter.status.map(|s| s.as_str()), filter.service, c_at, c_id, (limit + 1) as i64],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?)),
+        )?;
+        let mut jobs = Vec::new();
+        let mut next = None;
+        for row in rows {
+            let (summary, at, id) = row?;
+            if jobs.len() == limit {
+                next = Some(format!("{at}:{id}"));
+                break;
+            }
+            jobs.push(from_json::<JobSummary>(&summary)?);
+        }
+        if next.is_some()
+            && let Some(last) = jobs.last()
+        {
+            next = Some(format!("{}:{}", last.created_at, last.id));
+        }
+        Ok(JobPage { jobs, next })
+    }
+
+    pub(super) fn workers(&mut self) -> Result<Vec<WorkerInfo>> {
+        let mut out: Vec<WorkerInfo> = self.workers.values().cloned().collect();
+        out.sort_by(|a, b| a.registration.worker_id.cmp(&b.registration.worker_id));
+        Ok(out)
+    }
+
+    pub(super) fn machines(&mut self) -> Result<Vec<MachineState>> {
+        let mut stmt = self.conn.prepare_cached("SELECT state FROM machines ORDER BY id")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        rows.map(|r| from_json(&r?)).collect()
+    }
+
+    pub(super) fn snapshot(&mut self) -> Result<Snapshot> {
+        let seq = self.max_seq()?;
+        let mut jobs = BTreeMap::new();
+        {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT summary FROM jobs WHERE status IN ('assigned', 'in_progress')
+                 UNION ALL
+                 SELECT summary FROM (SELECT summary FROM jobs WHERE status = 'pending' ORDER BY created_at LIMIT ?1)",
+            )?;
+            let rows =
+                stmt.query_map([self.config.snapshot_pending_limit as i64], |r| r.get::<_, String>(0))?;
+            for row in rows {
+                let s: JobSummary = from_json(&row?)?;
+                jobs.insert(s.id.clone(), s);
+            }
+        }
+        let workers = self.workers.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let machines = self.machines()?.into_iter().map(|m| (m.machine_id.clone(), m)).collect();
+        Ok(Snapshot { seq, jobs, workers, machines })
+    }
+}

@@ -1,0 +1,93 @@
+//! Test support: a real `redis-server` on a free loopback port, and fixtures for the conformance
+//! suite. Only compiled with the `test-utils` feature.
+//!
+//! The server is started through `sh`, which kills it when the test process's end of a pipe
+//! closes, so a panicking or killed test binary never leaves a Redis behind.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::{BrokerConfig, ManualClock};
+
+/// A running `redis-server` owned by this process.
+#[derive(Debug)]
+pub struct RedisServer {
+    /// `redis://127.0.0.1:PORT/`.
+    pub url: String,
+    /// The server's port.
+    pub port: u16,
+    _child: Mutex<Child>,
+}
+
+/// The error message when Redis cannot run: tests fail, they never skip.
+pub const MISSING_REDIS: &str = "redis-server is required for the Redis tests (Debian: apt-get install -y redis-server); .ci/run installs it";
+
+impl RedisServer {
+    /// Starts a throwaway server (no persistence) on a free port and waits until it accepts commands.
+    pub fn start() -> std::io::Result<Self> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        // `read` returns when our stdin pipe closes (this process exited), then the server is killed.
+        let script = format!(
+            "redis-server --port {port} --bind 127.0.0.1 --save '' --appendonly no --daemonize no \
+             --loglevel warning --protected-mode yes & pid=$!; echo started; read _; kill $pid"
+        );
+        let mut child =
+            Command::new("sh").arg("-c").arg(script).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+        let stdout = child.stdout.take().ok_or_else(|| std::io::Error::other("no stdout"))?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let url = format!("redis://127.0.0.1:{port}/");
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(Self { url, port, _child: Mutex::new(child) });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        Err(std::io::Error::other(format!("redis-server did not listen on port {port}")))
+    }
+
+    /// One server shared by every test of this process (each test uses its own key prefix).
+    /// Panics with [`MISSING_REDIS`] when `redis-server` cannot be started.
+    pub fn shared() -> Arc<RedisServer> {
+        static SERVER: OnceLock<Arc<RedisServer>> = OnceLock::new();
+        SERVER
+            .get_or_init(|| {
+                let found =
+                    Command::new("redis-server").arg("--version").output().is_ok_and(|o| o.status.success());
+                assert!(found, "{MISSING_REDIS}");
+                Arc::new(RedisServer::start().unwrap_or_else(|e| panic!("{MISSING_REDIS}: {e}")))
+            })
+            .clone()
+    }
+}
+
+/// What a conformance case gets: a broker, the clock it reads, and whatever keeps its store alive.
+pub struct Fixture<B> {
+    /// The broker under test.
+    pub broker: Arc<B>,
+    /// Its clock.
+    pub clock: ManualClock,
+    /// Keeps the store alive (a temp dir, a server).
+    pub guard: Box<dyn std::any::Any + Send + Sync>,
+}
+
+/// The configuration conformance cases run with (small limits so edges are reachable).
+pub fn test_config() -> BrokerConfig {
+    BrokerConfig {
+        lease_ms: 10_000,
+        worker_ttl_ms: 60_000,
+        progress_coalesce_ms: 250,
+        max_events: 100_000,
+        max_result_bytes: 4096,
+        retention_ms: 3_600_000,
+        snapshot_pending_limit: 1000,
+        claim_recheck_ms: 200,
+        retry_avoid_ms: 5_000,
+        limits: fleetq_core::Limits { max_payload_bytes: 64 * 1024 },
+    }
+}
+
+/// The time conformance cases start at (2023-11-14).
+pub const T0: i64 = 1_700_000_000_000;
