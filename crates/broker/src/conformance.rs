@@ -732,11 +732,12 @@ pub async fn unworkable_jobs_are_flagged<B: Broker>(fx: Fixture<B>) {
     let rec = b.job(&id).await.expect("get").expect("exists");
     assert!(!rec.summary.unworkable);
     assert_eq!(rec.summary.status, JobStatus::Pending);
+    let partition = rec.summary.partition.clone();
     let flags: Vec<bool> = all_events(b)
         .await
         .iter()
         .filter_map(|e| match &e.kind {
-            EventKind::PartitionWorkability { jobs, unworkable, .. } if jobs.contains(&id) => {
+            EventKind::PartitionWorkability { partition: p, unworkable } if *p == partition => {
                 Some(*unworkable)
             }
             _ => None,

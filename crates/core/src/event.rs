@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::job::{JobId, JobSummary};
+use crate::job::{JobId, JobStatus, JobSummary};
 use crate::worker::{ConnectorReport, MachineEvent, MachineState, WorkerInfo};
 
 /// One entry of the event log.
@@ -75,12 +75,10 @@ pub enum EventKind {
         /// The job after the change.
         job: JobSummary,
     },
-    /// The unworkable flag of a partition's pending jobs changed.
+    /// The unworkable flag of a partition changed: it applies to the partition's pending jobs.
     PartitionWorkability {
         /// Partition key.
         partition: String,
-        /// Jobs of the partition pending at the time (their flag changed).
-        jobs: Vec<JobId>,
         /// New flag.
         unworkable: bool,
     },
@@ -169,9 +167,9 @@ impl Snapshot {
         }
         self.seq = event.seq;
         match &event.kind {
-            EventKind::PartitionWorkability { jobs, unworkable, .. } => {
-                for id in jobs {
-                    if let Some(j) = self.jobs.get_mut(id) {
+            EventKind::PartitionWorkability { partition, unworkable } => {
+                for j in self.jobs.values_mut() {
+                    if &j.partition == partition && j.status == JobStatus::Pending {
                         j.unworkable = *unworkable;
                     }
                 }

@@ -250,6 +250,9 @@ pub struct JobSummary {
     pub id: JobId,
     /// Service name.
     pub service: String,
+    /// The partition of the pending queue the job belongs to (see [`crate::PartitionSpec`]).
+    #[serde(default)]
+    pub partition: String,
     /// Current status.
     pub status: JobStatus,
     /// Attempts started so far (0 before the first claim).
@@ -297,7 +300,8 @@ pub struct JobSummary {
     /// A cancel was requested while the job was running.
     #[serde(default)]
     pub cancel_requested: bool,
-    /// No registered worker could serve this pending job when the fleet was last evaluated.
+    /// No registered worker could serve this pending job when the fleet was last evaluated. Derived
+    /// from the job's partition (one flag per partition), never stored per job.
     #[serde(default)]
     pub unworkable: bool,
     /// Last error (of the final attempt when failed, of the previous attempt while retrying).
@@ -324,6 +328,7 @@ impl JobSummary {
         Self {
             id,
             service: spec.service.clone(),
+            partition: crate::PartitionSpec::of(spec).key().0,
             status: JobStatus::Pending,
             attempt: 0,
             max_attempts: spec.max_attempts,

@@ -249,7 +249,7 @@ impl State {
             .optional()?
             .map(|(summary, spec, lease_deadline, progress_evt_at, dirty, avoid_worker, avoid_until)| {
                 Ok(Row {
-                    summary: from_json(&summary)?,
+                    summary: self.parse_summary(&summary)?,
                     spec,
                     lease_deadline,
                     progress_evt_at,
@@ -378,22 +378,11 @@ impl State {
         Ok(changed)
     }
 
-    /// Re-evaluates one partition's unworkable flag; when it changed, flags its pending jobs and
-    /// appends one event. Partitions without pending jobs keep their flag until they have some.
+    /// Re-evaluates one partition's unworkable flag; a change is stored and evented once.
     fn evaluate_partition(&mut self, key: &PartitionKey) -> Result<bool> {
         let Some((spec, flag)) = self.partitions.get(key) else { return Ok(false) };
         let unworkable = !self.workers.values().any(|w| matches_partition(&w.registration, spec));
         if unworkable == *flag {
-            return Ok(false);
-        }
-        let ids: Vec<String> = {
-            let mut stmt = self.conn.prepare_cached(
-                "SELECT id FROM jobs WHERE partition = ?1 AND status = 'pending' ORDER BY order_key",
-            )?;
-            let rows = stmt.query_map([&key.0], |r| r.get(0))?;
-            rows.collect::<Result<_, _>>()?
-        };
-        if ids.is_empty() {
             return Ok(false);
         }
         self.conn
@@ -401,17 +390,21 @@ impl State {
         if let Some(entry) = self.partitions.get_mut(key) {
             entry.1 = unworkable;
         }
-        for id in &ids {
-            let mut row = self.must_load(&JobId(id.clone()))?;
-            row.summary.unworkable = unworkable;
-            self.store(&row, OutcomeChange::Keep)?;
-        }
-        self.emit(EventKind::PartitionWorkability {
-            partition: key.0.clone(),
-            jobs: ids.into_iter().map(JobId).collect(),
-            unworkable,
-        })?;
+        self.emit(EventKind::PartitionWorkability { partition: key.0.clone(), unworkable })?;
         Ok(true)
+    }
+
+    /// Decodes a stored summary and fills its derived fields.
+    fn parse_summary(&self, text: &str) -> Result<JobSummary> {
+        let mut s: JobSummary = from_json(text)?;
+        self.derive(&mut s);
+        Ok(s)
+    }
+
+    /// Fills the fields derived at read time (`unworkable`, from the job's partition).
+    fn derive(&self, s: &mut JobSummary) {
+        s.unworkable = s.status == JobStatus::Pending
+            && self.partitions.get(&PartitionKey(s.partition.clone())).is_some_and(|(_, flag)| *flag);
     }
 
     // ----- submission and claiming ---------------------------------------------------------------
@@ -432,14 +425,13 @@ impl State {
         let pspec = PartitionSpec::of(&spec);
         let pkey = pspec.key();
         let new_partition = self.ensure_partition(&pkey, pspec)?;
-        let unworkable = self.partitions.get(&pkey).is_some_and(|(_, flag)| *flag);
         let seq: i64 = self
             .conn
             .prepare_cached("UPDATE meta SET v = v + 1 WHERE k = 'job_seq' RETURNING v")?
             .query_row([], |r| r.get(0))?;
         let order = OrderKey::new(spec.effective_priority(), spec.effective_time(now), seq as u64).encode();
         let mut summary = JobSummary::new_pending(id.clone(), &spec, now);
-        summary.unworkable = unworkable;
+        self.derive(&mut summary);
         self.conn
             .prepare_cached(
                 "INSERT INTO jobs(id, service, status, partition, order_key, claimable, workflow_id,
@@ -890,7 +882,7 @@ impl State {
             .optional()?
             .map(|(summary, spec, outcome)| {
                 Ok(JobRecord {
-                    summary: from_json(&summary)?,
+                    summary: self.parse_summary(&summary)?,
                     spec: from_json(&spec)?,
                     outcome: outcome.map(|o| from_json(&o)).transpose()?,
                 })
@@ -936,7 +928,7 @@ impl State {
                 next = Some(format!("{at}:{id}"));
                 break;
             }
-            jobs.push(from_json::<JobSummary>(&summary)?);
+            jobs.push(self.parse_summary(&summary)?);
         }
         if next.is_some()
             && let Some(last) = jobs.last()
@@ -970,7 +962,7 @@ impl State {
             let rows =
                 stmt.query_map([self.config.snapshot_pending_limit as i64], |r| r.get::<_, String>(0))?;
             for row in rows {
-                let s: JobSummary = from_json(&row?)?;
+                let s = self.parse_summary(&row?)?;
                 jobs.insert(s.id.clone(), s);
             }
         }
