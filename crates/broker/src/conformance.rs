@@ -156,9 +156,18 @@ pub async fn claim_follows_exact_order<B: Broker>(fx: Fixture<B>) {
         add("min", i32::MIN, None, None),
         add("wf-prio-0-over-5", 5, Some(0), Some(crate::testing::T0 - 1)),
     ];
-    for (i, (label, spec)) in specs.into_iter().enumerate() {
+    for (i, (label, mut spec)) in specs.into_iter().enumerate() {
         // Later submissions are later in time too, except where workflow_datetime says otherwise.
         fx.clock.advance(i as i64);
+        // Spread the jobs over three partitions the worker matches: the order is global.
+        match i % 3 {
+            0 => {}
+            1 => spec.customer_id = Some("acme".into()),
+            _ => {
+                spec.requirements =
+                    fleetq_core::Requirements::parse(&json!({"tier": "all"}), "requirements").expect("valid")
+            }
+        }
         b.submit(spec).await.expect("submit");
         expected.push(label);
     }

@@ -2,7 +2,7 @@
 //!
 //! The broker contract ([`Broker`]) and its two backends, held to one conformance suite:
 //! - [`embedded::EmbeddedBroker`]: SQLite (WAL) in one process — the default for one box;
-//! - `redis::RedisBroker`: Redis ≥ 7 with server-side functions — for a fleet (next).
+//! - [`redis::RedisBroker`]: Redis ≥ 7 with server-side functions — for a fleet.
 //!
 //! # Core promises (DESIGN.md §4)
 //! - **One path for truth.** Every state change happens atomically and appends exactly one event to
@@ -18,12 +18,13 @@
 //! # Layout
 //! - [`Broker`] and the types it speaks ([`Lease`], [`LeaseRef`], …), [`BrokerError`];
 //! - [`clock`]: wall time behind a trait so tests control it;
-//! - [`embedded`]: the SQLite backend;
+//! - [`embedded`], [`redis`]: the backends;
 //! - [`subscribe`]: a live event stream on top of any backend;
 //! - `conformance` and `testing` (feature `test-utils`): the suite and a `redis-server` harness.
 
 pub mod clock;
 pub mod embedded;
+pub mod redis;
 
 mod subscribe;
 
@@ -358,6 +359,29 @@ pub(crate) fn page_limit(filter: &JobFilter) -> usize {
 /// A fresh job id (UUIDv7: time-ordered, unique across processes).
 pub(crate) fn new_job_id() -> JobId {
     JobId(uuid::Uuid::now_v7().to_string())
+}
+
+/// Validates a progress value (a finite number, clamped to 0–100).
+pub(crate) fn check_progress(progress: f64) -> Result<f64> {
+    if !progress.is_finite() {
+        return Err(ValidationError::new("progress", "must be a finite number between 0 and 100").into());
+    }
+    Ok(progress.clamp(0.0, 100.0))
+}
+
+/// The stored outcome of a completion, from the result's JSON text.
+pub(crate) fn result_outcome(result_json: &str) -> String {
+    format!(r#"{{"kind":"result","value":{result_json}}}"#)
+}
+
+/// The error recorded when a holder releases a job.
+pub(crate) fn release_error(reason: &str) -> JobError {
+    let category = if reason.contains("timeout") {
+        fleetq_core::FailureCategory::Timeout
+    } else {
+        fleetq_core::FailureCategory::Internal
+    };
+    JobError::retryable(category, format!("released: {reason}"))
 }
 
 /// Checks a result against the size limit and returns its JSON text.

@@ -31,7 +31,7 @@ impl RedisServer {
         // `read` returns when our stdin pipe closes (this process exited), then the server is killed.
         let script = format!(
             "redis-server --port {port} --bind 127.0.0.1 --save '' --appendonly no --daemonize no \
-             --loglevel warning --protected-mode yes & pid=$!; echo started; read _; kill $pid"
+             --loglevel warning --protected-mode yes >/dev/null 2>&1 & pid=$!; echo started; read _; kill $pid"
         );
         let mut child =
             Command::new("sh").arg("-c").arg(script).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;

@@ -164,6 +164,18 @@ fn models_hold(caps: &Capabilities, service: &str, r: &Value) -> Result<(), Stri
     if missing.is_empty() { Ok(()) } else { Err(format!("worker lacks models {missing:?} for {service}")) }
 }
 
+/// The partitions (of those given) whose jobs `worker` may serve, ignoring the workflow rule.
+pub fn matching_partitions<'a>(
+    worker: &WorkerRegistration,
+    partitions: impl IntoIterator<Item = (&'a crate::PartitionKey, &'a PartitionSpec)>,
+) -> Vec<crate::PartitionKey> {
+    partitions
+        .into_iter()
+        .filter(|(_, spec)| matches_partition(worker, spec))
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -350,16 +362,4 @@ mod tests {
                 .matches
         );
     }
-}
-
-/// The partitions (of those given) whose jobs `worker` may serve, ignoring the workflow rule.
-pub fn matching_partitions<'a>(
-    worker: &WorkerRegistration,
-    partitions: impl IntoIterator<Item = (&'a crate::PartitionKey, &'a PartitionSpec)>,
-) -> Vec<crate::PartitionKey> {
-    partitions
-        .into_iter()
-        .filter(|(_, spec)| matches_partition(worker, spec))
-        .map(|(k, _)| k.clone())
-        .collect()
 }

@@ -170,6 +170,7 @@ impl Broker for EmbeddedBroker {
     }
 
     async fn progress(&self, lease: &LeaseRef, progress: f64, message: Option<String>) -> Result<LeaseState> {
+        let progress = crate::check_progress(progress)?;
         let lease = lease.clone();
         self.call(move |st| st.renew(&lease, Some((progress, message)))).await
     }

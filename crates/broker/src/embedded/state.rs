@@ -569,7 +569,7 @@ impl State {
         if let Some((p, message)) = progress {
             let was = row.summary.status;
             Self::transition(&mut row, Action::Progress, now)?;
-            row.summary.progress = if p.is_finite() { p.clamp(0.0, 100.0) } else { row.summary.progress };
+            row.summary.progress = p;
             row.summary.message = message;
             let due = was != row.summary.status
                 || row.progress_evt_at.is_none_or(|t| now - t >= self.config.progress_coalesce_ms);
@@ -592,8 +592,7 @@ impl State {
         Self::transition(&mut row, Action::Complete, now)?;
         row.summary.progress = 100.0;
         row.summary.finished_at = Some(now);
-        let outcome = format!(r#"{{"kind":"result","value":{result}}}"#);
-        self.store(&row, OutcomeChange::Set(outcome))?;
+        self.store(&row, OutcomeChange::Set(crate::result_outcome(&result)))?;
         self.emit(EventKind::JobCompleted { job: row.summary })
     }
 
@@ -616,9 +615,7 @@ impl State {
         if reason == "shutdown" {
             row.summary.attempt = row.summary.attempt.saturating_sub(1);
         }
-        let category =
-            if reason.contains("timeout") { FailureCategory::Timeout } else { FailureCategory::Internal };
-        let error = JobError::retryable(category, format!("released: {reason}"));
+        let error = crate::release_error(reason);
         self.give_back(&mut row, error, now, reason, false)
     }
 

@@ -1,0 +1,885 @@
+//! The Redis backend: Redis ≥ 7 with server-side functions, for a fleet.
+//!
+//! Every state change is one `FCALL` into the `fleetq` function library (`fleetq.lua`), which
+//! changes the keys and `XADD`s the event in the same atomic call. All keys live under
+//! `fleetq:{QUEUE}:` so one hash tag pins a queue to one cluster slot.
+//!
+//! Connections: one [`ConnectionManager`] (multiplexed, reconnecting) carries every non-blocking
+//! command; each blocking wait (`BLPOP` on wake lists, `XREAD BLOCK`) borrows a dedicated connection
+//! with no response timeout and always a finite block, so the client's default 500 ms timeout never
+//! cuts a block short and a dropped waiter never holds the shared connection.
+//!
+//! Matching runs here, in Rust ([`fleetq_core::matching_partitions`]), on a cached *fleet view*
+//! (partitions and workers, stamped with a version the server bumps when either changes). A claim
+//! sends the matching partitions and the stamp; the server answers `refresh` when the stamp is
+//! stale, so a claim never uses an out-of-date match.
+//!
+//! Wake-ups: a job becoming claimable pushes a token to its partition's wake list (capped at 64);
+//! a new partition pushes to its service's list. Waiting claimers `BLPOP` the lists of their
+//! partitions and services, and re-check at least every `claim_recheck_ms` (due retries, a token
+//! taken by a worker that could not use it).
+
+mod codec;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleetq_core::{
+    ConnectorReport, Event, EventKind, IllegalTransition, JobError, JobId, JobRecord, JobSpec, JobStatus,
+    MachineEvent, MachineState, OrderKey, Outcome, PartitionKey, PartitionSpec, Snapshot, ValidationError,
+    WorkerInfo, WorkerRegistration, matches_partition,
+};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Cmd, Value};
+use serde_json::Value as Json;
+use tokio::time::Instant;
+
+use self::codec::{corrupt, event_from_entry, items, pairs, summary_to_pairs, summary_value, text, text_at};
+use crate::{
+    Broker, BrokerConfig, BrokerError, CancelOutcome, Clock, FailOutcome, JobFilter, JobPage, Lease,
+    LeaseRef, LeaseState, ReapReport, Result, Submitted, SystemClock, new_job_id, page_limit,
+};
+
+const LIBRARY: &str = include_str!("fleetq.lua");
+const LIBRARY_VERSION: &str = "1";
+
+/// Partitions and workers as of one version stamp, with per-worker match results.
+#[derive(Debug, Default)]
+struct FleetView {
+    pver: String,
+    partitions: HashMap<PartitionKey, PartitionSpec>,
+    workers: HashMap<String, WorkerInfo>,
+    unworkable: HashSet<String>,
+    matches: Mutex<HashMap<String, Arc<WorkerMatch>>>,
+}
+
+/// What a worker's claim sends: matching partitions (with "another worker matches it too") and
+/// its workflow restriction.
+#[derive(Debug)]
+struct WorkerMatch {
+    partitions: Vec<(PartitionKey, bool)>,
+    workflow: String,
+    wake_keys: Vec<String>,
+}
+
+/// Redis-backed [`Broker`].
+#[derive(Debug)]
+pub struct RedisBroker {
+    client: redis::Client,
+    conn: ConnectionManager,
+    prefix: String,
+    config: BrokerConfig,
+    clock: Arc<dyn Clock>,
+    view: Mutex<Option<Arc<FleetView>>>,
+    blocking: Mutex<Vec<MultiplexedConnection>>,
+}
+
+enum ClaimReply {
+    Job(Box<Lease>),
+    Empty,
+    Refresh,
+    Unknown,
+}
+
+impl RedisBroker {
+    /// Connects to `url` (`redis://host:port/db`), using queue `queue` (keys `fleetq:{queue}:…`),
+    /// loads the function library when missing or of another version, and stores the queue's
+    /// tunables (lease, coalescing, retention…) where the functions read them.
+    pub async fn connect(url: &str, queue: &str, config: BrokerConfig) -> Result<Self> {
+        Self::connect_with_clock(url, queue, config, Arc::new(SystemClock)).await
+    }
+
+    /// [`RedisBroker::connect`] with a given clock (tests use [`crate::ManualClock`]). Every
+    /// process of one queue must share a clock source (NTP): times are sent by the caller.
+    pub async fn connect_with_clock(
+        url: &str,
+        queue: &str,
+        config: BrokerConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
+        fleetq_core::validate::check_name("queue", queue)?;
+        let client = redis::Client::open(url)?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(Duration::from_secs(30)))
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(6)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = client.get_connection_manager_with_config(manager_config).await?;
+        let broker = Self {
+            client,
+            conn,
+            prefix: format!("fleetq:{{{queue}}}:"),
+            config,
+            clock,
+            view: Mutex::new(None),
+            blocking: Mutex::new(Vec::new()),
+        };
+        broker.init().await?;
+        Ok(broker)
+    }
+
+    /// The key prefix of this queue.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Loads the library if absent or of another version, and writes the queue's tunables.
+    async fn init(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let version: Option<String> =
+            redis::cmd("FCALL").arg("fq_version").arg(0).query_async(&mut conn).await.ok();
+        if version.as_deref() != Some(LIBRARY_VERSION) {
+            tracing::info!(found = ?version, want = LIBRARY_VERSION, "loading the fleetq function library");
+            redis::cmd("FUNCTION")
+                .arg("LOAD")
+                .arg("REPLACE")
+                .arg(LIBRARY)
+                .query_async::<()>(&mut conn)
+                .await?;
+        }
+        let c = &self.config;
+        redis::cmd("HSET")
+            .arg(format!("{}cfg", self.prefix))
+            .arg(&[
+                ("max_events", c.max_events.to_string()),
+                ("lease_ms", c.lease_ms.to_string()),
+                ("avoid_ms", c.retry_avoid_ms.to_string()),
+                ("coalesce_ms", c.progress_coalesce_ms.to_string()),
+                ("retention_ms", c.retention_ms.to_string()),
+                ("worker_ttl_ms", c.worker_ttl_ms.to_string()),
+            ])
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Runs a command; when the server lost the library (a restart without persistence, a new
+    /// node) it reloads it once and retries.
+    async fn run(&self, cmd: &Cmd) -> Result<Value> {
+        let mut conn = self.conn.clone();
+        match cmd.query_async::<Value>(&mut conn).await {
+            Err(e) if e.to_string().contains("Function not found") => {
+                tracing::warn!("fleetq functions missing on the server; reloading");
+                self.init().await?;
+                Ok(cmd.query_async::<Value>(&mut conn).await?)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    fn fcall(&self, name: &str, read_only: bool) -> Cmd {
+        let mut cmd = redis::cmd(if read_only { "FCALL_RO" } else { "FCALL" });
+        cmd.arg(name).arg(1).arg(&self.prefix);
+        cmd
+    }
+
+    fn now(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    // ----- fleet view ----------------------------------------------------------------------------
+
+    fn invalidate(&self) {
+        if let Ok(mut v) = self.view.lock() {
+            *v = None;
+        }
+    }
+
+    async fn view(&self, fresh: bool) -> Result<Arc<FleetView>> {
+        if !fresh && let Some(v) = self.view.lock().ok().and_then(|v| v.clone()) {
+            return Ok(v);
+        }
+        let reply = items(self.run(&self.fcall("fq_view", true)).await?);
+        let pver = text_at(&reply, 0, "version")?;
+        let mut it = reply.into_iter().skip(1);
+        let mut next = || it.next().unwrap_or(Value::Nil);
+        let mut partitions = HashMap::new();
+        for (k, v) in pairs(next()) {
+            let spec: PartitionSpec =
+                serde_json::from_str(&v).map_err(|e| corrupt(format!("partition {k}: {e}")))?;
+            partitions.insert(PartitionKey(k), spec);
+        }
+        let workers_raw = pairs(next());
+        let unworkable = pairs(next()).into_iter().map(|(k, _)| k).collect();
+        let seen = pairs(next());
+        let workers = decode_workers(workers_raw, &seen)?;
+        let view = Arc::new(FleetView {
+            pver,
+            partitions,
+            workers,
+            unworkable,
+            matches: Mutex::new(HashMap::new()),
+        });
+        if let Ok(mut slot) = self.view.lock() {
+            *slot = Some(view.clone());
+        }
+        Ok(view)
+    }
+
+    fn worker_match(&self, view: &FleetView, worker_id: &str) -> Option<Arc<WorkerMatch>> {
+        if let Some(m) = view.matches.lock().ok().and_then(|m| m.get(worker_id).cloned()) {
+            return Some(m);
+        }
+        let me = view.workers.get(worker_id)?;
+        let reg = &me.registration;
+        let partitions: Vec<(PartitionKey, bool)> = view
+            .partitions
+            .iter()
+            .filter(|(_, spec)| matches_partition(reg, spec))
+            .map(|(key, spec)| {
+                let shared = view.workers.values().any(|w| {
+                    w.registration.worker_id != reg.worker_id && matches_partition(&w.registration, spec)
+                });
+                (key.clone(), shared)
+            })
+            .collect();
+        let mut wake_keys: Vec<String> =
+            partitions.iter().map(|(p, _)| self.key(&format!("wake:p:{}", p.0))).collect();
+        wake_keys.extend(reg.services.iter().map(|s| self.key(&format!("wake:s:{s}"))));
+        let m = Arc::new(WorkerMatch {
+            partitions,
+            workflow: reg.capabilities.workflow_restriction().unwrap_or_default().to_owned(),
+            wake_keys,
+        });
+        if let Ok(mut cache) = view.matches.lock() {
+            cache.insert(worker_id.to_owned(), m.clone());
+        }
+        Some(m)
+    }
+
+    /// The claim arguments for `worker_id` from the cached view (refreshed when the worker is not
+    /// in it yet).
+    async fn claim_args(&self, worker_id: &str) -> Result<(Arc<FleetView>, Arc<WorkerMatch>)> {
+        for fresh in [false, true] {
+            let view = self.view(fresh).await?;
+            if let Some(m) = self.worker_match(&view, worker_id) {
+                return Ok((view, m));
+            }
+        }
+        Err(BrokerError::UnknownWorker(worker_id.to_owned()))
+    }
+
+    fn push_claim_args(cmd: &mut Cmd, worker_id: &str, view: &FleetView, m: &WorkerMatch) {
+        cmd.arg(worker_id).arg(&view.pver).arg(&m.workflow).arg(m.partitions.len());
+        for (p, shared) in &m.partitions {
+            cmd.arg(&p.0).arg(if *shared { "1" } else { "0" });
+        }
+    }
+
+    fn parse_claim(&self, list: &[Value], worker_id: &str) -> Result<ClaimReply> {
+        match list.first().and_then(text).as_deref() {
+            None => Ok(ClaimReply::Empty),
+            Some("refresh") => Ok(ClaimReply::Refresh),
+            Some("unknown") => Ok(ClaimReply::Unknown),
+            Some("job") => {
+                let spec_text = text_at(list, 1, "spec")?;
+                let spec: JobSpec =
+                    serde_json::from_str(&spec_text).map_err(|e| corrupt(format!("spec: {e}")))?;
+                let deadline_ms = text_at(list, 2, "deadline")?.parse::<i64>().map_err(corrupt)?;
+                let summary = summary_value(Value::Array(list[3..].to_vec()))?;
+                Ok(ClaimReply::Job(Box::new(Lease {
+                    attempt: summary.attempt,
+                    worker_id: worker_id.to_owned(),
+                    deadline_ms,
+                    job: JobRecord { summary, spec, outcome: None },
+                })))
+            }
+            Some(other) => Err(corrupt(format!("claim reply {other:?}"))),
+        }
+    }
+
+    async fn try_claim(&self, worker_id: &str) -> Result<ClaimReply> {
+        let (view, m) = self.claim_args(worker_id).await?;
+        let mut cmd = self.fcall("fq_claim", false);
+        cmd.arg(self.now());
+        Self::push_claim_args(&mut cmd, worker_id, &view, &m);
+        let reply = items(self.run(&cmd).await?);
+        self.parse_claim(&reply, worker_id)
+    }
+
+    async fn blocking_conn(&self) -> Result<MultiplexedConnection> {
+        if let Some(c) = self.blocking.lock().ok().and_then(|mut p| p.pop()) {
+            return Ok(c);
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_response_timeout(None)
+            .set_connection_timeout(Some(Duration::from_secs(5)));
+        Ok(self.client.get_multiplexed_async_connection_with_config(&config).await?)
+    }
+
+    fn return_conn(&self, conn: MultiplexedConnection) {
+        if let Ok(mut pool) = self.blocking.lock()
+            && pool.len() < 64
+        {
+            pool.push(conn);
+        }
+    }
+
+    /// Blocks on the wake lists for at most `timeout`.
+    async fn wait_wake(&self, keys: &[String], timeout: Duration) -> Result<()> {
+        let mut conn = self.blocking_conn().await?;
+        let secs = timeout.as_secs_f64().max(0.001);
+        let reply: redis::RedisResult<Value> =
+            redis::cmd("BLPOP").arg(keys).arg(format!("{secs:.3}")).query_async(&mut conn).await;
+        match reply {
+            Ok(_) => {
+                self.return_conn(conn);
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    // ----- fenced operations ---------------------------------------------------------------------
+
+    fn fenced(cmd: &mut Cmd, now: i64, lease: &LeaseRef) {
+        cmd.arg(now).arg(&lease.job_id.0).arg(lease.attempt).arg(&lease.worker_id);
+    }
+
+    fn fence_error(status: &str, lease: &LeaseRef) -> BrokerError {
+        match status {
+            "missing" => BrokerError::JobNotFound(lease.job_id.clone()),
+            _ => BrokerError::LeaseLost(lease.job_id.clone()),
+        }
+    }
+
+    async fn give_back(
+        &self,
+        lease: &LeaseRef,
+        error: JobError,
+        backoff: bool,
+        reason: &str,
+        refund: bool,
+    ) -> Result<FailOutcome> {
+        let cancel = JobError::fatal(error.category, "cancelled");
+        let mut cmd = self.fcall("fq_fail", false);
+        Self::fenced(&mut cmd, self.now(), lease);
+        cmd.arg(to_json(&error)?)
+            .arg(if error.retryable { "1" } else { "0" })
+            .arg(if backoff { "1" } else { "0" })
+            .arg(reason)
+            .arg(if refund { "1" } else { "0" })
+            .arg(to_json(&Outcome::Error { error: error.clone() })?)
+            .arg(to_json(&Outcome::Error { error: cancel })?);
+        let reply = items(self.run(&cmd).await?);
+        match text_at(&reply, 0, "fail status")?.as_str() {
+            "retrying" => {
+                Ok(FailOutcome::Retrying { run_at: text_at(&reply, 1, "run_at")?.parse().map_err(corrupt)? })
+            }
+            "failed" => Ok(FailOutcome::Failed),
+            "cancelled" => Ok(FailOutcome::Cancelled),
+            other => Err(Self::fence_error(other, lease)),
+        }
+    }
+
+    // ----- compare-and-set writes ----------------------------------------------------------------
+
+    async fn hget(&self, hash: &str, field: &str) -> Result<Option<String>> {
+        let mut cmd = redis::cmd("HGET");
+        cmd.arg(self.key(hash)).arg(field);
+        Ok(text(&self.run(&cmd).await?))
+    }
+
+    /// Folds a new value from the current one and stores it with its event, retrying on conflict.
+    #[allow(clippy::too_many_arguments, reason = "one call site per kind; a struct would only rename them")]
+    async fn cas<F>(&self, hash: &str, field: &str, touch: bool, bump: bool, mut fold: F) -> Result<()>
+    where
+        F: FnMut(Option<&str>, i64) -> Result<Option<(String, Option<EventKind>)>> + Send,
+    {
+        for _ in 0..32 {
+            let old = self.hget(hash, field).await?;
+            let now = self.now();
+            let Some((new, event)) = fold(old.as_deref(), now)? else { return Ok(()) };
+            let (etype, ejson) = match &event {
+                Some(kind) => (kind.name(), serde_json::to_string(kind).map_err(corrupt)?),
+                None => ("", String::new()),
+            };
+            let mut cmd = self.fcall("fq_cas", false);
+            cmd.arg(now)
+                .arg(hash)
+                .arg(field)
+                .arg(old.unwrap_or_default())
+                .arg(new)
+                .arg(etype)
+                .arg(ejson)
+                .arg(if touch { "1" } else { "0" })
+                .arg(if bump { "1" } else { "0" });
+            if text(&self.run(&cmd).await?).as_deref() == Some("ok") {
+                return Ok(());
+            }
+        }
+        Err(corrupt(format!("{hash}/{field} kept changing under concurrent writers")))
+    }
+
+    async fn fleet_changed(&self) -> Result<()> {
+        self.invalidate();
+        self.evaluate_workability().await.map(|_| ())
+    }
+}
+
+/// Workers from the `workers` hash, with `last_seen` from the presence set.
+fn decode_workers(
+    raw: Vec<(String, String)>,
+    seen: &[(String, String)],
+) -> Result<HashMap<String, WorkerInfo>> {
+    let seen: HashMap<&str, i64> =
+        seen.iter().filter_map(|(k, v)| Some((k.as_str(), v.parse::<f64>().ok()? as i64))).collect();
+    let mut out = HashMap::new();
+    for (id, text) in raw {
+        let mut info: WorkerInfo =
+            serde_json::from_str(&text).map_err(|e| corrupt(format!("worker {id}: {e}")))?;
+        if let Some(t) = seen.get(id.as_str()) {
+            info.last_seen = *t;
+        }
+        out.insert(id, info);
+    }
+    Ok(out)
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(corrupt)
+}
+
+impl Broker for RedisBroker {
+    fn config(&self) -> &BrokerConfig {
+        &self.config
+    }
+
+    async fn submit(&self, spec: JobSpec) -> Result<Submitted> {
+        let mut out = self.submit_batch(vec![spec]).await.map_err(|e| match e {
+            BrokerError::Invalid(mut v) => {
+                v.field = v.field.trim_start_matches("[0].").to_owned();
+                BrokerError::Invalid(v)
+            }
+            other => other,
+        })?;
+        out.pop().ok_or_else(|| corrupt("submit returned nothing"))
+    }
+
+    async fn submit_batch(&self, specs: Vec<JobSpec>) -> Result<Vec<Submitted>> {
+        for (i, spec) in specs.iter().enumerate() {
+            spec.validate(&self.config.limits).map_err(|mut e| {
+                e.field = format!("[{i}].{}", e.field);
+                e
+            })?;
+        }
+        let now = self.now();
+        let mut results = Vec::with_capacity(specs.len());
+        let mut new_partitions = false;
+        // Chunks keep one call's argument list and run time bounded.
+        for chunk in specs.chunks(500) {
+            let mut cmd = self.fcall("fq_submit", false);
+            cmd.arg(now).arg(chunk.len());
+            for spec in chunk {
+                let id = new_job_id();
+                let pspec = PartitionSpec::of(spec);
+                let summary = fleetq_core::JobSummary::new_pending(id.clone(), spec, now);
+                let order = OrderKey::new(spec.effective_priority(), spec.effective_time(now), 0).encode();
+                let fields = summary_to_pairs(&summary)?;
+                cmd.arg(&id.0)
+                    .arg(serde_json::to_string(spec).map_err(corrupt)?)
+                    .arg(&summary.partition)
+                    .arg(serde_json::to_string(&pspec).map_err(corrupt)?)
+                    .arg(&order[..20])
+                    .arg(format!("{:012x}", now.max(0)))
+                    .arg(spec.idempotency_key.as_deref().unwrap_or(""))
+                    .arg(spec.workflow_id.as_deref().unwrap_or(""))
+                    .arg(spec.retry_backoff_ms.unwrap_or(fleetq_core::job::DEFAULT_RETRY_BACKOFF_MS))
+                    .arg(&spec.service)
+                    .arg(fields.len());
+                for (k, v) in &fields {
+                    cmd.arg(k).arg(v);
+                }
+            }
+            let reply = items(self.run(&cmd).await?);
+            let n_new: usize = text_at(&reply, 0, "new partition count")?.parse().map_err(corrupt)?;
+            new_partitions |= n_new > 0;
+            for pair in reply[1 + n_new..].chunks_exact(2) {
+                let id = text(&pair[0]).ok_or_else(|| corrupt("submit id"))?;
+                results.push(Submitted { id: JobId(id), created: text(&pair[1]).as_deref() == Some("1") });
+            }
+        }
+        if new_partitions {
+            self.fleet_changed().await?;
+        }
+        Ok(results)
+    }
+
+    async fn claim(&self, worker_id: &str, wait: Duration) -> Result<Option<Lease>> {
+        let deadline = Instant::now() + wait;
+        let mut refreshes = 0;
+        loop {
+            match self.try_claim(worker_id).await? {
+                ClaimReply::Job(lease) => return Ok(Some(*lease)),
+                ClaimReply::Refresh | ClaimReply::Unknown if refreshes < 8 => {
+                    refreshes += 1;
+                    self.invalidate();
+                    continue;
+                }
+                ClaimReply::Unknown => return Err(BrokerError::UnknownWorker(worker_id.to_owned())),
+                ClaimReply::Refresh | ClaimReply::Empty => {}
+            }
+            refreshes = 0;
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let (_, m) = self.claim_args(worker_id).await?;
+            let slice = (deadline - now).min(Duration::from_millis(self.config.claim_recheck_ms));
+            self.wait_wake(&m.wake_keys, slice).await?;
+        }
+    }
+
+    async fn renew(&self, lease: &LeaseRef) -> Result<LeaseState> {
+        self.renew_inner(lease, None).await
+    }
+
+    async fn progress(&self, lease: &LeaseRef, progress: f64, message: Option<String>) -> Result<LeaseState> {
+        let progress = crate::check_progress(progress)?;
+        self.renew_inner(lease, Some((progress, message))).await
+    }
+
+    async fn complete(&self, lease: &LeaseRef, result: Json) -> Result<()> {
+        self.complete_inner(lease, result, false).await.map(|_| ())
+    }
+
+    async fn complete_and_claim(&self, lease: &LeaseRef, result: Json) -> Result<Option<Lease>> {
+        self.complete_inner(lease, result, true).await
+    }
+
+    async fn fail(&self, lease: &LeaseRef, error: JobError) -> Result<FailOutcome> {
+        self.give_back(lease, error, true, "retry", false).await
+    }
+
+    async fn release(&self, lease: &LeaseRef, reason: &str) -> Result<FailOutcome> {
+        self.give_back(lease, crate::release_error(reason), false, reason, reason == "shutdown").await
+    }
+
+    async fn cancel(&self, id: &JobId) -> Result<CancelOutcome> {
+        let mut cmd = self.fcall("fq_cancel", false);
+        cmd.arg(self.now()).arg(&id.0);
+        match text(&self.run(&cmd).await?).as_deref() {
+            Some("cancelled") => Ok(CancelOutcome::Cancelled),
+            Some("requested") => Ok(CancelOutcome::Requested),
+            Some("finished") => Ok(CancelOutcome::AlreadyFinished),
+            Some("missing") => Err(BrokerError::JobNotFound(id.clone())),
+            other => Err(corrupt(format!("cancel reply {other:?}"))),
+        }
+    }
+
+    async fn retry(&self, id: &JobId) -> Result<()> {
+        let mut cmd = self.fcall("fq_retry", false);
+        cmd.arg(self.now()).arg(&id.0);
+        match text(&self.run(&cmd).await?).as_deref() {
+            Some("ok") => Ok(()),
+            Some("missing") => Err(BrokerError::JobNotFound(id.clone())),
+            Some(status) => match JobStatus::parse(status) {
+                Some(from) => Err(IllegalTransition { from, action: fleetq_core::Action::Retry }.into()),
+                None => Err(corrupt(format!("retry reply {status:?}"))),
+            },
+            None => Err(corrupt("retry reply")),
+        }
+    }
+
+    async fn reap(&self) -> Result<ReapReport> {
+        let mut cmd = self.fcall("fq_reap", false);
+        cmd.arg(self.now());
+        let reply = items(self.run(&cmd).await?);
+        let n = |i: usize| -> Result<usize> { text_at(&reply, i, "reap count")?.parse().map_err(corrupt) };
+        let report = ReapReport { requeued: n(0)?, finished: n(1)?, promoted: n(2)?, workers_expired: n(3)? };
+        if report.workers_expired > 0 {
+            self.fleet_changed().await?;
+        }
+        Ok(report)
+    }
+
+    async fn evaluate_workability(&self) -> Result<usize> {
+        let view = self.view(true).await?;
+        let mut cmd = self.fcall("fq_workability", false);
+        let mut changes = Vec::new();
+        for (key, spec) in &view.partitions {
+            let unworkable = !view.workers.values().any(|w| matches_partition(&w.registration, spec));
+            if unworkable != view.unworkable.contains(&key.0) {
+                changes.push((key.0.clone(), unworkable));
+            }
+        }
+        if changes.is_empty() {
+            return Ok(0);
+        }
+        cmd.arg(self.now()).arg(changes.len());
+        for (key, flag) in &changes {
+            cmd.arg(key).arg(if *flag { "1" } else { "0" });
+        }
+        let changed = text(&self.run(&cmd).await?).and_then(|t| t.parse().ok()).unwrap_or(0);
+        self.invalidate();
+        Ok(changed)
+    }
+
+    async fn register_worker(&self, registration: WorkerRegistration) -> Result<()> {
+        registration.validate()?;
+        let id = registration.worker_id.clone();
+        self.cas("workers", &id, true, true, |old, now| {
+            let old: Option<WorkerInfo> = old
+                .map(serde_json::from_str)
+                .transpose()
+                .map_err(|e| corrupt(format!("worker {id}: {e}")))?;
+            let info = WorkerInfo {
+                registration: registration.clone(),
+                registered_at: old.as_ref().map_or(now, |o| o.registered_at),
+                last_seen: now,
+                connectors: old.map(|o| o.connectors).unwrap_or_default(),
+            };
+            let text = serde_json::to_string(&info).map_err(corrupt)?;
+            Ok(Some((text, Some(EventKind::WorkerRegistered { worker: info }))))
+        })
+        .await?;
+        self.fleet_changed().await
+    }
+
+    async fn heartbeat(&self, worker_id: &str) -> Result<()> {
+        let mut cmd = self.fcall("fq_heartbeat", false);
+        cmd.arg(self.now()).arg(worker_id);
+        match text(&self.run(&cmd).await?).as_deref() {
+            Some("ok") => Ok(()),
+            _ => Err(BrokerError::UnknownWorker(worker_id.to_owned())),
+        }
+    }
+
+    async fn deregister_worker(&self, worker_id: &str) -> Result<()> {
+        let event =
+            EventKind::WorkerRemoved { worker_id: worker_id.to_owned(), reason: "deregistered".into() };
+        let mut cmd = self.fcall("fq_deregister", false);
+        cmd.arg(self.now()).arg(worker_id).arg(serde_json::to_string(&event).map_err(corrupt)?);
+        match text(&self.run(&cmd).await?).as_deref() {
+            Some("ok") => self.fleet_changed().await,
+            _ => Err(BrokerError::UnknownWorker(worker_id.to_owned())),
+        }
+    }
+
+    async fn report_connector(&self, worker_id: &str, report: ConnectorReport) -> Result<()> {
+        self.cas("workers", worker_id, true, false, |old, _now| {
+            let Some(old) = old else { return Err(BrokerError::UnknownWorker(worker_id.to_owned())) };
+            let mut info: WorkerInfo =
+                serde_json::from_str(old).map_err(|e| corrupt(format!("worker: {e}")))?;
+            let changed = info
+                .connectors
+                .get(&report.service)
+                .is_none_or(|o| o.status != report.status || o.message != report.message);
+            info.connectors.insert(report.service.clone(), report.clone());
+            let text = serde_json::to_string(&info).map_err(corrupt)?;
+            let event = changed.then(|| EventKind::ConnectorStatus {
+                worker_id: worker_id.to_owned(),
+                report: report.clone(),
+            });
+            Ok(Some((text, event)))
+        })
+        .await
+    }
+
+    async fn machine_event(&self, event: MachineEvent) -> Result<()> {
+        event.validate()?;
+        let id = event.machine_id.clone();
+        self.cas("machines", &id, false, false, |old, _now| {
+            let mut state: MachineState = old
+                .map(serde_json::from_str)
+                .transpose()
+                .map_err(|e| corrupt(format!("machine: {e}")))?
+                .unwrap_or_default();
+            state.apply(&event);
+            let text = serde_json::to_string(&state).map_err(corrupt)?;
+            Ok(Some((text, Some(EventKind::Machine { event: event.clone() }))))
+        })
+        .await
+    }
+
+    async fn job(&self, id: &JobId) -> Result<Option<JobRecord>> {
+        let mut cmd = self.fcall("fq_job", true);
+        cmd.arg(&id.0);
+        let reply = items(self.run(&cmd).await?);
+        if reply.is_empty() {
+            return Ok(None);
+        }
+        let mut it = reply.into_iter();
+        let summary = summary_value(it.next().unwrap_or(Value::Nil))?;
+        let spec_text =
+            it.next().as_ref().and_then(text).ok_or_else(|| corrupt(format!("job {id} has no spec")))?;
+        let spec = serde_json::from_str(&spec_text).map_err(|e| corrupt(format!("spec: {e}")))?;
+        let outcome = it
+            .next()
+            .as_ref()
+            .and_then(text)
+            .map(|o| serde_json::from_str(&o))
+            .transpose()
+            .map_err(|e| corrupt(format!("outcome: {e}")))?;
+        Ok(Some(JobRecord { summary, spec, outcome }))
+    }
+
+    async fn jobs(&self, filter: &JobFilter) -> Result<JobPage> {
+        let cursor = filter.cursor.clone().unwrap_or_default();
+        let valid = cursor.is_empty()
+            || (cursor.len() > 12
+                && cursor.is_char_boundary(12)
+                && cursor[..12].bytes().all(|b| b.is_ascii_hexdigit()));
+        if !valid {
+            return Err(ValidationError::new("cursor", "not a cursor of this broker").into());
+        }
+        let mut cmd = self.fcall("fq_jobs", true);
+        cmd.arg(filter.status.map(JobStatus::as_str).unwrap_or(""))
+            .arg(filter.service.as_deref().unwrap_or(""))
+            .arg(cursor)
+            .arg(page_limit(filter));
+        let reply = items(self.run(&cmd).await?);
+        let next = reply.first().and_then(text).filter(|c| !c.is_empty());
+        let jobs = items(reply.into_iter().nth(1).unwrap_or(Value::Nil))
+            .into_iter()
+            .map(summary_value)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(JobPage { jobs, next })
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerInfo>> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGETALL")
+            .arg(self.key("workers"))
+            .cmd("ZRANGE")
+            .arg(self.key("wseen"))
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES");
+        let mut conn = self.conn.clone();
+        let (raw, seen): (Value, Value) = pipe.query_async(&mut conn).await?;
+        let mut out: Vec<WorkerInfo> = decode_workers(pairs(raw), &pairs(seen))?.into_values().collect();
+        out.sort_by(|a, b| a.registration.worker_id.cmp(&b.registration.worker_id));
+        Ok(out)
+    }
+
+    async fn machines(&self) -> Result<Vec<MachineState>> {
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(self.key("machines"));
+        let mut out = pairs(self.run(&cmd).await?)
+            .into_iter()
+            .map(|(id, v)| serde_json::from_str(&v).map_err(|e| corrupt(format!("machine {id}: {e}"))))
+            .collect::<Result<Vec<MachineState>>>()?;
+        out.sort_by(|a, b| a.machine_id.cmp(&b.machine_id));
+        Ok(out)
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot> {
+        let mut cmd = self.fcall("fq_snapshot", true);
+        cmd.arg(self.config.snapshot_pending_limit);
+        let reply = items(self.run(&cmd).await?);
+        let seq = text_at(&reply, 0, "seq")?.parse::<u64>().map_err(corrupt)?;
+        let mut it = reply.into_iter().skip(1);
+        let mut next = || it.next().unwrap_or(Value::Nil);
+        let mut snap = Snapshot { seq, ..Snapshot::default() };
+        for j in items(next()) {
+            let s = summary_value(j)?;
+            snap.jobs.insert(s.id.clone(), s);
+        }
+        let raw = pairs(next());
+        let seen = pairs(next());
+        snap.workers = decode_workers(raw, &seen)?.into_iter().collect();
+        for (id, v) in pairs(next()) {
+            let m: MachineState =
+                serde_json::from_str(&v).map_err(|e| corrupt(format!("machine {id}: {e}")))?;
+            snap.machines.insert(id, m);
+        }
+        Ok(snap)
+    }
+
+    async fn events_after(&self, after: u64, limit: usize, wait: Duration) -> Result<Vec<Event>> {
+        let limit = limit.clamp(1, 10_000);
+        let mut cmd = redis::cmd("XRANGE");
+        cmd.arg(self.key("ev")).arg(format!("(0-{after}")).arg("+").arg("COUNT").arg(limit);
+        let entries = items(self.run(&cmd).await?);
+        if !entries.is_empty() || wait.is_zero() {
+            return entries.into_iter().map(event_from_entry).collect();
+        }
+        let mut conn = self.blocking_conn().await?;
+        let block_ms = wait.as_millis().clamp(1, 60_000) as u64;
+        let reply: Value = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(limit)
+            .arg("BLOCK")
+            .arg(block_ms)
+            .arg("STREAMS")
+            .arg(self.key("ev"))
+            .arg(format!("0-{after}"))
+            .query_async(&mut conn)
+            .await?;
+        self.return_conn(conn);
+        // [[key, [entries…]]] (or a map under RESP3); nil on timeout.
+        let mut out = Vec::new();
+        for stream in items(reply) {
+            for part in items(stream) {
+                if matches!(part, Value::Array(_)) {
+                    for entry in items(part) {
+                        out.push(event_from_entry(entry)?);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl RedisBroker {
+    async fn renew_inner(
+        &self,
+        lease: &LeaseRef,
+        progress: Option<(f64, Option<String>)>,
+    ) -> Result<LeaseState> {
+        let mut cmd = self.fcall("fq_renew", false);
+        Self::fenced(&mut cmd, self.now(), lease);
+        match &progress {
+            Some((p, message)) => cmd
+                .arg("1")
+                .arg(p.to_string())
+                .arg(message.as_deref().unwrap_or(""))
+                .arg(if message.is_some() { "1" } else { "0" }),
+            None => cmd.arg("0").arg("0").arg("").arg("0"),
+        };
+        let reply = items(self.run(&cmd).await?);
+        match text_at(&reply, 0, "renew status")?.as_str() {
+            "ok" => Ok(LeaseState {
+                deadline_ms: text_at(&reply, 1, "deadline")?.parse().map_err(corrupt)?,
+                cancel_requested: text_at(&reply, 2, "cancel flag")? == "1",
+            }),
+            other => Err(Self::fence_error(other, lease)),
+        }
+    }
+
+    async fn complete_inner(
+        &self,
+        lease: &LeaseRef,
+        result: Json,
+        claim_next: bool,
+    ) -> Result<Option<Lease>> {
+        let text_result = crate::encode_result(&self.config, &result)?;
+        let mut cmd = self.fcall("fq_complete", false);
+        Self::fenced(&mut cmd, self.now(), lease);
+        cmd.arg(crate::result_outcome(&text_result));
+        if claim_next {
+            let (view, m) = self.claim_args(&lease.worker_id).await?;
+            Self::push_claim_args(&mut cmd, &lease.worker_id, &view, &m);
+        }
+        let reply = items(self.run(&cmd).await?);
+        match text_at(&reply, 0, "complete status")?.as_str() {
+            "ok" => Ok(None),
+            "next" => match self.parse_claim(&reply[1..], &lease.worker_id)? {
+                ClaimReply::Job(next) => Ok(Some(*next)),
+                ClaimReply::Refresh => {
+                    self.invalidate();
+                    self.claim(&lease.worker_id, Duration::ZERO).await
+                }
+                ClaimReply::Empty | ClaimReply::Unknown => Ok(None),
+            },
+            other => Err(Self::fence_error(other, lease)),
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! `fleetq bench broker`: no-op jobs through a real broker, reported as JSON lines shaped like the
+//! BullMQ baseline's (`shared/bench/bullmq`) so both can be compared side by side in one run.
+//!
+//! Modes:
+//! - `throughput`: enqueue N jobs in batches, then drain them with C workers (capability matching
+//!   on: every job requires `hardware.gpu_memory_gb >= 16`, every worker has 24) using
+//!   complete-and-claim; for Redis also the server CPU spent per job;
+//! - `paced`: RATE jobs/s for S seconds, C workers waiting in `claim`; submit → claim latency;
+//! - `depth`: claim latency with D jobs pending (e.g. 1k vs 1M).
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use fleetq_broker::embedded::EmbeddedBroker;
+use fleetq_broker::redis::RedisBroker;
+use fleetq_broker::{Broker, BrokerConfig};
+use fleetq_core::{JobSpec, Requirements, WorkerRegistration};
+use serde_json::{Value, json};
+
+/// Benchmarks.
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum Bench {
+    /// Broker throughput and latency with no-op jobs.
+    Broker(BrokerArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Backend {
+    Embedded,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    Throughput,
+    Paced,
+    Depth,
+}
+
+/// Flags of `fleetq bench broker`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct BrokerArgs {
+    /// Which backend to measure.
+    #[arg(long, value_enum, default_value = "embedded")]
+    backend: Backend,
+    /// Redis to use (its data under `fleetq:{bench-…}:` is left behind unless --flushdb).
+    #[arg(long, env = "FLEETQ_REDIS_URL", default_value = "redis://127.0.0.1:6390/")]
+    redis_url: String,
+    /// FLUSHDB the Redis before each measurement (like the BullMQ script does).
+    #[arg(long)]
+    flushdb: bool,
+    /// Directory for embedded stores (default: a temporary directory).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// What to measure.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "throughput,paced,depth")]
+    modes: Vec<Mode>,
+    /// Jobs per throughput run.
+    #[arg(long, default_value_t = 20_000)]
+    jobs: usize,
+    /// Worker counts for the throughput runs.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    concurrency: Vec<usize>,
+    /// Paced submissions per second.
+    #[arg(long, default_value_t = 500)]
+    rate: u64,
+    /// Paced run length in seconds.
+    #[arg(long, default_value_t = 10)]
+    paced_seconds: u64,
+    /// Workers waiting during the paced run.
+    #[arg(long, default_value_t = 16)]
+    paced_concurrency: usize,
+    /// Pending depths for the claim-latency runs.
+    #[arg(long, value_delimiter = ',', default_value = "1000,1000000")]
+    depths: Vec<usize>,
+    /// Claims measured per depth.
+    #[arg(long, default_value_t = 2000)]
+    depth_claims: usize,
+}
+
+pub(crate) async fn run(b: Bench) -> Result<()> {
+    let Bench::Broker(args) = b;
+    let args = Arc::new(args);
+    match args.backend {
+        Backend::Embedded => {
+            let a = args.clone();
+            run_modes(&args, move || make_embedded(a.clone())).await
+        }
+        Backend::Redis => {
+            let a = args.clone();
+            run_modes(&args, move || make_redis(a.clone())).await
+        }
+    }
+}
+
+type Made<B> = (Arc<B>, Option<redis::Client>, Box<dyn std::any::Any + Send>);
+
+fn bench_config() -> BrokerConfig {
+    BrokerConfig { claim_recheck_ms: 1000, max_events: 200_000, ..BrokerConfig::default() }
+}
+
+#[allow(clippy::unused_async, reason = "same shape as make_redis for run_modes")]
+async fn make_embedded(args: Arc<BrokerArgs>) -> Result<Made<EmbeddedBroker>> {
+    let dir = match &args.data_dir {
+        Some(d) => tempfile::tempdir_in(d)?,
+        None => tempfile::tempdir()?,
+    };
+    let broker = EmbeddedBroker::open(dir.path().join("bench.db"), bench_config())?;
+    Ok((Arc::new(broker), None, Box::new(dir)))
+}
+
+async fn make_redis(args: Arc<BrokerArgs>) -> Result<Made<RedisBroker>> {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let client = redis::Client::open(args.redis_url.as_str())?;
+    if args.flushdb {
+        let mut c = client.get_multiplexed_async_connection().await?;
+        redis::cmd("FLUSHDB").query_async::<()>(&mut c).await?;
+    }
+    let queue = format!("bench-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+    let broker = RedisBroker::connect(&args.redis_url, &queue, bench_config())
+        .await
+        .with_context(|| format!("connecting to {}", args.redis_url))?;
+    Ok((Arc::new(broker), Some(client), Box::new(())))
+}
+
+async fn run_modes<B, F, Fut>(args: &BrokerArgs, make: F) -> Result<()>
+where
+    B: Broker,
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<Made<B>>>,
+{
+    let backend = format!("{:?}", args.backend).to_lowercase();
+    for mode in &args.modes {
+        match mode {
+            Mode::Throughput => {
+                for &c in &args.concurrency {
+                    let made = make().await?;
+                    let line = throughput(&made, args.jobs, c).await?;
+                    emit(&backend, line);
+                }
+            }
+            Mode::Paced => {
+                let made = make().await?;
+                emit(&backend, paced(&made, args.rate, args.paced_seconds, args.paced_concurrency).await?);
+            }
+            Mode::Depth => {
+                for &d in &args.depths {
+                    let made = make().await?;
+                    emit(&backend, depth(&made, d, args.depth_claims).await?);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn emit(backend: &str, mut line: Value) {
+    if let Some(obj) = line.as_object_mut() {
+        obj.insert("system".into(), json!("fleetq"));
+        obj.insert("backend".into(), json!(backend));
+    }
+    println!("{line}");
+}
+
+fn bench_job(i: usize) -> JobSpec {
+    let mut spec = JobSpec::new("bench", json!({ "i": i }));
+    spec.requirements =
+        Requirements::parse(&json!({"hardware": {"gpu_memory_gb": 16}}), "requirements").unwrap_or_default();
+    spec
+}
+
+async fn register_workers<B: Broker>(b: &B, n: usize) -> Result<Vec<String>> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = format!("bench-w{i}");
+        let reg: WorkerRegistration = serde_json::from_value(json!({
+            "worker_id": id, "machine_id": "bench", "services": ["bench"],
+            "capabilities": {"hardware": {"gpu_memory_gb": 24, "gpu_model": "bench"}}
+        }))?;
+        b.register_worker(reg).await?;
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+async fn submit_all<B: Broker>(b: &B, n: usize) -> Result<f64> {
+    let t0 = Instant::now();
+    let mut i = 0;
+    while i < n {
+        let end = (i + 1000).min(n);
+        b.submit_batch((i..end).map(bench_job).collect()).await?;
+        i = end;
+    }
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Redis server CPU (user + sys) in ms, from INFO.
+async fn redis_cpu_ms(client: &Option<redis::Client>) -> Result<Option<f64>> {
+    let Some(client) = client else { return Ok(None) };
+    let mut c = client.get_multiplexed_async_connection().await?;
+    let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut c).await?;
+    let mut total = 0.0;
+    for line in info.lines() {
+        for key in ["used_cpu_sys:", "used_cpu_user:"] {
+            if let Some(v) = line.strip_prefix(key) {
+                total += v.trim().parse::<f64>().unwrap_or(0.0);
+            }
+        }
+    }
+    Ok(Some(total * 1000.0))
+}
+
+async fn throughput<B: Broker>(made: &Made<B>, n: usize, workers: usize) -> Result<Value> {
+    let (b, client, _) = made;
+    let ids = register_workers(b.as_ref(), workers).await?;
+    let cpu0 = redis_cpu_ms(client).await?;
+    let enqueue_s = submit_all(b.as_ref(), n).await?;
+    let cpu1 = redis_cpu_ms(client).await?;
+    let done = Arc::new(AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for id in ids {
+        let b = b.clone();
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lease = b.claim(&id, Duration::ZERO).await?;
+            while let Some(l) = lease {
+                let next = b.complete_and_claim(&l.as_ref(), Value::Null).await?;
+                done.fetch_add(1, Ordering::Relaxed);
+                lease = match next {
+                    Some(n) => Some(n),
+                    None => b.claim(&id, Duration::ZERO).await?,
+                };
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let drain_s = t0.elapsed().as_secs_f64();
+    let cpu2 = redis_cpu_ms(client).await?;
+    let completed = done.load(Ordering::Relaxed);
+    if completed != n {
+        bail!("drained {completed} of {n} jobs");
+    }
+    let mut line = json!({
+        "mode": "throughput", "n": n, "concurrency": workers, "matching": true,
+        "enqueue_jobs_per_s": (n as f64 / enqueue_s).round(), "enqueue_ms": (enqueue_s * 1000.0).round(),
+        "drain_jobs_per_s": (n as f64 / drain_s).round(), "drain_ms": (drain_s * 1000.0).round(),
+        "completed": completed,
+    });
+    if let (Some(c0), Some(c1), Some(c2), Some(obj)) = (cpu0, cpu1, cpu2, line.as_object_mut()) {
+        obj.insert("enqueue_redis_cpu_ms".into(), json!((c1 - c0).round()));
+        obj.insert("drain_redis_cpu_ms".into(), json!((c2 - c1).round()));
+        obj.insert(
+            "drain_redis_cpu_us_per_job".into(),
+            json!(((c2 - c1) * 1000.0 / n as f64 * 10.0).round() / 10.0),
+        );
+    }
+    Ok(line)
+}
+
+fn summarize(mut v: Vec<f64>) -> Value {
+    if v.is_empty() {
+        return json!(null);
+    }
+    v.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        let i = ((p / 100.0) * v.len() as f64).ceil() as usize;
+        let x = v[i.clamp(1, v.len()) - 1];
+        (x * 1000.0).round() / 1000.0
+    };
+    json!({"n": v.len(), "p50_ms": pct(50.0), "p90_ms": pct(90.0), "p99_ms": pct(99.0), "max_ms": pct(100.0)})
+}
+
+async fn paced<B: Broker>(made: &Made<B>, rate: u64, seconds: u64, workers: usize) -> Result<Value> {
+    let (b, _, _) = made;
+    let ids = register_workers(b.as_ref(), workers).await?;
+    let total = (rate * seconds) as usize;
+    let base = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for id in ids {
+        let (b, stop, seen) = (b.clone(), stop.clone(), seen.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(lease) = b.claim(&id, Duration::from_millis(500)).await? {
+                    let sent_ns = lease.job.spec.payload["t"].as_u64().unwrap_or(0);
+                    let now_ns = base.elapsed().as_nanos() as u64;
+                    lat.push(now_ns.saturating_sub(sent_ns) as f64 / 1e6);
+                    b.complete(&lease.as_ref(), Value::Null).await?;
+                    seen.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    // Let every worker reach its blocking claim before the first submission.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = tokio::time::Instant::now();
+    for i in 0..total {
+        tokio::time::sleep_until(t0 + Duration::from_nanos(i as u64 * 1_000_000_000 / rate.max(1))).await;
+        let mut spec = bench_job(i);
+        spec.payload = json!({"i": i, "t": base.elapsed().as_nanos() as u64});
+        b.submit(spec).await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.load(Ordering::Relaxed) < total && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    Ok(json!({
+        "mode": "paced", "rate": rate, "seconds": seconds, "concurrency": workers,
+        "completed": seen.load(Ordering::Relaxed), "add_to_start": summarize(all),
+    }))
+}
+
+async fn depth<B: Broker>(made: &Made<B>, pending: usize, claims: usize) -> Result<Value> {
+    let (b, _, _) = made;
+    let ids = register_workers(b.as_ref(), 1).await?;
+    let fill_s = submit_all(b.as_ref(), pending).await?;
+    let mut lat = Vec::with_capacity(claims);
+    for i in 0..claims {
+        let t = Instant::now();
+        let lease = b.claim(&ids[0], Duration::ZERO).await?.context("queue unexpectedly empty")?;
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        b.complete(&lease.as_ref(), Value::Null).await?;
+        b.submit(bench_job(pending + i)).await?;
+    }
+    Ok(json!({
+        "mode": "depth", "pending": pending, "fill_jobs_per_s": (pending as f64 / fill_s).round(),
+        "claim_latency": summarize(lat),
+    }))
+}
