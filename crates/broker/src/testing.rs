@@ -27,7 +27,11 @@ pub const MISSING_REDIS: &str = "redis-server is required for the Redis tests (D
 impl RedisServer {
     /// Starts a throwaway server (no persistence) on a free port and waits until it accepts commands.
     pub fn start() -> std::io::Result<Self> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        Self::start_on(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    }
+
+    /// Starts a throwaway server on `port` (to restart one where clients expect it).
+    pub fn start_on(port: u16) -> std::io::Result<Self> {
         // `read` returns when our stdin pipe closes (this process exited), then the server is killed.
         let script = format!(
             "redis-server --port {port} --bind 127.0.0.1 --save '' --appendonly no --daemonize no \
@@ -46,6 +50,17 @@ impl RedisServer {
             std::thread::sleep(std::time::Duration::from_millis(25));
         }
         Err(std::io::Error::other(format!("redis-server did not listen on port {port}")))
+    }
+
+    /// Stops the server at once (`SHUTDOWN NOSAVE`), as a crash or restart would.
+    pub fn shutdown(&self) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
+        s.write_all(b"SHUTDOWN NOSAVE\r\n")?;
+        // Wait for the server to close the connection (it exits).
+        let mut buf = [0u8; 64];
+        let _ = std::io::Read::read(&mut s, &mut buf);
+        Ok(())
     }
 
     /// One server shared by every test of this process (each test uses its own key prefix).

@@ -1,0 +1,87 @@
+//! Redis-specific operation: restarts, long blocking waits, large backlogs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetq_broker::redis::RedisBroker;
+use fleetq_broker::testing::{RedisServer, test_config};
+use fleetq_broker::{Broker, BrokerError};
+use fleetq_core::{JobSpec, JobStatus, WorkerRegistration};
+use serde_json::json;
+
+fn worker(id: &str) -> WorkerRegistration {
+    serde_json::from_value(json!({"worker_id": id, "machine_id": "m", "services": ["simulation"]}))
+        .expect("worker")
+}
+
+/// A Redis restart (no persistence: keys and functions gone) is survived: the connection comes back
+/// and the function library is reloaded on first use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survives_a_redis_restart() {
+    let server = RedisServer::start().expect(fleetq_broker::testing::MISSING_REDIS);
+    let broker = RedisBroker::connect(&server.url, "restart", test_config()).await.expect("connect");
+    broker.register_worker(worker("w")).await.expect("register");
+    broker.submit(JobSpec::new("simulation", json!(1))).await.expect("submit before restart");
+    server.shutdown().expect("shutdown");
+    let _again = RedisServer::start_on(server.port).expect("restart on the same port");
+    let mut spec = JobSpec::new("simulation", json!(2));
+    spec.idempotency_key = Some("after-restart".into());
+    let mut outcome = None;
+    // The first calls may fail while the manager reconnects; each failure must be a Redis error.
+    for _ in 0..100 {
+        match broker.submit(spec.clone()).await {
+            Ok(s) => {
+                outcome = Some(s);
+                break;
+            }
+            Err(BrokerError::Redis(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(other) => panic!("unexpected error after restart: {other}"),
+        }
+    }
+    let submitted = outcome.expect("the broker reconnected");
+    let rec = broker.job(&submitted.id).await.expect("get").expect("stored on the new server");
+    assert_eq!(rec.summary.status, JobStatus::Pending);
+    // The worker registration was lost with the data: claiming says so instead of hanging.
+    assert!(matches!(broker.claim("w", Duration::ZERO).await, Err(BrokerError::UnknownWorker(_))));
+    broker.register_worker(worker("w")).await.expect("register again");
+    let lease = broker.claim("w", Duration::ZERO).await.expect("claim").expect("job");
+    assert_eq!(lease.job.summary.id, submitted.id);
+}
+
+/// A claim may block far longer than the client's default 500 ms response timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_blocking_claim_and_event_wait() {
+    let server = RedisServer::shared();
+    let broker = RedisBroker::connect(&server.url, "longwait", test_config()).await.expect("connect");
+    broker.register_worker(worker("w")).await.expect("register");
+    let got = broker.claim("w", Duration::from_millis(1500)).await.expect("a 1.5 s wait is not an error");
+    assert!(got.is_none());
+    let head = broker.snapshot().await.expect("snapshot").seq;
+    let events =
+        broker.events_after(head, 10, Duration::from_millis(1200)).await.expect("a 1.2 s wait is fine");
+    assert!(events.is_empty());
+}
+
+/// Backlogs far above the sizes that break scripts which unpack whole lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_backlog_claims_and_snapshots() {
+    let server = RedisServer::shared();
+    let broker =
+        Arc::new(RedisBroker::connect(&server.url, "backlog", test_config()).await.expect("connect"));
+    broker.register_worker(worker("w")).await.expect("register");
+    let n = 20_000;
+    for chunk in 0..n / 1000 {
+        let specs = (0..1000).map(|i| JobSpec::new("simulation", json!(chunk * 1000 + i))).collect();
+        broker.submit_batch(specs).await.expect("batch");
+    }
+    let first = broker.claim("w", Duration::ZERO).await.expect("claim").expect("job");
+    assert_eq!(first.job.spec.payload, json!(0), "oldest first");
+    let snap = broker.snapshot().await.expect("snapshot");
+    assert_eq!(snap.jobs.len(), test_config().snapshot_pending_limit + 1, "running + capped pending");
+    let page = broker
+        .jobs(&fleetq_broker::JobFilter { limit: Some(1000), ..Default::default() })
+        .await
+        .expect("list");
+    assert_eq!(page.jobs.len(), 1000);
+    assert!(page.next.is_some());
+}

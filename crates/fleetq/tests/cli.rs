@@ -1,0 +1,54 @@
+//! The `fleetq explain` command as an operator runs it.
+
+use std::process::Command;
+
+use serde_json::{Value, json};
+
+fn explain(worker: &Value, job: &str) -> (i32, Value, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = dir.path().join("worker.json");
+    let j = dir.path().join("job.json");
+    std::fs::write(&w, worker.to_string()).expect("write");
+    std::fs::write(&j, job).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetq"))
+        .args(["explain", "--worker"])
+        .arg(&w)
+        .arg("--job")
+        .arg(&j)
+        .output()
+        .expect("run fleetq");
+    let stdout = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out.status.code().unwrap_or(-1), stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn worker() -> Value {
+    json!({"worker_id": "w1", "machine_id": "m1", "services": ["comfyui"],
+           "capabilities": {"hardware": {"gpu_memory_gb": 16}}})
+}
+
+#[test]
+fn match_and_mismatch_exit_zero() {
+    let (code, out, _) =
+        explain(&worker(), r#"{"service": "comfyui", "requirements": {"hardware.gpu_memory_gb": 8}}"#);
+    assert_eq!((code, out), (0, json!({"matches": true, "reasons": []})));
+    let (code, out, _) =
+        explain(&worker(), r#"{"service": "a1111", "requirements": {"hardware.gpu_memory_gb": 80}}"#);
+    assert_eq!(code, 0);
+    assert_eq!(out["matches"], json!(false));
+    assert_eq!(out["reasons"].as_array().map(Vec::len), Some(2), "{out}");
+}
+
+#[test]
+fn invalid_input_exits_two_naming_the_problem() {
+    let (code, _, err) = explain(&worker(), r#"{"service": "comfyui", "requirements": {"gpu": "16"}}"#);
+    assert_eq!(code, 2);
+    assert!(err.contains("requirements.gpu"), "{err}");
+    let mut bad = worker();
+    bad["machine_id"] = json!("");
+    let (code, _, err) = explain(&bad, r#"{"service": "comfyui"}"#);
+    assert_eq!(code, 2);
+    assert!(err.contains("machine_id"), "{err}");
+    let (code, _, err) = explain(&worker(), "not json");
+    assert_eq!(code, 2);
+    assert!(err.contains("not valid JSON"), "{err}");
+}
