@@ -87,6 +87,9 @@ pub(super) fn summary_from_pairs(pairs: &[(String, String)]) -> Result<JobSummar
     let mut map = Map::new();
     for (k, v) in pairs {
         let k = k.as_str();
+        if v.is_empty() {
+            continue; // absent optional field
+        }
         let value = if NUMERIC.contains(&k) {
             serde_json::from_str::<Json>(v).map_err(|e| corrupt(format!("field {k}={v:?}: {e}")))?
         } else if BOOLEAN.contains(&k) {
@@ -103,9 +106,39 @@ pub(super) fn summary_from_pairs(pairs: &[(String, String)]) -> Result<JobSummar
     serde_json::from_value(Json::Object(map)).map_err(|e| corrupt(format!("job summary: {e}")))
 }
 
-/// A job summary reply (flat pairs).
+/// A summary from the stored state document (a JSON object of strings) and the derived
+/// unworkable flag (`"1"`/`"0"`).
+pub(super) fn summary_from_state(state: &str, unworkable: &str) -> Result<JobSummary> {
+    let map: Map<String, Json> =
+        serde_json::from_str(state).map_err(|e| corrupt(format!("job state: {e}")))?;
+    let mut fields: Vec<(String, String)> = map
+        .into_iter()
+        .filter_map(|(k, v)| match v {
+            Json::String(s) => Some((k, s)),
+            Json::Number(n) => Some((k, n.to_string())),
+            _ => None,
+        })
+        .collect();
+    fields.push(("unworkable".into(), unworkable.to_owned()));
+    summary_from_pairs(&fields)
+}
+
+/// A `[state json, unworkable]` reply as a summary.
 pub(super) fn summary_value(v: Value) -> Result<JobSummary> {
-    summary_from_pairs(&pairs(v))
+    let list = items(v);
+    summary_from_state(&text_at(&list, 0, "job state")?, &text_at(&list, 1, "unworkable flag")?)
+}
+
+/// The state document of a new job: its summary fields and the internal ones the functions need.
+pub(super) fn initial_state(s: &JobSummary, extra: &[(&str, String)]) -> Result<String> {
+    let mut map = Map::new();
+    for (k, v) in summary_to_pairs(s)? {
+        map.insert(k, Json::String(v));
+    }
+    for (k, v) in extra {
+        map.insert((*k).to_owned(), Json::String(v.clone()));
+    }
+    serde_json::to_string(&map).map_err(corrupt)
 }
 
 /// One stream entry `[id, [field, value, …]]` as an event.
@@ -122,7 +155,8 @@ pub(super) fn event_from_entry(entry: Value) -> Result<Event> {
     let kind = if let Some(data) = get("d") {
         serde_json::from_str(data).map_err(|e| corrupt(format!("event {seq}: {e}")))?
     } else {
-        let job = summary_from_pairs(&fields)?;
+        let state = get("j").ok_or_else(|| corrupt(format!("event {seq} without job state")))?;
+        let job = summary_from_state(state, get("u").unwrap_or("0"))?;
         match get("t").unwrap_or_default() {
             "job_submitted" => EventKind::JobSubmitted { job },
             "job_claimed" => EventKind::JobClaimed { job },

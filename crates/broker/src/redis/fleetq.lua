@@ -3,20 +3,24 @@
 -- its event to the stream in the same call. KEYS[1] is the queue's key prefix (`fleetq:{q}:`);
 -- every key used is built from it, so all share one hash slot.
 --
--- Never compare order keys with Lua's `<` on strings (it uses strcoll): `key_less` compares the
--- fixed-width hex chunks numerically. Never unpack unbounded lists: only fixed field lists are.
+-- Cost discipline (Redis CPU per job is the scaling budget): a job is one hash, read once per call
+-- into a Lua table (`load`), changed in the table (`set`), written back with one HSET (`save`);
+-- events are built from the table without re-reading. An absent optional field is stored as ''.
+-- Order keys are never compared with Lua's `<` on strings (strcoll): see `key_less`. Only fixed,
+-- short field lists are ever unpacked.
 
-local VERSION = '1'
+local VERSION = '3'
 
-local SUMMARY = {'id', 'service', 'partition', 'status', 'attempt', 'max_attempts', 'priority',
-  'workflow_id', 'workflow_priority', 'workflow_datetime', 'step_number', 'customer_id', 'worker_id',
-  'progress', 'message', 'created_at', 'updated_at', 'started_at', 'finished_at', 'run_at',
-  'cancel_requested', 'error'}
-
-local LOAD = {'status', 'partition', 'order', 'workflow_id', 'attempt', 'max_attempts', 'worker_id',
-  'cancel_requested', 'ckey', 'backoff', 'progress_dirty', 'progress_evt_at', 'idem'}
+-- A job's state is one JSON object of strings at `j:{id}` (absent optional fields are omitted),
+-- decoded and encoded by Redis's C cjson; its spec is at `s:{id}`, its outcome at `o:{id}`.
+-- Summary fields plus internal ones: order, ckey, backoff, progress_dirty, progress_evt_at, idem,
+-- avoid_worker, avoid_until. Events carry the state JSON as field `j` (readers ignore internals).
 
 local LEASE_ERR = '{"message":"lease expired: worker stopped reporting","category":"lease_expired","retryable":true}'
+local LEASE_FAIL = '{"kind":"error","error":' .. LEASE_ERR .. '}'
+local LEASE_CANCEL = '{"kind":"error","error":{"message":"cancelled","category":"lease_expired","retryable":false}}'
+
+local function num(n) return string.format('%.0f', n) end
 
 local function jkey(P, id) return P .. 'j:' .. id end
 
@@ -28,11 +32,15 @@ local function cfg(P)
     retention_ms = tonumber(v[5]) or 604800000, worker_ttl_ms = tonumber(v[6]) or 30000}
 end
 
+-- The job as a table, or nil when it does not exist.
 local function load(P, id)
-  local v = redis.call('HMGET', jkey(P, id), unpack(LOAD))
-  local j = {}
-  for i, f in ipairs(LOAD) do j[f] = v[i] end
-  return j
+  local raw = redis.call('GET', jkey(P, id))
+  if not raw then return nil end
+  return cjson.decode(raw)
+end
+
+local function save(P, j)
+  redis.call('SET', jkey(P, j.id), cjson.encode(j))
 end
 
 -- 36-hex order keys: 8 priority, 12 time, 16 sequence (two 8-hex halves, each exact in a double).
@@ -45,44 +53,23 @@ local function key_less(a, b)
   return false
 end
 
-local function summary(P, id)
-  local vals = redis.call('HMGET', jkey(P, id), unpack(SUMMARY))
-  local out = {}
-  local status, part
-  for i, f in ipairs(SUMMARY) do
-    local v = vals[i]
-    if v then
-      out[#out + 1] = f
-      out[#out + 1] = v
-      if f == 'status' then status = v elseif f == 'partition' then part = v end
-    end
-  end
-  local unw = '0'
-  if status == 'pending' and part and redis.call('HGET', P .. 'punw', part) == '1' then unw = '1' end
-  out[#out + 1] = 'unworkable'
-  out[#out + 1] = unw
-  return out
+local function unworkable(P, j)
+  if j.status == 'pending' and redis.call('HGET', P .. 'punw', j.partition) == '1' then return '1' end
+  return '0'
 end
 
-local function emit_job(P, C, nows, t, id, reason)
-  local args = {'XADD', P .. 'ev', 'MAXLEN', '~', C.max_events, '0-*', 't', t, 'at', nows}
+local function emit_job(P, C, nows, t, j, reason)
+  local json = cjson.encode(j)
   if reason then
-    args[#args + 1] = 'r'
-    args[#args + 1] = reason
+    return redis.call('XADD', P .. 'ev', 'MAXLEN', '~', C.max_events, '0-*', 't', t, 'at', nows,
+      'j', json, 'u', unworkable(P, j), 'r', reason)
   end
-  local s = summary(P, id)
-  for i = 1, #s do args[#args + 1] = s[i] end
-  return redis.call(unpack(args))
+  return redis.call('XADD', P .. 'ev', 'MAXLEN', '~', C.max_events, '0-*', 't', t, 'at', nows,
+    'j', json, 'u', unworkable(P, j))
 end
 
 local function emit_data(P, C, nows, t, data)
   return redis.call('XADD', P .. 'ev', 'MAXLEN', '~', C.max_events, '0-*', 't', t, 'at', nows, 'd', data)
-end
-
-local function ix_move(P, id, ckey, from, to)
-  local m = ckey .. id
-  if from then redis.call('ZREM', P .. 'ix:' .. from, m) end
-  if to then redis.call('ZADD', P .. 'ix:' .. to, 0, m) end
 end
 
 local function wake(P, list)
@@ -90,52 +77,53 @@ local function wake(P, list)
   redis.call('LTRIM', P .. 'wake:' .. list, 0, 63)
 end
 
-local function enqueue(P, id, j)
-  local m = j.order .. id
+local function enqueue(P, j)
+  local m = j.order .. j.id
   redis.call('ZADD', P .. 'pq:' .. j.partition, 0, m)
-  if j.workflow_id and j.workflow_id ~= '' then redis.call('ZADD', P .. 'wfq:' .. j.workflow_id, 0, m) end
+  if j.workflow_id then redis.call('ZADD', P .. 'wfq:' .. j.workflow_id, 0, m) end
   wake(P, 'p:' .. j.partition)
 end
 
-local function dequeue(P, id, j)
-  local m = j.order .. id
+local function dequeue(P, j)
+  local m = j.order .. j.id
   redis.call('ZREM', P .. 'pq:' .. j.partition, m)
-  if j.workflow_id and j.workflow_id ~= '' then redis.call('ZREM', P .. 'wfq:' .. j.workflow_id, m) end
-  redis.call('ZREM', P .. 'delayed', id)
-end
-
-local function finish(P, id, j, nows, status, outcome)
-  local k = jkey(P, id)
-  redis.call('HSET', k, 'status', status, 'finished_at', nows, 'updated_at', nows)
-  redis.call('HDEL', k, 'lease_deadline')
-  redis.call('ZREM', P .. 'leases', id)
-  if outcome then redis.call('SET', P .. 'out:' .. id, outcome) end
-  ix_move(P, id, j.ckey, j.status, status)
-  redis.call('ZADD', P .. 'done', tonumber(nows), j.ckey .. id)
-end
-
-local function flush(P, C, nows, id, j)
-  if j.progress_dirty == '1' then
-    redis.call('HSET', jkey(P, id), 'progress_dirty', '0')
-    emit_job(P, C, nows, 'job_progress', id)
-  end
+  if j.workflow_id then redis.call('ZREM', P .. 'wfq:' .. j.workflow_id, m) end
+  if j.run_at then redis.call('ZREM', P .. 'delayed', j.id) end
 end
 
 local function is_running(s) return s == 'assigned' or s == 'in_progress' end
 
+local function finish(P, j, nows, status, outcome)
+  j.status = status
+  j.finished_at = nows
+  j.updated_at = nows
+  save(P, j)
+  if outcome then redis.call('SET', P .. 'o:' .. j.id, outcome) end
+  redis.call('ZREM', P .. 'leases', j.id)
+  redis.call('ZADD', P .. 'done', tonumber(nows), j.ckey .. j.id)
+end
+
+-- Emits the progress that coalescing held back, so it precedes the terminal event.
+local function flush(P, C, nows, j)
+  if j.progress_dirty == '1' then
+    j.progress_dirty = nil
+    emit_job(P, C, nows, 'job_progress', j)
+  end
+end
+
 -- The end of an attempt that did not complete: cancel if requested, retry while allowed, else fail.
-local function give_back(P, C, nows, id, j, err, retryable, backoff, reason, refund, fail_out, cancel_out)
+local function give_back(P, C, nows, j, err, retryable, backoff, reason, refund, fail_out, cancel_out)
   local now = tonumber(nows)
-  local k = jkey(P, id)
+  j.progress_dirty = nil
   if j.cancel_requested == '1' then
-    finish(P, id, j, nows, 'cancelled', cancel_out)
-    emit_job(P, C, nows, 'job_cancelled', id)
+    finish(P, j, nows, 'cancelled', cancel_out)
+    emit_job(P, C, nows, 'job_cancelled', j)
     return {'cancelled'}
   end
   local attempt = tonumber(j.attempt)
   if refund then
     attempt = attempt - 1
-    redis.call('HSET', k, 'attempt', attempt)
+    j.attempt = num(attempt)
   end
   if retryable and attempt < tonumber(j.max_attempts) then
     local delay = 0
@@ -145,41 +133,38 @@ local function give_back(P, C, nows, id, j, err, retryable, backoff, reason, ref
       delay = math.min(base * 2 ^ shift, math.max(300000, base))
     end
     local run_at = now + delay
-    redis.call('HSET', k, 'status', 'pending', 'updated_at', nows, 'progress', '0', 'error', err,
-      'avoid_worker', j.worker_id, 'avoid_until', run_at + C.avoid_ms, 'progress_dirty', '0')
-    redis.call('HDEL', k, 'lease_deadline')
-    redis.call('ZREM', P .. 'leases', id)
+    j.status = 'pending'
+    j.updated_at = nows
+    j.progress = '0'
+    j.error = err
+    j.avoid_worker = j.worker_id
+    j.avoid_until = num(run_at + C.avoid_ms)
     if delay > 0 then
-      redis.call('HSET', k, 'run_at', run_at)
-      redis.call('ZADD', P .. 'delayed', run_at, id)
+      j.run_at = num(run_at)
+      redis.call('ZADD', P .. 'delayed', run_at, j.id)
     else
-      redis.call('HDEL', k, 'run_at')
-      enqueue(P, id, j)
+      j.run_at = nil
+      enqueue(P, j)
     end
-    ix_move(P, id, j.ckey, j.status, 'pending')
-    emit_job(P, C, nows, 'job_requeued', id, reason)
-    return {'retrying', tostring(run_at)}
+    save(P, j)
+    redis.call('ZREM', P .. 'leases', j.id)
+    emit_job(P, C, nows, 'job_requeued', j, reason)
+    return {'retrying', num(run_at)}
   end
-  redis.call('HSET', k, 'error', err)
-  finish(P, id, j, nows, 'failed', fail_out)
-  emit_job(P, C, nows, 'job_failed', id)
+  j.error = err
+  finish(P, j, nows, 'failed', fail_out)
+  emit_job(P, C, nows, 'job_failed', j)
   return {'failed'}
-end
-
-local function lease_outcomes()
-  return '{"kind":"error","error":' .. LEASE_ERR .. '}',
-    '{"kind":"error","error":{"message":"cancelled","category":"lease_expired","retryable":false}}'
 end
 
 local function reap_leases(P, C, nows, limit)
   local ids = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', nows, 'LIMIT', 0, limit)
   local requeued, finished = 0, 0
-  local fail_out, cancel_out = lease_outcomes()
   for _, id in ipairs(ids) do
     local j = load(P, id)
-    if is_running(j.status) then
-      flush(P, C, nows, id, j)
-      local r = give_back(P, C, nows, id, j, LEASE_ERR, true, false, 'lease_expired', false, fail_out, cancel_out)
+    if j and is_running(j.status) then
+      flush(P, C, nows, j)
+      local r = give_back(P, C, nows, j, LEASE_ERR, true, false, 'lease_expired', false, LEASE_FAIL, LEASE_CANCEL)
       if r[1] == 'retrying' then requeued = requeued + 1 else finished = finished + 1 end
     else
       redis.call('ZREM', P .. 'leases', id)
@@ -193,28 +178,32 @@ local function promote(P, nows, limit)
   for _, id in ipairs(ids) do
     redis.call('ZREM', P .. 'delayed', id)
     local j = load(P, id)
-    if j.status == 'pending' then enqueue(P, id, j) end
+    if j and j.status == 'pending' then enqueue(P, j) end
   end
   return #ids
 end
 
-local function take(P, C, nows, worker, id)
+local function take(P, C, nows, worker, j)
   local now = tonumber(nows)
-  local j = load(P, id)
-  dequeue(P, id, j)
-  local k = jkey(P, id)
-  redis.call('HINCRBY', k, 'attempt', 1)
+  dequeue(P, j)
   local deadline = now + C.lease_ms
-  redis.call('HSET', k, 'status', 'assigned', 'worker_id', worker, 'started_at', nows, 'updated_at', nows,
-    'progress', '0', 'cancel_requested', '0', 'lease_deadline', deadline, 'progress_dirty', '0')
-  redis.call('HDEL', k, 'message', 'run_at', 'avoid_worker', 'avoid_until', 'progress_evt_at')
-  redis.call('ZADD', P .. 'leases', deadline, id)
-  ix_move(P, id, j.ckey, j.status, 'assigned')
-  emit_job(P, C, nows, 'job_claimed', id)
-  local out = {'job', redis.call('GET', P .. 'spec:' .. id), tostring(deadline)}
-  local s = summary(P, id)
-  for i = 1, #s do out[#out + 1] = s[i] end
-  return out
+  j.attempt = num(tonumber(j.attempt) + 1)
+  j.status = 'assigned'
+  j.worker_id = worker
+  j.started_at = nows
+  j.updated_at = nows
+  j.progress = '0'
+  j.message = nil
+  j.run_at = nil
+  j.cancel_requested = '0'
+  j.progress_dirty = nil
+  j.progress_evt_at = nil
+  j.avoid_worker = nil
+  j.avoid_until = nil
+  save(P, j)
+  redis.call('ZADD', P .. 'leases', deadline, j.id)
+  emit_job(P, C, nows, 'job_claimed', j)
+  return {'job', redis.call('GET', P .. 's:' .. j.id), num(deadline), cjson.encode(j), '0'}
 end
 
 -- argv[at] = worker, pver, workflow restriction ('' for none), n, then n (partition, shared) pairs.
@@ -225,7 +214,6 @@ local function claim(P, C, nows, argv, at)
   local now = tonumber(nows)
   reap_leases(P, C, nows, 16)
   promote(P, nows, 64)
-  redis.call('ZADD', P .. 'wseen', now, worker)
   local n = tonumber(argv[at + 3])
   local allowed, shared, cands = {}, {}, {}
   for i = 1, n do
@@ -239,24 +227,25 @@ local function claim(P, C, nows, argv, at)
   end
   if wf ~= '' then
     for _, m in ipairs(redis.call('ZRANGE', P .. 'wfq:' .. wf, 0, 255)) do
-      local p = redis.call('HGET', jkey(P, string.sub(m, 37)), 'partition')
-      if p and allowed[p] then cands[#cands + 1] = {m, p} end
+      local j = load(P, string.sub(m, 37))
+      if j and allowed[j.partition] then cands[#cands + 1] = {m, j.partition} end
     end
-  else
+  elseif #cands > 1 then
     table.sort(cands, function(a, b) return key_less(a[1], b[1]) end)
   end
   for _, c in ipairs(cands) do
-    local id = string.sub(c[1], 37)
-    local av = redis.call('HMGET', jkey(P, id), 'avoid_worker', 'avoid_until')
-    local avoided = av[1] == worker and av[2] and now < tonumber(av[2])
-    if not (avoided and shared[c[2]]) then return take(P, C, nows, worker, id) end
+    local j = load(P, string.sub(c[1], 37))
+    if j then
+      local avoided = j.avoid_worker == worker and j.avoid_until and now < tonumber(j.avoid_until)
+      if not (avoided and shared[c[2]]) then return take(P, C, nows, worker, j) end
+    end
   end
   return false
 end
 
 local function fence(P, id, attempt, worker)
   local j = load(P, id)
-  if not j.status then return nil, 'missing' end
+  if not j then return nil, 'missing' end
   if not is_running(j.status) or j.attempt ~= attempt or j.worker_id ~= worker then return nil, 'lost' end
   return j
 end
@@ -266,52 +255,55 @@ end
 redis.register_function{function_name = 'fq_version', flags = {'no-writes'},
   callback = function() return VERSION end}
 
--- ARGV: now, count, then per job: id, spec, partition, partition spec, order prefix (20 hex),
--- ckey (12 hex), idempotency key, workflow id, backoff, service, n, n summary pairs.
+-- ARGV: now, count, then per job: state json (no order), spec, partition, partition spec,
+-- order prefix (20 hex), idempotency key, service.
 redis.register_function('fq_submit', function(keys, argv)
   local P = keys[1]
   local C = cfg(P)
   local nows = argv[1]
   local count = tonumber(argv[2])
-  local at = 3
-  local created, newparts = {}, {}
-  for _ = 1, count do
-    local id, spec, part, pspec, prefix = argv[at], argv[at + 1], argv[at + 2], argv[at + 3], argv[at + 4]
-    local ckey, idem, wf, backoff, service = argv[at + 5], argv[at + 6], argv[at + 7], argv[at + 8], argv[at + 9]
-    local n = tonumber(argv[at + 10])
-    local fields_at = at + 11
-    at = fields_at + 2 * n
+  local seq = redis.call('INCRBY', P .. 'jseq', count) - count
+  local created, newparts, known, woken = {}, {}, {}, {}
+  for k = 0, count - 1 do
+    local at = 3 + 7 * k
+    local state, spec, part, pspec = argv[at], argv[at + 1], argv[at + 2], argv[at + 3]
+    local prefix, idem, service = argv[at + 4], argv[at + 5], argv[at + 6]
     local existing = false
     if idem ~= '' then existing = redis.call('GET', P .. 'idem:' .. idem) end
     if existing then
       created[#created + 1] = existing
       created[#created + 1] = '0'
     else
-      if redis.call('HSETNX', P .. 'parts', part, pspec) == 1 then
-        redis.call('INCR', P .. 'pver')
-        newparts[#newparts + 1] = part
-        wake(P, 's:' .. service)
+      if not known[part] then
+        known[part] = true
+        if redis.call('HSETNX', P .. 'parts', part, pspec) == 1 then
+          redis.call('INCR', P .. 'pver')
+          newparts[#newparts + 1] = part
+          wake(P, 's:' .. service)
+        end
       end
-      local seq = redis.call('INCR', P .. 'jseq')
-      local order = prefix .. string.format('%08x%08x', math.floor(seq / 4294967296), seq % 4294967296)
-      local k = jkey(P, id)
-      for i = 0, n - 1 do
-        redis.call('HSET', k, argv[fields_at + 2 * i], argv[fields_at + 2 * i + 1])
-      end
-      redis.call('HSET', k, 'order', order, 'ckey', ckey, 'backoff', backoff, 'workflow_id', wf)
-      if wf == '' then redis.call('HDEL', k, 'workflow_id') end
-      if idem ~= '' then
-        redis.call('HSET', k, 'idem', idem)
-        redis.call('SET', P .. 'idem:' .. idem, id)
-      end
-      redis.call('SET', P .. 'spec:' .. id, spec)
-      enqueue(P, id, {order = order, partition = part, workflow_id = wf})
-      redis.call('ZADD', P .. 'ix:all', 0, ckey .. id)
-      ix_move(P, id, ckey, nil, 'pending')
-      emit_job(P, C, nows, 'job_submitted', id)
-      created[#created + 1] = id
+      seq = seq + 1
+      local j = cjson.decode(state)
+      j.order = prefix .. string.format('%08x%08x', math.floor(seq / 4294967296), seq % 4294967296)
+      save(P, j)
+      redis.call('SET', P .. 's:' .. j.id, spec)
+      if idem ~= '' then redis.call('SET', P .. 'idem:' .. idem, j.id) end
+      local m = j.order .. j.id
+      redis.call('ZADD', P .. 'pq:' .. part, 0, m)
+      if j.workflow_id then redis.call('ZADD', P .. 'wfq:' .. j.workflow_id, 0, m) end
+      woken[part] = (woken[part] or 0) + 1
+      redis.call('ZADD', P .. 'ix:all', 0, j.ckey .. j.id)
+      emit_job(P, C, nows, 'job_submitted', j)
+      created[#created + 1] = j.id
       created[#created + 1] = '1'
     end
+  end
+  -- One token per job (capped): each can wake one waiting worker.
+  for part, k in pairs(woken) do
+    local toks = {}
+    for i = 1, math.min(k, 64) do toks[i] = '1' end
+    redis.call('LPUSH', P .. 'wake:p:' .. part, unpack(toks))
+    redis.call('LTRIM', P .. 'wake:p:' .. part, 0, 63)
   end
   local out = {#newparts}
   for _, p in ipairs(newparts) do out[#out + 1] = p end
@@ -325,48 +317,46 @@ redis.register_function('fq_claim', function(keys, argv)
   return claim(P, cfg(P), argv[1], argv, 2)
 end)
 
--- ARGV: now, id, attempt, worker, has_progress, progress, message ('' = none), has_message.
+-- ARGV: now, id, attempt, worker, has_progress, progress, message, has_message.
 redis.register_function('fq_renew', function(keys, argv)
   local P = keys[1]
   local C = cfg(P)
-  local nows, id = argv[1], argv[2]
+  local nows = argv[1]
   local now = tonumber(nows)
-  local j, err = fence(P, id, argv[3], argv[4])
+  local j, err = fence(P, argv[2], argv[3], argv[4])
   if not j then return {err} end
-  local k = jkey(P, id)
   local deadline = now + C.lease_ms
-  redis.call('HSET', k, 'lease_deadline', deadline)
-  redis.call('ZADD', P .. 'leases', deadline, id)
+  redis.call('ZADD', P .. 'leases', deadline, j.id)
   if argv[5] == '1' then
     local changed = j.status ~= 'in_progress'
-    if changed then
-      redis.call('HSET', k, 'status', 'in_progress')
-      ix_move(P, id, j.ckey, j.status, 'in_progress')
-    end
-    redis.call('HSET', k, 'progress', argv[6], 'updated_at', nows)
-    if argv[8] == '1' then redis.call('HSET', k, 'message', argv[7]) else redis.call('HDEL', k, 'message') end
+    j.status = 'in_progress'
+    j.progress = argv[6]
+    j.updated_at = nows
+    if argv[8] == '1' then j.message = argv[7] else j.message = nil end
     local last = tonumber(j.progress_evt_at)
     if changed or not last or now - last >= C.coalesce_ms then
-      redis.call('HSET', k, 'progress_evt_at', nows, 'progress_dirty', '0')
-      emit_job(P, C, nows, 'job_progress', id)
+      j.progress_evt_at = nows
+      j.progress_dirty = nil
+      emit_job(P, C, nows, 'job_progress', j)
     else
-      redis.call('HSET', k, 'progress_dirty', '1')
+      j.progress_dirty = '1'
     end
+    save(P, j)
   end
-  return {'ok', tostring(deadline), redis.call('HGET', k, 'cancel_requested') or '0'}
+  return {'ok', num(deadline), j.cancel_requested or '0'}
 end)
 
 -- ARGV: now, id, attempt, worker, outcome json, then optionally the claim arguments (next job).
 redis.register_function('fq_complete', function(keys, argv)
   local P = keys[1]
   local C = cfg(P)
-  local nows, id = argv[1], argv[2]
-  local j, err = fence(P, id, argv[3], argv[4])
+  local nows = argv[1]
+  local j, err = fence(P, argv[2], argv[3], argv[4])
   if not j then return {err} end
-  flush(P, C, nows, id, j)
-  redis.call('HSET', jkey(P, id), 'progress', '100')
-  finish(P, id, j, nows, 'completed', argv[5])
-  emit_job(P, C, nows, 'job_completed', id)
+  flush(P, C, nows, j)
+  j.progress = '100'
+  finish(P, j, nows, 'completed', argv[5])
+  emit_job(P, C, nows, 'job_completed', j)
   if #argv > 5 then
     local next_job = claim(P, C, nows, argv, 6)
     if next_job then
@@ -381,11 +371,11 @@ end)
 redis.register_function('fq_fail', function(keys, argv)
   local P = keys[1]
   local C = cfg(P)
-  local nows, id = argv[1], argv[2]
-  local j, err = fence(P, id, argv[3], argv[4])
+  local nows = argv[1]
+  local j, err = fence(P, argv[2], argv[3], argv[4])
   if not j then return {err} end
-  flush(P, C, nows, id, j)
-  return give_back(P, C, nows, id, j, argv[5], argv[6] == '1', argv[7] == '1', argv[8], argv[9] == '1',
+  flush(P, C, nows, j)
+  return give_back(P, C, nows, j, argv[5], argv[6] == '1', argv[7] == '1', argv[8], argv[9] == '1',
     argv[10], argv[11])
 end)
 
@@ -393,19 +383,20 @@ end)
 redis.register_function('fq_cancel', function(keys, argv)
   local P = keys[1]
   local C = cfg(P)
-  local nows, id = argv[1], argv[2]
-  local j = load(P, id)
-  if not j.status then return 'missing' end
+  local nows = argv[1]
+  local j = load(P, argv[2])
+  if not j then return 'missing' end
   if j.status == 'pending' then
-    dequeue(P, id, j)
-    redis.call('HDEL', jkey(P, id), 'lease_deadline')
-    finish(P, id, j, nows, 'cancelled', nil)
-    emit_job(P, C, nows, 'job_cancelled', id)
+    dequeue(P, j)
+    finish(P, j, nows, 'cancelled', nil)
+    emit_job(P, C, nows, 'job_cancelled', j)
     return 'cancelled'
   elseif is_running(j.status) then
     if j.cancel_requested ~= '1' then
-      redis.call('HSET', jkey(P, id), 'cancel_requested', '1', 'updated_at', nows)
-      emit_job(P, C, nows, 'job_cancel_requested', id)
+      j.cancel_requested = '1'
+      j.updated_at = nows
+      save(P, j)
+      emit_job(P, C, nows, 'job_cancel_requested', j)
     end
     return 'requested'
   end
@@ -416,20 +407,22 @@ end)
 redis.register_function('fq_retry', function(keys, argv)
   local P = keys[1]
   local C = cfg(P)
-  local nows, id = argv[1], argv[2]
-  local j = load(P, id)
-  if not j.status then return 'missing' end
+  local nows = argv[1]
+  local j = load(P, argv[2])
+  if not j then return 'missing' end
   if j.status ~= 'failed' and j.status ~= 'cancelled' then return j.status end
-  local k = jkey(P, id)
-  redis.call('HSET', k, 'status', 'pending', 'attempt', '0', 'progress', '0', 'cancel_requested', '0',
-    'updated_at', nows, 'progress_dirty', '0')
-  redis.call('HDEL', k, 'message', 'finished_at', 'started_at', 'run_at', 'error', 'worker_id',
-    'avoid_worker', 'avoid_until', 'progress_evt_at')
-  redis.call('DEL', P .. 'out:' .. id)
-  redis.call('ZREM', P .. 'done', j.ckey .. id)
-  enqueue(P, id, j)
-  ix_move(P, id, j.ckey, j.status, 'pending')
-  emit_job(P, C, nows, 'job_retried', id)
+  for _, f in ipairs({'message', 'finished_at', 'started_at', 'run_at', 'error', 'worker_id',
+      'avoid_worker', 'avoid_until', 'progress_evt_at', 'progress_dirty'}) do j[f] = nil end
+  j.status = 'pending'
+  j.attempt = '0'
+  j.progress = '0'
+  j.cancel_requested = '0'
+  j.updated_at = nows
+  save(P, j)
+  redis.call('DEL', P .. 'o:' .. j.id)
+  redis.call('ZREM', P .. 'done', j.ckey .. j.id)
+  enqueue(P, j)
+  emit_job(P, C, nows, 'job_retried', j)
   return 'ok'
 end)
 
@@ -445,25 +438,23 @@ redis.register_function('fq_reap', function(keys, argv)
     requeued, finished = requeued + r, finished + f
   until r + f < 500
   local promoted = promote(P, nows, 1000)
-  local expired = redis.call('ZRANGEBYSCORE', P .. 'wseen', '-inf', '(' .. (now - C.worker_ttl_ms), 'LIMIT', 0, 1000)
+  local expired = redis.call('ZRANGEBYSCORE', P .. 'wseen', '-inf', '(' .. num(now - C.worker_ttl_ms), 'LIMIT', 0, 1000)
   for _, w in ipairs(expired) do
     redis.call('HDEL', P .. 'workers', w)
     redis.call('ZREM', P .. 'wseen', w)
     emit_data(P, C, nows, 'worker_removed', '{"type":"worker_removed","worker_id":"' .. w .. '","reason":"expired"}')
   end
   if #expired > 0 then redis.call('INCR', P .. 'pver') end
-  local old = redis.call('ZRANGEBYSCORE', P .. 'done', '-inf', '(' .. (now - C.retention_ms), 'LIMIT', 0, 1000)
+  local old = redis.call('ZRANGEBYSCORE', P .. 'done', '-inf', '(' .. num(now - C.retention_ms), 'LIMIT', 0, 1000)
   for _, m in ipairs(old) do
     local id = string.sub(m, 13)
-    local k = jkey(P, id)
-    local st, idem = unpack(redis.call('HMGET', k, 'status', 'idem'))
-    if st then redis.call('ZREM', P .. 'ix:' .. st, m) end
-    if idem then redis.call('DEL', P .. 'idem:' .. idem) end
+    local j = load(P, id)
+    if j and j.idem then redis.call('DEL', P .. 'idem:' .. j.idem) end
     redis.call('ZREM', P .. 'ix:all', m)
     redis.call('ZREM', P .. 'done', m)
-    redis.call('DEL', k, P .. 'spec:' .. id, P .. 'out:' .. id)
+    redis.call('DEL', jkey(P, id), P .. 's:' .. id, P .. 'o:' .. id)
   end
-  return {tostring(requeued), tostring(finished), tostring(promoted), tostring(#expired)}
+  return {num(requeued), num(finished), num(promoted), num(#expired)}
 end)
 
 -- ARGV: now, n, then n (partition, flag '1'/'0') pairs. Only changed flags are stored and evented.
@@ -532,6 +523,9 @@ local function last_seq(P)
   return '0'
 end
 
+-- A job as {state json, unworkable flag}.
+local function view_of(P, j) return {cjson.encode(j), unworkable(P, j)} end
+
 redis.register_function{function_name = 'fq_view', flags = {'no-writes'}, callback = function(keys)
   local P = keys[1]
   return {redis.call('GET', P .. 'pver') or '0', redis.call('HGETALL', P .. 'parts'),
@@ -539,32 +533,34 @@ redis.register_function{function_name = 'fq_view', flags = {'no-writes'}, callba
     redis.call('ZRANGE', P .. 'wseen', 0, -1, 'WITHSCORES')}
 end}
 
--- ARGV: id. Returns summary pairs, spec, outcome.
+-- ARGV: id. Returns state json, unworkable flag, spec, outcome.
 redis.register_function{function_name = 'fq_job', flags = {'no-writes'}, callback = function(keys, argv)
   local P = keys[1]
-  if redis.call('EXISTS', jkey(P, argv[1])) == 0 then return false end
-  return {summary(P, argv[1]), redis.call('GET', P .. 'spec:' .. argv[1]), redis.call('GET', P .. 'out:' .. argv[1])}
+  local j = load(P, argv[1])
+  if not j then return false end
+  local v = view_of(P, j)
+  return {v[1], v[2], redis.call('GET', P .. 's:' .. j.id), redis.call('GET', P .. 'o:' .. j.id)}
 end}
 
--- ARGV: status ('' = all), service ('' = all), cursor ('' = newest), limit.
+-- ARGV: status ('' = all), service ('' = all), cursor ('' = newest), limit. Newest first; a call
+-- scans at most 10,000 entries and returns a cursor to continue from.
 redis.register_function{function_name = 'fq_jobs', flags = {'no-writes'}, callback = function(keys, argv)
   local P = keys[1]
   local ix = P .. 'ix:all'
-  if argv[1] ~= '' then ix = P .. 'ix:' .. argv[1] end
   local limit = tonumber(argv[4])
   local start = '+'
   if argv[3] ~= '' then start = '(' .. argv[3] end
-  local out, next_cursor, scanned = {}, '', 0
+  local out, next_cursor, scanned, last = {}, '', 0, nil
   while #out < limit and scanned < 10000 do
     local batch = redis.call('ZRANGE', ix, start, '-', 'BYLEX', 'REV', 'LIMIT', 0, 256)
     if #batch == 0 then break end
     for _, m in ipairs(batch) do
       scanned = scanned + 1
       start = '(' .. m
-      local id = string.sub(m, 13)
-      local svc = redis.call('HGET', jkey(P, id), 'service')
-      if svc and (argv[2] == '' or svc == argv[2]) then
-        out[#out + 1] = summary(P, id)
+      last = m
+      local j = load(P, string.sub(m, 13))
+      if j and (argv[1] == '' or j.status == argv[1]) and (argv[2] == '' or j.service == argv[2]) then
+        out[#out + 1] = view_of(P, j)
         if #out == limit then
           next_cursor = m
           break
@@ -575,22 +571,33 @@ redis.register_function{function_name = 'fq_jobs', flags = {'no-writes'}, callba
   if next_cursor ~= '' and #redis.call('ZRANGE', ix, '(' .. next_cursor, '-', 'BYLEX', 'REV', 'LIMIT', 0, 1) == 0 then
     next_cursor = ''
   end
-  if #out < limit and scanned >= 10000 then next_cursor = string.sub(start, 2) end
+  if #out < limit and scanned >= 10000 and last then next_cursor = last end
   return {next_cursor, out}
 end}
 
--- ARGV: pending limit. Returns seq, job summaries, workers, worker presence, machines.
+-- ARGV: pending limit. Returns seq, jobs (running, then up to `limit` pending: delayed first, then
+-- partition by partition in queue order), workers, worker presence, machines.
 redis.register_function{function_name = 'fq_snapshot', flags = {'no-writes'}, callback = function(keys, argv)
   local P = keys[1]
   local jobs = {}
-  for _, st in ipairs({'assigned', 'in_progress'}) do
-    for _, m in ipairs(redis.call('ZRANGE', P .. 'ix:' .. st, 0, -1)) do jobs[#jobs + 1] = summary(P, string.sub(m, 13)) end
+  local function add(id)
+    local j = load(P, id)
+    if j then jobs[#jobs + 1] = view_of(P, j) end
   end
-  local limit = tonumber(argv[1])
-  if limit > 0 then
-    for _, m in ipairs(redis.call('ZRANGE', P .. 'ix:pending', 0, limit - 1)) do
-      jobs[#jobs + 1] = summary(P, string.sub(m, 13))
-    end
+  for _, id in ipairs(redis.call('ZRANGE', P .. 'leases', 0, -1)) do add(id) end
+  local budget = tonumber(argv[1])
+  if budget > 0 then
+    local delayed = redis.call('ZRANGE', P .. 'delayed', 0, budget - 1)
+    for _, id in ipairs(delayed) do add(id) end
+    budget = budget - #delayed
+  end
+  local parts = redis.call('HKEYS', P .. 'parts')
+  table.sort(parts)
+  for _, p in ipairs(parts) do
+    if budget <= 0 then break end
+    local members = redis.call('ZRANGE', P .. 'pq:' .. p, 0, budget - 1)
+    for _, m in ipairs(members) do add(string.sub(m, 37)) end
+    budget = budget - #members
   end
   return {last_seq(P), jobs, redis.call('HGETALL', P .. 'workers'),
     redis.call('ZRANGE', P .. 'wseen', 0, -1, 'WITHSCORES'), redis.call('HGETALL', P .. 'machines')}

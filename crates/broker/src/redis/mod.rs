@@ -35,14 +35,14 @@ use redis::{AsyncConnectionConfig, Cmd, Value};
 use serde_json::Value as Json;
 use tokio::time::Instant;
 
-use self::codec::{corrupt, event_from_entry, items, pairs, summary_to_pairs, summary_value, text, text_at};
+use self::codec::{corrupt, event_from_entry, initial_state, items, pairs, summary_value, text, text_at};
 use crate::{
     Broker, BrokerConfig, BrokerError, CancelOutcome, Clock, FailOutcome, JobFilter, JobPage, Lease,
     LeaseRef, LeaseState, ReapReport, Result, Submitted, SystemClock, new_job_id, page_limit,
 };
 
 const LIBRARY: &str = include_str!("fleetq.lua");
-const LIBRARY_VERSION: &str = "1";
+const LIBRARY_VERSION: &str = "3";
 
 /// Partitions and workers as of one version stamp, with per-worker match results.
 #[derive(Debug, Default)]
@@ -281,7 +281,8 @@ impl RedisBroker {
                 let spec: JobSpec =
                     serde_json::from_str(&spec_text).map_err(|e| corrupt(format!("spec: {e}")))?;
                 let deadline_ms = text_at(list, 2, "deadline")?.parse::<i64>().map_err(corrupt)?;
-                let summary = summary_value(Value::Array(list[3..].to_vec()))?;
+                let summary =
+                    codec::summary_from_state(&text_at(list, 3, "job state")?, &text_at(list, 4, "flag")?)?;
                 Ok(ClaimReply::Job(Box::new(Lease {
                     attempt: summary.attempt,
                     worker_id: worker_id.to_owned(),
@@ -480,21 +481,25 @@ impl Broker for RedisBroker {
                 let pspec = PartitionSpec::of(spec);
                 let summary = fleetq_core::JobSummary::new_pending(id.clone(), spec, now);
                 let order = OrderKey::new(spec.effective_priority(), spec.effective_time(now), 0).encode();
-                let fields = summary_to_pairs(&summary)?;
-                cmd.arg(&id.0)
-                    .arg(serde_json::to_string(spec).map_err(corrupt)?)
-                    .arg(&summary.partition)
-                    .arg(serde_json::to_string(&pspec).map_err(corrupt)?)
-                    .arg(&order[..20])
-                    .arg(format!("{:012x}", now.max(0)))
-                    .arg(spec.idempotency_key.as_deref().unwrap_or(""))
-                    .arg(spec.workflow_id.as_deref().unwrap_or(""))
-                    .arg(spec.retry_backoff_ms.unwrap_or(fleetq_core::job::DEFAULT_RETRY_BACKOFF_MS))
-                    .arg(&spec.service)
-                    .arg(fields.len());
-                for (k, v) in &fields {
-                    cmd.arg(k).arg(v);
+                let mut extra = vec![
+                    ("ckey", format!("{:012x}", now.max(0))),
+                    (
+                        "backoff",
+                        spec.retry_backoff_ms
+                            .unwrap_or(fleetq_core::job::DEFAULT_RETRY_BACKOFF_MS)
+                            .to_string(),
+                    ),
+                ];
+                if let Some(key) = &spec.idempotency_key {
+                    extra.push(("idem", key.clone()));
                 }
+                cmd.arg(initial_state(&summary, &extra)?)
+                    .arg(to_json(spec)?)
+                    .arg(&summary.partition)
+                    .arg(to_json(&pspec)?)
+                    .arg(&order[..20])
+                    .arg(spec.idempotency_key.as_deref().unwrap_or(""))
+                    .arg(&spec.service);
             }
             let reply = items(self.run(&cmd).await?);
             let n_new: usize = text_at(&reply, 0, "new partition count")?.parse().map_err(corrupt)?;
@@ -704,15 +709,14 @@ impl Broker for RedisBroker {
         if reply.is_empty() {
             return Ok(None);
         }
-        let mut it = reply.into_iter();
-        let summary = summary_value(it.next().unwrap_or(Value::Nil))?;
-        let spec_text =
-            it.next().as_ref().and_then(text).ok_or_else(|| corrupt(format!("job {id} has no spec")))?;
+        let summary =
+            codec::summary_from_state(&text_at(&reply, 0, "job state")?, &text_at(&reply, 1, "flag")?)?;
+        let spec_text = text_at(&reply, 2, "spec")?;
         let spec = serde_json::from_str(&spec_text).map_err(|e| corrupt(format!("spec: {e}")))?;
-        let outcome = it
-            .next()
-            .as_ref()
+        let outcome = reply
+            .get(3)
             .and_then(text)
+            .filter(|o| !o.is_empty())
             .map(|o| serde_json::from_str(&o))
             .transpose()
             .map_err(|e| corrupt(format!("outcome: {e}")))?;
