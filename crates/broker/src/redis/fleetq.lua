@@ -9,7 +9,7 @@
 -- Order keys are never compared with Lua's `<` on strings (strcoll): see `key_less`. Only fixed,
 -- short field lists are ever unpacked.
 
-local VERSION = '3'
+local VERSION = '4'
 
 -- A job's state is one JSON object of strings at `j:{id}` (absent optional fields are omitted),
 -- decoded and encoded by Redis's C cjson; its spec is at `s:{id}`, its outcome at `o:{id}`.
@@ -39,8 +39,11 @@ local function load(P, id)
   return cjson.decode(raw)
 end
 
+-- Stores the job and returns its encoded state (reused for the event and the reply).
 local function save(P, j)
-  redis.call('SET', jkey(P, j.id), cjson.encode(j))
+  local json = cjson.encode(j)
+  redis.call('SET', jkey(P, j.id), json)
+  return json
 end
 
 -- 36-hex order keys: 8 priority, 12 time, 16 sequence (two 8-hex halves, each exact in a double).
@@ -58,8 +61,9 @@ local function unworkable(P, j)
   return '0'
 end
 
-local function emit_job(P, C, nows, t, j, reason)
-  local json = cjson.encode(j)
+-- `json` is the job's encoded state when the caller has it already.
+local function emit_job(P, C, nows, t, j, reason, json)
+  json = json or cjson.encode(j)
   if reason then
     return redis.call('XADD', P .. 'ev', 'MAXLEN', '~', C.max_events, '0-*', 't', t, 'at', nows,
       'j', json, 'u', unworkable(P, j), 'r', reason)
@@ -97,10 +101,11 @@ local function finish(P, j, nows, status, outcome)
   j.status = status
   j.finished_at = nows
   j.updated_at = nows
-  save(P, j)
+  local json = save(P, j)
   if outcome then redis.call('SET', P .. 'o:' .. j.id, outcome) end
   redis.call('ZREM', P .. 'leases', j.id)
   redis.call('ZADD', P .. 'done', tonumber(nows), j.ckey .. j.id)
+  return json
 end
 
 -- Emits the progress that coalescing held back, so it precedes the terminal event.
@@ -200,17 +205,18 @@ local function take(P, C, nows, worker, j)
   j.progress_evt_at = nil
   j.avoid_worker = nil
   j.avoid_until = nil
-  save(P, j)
+  local json = save(P, j)
   redis.call('ZADD', P .. 'leases', deadline, j.id)
-  emit_job(P, C, nows, 'job_claimed', j)
-  return {'job', redis.call('GET', P .. 's:' .. j.id), num(deadline), cjson.encode(j), '0'}
+  emit_job(P, C, nows, 'job_claimed', j, nil, json)
+  return {'job', redis.call('GET', P .. 's:' .. j.id), num(deadline), json, '0'}
 end
 
 -- argv[at] = worker, pver, workflow restriction ('' for none), n, then n (partition, shared) pairs.
 local function claim(P, C, nows, argv, at)
   local worker, pver, wf = argv[at], argv[at + 1], argv[at + 2]
+  -- The stamp covers registration too: a worker removed or re-registered since the caller's
+  -- view bumped it, so a stale or unknown worker is sent to refresh (and finds out there).
   if (redis.call('GET', P .. 'pver') or '0') ~= pver then return {'refresh'} end
-  if redis.call('HEXISTS', P .. 'workers', worker) == 0 then return {'unknown'} end
   local now = tonumber(nows)
   reap_leases(P, C, nows, 16)
   promote(P, nows, 64)
@@ -285,7 +291,7 @@ redis.register_function('fq_submit', function(keys, argv)
       seq = seq + 1
       local j = cjson.decode(state)
       j.order = prefix .. string.format('%08x%08x', math.floor(seq / 4294967296), seq % 4294967296)
-      save(P, j)
+      local json = save(P, j)
       redis.call('SET', P .. 's:' .. j.id, spec)
       if idem ~= '' then redis.call('SET', P .. 'idem:' .. idem, j.id) end
       local m = j.order .. j.id
@@ -293,7 +299,7 @@ redis.register_function('fq_submit', function(keys, argv)
       if j.workflow_id then redis.call('ZADD', P .. 'wfq:' .. j.workflow_id, 0, m) end
       woken[part] = (woken[part] or 0) + 1
       redis.call('ZADD', P .. 'ix:all', 0, j.ckey .. j.id)
-      emit_job(P, C, nows, 'job_submitted', j)
+      emit_job(P, C, nows, 'job_submitted', j, nil, json)
       created[#created + 1] = j.id
       created[#created + 1] = '1'
     end
@@ -355,8 +361,8 @@ redis.register_function('fq_complete', function(keys, argv)
   if not j then return {err} end
   flush(P, C, nows, j)
   j.progress = '100'
-  finish(P, j, nows, 'completed', argv[5])
-  emit_job(P, C, nows, 'job_completed', j)
+  local json = finish(P, j, nows, 'completed', argv[5])
+  emit_job(P, C, nows, 'job_completed', j, nil, json)
   if #argv > 5 then
     local next_job = claim(P, C, nows, argv, 6)
     if next_job then
