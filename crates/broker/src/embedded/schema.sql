@@ -30,7 +30,6 @@ CREATE INDEX IF NOT EXISTS jobs_delayed ON jobs(run_at) WHERE status = 'pending'
 CREATE INDEX IF NOT EXISTS jobs_lease   ON jobs(lease_deadline) WHERE lease_deadline IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_list    ON jobs(created_at, id);
 CREATE INDEX IF NOT EXISTS jobs_status  ON jobs(status, created_at, id);
-CREATE INDEX IF NOT EXISTS jobs_pending ON jobs(partition) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS jobs_done    ON jobs(finished_at) WHERE finished_at IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS partitions (

@@ -20,6 +20,23 @@ use crate::{
 const SCHEMA: &str = include_str!("schema.sql");
 const SCHEMA_VERSION: i64 = 1;
 
+// The statements every claim runs. Their plans are pinned by a test: a full scan here makes each
+// claim cost O(backlog).
+
+/// The best claimable job of one partition.
+const HEAD_SQL: &str = "SELECT order_key, id, avoid_worker, avoid_until FROM jobs
+     WHERE claimable = 1 AND partition = ?1 ORDER BY order_key LIMIT 1";
+/// The best claimable jobs of one workflow (workflow-restricted workers).
+const WORKFLOW_SQL: &str = "SELECT order_key, id, partition, avoid_worker, avoid_until FROM jobs
+     WHERE claimable = 1 AND workflow_id = ?1 ORDER BY order_key LIMIT 256";
+/// Expired leases.
+const EXPIRED_SQL: &str = "SELECT id FROM jobs WHERE lease_deadline IS NOT NULL AND lease_deadline <= ?1
+     ORDER BY lease_deadline LIMIT ?2";
+/// Due delayed retries become claimable. INDEXED BY: without statistics the planner prefers
+/// jobs_status and scans every pending job (measured: 370 jobs/s at a 20k backlog).
+const PROMOTE_SQL: &str = "UPDATE jobs INDEXED BY jobs_delayed SET claimable = 1, run_at = NULL
+     WHERE status = 'pending' AND claimable = 0 AND run_at IS NOT NULL AND run_at <= ?1";
+
 fn corrupt(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Corrupt(e.to_string())
 }
@@ -469,10 +486,7 @@ impl State {
         let mut out = Vec::new();
         if let Some(wf) = restriction {
             let allowed: HashSet<&str> = parts.iter().map(|p| p.0.as_str()).collect();
-            let mut stmt = self.conn.prepare_cached(
-                "SELECT order_key, id, partition, avoid_worker, avoid_until FROM jobs
-                 WHERE claimable = 1 AND workflow_id = ?1 ORDER BY order_key LIMIT 256",
-            )?;
+            let mut stmt = self.conn.prepare_cached(WORKFLOW_SQL)?;
             let rows = stmt.query_map([&wf], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get::<_, String>(2)?, r.get(3)?, r.get(4)?))
             })?;
@@ -489,10 +503,7 @@ impl State {
                 }
             }
         } else {
-            let mut stmt = self.conn.prepare_cached(
-                "SELECT order_key, id, avoid_worker, avoid_until FROM jobs
-                 WHERE claimable = 1 AND partition = ?1 ORDER BY order_key LIMIT 1",
-            )?;
+            let mut stmt = self.conn.prepare_cached(HEAD_SQL)?;
             for p in &parts {
                 let head = stmt
                     .query_row([&p.0], |r| {
@@ -743,10 +754,7 @@ impl State {
     /// Ends up to `limit` expired leases. Returns (requeued, finished).
     fn reap_leases(&mut self, now: i64, limit: usize) -> Result<(usize, usize)> {
         let ids: Vec<String> = {
-            let mut stmt = self.conn.prepare_cached(
-                "SELECT id FROM jobs WHERE lease_deadline IS NOT NULL AND lease_deadline <= ?1
-                 ORDER BY lease_deadline LIMIT ?2",
-            )?;
+            let mut stmt = self.conn.prepare_cached(EXPIRED_SQL)?;
             let rows = stmt.query_map(params![now, limit as i64], |r| r.get(0))?;
             rows.collect::<Result<_, _>>()?
         };
@@ -766,13 +774,7 @@ impl State {
 
     /// Makes due delayed retries claimable.
     fn promote(&mut self, now: i64) -> Result<usize> {
-        let n = self
-            .conn
-            .prepare_cached(
-                "UPDATE jobs SET claimable = 1, run_at = NULL
-                 WHERE status = 'pending' AND claimable = 0 AND run_at IS NOT NULL AND run_at <= ?1",
-            )?
-            .execute([now])?;
+        let n = self.conn.prepare_cached(PROMOTE_SQL)?.execute([now])?;
         self.wake |= n > 0;
         Ok(n)
     }
@@ -966,5 +968,35 @@ impl State {
         let workers = self.workers.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let machines = self.machines()?.into_iter().map(|m| (m.machine_id.clone(), m)).collect();
         Ok(Snapshot { seq, jobs, workers, machines })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(conn: &Connection, sql: &str) -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).expect("explain");
+        let rows = stmt.query_map([], |r| r.get::<_, String>(3)).expect("plan rows");
+        rows.map(|r| r.expect("row")).collect::<Vec<_>>().join(" | ")
+    }
+
+    /// The claim path's statements use their indexes and never sort: each claim costs
+    /// O(log backlog), not O(backlog).
+    #[test]
+    fn hot_statements_use_their_indexes() {
+        let conn = Connection::open_in_memory().expect("sqlite");
+        conn.execute_batch(SCHEMA).expect("schema");
+        for (sql, index) in [
+            (HEAD_SQL, "jobs_claim"),
+            (WORKFLOW_SQL, "jobs_wf"),
+            (EXPIRED_SQL, "jobs_lease"),
+            (PROMOTE_SQL, "jobs_delayed"),
+        ] {
+            let p = plan(&conn, &sql.replace("?1", "1").replace("?2", "1"));
+            assert!(p.contains(&format!("INDEX {index}")), "{index}: {p}");
+            assert!(!p.contains("TEMP B-TREE"), "{index} sorts: {p}");
+            assert!(!p.starts_with("SCAN"), "{index} scans: {p}");
+        }
     }
 }
