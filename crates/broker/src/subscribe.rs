@@ -8,19 +8,35 @@ use futures::Stream;
 
 use crate::{Broker, Result};
 
-/// Streams every event with `seq > after`, forever, in order. Errors are yielded and the stream
-/// continues from the last delivered event, so a transient backend failure loses nothing.
+/// Pause after a failed read before trying again, so a down backend is not hammered.
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
+
+struct State<B> {
+    broker: Arc<B>,
+    after: u64,
+    buf: std::collections::VecDeque<Event>,
+    failed: bool,
+}
+
+/// Streams every event with `seq > after`, forever, in order. A read error is yielded and the
+/// stream continues (after a short pause) from the last delivered event, so nothing is lost.
 pub fn subscribe<B: Broker>(broker: Arc<B>, after: u64) -> impl Stream<Item = Result<Event>> + Send {
-    futures::stream::unfold((broker, after, Vec::<Event>::new()), |(broker, mut after, mut buf)| async move {
+    let state = State { broker, after, buf: Default::default(), failed: false };
+    futures::stream::unfold(state, |mut st| async move {
         loop {
-            if !buf.is_empty() {
-                let ev = buf.remove(0);
-                after = ev.seq;
-                return Some((Ok(ev), (broker, after, buf)));
+            if let Some(ev) = st.buf.pop_front() {
+                st.after = ev.seq;
+                return Some((Ok(ev), st));
             }
-            match broker.events_after(after, 256, Duration::from_secs(5)).await {
-                Ok(events) => buf = events,
-                Err(e) => return Some((Err(e), (broker, after, buf))),
+            if std::mem::take(&mut st.failed) {
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+            match st.broker.events_after(st.after, 256, Duration::from_secs(5)).await {
+                Ok(events) => st.buf.extend(events),
+                Err(e) => {
+                    st.failed = true;
+                    return Some((Err(e), st));
+                }
             }
         }
     })

@@ -530,7 +530,6 @@ impl State {
         let now = self.now();
         self.reap_leases(now, 64)?;
         self.promote(now)?;
-        self.touch_worker(worker_id, now)?;
         let candidates = self.candidates(worker_id)?;
         let chosen = candidates.into_iter().find(|c| {
             let avoided =

@@ -9,7 +9,7 @@
 -- Order keys are never compared with Lua's `<` on strings (strcoll): see `key_less`. Only fixed,
 -- short field lists are ever unpacked.
 
-local VERSION = '4'
+local VERSION = '5'
 
 -- A job's state is one JSON object of strings at `j:{id}` (absent optional fields are omitted),
 -- decoded and encoded by Redis's C cjson; its spec is at `s:{id}`, its outcome at `o:{id}`.
@@ -256,6 +256,16 @@ local function fence(P, id, attempt, worker)
   return j
 end
 
+-- The start of a holder's terminal operation (ARGV: now, id, attempt, worker, …): the fenced job,
+-- with progress that coalescing held back flushed first.
+local function holder(keys, argv)
+  local P = keys[1]
+  local C = cfg(P)
+  local j, err = fence(P, argv[2], argv[3], argv[4])
+  if j then flush(P, C, argv[1], j) end
+  return P, C, argv[1], j, err
+end
+
 -- ----- registered functions -------------------------------------------------------------------
 
 redis.register_function{function_name = 'fq_version', flags = {'no-writes'},
@@ -354,12 +364,8 @@ end)
 
 -- ARGV: now, id, attempt, worker, outcome json, then optionally the claim arguments (next job).
 redis.register_function('fq_complete', function(keys, argv)
-  local P = keys[1]
-  local C = cfg(P)
-  local nows = argv[1]
-  local j, err = fence(P, argv[2], argv[3], argv[4])
+  local P, C, nows, j, err = holder(keys, argv)
   if not j then return {err} end
-  flush(P, C, nows, j)
   j.progress = '100'
   local json = finish(P, j, nows, 'completed', argv[5])
   emit_job(P, C, nows, 'job_completed', j, nil, json)
@@ -375,12 +381,8 @@ end)
 
 -- ARGV: now, id, attempt, worker, error json, retryable, backoff, reason, refund, fail outcome, cancel outcome.
 redis.register_function('fq_fail', function(keys, argv)
-  local P = keys[1]
-  local C = cfg(P)
-  local nows = argv[1]
-  local j, err = fence(P, argv[2], argv[3], argv[4])
+  local P, C, nows, j, err = holder(keys, argv)
   if not j then return {err} end
-  flush(P, C, nows, j)
   return give_back(P, C, nows, j, argv[5], argv[6] == '1', argv[7] == '1', argv[8], argv[9] == '1',
     argv[10], argv[11])
 end)

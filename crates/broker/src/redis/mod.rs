@@ -42,7 +42,7 @@ use crate::{
 };
 
 const LIBRARY: &str = include_str!("fleetq.lua");
-const LIBRARY_VERSION: &str = "4";
+const LIBRARY_VERSION: &str = "5";
 
 /// Partitions and workers as of one version stamp, with per-worker match results.
 #[derive(Debug, Default)]
@@ -387,7 +387,6 @@ impl RedisBroker {
     }
 
     /// Folds a new value from the current one and stores it with its event, retrying on conflict.
-    #[allow(clippy::too_many_arguments, reason = "one call site per kind; a struct would only rename them")]
     async fn cas<F>(&self, hash: &str, field: &str, touch: bool, bump: bool, mut fold: F) -> Result<()>
     where
         F: FnMut(Option<&str>, i64) -> Result<Option<(String, Option<EventKind>)>> + Send,
@@ -885,5 +884,18 @@ impl RedisBroker {
             },
             other => Err(Self::fence_error(other, lease)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The version the client checks must be the one the library reports, or every connect
+    /// would reload (or, worse, keep) the wrong library.
+    #[test]
+    fn library_version_matches_the_lua_source() {
+        assert!(LIBRARY.contains(&format!("local VERSION = '{LIBRARY_VERSION}'")));
+        assert!(LIBRARY.starts_with("#!lua name=fleetq"));
     }
 }
