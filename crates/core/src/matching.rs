@@ -363,3 +363,89 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::requirements::Requirements;
+
+    fn scalar() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            (0u32..100).prop_map(|n| json!(n)),
+            (0u32..100).prop_map(|n| json!(f64::from(n) / 4.0)),
+            prop::sample::select(vec!["a", "b", "c", "all"]).prop_map(|s| json!(s)),
+            any::<bool>().prop_map(|b| json!(b)),
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = Value> {
+        prop_oneof![scalar(), prop::collection::vec(scalar(), 0..4).prop_map(Value::Array)]
+    }
+
+    fn worker(caps: Value) -> WorkerRegistration {
+        WorkerRegistration {
+            worker_id: "w".into(),
+            machine_id: "m".into(),
+            services: vec!["svc".into()],
+            capabilities: serde_json::from_value(caps).expect("object"),
+        }
+    }
+
+    fn job(requirements: Value) -> Option<JobSpec> {
+        let mut spec = JobSpec::new("svc", Value::Null);
+        spec.requirements = Requirements::parse(&requirements, "requirements").ok()?;
+        Some(spec)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+
+        /// Rule 5: a negative requirement rejects exactly the workers its positive form accepts.
+        #[test]
+        fn negative_is_the_complement_of_positive(
+            r in value(), w in prop::option::of(value()), key in prop::sample::select(vec!["gpu", "hw.mem", "tags"])
+        ) {
+            let caps = match &w {
+                Some(w) => json!({ key: w.clone() }),
+                None => json!({}),
+            };
+            let worker = worker(caps);
+            let (Some(pos), Some(neg)) = (
+                job(json!({ key: r.clone() })),
+                job(json!({"negative_requirements": { key: r.clone() }})),
+            ) else {
+                return Ok(()); // not a valid requirement (e.g. a number-like string): rejected at submission
+            };
+            prop_assert_ne!(explain(&worker, &pos).matches, explain(&worker, &neg).matches);
+        }
+
+        /// Nested objects and dotted keys, in requirements and in capabilities, mean the same thing.
+        #[test]
+        fn nested_and_dotted_agree(r in scalar(), w in value()) {
+            let nested = worker(json!({"hw": {"mem": w.clone()}}));
+            let dotted = worker(json!({"hw.mem": w}));
+            let (Some(a), Some(b)) = (job(json!({"hw": {"mem": r.clone()}})), job(json!({"hw.mem": r}))) else {
+                return Ok(());
+            };
+            let verdict = explain(&nested, &a).matches;
+            prop_assert_eq!(verdict, explain(&nested, &b).matches);
+            prop_assert_eq!(verdict, explain(&dotted, &a).matches);
+        }
+
+        /// A verdict is `matches` exactly when there is no reason against it.
+        #[test]
+        fn verdict_and_reasons_agree(r in value(), w in value(), serve in any::<bool>()) {
+            let mut worker = worker(json!({"k": w}));
+            if !serve {
+                worker.services = vec!["other".into()];
+            }
+            if let Some(spec) = job(json!({"k": r})) {
+                let m = explain(&worker, &spec);
+                prop_assert_eq!(m.matches, m.reasons.is_empty());
+            }
+        }
+    }
+}
