@@ -414,8 +414,8 @@ mod properties {
             };
             let worker = worker(caps);
             let (Some(pos), Some(neg)) = (
-                job(json!({ key: r.clone() })),
-                job(json!({"negative_requirements": { key: r.clone() }})),
+                job(json!({ key: r })),
+                job(json!({"negative_requirements": { key: r }})),
             ) else {
                 return Ok(()); // not a valid requirement (e.g. a number-like string): rejected at submission
             };
@@ -425,9 +425,9 @@ mod properties {
         /// Nested objects and dotted keys, in requirements and in capabilities, mean the same thing.
         #[test]
         fn nested_and_dotted_agree(r in scalar(), w in value()) {
-            let nested = worker(json!({"hw": {"mem": w.clone()}}));
+            let nested = worker(json!({"hw": {"mem": w}}));
             let dotted = worker(json!({"hw.mem": w}));
-            let (Some(a), Some(b)) = (job(json!({"hw": {"mem": r.clone()}})), job(json!({"hw.mem": r}))) else {
+            let (Some(a), Some(b)) = (job(json!({"hw": {"mem": r}})), job(json!({"hw.mem": r}))) else {
                 return Ok(());
             };
             let verdict = explain(&nested, &a).matches;
