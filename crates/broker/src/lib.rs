@@ -15,6 +15,34 @@
 //!   matches, so incompatible jobs never hide compatible ones.
 //! - **Blocking claims.** [`Broker::claim`] waits on a wake-up signal, never by sleep-polling.
 //!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//!
+//! use fleetq_broker::embedded::EmbeddedBroker;
+//! use fleetq_broker::{Broker, BrokerConfig};
+//! use fleetq_core::{JobSpec, WorkerRegistration};
+//! use serde_json::json;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
+//! let broker = EmbeddedBroker::open(dir.path().join("fleetq.db"), BrokerConfig::default())?;
+//! let worker: WorkerRegistration = serde_json::from_value(json!({
+//!     "worker_id": "box1-gpu0", "machine_id": "box1", "services": ["simulation"]
+//! }))?;
+//! broker.register_worker(worker).await?;
+//! let id = broker.submit(JobSpec::new("simulation", json!({"steps": 10}))).await?.id;
+//!
+//! let lease = broker.claim("box1-gpu0", Duration::from_secs(5)).await?.expect("a job");
+//! broker.progress(&lease.as_ref(), 50.0, Some("halfway".into())).await?;
+//! broker.complete(&lease.as_ref(), json!({"images": ["ref://out/1.png"]})).await?;
+//! assert_eq!(broker.job(&id).await?.map(|j| j.summary.status), Some(fleetq_core::JobStatus::Completed));
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # Layout
 //! - [`Broker`] and the types it speaks ([`Lease`], [`LeaseRef`], …), [`BrokerError`];
 //! - [`clock`]: wall time behind a trait so tests control it;

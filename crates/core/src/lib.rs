@@ -16,6 +16,25 @@
 //! - [`order`]: the exact ordering key of pending jobs ([`OrderKey`]).
 //! - [`partition`]: the partition a pending job lives in (service + everything matching depends on).
 //! - [`event`]: the events appended to the broker's ordered log, and [`Snapshot`] folding.
+//!
+//! # Example
+//!
+//! ```
+//! use fleetq_core::{Limits, WorkerRegistration, explain, parse_job_spec};
+//!
+//! let job = parse_job_spec(
+//!     r#"{"service": "comfyui", "requirements": {"hardware": {"gpu_memory_gb": 16}}}"#,
+//!     &Limits::default(),
+//! )?;
+//! let worker: WorkerRegistration = serde_json::from_str(
+//!     r#"{"worker_id": "box1-gpu0", "machine_id": "box1", "services": ["comfyui"],
+//!         "capabilities": {"hardware": {"gpu_memory_gb": 12}}}"#,
+//! )?;
+//! let verdict = explain(&worker, &job);
+//! assert!(!verdict.matches);
+//! assert_eq!(verdict.reasons, ["requirement hardware.gpu_memory_gb: needs at least 16, worker has 12"]);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod event;
 pub mod job;
