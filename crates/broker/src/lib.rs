@@ -106,6 +106,9 @@ pub enum BrokerError {
     /// SQLite failed.
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The embedded store is open in another process (one process owns a store).
+    #[error("the store {0} is in use by another fleetq process")]
+    StoreInUse(String),
     /// Redis failed.
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),

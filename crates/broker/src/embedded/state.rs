@@ -99,10 +99,20 @@ pub(super) struct State {
 impl State {
     pub(super) fn open(path: &Path, config: BrokerConfig, clock: Arc<dyn Clock>) -> Result<Self> {
         let conn = Connection::open(path)?;
+        // One process owns the store: its in-memory caches (partitions, workers) must be the only
+        // writer's. EXCLUSIVE keeps the lock from the first write on; taking it here turns a second
+        // opener's later surprise into a clear error now.
         conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;
-             PRAGMA foreign_keys = ON;",
-        )?;
+            "PRAGMA busy_timeout = 200; PRAGMA locking_mode = EXCLUSIVE; PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+        )
+        .and_then(|()| conn.execute_batch("BEGIN IMMEDIATE; COMMIT;"))
+        .map_err(|e| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                BrokerError::StoreInUse(path.display().to_string())
+            }
+            _ => e.into(),
+        })?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version > SCHEMA_VERSION {
             return Err(BrokerError::Corrupt(format!(
