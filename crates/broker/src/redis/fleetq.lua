@@ -9,7 +9,7 @@
 -- Order keys are never compared with Lua's `<` on strings (strcoll): see `key_less`. Only fixed,
 -- short field lists are ever unpacked.
 
-local VERSION = '5'
+local VERSION = '6'
 
 -- A job's state is one JSON object of strings at `j:{id}` (absent optional fields are omitted),
 -- decoded and encoded by Redis's C cjson; its spec is at `s:{id}`, its outcome at `o:{id}`.
@@ -21,6 +21,9 @@ local LEASE_FAIL = '{"kind":"error","error":' .. LEASE_ERR .. '}'
 local LEASE_CANCEL = '{"kind":"error","error":{"message":"cancelled","category":"lease_expired","retryable":false}}'
 
 local function num(n) return string.format('%.0f', n) end
+
+-- How often (callers' ms) claims do the reaper's work themselves.
+local REAP_EVERY_MS = 100
 
 local function jkey(P, id) return P .. 'j:' .. id end
 
@@ -216,10 +219,16 @@ local function claim(P, C, nows, argv, at)
   local worker, pver, wf = argv[at], argv[at + 1], argv[at + 2]
   -- The stamp covers registration too: a worker removed or re-registered since the caller's
   -- view bumped it, so a stale or unknown worker is sent to refresh (and finds out there).
-  if (redis.call('GET', P .. 'pver') or '0') ~= pver then return {'refresh'} end
+  local g = redis.call('MGET', P .. 'pver', P .. 'reap_at')
+  if (g[1] or '0') ~= pver then return {'refresh'} end
   local now = tonumber(nows)
-  reap_leases(P, C, nows, 16)
-  promote(P, nows, 64)
+  -- Claims reap expired leases and promote due retries, at most every REAP_EVERY_MS of the
+  -- callers' clock (two range reads per claim were ~15% of a job's Redis CPU).
+  if now >= (tonumber(g[2]) or 0) then
+    local r, f = reap_leases(P, C, nows, 16)
+    local promoted = promote(P, nows, 64)
+    if r + f < 16 and promoted < 64 then redis.call('SET', P .. 'reap_at', num(now + REAP_EVERY_MS)) end
+  end
   local n = tonumber(argv[at + 3])
   local allowed, shared, cands = {}, {}, {}
   for i = 1, n do
