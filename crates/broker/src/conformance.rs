@@ -31,7 +31,8 @@ macro_rules! conformance_tests {
             release_for_shutdown_refunds_attempt, manual_retry_requeues, unworkable_jobs_are_flagged,
             worker_presence_lifecycle, connector_status_changes_only, machine_events_fold,
             job_listing_pages, oversized_result_is_refused, events_after_waits_for_news,
-            complete_and_claim_hands_over_next_job, lease_renewal_extends_deadline);
+            complete_and_claim_hands_over_next_job, lease_renewal_extends_deadline,
+            event_log_is_capped_by_age);
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
         $(
@@ -961,4 +962,25 @@ pub async fn lease_renewal_extends_deadline<B: Broker>(fx: Fixture<B>) {
     fx.clock.advance(lease_ms - 1);
     b.reap().await.expect("reap");
     assert_eq!(status(b, &id).await, JobStatus::InProgress);
+}
+
+/// `reap` drops events older than the age cap; newer ones and the sequence are untouched.
+pub async fn event_log_is_capped_by_age<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    for i in 0..3 {
+        b.submit(sim(json!(i))).await.expect("submit");
+    }
+    let old = all_events(b).await.len();
+    assert!(old >= 3);
+    fx.clock.advance(b.config().max_event_age_ms / 2);
+    b.submit(sim(json!("recent"))).await.expect("submit");
+    let head = b.snapshot().await.expect("snapshot").seq;
+    assert_eq!(b.reap().await.expect("reap").events_trimmed, 0, "nothing is old yet");
+    fx.clock.advance(b.config().max_event_age_ms / 2 + 1);
+    assert_eq!(b.reap().await.expect("reap").events_trimmed, old);
+    let left: Vec<u64> = all_events(b).await.iter().map(|e| e.seq).collect();
+    assert_eq!(left, vec![head], "only the recent event is left, with its sequence");
+    b.submit(sim(json!("after"))).await.expect("submit");
+    assert_eq!(b.snapshot().await.expect("snapshot").seq, head + 1, "the sequence continues");
+    assert_eq!(b.jobs(&JobFilter::default()).await.expect("list").jobs.len(), 5, "jobs are untouched");
 }

@@ -134,6 +134,8 @@ pub struct BrokerConfig {
     pub progress_coalesce_ms: i64,
     /// Event log length cap (older events are trimmed).
     pub max_events: usize,
+    /// Event log age cap: `reap` drops events older than this (ms).
+    pub max_event_age_ms: i64,
     /// Largest stored result document.
     pub max_result_bytes: usize,
     /// Finished jobs are kept this long.
@@ -156,6 +158,7 @@ impl Default for BrokerConfig {
             worker_ttl_ms: 30_000,
             progress_coalesce_ms: 250,
             max_events: 100_000,
+            max_event_age_ms: 24 * 3600 * 1000,
             max_result_bytes: 1024 * 1024,
             retention_ms: 7 * 24 * 3600 * 1000,
             snapshot_pending_limit: 1000,
@@ -257,6 +260,8 @@ pub struct ReapReport {
     pub promoted: usize,
     /// Workers removed for missing heartbeats.
     pub workers_expired: usize,
+    /// Events dropped for age.
+    pub events_trimmed: usize,
 }
 
 /// A page request over jobs, newest first.

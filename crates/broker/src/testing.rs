@@ -95,6 +95,7 @@ pub fn test_config() -> BrokerConfig {
         worker_ttl_ms: 60_000,
         progress_coalesce_ms: 250,
         max_events: 100_000,
+        max_event_age_ms: 3_600_000,
         max_result_bytes: 4096,
         retention_ms: 3_600_000,
         snapshot_pending_limit: 1000,

@@ -757,7 +757,30 @@ impl State {
             "DELETE FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?1",
             [now - self.config.retention_ms],
         )?;
+        report.events_trimmed = self.trim_old_events(now - self.config.max_event_age_ms)?;
         Ok(report)
+    }
+
+    /// Drops the oldest events while they are older than `cutoff` (ms). Times follow the sequence,
+    /// so the old events are a prefix: walk it in chunks instead of scanning by time.
+    fn trim_old_events(&mut self, cutoff: i64) -> Result<usize> {
+        let mut trimmed = 0;
+        for _ in 0..16 {
+            let chunk: Vec<(i64, i64)> = {
+                let mut stmt =
+                    self.conn.prepare_cached("SELECT seq, at FROM events ORDER BY seq LIMIT 1000")?;
+                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            let old = chunk.iter().take_while(|(_, at)| *at < cutoff).count();
+            if let Some((last, _)) = old.checked_sub(1).map(|i| chunk[i]) {
+                trimmed += self.conn.execute("DELETE FROM events WHERE seq <= ?1", [last])?;
+            }
+            if old < 1000 {
+                break;
+            }
+        }
+        Ok(trimmed)
     }
 
     /// Ends up to `limit` expired leases. Returns (requeued, finished).

@@ -9,7 +9,7 @@
 -- Order keys are never compared with Lua's `<` on strings (strcoll): see `key_less`. Only fixed,
 -- short field lists are ever unpacked.
 
-local VERSION = '6'
+local VERSION = '7'
 
 -- A job's state is one JSON object of strings at `j:{id}` (absent optional fields are omitted),
 -- decoded and encoded by Redis's C cjson; its spec is at `s:{id}`, its outcome at `o:{id}`.
@@ -29,10 +29,11 @@ local function jkey(P, id) return P .. 'j:' .. id end
 
 local function cfg(P)
   local v = redis.call('HMGET', P .. 'cfg', 'max_events', 'lease_ms', 'avoid_ms', 'coalesce_ms',
-    'retention_ms', 'worker_ttl_ms')
+    'retention_ms', 'worker_ttl_ms', 'max_event_age_ms')
   return {max_events = tonumber(v[1]) or 100000, lease_ms = tonumber(v[2]) or 30000,
     avoid_ms = tonumber(v[3]) or 5000, coalesce_ms = tonumber(v[4]) or 250,
-    retention_ms = tonumber(v[5]) or 604800000, worker_ttl_ms = tonumber(v[6]) or 30000}
+    retention_ms = tonumber(v[5]) or 604800000, worker_ttl_ms = tonumber(v[6]) or 30000,
+    max_event_age_ms = tonumber(v[7]) or 86400000}
 end
 
 -- The job as a table, or nil when it does not exist.
@@ -471,7 +472,27 @@ redis.register_function('fq_reap', function(keys, argv)
     redis.call('ZREM', P .. 'done', m)
     redis.call('DEL', jkey(P, id), P .. 's:' .. id, P .. 'o:' .. id)
   end
-  return {num(requeued), num(finished), num(promoted), num(#expired)}
+  -- Events older than max_event_age_ms: times follow the sequence, so they are a prefix.
+  local cutoff = now - C.max_event_age_ms
+  local trimmed = 0
+  for _ = 1, 16 do
+    local chunk = redis.call('XRANGE', P .. 'ev', '-', '+', 'COUNT', 1000)
+    local last, old = nil, 0
+    for _, e in ipairs(chunk) do
+      local at
+      for i = 1, #e[2], 2 do
+        if e[2][i] == 'at' then at = tonumber(e[2][i + 1]) end
+      end
+      if not at or at >= cutoff then break end
+      last, old = e[1], old + 1
+    end
+    if last then
+      local seq = tonumber(string.match(last, '%-(%d+)$'))
+      trimmed = trimmed + redis.call('XTRIM', P .. 'ev', 'MINID', '0-' .. num(seq + 1))
+    end
+    if old < 1000 then break end
+  end
+  return {num(requeued), num(finished), num(promoted), num(#expired), num(trimmed)}
 end)
 
 -- ARGV: now, n, then n (partition, flag '1'/'0') pairs. Only changed flags are stored and evented.

@@ -42,7 +42,7 @@ use crate::{
 };
 
 const LIBRARY: &str = include_str!("fleetq.lua");
-const LIBRARY_VERSION: &str = "6";
+const LIBRARY_VERSION: &str = "7";
 
 /// Partitions and workers as of one version stamp, with per-worker match results.
 #[derive(Debug, Default)]
@@ -148,6 +148,7 @@ impl RedisBroker {
                 ("coalesce_ms", c.progress_coalesce_ms.to_string()),
                 ("retention_ms", c.retention_ms.to_string()),
                 ("worker_ttl_ms", c.worker_ttl_ms.to_string()),
+                ("max_event_age_ms", c.max_event_age_ms.to_string()),
             ])
             .query_async::<()>(&mut conn)
             .await?;
@@ -595,7 +596,13 @@ impl Broker for RedisBroker {
         cmd.arg(self.now());
         let reply = items(self.run(&cmd).await?);
         let n = |i: usize| -> Result<usize> { text_at(&reply, i, "reap count")?.parse().map_err(corrupt) };
-        let report = ReapReport { requeued: n(0)?, finished: n(1)?, promoted: n(2)?, workers_expired: n(3)? };
+        let report = ReapReport {
+            requeued: n(0)?,
+            finished: n(1)?,
+            promoted: n(2)?,
+            workers_expired: n(3)?,
+            events_trimmed: n(4)?,
+        };
         if report.workers_expired > 0 {
             self.fleet_changed().await?;
         }
