@@ -1,0 +1,93 @@
+//! # fleetq-connectors
+//!
+//! A connector owns one service on the worker's machine and turns a claimed job into work on it.
+//! This crate holds the [`Connector`] contract and the services; so far the [`simulation`]
+//! connector (used by tests, benchmarks and `NAME-sim` services). ComfyUI, A1111, OpenAI and REST
+//! connectors, their transports and mock servers come next (DESIGN.md §6).
+//!
+//! Contract: [`Connector::process`] runs one job, reports progress through a [`ProgressSink`], and
+//! stops promptly when its [`CancellationToken`] fires (cancel requested, timeout, shutdown). Its
+//! error says whether another attempt may succeed ([`ConnectorError::retryable`]); the worker turns
+//! it into the broker's typed [`JobError`], never by parsing text.
+
+pub mod simulation;
+
+use std::fmt;
+
+use fleetq_core::{ConnectorStatus, FailureCategory, JobError, JobRecord};
+use futures::future::BoxFuture;
+use serde_json::Value;
+use thiserror::Error;
+use tokio::sync::mpsc;
+pub use tokio_util::sync::CancellationToken;
+
+/// Why a job failed inside a connector.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{category:?}: {message}")]
+pub struct ConnectorError {
+    /// Failure category.
+    pub category: FailureCategory,
+    /// What happened, readable by an operator.
+    pub message: String,
+    /// Whether another attempt (maybe on another worker) may succeed.
+    pub retryable: bool,
+}
+
+impl ConnectorError {
+    /// A failure another attempt may fix (service down, timeout, out of memory).
+    pub fn retryable(category: FailureCategory, message: impl Into<String>) -> Self {
+        Self { category, message: message.into(), retryable: true }
+    }
+    /// A failure that will repeat (invalid workflow, missing model).
+    pub fn fatal(category: FailureCategory, message: impl Into<String>) -> Self {
+        Self { category, message: message.into(), retryable: false }
+    }
+    /// The broker's error for this failure.
+    pub fn into_job_error(self) -> JobError {
+        JobError { message: self.message, category: self.category, retryable: self.retryable }
+    }
+}
+
+/// A connector's health as a check sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Health {
+    /// `idle`/`active` when reachable and working, `error` when reachable but failing, `offline`
+    /// when unreachable.
+    pub status: ConnectorStatus,
+    /// Reason for `error` / `offline`.
+    pub message: Option<String>,
+}
+
+/// Where a running job's progress goes (0–100 plus an optional message). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ProgressSink(mpsc::UnboundedSender<(f64, Option<String>)>);
+
+impl ProgressSink {
+    /// A sink and the receiver the worker reads from.
+    pub fn channel() -> (Self, mpsc::UnboundedReceiver<(f64, Option<String>)>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Self(tx), rx)
+    }
+    /// Reports progress; silently dropped once the worker stopped listening.
+    pub fn report(&self, progress: f64, message: Option<String>) {
+        let _ = self.0.send((progress, message));
+    }
+}
+
+/// The contract every service connector implements.
+pub trait Connector: Send + Sync + fmt::Debug + 'static {
+    /// The service name this connector serves (`comfyui`, `simulation`, `comfyui-sim`, …).
+    fn service(&self) -> &str;
+
+    /// Checks the service now.
+    fn health(&self) -> BoxFuture<'_, Health>;
+
+    /// Runs one job to its result. Must return soon after `cancel` fires (the result is then
+    /// ignored by the worker).
+    fn process<'a>(
+        &'a self,
+        job: &'a JobRecord,
+        progress: ProgressSink,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, Result<Value, ConnectorError>>;
+}

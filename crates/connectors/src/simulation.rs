@@ -1,0 +1,194 @@
+//! The simulation connector: a stand-in service with configurable steps, step duration, failure
+//! rate and health, for tests, benchmarks and `NAME-sim` services.
+//!
+//! A job's payload may steer one run (all optional): `{"steps": 5, "step_ms": 20,
+//! "fail": "retryable" | "fatal", "hang_at_step": 3, "hang_on_attempt": 1}`. A hanging job stops
+//! reporting progress and waits for cancellation, as a stuck service would.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use fleetq_core::{ConnectorStatus, FailureCategory, JobRecord};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::{CancellationToken, Connector, ConnectorError, Health, ProgressSink};
+
+/// Defaults of a simulated service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SimulationConfig {
+    /// The service name served (`simulation`, `comfyui-sim`, …).
+    pub service: String,
+    /// Progress steps per job.
+    pub steps: u32,
+    /// Duration of one step.
+    pub step_ms: u64,
+    /// Share of jobs (0–1) that fail with a retryable error, chosen deterministically per attempt.
+    pub failure_rate: f64,
+}
+
+impl Default for SimulationConfig {
+    fn default() -> Self {
+        Self { service: "simulation".into(), steps: 10, step_ms: 100, failure_rate: 0.0 }
+    }
+}
+
+/// The simulation connector.
+#[derive(Debug)]
+pub struct Simulation {
+    config: SimulationConfig,
+    healthy: AtomicBool,
+}
+
+impl Simulation {
+    /// A healthy simulated service.
+    pub fn new(config: SimulationConfig) -> Self {
+        Self { config, healthy: AtomicBool::new(true) }
+    }
+
+    /// Makes the service look down (`offline`) or back up, as health flapping would.
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::SeqCst);
+    }
+}
+
+/// A deterministic number in [0, 1) from a job id and attempt (FNV-1a), so failures reproduce.
+fn roll(id: &str, attempt: u32) -> f64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes().chain(attempt.to_le_bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+impl Connector for Simulation {
+    fn service(&self) -> &str {
+        &self.config.service
+    }
+
+    fn health(&self) -> BoxFuture<'_, Health> {
+        Box::pin(async move {
+            if self.healthy.load(Ordering::SeqCst) {
+                Health { status: ConnectorStatus::Idle, message: None }
+            } else {
+                Health { status: ConnectorStatus::Offline, message: Some("simulated outage".into()) }
+            }
+        })
+    }
+
+    fn process<'a>(
+        &'a self,
+        job: &'a JobRecord,
+        progress: ProgressSink,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, Result<Value, ConnectorError>> {
+        Box::pin(async move {
+            if !self.healthy.load(Ordering::SeqCst) {
+                return Err(ConnectorError::retryable(
+                    FailureCategory::Connection,
+                    "simulated service is offline",
+                ));
+            }
+            let p = &job.spec.payload;
+            let get = |k: &str| p.get(k).and_then(Value::as_u64);
+            let steps = get("steps").map_or(self.config.steps, |n| n.min(10_000) as u32).max(1);
+            let step = Duration::from_millis(get("step_ms").unwrap_or(self.config.step_ms));
+            let attempt = job.summary.attempt;
+            let hang_at = get("hang_at_step")
+                .filter(|_| get("hang_on_attempt").is_none_or(|a| a == u64::from(attempt)));
+            let interrupted = || ConnectorError::retryable(FailureCategory::Service, "interrupted");
+            for i in 1..=steps {
+                if hang_at == Some(u64::from(i)) {
+                    cancel.cancelled().await;
+                    return Err(interrupted());
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(step) => {}
+                    () = cancel.cancelled() => return Err(interrupted()),
+                }
+                progress.report(f64::from(i) * 100.0 / f64::from(steps), Some(format!("step {i}/{steps}")));
+            }
+            match p.get("fail").and_then(Value::as_str) {
+                Some("fatal") => {
+                    return Err(ConnectorError::fatal(FailureCategory::Validation, "simulated fatal failure"));
+                }
+                Some(_) => {
+                    return Err(ConnectorError::retryable(FailureCategory::Service, "simulated failure"));
+                }
+                None => {}
+            }
+            if roll(&job.summary.id.0, attempt) < self.config.failure_rate {
+                return Err(ConnectorError::retryable(FailureCategory::Service, "simulated random failure"));
+            }
+            Ok(json!({"simulated": true, "steps": steps}))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fleetq_core::{JobId, JobSpec, JobSummary};
+
+    use super::*;
+
+    fn job(payload: Value, attempt: u32) -> JobRecord {
+        let spec = JobSpec::new("simulation", payload);
+        let mut summary = JobSummary::new_pending(JobId("j".into()), &spec, 0);
+        summary.attempt = attempt;
+        JobRecord { summary, spec, outcome: None }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reports_every_step_then_succeeds() {
+        let sim = Simulation::new(SimulationConfig::default());
+        let (sink, mut rx) = ProgressSink::channel();
+        let out =
+            sim.process(&job(json!({"steps": 4, "step_ms": 50}), 1), sink, CancellationToken::new()).await;
+        assert_eq!(out, Ok(json!({"simulated": true, "steps": 4})));
+        let mut seen = Vec::new();
+        while let Ok((p, _)) = rx.try_recv() {
+            seen.push(p);
+        }
+        assert_eq!(seen, vec![25.0, 50.0, 75.0, 100.0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hangs_until_cancelled_only_on_the_chosen_attempt() {
+        let sim = Simulation::new(SimulationConfig::default());
+        let cancel = CancellationToken::new();
+        let payload = json!({"steps": 3, "step_ms": 10, "hang_at_step": 2, "hang_on_attempt": 1});
+        let j1 = job(payload.clone(), 1);
+        let run = sim.process(&j1, ProgressSink::channel().0, cancel.clone());
+        let (out, ()) = tokio::join!(run, async {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            cancel.cancel();
+        });
+        assert!(out.is_err_and(|e| e.retryable && e.message == "interrupted"));
+        let j2 = job(payload, 2);
+        assert!(sim.process(&j2, ProgressSink::channel().0, CancellationToken::new()).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_are_typed_and_outages_reported() {
+        let sim = Simulation::new(SimulationConfig { step_ms: 1, ..SimulationConfig::default() });
+        let failing = job(json!({"fail": "fatal"}), 1);
+        let fatal = sim.process(&failing, ProgressSink::channel().0, CancellationToken::new());
+        assert!(fatal.await.is_err_and(|e| !e.retryable));
+        sim.set_healthy(false);
+        assert_eq!(sim.health().await.status, ConnectorStatus::Offline);
+        let plain = job(json!({}), 1);
+        let down = sim.process(&plain, ProgressSink::channel().0, CancellationToken::new());
+        assert!(down.await.is_err_and(|e| e.retryable && e.category == FailureCategory::Connection));
+    }
+
+    #[test]
+    fn failure_rate_is_deterministic_and_roughly_right() {
+        let failing = (0..10_000).filter(|i| roll(&format!("job-{i}"), 1) < 0.2).count();
+        assert!((1_700..2_300).contains(&failing), "{failing}");
+        assert_eq!(roll("x", 1), roll("x", 1));
+        assert_ne!(roll("x", 1), roll("x", 2));
+    }
+}

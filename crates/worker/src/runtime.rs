@@ -1,0 +1,352 @@
+//! The worker's loops: claim, supervise, heartbeat, health.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetq_broker::{Broker, BrokerError, Lease, LeaseRef, LeaseState};
+use fleetq_connectors::{CancellationToken, Connector, ConnectorError, ProgressSink};
+use fleetq_core::{
+    ConnectorReport, ConnectorStatus, FailureCategory, JobError, ValidationError, WorkerRegistration,
+};
+use thiserror::Error;
+use tokio::sync::Mutex;
+use tokio::time::{Instant, sleep_until};
+use tracing::{Instrument, info, info_span, warn};
+
+/// Errors that stop a worker.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// The configuration is unusable.
+    #[error("invalid worker configuration: {0}")]
+    Config(#[from] ValidationError),
+    /// The broker refused an operation the worker cannot do without.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Identity and capabilities. `services` is replaced by the services of the loaded connectors.
+    pub registration: WorkerRegistration,
+    /// Longest single blocking claim (shutdown is noticed between two).
+    pub claim_wait: Duration,
+    /// Heartbeat period (keep it well under the broker's worker TTL).
+    pub heartbeat_every: Duration,
+    /// Health check period of every connector.
+    pub health_every: Duration,
+    /// Progress timeout for jobs that do not set `progress_timeout_ms`.
+    pub default_progress_timeout: Option<Duration>,
+    /// How long a running job may finish after shutdown was asked.
+    pub shutdown_grace: Duration,
+    /// How long an interrupted connector may take to return before its task is aborted.
+    pub interrupt_grace: Duration,
+}
+
+impl WorkerConfig {
+    /// Defaults for `registration`.
+    pub fn new(registration: WorkerRegistration) -> Self {
+        Self {
+            registration,
+            claim_wait: Duration::from_secs(1),
+            heartbeat_every: Duration::from_secs(10),
+            health_every: Duration::from_secs(5),
+            default_progress_timeout: None,
+            shutdown_grace: Duration::from_secs(30),
+            interrupt_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why the worker stopped a job before the connector finished it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Cancelled,
+    Timeout,
+    ProgressTimeout,
+    Shutdown,
+    LeaseLost,
+}
+
+/// A worker: a broker, its connectors (one per service) and its configuration.
+#[derive(Debug)]
+pub struct Worker<B: Broker> {
+    broker: Arc<B>,
+    connectors: BTreeMap<String, Arc<dyn Connector>>,
+    config: WorkerConfig,
+    /// Services whose connector is healthy; the registration advertises exactly these.
+    healthy: Mutex<BTreeSet<String>>,
+}
+
+impl<B: Broker> Worker<B> {
+    /// Checks the configuration: a valid identity and at least one connector, one per service.
+    pub fn new(
+        broker: Arc<B>,
+        connectors: Vec<Arc<dyn Connector>>,
+        mut config: WorkerConfig,
+    ) -> Result<Self, WorkerError> {
+        let mut map = BTreeMap::new();
+        for c in connectors {
+            if map.insert(c.service().to_owned(), c).is_some() {
+                return Err(
+                    ValidationError::new("connectors", "two connectors serve the same service").into()
+                );
+            }
+        }
+        config.registration.services = map.keys().cloned().collect();
+        config.registration.validate()?;
+        let healthy = Mutex::new(map.keys().cloned().collect());
+        Ok(Self { broker, connectors: map, config, healthy })
+    }
+
+    fn id(&self) -> &str {
+        &self.config.registration.worker_id
+    }
+
+    async fn register(&self) -> Result<(), BrokerError> {
+        let services: Vec<String> = self.healthy.lock().await.iter().cloned().collect();
+        let mut reg = self.config.registration.clone();
+        // With every connector down the worker stays registered (visible) but does not claim.
+        if !services.is_empty() {
+            reg.services = services;
+        }
+        self.broker.register_worker(reg).await
+    }
+
+    /// Runs until `shutdown` fires, then drains and deregisters.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        self.register().await?;
+        let span =
+            info_span!("worker", worker_id = %self.id(), machine_id = %self.config.registration.machine_id);
+        let background = CancellationToken::new();
+        let presence = tokio::spawn(self.clone().presence_loop(background.clone()).instrument(span.clone()));
+        let result = self.claim_loop(&shutdown).instrument(span).await;
+        background.cancel();
+        let _ = presence.await;
+        if let Err(e) = self.broker.deregister_worker(self.id()).await {
+            warn!(worker_id = %self.id(), error = %e, "deregistration failed");
+        }
+        result
+    }
+
+    async fn claim_loop(&self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
+        while !shutdown.is_cancelled() {
+            if self.healthy.lock().await.is_empty() {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(self.config.health_every) => continue,
+                }
+            }
+            match self.broker.claim(self.id(), self.config.claim_wait).await {
+                Ok(Some(lease)) => self.execute(lease, shutdown).await,
+                Ok(None) => {}
+                Err(BrokerError::UnknownWorker(_)) => {
+                    warn!("the broker forgot this worker; registering again");
+                    self.register().await?;
+                }
+                Err(e) => {
+                    warn!(error = %e, "claim failed; retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Heartbeats and connector health checks until `stop` fires.
+    async fn presence_loop(self: Arc<Self>, stop: CancellationToken) {
+        let mut heartbeat = tokio::time::interval(self.config.heartbeat_every);
+        let mut health = tokio::time::interval(self.config.health_every);
+        let mut last: BTreeMap<String, (ConnectorStatus, Option<String>)> = BTreeMap::new();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = heartbeat.tick() => {
+                    match self.broker.heartbeat(self.id()).await {
+                        Err(BrokerError::UnknownWorker(_)) => {
+                            if let Err(e) = self.register().await {
+                                warn!(error = %e, "re-registration failed");
+                            }
+                        }
+                        Err(e) => warn!(error = %e, "heartbeat failed"),
+                        Ok(()) => {}
+                    }
+                }
+                _ = health.tick() => self.check_health(&mut last).await,
+            }
+        }
+    }
+
+    async fn check_health(&self, last: &mut BTreeMap<String, (ConnectorStatus, Option<String>)>) {
+        let mut changed_availability = false;
+        for (service, connector) in &self.connectors {
+            let h = connector.health().await;
+            let usable = matches!(h.status, ConnectorStatus::Idle | ConnectorStatus::Active);
+            {
+                let mut healthy = self.healthy.lock().await;
+                changed_availability |=
+                    if usable { healthy.insert(service.clone()) } else { healthy.remove(service) };
+            }
+            let now = (h.status, h.message.clone());
+            if last.get(service) != Some(&now) {
+                last.insert(service.clone(), now);
+                let report = ConnectorReport {
+                    service: service.clone(),
+                    status: h.status,
+                    message: h.message,
+                    at: now_ms(),
+                };
+                if let Err(e) = self.broker.report_connector(self.id(), report).await {
+                    warn!(service = %service, error = %e, "connector report failed");
+                }
+            }
+        }
+        if changed_availability {
+            let services = self.healthy.lock().await.clone();
+            info!(services = ?services, "serving the services whose connectors are healthy");
+            if let Err(e) = self.register().await {
+                warn!(error = %e, "re-registration failed");
+            }
+        }
+    }
+
+    /// Runs one claimed job under supervision and ends its attempt in the broker.
+    async fn execute(&self, lease: Lease, shutdown: &CancellationToken) {
+        let lref = lease.as_ref();
+        let service = lease.job.summary.service.clone();
+        let span = info_span!("job", job_id = %lref.job_id, attempt = lref.attempt, service = %service);
+        async {
+            let Some(connector) = self.connectors.get(&service).cloned() else {
+                // Cannot happen while registrations list only loaded connectors; give it back.
+                let _ = self.broker.release(&lref, "no connector").await;
+                return;
+            };
+            let spec = &lease.job.spec;
+            let started = Instant::now();
+            let overall = spec.timeout_ms.map(|ms| started + Duration::from_millis(ms));
+            let quiet = spec.progress_timeout_ms.map(Duration::from_millis).or(self.config.default_progress_timeout);
+            let cancel = CancellationToken::new();
+            let (sink, mut progress) = ProgressSink::channel();
+            let mut work = {
+                let (job, cancel) = (lease.job.clone(), cancel.clone());
+                tokio::spawn(async move { connector.process(&job, sink, cancel).await })
+            };
+            let renew_every = Duration::from_millis((self.broker.config().lease_ms / 3).max(1) as u64);
+            let mut renew = tokio::time::interval_at(started + renew_every, renew_every);
+            let mut last_sign = started;
+            let mut stop: Option<Stop> = None;
+            let mut grace: Option<Instant> = None;
+            let far = started + Duration::from_secs(100 * 365 * 24 * 3600);
+            let outcome = loop {
+                let interrupt_by = stop.map(|_| last_sign.max(Instant::now()) + self.config.interrupt_grace);
+                tokio::select! {
+                    res = &mut work => break Some(res),
+                    Some((p, message)) = progress.recv() => {
+                        last_sign = Instant::now();
+                        let state = self.broker.progress(&lref, p, message).await;
+                        self.on_lease_state(state, &mut stop, &cancel);
+                    }
+                    _ = renew.tick() => {
+                        let state = self.broker.renew(&lref).await;
+                        self.on_lease_state(state, &mut stop, &cancel);
+                    }
+                    () = sleep_until(overall.unwrap_or(far)), if stop.is_none() && overall.is_some() => {
+                        stop = Some(Stop::Timeout);
+                        cancel.cancel();
+                    }
+                    () = sleep_until(quiet.map_or(far, |q| last_sign + q)), if stop.is_none() && quiet.is_some() => {
+                        stop = Some(Stop::ProgressTimeout);
+                        cancel.cancel();
+                    }
+                    () = shutdown.cancelled(), if grace.is_none() => {
+                        grace = Some(Instant::now() + self.config.shutdown_grace);
+                    }
+                    () = sleep_until(grace.unwrap_or(far)), if stop.is_none() && grace.is_some() => {
+                        stop = Some(Stop::Shutdown);
+                        cancel.cancel();
+                    }
+                    () = sleep_until(interrupt_by.unwrap_or(far)), if interrupt_by.is_some() => {
+                        warn!("connector ignored the interrupt; aborting it");
+                        work.abort();
+                        break None;
+                    }
+                }
+            };
+            self.finish(&lref, stop, outcome, started).await;
+        }
+        .instrument(span)
+        .await;
+    }
+
+    fn on_lease_state(
+        &self,
+        state: Result<LeaseState, BrokerError>,
+        stop: &mut Option<Stop>,
+        cancel: &CancellationToken,
+    ) {
+        match state {
+            Ok(s) if s.cancel_requested && stop.is_none() => {
+                info!("cancel requested; interrupting the service");
+                *stop = Some(Stop::Cancelled);
+                cancel.cancel();
+            }
+            Ok(_) => {}
+            Err(BrokerError::LeaseLost(_) | BrokerError::JobNotFound(_)) => {
+                warn!("lease lost; the result will be dropped");
+                *stop = Some(Stop::LeaseLost);
+                cancel.cancel();
+            }
+            Err(e) => warn!(error = %e, "lease renewal failed; retrying at the next tick"),
+        }
+    }
+
+    async fn finish(
+        &self,
+        lease: &LeaseRef,
+        stop: Option<Stop>,
+        outcome: Option<Result<Result<serde_json::Value, ConnectorError>, tokio::task::JoinError>>,
+        started: Instant,
+    ) {
+        let elapsed_ms = started.elapsed().as_millis();
+        let result = match (stop, outcome) {
+            (Some(Stop::LeaseLost), _) => return,
+            (Some(Stop::Shutdown), _) => self.broker.release(lease, "shutdown").await.map(drop),
+            (Some(Stop::ProgressTimeout), _) => {
+                self.broker.release(lease, "progress_timeout").await.map(drop)
+            }
+            (Some(Stop::Timeout), _) => {
+                let error =
+                    JobError::retryable(FailureCategory::Timeout, format!("timed out after {elapsed_ms} ms"));
+                self.broker.fail(lease, error).await.map(drop)
+            }
+            (Some(Stop::Cancelled), _) => {
+                let error = JobError::fatal(FailureCategory::Service, "cancelled");
+                self.broker.fail(lease, error).await.map(drop)
+            }
+            (None, Some(Ok(Ok(value)))) => self.broker.complete(lease, value).await,
+            (None, Some(Ok(Err(e)))) => self.broker.fail(lease, e.into_job_error()).await.map(drop),
+            (None, Some(Err(panic))) => {
+                let error =
+                    JobError::retryable(FailureCategory::Internal, format!("connector crashed: {panic}"));
+                self.broker.fail(lease, error).await.map(drop)
+            }
+            (None, None) => self.broker.release(lease, "connector_stuck").await.map(drop),
+        };
+        match result {
+            Ok(()) => info!(elapsed_ms, stop = ?stop, "job attempt ended"),
+            Err(e) => warn!(error = %e, stop = ?stop, "could not end the job attempt; its lease will expire"),
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

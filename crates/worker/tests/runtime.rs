@@ -1,0 +1,220 @@
+//! The worker runtime end to end through a real broker (embedded and Redis) with the simulation
+//! connector. Waiting is on broker events; the generous bounds only turn a hang into a failure.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetq_broker::embedded::EmbeddedBroker;
+use fleetq_broker::redis::RedisBroker;
+use fleetq_broker::testing::RedisServer;
+use fleetq_broker::{Broker, BrokerConfig};
+use fleetq_connectors::simulation::{Simulation, SimulationConfig};
+use fleetq_connectors::{CancellationToken, Connector};
+use fleetq_core::{EventKind, FailureCategory, JobId, JobRecord, JobSpec, JobStatus, WorkerRegistration};
+use fleetq_worker::{Worker, WorkerConfig};
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+
+struct Running {
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), fleetq_worker::WorkerError>>,
+}
+
+impl Running {
+    async fn shutdown(self) {
+        self.stop.cancel();
+        self.task.await.expect("worker task").expect("worker ran cleanly");
+    }
+}
+
+fn config(id: &str) -> WorkerConfig {
+    let reg: WorkerRegistration = serde_json::from_value(
+        json!({"worker_id": id, "machine_id": "test-box", "services": ["simulation"]}),
+    )
+    .expect("registration");
+    let mut c = WorkerConfig::new(reg);
+    c.claim_wait = Duration::from_millis(200);
+    c.health_every = Duration::from_millis(100);
+    c
+}
+
+fn start<B: Broker>(broker: &Arc<B>, config: WorkerConfig, sim: Arc<Simulation>) -> Running {
+    let connectors: Vec<Arc<dyn Connector>> = vec![sim];
+    let worker = Arc::new(Worker::new(broker.clone(), connectors, config).expect("worker config"));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(worker.run(stop.clone()));
+    Running { stop, task }
+}
+
+fn sim() -> Arc<Simulation> {
+    Arc::new(Simulation::new(SimulationConfig { step_ms: 5, steps: 4, ..SimulationConfig::default() }))
+}
+
+fn job(payload: Value) -> JobSpec {
+    JobSpec::new("simulation", payload)
+}
+
+/// Waits (on events) until the job satisfies `done`.
+async fn wait_for<B: Broker>(b: &B, id: &JobId, done: impl Fn(&JobRecord) -> bool) -> JobRecord {
+    let mut after = 0;
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let rec = b.job(id).await.expect("job query").expect("job exists");
+        if done(&rec) {
+            return rec;
+        }
+        assert!(tokio::time::Instant::now() < give_up, "job never reached the expected state: {rec:?}");
+        if let Some(last) =
+            b.events_after(after, 1000, Duration::from_millis(500)).await.expect("events").last()
+        {
+            after = last.seq;
+        }
+    }
+}
+
+async fn events_of<B: Broker>(b: &B, id: &JobId) -> Vec<EventKind> {
+    b.events_after(0, 10_000, Duration::ZERO)
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| e.kind)
+        .filter(|k| k.job().is_some_and(|j| &j.id == id))
+        .collect()
+}
+
+fn finished(r: &JobRecord) -> bool {
+    r.summary.status.is_terminal()
+}
+
+async fn completes_jobs_with_progress<B: Broker>(b: Arc<B>) {
+    let w = start(&b, config("w1"), sim());
+    let ids: Vec<JobId> = b
+        .submit_batch((0..3).map(|i| job(json!({"n": i}))).collect())
+        .await
+        .expect("submit")
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    for id in &ids {
+        let rec = wait_for(b.as_ref(), id, finished).await;
+        assert_eq!(rec.summary.status, JobStatus::Completed);
+        assert_eq!(rec.summary.progress, 100.0);
+        assert_eq!(rec.summary.worker_id.as_deref(), Some("w1"));
+        assert_eq!(
+            rec.outcome,
+            Some(fleetq_core::Outcome::Result { value: json!({"simulated": true, "steps": 4}) })
+        );
+        assert!(events_of(b.as_ref(), id).await.iter().any(|k| matches!(k, EventKind::JobProgress { .. })));
+    }
+    w.shutdown().await;
+    assert!(b.workers().await.expect("workers").is_empty(), "deregistered on shutdown");
+}
+
+async fn connector_errors_are_typed<B: Broker>(b: Arc<B>) {
+    let w = start(&b, config("w1"), sim());
+    let id = b.submit(job(json!({"fail": "fatal"}))).await.expect("submit").id;
+    let rec = wait_for(b.as_ref(), &id, finished).await;
+    assert_eq!(rec.summary.status, JobStatus::Failed);
+    assert_eq!(rec.summary.attempt, 1, "a fatal error is not retried");
+    assert_eq!(rec.summary.error.map(|e| e.category), Some(FailureCategory::Validation));
+    w.shutdown().await;
+}
+
+async fn progress_timeout_releases_for_another_attempt<B: Broker>(b: Arc<B>) {
+    let w = start(&b, config("w1"), sim());
+    let mut spec = job(json!({"hang_at_step": 2, "hang_on_attempt": 1}));
+    spec.progress_timeout_ms = Some(300);
+    let id = b.submit(spec).await.expect("submit").id;
+    let rec = wait_for(b.as_ref(), &id, finished).await;
+    assert_eq!(rec.summary.status, JobStatus::Completed);
+    assert_eq!(rec.summary.attempt, 2);
+    let released = events_of(b.as_ref(), &id)
+        .await
+        .iter()
+        .any(|k| matches!(k, EventKind::JobRequeued { reason, .. } if reason == "progress_timeout"));
+    assert!(released, "the stuck attempt was released, not failed");
+    w.shutdown().await;
+}
+
+async fn overall_timeout_fails_the_attempt<B: Broker>(b: Arc<B>) {
+    let w = start(&b, config("w1"), sim());
+    let mut spec = job(json!({"steps": 100_000, "step_ms": 10}));
+    spec.timeout_ms = Some(300);
+    spec.max_attempts = 1;
+    let id = b.submit(spec).await.expect("submit").id;
+    let rec = wait_for(b.as_ref(), &id, finished).await;
+    assert_eq!(rec.summary.status, JobStatus::Failed);
+    assert_eq!(rec.summary.error.map(|e| e.category), Some(FailureCategory::Timeout));
+    w.shutdown().await;
+}
+
+async fn cancel_reaches_the_connector<B: Broker>(b: Arc<B>) {
+    let w = start(&b, config("w1"), sim());
+    let id = b.submit(job(json!({"steps": 100_000, "step_ms": 10}))).await.expect("submit").id;
+    wait_for(b.as_ref(), &id, |r| r.summary.status == JobStatus::InProgress).await;
+    b.cancel(&id).await.expect("cancel");
+    let rec = wait_for(b.as_ref(), &id, finished).await;
+    assert_eq!(rec.summary.status, JobStatus::Cancelled);
+    // The worker carries on with the next job.
+    let next = b.submit(job(json!({}))).await.expect("submit").id;
+    assert_eq!(wait_for(b.as_ref(), &next, finished).await.summary.status, JobStatus::Completed);
+    w.shutdown().await;
+}
+
+async fn shutdown_gives_the_running_job_back<B: Broker>(b: Arc<B>) {
+    let mut c = config("w1");
+    c.shutdown_grace = Duration::from_millis(100);
+    let w = start(&b, c, sim());
+    let id = b.submit(job(json!({"steps": 100_000, "step_ms": 10}))).await.expect("submit").id;
+    wait_for(b.as_ref(), &id, |r| r.summary.status == JobStatus::InProgress).await;
+    w.shutdown().await;
+    let rec = b.job(&id).await.expect("get").expect("exists");
+    assert_eq!(rec.summary.status, JobStatus::Pending, "released, not failed");
+    assert_eq!(rec.summary.attempt, 0, "the interrupted attempt is not counted");
+    // The queue carries on with another worker.
+    b.cancel(&id).await.expect("cancel the long job");
+    let w2 = start(&b, config("w2"), sim());
+    let short = b.submit(job(json!({}))).await.expect("submit").id;
+    assert_eq!(wait_for(b.as_ref(), &short, finished).await.summary.worker_id.as_deref(), Some("w2"));
+    w2.shutdown().await;
+}
+
+macro_rules! both_backends {
+    ($($case:ident),* $(,)?) => {
+        mod embedded {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let dir = tempfile::tempdir().expect("tempdir");
+                    let b = Arc::new(EmbeddedBroker::open(dir.path().join("w.db"), BrokerConfig::default()).expect("open"));
+                    super::$case(b).await;
+                }
+            )*
+        }
+        mod redis {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let server = RedisServer::shared();
+                    let b = Arc::new(
+                        RedisBroker::connect(&server.url, concat!("w-", stringify!($case)), BrokerConfig::default())
+                            .await
+                            .expect("connect"),
+                    );
+                    super::$case(b).await;
+                }
+            )*
+        }
+    };
+}
+
+both_backends!(
+    completes_jobs_with_progress,
+    connector_errors_are_typed,
+    progress_timeout_releases_for_another_attempt,
+    overall_timeout_fails_the_attempt,
+    cancel_reaches_the_connector,
+    shutdown_gives_the_running_job_back,
+);
