@@ -113,7 +113,10 @@ impl Connector for Simulation {
             }
             match p.get("fail").and_then(Value::as_str) {
                 Some("fatal") => {
-                    return Err(ConnectorError::fatal(FailureCategory::Validation, "simulated fatal failure"));
+                    return Err(ConnectorError::fatal(
+                        FailureCategory::Validation,
+                        "simulated fatal failure",
+                    ));
                 }
                 Some(_) => {
                     return Err(ConnectorError::retryable(FailureCategory::Service, "simulated failure"));

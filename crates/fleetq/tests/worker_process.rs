@@ -1,0 +1,68 @@
+//! `fleetq worker` as a process: it works jobs from Redis and drains on SIGTERM.
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetq_broker::redis::RedisBroker;
+use fleetq_broker::testing::RedisServer;
+use fleetq_broker::{Broker, BrokerConfig};
+use fleetq_core::{JobId, JobRecord, JobSpec, JobStatus};
+use serde_json::json;
+
+async fn wait_for(b: &RedisBroker, id: &JobId, done: impl Fn(&JobRecord) -> bool) -> JobRecord {
+    let mut after = 0;
+    for _ in 0..120 {
+        let rec = b.job(id).await.expect("job query").expect("job exists");
+        if done(&rec) {
+            return rec;
+        }
+        if let Some(last) =
+            b.events_after(after, 1000, Duration::from_millis(500)).await.expect("events").last()
+        {
+            after = last.seq;
+        }
+    }
+    panic!("job {id} never reached the expected state");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn works_jobs_and_drains_on_sigterm() {
+    let server = RedisServer::shared();
+    let broker = Arc::new(
+        RedisBroker::connect(&server.url, "cli-worker", BrokerConfig::default()).await.expect("connect"),
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetq"))
+        .args(["worker", "--queue", "cli-worker", "--redis-url", &server.url])
+        .env("WORKER_ID", "proc-w1")
+        .env("MACHINE_ID", "proc-box")
+        .env("WORKER_CONNECTORS", "simulation")
+        .env("SIMULATION_STEP_MS", "5")
+        .env("WORKER_SHUTDOWN_GRACE_S", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start fleetq worker");
+
+    let quick = broker.submit(JobSpec::new("simulation", json!({"steps": 3}))).await.expect("submit").id;
+    let rec = wait_for(&broker, &quick, |r| r.summary.status.is_terminal()).await;
+    assert_eq!(
+        (rec.summary.status, rec.summary.worker_id.as_deref()),
+        (JobStatus::Completed, Some("proc-w1"))
+    );
+
+    let long =
+        broker.submit(JobSpec::new("simulation", json!({"steps": 1_000_000}))).await.expect("submit").id;
+    wait_for(&broker, &long, |r| r.summary.status == JobStatus::InProgress).await;
+    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(killed.success());
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait");
+    assert!(status.success(), "fleetq worker exits 0 after draining: {status}");
+    let rec = broker.job(&long).await.expect("get").expect("exists");
+    assert_eq!(
+        (rec.summary.status, rec.summary.attempt),
+        (JobStatus::Pending, 0),
+        "released, attempt refunded"
+    );
+    assert!(broker.workers().await.expect("workers").is_empty(), "deregistered");
+}
