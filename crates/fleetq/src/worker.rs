@@ -36,6 +36,9 @@ pub(crate) struct Args {
     /// Seconds a running job may finish after SIGTERM before it is released.
     #[arg(long, env = "WORKER_SHUTDOWN_GRACE_S", default_value_t = 30)]
     shutdown_grace_s: u64,
+    /// Lease length: a job whose worker stops renewing comes back after this long.
+    #[arg(long, env = "FLEETQ_LEASE_MS", default_value_t = 30_000)]
+    lease_ms: i64,
     /// Duration of one simulated step (simulation connectors).
     #[arg(long, env = "SIMULATION_STEP_MS", default_value_t = 100)]
     simulation_step_ms: u64,
@@ -73,7 +76,11 @@ pub(crate) async fn run(args: Args) -> Result<()> {
     };
     let mut config = WorkerConfig::new(registration);
     config.shutdown_grace = Duration::from_secs(args.shutdown_grace_s);
-    let broker = RedisBroker::connect(&args.redis_url, &args.queue, BrokerConfig::default())
+    if args.lease_ms < 100 {
+        bail!("--lease-ms must be at least 100");
+    }
+    let broker_config = BrokerConfig { lease_ms: args.lease_ms, ..BrokerConfig::default() };
+    let broker = RedisBroker::connect(&args.redis_url, &args.queue, broker_config)
         .await
         .with_context(|| format!("connecting to {}", args.redis_url))?;
     let worker = Arc::new(Worker::new(Arc::new(broker), connectors, config)?);

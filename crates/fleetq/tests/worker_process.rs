@@ -26,6 +26,49 @@ async fn wait_for(b: &RedisBroker, id: &JobId, done: impl Fn(&JobRecord) -> bool
     panic!("job {id} never reached the expected state");
 }
 
+fn spawn_worker(url: &str, queue: &str, id: &str) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_fleetq"))
+        .args(["worker", "--queue", queue, "--redis-url", url])
+        .env("WORKER_ID", id)
+        .env("MACHINE_ID", "proc-box")
+        .env("WORKER_CONNECTORS", "simulation")
+        .env("SIMULATION_STEP_MS", "5")
+        .env("FLEETQ_LEASE_MS", "1000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start fleetq worker")
+}
+
+/// A worker killed with SIGKILL mid-job: the job comes back when its lease expires and completes
+/// exactly once, on another worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_worker_job_completes_once_elsewhere() {
+    let server = RedisServer::shared();
+    let broker = Arc::new(
+        RedisBroker::connect(&server.url, "cli-kill", BrokerConfig::default()).await.expect("connect"),
+    );
+    let mut first = spawn_worker(&server.url, "cli-kill", "doomed");
+    let id = broker.submit(JobSpec::new("simulation", json!({"steps": 200}))).await.expect("submit").id;
+    wait_for(&broker, &id, |r| r.summary.status == JobStatus::InProgress).await;
+    first.kill().expect("SIGKILL");
+    first.wait().expect("reap the killed process");
+    let mut second = spawn_worker(&server.url, "cli-kill", "survivor");
+    let rec = wait_for(&broker, &id, |r| r.summary.status.is_terminal()).await;
+    assert_eq!(rec.summary.status, JobStatus::Completed);
+    assert_eq!((rec.summary.worker_id.as_deref(), rec.summary.attempt), (Some("survivor"), 2));
+    let completions = broker
+        .events_after(0, 10_000, Duration::ZERO)
+        .await
+        .expect("events")
+        .iter()
+        .filter(|e| matches!(&e.kind, fleetq_core::EventKind::JobCompleted { job } if job.id == id))
+        .count();
+    assert_eq!(completions, 1);
+    second.kill().expect("stop the survivor");
+    second.wait().expect("reap");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn works_jobs_and_drains_on_sigterm() {
     let server = RedisServer::shared();
