@@ -26,6 +26,7 @@ async fn wait_for(b: &RedisBroker, id: &JobId, done: impl Fn(&JobRecord) -> bool
     panic!("job {id} never reached the expected state");
 }
 
+/// Starts `fleetq worker` on `queue` with 1 s leases, 5 ms simulation steps and no shutdown grace.
 fn spawn_worker(url: &str, queue: &str, id: &str) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_fleetq"))
         .args(["worker", "--queue", queue, "--redis-url", url])
@@ -34,6 +35,7 @@ fn spawn_worker(url: &str, queue: &str, id: &str) -> std::process::Child {
         .env("WORKER_CONNECTORS", "simulation")
         .env("SIMULATION_STEP_MS", "5")
         .env("FLEETQ_LEASE_MS", "1000")
+        .env("WORKER_SHUTDOWN_GRACE_S", "0")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -75,17 +77,7 @@ async fn works_jobs_and_drains_on_sigterm() {
     let broker = Arc::new(
         RedisBroker::connect(&server.url, "cli-worker", BrokerConfig::default()).await.expect("connect"),
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetq"))
-        .args(["worker", "--queue", "cli-worker", "--redis-url", &server.url])
-        .env("WORKER_ID", "proc-w1")
-        .env("MACHINE_ID", "proc-box")
-        .env("WORKER_CONNECTORS", "simulation")
-        .env("SIMULATION_STEP_MS", "5")
-        .env("WORKER_SHUTDOWN_GRACE_S", "0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start fleetq worker");
+    let mut child = spawn_worker(&server.url, "cli-worker", "proc-w1");
 
     let quick = broker.submit(JobSpec::new("simulation", json!({"steps": 3}))).await.expect("submit").id;
     let rec = wait_for(&broker, &quick, |r| r.summary.status.is_terminal()).await;

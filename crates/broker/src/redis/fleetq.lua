@@ -9,7 +9,7 @@
 -- Order keys are never compared with Lua's `<` on strings (strcoll): see `key_less`. Only fixed,
 -- short field lists are ever unpacked.
 
-local VERSION = '7'
+local VERSION = '8'
 
 -- A job's state is one JSON object of strings at `j:{id}` (absent optional fields are omitted),
 -- decoded and encoded by Redis's C cjson; its spec is at `s:{id}`, its outcome at `o:{id}`.
@@ -276,6 +276,12 @@ local function holder(keys, argv)
   return P, C, argv[1], j, err
 end
 
+-- The start of an operation on one job by id (ARGV: now, id, …).
+local function job_call(keys, argv)
+  local P = keys[1]
+  return P, cfg(P), argv[1], load(P, argv[2])
+end
+
 -- ----- registered functions -------------------------------------------------------------------
 
 redis.register_function{function_name = 'fq_version', flags = {'no-writes'},
@@ -399,10 +405,7 @@ end)
 
 -- ARGV: now, id.
 redis.register_function('fq_cancel', function(keys, argv)
-  local P = keys[1]
-  local C = cfg(P)
-  local nows = argv[1]
-  local j = load(P, argv[2])
+  local P, C, nows, j = job_call(keys, argv)
   if not j then return 'missing' end
   if j.status == 'pending' then
     dequeue(P, j)
@@ -423,10 +426,7 @@ end)
 
 -- ARGV: now, id.
 redis.register_function('fq_retry', function(keys, argv)
-  local P = keys[1]
-  local C = cfg(P)
-  local nows = argv[1]
-  local j = load(P, argv[2])
+  local P, C, nows, j = job_call(keys, argv)
   if not j then return 'missing' end
   if j.status ~= 'failed' and j.status ~= 'cancelled' then return j.status end
   for _, f in ipairs({'message', 'finished_at', 'started_at', 'run_at', 'error', 'worker_id',

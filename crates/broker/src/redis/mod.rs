@@ -42,7 +42,7 @@ use crate::{
 };
 
 const LIBRARY: &str = include_str!("fleetq.lua");
-const LIBRARY_VERSION: &str = "7";
+const LIBRARY_VERSION: &str = "8";
 
 /// Partitions and workers as of one version stamp, with per-worker match results.
 #[derive(Debug, Default)]
