@@ -32,7 +32,7 @@ macro_rules! conformance_tests {
             worker_presence_lifecycle, connector_status_changes_only, machine_events_fold,
             job_listing_pages, oversized_result_is_refused, events_after_waits_for_news,
             complete_and_claim_hands_over_next_job, lease_renewal_extends_deadline,
-            event_log_is_capped_by_age);
+            event_log_is_capped_by_age, matching_workers_explain_the_fleet);
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
         $(
@@ -983,4 +983,35 @@ pub async fn event_log_is_capped_by_age<B: Broker>(fx: Fixture<B>) {
     b.submit(sim(json!("after"))).await.expect("submit");
     assert_eq!(b.snapshot().await.expect("snapshot").seq, head + 1, "the sequence continues");
     assert_eq!(b.jobs(&JobFilter::default()).await.expect("list").jobs.len(), 5, "jobs are untouched");
+}
+
+/// The fleet view of one job: matching workers first (idle before busy), then the others with reasons.
+pub async fn matching_workers_explain_the_fleet<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    for (id, vram) in [("a-small", 8), ("b-big", 48), ("c-big", 48)] {
+        b.register_worker(worker(id, &["comfyui"], json!({"vram": vram}))).await.expect("reg");
+    }
+    let busy_job = b
+        .submit(job(json!({"service": "comfyui", "priority": 9, "requirements": {"vram": 40}})))
+        .await
+        .expect("submit")
+        .id;
+    let lease = claim_now(b, "b-big").await.expect("claim");
+    assert_eq!(lease.job.summary.id, busy_job);
+    let id =
+        b.submit(job(json!({"service": "comfyui", "requirements": {"vram": 24}}))).await.expect("submit").id;
+    let verdicts = crate::fleet::matching_workers(b, &id).await.expect("matching workers");
+    let summary: Vec<(String, bool, bool)> = verdicts
+        .iter()
+        .map(|v| (v.worker.registration.worker_id.clone(), v.verdict.matches, v.busy))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![("c-big".into(), true, false), ("b-big".into(), true, true), ("a-small".into(), false, false)]
+    );
+    assert_eq!(verdicts[2].verdict.reasons, vec!["requirement vram: needs at least 24, worker has 8"]);
+    assert!(matches!(
+        crate::fleet::matching_workers(b, &JobId("nope".into())).await,
+        Err(BrokerError::JobNotFound(_))
+    ));
 }

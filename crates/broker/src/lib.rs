@@ -48,10 +48,12 @@
 //! - [`clock`]: wall time behind a trait so tests control it;
 //! - [`embedded`], [`redis`]: the backends;
 //! - [`subscribe`]: a live event stream on top of any backend;
+//! - [`fleet`]: fleet queries on top of any backend (matching workers for a job);
 //! - `conformance` and `testing` (feature `test-utils`): the suite and a `redis-server` harness.
 
 pub mod clock;
 pub mod embedded;
+pub mod fleet;
 pub mod redis;
 
 mod subscribe;
