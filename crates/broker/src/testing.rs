@@ -7,6 +7,8 @@
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicU16;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::{BrokerConfig, ManualClock};
@@ -26,8 +28,19 @@ pub const MISSING_REDIS: &str = "redis-server is required for the Redis tests (D
 
 impl RedisServer {
     /// Starts a throwaway server (no persistence) on a free port and waits until it accepts commands.
+    ///
+    /// Ports come from a per-process counter, never reused: a test that stops its server and
+    /// restarts it on the same port must not race another test handed that port meanwhile.
     pub fn start() -> std::io::Result<Self> {
-        Self::start_on(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+        static NEXT: AtomicU16 = AtomicU16::new(0);
+        let _ = NEXT.compare_exchange(0, 20_000 + (std::process::id() % 2_000) as u16 * 16, SeqCst, SeqCst);
+        for _ in 0..1000 {
+            let port = NEXT.fetch_add(1, SeqCst);
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Self::start_on(port);
+            }
+        }
+        Err(std::io::Error::other("no free loopback port for redis-server"))
     }
 
     /// Starts a throwaway server on `port` (to restart one where clients expect it).

@@ -85,3 +85,32 @@ async fn large_backlog_claims_and_snapshots() {
     assert_eq!(page.jobs.len(), 1000);
     assert!(page.next.is_some());
 }
+
+/// A server holding a different `fleetq` library — even one claiming the same version — gets ours
+/// on connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_different_library_is_replaced_on_connect() {
+    let server = RedisServer::start().expect(fleetq_broker::testing::MISSING_REDIS);
+    let client = redis::Client::open(server.url.as_str()).expect("client");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connection");
+    // It even claims our version: only comparing the code tells them apart.
+    let impostor = format!(
+        "#!lua name=fleetq\nredis.register_function('fq_probe', function() return 'old' end)\n\
+         redis.register_function{{function_name = 'fq_version', flags = {{'no-writes'}}, \
+         callback = function() return '{}' end}}",
+        fleetq_broker::redis::LIBRARY_VERSION
+    );
+    redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg(impostor)
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("load impostor");
+    let _broker = RedisBroker::connect(&server.url, "lib", test_config()).await.expect("connect");
+    let probe: redis::RedisResult<String> =
+        redis::cmd("FCALL").arg("fq_probe").arg(0).query_async(&mut conn).await;
+    assert!(probe.is_err(), "the impostor library was replaced");
+    let version: String =
+        redis::cmd("FCALL").arg("fq_version").arg(0).query_async(&mut conn).await.expect("ours");
+    assert!(!version.is_empty());
+}

@@ -117,8 +117,11 @@ async fn make_redis(args: Arc<BrokerArgs>) -> Result<Made<RedisBroker>> {
     static N: AtomicUsize = AtomicUsize::new(0);
     let client = redis::Client::open(args.redis_url.as_str())?;
     if args.flushdb {
-        let mut c = client.get_multiplexed_async_connection().await?;
-        redis::cmd("FLUSHDB").query_async::<()>(&mut c).await?;
+        // A synchronous flush of a large database (1M jobs ≈ 1 GB) takes seconds: no response
+        // timeout here (the client's default is 500 ms).
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+        let mut c = client.get_multiplexed_async_connection_with_config(&config).await?;
+        redis::cmd("FLUSHDB").query_async::<()>(&mut c).await.context("FLUSHDB before the measurement")?;
     }
     let queue = format!("bench-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
     let broker = RedisBroker::connect(&args.redis_url, &queue, bench_config())

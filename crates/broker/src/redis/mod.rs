@@ -42,7 +42,8 @@ use crate::{
 };
 
 const LIBRARY: &str = include_str!("fleetq.lua");
-const LIBRARY_VERSION: &str = "8";
+/// The version the function library reports (`FCALL fq_version 0`); loading compares the whole code.
+pub const LIBRARY_VERSION: &str = "8";
 
 /// Partitions and workers as of one version stamp, with per-worker match results.
 #[derive(Debug, Default)]
@@ -124,13 +125,19 @@ impl RedisBroker {
         &self.prefix
     }
 
-    /// Loads the library if absent or of another version, and writes the queue's tunables.
+    /// Loads the library unless the server holds exactly this code (compared whole, so an edited
+    /// library is never kept by mistake), and writes the queue's tunables.
     async fn init(&self) -> Result<()> {
         let mut conn = self.conn.clone();
-        let version: Option<String> =
-            redis::cmd("FCALL").arg("fq_version").arg(0).query_async(&mut conn).await.ok();
-        if version.as_deref() != Some(LIBRARY_VERSION) {
-            tracing::info!(found = ?version, want = LIBRARY_VERSION, "loading the fleetq function library");
+        let listed: Value = redis::cmd("FUNCTION")
+            .arg("LIST")
+            .arg("LIBRARYNAME")
+            .arg("fleetq")
+            .arg("WITHCODE")
+            .query_async(&mut conn)
+            .await?;
+        if loaded_code(listed).as_deref() != Some(LIBRARY) {
+            tracing::info!(version = LIBRARY_VERSION, "loading the fleetq function library");
             redis::cmd("FUNCTION")
                 .arg("LOAD")
                 .arg("REPLACE")
@@ -440,6 +447,19 @@ fn decode_workers(
         out.insert(id, info);
     }
     Ok(out)
+}
+
+/// The `library_code` of the `fleetq` library in a `FUNCTION LIST … WITHCODE` reply (RESP2 or RESP3).
+fn loaded_code(listed: Value) -> Option<String> {
+    for library in items(listed) {
+        let fields = items(library);
+        for kv in fields.chunks_exact(2) {
+            if text(&kv[0]).as_deref() == Some("library_code") {
+                return text(&kv[1]);
+            }
+        }
+    }
+    None
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
