@@ -444,7 +444,7 @@ redis.register_function('fq_retry', function(keys, argv)
   return 'ok'
 end)
 
--- ARGV: now. Returns requeued, finished, promoted, expired workers (as strings).
+-- ARGV: now. Returns requeued, finished, promoted, expired workers, trimmed events (as strings).
 redis.register_function('fq_reap', function(keys, argv)
   local P = keys[1]
   local C = cfg(P)
