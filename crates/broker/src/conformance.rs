@@ -32,7 +32,7 @@ macro_rules! conformance_tests {
             worker_presence_lifecycle, connector_status_changes_only, machine_events_fold,
             job_listing_pages, oversized_result_is_refused, events_after_waits_for_news,
             complete_and_claim_hands_over_next_job, lease_renewal_extends_deadline,
-            event_log_is_capped_by_age, matching_workers_explain_the_fleet);
+            event_log_is_capped_by_age, matching_workers_explain_the_fleet, queue_depths_per_service);
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
         $(
@@ -1014,4 +1014,33 @@ pub async fn matching_workers_explain_the_fleet<B: Broker>(fx: Fixture<B>) {
         crate::fleet::matching_workers(b, &JobId("nope".into())).await,
         Err(BrokerError::JobNotFound(_))
     ));
+}
+
+/// Pending, delayed and running counts per service.
+pub async fn queue_depths_per_service<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    assert!(b.queue_depths().await.expect("depths").is_empty());
+    b.register_worker(worker("w", &["a:b", "other"], json!({"vram": 8}))).await.expect("reg");
+    for i in 0..4 {
+        b.submit(JobSpec::new("a:b", json!(i))).await.expect("submit");
+    }
+    b.submit(job(json!({"service": "a:b", "requirements": {"vram": 4}}))).await.expect("submit");
+    b.submit(JobSpec::new("other", json!(0))).await.expect("submit");
+    b.submit(JobSpec::new("finished", json!(0))).await.expect("submit");
+    let done =
+        b.jobs(&JobFilter { service: Some("finished".into()), ..JobFilter::default() }).await.expect("list");
+    b.cancel(&done.jobs[0].id).await.expect("cancel");
+    let _running = claim_now(b, "w").await.expect("claim");
+    let mut retry = JobSpec::new("a:b", json!("retry"));
+    retry.priority = 100;
+    retry.retry_backoff_ms = Some(60_000);
+    b.submit(retry).await.expect("submit");
+    let failing = claim_now(b, "w").await.expect("claim");
+    assert_eq!(failing.job.spec.payload, json!("retry"));
+    b.fail(&failing.as_ref(), JobError::retryable(FailureCategory::Service, "later")).await.expect("fail");
+    let depths = b.queue_depths().await.expect("depths");
+    let want = |pending, delayed, running| crate::ServiceDepth { pending, delayed, running };
+    assert_eq!(depths.len(), 2, "{depths:?}");
+    assert_eq!(depths["a:b"], want(4, 1, 1), "a:b, whose name has a colon like partition keys");
+    assert_eq!(depths["other"], want(1, 0, 0));
 }

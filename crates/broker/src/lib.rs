@@ -63,6 +63,7 @@ pub mod conformance;
 #[cfg(feature = "test-utils")]
 pub mod testing;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
@@ -266,6 +267,17 @@ pub struct ReapReport {
     pub events_trimmed: usize,
 }
 
+/// How much work one service has in the queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceDepth {
+    /// Pending and claimable now.
+    pub pending: u64,
+    /// Pending, waiting for a retry backoff.
+    pub delayed: u64,
+    /// Held by a worker (assigned or in progress).
+    pub running: u64,
+}
+
 /// A page request over jobs, newest first.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobFilter {
@@ -373,6 +385,9 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Registered workers.
     fn workers(&self) -> impl Future<Output = Result<Vec<WorkerInfo>>> + Send;
+
+    /// Unfinished jobs per service (services with none are absent).
+    fn queue_depths(&self) -> impl Future<Output = Result<BTreeMap<String, ServiceDepth>>> + Send;
 
     /// Known machines.
     fn machines(&self) -> impl Future<Output = Result<Vec<MachineState>>> + Send;

@@ -259,6 +259,10 @@ impl Broker for EmbeddedBroker {
         self.call(|st| st.workers()).await
     }
 
+    async fn queue_depths(&self) -> Result<std::collections::BTreeMap<String, crate::ServiceDepth>> {
+        self.call(|st| st.queue_depths()).await
+    }
+
     async fn machines(&self) -> Result<Vec<MachineState>> {
         self.call(|st| st.machines()).await
     }

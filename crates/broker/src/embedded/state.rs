@@ -975,6 +975,28 @@ impl State {
         Ok(out)
     }
 
+    pub(super) fn queue_depths(&mut self) -> Result<BTreeMap<String, crate::ServiceDepth>> {
+        let mut out: BTreeMap<String, crate::ServiceDepth> = BTreeMap::new();
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT service, status, claimable, COUNT(*) FROM jobs
+             WHERE status IN ('pending', 'assigned', 'in_progress') GROUP BY service, status, claimable",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, bool>(2)?, r.get::<_, i64>(3)?))
+        })?;
+        for row in rows {
+            let (service, status, claimable, n) = row?;
+            let d = out.entry(service).or_default();
+            let n = n as u64;
+            match (status.as_str(), claimable) {
+                ("pending", true) => d.pending += n,
+                ("pending", false) => d.delayed += n,
+                _ => d.running += n,
+            }
+        }
+        Ok(out)
+    }
+
     pub(super) fn machines(&mut self) -> Result<Vec<MachineState>> {
         let mut stmt = self.conn.prepare_cached("SELECT state FROM machines ORDER BY id")?;
         let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;

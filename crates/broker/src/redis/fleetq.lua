@@ -9,7 +9,7 @@
 -- Order keys are never compared with Lua's `<` on strings (strcoll): see `key_less`. Only fixed,
 -- short field lists are ever unpacked.
 
-local VERSION = '8'
+local VERSION = '9'
 
 -- A job's state is one JSON object of strings at `j:{id}` (absent optional fields are omitted),
 -- decoded and encoded by Redis's C cjson; its spec is at `s:{id}`, its outcome at `o:{id}`.
@@ -611,6 +611,35 @@ redis.register_function{function_name = 'fq_jobs', flags = {'no-writes'}, callba
   end
   if #out < limit and scanned >= 10000 and last then next_cursor = last end
   return {next_cursor, out}
+end}
+
+-- Unfinished jobs per service: {service, pending, delayed, running, …}. Pending from the
+-- partition queues (one ZCARD each); delayed and running by reading their (bounded) jobs.
+redis.register_function{function_name = 'fq_depths', flags = {'no-writes'}, callback = function(keys)
+  local P = keys[1]
+  local d = {}
+  local function add(service, i, n)
+    d[service] = d[service] or {0, 0, 0}
+    d[service][i] = d[service][i] + n
+  end
+  for _, p in ipairs(redis.call('HKEYS', P .. 'parts')) do
+    local n = redis.call('ZCARD', P .. 'pq:' .. p)
+    if n > 0 then add(string.match(p, '^(.*):[^:]*$'), 1, n) end
+  end
+  for i, set in ipairs({'delayed', 'leases'}) do
+    for _, id in ipairs(redis.call('ZRANGE', P .. set, 0, 9999)) do
+      local j = load(P, id)
+      if j then add(j.service, i + 1, 1) end
+    end
+  end
+  local out = {}
+  for service, c in pairs(d) do
+    out[#out + 1] = service
+    out[#out + 1] = num(c[1])
+    out[#out + 1] = num(c[2])
+    out[#out + 1] = num(c[3])
+  end
+  return out
 end}
 
 -- ARGV: pending limit. Returns seq, jobs (running, then up to `limit` pending: delayed first, then

@@ -43,7 +43,7 @@ use crate::{
 
 const LIBRARY: &str = include_str!("fleetq.lua");
 /// The version the function library reports (`FCALL fq_version 0`); loading compares the whole code.
-pub const LIBRARY_VERSION: &str = "8";
+pub const LIBRARY_VERSION: &str = "9";
 
 /// Partitions and workers as of one version stamp, with per-worker match results.
 #[derive(Debug, Default)]
@@ -785,6 +785,19 @@ impl Broker for RedisBroker {
         let (raw, seen): (Value, Value) = pipe.query_async(&mut conn).await?;
         let mut out: Vec<WorkerInfo> = decode_workers(pairs(raw), &pairs(seen))?.into_values().collect();
         out.sort_by(|a, b| a.registration.worker_id.cmp(&b.registration.worker_id));
+        Ok(out)
+    }
+
+    async fn queue_depths(&self) -> Result<std::collections::BTreeMap<String, crate::ServiceDepth>> {
+        let reply = items(self.run(&self.fcall("fq_depths", true)).await?);
+        let mut out = std::collections::BTreeMap::new();
+        for row in reply.chunks_exact(4) {
+            let n = |i: usize| -> Result<u64> { text_at(row, i, "depth")?.parse().map_err(corrupt) };
+            out.insert(
+                text_at(row, 0, "service")?,
+                crate::ServiceDepth { pending: n(1)?, delayed: n(2)?, running: n(3)? },
+            );
+        }
         Ok(out)
     }
 
