@@ -236,7 +236,10 @@ impl<B: Broker> Worker<B> {
                 let (job, cancel) = (lease.job.clone(), cancel.clone());
                 tokio::spawn(async move { connector.process(&job, sink, cancel).await })
             };
-            let renew_every = Duration::from_millis((self.broker.config().lease_ms / 3).max(1) as u64);
+            // Renew at a third of the lease the broker actually granted (with Redis the queue's
+            // lease length may differ from this process's configuration).
+            let granted_ms = (lease.deadline_ms - now_ms()).clamp(30, self.broker.config().lease_ms.max(30));
+            let renew_every = Duration::from_millis((granted_ms / 3) as u64);
             let mut renew = tokio::time::interval_at(started + renew_every, renew_every);
             let mut last_sign = started;
             let mut stop: Option<Stop> = None;
