@@ -129,7 +129,8 @@ pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
 /// Tunables shared by both backends.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BrokerConfig {
-    /// How long a claim or renewal holds a job.
+    /// How long this process's claims and renewals hold a job (a property of the caller, also with
+    /// Redis: processes of one queue may use different leases).
     pub lease_ms: i64,
     /// A worker not heard from for this long is removed.
     pub worker_ttl_ms: i64,

@@ -114,3 +114,29 @@ async fn a_different_library_is_replaced_on_connect() {
         redis::cmd("FCALL").arg("fq_version").arg(0).query_async(&mut conn).await.expect("ours");
     assert!(!version.is_empty());
 }
+
+/// The lease length belongs to the caller: two processes on one queue hold jobs for their own
+/// configured lease, whichever connected last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_process_holds_jobs_for_its_own_lease() {
+    let server = RedisServer::shared();
+    let clock = fleetq_broker::ManualClock::new(fleetq_broker::testing::T0);
+    let connect = |lease_ms| {
+        let config = fleetq_broker::BrokerConfig { lease_ms, ..test_config() };
+        RedisBroker::connect_with_clock(&server.url, "leases", config, Arc::new(clock.clone()))
+    };
+    let long = connect(50_000).await.expect("connect");
+    let short = connect(1_000).await.expect("connect");
+    for (b, id) in [(&long, "long-w"), (&short, "short-w")] {
+        b.register_worker(worker(id)).await.expect("register");
+        b.submit(JobSpec::new("simulation", json!(id))).await.expect("submit");
+    }
+    let a = long.claim("long-w", Duration::ZERO).await.expect("claim").expect("job");
+    let b = short.claim("short-w", Duration::ZERO).await.expect("claim").expect("job");
+    assert_eq!(a.deadline_ms, fleetq_broker::testing::T0 + 50_000);
+    assert_eq!(b.deadline_ms, fleetq_broker::testing::T0 + 1_000);
+    assert_eq!(
+        long.renew(&a.as_ref()).await.expect("renew").deadline_ms,
+        fleetq_broker::testing::T0 + 50_000
+    );
+}

@@ -9,7 +9,7 @@
 -- Order keys are never compared with Lua's `<` on strings (strcoll): see `key_less`. Only fixed,
 -- short field lists are ever unpacked.
 
-local VERSION = '9'
+local VERSION = '10'
 
 -- A job's state is one JSON object of strings at `j:{id}` (absent optional fields are omitted),
 -- decoded and encoded by Redis's C cjson; its spec is at `s:{id}`, its outcome at `o:{id}`.
@@ -28,12 +28,11 @@ local REAP_EVERY_MS = 100
 local function jkey(P, id) return P .. 'j:' .. id end
 
 local function cfg(P)
-  local v = redis.call('HMGET', P .. 'cfg', 'max_events', 'lease_ms', 'avoid_ms', 'coalesce_ms',
+  local v = redis.call('HMGET', P .. 'cfg', 'max_events', 'avoid_ms', 'coalesce_ms',
     'retention_ms', 'worker_ttl_ms', 'max_event_age_ms')
-  return {max_events = tonumber(v[1]) or 100000, lease_ms = tonumber(v[2]) or 30000,
-    avoid_ms = tonumber(v[3]) or 5000, coalesce_ms = tonumber(v[4]) or 250,
-    retention_ms = tonumber(v[5]) or 604800000, worker_ttl_ms = tonumber(v[6]) or 30000,
-    max_event_age_ms = tonumber(v[7]) or 86400000}
+  return {max_events = tonumber(v[1]) or 100000, avoid_ms = tonumber(v[2]) or 5000,
+    coalesce_ms = tonumber(v[3]) or 250, retention_ms = tonumber(v[4]) or 604800000,
+    worker_ttl_ms = tonumber(v[5]) or 30000, max_event_age_ms = tonumber(v[6]) or 86400000}
 end
 
 -- The job as a table, or nil when it does not exist.
@@ -192,10 +191,10 @@ local function promote(P, nows, limit)
   return #ids
 end
 
-local function take(P, C, nows, worker, j)
+local function take(P, nows, worker, lease_ms, j)
   local now = tonumber(nows)
   dequeue(P, j)
-  local deadline = now + C.lease_ms
+  local deadline = now + lease_ms
   j.attempt = num(tonumber(j.attempt) + 1)
   j.status = 'assigned'
   j.worker_id = worker
@@ -211,12 +210,15 @@ local function take(P, C, nows, worker, j)
   j.avoid_until = nil
   local json = save(P, j)
   redis.call('ZADD', P .. 'leases', deadline, j.id)
-  emit_job(P, C, nows, 'job_claimed', j, nil, json)
+  emit_job(P, cfg(P), nows, 'job_claimed', j, nil, json)
   return {'job', redis.call('GET', P .. 's:' .. j.id), num(deadline), json, '0'}
 end
 
--- argv[at] = worker, pver, workflow restriction ('' for none), n, then n (partition, shared) pairs.
+-- argv[at] = lease ms, worker, pver, workflow restriction ('' for none), n, then n (partition,
+-- shared) pairs. The lease length is the caller's: each process holds jobs as long as it says.
 local function claim(P, C, nows, argv, at)
+  local lease_ms = tonumber(argv[at])
+  at = at + 1
   local worker, pver, wf = argv[at], argv[at + 1], argv[at + 2]
   -- The stamp covers registration too: a worker removed or re-registered since the caller's
   -- view bumped it, so a stale or unknown worker is sent to refresh (and finds out there).
@@ -253,7 +255,7 @@ local function claim(P, C, nows, argv, at)
     local j = load(P, string.sub(c[1], 37))
     if j then
       local avoided = j.avoid_worker == worker and j.avoid_until and now < tonumber(j.avoid_until)
-      if not (avoided and shared[c[2]]) then return take(P, C, nows, worker, j) end
+      if not (avoided and shared[c[2]]) then return take(P, nows, worker, lease_ms, j) end
     end
   end
   return false
@@ -349,7 +351,7 @@ redis.register_function('fq_claim', function(keys, argv)
   return claim(P, cfg(P), argv[1], argv, 2)
 end)
 
--- ARGV: now, id, attempt, worker, has_progress, progress, message, has_message.
+-- ARGV: now, id, attempt, worker, has_progress, progress, message, has_message, lease ms.
 redis.register_function('fq_renew', function(keys, argv)
   local P = keys[1]
   local C = cfg(P)
@@ -357,7 +359,7 @@ redis.register_function('fq_renew', function(keys, argv)
   local now = tonumber(nows)
   local j, err = fence(P, argv[2], argv[3], argv[4])
   if not j then return {err} end
-  local deadline = now + C.lease_ms
+  local deadline = now + tonumber(argv[9])
   redis.call('ZADD', P .. 'leases', deadline, j.id)
   if argv[5] == '1' then
     local changed = j.status ~= 'in_progress'

@@ -43,7 +43,7 @@ use crate::{
 
 const LIBRARY: &str = include_str!("fleetq.lua");
 /// The version the function library reports (`FCALL fq_version 0`); loading compares the whole code.
-pub const LIBRARY_VERSION: &str = "9";
+pub const LIBRARY_VERSION: &str = "10";
 
 /// Partitions and workers as of one version stamp, with per-worker match results.
 #[derive(Debug, Default)]
@@ -150,7 +150,6 @@ impl RedisBroker {
             .arg(format!("{}cfg", self.prefix))
             .arg(&[
                 ("max_events", c.max_events.to_string()),
-                ("lease_ms", c.lease_ms.to_string()),
                 ("avoid_ms", c.retry_avoid_ms.to_string()),
                 ("coalesce_ms", c.progress_coalesce_ms.to_string()),
                 ("retention_ms", c.retention_ms.to_string()),
@@ -272,8 +271,8 @@ impl RedisBroker {
         Err(BrokerError::UnknownWorker(worker_id.to_owned()))
     }
 
-    fn push_claim_args(cmd: &mut Cmd, worker_id: &str, view: &FleetView, m: &WorkerMatch) {
-        cmd.arg(worker_id).arg(&view.pver).arg(&m.workflow).arg(m.partitions.len());
+    fn push_claim_args(&self, cmd: &mut Cmd, worker_id: &str, view: &FleetView, m: &WorkerMatch) {
+        cmd.arg(self.config.lease_ms).arg(worker_id).arg(&view.pver).arg(&m.workflow).arg(m.partitions.len());
         for (p, shared) in &m.partitions {
             cmd.arg(&p.0).arg(if *shared { "1" } else { "0" });
         }
@@ -306,7 +305,7 @@ impl RedisBroker {
         let (view, m) = self.claim_args(worker_id).await?;
         let mut cmd = self.fcall("fq_claim", false);
         cmd.arg(self.now());
-        Self::push_claim_args(&mut cmd, worker_id, &view, &m);
+        self.push_claim_args(&mut cmd, worker_id, &view, &m);
         let reply = items(self.run(&cmd).await?);
         self.parse_claim(&reply, worker_id)
     }
@@ -887,6 +886,7 @@ impl RedisBroker {
                 .arg(if message.is_some() { "1" } else { "0" }),
             None => cmd.arg("0").arg("0").arg("").arg("0"),
         };
+        cmd.arg(self.config.lease_ms);
         let reply = items(self.run(&cmd).await?);
         match text_at(&reply, 0, "renew status")?.as_str() {
             "ok" => Ok(LeaseState {
@@ -909,7 +909,7 @@ impl RedisBroker {
         cmd.arg(crate::result_outcome(&text_result));
         if claim_next {
             let (view, m) = self.claim_args(&lease.worker_id).await?;
-            Self::push_claim_args(&mut cmd, &lease.worker_id, &view, &m);
+            self.push_claim_args(&mut cmd, &lease.worker_id, &view, &m);
         }
         let reply = items(self.run(&cmd).await?);
         match text_at(&reply, 0, "complete status")?.as_str() {
