@@ -191,7 +191,7 @@ local function promote(P, nows, limit)
   return #ids
 end
 
-local function take(P, nows, worker, lease_ms, j)
+local function take(P, C, nows, worker, lease_ms, j)
   local now = tonumber(nows)
   dequeue(P, j)
   local deadline = now + lease_ms
@@ -210,7 +210,7 @@ local function take(P, nows, worker, lease_ms, j)
   j.avoid_until = nil
   local json = save(P, j)
   redis.call('ZADD', P .. 'leases', deadline, j.id)
-  emit_job(P, cfg(P), nows, 'job_claimed', j, nil, json)
+  emit_job(P, C, nows, 'job_claimed', j, nil, json)
   return {'job', redis.call('GET', P .. 's:' .. j.id), num(deadline), json, '0'}
 end
 
@@ -255,7 +255,7 @@ local function claim(P, C, nows, argv, at)
     local j = load(P, string.sub(c[1], 37))
     if j then
       local avoided = j.avoid_worker == worker and j.avoid_until and now < tonumber(j.avoid_until)
-      if not (avoided and shared[c[2]]) then return take(P, nows, worker, lease_ms, j) end
+      if not (avoided and shared[c[2]]) then return take(P, C, nows, worker, lease_ms, j) end
     end
   end
   return false
