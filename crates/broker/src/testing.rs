@@ -45,9 +45,35 @@ impl RedisServer {
 
     /// Starts a throwaway server on `port` (to restart one where clients expect it).
     pub fn start_on(port: u16) -> std::io::Result<Self> {
+        Self::launch(port, "--save '' --appendonly no")
+    }
+
+    /// Starts a server on `port` that keeps its data in `dir` (AOF, fsync always), so a restart
+    /// on the same port and directory finds everything acknowledged before it.
+    pub fn start_persistent(port: u16, dir: &std::path::Path) -> std::io::Result<Self> {
+        Self::launch(
+            port,
+            &format!("--save '' --appendonly yes --appendfsync always --dir '{}'", dir.display()),
+        )
+    }
+
+    /// A free port for [`RedisServer::start_persistent`] (never handed out twice by this process).
+    pub fn free_port() -> std::io::Result<u16> {
+        static NEXT: AtomicU16 = AtomicU16::new(0);
+        let _ = NEXT.compare_exchange(0, 40_000 + (std::process::id() % 1_000) as u16 * 16, SeqCst, SeqCst);
+        for _ in 0..1000 {
+            let port = NEXT.fetch_add(1, SeqCst);
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+        Err(std::io::Error::other("no free loopback port for redis-server"))
+    }
+
+    fn launch(port: u16, persistence: &str) -> std::io::Result<Self> {
         // `read` returns when our stdin pipe closes (this process exited), then the server is killed.
         let script = format!(
-            "redis-server --port {port} --bind 127.0.0.1 --save '' --appendonly no --daemonize no \
+            "redis-server --port {port} --bind 127.0.0.1 {persistence} --daemonize no \
              --loglevel warning --protected-mode yes >/dev/null 2>&1 & pid=$!; echo started; read _; kill $pid"
         );
         let mut child =

@@ -316,8 +316,42 @@ impl<B: Broker> Worker<B> {
         started: Instant,
     ) {
         let elapsed_ms = started.elapsed().as_millis();
-        let result = match (stop, outcome) {
-            (Some(Stop::LeaseLost), _) => return,
+        // The attempt's end is retried through backend outages (a Redis restart, a network blip):
+        // giving up would lose a finished result and rerun the job. A definite answer (done,
+        // LeaseLost, …) ends the loop; so does the lease running out, after which the job is
+        // someone else's anyway.
+        let give_up = Instant::now() + Duration::from_millis(self.broker.config().lease_ms.max(1000) as u64);
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let result = self.end_attempt(lease, stop, &outcome, elapsed_ms).await;
+            match result {
+                Ok(()) => {
+                    info!(elapsed_ms, stop = ?stop, "job attempt ended");
+                    return;
+                }
+                Err(BrokerError::Redis(e)) if Instant::now() < give_up => {
+                    warn!(error = %e, "could not end the job attempt; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    warn!(error = %e, stop = ?stop, "could not end the job attempt; its lease will expire");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One try at ending the attempt the way `stop`/`outcome` say.
+    async fn end_attempt(
+        &self,
+        lease: &LeaseRef,
+        stop: Option<Stop>,
+        outcome: &Option<Result<Result<serde_json::Value, ConnectorError>, tokio::task::JoinError>>,
+        elapsed_ms: u128,
+    ) -> Result<(), BrokerError> {
+        match (stop, outcome) {
+            (Some(Stop::LeaseLost), _) => Ok(()),
             (Some(Stop::Shutdown), _) => self.broker.release(lease, "shutdown").await.map(drop),
             (Some(Stop::ProgressTimeout), _) => {
                 self.broker.release(lease, "progress_timeout").await.map(drop)
@@ -331,18 +365,14 @@ impl<B: Broker> Worker<B> {
                 let error = JobError::fatal(FailureCategory::Service, "cancelled");
                 self.broker.fail(lease, error).await.map(drop)
             }
-            (None, Some(Ok(Ok(value)))) => self.broker.complete(lease, value).await,
-            (None, Some(Ok(Err(e)))) => self.broker.fail(lease, e.into_job_error()).await.map(drop),
+            (None, Some(Ok(Ok(value)))) => self.broker.complete(lease, value.clone()).await,
+            (None, Some(Ok(Err(e)))) => self.broker.fail(lease, e.clone().into_job_error()).await.map(drop),
             (None, Some(Err(panic))) => {
                 let error =
                     JobError::retryable(FailureCategory::Internal, format!("connector crashed: {panic}"));
                 self.broker.fail(lease, error).await.map(drop)
             }
             (None, None) => self.broker.release(lease, "connector_stuck").await.map(drop),
-        };
-        match result {
-            Ok(()) => info!(elapsed_ms, stop = ?stop, "job attempt ended"),
-            Err(e) => warn!(error = %e, stop = ?stop, "could not end the job attempt; its lease will expire"),
         }
     }
 }
