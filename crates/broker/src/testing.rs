@@ -32,15 +32,7 @@ impl RedisServer {
     /// Ports come from a per-process counter, never reused: a test that stops its server and
     /// restarts it on the same port must not race another test handed that port meanwhile.
     pub fn start() -> std::io::Result<Self> {
-        static NEXT: AtomicU16 = AtomicU16::new(0);
-        let _ = NEXT.compare_exchange(0, 20_000 + (std::process::id() % 2_000) as u16 * 16, SeqCst, SeqCst);
-        for _ in 0..1000 {
-            let port = NEXT.fetch_add(1, SeqCst);
-            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-                return Self::start_on(port);
-            }
-        }
-        Err(std::io::Error::other("no free loopback port for redis-server"))
+        Self::start_on(Self::free_port()?)
     }
 
     /// Starts a throwaway server on `port` (to restart one where clients expect it).
@@ -57,10 +49,10 @@ impl RedisServer {
         )
     }
 
-    /// A free port for [`RedisServer::start_persistent`] (never handed out twice by this process).
+    /// A free loopback port, never handed out twice by this process.
     pub fn free_port() -> std::io::Result<u16> {
         static NEXT: AtomicU16 = AtomicU16::new(0);
-        let _ = NEXT.compare_exchange(0, 40_000 + (std::process::id() % 1_000) as u16 * 16, SeqCst, SeqCst);
+        let _ = NEXT.compare_exchange(0, 20_000 + (std::process::id() % 2_000) as u16 * 16, SeqCst, SeqCst);
         for _ in 0..1000 {
             let port = NEXT.fetch_add(1, SeqCst);
             if TcpListener::bind(("127.0.0.1", port)).is_ok() {
