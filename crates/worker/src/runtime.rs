@@ -117,6 +117,11 @@ impl<B: Broker> Worker<B> {
 
     /// Runs until `shutdown` fires, then drains and deregisters.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        // Health first, so a connector that is down at start never claims a job.
+        for (service, connector) in &self.connectors {
+            let health = connector.health().await;
+            self.mark_usable(service, &health).await;
+        }
         self.register().await?;
         let span =
             info_span!("worker", worker_id = %self.id(), machine_id = %self.config.registration.machine_id);
@@ -182,16 +187,19 @@ impl<B: Broker> Worker<B> {
         }
     }
 
+    /// Records whether `service` may be claimed for, from its connector's health. Returns true when
+    /// that changed.
+    async fn mark_usable(&self, service: &str, health: &fleetq_connectors::Health) -> bool {
+        let usable = matches!(health.status, ConnectorStatus::Idle | ConnectorStatus::Active);
+        let mut healthy = self.healthy.lock().await;
+        if usable { healthy.insert(service.to_owned()) } else { healthy.remove(service) }
+    }
+
     async fn check_health(&self, last: &mut BTreeMap<String, (ConnectorStatus, Option<String>)>) {
         let mut changed_availability = false;
         for (service, connector) in &self.connectors {
             let h = connector.health().await;
-            let usable = matches!(h.status, ConnectorStatus::Idle | ConnectorStatus::Active);
-            {
-                let mut healthy = self.healthy.lock().await;
-                changed_availability |=
-                    if usable { healthy.insert(service.clone()) } else { healthy.remove(service) };
-            }
+            changed_availability |= self.mark_usable(service, &h).await;
             let now = (h.status, h.message.clone());
             if last.get(service) != Some(&now) {
                 last.insert(service.clone(), now);

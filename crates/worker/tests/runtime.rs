@@ -217,6 +217,7 @@ both_backends!(
     overall_timeout_fails_the_attempt,
     cancel_reaches_the_connector,
     shutdown_gives_the_running_job_back,
+    an_offline_connector_stops_claiming,
 );
 
 /// Renewals alone keep a quiet job's lease: 600 ms leases, 1.5 s between progress reports, and an
@@ -277,4 +278,46 @@ async fn a_redis_restart_mid_job_loses_nothing() {
         .count();
     assert_eq!(completions, 1);
     w.shutdown().await;
+}
+
+/// A worker whose connector is down does not claim for its service (the job waits for a healthy
+/// worker instead of failing in a loop), and claims again once the connector recovers.
+async fn an_offline_connector_stops_claiming<B: Broker>(b: Arc<B>) {
+    let down = sim();
+    down.set_healthy(false);
+    let a = start(&b, config("a-down"), down.clone());
+    // Wait until A has reported its connector offline.
+    let mut after = 0;
+    let mut seen_offline = false;
+    for _ in 0..120 {
+        for e in b.events_after(after, 1000, Duration::from_millis(500)).await.expect("events") {
+            after = e.seq;
+            if let EventKind::ConnectorStatus { worker_id, report } = &e.kind {
+                seen_offline |=
+                    worker_id == "a-down" && report.status == fleetq_core::ConnectorStatus::Offline;
+            }
+        }
+        if seen_offline {
+            break;
+        }
+    }
+    assert!(seen_offline, "the outage was reported");
+    let id = b.submit(job(json!({}))).await.expect("submit").id;
+    let healthy = start(&b, config("b-up"), sim());
+    let rec = wait_for(b.as_ref(), &id, finished).await;
+    assert_eq!(
+        (rec.summary.worker_id.as_deref(), rec.summary.attempt),
+        (Some("b-up"), 1),
+        "A never tried it"
+    );
+    healthy.shutdown().await;
+    // Recovery: A claims again.
+    down.set_healthy(true);
+    let next = b.submit(job(json!({}))).await.expect("submit").id;
+    let rec = wait_for(b.as_ref(), &next, finished).await;
+    assert_eq!(
+        (rec.summary.status, rec.summary.worker_id.as_deref()),
+        (JobStatus::Completed, Some("a-down"))
+    );
+    a.shutdown().await;
 }
