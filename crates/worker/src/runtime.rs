@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleetq_broker::{Broker, BrokerError, Lease, LeaseRef, LeaseState};
+use fleetq_broker::{Broker, BrokerError, Clock, Lease, LeaseRef, LeaseState, SystemClock};
 use fleetq_connectors::{CancellationToken, Connector, ConnectorError, ProgressSink};
 use fleetq_core::{
     ConnectorReport, ConnectorStatus, FailureCategory, JobError, ValidationError, WorkerRegistration,
@@ -207,7 +207,7 @@ impl<B: Broker> Worker<B> {
                     service: service.clone(),
                     status: h.status,
                     message: h.message,
-                    at: now_ms(),
+                    at: SystemClock.now_ms(),
                 };
                 if let Err(e) = self.broker.report_connector(self.id(), report).await {
                     warn!(service = %service, error = %e, "connector report failed");
@@ -244,9 +244,9 @@ impl<B: Broker> Worker<B> {
                 let (job, cancel) = (lease.job.clone(), cancel.clone());
                 tokio::spawn(async move { connector.process(&job, sink, cancel).await })
             };
-            // Renew at a third of the lease the broker actually granted (with Redis the queue's
-            // lease length may differ from this process's configuration).
-            let granted_ms = (lease.deadline_ms - now_ms()).clamp(30, self.broker.config().lease_ms.max(30));
+            // Renew at a third of the lease actually granted (the deadline is what counts: it
+            // already lost the claim's round trip).
+            let granted_ms = (lease.deadline_ms - SystemClock.now_ms()).clamp(30, self.broker.config().lease_ms.max(30));
             let renew_every = Duration::from_millis((granted_ms / 3) as u64);
             let mut renew = tokio::time::interval_at(started + renew_every, renew_every);
             let mut last_sign = started;
@@ -383,11 +383,4 @@ impl<B: Broker> Worker<B> {
             (None, None) => self.broker.release(lease, "connector_stuck").await.map(drop),
         }
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

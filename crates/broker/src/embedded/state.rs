@@ -942,30 +942,20 @@ impl State {
             None => (i64::MAX, String::new()),
         };
         let mut stmt = self.conn.prepare_cached(
-            "SELECT summary, created_at, id FROM jobs
+            "SELECT summary FROM jobs
              WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR service = ?2)
                AND (created_at < ?3 OR (created_at = ?3 AND ?4 <> '' AND id < ?4))
              ORDER BY created_at DESC, id DESC LIMIT ?5",
         )?;
+        // One row more than the page tells whether another page follows.
         let rows = stmt.query_map(
             params![filter.status.map(|s| s.as_str()), filter.service, c_at, c_id, (limit + 1) as i64],
-            |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?)),
+            |r| r.get::<_, String>(0),
         )?;
-        let mut jobs = Vec::new();
-        let mut next = None;
-        for row in rows {
-            let (summary, at, id) = row?;
-            if jobs.len() == limit {
-                next = Some(format!("{at}:{id}"));
-                break;
-            }
-            jobs.push(self.parse_summary(&summary)?);
-        }
-        if next.is_some()
-            && let Some(last) = jobs.last()
-        {
-            next = Some(format!("{}:{}", last.created_at, last.id));
-        }
+        let mut jobs = rows.map(|row| self.parse_summary(&row?)).collect::<Result<Vec<_>>>()?;
+        let more = jobs.len() > limit;
+        jobs.truncate(limit);
+        let next = jobs.last().filter(|_| more).map(|last| format!("{}:{}", last.created_at, last.id));
         Ok(JobPage { jobs, next })
     }
 

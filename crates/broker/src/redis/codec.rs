@@ -22,7 +22,7 @@ const NUMERIC: &[&str] = &[
     "run_at",
 ];
 const BOOLEAN: &[&str] = &["cancel_requested", "unworkable"];
-/// Fields of the hash that are not part of a summary (or are stream entry fields).
+/// Summary fields kept as strings (anything not listed here or above is ignored on decode).
 const STRING: &[&str] =
     &["id", "service", "partition", "status", "workflow_id", "customer_id", "worker_id", "message"];
 

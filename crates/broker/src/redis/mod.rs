@@ -80,7 +80,6 @@ enum ClaimReply {
     Job(Box<Lease>),
     Empty,
     Refresh,
-    Unknown,
 }
 
 impl RedisBroker {
@@ -282,7 +281,6 @@ impl RedisBroker {
         match list.first().and_then(text).as_deref() {
             None => Ok(ClaimReply::Empty),
             Some("refresh") => Ok(ClaimReply::Refresh),
-            Some("unknown") => Ok(ClaimReply::Unknown),
             Some("job") => {
                 let spec_text = text_at(list, 1, "spec")?;
                 let spec: JobSpec =
@@ -540,12 +538,11 @@ impl Broker for RedisBroker {
         loop {
             match self.try_claim(worker_id).await? {
                 ClaimReply::Job(lease) => return Ok(Some(*lease)),
-                ClaimReply::Refresh | ClaimReply::Unknown if refreshes < 8 => {
+                ClaimReply::Refresh if refreshes < 8 => {
                     refreshes += 1;
                     self.invalidate();
                     continue;
                 }
-                ClaimReply::Unknown => return Err(BrokerError::UnknownWorker(worker_id.to_owned())),
                 ClaimReply::Refresh | ClaimReply::Empty => {}
             }
             refreshes = 0;
@@ -920,7 +917,7 @@ impl RedisBroker {
                     self.invalidate();
                     self.claim(&lease.worker_id, Duration::ZERO).await
                 }
-                ClaimReply::Empty | ClaimReply::Unknown => Ok(None),
+                ClaimReply::Empty => Ok(None),
             },
             other => Err(Self::fence_error(other, lease)),
         }
