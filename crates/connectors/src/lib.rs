@@ -10,6 +10,7 @@
 //! error says whether another attempt may succeed ([`ConnectorError::retryable`]); the worker turns
 //! it into the broker's typed [`JobError`], never by parsing text.
 
+pub mod mock;
 pub mod simulation;
 
 use std::fmt;
