@@ -10,6 +10,8 @@
 //! error says whether another attempt may succeed ([`ConnectorError::retryable`]); the worker turns
 //! it into the broker's typed [`JobError`], never by parsing text.
 
+pub mod comfyui;
+pub mod http;
 pub mod mock;
 pub mod simulation;
 

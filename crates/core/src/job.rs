@@ -190,17 +190,56 @@ impl fmt::Display for JobStatus {
 pub enum FailureCategory {
     /// The service rejected the job (bad workflow, missing model): retrying will not help.
     Validation,
-    /// The service failed while running it.
+    /// The service failed while running it (`service_error`).
     #[default]
+    #[serde(rename = "service_error", alias = "service")]
     Service,
-    /// The service could not be reached.
+    /// The service could not be reached (`service_offline`).
+    #[serde(rename = "service_offline", alias = "connection")]
     Connection,
-    /// The job exceeded its overall or progress timeout.
+    /// The job exceeded its overall timeout.
     Timeout,
-    /// The worker's lease expired (worker died or hung).
+    /// The job showed no sign of life for its progress timeout.
+    ProgressTimeout,
+    /// The worker's lease expired: the worker died, hung or lost the broker (`lost_lease`).
+    #[serde(rename = "lost_lease", alias = "lease_expired")]
     LeaseExpired,
+    /// Cancelled through the broker.
+    Cancelled,
+    /// The service ran out of (GPU or host) memory; another machine may succeed.
+    Oom,
     /// Anything else.
     Internal,
+}
+
+impl FailureCategory {
+    /// Every category, for metrics that must show zero counts too.
+    pub const ALL: [Self; 9] = [
+        Self::Validation,
+        Self::Service,
+        Self::Connection,
+        Self::Timeout,
+        Self::ProgressTimeout,
+        Self::LeaseExpired,
+        Self::Cancelled,
+        Self::Oom,
+        Self::Internal,
+    ];
+
+    /// The wire and metrics name (`service_offline`, `lost_lease`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Validation => "validation",
+            Self::Service => "service_error",
+            Self::Connection => "service_offline",
+            Self::Timeout => "timeout",
+            Self::ProgressTimeout => "progress_timeout",
+            Self::LeaseExpired => "lost_lease",
+            Self::Cancelled => "cancelled",
+            Self::Oom => "oom",
+            Self::Internal => "internal",
+        }
+    }
 }
 
 /// A typed error outcome. The broker decides requeue-or-fail from `retryable`, never from text.

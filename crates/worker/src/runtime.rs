@@ -370,7 +370,7 @@ impl<B: Broker> Worker<B> {
                 self.broker.fail(lease, error).await.map(drop)
             }
             (Some(Stop::Cancelled), _) => {
-                let error = JobError::fatal(FailureCategory::Service, "cancelled");
+                let error = JobError::fatal(FailureCategory::Cancelled, "cancelled");
                 self.broker.fail(lease, error).await.map(drop)
             }
             (None, Some(Ok(Ok(value)))) => self.broker.complete(lease, value.clone()).await,

@@ -653,7 +653,8 @@ impl State {
         if row.summary.cancel_requested {
             Self::transition(row, Action::ConfirmCancel, now)?;
             row.summary.finished_at = Some(now);
-            let outcome = to_json(&Outcome::Error { error: JobError::fatal(error.category, "cancelled") })?;
+            let outcome =
+                to_json(&Outcome::Error { error: JobError::fatal(FailureCategory::Cancelled, "cancelled") })?;
             self.store(row, OutcomeChange::Set(outcome))?;
             self.emit(EventKind::JobCancelled { job: row.summary.clone() })?;
             return Ok(FailOutcome::Cancelled);

@@ -9,16 +9,16 @@
 -- Order keys are never compared with Lua's `<` on strings (strcoll): see `key_less`. Only fixed,
 -- short field lists are ever unpacked.
 
-local VERSION = '10'
+local VERSION = '11'
 
 -- A job's state is one JSON object of strings at `j:{id}` (absent optional fields are omitted),
 -- decoded and encoded by Redis's C cjson; its spec is at `s:{id}`, its outcome at `o:{id}`.
 -- Summary fields plus internal ones: order, ckey, backoff, progress_dirty, progress_evt_at, idem,
 -- avoid_worker, avoid_until. Events carry the state JSON as field `j` (readers ignore internals).
 
-local LEASE_ERR = '{"message":"lease expired: worker stopped reporting","category":"lease_expired","retryable":true}'
+local LEASE_ERR = '{"message":"lease expired: worker stopped reporting","category":"lost_lease","retryable":true}'
 local LEASE_FAIL = '{"kind":"error","error":' .. LEASE_ERR .. '}'
-local LEASE_CANCEL = '{"kind":"error","error":{"message":"cancelled","category":"lease_expired","retryable":false}}'
+local LEASE_CANCEL = '{"kind":"error","error":{"message":"cancelled","category":"cancelled","retryable":false}}'
 
 local function num(n) return string.format('%.0f', n) end
 

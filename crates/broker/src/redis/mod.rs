@@ -43,7 +43,7 @@ use crate::{
 
 const LIBRARY: &str = include_str!("fleetq.lua");
 /// The version the function library reports (`FCALL fq_version 0`); loading compares the whole code.
-pub const LIBRARY_VERSION: &str = "10";
+pub const LIBRARY_VERSION: &str = "11";
 
 /// Partitions and workers as of one version stamp, with per-worker match results.
 #[derive(Debug, Default)]
@@ -362,7 +362,7 @@ impl RedisBroker {
         reason: &str,
         refund: bool,
     ) -> Result<FailOutcome> {
-        let cancel = JobError::fatal(error.category, "cancelled");
+        let cancel = JobError::fatal(fleetq_core::FailureCategory::Cancelled, "cancelled");
         let mut cmd = self.fcall("fq_fail", false);
         Self::fenced(&mut cmd, self.now(), lease);
         cmd.arg(to_json(&error)?)

@@ -50,11 +50,19 @@ pub struct ComfyMockConfig {
     pub time_scale: f64,
     /// Delay before the tail messages (`status`, `executing{null}`), like the real server's GC stall.
     pub tail_stall: Duration,
+    /// Hold each `POST /prompt` reply until that prompt has finished: the worst case of the race
+    /// where a cached prompt's whole run is sent before the client reads the reply (§1.6).
+    pub reply_after_done: bool,
 }
 
 impl Default for ComfyMockConfig {
     fn default() -> Self {
-        Self { node_delay: Duration::ZERO, time_scale: 1.0, tail_stall: Duration::ZERO }
+        Self {
+            node_delay: Duration::ZERO,
+            time_scale: 1.0,
+            tail_stall: Duration::ZERO,
+            reply_after_done: false,
+        }
     }
 }
 
@@ -351,6 +359,8 @@ struct Shared {
     config: ComfyMockConfig,
     inner: Mutex<Inner>,
     work: Notify,
+    /// Wakes replies held by `reply_after_done` when a prompt finishes.
+    done: Notify,
     stop: CancellationToken,
 }
 
@@ -389,6 +399,7 @@ impl ComfyMock {
             config,
             inner: Mutex::new(Inner::default()),
             work: Notify::new(),
+            done: Notify::new(),
             stop: CancellationToken::new(),
         });
         let app = router(shared.clone());
@@ -423,6 +434,11 @@ impl ComfyMock {
     /// The clientIds that have a registered socket (ids whose events would be delivered).
     pub fn connected_clients(&self) -> Vec<String> {
         self.shared.lock().sockets.keys().cloned().collect()
+    }
+
+    /// Closes every open WebSocket (a network blip); the service stays up and clients may reconnect.
+    pub fn drop_sockets(&self) {
+        self.shared.lock().sockets.clear();
     }
 
     /// Whether a prompt is running now.
@@ -567,15 +583,35 @@ async fn get_prompt(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn post_prompt(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
-    let Ok(Value::Object(mut body)) = serde_json::from_slice::<Value>(&body) else {
-        return server_error();
+    let (prompt_id, reply) = match accept_prompt(&shared, &body) {
+        Ok(accepted) => accepted,
+        Err(rejected) => return rejected,
+    };
+    shared.work.notify_one();
+    if shared.config.reply_after_done {
+        loop {
+            let done = shared.done.notified();
+            if shared.lock().history.iter().any(|(k, _)| *k == prompt_id) || shared.stop.is_cancelled() {
+                break;
+            }
+            done.await;
+        }
+    }
+    reply
+}
+
+#[allow(clippy::result_large_err, reason = "both arms are HTTP replies, built once per request")]
+/// Parses, validates and queues a prompt: `Ok((prompt_id, reply))` when queued, `Err(reply)` otherwise.
+fn accept_prompt(shared: &Shared, body: &Bytes) -> Result<(String, Response), Response> {
+    let Ok(Value::Object(mut body)) = serde_json::from_slice::<Value>(body) else {
+        return Err(server_error());
     };
     let mut inner = shared.lock();
     inner.prompts.push(Value::Object(body.clone()));
     let number = match body.get("number") {
         Some(n) => match n.as_f64() {
             Some(f) => json!(f),
-            None => return server_error(),
+            None => return Err(server_error()),
         },
         None => {
             let n = inner.counter;
@@ -585,10 +621,10 @@ async fn post_prompt(State(shared): State<Arc<Shared>>, body: Bytes) -> Response
     };
     let Some(prompt) = body.remove("prompt") else {
         let error = json!({"type": "no_prompt", "message": "No prompt provided", "details": "No prompt provided", "extra_info": {}});
-        return json_reply(StatusCode::BAD_REQUEST, &json!({"error": error, "node_errors": {}}));
+        return Err(json_reply(StatusCode::BAD_REQUEST, &json!({"error": error, "node_errors": {}})));
     };
     let Value::Object(prompt) = prompt else {
-        return server_error();
+        return Err(server_error());
     };
     let prompt_id = match body.get("prompt_id") {
         Some(Value::String(s)) => s.clone(),
@@ -600,7 +636,7 @@ async fn post_prompt(State(shared): State<Arc<Shared>>, body: Bytes) -> Response
         .and_then(Value::as_array)
         .map(|a| a.iter().map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned)).collect());
     match validate_prompt(&prompt, targets.as_deref(), &inner) {
-        Err(error) => json_reply(StatusCode::BAD_REQUEST, &error),
+        Err(error) => Err(json_reply(StatusCode::BAD_REQUEST, &error)),
         Ok((outputs, node_errors)) => {
             let mut extra_data = match body.get("extra_data") {
                 Some(Value::Object(m)) => m.clone(),
@@ -615,12 +651,11 @@ async fn post_prompt(State(shared): State<Arc<Shared>>, body: Bytes) -> Response
                 Queued { number: number.clone(), prompt_id: prompt_id.clone(), prompt, extra_data, outputs };
             heapq::push(&mut inner.pending, q);
             inner.broadcast_status();
-            drop(inner);
-            shared.work.notify_one();
-            json_reply(
+            let reply = json_reply(
                 StatusCode::OK,
                 &json!({"prompt_id": prompt_id, "number": number, "node_errors": node_errors}),
-            )
+            );
+            Ok((prompt_id, reply))
         }
     }
 }
@@ -1368,4 +1403,6 @@ async fn execute(shared: &Shared, q: Queued) {
     inner.running = None;
     inner.broadcast_status();
     inner.emit(run.client.as_deref(), "executing", json!({"node": null, "prompt_id": pid}));
+    drop(inner);
+    shared.done.notify_waiters();
 }

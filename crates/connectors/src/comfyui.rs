@@ -1,0 +1,723 @@
+//! The ComfyUI connector, following services.md §1.8:
+//!
+//! - one long-lived WebSocket per connector, opened before any prompt is posted and reconnected
+//!   with backoff. Every connection uses a **fresh clientId**: reusing one races the old socket's
+//!   cleanup, which unregisters the id and silences the new socket (transcript 17);
+//! - the connector chooses the `prompt_id` and registers a route for it before the POST, so events
+//!   that arrive before the HTTP reply (a cached prompt finishes in ~12 ms) are never lost;
+//! - done = `executing{node:null}` for our prompt, or a non-empty `/history/{id}`, checked right
+//!   after submission, after every reconnect, and whenever the socket is quiet for `poll_every`;
+//!   the outcome and outputs always come from the history entry (the source of truth);
+//! - `node_errors` on a 400 *or* a 200 fail the job fatally with the node, class and input named
+//!   (a partial run is not what the client asked for; the queued remainder is deleted);
+//! - cancellation and timeouts: `POST /interrupt {prompt_id}` and `POST /queue {delete}`;
+//! - outputs are returned by reference (`/view` URL), and copied into the artifacts directory when
+//!   one is configured.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use fleetq_core::{ConnectorStatus, FailureCategory, JobRecord};
+use futures::future::BoxFuture;
+use futures::{SinkExt, StreamExt};
+use reqwest::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::Message;
+use tracing::{debug, warn};
+
+use crate::http::{Auth, HttpConfig, HttpTransport};
+use crate::{CancellationToken, Connector, ConnectorError, Health, ProgressSink};
+
+/// Settings of one ComfyUI connector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ComfyUiConfig {
+    /// Service name served (`comfyui` unless a fleet names several).
+    pub service: String,
+    /// Base URL, e.g. `http://127.0.0.1:8188`.
+    pub url: String,
+    /// History poll period while the socket is quiet.
+    pub poll_ms: u64,
+    /// Timeout of one HTTP request.
+    pub request_timeout_ms: u64,
+    /// Where outputs are copied (`<dir>/<job id>/<file>`); `None` returns references only.
+    pub artifacts_dir: Option<PathBuf>,
+    /// Credentials for a ComfyUI behind an authenticating proxy.
+    pub auth: Auth,
+}
+
+impl Default for ComfyUiConfig {
+    fn default() -> Self {
+        Self {
+            service: "comfyui".into(),
+            url: "http://127.0.0.1:8188".into(),
+            poll_ms: 1000,
+            request_timeout_ms: 30_000,
+            artifacts_dir: None,
+            auth: Auth::None,
+        }
+    }
+}
+
+/// How a job's completion was detected (returned in the result as `completion`, for tests and
+/// operators: a cached prompt must finish through `history_check`, never through a timeout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Completion {
+    HistoryCheck,
+    Websocket,
+    HistoryPoll,
+    Reconnect,
+}
+
+impl Completion {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::HistoryCheck => "history_check",
+            Self::Websocket => "websocket",
+            Self::HistoryPoll => "history_poll",
+            Self::Reconnect => "reconnect",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct SocketState {
+    /// The clientId of the open socket; `None` while disconnected.
+    client_id: Option<String>,
+    /// Bumped on every (re)connection.
+    epoch: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: ComfyUiConfig,
+    http: HttpTransport,
+    routes: Mutex<HashMap<String, mpsc::UnboundedSender<Value>>>,
+    socket: watch::Sender<SocketState>,
+    stop: CancellationToken,
+}
+
+impl Inner {
+    fn routes(&self) -> MutexGuard<'_, HashMap<String, mpsc::UnboundedSender<Value>>> {
+        self.routes.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The ComfyUI connector. Dropping it closes its socket.
+#[derive(Debug)]
+pub struct ComfyUi {
+    inner: Arc<Inner>,
+}
+
+impl Drop for ComfyUi {
+    fn drop(&mut self) {
+        self.inner.stop.cancel();
+    }
+}
+
+impl ComfyUi {
+    /// Creates the connector and starts its socket task (which keeps retrying while ComfyUI is
+    /// down). Must run inside a tokio runtime.
+    pub fn new(config: ComfyUiConfig) -> Result<Self, ConnectorError> {
+        let mut http = HttpConfig::new(config.url.clone());
+        http.timeout = Duration::from_millis(config.request_timeout_ms.max(1));
+        http.auth = config.auth.clone();
+        let inner = Arc::new(Inner {
+            http: HttpTransport::new(http)?,
+            config,
+            routes: Mutex::new(HashMap::new()),
+            socket: watch::Sender::new(SocketState::default()),
+            stop: CancellationToken::new(),
+        });
+        tokio::spawn(socket_loop(inner.clone()));
+        Ok(Self { inner })
+    }
+
+    /// Whether the WebSocket is connected now.
+    pub fn socket_connected(&self) -> bool {
+        self.inner.socket.borrow().client_id.is_some()
+    }
+}
+
+fn ws_url(base: &str, client_id: &str) -> String {
+    let base = base.replacen("https://", "wss://", 1).replacen("http://", "ws://", 1);
+    format!("{base}/ws?clientId={client_id}")
+}
+
+async fn socket_loop(inner: Arc<Inner>) {
+    let mut pause = Duration::from_millis(100);
+    while !inner.stop.is_cancelled() {
+        let client_id = uuid::Uuid::new_v4().simple().to_string();
+        let url = ws_url(&inner.config.url, &client_id);
+        let connect = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(url));
+        let connected = tokio::select! {
+            () = inner.stop.cancelled() => return,
+            r = connect => r,
+        };
+        if let Ok(Ok((socket, _))) = connected {
+            pause = Duration::from_millis(100);
+            inner.socket.send_modify(|s| {
+                s.client_id = Some(client_id.clone());
+                s.epoch += 1;
+            });
+            debug!(url = %inner.config.url, "comfyui socket connected");
+            let (mut sink, mut stream) = socket.split();
+            // ComfyUI never pings; idle sockets behind proxies need ours.
+            let mut ping = tokio::time::interval(Duration::from_secs(20));
+            loop {
+                tokio::select! {
+                    () = inner.stop.cancelled() => {
+                        let _ = sink.close().await;
+                        return;
+                    }
+                    _ = ping.tick() => {
+                        if sink.send(Message::Ping(Vec::new().into())).await.is_err() {
+                            break;
+                        }
+                    }
+                    msg = stream.next() => match msg {
+                        Some(Ok(Message::Text(text))) => route(&inner, text.as_str()),
+                        Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+                        // Binary frames (previews, progress text) and pongs carry nothing we need.
+                        Some(Ok(_)) => {}
+                    },
+                }
+            }
+            inner.socket.send_modify(|s| s.client_id = None);
+            debug!(url = %inner.config.url, "comfyui socket lost; reconnecting");
+        }
+        tokio::select! {
+            () = inner.stop.cancelled() => return,
+            () = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Hands a message to the job waiting for its prompt. Messages without a prompt_id (`status`, the
+/// reconnect form of `executing`) and for prompts nobody waits on are dropped.
+fn route(inner: &Inner, text: &str) {
+    let Ok(msg) = serde_json::from_str::<Value>(text) else { return };
+    let Some(pid) = msg.get("data").and_then(|d| d.get("prompt_id")).and_then(Value::as_str) else { return };
+    if let Some(tx) = inner.routes().get(pid) {
+        let _ = tx.send(msg);
+    }
+}
+
+/// Removes a prompt's route when the job ends, however it ends.
+struct RouteGuard<'a> {
+    inner: &'a Inner,
+    prompt_id: String,
+}
+
+impl Drop for RouteGuard<'_> {
+    fn drop(&mut self) {
+        self.inner.routes().remove(&self.prompt_id);
+    }
+}
+
+/// Node-weighted progress: each node of the graph counts equally; a running node counts by its
+/// own progress bar.
+#[derive(Debug, Default)]
+struct Progress {
+    total: usize,
+    nodes: HashMap<String, f64>,
+}
+
+impl Progress {
+    fn set(&mut self, node: &str, fraction: f64) {
+        let f = self.nodes.entry(node.to_owned()).or_insert(0.0);
+        *f = f.max(fraction.clamp(0.0, 1.0));
+    }
+
+    fn percent(&self) -> f64 {
+        if self.total == 0 {
+            return 0.0;
+        }
+        (100.0 * self.nodes.values().sum::<f64>() / self.total as f64).min(99.0)
+    }
+
+    /// Applies one socket message; returns a message worth showing for it.
+    fn apply(&mut self, kind: &str, data: &Value) -> Option<String> {
+        match kind {
+            "execution_cached" => {
+                for n in data
+                    .get("nodes")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                {
+                    self.set(n, 1.0);
+                }
+                None
+            }
+            "executing" => {
+                let node = data.get("node").and_then(Value::as_str)?;
+                self.set(node, 0.0);
+                Some(format!("node {node}"))
+            }
+            "progress_state" => {
+                for (id, n) in data.get("nodes").and_then(Value::as_object).into_iter().flatten() {
+                    let finished = n.get("state").and_then(Value::as_str) == Some("finished");
+                    let value = n.get("value").and_then(Value::as_f64).unwrap_or(0.0);
+                    let max = n.get("max").and_then(Value::as_f64).unwrap_or(1.0);
+                    self.set(
+                        id,
+                        if finished {
+                            1.0
+                        } else if max > 0.0 {
+                            value / max
+                        } else {
+                            0.0
+                        },
+                    );
+                }
+                None
+            }
+            "progress" => {
+                let node = data.get("node").and_then(Value::as_str).unwrap_or("");
+                let value = data.get("value").and_then(Value::as_f64).unwrap_or(0.0);
+                let max = data.get("max").and_then(Value::as_f64).unwrap_or(1.0);
+                if max > 0.0 {
+                    self.set(node, value / max);
+                }
+                Some(format!("node {node}: step {value} of {max}"))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A JSON object (a workflow, or its extra data).
+type Workflow = Map<String, Value>;
+
+/// The workflow and extra data in a job payload: `{"prompt": {...}, "extra_data": {...}}`,
+/// `{"workflow": {...}}`, or the API-format workflow itself.
+fn parse_payload(payload: &Value) -> Result<(Workflow, Workflow), ConnectorError> {
+    let bad = |m: &str| ConnectorError::fatal(FailureCategory::Validation, m.to_owned());
+    let obj =
+        payload.as_object().ok_or_else(|| bad("payload must be an object holding a ComfyUI workflow"))?;
+    let extra = obj.get("extra_data").and_then(Value::as_object).cloned().unwrap_or_default();
+    let workflow = match obj.get("prompt").or_else(|| obj.get("workflow")) {
+        Some(Value::Object(w)) => w.clone(),
+        Some(_) => return Err(bad("payload.prompt must be an API-format workflow object")),
+        None => obj.clone(),
+    };
+    if workflow.is_empty()
+        || !workflow.values().all(|n| n.get("class_type").is_some() || n.get("inputs").is_some())
+    {
+        return Err(bad(
+            "payload is not an API-format ComfyUI workflow (an object of nodes with class_type and inputs); \
+             export it with \"Save (API Format)\"",
+        ));
+    }
+    Ok((workflow, extra))
+}
+
+/// A readable, fatal error from ComfyUI's validation reply (400, or 200 with `node_errors`).
+fn describe_validation(body: &Value) -> String {
+    let mut parts = Vec::new();
+    for (id, node) in body.get("node_errors").and_then(Value::as_object).into_iter().flatten() {
+        let class = node.get("class_type").and_then(Value::as_str).unwrap_or("?");
+        for e in node.get("errors").and_then(Value::as_array).into_iter().flatten() {
+            let input = e.pointer("/extra_info/input_name").and_then(Value::as_str).unwrap_or("");
+            let message = e.get("message").and_then(Value::as_str).unwrap_or("");
+            let details = e.get("details").and_then(Value::as_str).unwrap_or("");
+            let kind = e.get("type").and_then(Value::as_str).unwrap_or("");
+            let mut p = format!("node {id} ({class})");
+            if !input.is_empty() {
+                p.push_str(&format!(" input '{input}'"));
+            }
+            p.push_str(&format!(": {message}"));
+            if !details.is_empty() && details != input {
+                p.push_str(&format!(" ({details})"));
+            }
+            p.push_str(&format!(" [{kind}]"));
+            parts.push(p);
+        }
+    }
+    if parts.is_empty() {
+        let message = body.pointer("/error/message").and_then(Value::as_str).unwrap_or("rejected");
+        let details = body.pointer("/error/details").and_then(Value::as_str).unwrap_or("");
+        let kind = body.pointer("/error/type").and_then(Value::as_str).unwrap_or("");
+        let mut p = format!("ComfyUI rejected the workflow: {message}");
+        if !details.is_empty() {
+            p.push_str(&format!(" ({details})"));
+        }
+        if !kind.is_empty() {
+            p.push_str(&format!(" [{kind}]"));
+        }
+        return p;
+    }
+    format!("ComfyUI rejected the workflow: {}", parts.join("; "))
+}
+
+/// The job's error from a failed history entry.
+fn history_error(entry: &Value) -> ConnectorError {
+    let messages = entry.pointer("/status/messages").and_then(Value::as_array);
+    let last = messages.and_then(|m| {
+        m.iter().rev().find(|x| {
+            matches!(x.get(0).and_then(Value::as_str), Some("execution_error" | "execution_interrupted"))
+        })
+    });
+    let kind = last.and_then(|l| l.get(0)).and_then(Value::as_str).unwrap_or("");
+    let data = last.and_then(|l| l.get(1)).cloned().unwrap_or(Value::Null);
+    let node = data.get("node_id").and_then(Value::as_str).unwrap_or("?");
+    let class = data.get("node_type").and_then(Value::as_str).unwrap_or("?");
+    if kind == "execution_interrupted" {
+        return ConnectorError::retryable(
+            FailureCategory::Service,
+            format!("interrupted on the ComfyUI server at node {node} ({class})"),
+        );
+    }
+    let etype = data.get("exception_type").and_then(Value::as_str).unwrap_or("error");
+    let emsg = data.get("exception_message").and_then(Value::as_str).unwrap_or("").trim_end();
+    let message = format!("node {node} ({class}) raised {etype}: {emsg}");
+    let lower = format!("{etype} {emsg}").to_lowercase();
+    if lower.contains("outofmemory")
+        || lower.contains("out of memory")
+        || lower.contains("can't allocate memory")
+    {
+        // Another GPU (or the same one later) may have the memory.
+        ConnectorError::retryable(FailureCategory::Oom, message)
+    } else {
+        ConnectorError::fatal(FailureCategory::Service, message)
+    }
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl ComfyUi {
+    async fn history(&self, prompt_id: &str) -> Result<Option<Value>, ConnectorError> {
+        let (status, body) = self.inner.http.get_json(&format!("/history/{prompt_id}")).await?;
+        if status != StatusCode::OK {
+            return Err(ConnectorError::retryable(
+                FailureCategory::Service,
+                format!("GET /history replied {status}"),
+            ));
+        }
+        Ok(body.get(prompt_id).cloned())
+    }
+
+    /// Whether ComfyUI's queue (running or pending) holds the prompt.
+    async fn queued(&self, prompt_id: &str) -> Result<bool, ConnectorError> {
+        let (_, q) = self.inner.http.get_json("/queue").await?;
+        let holds = |k: &str| {
+            q.get(k)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .any(|item| item.get(1).and_then(Value::as_str) == Some(prompt_id))
+        };
+        Ok(holds("queue_running") || holds("queue_pending"))
+    }
+
+    /// Stops the prompt wherever it is: interrupt if running, delete if pending.
+    async fn interrupt(&self, prompt_id: &str) {
+        let http = &self.inner.http;
+        if let Err(e) = http.post_json("/interrupt", &json!({"prompt_id": prompt_id})).await {
+            warn!(error = %e, "comfyui interrupt failed");
+        }
+        let _ = http.post_json("/queue", &json!({"delete": [prompt_id]})).await;
+    }
+
+    async fn finish(
+        &self,
+        job: &JobRecord,
+        prompt_id: &str,
+        entry: &Value,
+        how: Completion,
+    ) -> Result<Value, ConnectorError> {
+        if entry.pointer("/status/status_str").and_then(Value::as_str) == Some("error") {
+            return Err(history_error(entry));
+        }
+        let mut outputs = Map::new();
+        for (node, out) in entry.get("outputs").and_then(Value::as_object).into_iter().flatten() {
+            let mut node_out = Map::new();
+            for (key, items) in out.as_object().into_iter().flatten() {
+                let Some(items) = items.as_array() else {
+                    node_out.insert(key.clone(), items.clone());
+                    continue;
+                };
+                let mut refs = Vec::new();
+                for item in items {
+                    refs.push(self.output_ref(job, item).await?);
+                }
+                node_out.insert(key.clone(), Value::Array(refs));
+            }
+            outputs.insert(node.clone(), Value::Object(node_out));
+        }
+        Ok(json!({"prompt_id": prompt_id, "outputs": outputs, "completion": how.as_str()}))
+    }
+
+    /// A file output as a reference (`url`), copied into the artifacts directory if configured.
+    async fn output_ref(&self, job: &JobRecord, item: &Value) -> Result<Value, ConnectorError> {
+        let Some(filename) = item.get("filename").and_then(Value::as_str) else { return Ok(item.clone()) };
+        let subfolder = item.get("subfolder").and_then(Value::as_str).unwrap_or("");
+        let kind = item.get("type").and_then(Value::as_str).unwrap_or("output");
+        let path = format!(
+            "/view?filename={}&subfolder={}&type={}",
+            percent_encode(filename),
+            percent_encode(subfolder),
+            percent_encode(kind)
+        );
+        let mut r = item.clone();
+        if let Some(o) = r.as_object_mut() {
+            o.insert("url".into(), json!(self.inner.http.url(&path)));
+        }
+        let Some(dir) = &self.inner.config.artifacts_dir else { return Ok(r) };
+        let (status, bytes) = self.inner.http.get_bytes(&path).await?;
+        if status != StatusCode::OK {
+            return Err(ConnectorError::retryable(
+                FailureCategory::Service,
+                format!("GET {path} replied {status}"),
+            ));
+        }
+        // Names come from the service: keep only the last path component.
+        let safe = std::path::Path::new(filename)
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let rel = format!("{}/{safe}", job.summary.id);
+        let target = dir.join(&rel);
+        let write = async {
+            if let Some(parent) = target.parent() {
+                tokio::fs::create_dir_all(parent).await?;
+            }
+            tokio::fs::write(&target, &bytes).await
+        };
+        write.await.map_err(|e| {
+            ConnectorError::retryable(FailureCategory::Internal, format!("writing {}: {e}", target.display()))
+        })?;
+        if let Some(o) = r.as_object_mut() {
+            o.insert("artifact".into(), json!(rel));
+            o.insert("bytes".into(), json!(bytes.len()));
+        }
+        Ok(r)
+    }
+
+    async fn run(
+        &self,
+        job: &JobRecord,
+        sink: ProgressSink,
+        cancel: CancellationToken,
+    ) -> Result<Value, ConnectorError> {
+        let (workflow, extra_data) = parse_payload(&job.spec.payload)?;
+        let mut socket = self.inner.socket.subscribe();
+        // Give a (re)connecting socket a moment: events flow only to a registered clientId. If it
+        // stays down the job still completes through history polling.
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), socket.wait_for(|s| s.client_id.is_some())).await;
+        let state = socket.borrow_and_update().clone();
+        let client_id = state.client_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        let prompt_id = uuid::Uuid::new_v4().to_string();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        self.inner.routes().insert(prompt_id.clone(), tx);
+        let _guard = RouteGuard { inner: &self.inner, prompt_id: prompt_id.clone() };
+        let mut progress = Progress { total: workflow.len(), ..Progress::default() };
+
+        let body = json!({"prompt": workflow, "client_id": client_id, "prompt_id": prompt_id, "extra_data": extra_data});
+        let (status, reply) = self.inner.http.post_json("/prompt", &body).await?;
+        let reply: Value = serde_json::from_slice(&reply).unwrap_or(Value::Null);
+        match status {
+            StatusCode::OK => {
+                if reply.get("node_errors").and_then(Value::as_object).is_some_and(|m| !m.is_empty()) {
+                    // Partially valid: ComfyUI would silently skip the failing outputs.
+                    self.interrupt(&prompt_id).await;
+                    return Err(ConnectorError::fatal(
+                        FailureCategory::Validation,
+                        describe_validation(&reply),
+                    ));
+                }
+            }
+            StatusCode::BAD_REQUEST => {
+                return Err(ConnectorError::fatal(FailureCategory::Validation, describe_validation(&reply)));
+            }
+            other => {
+                return Err(ConnectorError::retryable(
+                    FailureCategory::Service,
+                    format!("POST /prompt replied {other}"),
+                ));
+            }
+        }
+        sink.report(0.0, Some("queued in ComfyUI".into()));
+        // A cached prompt can be finished before we read the reply.
+        if let Some(entry) = self.history(&prompt_id).await? {
+            return self.finish(job, &prompt_id, &entry, Completion::HistoryCheck).await;
+        }
+        let poll_every = Duration::from_millis(self.inner.config.poll_ms.max(10));
+        let mut quiet = tokio::time::Instant::now() + poll_every;
+        let mut epoch = state.epoch;
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => {
+                    self.interrupt(&prompt_id).await;
+                    return Err(ConnectorError::fatal(FailureCategory::Cancelled, "interrupted"));
+                }
+                msg = rx.recv() => {
+                    let Some(msg) = msg else { continue };
+                    quiet = tokio::time::Instant::now() + poll_every;
+                    let kind = msg.get("type").and_then(Value::as_str).unwrap_or("");
+                    let data = msg.get("data").cloned().unwrap_or(Value::Null);
+                    if kind == "executing" && data.get("node").is_some_and(Value::is_null) {
+                        // History is written before the terminal marker is sent.
+                        for _ in 0..20 {
+                            if let Some(entry) = self.history(&prompt_id).await? {
+                                return self.finish(job, &prompt_id, &entry, Completion::Websocket).await;
+                            }
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        return Err(ConnectorError::retryable(FailureCategory::Service, "prompt finished without a history entry"));
+                    }
+                    let message = progress.apply(kind, &data);
+                    sink.report(progress.percent(), message);
+                }
+                () = tokio::time::sleep_until(quiet) => {
+                    quiet = tokio::time::Instant::now() + poll_every;
+                    if let Some(entry) = self.history(&prompt_id).await? {
+                        return self.finish(job, &prompt_id, &entry, Completion::HistoryPoll).await;
+                    }
+                    if self.queued(&prompt_id).await? {
+                        // Still queued or running in ComfyUI: a sign of life.
+                        sink.report(progress.percent(), None);
+                    } else if self.history(&prompt_id).await?.is_none() {
+                        return Err(ConnectorError::retryable(FailureCategory::Service, "the prompt vanished from ComfyUI (restarted?)"));
+                    }
+                }
+                changed = socket.changed() => {
+                    if changed.is_err() { continue }
+                    let now = socket.borrow_and_update().clone();
+                    if now.epoch != epoch {
+                        epoch = now.epoch;
+                        // Events sent while disconnected are lost: reconcile with history.
+                        if let Some(entry) = self.history(&prompt_id).await? {
+                            return self.finish(job, &prompt_id, &entry, Completion::Reconnect).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Connector for ComfyUi {
+    fn service(&self) -> &str {
+        &self.inner.config.service
+    }
+
+    fn health(&self) -> BoxFuture<'_, Health> {
+        Box::pin(async move {
+            match self
+                .inner
+                .http
+                .request(reqwest::Method::GET, "/system_stats")
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+            {
+                Ok(r) if r.status().is_success() => {
+                    let status = if self.inner.routes().is_empty() {
+                        ConnectorStatus::Idle
+                    } else {
+                        ConnectorStatus::Active
+                    };
+                    let message = (!self.socket_connected())
+                        .then(|| "websocket reconnecting; using history polling".to_owned());
+                    Health { status, message }
+                }
+                Ok(r) => Health {
+                    status: ConnectorStatus::Error,
+                    message: Some(format!("GET /system_stats replied {}", r.status())),
+                },
+                Err(e) => Health {
+                    status: ConnectorStatus::Offline,
+                    message: Some(crate::http::unreachable(&self.inner.config.url, &e).message),
+                },
+            }
+        })
+    }
+
+    fn process<'a>(
+        &'a self,
+        job: &'a JobRecord,
+        progress: ProgressSink,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, Result<Value, ConnectorError>> {
+        Box::pin(self.run(job, progress, cancel))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_errors_name_node_class_and_input() {
+        let body = json!({"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation", "details": "", "extra_info": {}},
+            "node_errors": {"1": {"errors": [{"type": "value_smaller_than_min", "message": "Value -5 smaller than min of 1", "details": "width",
+                "extra_info": {"input_name": "width"}}], "dependent_outputs": ["3"], "class_type": "EmptyImage"}}});
+        assert_eq!(
+            describe_validation(&body),
+            "ComfyUI rejected the workflow: node 1 (EmptyImage) input 'width': Value -5 smaller than min of 1 [value_smaller_than_min]"
+        );
+        let whole = json!({"error": {"type": "invalid_prompt", "message": "Cannot execute because node NoSuchNode does not exist.", "details": "Node ID '#2'", "extra_info": {}}, "node_errors": {}});
+        assert_eq!(
+            describe_validation(&whole),
+            "ComfyUI rejected the workflow: Cannot execute because node NoSuchNode does not exist. (Node ID '#2') [invalid_prompt]"
+        );
+    }
+
+    #[test]
+    fn payload_forms() {
+        let wf = json!({"1": {"class_type": "EmptyImage", "inputs": {}}});
+        assert_eq!(parse_payload(&wf).map(|p| p.0.len()).ok(), Some(1));
+        assert_eq!(
+            parse_payload(&json!({"prompt": wf, "extra_data": {"a": 1}})).map(|p| p.1.len()).ok(),
+            Some(1)
+        );
+        assert!(parse_payload(&json!({"workflow": wf})).is_ok());
+        assert!(
+            parse_payload(&json!({"nodes": [], "links": []})).is_err(),
+            "UI-format workflows are refused"
+        );
+        assert!(parse_payload(&json!([1])).is_err());
+        assert!(parse_payload(&json!({})).is_err());
+    }
+
+    #[test]
+    fn oom_is_retryable_other_errors_are_fatal() {
+        let entry = |etype: &str, msg: &str| json!({"status": {"status_str": "error", "messages": [["execution_error", {"node_id": "1", "node_type": "EmptyImage", "exception_type": etype, "exception_message": msg}]]}});
+        let oom = history_error(&entry("RuntimeError", "DefaultCPUAllocator: can't allocate memory\n"));
+        assert!(oom.retryable);
+        assert_eq!(oom.category, FailureCategory::Oom);
+        let e = history_error(&entry("ValueError", "probe failure\n"));
+        assert!(!e.retryable);
+        assert_eq!(e.message, "node 1 (EmptyImage) raised ValueError: probe failure");
+    }
+
+    #[test]
+    fn progress_is_node_weighted() {
+        let mut p = Progress { total: 4, ..Progress::default() };
+        p.apply("execution_cached", &json!({"nodes": ["1"]}));
+        assert!((p.percent() - 25.0).abs() < 1e-9);
+        p.apply("progress", &json!({"node": "2", "value": 5, "max": 10}));
+        assert!((p.percent() - 37.5).abs() < 1e-9);
+        p.apply("progress_state", &json!({"nodes": {"2": {"state": "finished", "value": 10, "max": 10}}}));
+        assert!((p.percent() - 50.0).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,171 @@
+//! The HTTP transport every HTTP-speaking connector shares: one pooled `reqwest` client per
+//! connector with connect and request timeouts, authentication, retries of idempotent reads with
+//! backoff, and the mapping of transport failures onto [`ConnectorError`]s.
+
+use std::time::Duration;
+
+use fleetq_core::FailureCategory;
+use reqwest::{Method, RequestBuilder, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ConnectorError;
+
+/// How requests authenticate.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Auth {
+    /// No credentials.
+    #[default]
+    None,
+    /// `Authorization: Bearer <token>`.
+    Bearer {
+        /// The token.
+        token: String,
+    },
+    /// HTTP Basic.
+    Basic {
+        /// User name.
+        username: String,
+        /// Password.
+        password: String,
+    },
+    /// Any header, e.g. `x-api-key`.
+    Header {
+        /// Header name.
+        name: String,
+        /// Header value.
+        value: String,
+    },
+}
+
+/// Transport settings.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Base URL without a trailing slash, e.g. `http://127.0.0.1:8188`.
+    pub base_url: String,
+    /// Longest a single request may take (reqwest has no default total timeout).
+    pub timeout: Duration,
+    /// Longest a TCP connect may take.
+    pub connect_timeout: Duration,
+    /// Extra attempts for idempotent reads after a connection error or a 5xx.
+    pub retries: u32,
+    /// Credentials.
+    pub auth: Auth,
+}
+
+impl HttpConfig {
+    /// Defaults for `base_url`: 30 s requests, 5 s connects, 2 retries, no auth.
+    pub fn new(base_url: impl Into<String>) -> Self {
+        Self {
+            base_url: base_url.into().trim_end_matches('/').to_owned(),
+            timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            retries: 2,
+            auth: Auth::None,
+        }
+    }
+}
+
+/// A pooled client bound to one service.
+#[derive(Debug, Clone)]
+pub struct HttpTransport {
+    client: reqwest::Client,
+    config: HttpConfig,
+}
+
+impl HttpTransport {
+    /// Builds the client. `no_proxy`: connectors talk to services on the machine or a known host;
+    /// a stray `HTTP_PROXY` must not reroute them.
+    pub fn new(config: HttpConfig) -> Result<Self, ConnectorError> {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.timeout)
+            .build()
+            .map_err(|e| ConnectorError::fatal(FailureCategory::Internal, format!("http client: {e}")))?;
+        Ok(Self { client, config })
+    }
+
+    /// The configured base URL.
+    pub fn base_url(&self) -> &str {
+        &self.config.base_url
+    }
+
+    /// `base_url` + `path` (an absolute URL is used as is).
+    pub fn url(&self, path: &str) -> String {
+        if path.starts_with("http://") || path.starts_with("https://") {
+            path.to_owned()
+        } else {
+            format!("{}{path}", self.config.base_url)
+        }
+    }
+
+    /// A request with authentication applied.
+    pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        let rb = self.client.request(method, self.url(path));
+        match &self.config.auth {
+            Auth::None => rb,
+            Auth::Bearer { token } => rb.bearer_auth(token),
+            Auth::Basic { username, password } => rb.basic_auth(username, Some(password)),
+            Auth::Header { name, value } => rb.header(name.as_str(), value.as_str()),
+        }
+    }
+
+    /// GET → (status, JSON body), retried with backoff on connection errors and 5xx.
+    pub async fn get_json(&self, path: &str) -> Result<(StatusCode, Value), ConnectorError> {
+        let mut pause = Duration::from_millis(100);
+        let mut attempt = 0;
+        loop {
+            let result = self.request(Method::GET, path).send().await;
+            let retry = match &result {
+                Ok(r) => r.status().is_server_error(),
+                Err(e) => e.is_connect() || e.is_timeout(),
+            };
+            if !retry || attempt >= self.config.retries {
+                let response = result.map_err(|e| unreachable(self.base_url(), &e))?;
+                let status = response.status();
+                let body = response.bytes().await.map_err(|e| unreachable(self.base_url(), &e))?;
+                let value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                return Ok((status, value));
+            }
+            attempt += 1;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// POST a JSON body once (not idempotent: never retried here) → (status, raw body).
+    pub async fn post_json(&self, path: &str, body: &Value) -> Result<(StatusCode, Vec<u8>), ConnectorError> {
+        let response = self
+            .request(Method::POST, path)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| unreachable(self.base_url(), &e))?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(|e| unreachable(self.base_url(), &e))?;
+        Ok((status, bytes.to_vec()))
+    }
+
+    /// GET raw bytes (downloads), retried like [`Self::get_json`].
+    pub async fn get_bytes(&self, path: &str) -> Result<(StatusCode, Vec<u8>), ConnectorError> {
+        let response =
+            self.request(Method::GET, path).send().await.map_err(|e| unreachable(self.base_url(), &e))?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(|e| unreachable(self.base_url(), &e))?;
+        Ok((status, bytes.to_vec()))
+    }
+}
+
+/// A transport failure: the service is down or not answering (retryable, `service_offline`).
+pub fn unreachable(base: &str, e: &reqwest::Error) -> ConnectorError {
+    let what = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "refused the connection"
+    } else {
+        "failed"
+    };
+    ConnectorError::retryable(FailureCategory::Connection, format!("{base} {what}: {e}"))
+}
