@@ -414,8 +414,8 @@ impl ComfyUi {
         Ok(body.get(prompt_id).cloned())
     }
 
-    /// Whether ComfyUI's queue (running or pending) holds the prompt.
-    async fn queued(&self, prompt_id: &str) -> Result<bool, ConnectorError> {
+    /// Where ComfyUI's queue holds the prompt: `Some(true)` running, `Some(false)` pending.
+    async fn queued(&self, prompt_id: &str) -> Result<Option<bool>, ConnectorError> {
         let (_, q) = self.inner.http.get_json("/queue").await?;
         let holds = |k: &str| {
             q.get(k)
@@ -424,7 +424,13 @@ impl ComfyUi {
                 .flatten()
                 .any(|item| item.get(1).and_then(Value::as_str) == Some(prompt_id))
         };
-        Ok(holds("queue_running") || holds("queue_pending"))
+        Ok(if holds("queue_running") {
+            Some(true)
+        } else if holds("queue_pending") {
+            Some(false)
+        } else {
+            None
+        })
     }
 
     /// Stops the prompt wherever it is: interrupt if running, delete if pending.
@@ -592,11 +598,16 @@ impl ComfyUi {
                     if let Some(entry) = self.history(&prompt_id).await? {
                         return self.finish(job, &prompt_id, &entry, Completion::HistoryPoll).await;
                     }
-                    if self.queued(&prompt_id).await? {
-                        // Still queued or running in ComfyUI: a sign of life.
-                        sink.report(progress.percent(), None);
-                    } else if self.history(&prompt_id).await?.is_none() {
-                        return Err(ConnectorError::retryable(FailureCategory::Service, "the prompt vanished from ComfyUI (restarted?)"));
+                    match self.queued(&prompt_id).await? {
+                        // Waiting behind other prompts in ComfyUI's own queue is not a hang. A
+                        // running prompt shows life only through its events, so a stuck node
+                        // still trips the progress timeout.
+                        Some(false) => sink.report(progress.percent(), Some("queued in ComfyUI".into())),
+                        Some(true) => {}
+                        None if self.history(&prompt_id).await?.is_none() => {
+                            return Err(ConnectorError::retryable(FailureCategory::Service, "the prompt vanished from ComfyUI (restarted?)"));
+                        }
+                        None => {}
                     }
                 }
                 changed = socket.changed() => {

@@ -78,6 +78,8 @@ pub struct Worker<B: Broker> {
     config: WorkerConfig,
     /// Services whose connector is healthy; the registration advertises exactly these.
     healthy: Mutex<BTreeSet<String>>,
+    /// The last status reported per service (only changes are published).
+    reported: Mutex<BTreeMap<String, (ConnectorStatus, Option<String>)>>,
 }
 
 impl<B: Broker> Worker<B> {
@@ -98,7 +100,7 @@ impl<B: Broker> Worker<B> {
         config.registration.services = map.keys().cloned().collect();
         config.registration.validate()?;
         let healthy = Mutex::new(map.keys().cloned().collect());
-        Ok(Self { broker, connectors: map, config, healthy })
+        Ok(Self { broker, connectors: map, config, healthy, reported: Mutex::new(BTreeMap::new()) })
     }
 
     fn id(&self) -> &str {
@@ -167,7 +169,6 @@ impl<B: Broker> Worker<B> {
     async fn presence_loop(self: Arc<Self>, stop: CancellationToken) {
         let mut heartbeat = tokio::time::interval(self.config.heartbeat_every);
         let mut health = tokio::time::interval(self.config.health_every);
-        let mut last: BTreeMap<String, (ConnectorStatus, Option<String>)> = BTreeMap::new();
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
@@ -182,7 +183,7 @@ impl<B: Broker> Worker<B> {
                         Ok(()) => {}
                     }
                 }
-                _ = health.tick() => self.check_health(&mut last).await,
+                _ = health.tick() => self.check_health(None).await,
             }
         }
     }
@@ -195,14 +196,22 @@ impl<B: Broker> Worker<B> {
         if usable { healthy.insert(service.to_owned()) } else { healthy.remove(service) }
     }
 
-    async fn check_health(&self, last: &mut BTreeMap<String, (ConnectorStatus, Option<String>)>) {
+    /// Checks every connector (or only `only`), publishes status changes, and re-registers when
+    /// the set of usable services changed.
+    async fn check_health(&self, only: Option<&str>) {
         let mut changed_availability = false;
         for (service, connector) in &self.connectors {
+            if only.is_some_and(|o| o != service) {
+                continue;
+            }
             let h = connector.health().await;
             changed_availability |= self.mark_usable(service, &h).await;
             let now = (h.status, h.message.clone());
-            if last.get(service) != Some(&now) {
-                last.insert(service.clone(), now);
+            let changed = {
+                let mut reported = self.reported.lock().await;
+                reported.insert(service.clone(), now.clone()) != Some(now)
+            };
+            if changed {
                 let report = ConnectorReport {
                     service: service.clone(),
                     status: h.status,
@@ -227,7 +236,8 @@ impl<B: Broker> Worker<B> {
     async fn execute(&self, lease: Lease, shutdown: &CancellationToken) {
         let lref = lease.as_ref();
         let service = lease.job.summary.service.clone();
-        let span = info_span!("job", job_id = %lref.job_id, attempt = lref.attempt, service = %service);
+        // `connector_id` names the connector instance: one per service on a worker.
+        let span = info_span!("job", job_id = %lref.job_id, attempt = lref.attempt, service = %service, connector_id = %service);
         async {
             let Some(connector) = self.connectors.get(&service).cloned() else {
                 // Cannot happen while registrations list only loaded connectors; give it back.
@@ -288,7 +298,13 @@ impl<B: Broker> Worker<B> {
                     }
                 }
             };
-            self.finish(&lref, stop, outcome, started).await;
+            let offline = matches!(&outcome, Some(Ok(Err(e))) if e.category == FailureCategory::Connection);
+            self.finish(&lref, &service, stop, outcome, started).await;
+            if offline {
+                // Look at the service now rather than at the next health tick, so this worker
+                // stops claiming for it before it takes the job (or another one) again.
+                self.check_health(Some(&service)).await;
+            }
         }
         .instrument(span)
         .await;
@@ -319,11 +335,17 @@ impl<B: Broker> Worker<B> {
     async fn finish(
         &self,
         lease: &LeaseRef,
+        service: &str,
         stop: Option<Stop>,
         outcome: Option<Result<Result<serde_json::Value, ConnectorError>, tokio::task::JoinError>>,
         started: Instant,
     ) {
         let elapsed_ms = started.elapsed().as_millis();
+        if let Some(category) = failure_category(stop, &outcome) {
+            metrics::counter!("fleetq_worker_job_failures_total", "service" => service.to_owned(), "category" => category.as_str())
+                .increment(1);
+            info!(category = category.as_str(), "job attempt failed");
+        }
         // The attempt's end is retried through backend outages (a Redis restart, a network blip):
         // giving up would lose a finished result and rerun the job. A definite answer (done,
         // LeaseLost, …) ends the loop; so does the lease running out, after which the job is
@@ -374,6 +396,12 @@ impl<B: Broker> Worker<B> {
                 self.broker.fail(lease, error).await.map(drop)
             }
             (None, Some(Ok(Ok(value)))) => self.broker.complete(lease, value.clone()).await,
+            // The service went away under the job: give it back for a healthy worker instead of
+            // spending one of its attempts.
+            (None, Some(Ok(Err(e)))) if e.category == FailureCategory::Connection => {
+                warn!(error = %e.message, "service offline; releasing the job");
+                self.broker.release(lease, "service_offline").await.map(drop)
+            }
             (None, Some(Ok(Err(e)))) => self.broker.fail(lease, e.clone().into_job_error()).await.map(drop),
             (None, Some(Err(panic))) => {
                 let error =
@@ -382,5 +410,21 @@ impl<B: Broker> Worker<B> {
             }
             (None, None) => self.broker.release(lease, "connector_stuck").await.map(drop),
         }
+    }
+}
+
+/// The failure category of an attempt's end, if it did not succeed.
+fn failure_category(
+    stop: Option<Stop>,
+    outcome: &Option<Result<Result<serde_json::Value, ConnectorError>, tokio::task::JoinError>>,
+) -> Option<FailureCategory> {
+    match (stop, outcome) {
+        (Some(Stop::LeaseLost), _) => Some(FailureCategory::LeaseExpired),
+        (Some(Stop::Shutdown), _) | (None, Some(Ok(Ok(_)))) => None,
+        (Some(Stop::ProgressTimeout), _) => Some(FailureCategory::ProgressTimeout),
+        (Some(Stop::Timeout), _) => Some(FailureCategory::Timeout),
+        (Some(Stop::Cancelled), _) => Some(FailureCategory::Cancelled),
+        (None, Some(Ok(Err(e)))) => Some(e.category),
+        (None, Some(Err(_)) | None) => Some(FailureCategory::Internal),
     }
 }

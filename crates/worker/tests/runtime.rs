@@ -4,46 +4,20 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleetq_broker::embedded::EmbeddedBroker;
 use fleetq_broker::redis::RedisBroker;
 use fleetq_broker::testing::RedisServer;
 use fleetq_broker::{Broker, BrokerConfig};
 use fleetq_connectors::simulation::{Simulation, SimulationConfig};
-use fleetq_connectors::{CancellationToken, Connector};
-use fleetq_core::{EventKind, FailureCategory, JobId, JobRecord, JobSpec, JobStatus, WorkerRegistration};
-use fleetq_worker::{Worker, WorkerConfig};
+
+use fleetq_core::{EventKind, FailureCategory, JobId, JobSpec, JobStatus};
+use fleetq_worker::WorkerConfig;
 use serde_json::{Value, json};
-use tokio::task::JoinHandle;
 
-struct Running {
-    stop: CancellationToken,
-    task: JoinHandle<Result<(), fleetq_worker::WorkerError>>,
-}
-
-impl Running {
-    async fn shutdown(self) {
-        self.stop.cancel();
-        self.task.await.expect("worker task").expect("worker ran cleanly");
-    }
-}
-
-fn config(id: &str) -> WorkerConfig {
-    let reg: WorkerRegistration = serde_json::from_value(
-        json!({"worker_id": id, "machine_id": "test-box", "services": ["simulation"]}),
-    )
-    .expect("registration");
-    let mut c = WorkerConfig::new(reg);
-    c.claim_wait = Duration::from_millis(200);
-    c.health_every = Duration::from_millis(100);
-    c
-}
+mod common;
+use common::{Running, config, events_of, finished, start_with, wait_for};
 
 fn start<B: Broker>(broker: &Arc<B>, config: WorkerConfig, sim: Arc<Simulation>) -> Running {
-    let connectors: Vec<Arc<dyn Connector>> = vec![sim];
-    let worker = Arc::new(Worker::new(broker.clone(), connectors, config).expect("worker config"));
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(worker.run(stop.clone()));
-    Running { stop, task }
+    start_with(broker, config, vec![sim])
 }
 
 fn sim() -> Arc<Simulation> {
@@ -52,38 +26,6 @@ fn sim() -> Arc<Simulation> {
 
 fn job(payload: Value) -> JobSpec {
     JobSpec::new("simulation", payload)
-}
-
-/// Waits (on events) until the job satisfies `done`.
-async fn wait_for<B: Broker>(b: &B, id: &JobId, done: impl Fn(&JobRecord) -> bool) -> JobRecord {
-    let mut after = 0;
-    let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let rec = b.job(id).await.expect("job query").expect("job exists");
-        if done(&rec) {
-            return rec;
-        }
-        assert!(tokio::time::Instant::now() < give_up, "job never reached the expected state: {rec:?}");
-        if let Some(last) =
-            b.events_after(after, 1000, Duration::from_millis(500)).await.expect("events").last()
-        {
-            after = last.seq;
-        }
-    }
-}
-
-async fn events_of<B: Broker>(b: &B, id: &JobId) -> Vec<EventKind> {
-    b.events_after(0, 10_000, Duration::ZERO)
-        .await
-        .expect("events")
-        .into_iter()
-        .map(|e| e.kind)
-        .filter(|k| k.job().is_some_and(|j| &j.id == id))
-        .collect()
-}
-
-fn finished(r: &JobRecord) -> bool {
-    r.summary.status.is_terminal()
 }
 
 async fn completes_jobs_with_progress<B: Broker>(b: Arc<B>) {
@@ -177,37 +119,6 @@ async fn shutdown_gives_the_running_job_back<B: Broker>(b: Arc<B>) {
     let short = b.submit(job(json!({}))).await.expect("submit").id;
     assert_eq!(wait_for(b.as_ref(), &short, finished).await.summary.worker_id.as_deref(), Some("w2"));
     w2.shutdown().await;
-}
-
-macro_rules! both_backends {
-    ($($case:ident),* $(,)?) => {
-        mod embedded {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let dir = tempfile::tempdir().expect("tempdir");
-                    let b = Arc::new(EmbeddedBroker::open(dir.path().join("w.db"), BrokerConfig::default()).expect("open"));
-                    super::$case(b).await;
-                }
-            )*
-        }
-        mod redis {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let server = RedisServer::shared();
-                    let b = Arc::new(
-                        RedisBroker::connect(&server.url, concat!("w-", stringify!($case)), BrokerConfig::default())
-                            .await
-                            .expect("connect"),
-                    );
-                    super::$case(b).await;
-                }
-            )*
-        }
-    };
 }
 
 both_backends!(

@@ -1,0 +1,149 @@
+//! ComfyUI jobs end to end: a real broker (embedded and Redis), real workers, the ComfyUI connector
+//! and the mock ComfyUI. Waiting is on broker events; the bounds only turn a hang into a failure.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetq_broker::Broker;
+use fleetq_connectors::comfyui::{ComfyUi, ComfyUiConfig};
+use fleetq_connectors::mock::comfyui::{ComfyMock, ComfyMockConfig};
+use fleetq_core::{ConnectorStatus, EventKind, JobSpec, JobStatus, Outcome};
+use fleetq_worker::WorkerConfig;
+use serde_json::{Value, json};
+
+mod common;
+use common::{Running, events_of, finished, start_with, wait_for};
+
+fn workflow(steps: u32, step_seconds: f64, prefix: &str) -> Value {
+    json!({"prompt": {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 3_368_601}},
+        "2": {"class_type": "ProbeSleepProgress", "inputs": {"image": ["1", 0], "steps": steps, "step_seconds": step_seconds, "send_preview": false, "send_text": false}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}}
+    }})
+}
+
+fn comfy_worker<B: Broker>(b: &Arc<B>, id: &str, mock: &ComfyMock) -> Running {
+    let mut config: WorkerConfig = common::config(id);
+    config.registration.services = vec!["comfyui".into()];
+    let connector = ComfyUi::new(ComfyUiConfig { url: mock.url(), poll_ms: 200, ..ComfyUiConfig::default() })
+        .expect("connector");
+    start_with(b, config, vec![Arc::new(connector)])
+}
+
+fn result(outcome: Option<Outcome>) -> Value {
+    match outcome {
+        Some(Outcome::Result { value }) => value,
+        other => panic!("expected a result, got {other:?}"),
+    }
+}
+
+async fn a_comfyui_job_reports_progress_and_outputs<B: Broker>(b: Arc<B>) {
+    let mock = ComfyMock::start(ComfyMockConfig::default()).await.expect("mock");
+    let w = comfy_worker(&b, "gpu0", &mock);
+    let id = b.submit(JobSpec::new("comfyui", workflow(5, 0.02, "e2e"))).await.expect("submit").id;
+    let rec = wait_for(b.as_ref(), &id, finished).await;
+    assert_eq!(rec.summary.status, JobStatus::Completed, "{rec:?}");
+    let value = result(rec.outcome);
+    assert_eq!(value["outputs"]["3"]["images"][0]["filename"], "e2e_00001_.png");
+    let progress: Vec<f64> = events_of(b.as_ref(), &id)
+        .await
+        .into_iter()
+        .filter_map(|k| match k {
+            EventKind::JobProgress { job } => Some(job.progress),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        progress.iter().any(|p| *p > 0.0 && *p < 100.0),
+        "intermediate progress reached the broker: {progress:?}"
+    );
+    w.shutdown().await;
+}
+
+async fn a_cached_prompt_completes_through_the_history_check<B: Broker>(b: Arc<B>) {
+    let config = ComfyMockConfig { reply_after_done: true, ..ComfyMockConfig::default() };
+    let mock = ComfyMock::start(config).await.expect("mock");
+    let w = comfy_worker(&b, "gpu0", &mock);
+    for _ in 0..2 {
+        let id = b.submit(JobSpec::new("comfyui", workflow(1, 0.0, "cached"))).await.expect("submit").id;
+        let rec = wait_for(b.as_ref(), &id, finished).await;
+        assert_eq!(result(rec.outcome)["completion"], "history_check");
+    }
+    w.shutdown().await;
+}
+
+/// The service behind worker A dies mid-job: A's connector goes offline, the job is released (not
+/// failed) and worker B, whose ComfyUI is up, completes it.
+async fn a_service_that_dies_mid_job_hands_the_job_to_another_worker<B: Broker>(b: Arc<B>) {
+    let mock_a = ComfyMock::start(ComfyMockConfig::default()).await.expect("mock a");
+    let mock_b = ComfyMock::start(ComfyMockConfig::default()).await.expect("mock b");
+    let a = comfy_worker(&b, "gpu-a", &mock_a);
+    let id = b.submit(JobSpec::new("comfyui", workflow(40, 0.05, "dies"))).await.expect("submit").id;
+    wait_for(b.as_ref(), &id, |r| {
+        r.summary.worker_id.as_deref() == Some("gpu-a") && r.summary.progress > 0.0
+    })
+    .await;
+    let b_worker = comfy_worker(&b, "gpu-b", &mock_b);
+    mock_a.stop().await;
+    let rec = wait_for(b.as_ref(), &id, finished).await;
+    assert_eq!((rec.summary.status, rec.summary.worker_id.as_deref()), (JobStatus::Completed, Some("gpu-b")));
+    let events = b.events_after(0, 10_000, Duration::ZERO).await.expect("events");
+    assert!(
+        events.iter().any(|e| matches!(&e.kind, EventKind::ConnectorStatus { worker_id, report }
+            if worker_id == "gpu-a" && report.status == ConnectorStatus::Offline)),
+        "A reported its connector offline"
+    );
+    assert!(
+        events_of(b.as_ref(), &id)
+            .await
+            .iter()
+            .any(|k| matches!(k, EventKind::JobRequeued { reason, .. } if reason == "service_offline")),
+        "the job was released, not failed"
+    );
+    a.shutdown().await;
+    b_worker.shutdown().await;
+}
+
+async fn cancel_reaches_comfyui_as_an_interrupt<B: Broker>(b: Arc<B>) {
+    let mock = ComfyMock::start(ComfyMockConfig::default()).await.expect("mock");
+    let w = comfy_worker(&b, "gpu0", &mock);
+    let id = b.submit(JobSpec::new("comfyui", workflow(1000, 0.01, "cancel"))).await.expect("submit").id;
+    wait_for(b.as_ref(), &id, |r| r.summary.progress > 0.0).await;
+    b.cancel(&id).await.expect("cancel");
+    let rec = wait_for(b.as_ref(), &id, finished).await;
+    assert_eq!(rec.summary.status, JobStatus::Cancelled);
+    let prompt_id = mock.prompts()[0]["prompt_id"].clone();
+    assert!(
+        mock.interrupts().iter().any(|i| i["prompt_id"] == prompt_id),
+        "ComfyUI saw /interrupt for the prompt"
+    );
+    w.shutdown().await;
+}
+
+/// A node that stops reporting (one 60 s step) trips the progress timeout: the worker interrupts
+/// ComfyUI and releases the job for another attempt.
+async fn a_stuck_prompt_is_released_after_the_progress_timeout<B: Broker>(b: Arc<B>) {
+    let mock = ComfyMock::start(ComfyMockConfig::default()).await.expect("mock");
+    let w = comfy_worker(&b, "gpu0", &mock);
+    let mut spec = JobSpec::new("comfyui", workflow(1, 60.0, "stuck"));
+    spec.progress_timeout_ms = Some(700);
+    let id = b.submit(spec).await.expect("submit").id;
+    // Released, then claimed again: the second attempt has started.
+    wait_for(b.as_ref(), &id, |r| r.summary.attempt >= 2).await;
+    assert!(!mock.interrupts().is_empty(), "ComfyUI was interrupted");
+    let requeued = events_of(b.as_ref(), &id)
+        .await
+        .iter()
+        .any(|k| matches!(k, EventKind::JobRequeued { reason, .. } if reason == "progress_timeout"));
+    assert!(requeued, "released with reason progress_timeout");
+    b.cancel(&id).await.expect("cancel");
+    w.shutdown().await;
+}
+
+both_backends!(
+    a_comfyui_job_reports_progress_and_outputs,
+    a_cached_prompt_completes_through_the_history_check,
+    a_service_that_dies_mid_job_hands_the_job_to_another_worker,
+    cancel_reaches_comfyui_as_an_interrupt,
+    a_stuck_prompt_is_released_after_the_progress_timeout,
+);
