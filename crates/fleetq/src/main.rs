@@ -3,6 +3,7 @@
 
 mod bench;
 mod explain;
+mod mock;
 mod worker;
 
 use std::future::Future;
@@ -36,6 +37,9 @@ enum Command {
     Bench(bench::Bench),
     /// Runs one worker against a Redis broker until SIGTERM/SIGINT.
     Worker(worker::Args),
+    /// Runs a mock service (ComfyUI) for demos and manual tests.
+    #[command(subcommand)]
+    Mock(mock::Mock),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +48,7 @@ fn main() -> ExitCode {
         Command::Explain(args) => explain::run(&args),
         Command::Bench(b) => run_async(cli.log_format, "warn", "fleetq bench", bench::run(b)),
         Command::Worker(args) => run_async(cli.log_format, "info", "fleetq worker", worker::run(args)),
+        Command::Mock(m) => run_async(cli.log_format, "info", "fleetq mock", mock::run(m)),
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use fleetq_broker::BrokerConfig;
 use fleetq_broker::redis::RedisBroker;
+use fleetq_connectors::comfyui::{ComfyUi, ComfyUiConfig};
 use fleetq_connectors::simulation::{Simulation, SimulationConfig};
 use fleetq_connectors::{CancellationToken, Connector};
 use fleetq_core::{Capabilities, WorkerRegistration};
@@ -27,7 +28,7 @@ pub(crate) struct Args {
     /// The machine this worker runs on. Required: never defaulted.
     #[arg(long, env = "MACHINE_ID")]
     machine_id: String,
-    /// Connectors to load, comma-separated. Available now: `simulation` and `NAME-sim`.
+    /// Connectors to load, comma-separated: `comfyui`, `simulation`, `NAME-sim`.
     #[arg(long, env = "WORKER_CONNECTORS", value_delimiter = ',', required = true)]
     connectors: Vec<String>,
     /// Capabilities as a JSON object, or `@path` to a JSON file.
@@ -39,6 +40,18 @@ pub(crate) struct Args {
     /// Lease length: a job whose worker stops renewing comes back after this long.
     #[arg(long, env = "FLEETQ_LEASE_MS", default_value_t = 30_000)]
     lease_ms: i64,
+    /// ComfyUI base URL (the `comfyui` connector).
+    #[arg(long, env = "COMFYUI_URL", default_value = "http://127.0.0.1:8188")]
+    comfyui_url: String,
+    /// Directory where ComfyUI outputs are copied (`<dir>/<job id>/<file>`); unset = references only.
+    #[arg(long, env = "FLEETQ_ARTIFACTS_DIR")]
+    artifacts_dir: Option<std::path::PathBuf>,
+    /// Seconds between connector health checks.
+    #[arg(long, env = "WORKER_SERVICE_HEALTH_CHECK_INTERVAL", default_value_t = 5)]
+    health_interval_s: u64,
+    /// Release a job that shows no progress for this many seconds (jobs may set their own).
+    #[arg(long, env = "WORKER_JOB_PROGRESS_TIMEOUT_SECONDS")]
+    progress_timeout_s: Option<u64>,
     /// Duration of one simulated step (simulation connectors).
     #[arg(long, env = "SIMULATION_STEP_MS", default_value_t = 100)]
     simulation_step_ms: u64,
@@ -64,8 +77,15 @@ pub(crate) async fn run(args: Args) -> Result<()> {
                 ..Default::default()
             };
             connectors.push(Arc::new(Simulation::new(config)));
+        } else if name == "comfyui" {
+            let config = ComfyUiConfig {
+                url: args.comfyui_url.clone(),
+                artifacts_dir: args.artifacts_dir.clone(),
+                ..ComfyUiConfig::default()
+            };
+            connectors.push(Arc::new(ComfyUi::new(config).context("comfyui connector")?));
         } else {
-            bail!("connector {name:?} is not available in this build yet (available: simulation, NAME-sim)");
+            bail!("connector {name:?} is not available in this build yet (available: comfyui, simulation, NAME-sim)");
         }
     }
     let registration = WorkerRegistration {
@@ -76,6 +96,8 @@ pub(crate) async fn run(args: Args) -> Result<()> {
     };
     let mut config = WorkerConfig::new(registration);
     config.shutdown_grace = Duration::from_secs(args.shutdown_grace_s);
+    config.health_every = Duration::from_secs(args.health_interval_s.max(1));
+    config.default_progress_timeout = args.progress_timeout_s.map(Duration::from_secs);
     if args.lease_ms < 100 {
         bail!("--lease-ms must be at least 100");
     }
