@@ -85,7 +85,9 @@ pub(crate) async fn run(args: Args) -> Result<()> {
             };
             connectors.push(Arc::new(ComfyUi::new(config).context("comfyui connector")?));
         } else {
-            bail!("connector {name:?} is not available in this build yet (available: comfyui, simulation, NAME-sim)");
+            bail!(
+                "connector {name:?} is not available in this build yet (available: comfyui, simulation, NAME-sim)"
+            );
         }
     }
     let registration = WorkerRegistration {
