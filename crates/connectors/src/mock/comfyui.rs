@@ -30,7 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::{empty_ok, json_reply, now_ms};
+use super::{empty, empty_ok, json_reply, now_ms};
 
 /// A 1×1 PNG served for every saved image.
 const PNG: &[u8] = &[
@@ -493,9 +493,7 @@ async fn origin_guard(request: Request, next: Next) -> Response {
     {
         let origin_host = origin.split("://").nth(1).unwrap_or(origin);
         if origin_host != host {
-            let mut r = StatusCode::FORBIDDEN.into_response();
-            r.headers_mut().remove(header::CONTENT_TYPE);
-            return r;
+            return empty(StatusCode::FORBIDDEN);
         }
     }
     next.run(request).await
@@ -752,22 +750,17 @@ async fn post_history(State(shared): State<Arc<Shared>>, body: Bytes) -> Respons
 }
 
 async fn view(State(shared): State<Arc<Shared>>, Query(q): Query<HashMap<String, String>>) -> Response {
-    let bare = |status: StatusCode| {
-        let mut r = status.into_response();
-        r.headers_mut().remove(header::CONTENT_TYPE);
-        r
-    };
-    let Some(filename) = q.get("filename") else { return bare(StatusCode::BAD_REQUEST) };
+    let Some(filename) = q.get("filename") else { return empty(StatusCode::BAD_REQUEST) };
     if filename.contains("..") || filename.starts_with('/') {
-        return bare(StatusCode::BAD_REQUEST);
+        return empty(StatusCode::BAD_REQUEST);
     }
     let subfolder = q.get("subfolder").cloned().unwrap_or_default();
     if subfolder.contains("..") || subfolder.starts_with('/') {
-        return bare(StatusCode::FORBIDDEN);
+        return empty(StatusCode::FORBIDDEN);
     }
     let kind = q.get("type").cloned().unwrap_or_else(|| "output".into());
     let Some(bytes) = shared.lock().files.get(&(kind, subfolder, filename.clone())).cloned() else {
-        return bare(StatusCode::NOT_FOUND);
+        return empty(StatusCode::NOT_FOUND);
     };
     let mut r = bytes.into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));

@@ -23,7 +23,12 @@ pub(crate) fn json_reply(status: StatusCode, value: &Value) -> Response {
 
 /// 200 with an empty body and no content type (ComfyUI's `/queue`, `/interrupt`, `/free`, `/history` POSTs).
 pub(crate) fn empty_ok() -> Response {
-    let mut response = StatusCode::OK.into_response();
+    empty(StatusCode::OK)
+}
+
+/// `status` with an empty body and no content type, as aiohttp sends bare statuses.
+pub(crate) fn empty(status: StatusCode) -> Response {
+    let mut response = status.into_response();
     response.headers_mut().remove(header::CONTENT_TYPE);
     response
 }
