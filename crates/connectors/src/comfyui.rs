@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{debug, warn};
 
+use crate::artifacts::Artifacts;
 use crate::http::{Auth, HttpConfig, HttpTransport};
 use crate::{CancellationToken, Connector, ConnectorError, Health, ProgressSink};
 
@@ -96,6 +97,7 @@ struct SocketState {
 struct Inner {
     config: ComfyUiConfig,
     http: HttpTransport,
+    artifacts: Artifacts,
     routes: Mutex<HashMap<String, mpsc::UnboundedSender<Value>>>,
     socket: watch::Sender<SocketState>,
     stop: CancellationToken,
@@ -128,6 +130,7 @@ impl ComfyUi {
         http.auth = config.auth.clone();
         let inner = Arc::new(Inner {
             http: HttpTransport::new(http)?,
+            artifacts: Artifacts::new(config.artifacts_dir.clone(), 0),
             config,
             routes: Mutex::new(HashMap::new()),
             socket: watch::Sender::new(SocketState::default()),
@@ -486,7 +489,9 @@ impl ComfyUi {
         if let Some(o) = r.as_object_mut() {
             o.insert("url".into(), json!(self.inner.http.url(&path)));
         }
-        let Some(dir) = &self.inner.config.artifacts_dir else { return Ok(r) };
+        if !self.inner.artifacts.has_dir() {
+            return Ok(r);
+        }
         let (status, bytes) = self.inner.http.get_bytes(&path).await?;
         if status != StatusCode::OK {
             return Err(ConnectorError::retryable(
@@ -494,27 +499,47 @@ impl ComfyUi {
                 format!("GET {path} replied {status}"),
             ));
         }
-        // Names come from the service: keep only the last path component.
-        let safe = std::path::Path::new(filename)
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let rel = format!("{}/{safe}", job.summary.id);
-        let target = dir.join(&rel);
-        let write = async {
-            if let Some(parent) = target.parent() {
-                tokio::fs::create_dir_all(parent).await?;
-            }
-            tokio::fs::write(&target, &bytes).await
+        let Some(rel) = self.inner.artifacts.write_file(&job.summary.id.0, filename, &bytes).await? else {
+            return Ok(r);
         };
-        write.await.map_err(|e| {
-            ConnectorError::retryable(FailureCategory::Internal, format!("writing {}: {e}", target.display()))
-        })?;
         if let Some(o) = r.as_object_mut() {
             o.insert("artifact".into(), json!(rel));
             o.insert("bytes".into(), json!(bytes.len()));
         }
         Ok(r)
+    }
+
+    /// What ComfyUI says about itself: version, memory per device, queue length, checkpoints.
+    async fn service_info(&self, stats: &Value) -> Value {
+        let http = &self.inner.http;
+        let queue = match http.get_json("/queue").await {
+            Ok((StatusCode::OK, q)) => {
+                let len = |k: &str| q.get(k).and_then(Value::as_array).map_or(0, Vec::len);
+                json!({"running": len("queue_running"), "pending": len("queue_pending")})
+            }
+            _ => Value::Null,
+        };
+        let models = match http.get_json("/models/checkpoints").await {
+            Ok((StatusCode::OK, list)) if list.is_array() => list,
+            _ => Value::Null,
+        };
+        let devices: Vec<Value> = stats
+            .pointer("/devices")
+            .and_then(Value::as_array)
+            .map(|d| {
+                d.iter()
+                    .map(|d| json!({"name": d.get("name"), "vram_total": d.get("vram_total"), "vram_free": d.get("vram_free")}))
+                    .collect()
+            })
+            .unwrap_or_default();
+        json!({
+            "url": self.inner.config.url,
+            "version": stats.pointer("/system/comfyui_version"),
+            "ram_free": stats.pointer("/system/ram_free"),
+            "devices": devices,
+            "queue": queue,
+            "models": models,
+        })
     }
 
     async fn run(
@@ -647,18 +672,15 @@ impl Connector for ComfyUi {
                     } else {
                         ConnectorStatus::Active
                     };
-                    let message = (!self.socket_connected())
+                    let stats: Value = r.json().await.unwrap_or(Value::Null);
+                    let mut health = Health::up(status);
+                    health.message = (!self.socket_connected())
                         .then(|| "websocket reconnecting; using history polling".to_owned());
-                    Health { status, message }
+                    health.info = Some(self.service_info(&stats).await);
+                    health
                 }
-                Ok(r) => Health {
-                    status: ConnectorStatus::Error,
-                    message: Some(format!("GET /system_stats replied {}", r.status())),
-                },
-                Err(e) => Health {
-                    status: ConnectorStatus::Offline,
-                    message: Some(crate::http::unreachable(&self.inner.config.url, &e).message),
-                },
+                Ok(r) => Health::error(format!("GET /system_stats replied {}", r.status())),
+                Err(e) => Health::offline(crate::http::unreachable(&self.inner.config.url, &e).message),
             }
         })
     }

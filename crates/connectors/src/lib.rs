@@ -1,15 +1,17 @@
 //! # fleetq-connectors
 //!
 //! A connector owns one service on the worker's machine and turns a claimed job into work on it.
-//! This crate holds the [`Connector`] contract and the services; so far the [`simulation`]
-//! connector (used by tests, benchmarks and `NAME-sim` services). ComfyUI, A1111, OpenAI and REST
-//! connectors, their transports and mock servers come next (DESIGN.md §6).
+//! This crate holds the [`Connector`] contract and the services: [`simulation`] (tests, benchmarks
+//! and `NAME-sim` services), [`comfyui`], [`a1111`], the shared [`http`] transport and
+//! [`artifacts`] store, and the [`mock`] servers tests and demos drive (DESIGN.md §6).
 //!
 //! Contract: [`Connector::process`] runs one job, reports progress through a [`ProgressSink`], and
 //! stops promptly when its [`CancellationToken`] fires (cancel requested, timeout, shutdown). Its
 //! error says whether another attempt may succeed ([`ConnectorError::retryable`]); the worker turns
 //! it into the broker's typed [`JobError`], never by parsing text.
 
+pub mod a1111;
+pub mod artifacts;
 pub mod comfyui;
 pub mod http;
 pub mod mock;
@@ -59,6 +61,23 @@ pub struct Health {
     pub status: ConnectorStatus,
     /// Reason for `error` / `offline`.
     pub message: Option<String>,
+    /// What the service says about itself (url, models, queue length, memory…), when reachable.
+    pub info: Option<Value>,
+}
+
+impl Health {
+    /// Reachable and working (`idle` or `active`).
+    pub fn up(status: ConnectorStatus) -> Self {
+        Self { status, message: None, info: None }
+    }
+    /// Reachable but failing.
+    pub fn error(message: impl Into<String>) -> Self {
+        Self { status: ConnectorStatus::Error, message: Some(message.into()), info: None }
+    }
+    /// Unreachable, or the connector could not be built.
+    pub fn offline(message: impl Into<String>) -> Self {
+        Self { status: ConnectorStatus::Offline, message: Some(message.into()), info: None }
+    }
 }
 
 /// Where a running job's progress goes (0–100 plus an optional message). Cheap to clone.

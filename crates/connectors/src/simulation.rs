@@ -72,9 +72,9 @@ impl Connector for Simulation {
     fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(async move {
             if self.healthy.load(Ordering::SeqCst) {
-                Health { status: ConnectorStatus::Idle, message: None }
+                Health::up(ConnectorStatus::Idle)
             } else {
-                Health { status: ConnectorStatus::Offline, message: Some("simulated outage".into()) }
+                Health::offline("simulated outage")
             }
         })
     }

@@ -30,16 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::{empty, empty_ok, json_reply, now_ms};
-
-/// A 1×1 PNG served for every saved image.
-const PNG: &[u8] = &[
-    0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48, 0x44, 0x52, 0x00,
-    0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x02, 0x00, 0x00, 0x00, 0x90, 0x77, 0x53, 0xde, 0x00,
-    0x00, 0x00, 0x0c, 0x49, 0x44, 0x41, 0x54, 0x78, 0x9c, 0x63, 0x30, 0x4e, 0x9b, 0x09, 0x00, 0x02, 0x02,
-    0x01, 0x33, 0x56, 0x87, 0xe2, 0x54, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45, 0x4e, 0x44, 0xae, 0x42, 0x60,
-    0x82,
-];
+use super::{PNG, empty, empty_ok, json_reply, now_ms};
 
 /// How the mock behaves.
 #[derive(Debug, Clone)]
@@ -475,7 +466,14 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/object_info", get(object_info_all))
         .route("/object_info/{class}", get(object_info_one))
         .route("/features", get(features))
-        .route("/embeddings", get(|| async { json_reply(StatusCode::OK, &json!([])) }));
+        .route("/embeddings", get(|| async { json_reply(StatusCode::OK, &json!([])) }))
+        .route(
+            "/models",
+            get(|| async {
+                json_reply(StatusCode::OK, &json!(MODEL_FOLDERS.iter().map(|(f, _)| f).collect::<Vec<_>>()))
+            }),
+        )
+        .route("/models/{folder}", get(models_in));
     Router::new()
         .merge(routes.clone())
         .nest("/api", routes)
@@ -768,6 +766,20 @@ async fn view(State(shared): State<Arc<Shared>>, Query(q): Query<HashMap<String,
         r.headers_mut().insert(header::CONTENT_DISPOSITION, v);
     }
     r
+}
+
+/// Model folders and their files (`GET /models`, `GET /models/{folder}`).
+const MODEL_FOLDERS: &[(&str, &[&str])] = &[
+    ("checkpoints", &["v1-5-pruned-emaonly.safetensors", "sd_xl_base_1.0.safetensors"]),
+    ("loras", &[]),
+    ("vae", &[]),
+];
+
+async fn models_in(Path(folder): Path<String>) -> Response {
+    match MODEL_FOLDERS.iter().find(|(f, _)| *f == folder) {
+        Some((_, files)) => json_reply(StatusCode::OK, &json!(files)),
+        None => empty(StatusCode::NOT_FOUND),
+    }
 }
 
 async fn system_stats() -> Response {
