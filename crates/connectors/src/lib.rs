@@ -15,6 +15,7 @@ pub mod artifacts;
 pub mod comfyui;
 pub mod http;
 pub mod mock;
+pub mod openai;
 pub mod simulation;
 
 use std::fmt;

@@ -8,6 +8,7 @@
 
 pub mod a1111;
 pub mod comfyui;
+pub mod openai;
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
