@@ -16,6 +16,7 @@ pub mod comfyui;
 pub mod http;
 pub mod mock;
 pub mod openai;
+pub mod rest;
 pub mod simulation;
 
 use std::fmt;
