@@ -495,7 +495,13 @@ pub async fn snapshot_and_events_converge<B: Broker>(fx: Fixture<B>) {
     b.register_worker(worker("late", &["simulation", "other"], json!({}))).await.expect("reg");
     b.report_connector(
         "late",
-        ConnectorReport { service: "simulation".into(), status: ConnectorStatus::Idle, message: None, at: 3 },
+        ConnectorReport {
+            service: "simulation".into(),
+            status: ConnectorStatus::Idle,
+            message: None,
+            at: 3,
+            info: None,
+        },
     )
     .await
     .expect("report");
@@ -794,7 +800,8 @@ pub async fn worker_presence_lifecycle<B: Broker>(fx: Fixture<B>) {
 pub async fn connector_status_changes_only<B: Broker>(fx: Fixture<B>) {
     let b = fx.broker.as_ref();
     b.register_worker(worker("w", &["comfyui"], json!({}))).await.expect("reg");
-    let report = |status, at| ConnectorReport { service: "comfyui".into(), status, message: None, at };
+    let report =
+        |status, at| ConnectorReport { service: "comfyui".into(), status, message: None, at, info: None };
     for (s, at) in [
         (ConnectorStatus::Starting, 1),
         (ConnectorStatus::Idle, 2),
@@ -804,6 +811,9 @@ pub async fn connector_status_changes_only<B: Broker>(fx: Fixture<B>) {
     ] {
         b.report_connector("w", report(s, at)).await.expect("report");
     }
+    // A refresh with the same status updates the time and service info without an event.
+    let refresh = ConnectorReport { info: Some(json!({"queue": 1})), ..report(ConnectorStatus::Offline, 6) };
+    b.report_connector("w", refresh).await.expect("refresh");
     let statuses: Vec<ConnectorStatus> = all_events(b)
         .await
         .iter()
@@ -815,6 +825,8 @@ pub async fn connector_status_changes_only<B: Broker>(fx: Fixture<B>) {
     assert_eq!(statuses, vec![ConnectorStatus::Starting, ConnectorStatus::Idle, ConnectorStatus::Offline]);
     let w = b.workers().await.expect("workers").remove(0);
     assert_eq!(w.connectors["comfyui"].status, ConnectorStatus::Offline);
+    assert_eq!(w.connectors["comfyui"].at, 6);
+    assert_eq!(w.connectors["comfyui"].info, Some(json!({"queue": 1})));
     assert!(matches!(
         b.report_connector("ghost", report(ConnectorStatus::Idle, 1)).await,
         Err(BrokerError::UnknownWorker(_))

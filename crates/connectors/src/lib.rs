@@ -18,6 +18,7 @@ pub mod mock;
 pub mod openai;
 pub mod rest;
 pub mod simulation;
+pub mod spec;
 
 use std::fmt;
 

@@ -1,11 +1,12 @@
-//! The simulation connector: a stand-in service with configurable steps, step duration, failure
-//! rate and health, for tests, benchmarks and `NAME-sim` services.
+//! The simulation connector: a stand-in service with configurable steps, step duration (and its
+//! spread across jobs), failure rate and health flapping, for tests, benchmarks, `fleetq up` and
+//! `NAME-sim` services.
 //!
 //! A job's payload may steer one run (all optional): `{"steps": 5, "step_ms": 20,
 //! "fail": "retryable" | "fatal", "hang_at_step": 3, "hang_on_attempt": 1}`. A hanging job stops
 //! reporting progress and waits for cancellation, as a stuck service would.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use fleetq_core::{ConnectorStatus, FailureCategory, JobRecord};
@@ -17,7 +18,7 @@ use crate::{CancellationToken, Connector, ConnectorError, Health, ProgressSink};
 
 /// Defaults of a simulated service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct SimulationConfig {
     /// The service name served (`simulation`, `comfyui-sim`, …).
     pub service: String,
@@ -27,11 +28,26 @@ pub struct SimulationConfig {
     pub step_ms: u64,
     /// Share of jobs (0–1) that fail with a retryable error, chosen deterministically per attempt.
     pub failure_rate: f64,
+    /// Spread of a job's duration: each job's steps last `step_ms × (1 ± jitter)`, uniformly and
+    /// deterministically per job (0 = every job alike).
+    pub jitter: f64,
+    /// Health flapping: every `flap_every_ms` the service goes `offline` for `flap_down_ms`.
+    pub flap_every_ms: Option<u64>,
+    /// How long each flap lasts.
+    pub flap_down_ms: u64,
 }
 
 impl Default for SimulationConfig {
     fn default() -> Self {
-        Self { service: "simulation".into(), steps: 10, step_ms: 100, failure_rate: 0.0 }
+        Self {
+            service: "simulation".into(),
+            steps: 10,
+            step_ms: 100,
+            failure_rate: 0.0,
+            jitter: 0.0,
+            flap_every_ms: None,
+            flap_down_ms: 1000,
+        }
     }
 }
 
@@ -40,17 +56,38 @@ impl Default for SimulationConfig {
 pub struct Simulation {
     config: SimulationConfig,
     healthy: AtomicBool,
+    running: AtomicUsize,
+    born: tokio::time::Instant,
 }
 
 impl Simulation {
     /// A healthy simulated service.
     pub fn new(config: SimulationConfig) -> Self {
-        Self { config, healthy: AtomicBool::new(true) }
+        Self {
+            config,
+            healthy: AtomicBool::new(true),
+            running: AtomicUsize::new(0),
+            born: tokio::time::Instant::now(),
+        }
     }
 
     /// Makes the service look down (`offline`) or back up, as health flapping would.
     pub fn set_healthy(&self, healthy: bool) {
         self.healthy.store(healthy, Ordering::SeqCst);
+    }
+
+    /// Up unless switched off or inside a flap window.
+    fn is_up(&self) -> bool {
+        if !self.healthy.load(Ordering::SeqCst) {
+            return false;
+        }
+        match self.config.flap_every_ms {
+            Some(every) if every > 0 => {
+                let t = self.born.elapsed().as_millis() as u64 % every;
+                t + self.config.flap_down_ms.min(every) < every
+            }
+            _ => true,
+        }
     }
 }
 
@@ -71,8 +108,9 @@ impl Connector for Simulation {
 
     fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(async move {
-            if self.healthy.load(Ordering::SeqCst) {
-                Health::up(ConnectorStatus::Idle)
+            if self.is_up() {
+                let busy = self.running.load(Ordering::SeqCst) > 0;
+                Health::up(if busy { ConnectorStatus::Active } else { ConnectorStatus::Idle })
             } else {
                 Health::offline("simulated outage")
             }
@@ -86,7 +124,23 @@ impl Connector for Simulation {
         cancel: CancellationToken,
     ) -> BoxFuture<'a, Result<Value, ConnectorError>> {
         Box::pin(async move {
-            if !self.healthy.load(Ordering::SeqCst) {
+            self.running.fetch_add(1, Ordering::SeqCst);
+            let out = self.simulate(job, progress, cancel).await;
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            out
+        })
+    }
+}
+
+impl Simulation {
+    async fn simulate(
+        &self,
+        job: &JobRecord,
+        progress: ProgressSink,
+        cancel: CancellationToken,
+    ) -> Result<Value, ConnectorError> {
+        {
+            if !self.is_up() {
                 return Err(ConnectorError::retryable(
                     FailureCategory::Connection,
                     "simulated service is offline",
@@ -95,7 +149,10 @@ impl Connector for Simulation {
             let p = &job.spec.payload;
             let get = |k: &str| p.get(k).and_then(Value::as_u64);
             let steps = get("steps").map_or(self.config.steps, |n| n.min(10_000) as u32).max(1);
-            let step = Duration::from_millis(get("step_ms").unwrap_or(self.config.step_ms));
+            let base = get("step_ms").unwrap_or(self.config.step_ms) as f64;
+            // A per-job factor in [1 - jitter, 1 + jitter], fixed by the job id.
+            let spread = self.config.jitter.clamp(0.0, 1.0) * (2.0 * roll(&job.summary.id.0, 0) - 1.0);
+            let step = Duration::from_secs_f64((base * (1.0 + spread)).max(0.0) / 1000.0);
             let attempt = job.summary.attempt;
             let hang_at = get("hang_at_step")
                 .filter(|_| get("hang_on_attempt").is_none_or(|a| a == u64::from(attempt)));
@@ -127,7 +184,7 @@ impl Connector for Simulation {
                 return Err(ConnectorError::retryable(FailureCategory::Service, "simulated random failure"));
             }
             Ok(json!({"simulated": true, "steps": steps}))
-        })
+        }
     }
 }
 
@@ -185,6 +242,36 @@ mod tests {
         let plain = job(json!({}), 1);
         let down = sim.process(&plain, ProgressSink::channel().0, CancellationToken::new());
         assert!(down.await.is_err_and(|e| e.retryable && e.category == FailureCategory::Connection));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn health_flaps_on_schedule() {
+        let config =
+            SimulationConfig { flap_every_ms: Some(1000), flap_down_ms: 200, ..SimulationConfig::default() };
+        let sim = Simulation::new(config);
+        let mut seen = Vec::new();
+        for _ in 0..10 {
+            seen.push(sim.health().await.status == ConnectorStatus::Offline);
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        // The last 200 ms of every second are down.
+        assert_eq!(seen, [false, false, false, false, false, false, false, false, true, true]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn jitter_spreads_durations_per_job() {
+        let config = SimulationConfig { jitter: 0.5, step_ms: 100, steps: 1, ..SimulationConfig::default() };
+        let sim = Simulation::new(config);
+        let mut took = Vec::new();
+        for i in 0..20 {
+            let mut j = job(json!({}), 1);
+            j.summary.id = JobId(format!("job-{i}"));
+            let start = tokio::time::Instant::now();
+            assert!(sim.process(&j, ProgressSink::channel().0, CancellationToken::new()).await.is_ok());
+            took.push(start.elapsed().as_millis());
+        }
+        assert!(took.iter().all(|t| (50..=150).contains(t)), "{took:?}");
+        assert!(took.iter().max() > took.iter().min(), "durations differ: {took:?}");
     }
 
     #[test]

@@ -154,8 +154,12 @@ pub struct ConnectorReport {
     /// Reason, for `error` and `offline`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
-    /// When the worker observed it (ms).
+    /// When the worker observed it (ms). Reports are refreshed every health interval, so an old
+    /// `at` means the worker stopped reporting (the API shows it as stale).
     pub at: i64,
+    /// What the service says about itself (url, models, queue length, memory…).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<serde_json::Value>,
 }
 
 /// A registered worker as the broker knows it.

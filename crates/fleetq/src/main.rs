@@ -37,7 +37,7 @@ enum Command {
     Bench(bench::Bench),
     /// Runs one worker against a Redis broker until SIGTERM/SIGINT.
     Worker(worker::Args),
-    /// Runs a mock service (ComfyUI) for demos and manual tests.
+    /// Runs a mock service (ComfyUI, A1111, OpenAI) for demos and manual tests.
     #[command(subcommand)]
     Mock(mock::Mock),
 }

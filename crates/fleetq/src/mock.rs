@@ -3,7 +3,9 @@
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
+use fleetq_connectors::mock::a1111::{A1111Mock, A1111MockConfig};
 use fleetq_connectors::mock::comfyui::{ComfyMock, ComfyMockConfig};
+use fleetq_connectors::mock::openai::{OpenAiMock, OpenAiMockConfig};
 
 /// The mock services.
 #[derive(Debug, clap::Subcommand)]
@@ -20,6 +22,32 @@ pub(crate) enum Mock {
         #[arg(long, default_value_t = 0)]
         node_delay_ms: u64,
     },
+    /// A mock AUTOMATIC1111 webui API (`/sdapi/v1/*`): blocking txt2img/img2img, /progress,
+    /// /interrupt. A prompt containing `__oom__` fails with CUDA out-of-memory.
+    A1111 {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        /// Port (7860 is A1111's default).
+        #[arg(long, default_value_t = 7860)]
+        port: u16,
+        /// Milliseconds one sampling step takes.
+        #[arg(long, default_value_t = 50)]
+        step_delay_ms: u64,
+    },
+    /// A mock OpenAI-style API (`/v1/chat/completions` streamed or not, `/v1/images/generations`,
+    /// `/v1/models`); it answers "You said: …".
+    Openai {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        /// Port.
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// The API key it accepts.
+        #[arg(long, default_value = "sk-test-key")]
+        api_key: String,
+    },
 }
 
 pub(crate) async fn run(mock: Mock) -> Result<()> {
@@ -35,6 +63,29 @@ pub(crate) async fn run(mock: Mock) -> Result<()> {
             println!("mock ComfyUI listening on {}", server.url());
             tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
             server.stop().await;
+            Ok(())
+        }
+        Mock::A1111 { host, port, step_delay_ms } => {
+            let config = A1111MockConfig {
+                step_delay: std::time::Duration::from_millis(step_delay_ms),
+                ..A1111MockConfig::default()
+            };
+            let server = A1111Mock::start_on(SocketAddr::new(host, port), config)
+                .await
+                .with_context(|| format!("binding {host}:{port}"))?;
+            println!("mock A1111 listening on {}", server.url());
+            tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+            server.kill().await;
+            Ok(())
+        }
+        Mock::Openai { host, port, api_key } => {
+            let config = OpenAiMockConfig { api_key, ..OpenAiMockConfig::default() };
+            let server = OpenAiMock::start_on(SocketAddr::new(host, port), config)
+                .await
+                .with_context(|| format!("binding {host}:{port}"))?;
+            println!("mock OpenAI API listening on {}", server.base_url());
+            tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+            server.kill().await;
             Ok(())
         }
     }

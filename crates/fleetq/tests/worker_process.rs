@@ -101,3 +101,73 @@ async fn works_jobs_and_drains_on_sigterm() {
     );
     assert!(broker.workers().await.expect("workers").is_empty(), "deregistered");
 }
+
+/// A TOML config file: connectors from `[[connectors]]` with `max_concurrent_jobs`, selected and
+/// extended by `WORKER_CONNECTORS`; an unknown name is registered `offline` with the reason
+/// instead of stopping the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_file_with_connectors_and_an_unknown_name() {
+    let server = RedisServer::shared();
+    let broker = Arc::new(
+        RedisBroker::connect(&server.url, "cli-config", BrokerConfig::default()).await.expect("connect"),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("worker.toml");
+    let toml = format!(
+        "redis_url = \"{}\"\nqueue = \"cli-config\"\nworker_id = \"from-file\"\nmachine_id = \"box\"\nshutdown_grace_s = 0\n\n\
+         [capabilities]\ngpu = \"rtx4090\"\n\n\
+         [[connectors]]\ntype = \"simulation\"\nservice = \"upscale-sim\"\nstep_ms = 5\nsteps = 2\nmax_concurrent_jobs = 2\n",
+        server.url
+    );
+    std::fs::write(&file, toml).expect("write config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetq"))
+        .args(["worker", "--config"])
+        .arg(&file)
+        .env("WORKER_CONNECTORS", "upscale-sim,midjourney")
+        .env_remove("WORKER_ID")
+        .env_remove("MACHINE_ID")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start fleetq worker");
+    let id = broker.submit(JobSpec::new("upscale-sim", json!({}))).await.expect("submit").id;
+    let rec = wait_for(&broker, &id, |r| r.summary.status.is_terminal()).await;
+    assert_eq!(
+        (rec.summary.status, rec.summary.worker_id.as_deref()),
+        (JobStatus::Completed, Some("from-file"))
+    );
+    let worker = broker.workers().await.expect("workers").remove(0);
+    assert_eq!(worker.registration.capabilities.0.get("gpu"), Some(&json!("rtx4090")));
+    let bogus = &worker.connectors["midjourney"];
+    assert_eq!(bogus.status, fleetq_core::ConnectorStatus::Offline);
+    assert!(bogus.message.as_deref().is_some_and(|m| m.contains("unknown connector \"midjourney\"")));
+    child.kill().expect("stop");
+    child.wait().expect("reap");
+}
+
+/// Missing identity and bad files are refused with a message that says what to set.
+#[test]
+fn missing_identity_and_bad_files_are_clear_errors() {
+    let run = |args: &[&str], envs: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetq"));
+        cmd.arg("worker").args(args).env_remove("WORKER_ID").env_remove("MACHINE_ID");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("run");
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = run(&[], &[("WORKER_CONNECTORS", "simulation"), ("MACHINE_ID", "m")]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("set WORKER_ID"), "{err}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        "worker_id = \"w\"\nmachine_id = \"m\"\n[[connectors]]\ntype = \"comfyui\"\nurll = \"x\"\n",
+    )
+    .expect("write");
+    let (code, err) = run(&["--config", file.to_str().expect("utf-8 path")], &[]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("urll") && err.contains("bad.toml"), "{err}");
+}

@@ -10,7 +10,8 @@ use fleetq_core::{
     ConnectorReport, ConnectorStatus, FailureCategory, JobError, ValidationError, WorkerRegistration,
 };
 use thiserror::Error;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
+use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
 use tracing::{Instrument, info, info_span, warn};
 
@@ -43,6 +44,8 @@ pub struct WorkerConfig {
     pub shutdown_grace: Duration,
     /// How long an interrupted connector may take to return before its task is aborted.
     pub interrupt_grace: Duration,
+    /// Jobs each service's connector may run at once; services not listed run one at a time.
+    pub max_concurrent: BTreeMap<String, usize>,
 }
 
 impl WorkerConfig {
@@ -56,6 +59,7 @@ impl WorkerConfig {
             default_progress_timeout: None,
             shutdown_grace: Duration::from_secs(30),
             interrupt_grace: Duration::from_secs(10),
+            max_concurrent: BTreeMap::new(),
         }
     }
 }
@@ -76,9 +80,15 @@ pub struct Worker<B: Broker> {
     broker: Arc<B>,
     connectors: BTreeMap<String, Arc<dyn Connector>>,
     config: WorkerConfig,
-    /// Services whose connector is healthy; the registration advertises exactly these.
+    /// Services whose connector is healthy.
     healthy: Mutex<BTreeSet<String>>,
-    /// The last status reported per service (only changes are published).
+    /// Jobs running per service.
+    running: Mutex<BTreeMap<String, usize>>,
+    /// The services the broker was last told this worker claims for.
+    advertised: Mutex<Vec<String>>,
+    /// Woken when a job ends (a slot frees up) or health changes.
+    wake: Notify,
+    /// The last status seen per service (changes are logged).
     reported: Mutex<BTreeMap<String, (ConnectorStatus, Option<String>)>>,
 }
 
@@ -99,32 +109,82 @@ impl<B: Broker> Worker<B> {
         }
         config.registration.services = map.keys().cloned().collect();
         config.registration.validate()?;
-        let healthy = Mutex::new(map.keys().cloned().collect());
-        Ok(Self { broker, connectors: map, config, healthy, reported: Mutex::new(BTreeMap::new()) })
+        if let Some((service, _)) = config.max_concurrent.iter().find(|(_, n)| **n == 0) {
+            return Err(ValidationError::new(
+                "max_concurrent_jobs",
+                format!("{service}: must be at least 1"),
+            )
+            .into());
+        }
+        let healthy = Mutex::new(BTreeSet::new());
+        Ok(Self {
+            broker,
+            connectors: map,
+            config,
+            healthy,
+            running: Mutex::new(BTreeMap::new()),
+            advertised: Mutex::new(Vec::new()),
+            wake: Notify::new(),
+            reported: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn limit(&self, service: &str) -> usize {
+        self.config.max_concurrent.get(service).copied().unwrap_or(1).max(1)
+    }
+
+    /// Healthy services with a free slot: what this worker may claim for now.
+    async fn claimable(&self) -> Vec<String> {
+        let healthy = self.healthy.lock().await.clone();
+        let running = self.running.lock().await;
+        healthy.into_iter().filter(|s| running.get(s).copied().unwrap_or(0) < self.limit(s)).collect()
     }
 
     fn id(&self) -> &str {
         &self.config.registration.worker_id
     }
 
+    /// Registers with the services this worker can claim for now. With none (all connectors down
+    /// or busy) it keeps the last list (or all of them): visible, but the claim loop does not claim.
     async fn register(&self) -> Result<(), BrokerError> {
-        let services: Vec<String> = self.healthy.lock().await.iter().cloned().collect();
+        let services = self.claimable().await;
         let mut reg = self.config.registration.clone();
-        // With every connector down the worker stays registered (visible) but does not claim.
+        let mut advertised = self.advertised.lock().await;
         if !services.is_empty() {
             reg.services = services;
+        } else if !advertised.is_empty() {
+            reg.services = advertised.clone();
         }
-        self.broker.register_worker(reg).await
+        self.broker.register_worker(reg.clone()).await?;
+        *advertised = reg.services;
+        Ok(())
+    }
+
+    /// Re-registers when the claimable services differ from what the broker has (a service filled
+    /// its slots or freed one). Single-service workers never need to: they just stop claiming.
+    async fn advertise(&self, claimable: &[String]) -> Result<(), BrokerError> {
+        let stale = *self.advertised.lock().await != claimable;
+        if stale { self.register().await } else { Ok(()) }
     }
 
     /// Runs until `shutdown` fires, then drains and deregisters.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), WorkerError> {
-        // Health first, so a connector that is down at start never claims a job.
-        for (service, connector) in &self.connectors {
-            let health = connector.health().await;
-            self.mark_usable(service, &health).await;
-        }
+        // Visible at once with every connector `starting`; claiming starts only after the first
+        // health check, so a connector that is down at start never claims a job.
         self.register().await?;
+        for service in self.connectors.keys() {
+            let report = ConnectorReport {
+                service: service.clone(),
+                status: ConnectorStatus::Starting,
+                message: None,
+                at: SystemClock.now_ms(),
+                info: None,
+            };
+            if let Err(e) = self.broker.report_connector(self.id(), report).await {
+                warn!(service = %service, error = %e, "connector report failed");
+            }
+        }
+        self.check_health(None).await;
         let span =
             info_span!("worker", worker_id = %self.id(), machine_id = %self.config.registration.machine_id);
         let background = CancellationToken::new();
@@ -138,31 +198,58 @@ impl<B: Broker> Worker<B> {
         result
     }
 
-    async fn claim_loop(&self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
-        while !shutdown.is_cancelled() {
-            if self.healthy.lock().await.is_empty() {
+    async fn claim_loop(self: &Arc<Self>, shutdown: &CancellationToken) -> Result<(), WorkerError> {
+        let mut jobs = JoinSet::new();
+        let result = loop {
+            if shutdown.is_cancelled() {
+                break Ok(());
+            }
+            while jobs.try_join_next().is_some() {}
+            let claimable = self.claimable().await;
+            if claimable.is_empty() {
+                // Every connector is down or busy: wait for a slot, a health change or shutdown.
                 tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(self.config.health_every) => continue,
+                    () = shutdown.cancelled() => break Ok(()),
+                    () = self.wake.notified() => {}
+                    () = tokio::time::sleep(self.config.health_every) => {}
                 }
+                continue;
+            }
+            if let Err(e) = self.advertise(&claimable).await {
+                warn!(error = %e, "re-registration failed");
             }
             match self.broker.claim(self.id(), self.config.claim_wait).await {
-                Ok(Some(lease)) => self.execute(lease, shutdown).await,
+                Ok(Some(lease)) => {
+                    let service = lease.job.summary.service.clone();
+                    *self.running.lock().await.entry(service.clone()).or_default() += 1;
+                    let (me, stop) = (self.clone(), shutdown.clone());
+                    jobs.spawn(async move {
+                        me.execute(lease, &stop).await;
+                        if let Some(n) = me.running.lock().await.get_mut(&service) {
+                            *n = n.saturating_sub(1);
+                        }
+                        me.wake.notify_one();
+                    });
+                }
                 Ok(None) => {}
                 Err(BrokerError::UnknownWorker(_)) => {
                     warn!("the broker forgot this worker; registering again");
-                    self.register().await?;
+                    if let Err(e) = self.register().await {
+                        break Err(e.into());
+                    }
                 }
                 Err(e) => {
                     warn!(error = %e, "claim failed; retrying");
                     tokio::select! {
-                        () = shutdown.cancelled() => break,
+                        () = shutdown.cancelled() => break Ok(()),
                         () = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
                 }
             }
-        }
-        Ok(())
+        };
+        // Drain: every running job finishes within the grace period or is released.
+        while jobs.join_next().await.is_some() {}
+        result
     }
 
     /// Heartbeats and connector health checks until `stop` fires.
@@ -196,8 +283,9 @@ impl<B: Broker> Worker<B> {
         if usable { healthy.insert(service.to_owned()) } else { healthy.remove(service) }
     }
 
-    /// Checks every connector (or only `only`), publishes status changes, and re-registers when
-    /// the set of usable services changed.
+    /// Checks every connector (or only `only`) and reports each one to the broker — every time, so
+    /// the report's time stays fresh (the broker events only changes) — then re-registers when the
+    /// set of usable services changed.
     async fn check_health(&self, only: Option<&str>) {
         let mut changed_availability = false;
         for (service, connector) in &self.connectors {
@@ -207,20 +295,19 @@ impl<B: Broker> Worker<B> {
             let h = connector.health().await;
             changed_availability |= self.mark_usable(service, &h).await;
             let now = (h.status, h.message.clone());
-            let changed = {
-                let mut reported = self.reported.lock().await;
-                reported.insert(service.clone(), now.clone()) != Some(now)
+            let previous = self.reported.lock().await.insert(service.clone(), now.clone());
+            if previous.as_ref() != Some(&now) {
+                info!(service = %service, connector_id = %service, status = ?h.status, message = ?h.message, "connector status");
+            }
+            let report = ConnectorReport {
+                service: service.clone(),
+                status: h.status,
+                message: h.message,
+                at: SystemClock.now_ms(),
+                info: h.info,
             };
-            if changed {
-                let report = ConnectorReport {
-                    service: service.clone(),
-                    status: h.status,
-                    message: h.message,
-                    at: SystemClock.now_ms(),
-                };
-                if let Err(e) = self.broker.report_connector(self.id(), report).await {
-                    warn!(service = %service, error = %e, "connector report failed");
-                }
+            if let Err(e) = self.broker.report_connector(self.id(), report).await {
+                warn!(service = %service, error = %e, "connector report failed");
             }
         }
         if changed_availability {
@@ -229,6 +316,7 @@ impl<B: Broker> Worker<B> {
             if let Err(e) = self.register().await {
                 warn!(error = %e, "re-registration failed");
             }
+            self.wake.notify_one();
         }
     }
 

@@ -129,7 +129,114 @@ both_backends!(
     cancel_reaches_the_connector,
     shutdown_gives_the_running_job_back,
     an_offline_connector_stops_claiming,
+    a_connector_runs_up_to_its_concurrency_limit,
+    a_connector_that_cannot_be_built_is_registered_offline,
 );
+
+/// `max_concurrent_jobs = 3`: three jobs run at once on one worker, never a fourth.
+async fn a_connector_runs_up_to_its_concurrency_limit<B: Broker>(b: Arc<B>) {
+    let mut c = config("w1");
+    c.max_concurrent.insert("simulation".into(), 3);
+    // Three jobs that hang until cancelled go first, then three short ones.
+    let mut hanging = Vec::new();
+    for _ in 0..3 {
+        let mut spec = job(json!({"hang_at_step": 1}));
+        spec.priority = 10;
+        hanging.push(b.submit(spec).await.expect("submit").id);
+    }
+    let short: Vec<JobId> = b
+        .submit_batch((0..3).map(|_| job(json!({"steps": 2}))).collect())
+        .await
+        .expect("submit")
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    let w = start(&b, c, sim());
+    for id in &hanging {
+        wait_for(b.as_ref(), id, |r| matches!(r.summary.status, JobStatus::Assigned | JobStatus::InProgress))
+            .await;
+    }
+    for id in &short {
+        let rec = b.job(id).await.expect("get").expect("exists");
+        assert_eq!(rec.summary.status, JobStatus::Pending, "no slot for a fourth job");
+    }
+    for id in &hanging {
+        b.cancel(id).await.expect("cancel");
+    }
+    for id in hanging.iter().chain(&short) {
+        wait_for(b.as_ref(), id, finished).await;
+    }
+    // Replay the event log: the most jobs in progress at once on w1.
+    let (mut now, mut most) = (0i32, 0i32);
+    for e in b.events_after(0, 10_000, Duration::ZERO).await.expect("events") {
+        match e.kind {
+            EventKind::JobClaimed { .. } => now += 1,
+            EventKind::JobCompleted { .. }
+            | EventKind::JobFailed { .. }
+            | EventKind::JobCancelled { .. }
+            | EventKind::JobRequeued { .. } => now -= 1,
+            _ => {}
+        }
+        most = most.max(now);
+    }
+    assert_eq!(most, 3);
+    w.shutdown().await;
+}
+
+/// A configured connector that cannot run is registered and reported `offline` with the reason,
+/// after `starting`; the worker serves its other connectors.
+async fn a_connector_that_cannot_be_built_is_registered_offline<B: Broker>(b: Arc<B>) {
+    let broken: Arc<dyn fleetq_connectors::Connector> =
+        Arc::new(fleetq_connectors::spec::Unavailable::new("comfyui", "unknown connector type \"comfy\""));
+    let w = common::start_with(&b, config("w1"), vec![sim(), broken]);
+    let id = b.submit(job(json!({}))).await.expect("submit").id;
+    assert_eq!(wait_for(b.as_ref(), &id, finished).await.summary.status, JobStatus::Completed);
+    let reports: Vec<(String, fleetq_core::ConnectorStatus, Option<String>)> = b
+        .events_after(0, 10_000, Duration::ZERO)
+        .await
+        .expect("events")
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::ConnectorStatus { report, .. } => {
+                Some((report.service, report.status, report.message))
+            }
+            _ => None,
+        })
+        .filter(|r| r.0 == "comfyui")
+        .collect();
+    assert_eq!(
+        reports,
+        vec![
+            ("comfyui".into(), fleetq_core::ConnectorStatus::Starting, None),
+            (
+                "comfyui".into(),
+                fleetq_core::ConnectorStatus::Offline,
+                Some("unknown connector type \"comfy\"".into())
+            ),
+        ]
+    );
+    let worker = b.workers().await.expect("workers").remove(0);
+    assert_eq!(worker.connectors["comfyui"].status, fleetq_core::ConnectorStatus::Offline);
+    assert!(matches!(
+        worker.connectors["simulation"].status,
+        fleetq_core::ConnectorStatus::Idle | fleetq_core::ConnectorStatus::Active
+    ));
+    w.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_zero_concurrency_limit_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = Arc::new(
+        fleetq_broker::embedded::EmbeddedBroker::open(dir.path().join("w.db"), BrokerConfig::default())
+            .expect("open"),
+    );
+    let mut c = config("w1");
+    c.max_concurrent.insert("simulation".into(), 0);
+    let sim: Arc<dyn fleetq_connectors::Connector> = sim();
+    let err = fleetq_worker::Worker::new(b, vec![sim], c).err().map(|e| e.to_string());
+    assert!(err.is_some_and(|e| e.contains("max_concurrent_jobs")));
+}
 
 /// Renewals alone keep a quiet job's lease: 600 ms leases, 1.5 s between progress reports, and an
 /// idle second worker whose claims reap any lease that lapses.
