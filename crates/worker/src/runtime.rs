@@ -345,7 +345,8 @@ impl<B: Broker> Worker<B> {
             // Renew at a third of the lease actually granted (the deadline is what counts: it
             // already lost the claim's round trip).
             let granted_ms = (lease.deadline_ms - SystemClock.now_ms()).clamp(30, self.broker.config().lease_ms.max(30));
-            let renew_every = Duration::from_millis((granted_ms / 3) as u64);
+            // At most every 2 s: a renewal is also how a quiet job hears that it was cancelled.
+            let renew_every = Duration::from_millis((granted_ms / 3).min(2000) as u64);
             let mut renew = tokio::time::interval_at(started + renew_every, renew_every);
             let mut last_sign = started;
             let mut stop: Option<Stop> = None;
