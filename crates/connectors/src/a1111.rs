@@ -16,10 +16,9 @@
 //! - health from `/sdapi/v1/options` (current checkpoint), models from `/sdapi/v1/sd-models`.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use fleetq_core::{ConnectorStatus, FailureCategory, JobRecord};
+use fleetq_core::{FailureCategory, JobRecord};
 use futures::future::BoxFuture;
 use reqwest::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
@@ -28,7 +27,7 @@ use tracing::debug;
 
 use crate::artifacts::{Artifacts, DEFAULT_INLINE_LIMIT, decode_base64};
 use crate::http::{Auth, HttpConfig, HttpTransport};
-use crate::{CancellationToken, Connector, ConnectorError, Health, ProgressSink};
+use crate::{ActiveJobs, CancellationToken, Connector, ConnectorError, Health, ProgressSink};
 
 /// Settings of one A1111 connector.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,7 +69,7 @@ pub struct A1111 {
     config: A1111Config,
     http: HttpTransport,
     artifacts: Artifacts,
-    running: AtomicUsize,
+    running: ActiveJobs,
 }
 
 impl A1111 {
@@ -80,7 +79,7 @@ impl A1111 {
         http.timeout = Duration::from_millis(config.generation_timeout_ms.max(1));
         http.auth = config.auth.clone();
         let artifacts = Artifacts::new(config.artifacts_dir.clone(), config.inline_limit_bytes);
-        Ok(Self { http: HttpTransport::new(http)?, artifacts, config, running: AtomicUsize::new(0) })
+        Ok(Self { http: HttpTransport::new(http)?, artifacts, config, running: ActiveJobs::default() })
     }
 
     async fn interrupt(&self) {
@@ -288,11 +287,7 @@ impl Connector for A1111 {
             match sent {
                 Ok(r) if r.status().is_success() => {
                     let options: Value = r.json().await.unwrap_or(Value::Null);
-                    let status = if self.running.load(Ordering::SeqCst) > 0 {
-                        ConnectorStatus::Active
-                    } else {
-                        ConnectorStatus::Idle
-                    };
+                    let status = self.running.status();
                     let info = json!({
                         "url": self.config.url,
                         "checkpoint": options.get("sd_model_checkpoint"),
@@ -316,10 +311,8 @@ impl Connector for A1111 {
         cancel: CancellationToken,
     ) -> BoxFuture<'a, Result<Value, ConnectorError>> {
         Box::pin(async move {
-            self.running.fetch_add(1, Ordering::SeqCst);
-            let r = self.run(job, progress, cancel).await;
-            self.running.fetch_sub(1, Ordering::SeqCst);
-            r
+            let _active = self.running.start();
+            self.run(job, progress, cancel).await
         })
     }
 }

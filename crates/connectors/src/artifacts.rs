@@ -35,23 +35,18 @@ impl Artifacts {
     /// `{"artifact": "<job>/<name>", "bytes": n}` with a directory, else `{"b64": …, "bytes": n}`
     /// under the limit, else `{"bytes": n, "omitted": "<why>"}`.
     pub async fn store(&self, job_id: &str, name: &str, bytes: &[u8]) -> Result<Value, ConnectorError> {
-        let Some(dir) = &self.dir else {
-            if bytes.len() <= self.inline_limit {
-                let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
-                return Ok(json!({"name": name, "b64": b64, "bytes": bytes.len()}));
-            }
-            return Ok(json!({
-                "name": name,
-                "bytes": bytes.len(),
-                "omitted": format!("larger than the inline limit of {} bytes; configure an artifacts directory", self.inline_limit),
-            }));
-        };
-        let rel = format!("{job_id}/{}", safe_name(name));
-        let target = dir.join(&rel);
-        write(&target, bytes).await.map_err(|e| {
-            ConnectorError::retryable(FailureCategory::Internal, format!("writing {}: {e}", target.display()))
-        })?;
-        Ok(json!({"name": name, "artifact": rel, "bytes": bytes.len()}))
+        if let Some(rel) = self.write_file(job_id, name, bytes).await? {
+            return Ok(json!({"name": name, "artifact": rel, "bytes": bytes.len()}));
+        }
+        if bytes.len() <= self.inline_limit {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+            return Ok(json!({"name": name, "b64": b64, "bytes": bytes.len()}));
+        }
+        Ok(json!({
+            "name": name,
+            "bytes": bytes.len(),
+            "omitted": format!("larger than the inline limit of {} bytes; configure an artifacts directory", self.inline_limit),
+        }))
     }
 
     /// Writes a downloaded file for job `job_id` and returns its path relative to the directory, or

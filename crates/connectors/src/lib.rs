@@ -21,6 +21,7 @@ pub mod simulation;
 pub mod spec;
 
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use fleetq_core::{ConnectorStatus, FailureCategory, JobError, JobRecord};
 use futures::future::BoxFuture;
@@ -96,6 +97,33 @@ impl ProgressSink {
     /// Reports progress; silently dropped once the worker stopped listening.
     pub fn report(&self, progress: f64, message: Option<String>) {
         let _ = self.0.send((progress, message));
+    }
+}
+
+/// How many jobs a connector is running, for its `idle` / `active` status. A guard keeps the count
+/// right even when the worker aborts a job's task mid-way.
+#[derive(Debug, Default)]
+pub struct ActiveJobs(AtomicUsize);
+
+/// Counts one running job until dropped.
+#[derive(Debug)]
+pub struct ActiveGuard<'a>(&'a AtomicUsize);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl ActiveJobs {
+    /// Counts a job as running until the guard is dropped.
+    pub fn start(&self) -> ActiveGuard<'_> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        ActiveGuard(&self.0)
+    }
+    /// `active` while a job runs, else `idle`.
+    pub fn status(&self) -> ConnectorStatus {
+        if self.0.load(Ordering::SeqCst) > 0 { ConnectorStatus::Active } else { ConnectorStatus::Idle }
     }
 }
 

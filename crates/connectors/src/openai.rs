@@ -17,11 +17,10 @@
 
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use eventsource_stream::Eventsource as _;
-use fleetq_core::{ConnectorStatus, FailureCategory, JobRecord};
+use fleetq_core::{FailureCategory, JobRecord};
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
 use reqwest::header::HeaderMap;
@@ -32,7 +31,7 @@ use tracing::{debug, info};
 
 use crate::artifacts::{Artifacts, DEFAULT_INLINE_LIMIT, decode_base64};
 use crate::http::{Auth, HttpConfig, HttpTransport};
-use crate::{CancellationToken, Connector, ConnectorError, Health, ProgressSink};
+use crate::{ActiveJobs, CancellationToken, Connector, ConnectorError, Health, ProgressSink};
 
 /// Settings of one OpenAI-style connector.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -90,7 +89,7 @@ pub struct OpenAi {
     config: OpenAiConfig,
     http: HttpTransport,
     artifacts: Artifacts,
-    running: AtomicUsize,
+    running: ActiveJobs,
     /// The latest `x-ratelimit-*` headers, shown in health info.
     rate_limits: Mutex<Map<String, Value>>,
 }
@@ -118,7 +117,7 @@ impl OpenAi {
             http: HttpTransport::new(http)?,
             artifacts,
             config,
-            running: AtomicUsize::new(0),
+            running: ActiveJobs::default(),
             rate_limits: Mutex::new(Map::new()),
         })
     }
@@ -576,11 +575,7 @@ impl Connector for OpenAi {
                         .and_then(Value::as_array)
                         .map(|d| d.iter().filter_map(|m| m.get("id").cloned()).take(100).collect())
                         .unwrap_or_default();
-                    let status = if self.running.load(Ordering::SeqCst) > 0 {
-                        ConnectorStatus::Active
-                    } else {
-                        ConnectorStatus::Idle
-                    };
+                    let status = self.running.status();
                     let limits =
                         self.rate_limits.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
                     let mut health = Health::up(status);
@@ -606,10 +601,8 @@ impl Connector for OpenAi {
         cancel: CancellationToken,
     ) -> BoxFuture<'a, Result<Value, ConnectorError>> {
         Box::pin(async move {
-            self.running.fetch_add(1, Ordering::SeqCst);
-            let r = self.run(job, progress, cancel).await;
-            self.running.fetch_sub(1, Ordering::SeqCst);
-            r
+            let _active = self.running.start();
+            self.run(job, progress, cancel).await
         })
     }
 }

@@ -6,15 +6,15 @@
 //! "fail": "retryable" | "fatal", "hang_at_step": 3, "hang_on_attempt": 1}`. A hanging job stops
 //! reporting progress and waits for cancellation, as a stuck service would.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use fleetq_core::{ConnectorStatus, FailureCategory, JobRecord};
+use fleetq_core::{FailureCategory, JobRecord};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::{CancellationToken, Connector, ConnectorError, Health, ProgressSink};
+use crate::{ActiveJobs, CancellationToken, Connector, ConnectorError, Health, ProgressSink};
 
 /// Defaults of a simulated service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -56,7 +56,7 @@ impl Default for SimulationConfig {
 pub struct Simulation {
     config: SimulationConfig,
     healthy: AtomicBool,
-    running: AtomicUsize,
+    running: ActiveJobs,
     born: tokio::time::Instant,
 }
 
@@ -66,7 +66,7 @@ impl Simulation {
         Self {
             config,
             healthy: AtomicBool::new(true),
-            running: AtomicUsize::new(0),
+            running: ActiveJobs::default(),
             born: tokio::time::Instant::now(),
         }
     }
@@ -108,12 +108,7 @@ impl Connector for Simulation {
 
     fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(async move {
-            if self.is_up() {
-                let busy = self.running.load(Ordering::SeqCst) > 0;
-                Health::up(if busy { ConnectorStatus::Active } else { ConnectorStatus::Idle })
-            } else {
-                Health::offline("simulated outage")
-            }
+            if self.is_up() { Health::up(self.running.status()) } else { Health::offline("simulated outage") }
         })
     }
 
@@ -124,10 +119,8 @@ impl Connector for Simulation {
         cancel: CancellationToken,
     ) -> BoxFuture<'a, Result<Value, ConnectorError>> {
         Box::pin(async move {
-            self.running.fetch_add(1, Ordering::SeqCst);
-            let out = self.simulate(job, progress, cancel).await;
-            self.running.fetch_sub(1, Ordering::SeqCst);
-            out
+            let _active = self.running.start();
+            self.simulate(job, progress, cancel).await
         })
     }
 }
@@ -190,7 +183,7 @@ impl Simulation {
 
 #[cfg(test)]
 mod tests {
-    use fleetq_core::{JobId, JobSpec, JobSummary};
+    use fleetq_core::{ConnectorStatus, JobId, JobSpec, JobSummary};
 
     use super::*;
 

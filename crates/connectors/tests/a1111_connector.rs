@@ -7,15 +7,12 @@ use std::time::Duration;
 use fleetq_connectors::a1111::{A1111, A1111Config};
 use fleetq_connectors::http::Auth;
 use fleetq_connectors::mock::a1111::{A1111Mock, A1111MockConfig};
-use fleetq_connectors::{CancellationToken, Connector, ConnectorError, ProgressSink};
-use fleetq_core::{ConnectorStatus, FailureCategory, JobId, JobRecord, JobSpec, JobSummary};
-use serde_json::{Value, json};
+use fleetq_connectors::{CancellationToken, Connector, ProgressSink};
+use fleetq_core::{ConnectorStatus, FailureCategory};
+use serde_json::json;
 
-fn job(payload: Value) -> JobRecord {
-    let spec = JobSpec::new("a1111", payload);
-    let summary = JobSummary::new_pending(JobId("job-1".into()), &spec, 0);
-    JobRecord { summary, spec, outcome: None }
-}
+mod common;
+use common::{failure, run};
 
 fn connector(mock: &A1111Mock, artifacts: Option<&std::path::Path>) -> A1111 {
     let config = A1111Config {
@@ -30,23 +27,6 @@ fn connector(mock: &A1111Mock, artifacts: Option<&std::path::Path>) -> A1111 {
 async fn mock(step_ms: u64) -> A1111Mock {
     let config = A1111MockConfig { step_delay: Duration::from_millis(step_ms), ..A1111MockConfig::default() };
     A1111Mock::start(config).await.expect("mock")
-}
-
-async fn run(c: &A1111, payload: Value) -> (Result<Value, ConnectorError>, Vec<(f64, Option<String>)>) {
-    let (sink, mut rx) = ProgressSink::channel();
-    let out = c.process(&job(payload), sink, CancellationToken::new()).await;
-    let mut seen = Vec::new();
-    while let Ok(p) = rx.try_recv() {
-        seen.push(p);
-    }
-    (out, seen)
-}
-
-fn failure(r: Result<Value, ConnectorError>) -> ConnectorError {
-    match r {
-        Ok(v) => panic!("expected a failure, got {v}"),
-        Err(e) => e,
-    }
 }
 
 #[tokio::test]
@@ -120,7 +100,7 @@ async fn cancel_interrupts_a1111_and_the_partial_result_is_not_a_success() {
     let c = connector(&mock, None);
     let (sink, mut rx) = ProgressSink::channel();
     let cancel = CancellationToken::new();
-    let job = job(json!({"prompt": "x", "steps": 100}));
+    let job = common::job("a1111", json!({"prompt": "x", "steps": 100}));
     let work = c.process(&job, sink, cancel.clone());
     tokio::pin!(work);
     // Cancel once a sampling step has been seen.
@@ -180,7 +160,7 @@ async fn a_server_that_dies_mid_generation_is_service_offline() {
     let mock = mock(20).await;
     let c = connector(&mock, None);
     let (sink, mut rx) = ProgressSink::channel();
-    let job = job(json!({"prompt": "x", "steps": 200}));
+    let job = common::job("a1111", json!({"prompt": "x", "steps": 200}));
     let work = c.process(&job, sink, CancellationToken::new());
     tokio::pin!(work);
     loop {

@@ -7,14 +7,10 @@ use std::time::Duration;
 use fleetq_connectors::comfyui::{ComfyUi, ComfyUiConfig};
 use fleetq_connectors::mock::comfyui::{ComfyMock, ComfyMockConfig};
 use fleetq_connectors::{CancellationToken, Connector, ProgressSink};
-use fleetq_core::{ConnectorStatus, FailureCategory, JobId, JobRecord, JobSpec, JobSummary};
+use fleetq_core::{ConnectorStatus, FailureCategory};
 use serde_json::{Value, json};
 
-fn job(payload: Value) -> JobRecord {
-    let spec = JobSpec::new("comfyui", payload);
-    let summary = JobSummary::new_pending(JobId("job-1".into()), &spec, 0);
-    JobRecord { summary, spec, outcome: None }
-}
+mod common;
 
 fn workflow(steps: u32, step_seconds: f64, prefix: &str) -> Value {
     json!({
@@ -35,14 +31,8 @@ fn connector(mock: &ComfyMock, artifacts: Option<&std::path::Path>) -> ComfyUi {
 }
 
 async fn run(c: &ComfyUi, payload: Value) -> (Result<Value, fleetq_connectors::ConnectorError>, Vec<f64>) {
-    let (sink, mut rx) = ProgressSink::channel();
-    let job = job(payload);
-    let out = c.process(&job, sink, CancellationToken::new()).await;
-    let mut seen = Vec::new();
-    while let Ok((p, _)) = rx.try_recv() {
-        seen.push(p);
-    }
-    (out, seen)
+    let (out, seen) = common::run(c, payload).await;
+    (out, seen.into_iter().map(|p| p.0).collect())
 }
 
 #[tokio::test]
@@ -138,7 +128,7 @@ async fn cancellation_interrupts_the_prompt_on_the_service() {
     let c = connector(&mock, None);
     let (sink, mut rx) = ProgressSink::channel();
     let cancel = CancellationToken::new();
-    let job = job(workflow(1000, 0.01, "long"));
+    let job = common::job("comfyui", workflow(1000, 0.01, "long"));
     let work = c.process(&job, sink, cancel.clone());
     let watcher = async {
         // Cancel once the node reports its first step.
@@ -166,7 +156,7 @@ async fn a_dropped_socket_is_reconnected_and_the_job_still_completes() {
     let mock = ComfyMock::start(ComfyMockConfig::default()).await.expect("mock");
     let c = connector(&mock, None);
     let (sink, mut rx) = ProgressSink::channel();
-    let job = job(workflow(30, 0.01, "blip"));
+    let job = common::job("comfyui", workflow(30, 0.01, "blip"));
     let work = c.process(&job, sink, CancellationToken::new());
     let blip = async {
         while let Some((p, _)) = rx.recv().await {

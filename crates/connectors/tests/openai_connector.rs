@@ -6,15 +6,12 @@ use std::time::Duration;
 
 use fleetq_connectors::mock::openai::{Fault, OpenAiMock, OpenAiMockConfig};
 use fleetq_connectors::openai::{OpenAi, OpenAiConfig};
-use fleetq_connectors::{CancellationToken, Connector, ConnectorError, ProgressSink};
-use fleetq_core::{ConnectorStatus, FailureCategory, JobId, JobRecord, JobSpec, JobSummary};
+use fleetq_connectors::{CancellationToken, Connector, ProgressSink};
+use fleetq_core::{ConnectorStatus, FailureCategory};
 use serde_json::{Value, json};
 
-fn job(payload: Value) -> JobRecord {
-    let spec = JobSpec::new("openai", payload);
-    let summary = JobSummary::new_pending(JobId("job-1".into()), &spec, 0);
-    JobRecord { summary, spec, outcome: None }
-}
+mod common;
+use common::{failure, run};
 
 async fn mock(chunk_ms: u64) -> OpenAiMock {
     let config =
@@ -30,23 +27,6 @@ fn connector(mock: &OpenAiMock, key: &str, artifacts: Option<&std::path::Path>) 
         ..OpenAiConfig::default()
     })
     .expect("connector")
-}
-
-async fn run(c: &OpenAi, payload: Value) -> (Result<Value, ConnectorError>, Vec<(f64, Option<String>)>) {
-    let (sink, mut rx) = ProgressSink::channel();
-    let out = c.process(&job(payload), sink, CancellationToken::new()).await;
-    let mut seen = Vec::new();
-    while let Ok(p) = rx.try_recv() {
-        seen.push(p);
-    }
-    (out, seen)
-}
-
-fn failure(r: Result<Value, ConnectorError>) -> ConnectorError {
-    match r {
-        Ok(v) => panic!("expected a failure, got {v}"),
-        Err(e) => e,
-    }
 }
 
 fn chat(text: &str) -> Value {
@@ -179,7 +159,7 @@ async fn cancel_stops_a_retry_wait() {
     mock.fail_next(Fault::RateLimit(vec![("retry-after".into(), "60".into())]));
     let cancel = CancellationToken::new();
     let (sink, _rx) = ProgressSink::channel();
-    let job = job(chat("hi"));
+    let job = common::job("openai", chat("hi"));
     let work = c.process(&job, sink, cancel.clone());
     tokio::pin!(work);
     // Wait until the first (rate-limited) request has been answered, then cancel.

@@ -11,9 +11,12 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use fleetq_connectors::rest::{Rest, RestAsync, RestConfig};
-use fleetq_connectors::{CancellationToken, Connector, ConnectorError, ProgressSink};
-use fleetq_core::{ConnectorStatus, FailureCategory, JobId, JobRecord, JobSpec, JobSummary};
+use fleetq_connectors::{CancellationToken, Connector, ProgressSink};
+use fleetq_core::{ConnectorStatus, FailureCategory};
 use serde_json::{Value, json};
+
+mod common;
+use common::run;
 
 #[derive(Default)]
 struct Remote {
@@ -90,12 +93,6 @@ async fn service() -> (String, Arc<Remote>) {
     (url, remote)
 }
 
-fn job(payload: Value) -> JobRecord {
-    let spec = JobSpec::new("rest", payload);
-    let summary = JobSummary::new_pending(JobId("job-1".into()), &spec, 0);
-    JobRecord { summary, spec, outcome: None }
-}
-
 fn async_config(url: &str) -> RestConfig {
     RestConfig {
         base_url: url.into(),
@@ -116,16 +113,6 @@ fn async_config(url: &str) -> RestConfig {
         }),
         ..RestConfig::default()
     }
-}
-
-async fn run(c: &Rest, payload: Value) -> (Result<Value, ConnectorError>, Vec<(f64, Option<String>)>) {
-    let (sink, mut rx) = ProgressSink::channel();
-    let out = c.process(&job(payload), sink, CancellationToken::new()).await;
-    let mut seen = Vec::new();
-    while let Ok(p) = rx.try_recv() {
-        seen.push(p);
-    }
-    (out, seen)
 }
 
 #[tokio::test]
@@ -179,7 +166,7 @@ async fn cancel_reaches_the_service_and_a_stuck_job_stops_showing_life() {
     let c = Rest::new(async_config(&url)).expect("connector");
     let (sink, mut rx) = ProgressSink::channel();
     let cancel = CancellationToken::new();
-    let job = job(json!({"hang": true}));
+    let job = common::job("rest", json!({"hang": true}));
     let work = c.process(&job, sink, cancel.clone());
     tokio::pin!(work);
     // queued, then running at 10% — and nothing more while it hangs (only changes are signs of life).

@@ -93,28 +93,33 @@ struct FileConfig {
     connectors: Vec<ConnectorSpec>,
 }
 
-/// A connector to load: a description, or a name that matches none (registered `offline` with the
-/// reason, so the fleet view shows the mistake instead of the worker refusing to start).
-#[allow(clippy::large_enum_variant, reason = "a handful, built once at start-up")]
-enum Planned {
-    Spec(ConnectorSpec),
-    Unknown { name: String, reason: String },
-}
-
-/// The connectors to load, from `WORKER_CONNECTORS` names and the file's entries.
-fn connector_specs(args: &Args, file: &FileConfig) -> Result<Vec<Planned>> {
+/// The connectors to load, from `WORKER_CONNECTORS` names and the file's entries, built, with their
+/// concurrency limits. A name that matches no connector is loaded as [`Unavailable`] (registered
+/// `offline` with the reason) so the fleet view shows the mistake instead of the worker refusing
+/// to start.
+fn build_connectors(
+    args: &Args,
+    file: &FileConfig,
+    artifacts_dir: Option<&std::path::Path>,
+) -> Result<Vec<(Arc<dyn Connector>, usize)>> {
+    let build = |mut spec: ConnectorSpec| -> (Arc<dyn Connector>, usize) {
+        if let Some(dir) = artifacts_dir {
+            spec.default_artifacts_dir(dir);
+        }
+        (spec.build(), spec.max_concurrent_jobs)
+    };
     let Some(names) = &args.connectors else {
         if file.connectors.is_empty() {
             bail!(
                 "no connectors: set WORKER_CONNECTORS (e.g. comfyui) or add [[connectors]] to the config file"
             );
         }
-        return Ok(file.connectors.iter().cloned().map(Planned::Spec).collect());
+        return Ok(file.connectors.iter().cloned().map(build).collect());
     };
-    let mut specs = Vec::new();
+    let mut built = Vec::new();
     for name in names.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
         if let Some(spec) = file.connectors.iter().find(|c| c.service() == name) {
-            specs.push(Planned::Spec(spec.clone()));
+            built.push(build(spec.clone()));
             continue;
         }
         let Some(mut spec) = ConnectorSpec::from_name(name) else {
@@ -122,7 +127,7 @@ fn connector_specs(args: &Args, file: &FileConfig) -> Result<Vec<Planned>> {
                 "unknown connector {name:?}: not a [[connectors]] service of the config file, nor one of comfyui, a1111, openai, rest, simulation, NAME-sim"
             );
             tracing::error!(connector = name, "{reason}");
-            specs.push(Planned::Unknown { name: name.to_owned(), reason });
+            built.push((Arc::new(Unavailable::new(name, reason)), 1));
             continue;
         };
         match &mut spec.kind {
@@ -148,9 +153,9 @@ fn connector_specs(args: &Args, file: &FileConfig) -> Result<Vec<Planned>> {
             }
             ConnectorKind::Rest(_) => {}
         }
-        specs.push(Planned::Spec(spec));
+        built.push(build(spec));
     }
-    Ok(specs)
+    Ok(built)
 }
 
 pub(crate) async fn run(args: Args) -> Result<()> {
@@ -181,17 +186,9 @@ pub(crate) async fn run(args: Args) -> Result<()> {
     let artifacts_dir = args.artifacts_dir.clone().or(file.artifacts_dir.clone());
     let mut connectors: Vec<Arc<dyn Connector>> = Vec::new();
     let mut max_concurrent = BTreeMap::new();
-    for planned in connector_specs(&args, &file)? {
-        match planned {
-            Planned::Spec(mut spec) => {
-                if let Some(dir) = &artifacts_dir {
-                    spec.default_artifacts_dir(dir);
-                }
-                max_concurrent.insert(spec.service().to_owned(), spec.max_concurrent_jobs);
-                connectors.push(spec.build());
-            }
-            Planned::Unknown { name, reason } => connectors.push(Arc::new(Unavailable::new(name, reason))),
-        }
+    for (connector, limit) in build_connectors(&args, &file, artifacts_dir.as_deref())? {
+        max_concurrent.insert(connector.service().to_owned(), limit);
+        connectors.push(connector);
     }
     let registration = WorkerRegistration { worker_id, machine_id, services: Vec::new(), capabilities };
     let mut config = WorkerConfig::new(registration);

@@ -50,6 +50,16 @@ const SAMPLERS: &[(&str, &[&str])] = &[
     ("DDIM", &[]),
 ];
 
+/// Prompt markers that make a generation fail halfway: (marker, exception class, message).
+const FAULTS: &[(&str, &str, &str)] = &[
+    (
+        "__oom__",
+        "OutOfMemoryError",
+        "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.65 GiB total capacity; 21.10 GiB already allocated)",
+    ),
+    ("__crash__", "RuntimeError", "Expected all tensors to be on the same device"),
+];
+
 /// How the mock behaves.
 #[derive(Debug, Clone)]
 pub struct A1111MockConfig {
@@ -341,25 +351,11 @@ async fn generate_to_end(shared: &Shared, mut req: Map<String, Value>, job: &str
             }
             tokio::time::sleep(shared.config.step_delay).await;
             shared.state().sampling_step = step + 1;
-            if step == steps / 2 {
-                if prompt.contains("__oom__") {
-                    failure = Some(api_error(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "OutOfMemoryError",
-                        "",
-                        "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.65 GiB total capacity; 21.10 GiB already allocated)",
-                    ));
-                    break 'outer;
-                }
-                if prompt.contains("__crash__") {
-                    failure = Some(api_error(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "RuntimeError",
-                        "",
-                        "Expected all tensors to be on the same device",
-                    ));
-                    break 'outer;
-                }
+            if step == steps / 2
+                && let Some((_, error, errors)) = FAULTS.iter().find(|(marker, _, _)| prompt.contains(marker))
+            {
+                failure = Some(api_error(StatusCode::INTERNAL_SERVER_ERROR, error, "", errors));
+                break 'outer;
             }
         }
     }
