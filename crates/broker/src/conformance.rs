@@ -884,7 +884,38 @@ pub async fn job_listing_pages<B: Broker>(fx: Fixture<B>) {
     assert_eq!(seen, ids, "every job once, newest first");
     let running =
         b.jobs(&JobFilter { status: Some(JobStatus::Assigned), ..JobFilter::default() }).await.expect("list");
-    assert_eq!(running.jobs.iter().map(|j| j.id.clone()).collect::<Vec<_>>(), vec![lease.job.summary.id]);
+    assert_eq!(
+        running.jobs.iter().map(|j| j.id.clone()).collect::<Vec<_>>(),
+        vec![lease.job.summary.id.clone()]
+    );
+    let by_worker =
+        b.jobs(&JobFilter { worker: Some("w".into()), ..JobFilter::default() }).await.expect("list");
+    assert_eq!(by_worker.jobs.iter().map(|j| j.id.clone()).collect::<Vec<_>>(), vec![lease.job.summary.id]);
+    let none = JobFilter { worker: Some("nobody".into()), ..JobFilter::default() };
+    assert!(b.jobs(&none).await.expect("list").jobs.is_empty());
+    let wf = b
+        .submit(job(json!({"service": "other", "payload": 1, "workflow_id": "wf-1", "customer_id": "acme"})))
+        .await
+        .expect("submit")
+        .id;
+    for filter in [
+        JobFilter { workflow: Some("wf-1".into()), ..JobFilter::default() },
+        JobFilter { customer: Some("acme".into()), ..JobFilter::default() },
+        JobFilter { customer: Some("acme".into()), service: Some("other".into()), ..JobFilter::default() },
+    ] {
+        let page = b.jobs(&filter).await.expect("list");
+        assert_eq!(
+            page.jobs.iter().map(|j| j.id.clone()).collect::<Vec<_>>(),
+            vec![wf.clone()],
+            "{filter:?}"
+        );
+    }
+    let miss = JobFilter {
+        customer: Some("acme".into()),
+        service: Some("simulation".into()),
+        ..JobFilter::default()
+    };
+    assert!(b.jobs(&miss).await.expect("list").jobs.is_empty());
     let bad = JobFilter { cursor: Some("garbage".into()), ..JobFilter::default() };
     assert!(matches!(b.jobs(&bad).await, Err(BrokerError::Invalid(_))));
 }

@@ -286,6 +286,15 @@ pub struct JobFilter {
     pub status: Option<JobStatus>,
     /// Only this service.
     pub service: Option<String>,
+    /// Only jobs last held by this worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// Only this workflow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
+    /// Only this customer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer: Option<String>,
     /// Page size (default 100, at most 1000).
     pub limit: Option<usize>,
     /// Continue after this cursor (from [`JobPage::next`]).

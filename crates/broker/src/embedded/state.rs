@@ -946,11 +946,23 @@ impl State {
             "SELECT summary FROM jobs
              WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR service = ?2)
                AND (created_at < ?3 OR (created_at = ?3 AND ?4 <> '' AND id < ?4))
+               AND (?6 IS NULL OR json_extract(summary, '$.worker_id') = ?6)
+               AND (?7 IS NULL OR workflow_id = ?7)
+               AND (?8 IS NULL OR json_extract(summary, '$.customer_id') = ?8)
              ORDER BY created_at DESC, id DESC LIMIT ?5",
         )?;
         // One row more than the page tells whether another page follows.
         let rows = stmt.query_map(
-            params![filter.status.map(|s| s.as_str()), filter.service, c_at, c_id, (limit + 1) as i64],
+            params![
+                filter.status.map(|s| s.as_str()),
+                filter.service,
+                c_at,
+                c_id,
+                (limit + 1) as i64,
+                filter.worker,
+                filter.workflow,
+                filter.customer
+            ],
             |r| r.get::<_, String>(0),
         )?;
         let mut jobs = rows.map(|row| self.parse_summary(&row?)).collect::<Result<Vec<_>>>()?;

@@ -9,7 +9,7 @@
 -- Order keys are never compared with Lua's `<` on strings (strcoll): see `key_less`. Only fixed,
 -- short field lists are ever unpacked.
 
-local VERSION = '11'
+local VERSION = '12'
 
 -- A job's state is one JSON object of strings at `j:{id}` (absent optional fields are omitted),
 -- decoded and encoded by Redis's C cjson; its spec is at `s:{id}`, its outcome at `o:{id}`.
@@ -582,7 +582,8 @@ redis.register_function{function_name = 'fq_job', flags = {'no-writes'}, callbac
   return {v[1], v[2], redis.call('GET', P .. 's:' .. j.id), redis.call('GET', P .. 'o:' .. j.id)}
 end}
 
--- ARGV: status ('' = all), service ('' = all), cursor ('' = newest), limit. Newest first; a call
+-- ARGV: status ('' = all), service ('' = all), cursor ('' = newest), limit, worker, workflow,
+-- customer ('' = all). Newest first; a call
 -- scans at most 10,000 entries and returns a cursor to continue from.
 redis.register_function{function_name = 'fq_jobs', flags = {'no-writes'}, callback = function(keys, argv)
   local P = keys[1]
@@ -599,7 +600,9 @@ redis.register_function{function_name = 'fq_jobs', flags = {'no-writes'}, callba
       start = '(' .. m
       last = m
       local j = load(P, string.sub(m, 13))
-      if j and (argv[1] == '' or j.status == argv[1]) and (argv[2] == '' or j.service == argv[2]) then
+      if j and (argv[1] == '' or j.status == argv[1]) and (argv[2] == '' or j.service == argv[2])
+          and (argv[5] == '' or j.worker_id == argv[5]) and (argv[6] == '' or j.workflow_id == argv[6])
+          and (argv[7] == '' or j.customer_id == argv[7]) then
         out[#out + 1] = view_of(P, j)
         if #out == limit then
           next_cursor = m

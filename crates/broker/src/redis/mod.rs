@@ -43,7 +43,7 @@ use crate::{
 
 const LIBRARY: &str = include_str!("fleetq.lua");
 /// The version the function library reports (`FCALL fq_version 0`); loading compares the whole code.
-pub const LIBRARY_VERSION: &str = "11";
+pub const LIBRARY_VERSION: &str = "12";
 
 /// Partitions and workers as of one version stamp, with per-worker match results.
 #[derive(Debug, Default)]
@@ -758,7 +758,10 @@ impl Broker for RedisBroker {
         cmd.arg(filter.status.map(JobStatus::as_str).unwrap_or(""))
             .arg(filter.service.as_deref().unwrap_or(""))
             .arg(cursor)
-            .arg(page_limit(filter));
+            .arg(page_limit(filter))
+            .arg(filter.worker.as_deref().unwrap_or(""))
+            .arg(filter.workflow.as_deref().unwrap_or(""))
+            .arg(filter.customer.as_deref().unwrap_or(""));
         let reply = items(self.run(&cmd).await?);
         let next = reply.first().and_then(text).filter(|c| !c.is_empty());
         let jobs = items(reply.into_iter().nth(1).unwrap_or(Value::Nil))
