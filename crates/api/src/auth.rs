@@ -1,0 +1,197 @@
+//! Bearer-token auth with three roles. A route's needed role comes from its method and path; a token
+//! is read from `Authorization: Bearer`, the `fleetq_token` cookie (pages) or `access_token` in the
+//! query (browsers cannot set headers on `EventSource` and `WebSocket`).
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::error::ApiError;
+
+/// What a token may do. Each role includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// GET routes, event streams, pages.
+    Read,
+    /// Read, plus submitting and cancelling jobs (HTTP and the legacy WebSocket).
+    Submit,
+    /// Everything (retry, …).
+    Admin,
+}
+
+impl Role {
+    /// Every role, weakest first.
+    pub const ALL: [Role; 3] = [Role::Read, Role::Submit, Role::Admin];
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Submit => "submit",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("unknown role {s:?} (read, submit or admin)"))
+    }
+}
+
+/// The configured tokens. Empty means auth is off.
+#[derive(Clone, Default)]
+pub struct Tokens(Arc<Vec<(String, Role)>>);
+
+impl fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the secrets.
+        f.debug_struct("Tokens").field("count", &self.0.len()).finish()
+    }
+}
+
+impl Tokens {
+    /// Parses `role:secret` entries (`admin:s3cret`). Secrets must be at least 8 characters.
+    pub fn parse<'a>(entries: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
+        let mut out = Vec::new();
+        for entry in entries.into_iter().flat_map(|e| e.split(',')).map(str::trim).filter(|e| !e.is_empty()) {
+            let (role, secret) = entry
+                .split_once(':')
+                .ok_or_else(|| "a token is written role:secret (e.g. admin:…)".to_owned())?;
+            let role: Role = role.parse()?;
+            if secret.len() < 8 {
+                return Err(format!("the {role} token is shorter than 8 characters"));
+            }
+            out.push((secret.to_owned(), role));
+        }
+        Ok(Self(Arc::new(out)))
+    }
+
+    /// True when no token is configured (auth off).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The role of `secret`, comparing in constant time per configured token.
+    pub fn role_of(&self, secret: &str) -> Option<Role> {
+        self.0
+            .iter()
+            .filter(|(s, _)| constant_time_eq(s.as_bytes(), secret.as_bytes()))
+            .map(|(_, r)| *r)
+            .max()
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The role a request needs, or `None` for open routes (`/health`).
+pub fn required_role(method: &Method, path: &str) -> Option<Role> {
+    if path == "/health" {
+        return None;
+    }
+    if path == "/ws/client" {
+        return Some(Role::Submit);
+    }
+    if method == Method::GET || method == Method::HEAD || method == Method::OPTIONS {
+        return Some(Role::Read);
+    }
+    let submit = method == Method::POST
+        && (path == "/api/jobs" || (path.starts_with("/api/jobs/") && path.ends_with("/cancel")));
+    Some(if submit { Role::Submit } else { Role::Admin })
+}
+
+/// The token a request carries, from the header, the cookie or the query.
+pub fn token_of(req: &Request) -> Option<String> {
+    let headers = req.headers();
+    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        return v.strip_prefix("Bearer ").map(|t| t.trim().to_owned());
+    }
+    for cookies in headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()) {
+        for c in cookies.split(';') {
+            if let Some(t) = c.trim().strip_prefix("fleetq_token=") {
+                return Some(t.to_owned());
+            }
+        }
+    }
+    req.uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("access_token=").map(str::to_owned)))
+}
+
+/// Middleware: 401 without a known token, 403 with a too-weak one.
+pub async fn require(State(tokens): State<Tokens>, req: Request, next: Next) -> Response {
+    if tokens.is_empty() {
+        return next.run(req).await;
+    }
+    let Some(needed) = required_role(req.method(), req.uri().path()) else {
+        return next.run(req).await;
+    };
+    match token_of(&req).and_then(|t| tokens.role_of(&t)) {
+        None => {
+            let mut resp = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a bearer token is required (Authorization: Bearer <token>)",
+            )
+            .into_response();
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            resp
+        }
+        Some(role) if role < needed => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this route needs the {needed} role; the token has {role}"),
+        )
+        .into_response(),
+        Some(_) => next.run(req).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_of_routes() {
+        assert_eq!(required_role(&Method::GET, "/health"), None);
+        assert_eq!(required_role(&Method::GET, "/api/jobs"), Some(Role::Read));
+        assert_eq!(required_role(&Method::GET, "/ws/monitor"), Some(Role::Read));
+        assert_eq!(required_role(&Method::GET, "/ws/client"), Some(Role::Submit));
+        assert_eq!(required_role(&Method::POST, "/api/jobs"), Some(Role::Submit));
+        assert_eq!(required_role(&Method::POST, "/api/jobs/x/cancel"), Some(Role::Submit));
+        assert_eq!(required_role(&Method::POST, "/api/jobs/x/retry"), Some(Role::Admin));
+        assert_eq!(required_role(&Method::DELETE, "/api/jobs/x"), Some(Role::Admin));
+    }
+
+    #[test]
+    fn tokens_parse_and_match() {
+        let t = Tokens::parse(["admin:aaaaaaaa,read:bbbbbbbb", "submit:cccccccc"]).unwrap();
+        assert_eq!(t.role_of("aaaaaaaa"), Some(Role::Admin));
+        assert_eq!(t.role_of("bbbbbbbb"), Some(Role::Read));
+        assert_eq!(t.role_of("cccccccc"), Some(Role::Submit));
+        assert_eq!(t.role_of("aaaaaaa"), None);
+        assert_eq!(t.role_of(""), None);
+        assert!(Tokens::parse(["admin"]).is_err());
+        assert!(Tokens::parse(["root:aaaaaaaa"]).is_err());
+        assert!(Tokens::parse(["read:short"]).is_err());
+        assert!(Tokens::parse([""]).unwrap().is_empty());
+        assert!(!format!("{t:?}").contains("aaaa"), "secrets never printed");
+    }
+}

@@ -1,0 +1,422 @@
+//! Job routes: submit (one or a batch, `Idempotency-Key`), get (with queue position and ETA), list,
+//! cancel, retry, the per-job SSE stream, matching workers and artifact download.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use fleetq_broker::{Broker, CancelOutcome, JobFilter, fleet};
+use fleetq_core::{JobId, JobSpec, JobStatus, JobSummary, ValidationError, job_spec_from_value};
+use futures::{Stream, StreamExt};
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::stats::{eta_ms, queue_order, queue_position, workers_serving};
+use crate::stream::{Feed, feed, resume_point};
+
+/// Query parameters as a map, with a JSON error for a malformed query string.
+pub(crate) type Params = Result<Query<HashMap<String, String>>, QueryRejection>;
+
+/// Unpacks the query, refusing parameters the route does not know (a typo should not silently
+/// widen a listing).
+pub(crate) fn params(q: Params, known: &[&str]) -> ApiResult<HashMap<String, String>> {
+    let Query(map) = q.map_err(|e| ApiError::bad_request("query", e.body_text()))?;
+    if let Some(k) = map.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(ApiError::bad_request(k, format!("unknown parameter; known: {}", known.join(", "))));
+    }
+    Ok(map)
+}
+
+/// The body bytes, with 413 for an oversized body and a JSON error for anything else.
+pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large("the request body is over the size limit")
+        } else {
+            ApiError::bad_request("body", e.body_text())
+        }
+    })
+}
+
+/// Parses a JSON body.
+pub(crate) fn json_body(bytes: &[u8]) -> ApiResult<Value> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError {
+        field: Some("body".into()),
+        ..ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", format!("the body is not valid JSON: {e}"))
+    })
+}
+
+/// A job spec from a submission object. Legacy clients name the service `job_type` or
+/// `service_required`; both are accepted when `service` is absent.
+pub(crate) fn spec_from(mut value: Value, limits: &fleetq_core::Limits) -> Result<JobSpec, ValidationError> {
+    if let Some(obj) = value.as_object_mut()
+        && !obj.contains_key("service")
+        && let Some(s) = obj.remove("job_type").or_else(|| obj.remove("service_required"))
+    {
+        obj.insert("service".into(), s);
+    }
+    job_spec_from_value(value, limits)
+}
+
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let Some(v) = headers.get("idempotency-key") else { return Ok(None) };
+    let key =
+        v.to_str().ok().map(str::trim).filter(|k| !k.is_empty() && k.len() <= 200).ok_or_else(|| {
+            ApiError::bad_request("Idempotency-Key", "must be 1–200 visible ASCII characters")
+        })?;
+    Ok(Some(key.to_owned()))
+}
+
+/// `POST /api/jobs`: one job object, or an array of them as a batch (all or nothing).
+pub(crate) async fn submit<B: Broker>(
+    State(st): State<AppState<B>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let value = json_body(&body_bytes(body)?)?;
+    let key = idempotency_key(&headers)?;
+    let limits = st.broker.config().limits;
+    match value {
+        Value::Array(items) => {
+            if items.is_empty() {
+                return Err(ApiError::invalid(ValidationError::new("body", "an empty batch")));
+            }
+            if items.len() > st.config.max_batch {
+                return Err(ApiError::too_large(format!(
+                    "a batch of {} jobs is over the limit of {}",
+                    items.len(),
+                    st.config.max_batch
+                )));
+            }
+            let mut specs = Vec::with_capacity(items.len());
+            for (i, item) in items.into_iter().enumerate() {
+                let mut spec = spec_from(item, &limits).map_err(|e| {
+                    ApiError::invalid(ValidationError::new(&format!("[{i}].{}", e.field), e.message))
+                })?;
+                if let (Some(k), None) = (&key, &spec.idempotency_key) {
+                    spec.idempotency_key = Some(format!("{k}:{i}"));
+                }
+                specs.push(spec);
+            }
+            let done = st.broker.submit_batch(specs).await?;
+            let status = if done.iter().any(|s| s.created) { StatusCode::CREATED } else { StatusCode::OK };
+            let jobs: Vec<Value> = done.iter().map(|s| json!({"id": s.id, "created": s.created})).collect();
+            Ok((status, Json(json!({"jobs": jobs}))).into_response())
+        }
+        value => {
+            let mut spec = spec_from(value, &limits).map_err(ApiError::invalid)?;
+            if spec.idempotency_key.is_none() {
+                spec.idempotency_key = key;
+            }
+            let s = st.broker.submit(spec).await?;
+            let status = if s.created { StatusCode::CREATED } else { StatusCode::OK };
+            Ok((status, Json(json!({"id": s.id, "created": s.created}))).into_response())
+        }
+    }
+}
+
+fn job_id(id: String) -> ApiResult<JobId> {
+    if id.is_empty() || id.len() > 200 {
+        return Err(ApiError::bad_request("id", "not a job id"));
+    }
+    Ok(JobId(id))
+}
+
+/// `GET /api/jobs/{id}`: the record, plus `queue_position` and `eta_ms` while it is unfinished.
+pub(crate) async fn get<B: Broker>(
+    State(st): State<AppState<B>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let id = job_id(id)?;
+    let rec = st.broker.job(&id).await?.ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
+    let mut out = serde_json::to_value(&rec).unwrap_or(Value::Null);
+    let s = &rec.summary;
+    if !s.status.is_terminal() {
+        let now = now_ms();
+        let stats = st.stats.estimate(&s.service, s.workflow_id.as_deref());
+        let mut position = None;
+        let mut workers = 0;
+        if s.status == JobStatus::Pending {
+            let snap = st.broker.snapshot().await?;
+            position = queue_position(s, snap.jobs.values(), now);
+            workers = workers_serving(&snap.workers.values().cloned().collect::<Vec<_>>(), &s.service);
+        }
+        if let Some(obj) = out.as_object_mut() {
+            obj.insert("queue_position".into(), json!(position));
+            obj.insert("eta_ms".into(), json!(eta_ms(s, position, stats, workers, now)));
+            obj.insert("durations".into(), json!(stats));
+        }
+    }
+    Ok(Json(out))
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+const LIST_PARAMS: &[&str] =
+    &["status", "service", "worker", "workflow", "customer", "limit", "cursor", "order", "access_token"];
+
+/// `GET /api/jobs`: newest first with cursor paging, or `order=queue` (pending jobs in claim order).
+pub(crate) async fn list<B: Broker>(State(st): State<AppState<B>>, q: Params) -> ApiResult<Json<Value>> {
+    let p = params(q, LIST_PARAMS)?;
+    let status = p
+        .get("status")
+        .map(|s| {
+            JobStatus::parse(s)
+                .ok_or_else(|| ApiError::bad_request("status", format!("unknown status {s:?}")))
+        })
+        .transpose()?;
+    let limit = p
+        .get("limit")
+        .map(|l| {
+            l.parse::<usize>()
+                .ok()
+                .filter(|n| (1..=1000).contains(n))
+                .ok_or_else(|| ApiError::bad_request("limit", "must be 1–1000"))
+        })
+        .transpose()?;
+    let filter = JobFilter {
+        status,
+        service: p.get("service").cloned(),
+        worker: p.get("worker").cloned(),
+        workflow: p.get("workflow").cloned(),
+        customer: p.get("customer").cloned(),
+        limit,
+        cursor: p.get("cursor").cloned(),
+    };
+    match p.get("order").map(String::as_str) {
+        None | Some("newest") => {
+            let page = st.broker.jobs(&filter).await?;
+            Ok(Json(json!({"jobs": page.jobs, "next": page.next})))
+        }
+        Some("queue") => {
+            if filter.status.is_some_and(|s| s != JobStatus::Pending) || filter.cursor.is_some() {
+                return Err(ApiError::bad_request(
+                    "order",
+                    "queue order lists pending jobs, without a cursor",
+                ));
+            }
+            let snap = st.broker.snapshot().await?;
+            let keep = |j: &&JobSummary| {
+                filter.service.as_ref().is_none_or(|s| *s == j.service)
+                    && filter.worker.is_none()
+                    && filter.workflow.as_ref().is_none_or(|w| j.workflow_id.as_ref() == Some(w))
+                    && filter.customer.as_ref().is_none_or(|c| j.customer_id.as_ref() == Some(c))
+            };
+            let jobs: Vec<&JobSummary> = queue_order(snap.jobs.values(), now_ms())
+                .into_iter()
+                .filter(keep)
+                .take(filter.limit.unwrap_or(100))
+                .collect();
+            Ok(Json(json!({"jobs": jobs, "next": null, "seq": snap.seq})))
+        }
+        Some(other) => {
+            Err(ApiError::bad_request("order", format!("unknown order {other:?} (newest or queue)")))
+        }
+    }
+}
+
+/// `POST /api/jobs/{id}/cancel`.
+pub(crate) async fn cancel<B: Broker>(
+    State(st): State<AppState<B>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let id = job_id(id)?;
+    let outcome = st.broker.cancel(&id).await?;
+    let text = match outcome {
+        CancelOutcome::Cancelled => "cancelled",
+        CancelOutcome::Requested => "requested",
+        CancelOutcome::AlreadyFinished => "already_finished",
+    };
+    Ok(Json(json!({"id": id, "outcome": text})))
+}
+
+/// `POST /api/jobs/{id}/retry`: a failed or cancelled job back to the queue.
+pub(crate) async fn retry<B: Broker>(
+    State(st): State<AppState<B>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let id = job_id(id)?;
+    st.broker.retry(&id).await?;
+    Ok(Json(json!({"id": id, "status": "pending"})))
+}
+
+/// `GET /api/jobs/{id}/matching-workers`.
+pub(crate) async fn matching<B: Broker>(
+    State(st): State<AppState<B>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let id = job_id(id)?;
+    let verdicts = fleet::matching_workers(st.broker.as_ref(), &id).await?;
+    let workers: Vec<Value> = verdicts
+        .iter()
+        .map(|v| {
+            let verdict = match (v.verdict.matches, v.busy) {
+                (true, false) => "matches",
+                (true, true) => "busy",
+                (false, _) => "incompatible",
+            };
+            json!({
+                "worker_id": v.worker.registration.worker_id,
+                "machine_id": v.worker.registration.machine_id,
+                "services": v.worker.registration.services,
+                "verdict": verdict,
+                "busy": v.busy,
+                "reasons": v.verdict.reasons,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"job_id": id, "workers": workers})))
+}
+
+/// A path segment that cannot leave its directory.
+fn safe_segment(field: &str, s: &str) -> ApiResult<()> {
+    let ok = !s.is_empty()
+        && s.len() <= 255
+        && s != "."
+        && s != ".."
+        && !s.contains(['/', '\\', '\0'])
+        && !s.starts_with('.');
+    if ok { Ok(()) } else { Err(ApiError::bad_request(field, "not a valid name")) }
+}
+
+/// `GET /api/jobs/{id}/artifacts/{name}`: a file a worker stored for the job.
+pub(crate) async fn artifact<B: Broker>(
+    State(st): State<AppState<B>>,
+    Path((id, name)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    safe_segment("id", &id)?;
+    safe_segment("name", &name)?;
+    let dir = st
+        .config
+        .artifacts_dir
+        .as_ref()
+        .ok_or_else(|| ApiError::not_found("this API has no artifacts directory (--artifacts-dir)"))?;
+    let jid = job_id(id.clone())?;
+    st.broker.job(&jid).await?.ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
+    let path = dir.join(&id).join(&name);
+    let bytes = tokio::fs::read(&path)
+        .await
+        .map_err(|_| ApiError::not_found(format!("job {id} has no artifact {name:?}")))?;
+    let mime = match name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).as_deref() {
+        Some("png") => "image/png",
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("webp") => "image/webp",
+        Some("gif") => "image/gif",
+        Some("mp4") => "video/mp4",
+        Some("json") => "application/json",
+        Some("txt") => "text/plain; charset=utf-8",
+        _ => "application/octet-stream",
+    };
+    Ok(([(header::CONTENT_TYPE, mime)], bytes).into_response())
+}
+
+/// One SSE event from a job summary, named after the change.
+fn job_sse(seq: u64, name: &str, data: &Value) -> SseEvent {
+    SseEvent::default().id(seq.to_string()).event(name).data(data.to_string())
+}
+
+fn terminal_name(status: JobStatus) -> &'static str {
+    match status {
+        JobStatus::Completed => "job_completed",
+        JobStatus::Failed => "job_failed",
+        _ => "job_cancelled",
+    }
+}
+
+/// `GET /api/jobs/{id}/events`: SSE of the job's changes. Starts with a `job_state` event (its
+/// current state) unless resuming with `Last-Event-ID`; ends after the terminal event, which carries
+/// the outcome (result or error). A resume point trimmed from the log yields a fresh `job_state`.
+pub(crate) async fn events<B: Broker>(
+    State(st): State<AppState<B>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    q: Params,
+) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+    let p = params(q, &["since", "access_token"])?;
+    let id = job_id(id)?;
+    let resume = resume_point(&headers, p.get("since").map(String::as_str))?;
+    let broker = st.broker.clone();
+    let (after, first) = match resume {
+        Some(after) => {
+            broker.job(&id).await?.ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
+            (after, None)
+        }
+        None => {
+            // The sequence first, then the state: nothing between them can be missed.
+            let seq = broker.snapshot().await?.seq;
+            let rec =
+                broker.job(&id).await?.ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
+            (seq, Some(rec))
+        }
+    };
+    let stream = async_stream(broker, id, after, first);
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+fn async_stream<B: Broker>(
+    broker: Arc<B>,
+    id: JobId,
+    after: u64,
+    first: Option<fleetq_core::JobRecord>,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    struct St<S, B> {
+        feed: std::pin::Pin<Box<S>>,
+        broker: Arc<B>,
+        id: JobId,
+        first: Option<fleetq_core::JobRecord>,
+        seq: u64,
+        done: bool,
+    }
+    let feed = Box::pin(feed(broker.clone(), after));
+    let st = St { feed, broker, id, first, seq: after, done: false };
+    futures::stream::unfold(st, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        if let Some(rec) = st.first.take() {
+            let terminal = rec.summary.status.is_terminal();
+            let name = if terminal { terminal_name(rec.summary.status) } else { "job_state" };
+            st.done = terminal;
+            let data = json!({"type": name, "seq": st.seq, "job": rec.summary, "outcome": rec.outcome});
+            return Some((Ok(job_sse(st.seq, name, &data)), st));
+        }
+        loop {
+            match st.feed.next().await? {
+                Feed::Gap { .. } => {
+                    let rec = st.broker.job(&st.id).await.ok().flatten()?;
+                    st.first = Some(rec);
+                    return Some((Ok(SseEvent::default().comment("resync: events were trimmed")), st));
+                }
+                Feed::Event(ev) => {
+                    st.seq = ev.seq;
+                    let Some(job) = ev.kind.job() else { continue };
+                    if job.id != st.id {
+                        continue;
+                    }
+                    let mut data = serde_json::to_value(&*ev).unwrap_or(Value::Null);
+                    if job.status.is_terminal() {
+                        st.done = true;
+                        let outcome = st.broker.job(&st.id).await.ok().flatten().and_then(|r| r.outcome);
+                        if let Some(obj) = data.as_object_mut() {
+                            obj.insert("outcome".into(), json!(outcome));
+                        }
+                    }
+                    return Some((Ok(job_sse(ev.seq, ev.kind.name(), &data)), st));
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,167 @@
+//! fleetq's HTTP API over any [`Broker`]: jobs (submit, batch, get, list, cancel, retry, per-job SSE,
+//! matching workers, artifacts), the fleet (workers, machines, services, snapshot, global SSE), the
+//! WebSocket protocols (`/ws/monitor`, legacy `/ws/client`), auth, `/health`, `/ready`, `/metrics`
+//! and `/openapi.json`.
+//!
+//! The API keeps no state of its own beyond caches it rebuilds from the broker (duration statistics,
+//! metrics), so any number of API processes can serve one Redis.
+//!
+//! ```no_run
+//! # async fn run() -> std::io::Result<()> {
+//! use std::sync::Arc;
+//! let broker = Arc::new(fleetq_broker::embedded::EmbeddedBroker::open("jobs.db", Default::default()).unwrap());
+//! let app = fleetq_api::router(broker, fleetq_api::ApiConfig::default());
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:7777").await?;
+//! axum::serve(listener, app).await
+//! # }
+//! ```
+
+pub mod auth;
+mod error;
+mod fleet;
+mod jobs;
+mod live;
+mod ops;
+pub mod stats;
+mod stream;
+mod ws;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::routing::{get, post};
+use fleetq_broker::Broker;
+use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+pub use auth::{Role, Tokens};
+pub use error::{ApiError, ApiResult};
+pub use ops::{ROUTES, Route, install_metrics_recorder, openapi_document};
+
+/// How the API behaves.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Tokens with roles; empty turns auth off.
+    pub tokens: Tokens,
+    /// Origins allowed by CORS (exact `scheme://host:port`). Empty allows none (same-origin only).
+    pub cors_origins: Vec<String>,
+    /// Largest request body (413 above).
+    pub max_body_bytes: usize,
+    /// Most jobs in one batch submission (413 above).
+    pub max_batch: usize,
+    /// A connector report older than this is `stale` (the worker stopped refreshing it).
+    pub stale_after: Duration,
+    /// Where workers store artifacts (`<dir>/<job>/<name>`); enables artifact download.
+    pub artifacts_dir: Option<PathBuf>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            tokens: Tokens::default(),
+            cors_origins: Vec::new(),
+            max_body_bytes: 8 * 1024 * 1024,
+            max_batch: 1000,
+            // Three default health intervals (5 s).
+            stale_after: Duration::from_secs(15),
+            artifacts_dir: None,
+        }
+    }
+}
+
+/// What every handler sees.
+pub(crate) struct AppState<B> {
+    pub(crate) broker: Arc<B>,
+    pub(crate) config: ApiConfig,
+    pub(crate) stats: Arc<stats::DurationStats>,
+}
+
+impl<B> Clone for AppState<B> {
+    fn clone(&self) -> Self {
+        Self { broker: self.broker.clone(), config: self.config.clone(), stats: self.stats.clone() }
+    }
+}
+
+/// The whole API as an axum router. Spawns the statistics fold (needs a Tokio runtime); it stops
+/// when the router is dropped.
+pub fn router<B: Broker>(broker: Arc<B>, config: ApiConfig) -> Router {
+    let stats = Arc::new(stats::DurationStats::default());
+    live::spawn(broker.clone(), &stats);
+    let tokens = config.tokens.clone();
+    let cors = cors_layer(&config.cors_origins);
+    let body_limit = config.max_body_bytes;
+    let state = AppState { broker, config, stats };
+    Router::new()
+        .route("/api/jobs", post(jobs::submit::<B>).get(jobs::list::<B>))
+        .route("/api/jobs/{id}", get(jobs::get::<B>))
+        .route("/api/jobs/{id}/cancel", post(jobs::cancel::<B>))
+        .route("/api/jobs/{id}/retry", post(jobs::retry::<B>))
+        .route("/api/jobs/{id}/events", get(jobs::events::<B>))
+        .route("/api/jobs/{id}/matching-workers", get(jobs::matching::<B>))
+        .route("/api/jobs/{id}/artifacts/{name}", get(jobs::artifact::<B>))
+        .route("/api/workers", get(fleet::workers::<B>))
+        .route("/api/machines", get(fleet::machines::<B>))
+        .route("/api/services", get(fleet::services::<B>))
+        .route("/api/services/{service}/summary", get(fleet::summary::<B>))
+        .route("/api/services/{service}/instances", get(fleet::instances::<B>))
+        .route("/api/snapshot", get(fleet::snapshot::<B>))
+        .route("/api/stats", get(fleet::stats::<B>))
+        .route("/api/events", get(fleet::events::<B>))
+        .route("/ws/monitor", get(ws::monitor::<B>))
+        .route("/ws/client", get(ws::client::<B>))
+        .route("/health", get(ops::health))
+        .route("/ready", get(ops::ready::<B>))
+        .route("/metrics", get(ops::metrics::<B>))
+        .route("/openapi.json", get(ops::openapi))
+        .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(tokens, auth::require))
+        .layer(cors)
+        .with_state(state)
+}
+
+fn cors_layer(origins: &[String]) -> CorsLayer {
+    let allowed: Vec<HeaderValue> = origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(allowed))
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("idempotency-key"),
+            HeaderName::from_static("last-event-id"),
+        ])
+}
+
+/// Keeps the queue healthy from this process: reaps expired leases, due retries and silent workers,
+/// and re-evaluates workability, every `every`, until `stop`. Safe to run in every process.
+pub async fn maintain<B: Broker>(broker: Arc<B>, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match broker.reap().await {
+            Ok(r) if r.requeued + r.finished + r.workers_expired > 0 => {
+                tracing::info!(
+                    requeued = r.requeued,
+                    finished = r.finished,
+                    workers_expired = r.workers_expired,
+                    "reaped"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "reap failed"),
+        }
+        if let Err(e) = broker.evaluate_workability().await {
+            tracing::warn!(error = %e, "workability evaluation failed");
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! Per-service duration statistics and the estimates built on them: a job's queue position and its
+//! ETA. Pure functions over summaries and samples, so they are tested without I/O; the API feeds them
+//! from the event stream ([`crate::live`]).
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+
+use fleetq_core::{JobStatus, JobSummary, WorkerInfo};
+use serde::Serialize;
+
+/// Samples kept per key: a rolling window, so estimates follow the fleet as it changes.
+pub const WINDOW: usize = 200;
+/// A workflow's own statistics are used once it has this many samples; before, the service's.
+pub const MIN_WORKFLOW_SAMPLES: usize = 5;
+
+/// (service, workflow): `None` is the service as a whole.
+type Key = (String, Option<String>);
+
+/// Rolling duration statistics of one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Durations {
+    /// Median run time (ms).
+    pub p50_ms: u64,
+    /// 90th percentile run time (ms).
+    pub p90_ms: u64,
+    /// Samples behind the figures.
+    pub samples: usize,
+}
+
+/// Run times of completed jobs by service and by (service, workflow).
+#[derive(Debug, Default)]
+pub struct DurationStats {
+    by_key: Mutex<BTreeMap<Key, VecDeque<u64>>>,
+}
+
+impl DurationStats {
+    /// Records one completed run of `ms` milliseconds.
+    pub fn record(&self, service: &str, workflow: Option<&str>, ms: u64) {
+        let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        let mut push = |key: Key| {
+            let q = map.entry(key).or_default();
+            if q.len() == WINDOW {
+                q.pop_front();
+            }
+            q.push_back(ms);
+        };
+        push((service.to_owned(), None));
+        if let Some(w) = workflow {
+            push((service.to_owned(), Some(w.to_owned())));
+        }
+    }
+
+    /// Records a job's run if it completed with both timestamps.
+    pub fn record_job(&self, job: &JobSummary) {
+        if let (JobStatus::Completed, Some(start), Some(end)) = (job.status, job.started_at, job.finished_at)
+        {
+            self.record(&job.service, job.workflow_id.as_deref(), end.saturating_sub(start).max(0) as u64);
+        }
+    }
+
+    /// The statistics of a workflow when it has enough samples, else of its service.
+    pub fn estimate(&self, service: &str, workflow: Option<&str>) -> Option<Durations> {
+        let map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        let of = |k: &Key| map.get(k).and_then(|q| durations(q.iter().copied()));
+        workflow
+            .and_then(|w| of(&(service.to_owned(), Some(w.to_owned()))))
+            .filter(|d| d.samples >= MIN_WORKFLOW_SAMPLES)
+            .or_else(|| of(&(service.to_owned(), None)))
+    }
+
+    /// The statistics of every service.
+    pub fn services(&self) -> BTreeMap<String, Durations> {
+        let map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .filter(|((_, w), _)| w.is_none())
+            .filter_map(|((s, _), q)| Some((s.clone(), durations(q.iter().copied())?)))
+            .collect()
+    }
+}
+
+/// p50/p90 (nearest rank) of some samples; `None` when there are none.
+pub fn durations(samples: impl Iterator<Item = u64>) -> Option<Durations> {
+    let mut v: Vec<u64> = samples.collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_unstable();
+    let rank = |p: usize| v[((v.len() * p).div_ceil(100)).clamp(1, v.len()) - 1];
+    Some(Durations { p50_ms: rank(50), p90_ms: rank(90), samples: v.len() })
+}
+
+/// The claim order of pending jobs: effective priority (high first), effective time, submission time, id.
+fn queue_key(j: &JobSummary) -> (Reverse<i32>, i64, i64, &str) {
+    (
+        Reverse(j.workflow_priority.unwrap_or(j.priority)),
+        j.workflow_datetime.unwrap_or(j.created_at),
+        j.created_at,
+        j.id.0.as_str(),
+    )
+}
+
+/// Pending jobs that are due, in the order workers claim them (per service; across services the
+/// order is by the same key).
+pub fn queue_order<'a>(jobs: impl Iterator<Item = &'a JobSummary>, now: i64) -> Vec<&'a JobSummary> {
+    let mut v: Vec<&JobSummary> =
+        jobs.filter(|j| j.status == JobStatus::Pending && j.run_at.is_none_or(|t| t <= now)).collect();
+    v.sort_by(|a, b| queue_key(a).cmp(&queue_key(b)));
+    v
+}
+
+/// 1-based position of `job` among the due pending jobs of its service, or `None` when it is not
+/// waiting (running, finished, or delayed by a retry backoff).
+pub fn queue_position<'a>(
+    job: &JobSummary,
+    pending: impl Iterator<Item = &'a JobSummary>,
+    now: i64,
+) -> Option<usize> {
+    if job.status != JobStatus::Pending || job.run_at.is_some_and(|t| t > now) {
+        return None;
+    }
+    let ahead = pending
+        .filter(|j| j.service == job.service && j.id != job.id && j.status == JobStatus::Pending)
+        .filter(|j| j.run_at.is_none_or(|t| t <= now))
+        .filter(|j| queue_key(j) < queue_key(job))
+        .count();
+    Some(ahead + 1)
+}
+
+/// Estimated milliseconds until `job` finishes.
+///
+/// - running: from its progress rate when it reported progress, else the median minus its elapsed time;
+/// - pending: the jobs ahead spread over the workers serving the service, each taking the median,
+///   plus its own run. `None` without statistics or when no registered worker serves the service.
+pub fn eta_ms(
+    job: &JobSummary,
+    position: Option<usize>,
+    stats: Option<Durations>,
+    workers: usize,
+    now: i64,
+) -> Option<u64> {
+    match job.status {
+        s if s.is_running() => {
+            let elapsed = now.saturating_sub(job.started_at?).max(0) as f64;
+            if job.progress > 0.0 && job.progress < 100.0 {
+                return Some((elapsed * (100.0 - job.progress) / job.progress) as u64);
+            }
+            let p50 = stats?.p50_ms as f64;
+            Some((p50 - elapsed).max(0.0) as u64)
+        }
+        JobStatus::Pending => {
+            let p50 = stats?.p50_ms;
+            let position = position? as u64;
+            if workers == 0 {
+                return None;
+            }
+            let rounds = position.div_ceil(workers as u64);
+            Some(rounds.saturating_mul(p50))
+        }
+        _ => None,
+    }
+}
+
+/// How many registered workers serve `service`.
+pub fn workers_serving(workers: &[WorkerInfo], service: &str) -> usize {
+    workers.iter().filter(|w| w.registration.services.iter().any(|s| s == service)).count()
+}
+
+/// RFC 3339 UTC time (`2024-01-15T10:30:00.000Z`) of a millisecond timestamp.
+pub fn rfc3339(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let millis = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetq_core::{JobId, JobSpec};
+
+    fn job(id: &str, service: &str, priority: i32, created_at: i64) -> JobSummary {
+        let mut spec = JobSpec::new(service, serde_json::json!(null));
+        spec.priority = priority;
+        let mut s = JobSummary::new_pending(JobId(id.into()), &spec, created_at);
+        s.status = JobStatus::Pending;
+        s
+    }
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        assert_eq!(durations(std::iter::empty()), None);
+        assert_eq!(durations([7].into_iter()), Some(Durations { p50_ms: 7, p90_ms: 7, samples: 1 }));
+        let d = durations((1..=10).rev()).unwrap();
+        assert_eq!((d.p50_ms, d.p90_ms, d.samples), (5, 9, 10));
+        let d = durations((1..=100).map(|x| x * 10)).unwrap();
+        assert_eq!((d.p50_ms, d.p90_ms), (500, 900));
+    }
+
+    #[test]
+    fn window_rolls_and_workflow_falls_back_to_service() {
+        let s = DurationStats::default();
+        for _ in 0..WINDOW {
+            s.record("sim", None, 1000);
+        }
+        for _ in 0..WINDOW {
+            s.record("sim", None, 10);
+        }
+        assert_eq!(s.estimate("sim", None).unwrap().p90_ms, 10, "old samples rolled out");
+        for _ in 0..MIN_WORKFLOW_SAMPLES - 1 {
+            s.record("sim", Some("wf"), 500);
+        }
+        assert_eq!(s.estimate("sim", Some("wf")).unwrap().p50_ms, 10, "too few workflow samples");
+        s.record("sim", Some("wf"), 500);
+        assert_eq!(s.estimate("sim", Some("wf")).unwrap().p50_ms, 500);
+        assert_eq!(s.estimate("other", None), None);
+        assert_eq!(s.services().len(), 1);
+    }
+
+    #[test]
+    fn position_follows_priority_then_time_and_ignores_other_services() {
+        let a = job("a", "sim", 0, 100);
+        let b = job("b", "sim", 5, 200);
+        let c = job("c", "sim", 0, 50);
+        let d = job("d", "other", 9, 1);
+        let mut delayed = job("e", "sim", 9, 1);
+        delayed.run_at = Some(10_000);
+        let all = [a.clone(), b.clone(), c.clone(), d.clone(), delayed.clone()];
+        assert_eq!(queue_position(&b, all.iter(), 1000), Some(1));
+        assert_eq!(queue_position(&c, all.iter(), 1000), Some(2));
+        assert_eq!(queue_position(&a, all.iter(), 1000), Some(3));
+        assert_eq!(queue_position(&d, all.iter(), 1000), Some(1));
+        assert_eq!(queue_position(&delayed, all.iter(), 1000), None, "waiting for its backoff");
+        assert_eq!(queue_position(&delayed, all.iter(), 20_000), Some(1), "due now, and first");
+        let order: Vec<&str> = queue_order(all.iter(), 1000).iter().map(|j| j.id.0.as_str()).collect();
+        assert_eq!(order, ["d", "b", "c", "a"]);
+    }
+
+    #[test]
+    fn workflow_priority_and_datetime_win() {
+        let mut a = job("a", "sim", 0, 100);
+        a.workflow_priority = Some(10);
+        let mut b = job("b", "sim", 10, 50);
+        b.workflow_datetime = Some(200);
+        let all = [a.clone(), b];
+        assert_eq!(queue_position(&a, all.iter(), 1000), Some(1), "same priority, a is older (100 < 200)");
+    }
+
+    #[test]
+    fn eta_of_pending_and_running() {
+        let stats = Some(Durations { p50_ms: 1000, p90_ms: 2000, samples: 10 });
+        let pending = job("a", "sim", 0, 0);
+        assert_eq!(eta_ms(&pending, Some(1), stats, 2, 0), Some(1000));
+        assert_eq!(eta_ms(&pending, Some(3), stats, 2, 0), Some(2000));
+        assert_eq!(eta_ms(&pending, Some(4), stats, 2, 0), Some(2000));
+        assert_eq!(eta_ms(&pending, Some(1), stats, 0, 0), None, "nobody serves it");
+        assert_eq!(eta_ms(&pending, Some(1), None, 2, 0), None, "no statistics yet");
+        let mut running = job("r", "sim", 0, 0);
+        running.status = JobStatus::InProgress;
+        running.started_at = Some(1000);
+        running.progress = 25.0;
+        assert_eq!(eta_ms(&running, None, None, 1, 2000), Some(3000), "1 s for 25 % → 3 s left");
+        running.progress = 0.0;
+        running.status = JobStatus::Assigned;
+        assert_eq!(eta_ms(&running, None, stats, 1, 1400), Some(600));
+        assert_eq!(eta_ms(&running, None, stats, 1, 9000), Some(0), "over the median");
+        running.status = JobStatus::Completed;
+        assert_eq!(eta_ms(&running, None, stats, 1, 0), None);
+    }
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_705_314_600_123), "2024-01-15T10:30:00.123Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59.999Z");
+    }
+}
