@@ -255,22 +255,24 @@ pub(crate) async fn events<B: Broker>(
         Some(a) => a,
         None => st.broker.snapshot().await?.seq,
     };
-    let stream = feed(st.broker.clone(), after).filter_map(move |item| {
-        let out = match item {
-            Feed::Gap { after, first } => Some(
-                SseEvent::default()
-                    .event("resync")
-                    .data(json!({"type": "resync", "after": after, "first": first}).to_string()),
-            ),
-            Feed::Event(ev) if topics.contains(topic(&ev.kind)) => Some(
-                SseEvent::default()
-                    .id(ev.seq.to_string())
-                    .event(ev.kind.name())
-                    .data(serde_json::to_string(&*ev).unwrap_or_default()),
-            ),
-            Feed::Event(_) => None,
-        };
-        std::future::ready(out.map(Ok))
-    });
+    let stream = feed(st.broker.clone(), after)
+        .filter_map(move |item| {
+            let out = match item {
+                Feed::Gap { after, first } => Some(
+                    SseEvent::default()
+                        .event("resync")
+                        .data(json!({"type": "resync", "after": after, "first": first}).to_string()),
+                ),
+                Feed::Event(ev) if topics.contains(topic(&ev.kind)) => Some(
+                    SseEvent::default()
+                        .id(ev.seq.to_string())
+                        .event(ev.kind.name())
+                        .data(serde_json::to_string(&*ev).unwrap_or_default()),
+                ),
+                Feed::Event(_) => None,
+            };
+            std::future::ready(out.map(Ok))
+        })
+        .take_until(st.config.shutdown.clone().cancelled_owned());
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

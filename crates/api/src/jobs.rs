@@ -362,7 +362,8 @@ pub(crate) async fn events<B: Broker>(
             (seq, Some(rec))
         }
     };
-    let stream = async_stream(broker, id, after, first);
+    let stream =
+        async_stream(broker, id, after, first).take_until(st.config.shutdown.clone().cancelled_owned());
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 

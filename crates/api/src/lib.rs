@@ -57,6 +57,9 @@ pub struct ApiConfig {
     pub stale_after: Duration,
     /// Where workers store artifacts (`<dir>/<job>/<name>`); enables artifact download.
     pub artifacts_dir: Option<PathBuf>,
+    /// Cancelled when the server shuts down: event streams and WebSocket sessions end, so a
+    /// graceful shutdown does not wait forever on a watcher.
+    pub shutdown: CancellationToken,
 }
 
 impl Default for ApiConfig {
@@ -69,6 +72,7 @@ impl Default for ApiConfig {
             // Three default health intervals (5 s).
             stale_after: Duration::from_secs(15),
             artifacts_dir: None,
+            shutdown: CancellationToken::new(),
         }
     }
 }

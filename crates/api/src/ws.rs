@@ -55,7 +55,15 @@ pub(crate) async fn monitor<B: Broker>(
         })
         .transpose()?;
     let ws = upgrade(ws)?;
-    Ok(ws.on_upgrade(move |socket| monitor_session(st.broker, socket, since, topics)).into_response())
+    let stop = st.config.shutdown.clone();
+    Ok(ws
+        .on_upgrade(move |socket| async move {
+            tokio::select! {
+                () = monitor_session(st.broker, socket, since, topics) => {}
+                () = stop.cancelled() => {}
+            }
+        })
+        .into_response())
 }
 
 async fn snapshot_msg<B: Broker>(broker: &B) -> Result<(u64, Value), Value> {
@@ -148,7 +156,15 @@ pub(crate) async fn client<B: Broker>(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     let ws = upgrade(ws)?;
-    Ok(ws.on_upgrade(move |socket| client_session(st, socket)).into_response())
+    let stop = st.config.shutdown.clone();
+    Ok(ws
+        .on_upgrade(move |socket| async move {
+            tokio::select! {
+                () = client_session(st, socket) => {}
+                () = stop.cancelled() => {}
+            }
+        })
+        .into_response())
 }
 
 /// What the legacy protocol says about a job's change.

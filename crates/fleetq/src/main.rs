@@ -2,8 +2,10 @@
 //! library crates.
 
 mod bench;
+mod client;
 mod explain;
 mod mock;
+mod serve;
 mod worker;
 
 use std::future::Future;
@@ -30,6 +32,20 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Runs everything on this machine: the API and N simulated workers on the embedded store
+    /// (a data directory), or on Redis with --redis. Prints the URL.
+    Up(serve::UpArgs),
+    /// Runs the API alone against Redis (stateless: run as many as you like).
+    Api(serve::ApiOnlyArgs),
+    /// Submits a job (or a batch) through the API; --wait follows it to the end.
+    Submit(client::SubmitArgs),
+    /// Lists, shows, cancels, retries and watches jobs.
+    #[command(subcommand)]
+    Jobs(client::Jobs),
+    /// Lists the registered workers.
+    Workers(client::ListArgs),
+    /// Lists the services of the fleet.
+    Services(client::ListArgs),
     /// Explains whether a worker may serve a job: prints {"matches": bool, "reasons": [...]}.
     Explain(explain::Args),
     /// Benchmarks.
@@ -46,6 +62,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Explain(args) => explain::run(&args),
+        Command::Up(args) => run_async(cli.log_format, "info", "fleetq up", serve::up(args)),
+        Command::Api(args) => run_async(cli.log_format, "info", "fleetq api", serve::api(args)),
+        Command::Submit(args) => run_async(cli.log_format, "warn", "fleetq submit", client::submit(args)),
+        Command::Jobs(cmd) => run_async(cli.log_format, "warn", "fleetq jobs", client::jobs(cmd)),
+        Command::Workers(args) => run_async(cli.log_format, "warn", "fleetq workers", client::workers(args)),
+        Command::Services(args) => {
+            run_async(cli.log_format, "warn", "fleetq services", client::services(args))
+        }
         Command::Bench(b) => run_async(cli.log_format, "warn", "fleetq bench", bench::run(b)),
         Command::Worker(args) => run_async(cli.log_format, "info", "fleetq worker", worker::run(args)),
         Command::Mock(m) => run_async(cli.log_format, "info", "fleetq mock", mock::run(m)),

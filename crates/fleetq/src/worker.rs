@@ -218,7 +218,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
 }
 
 /// Fires `stop` on SIGINT or SIGTERM.
-async fn stop_on_signal(stop: CancellationToken) {
+pub(crate) async fn stop_on_signal(stop: CancellationToken) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     let term = async {

@@ -1,0 +1,630 @@
+//! The client CLI over the HTTP API: `submit`, `jobs ls|show|cancel|retry|watch`, `workers`,
+//! `services`. Human tables by default, `--json` for scripts.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args as ClapArgs, Subcommand};
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+/// Where the API is and how to talk to it.
+#[derive(Debug, Clone, ClapArgs)]
+pub(crate) struct Conn {
+    /// API base URL.
+    #[arg(long, env = "FLEETQ_API", default_value = "http://127.0.0.1:7777")]
+    api: String,
+    /// Bearer token.
+    #[arg(long, env = "FLEETQ_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `fleetq submit`.
+#[derive(Debug, ClapArgs)]
+pub(crate) struct SubmitArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// A JSON file with the job (object) or a batch (array); flags below are then ignored.
+    #[arg(long, short = 'f')]
+    file: Option<PathBuf>,
+    /// Service name.
+    #[arg(long, default_value = "simulation")]
+    service: String,
+    /// Payload as JSON (or @file).
+    #[arg(long)]
+    payload: Option<String>,
+    /// Requirements as JSON (or @file).
+    #[arg(long)]
+    requirements: Option<String>,
+    /// Priority (higher first).
+    #[arg(long)]
+    priority: Option<i32>,
+    /// Workflow id.
+    #[arg(long)]
+    workflow_id: Option<String>,
+    /// Customer id.
+    #[arg(long)]
+    customer_id: Option<String>,
+    /// Most attempts.
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// Submit this many copies as one batch.
+    #[arg(long, default_value_t = 1)]
+    count: usize,
+    /// Idempotency key (a retry of the same submission returns the same job).
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Wait for the job, showing its progress; exit non-zero when it fails or is cancelled.
+    #[arg(long)]
+    wait: bool,
+}
+
+/// `fleetq jobs …`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Jobs {
+    /// Lists jobs (newest first, or --queue for pending jobs in claim order).
+    Ls(LsArgs),
+    /// Shows one job with payload and outcome.
+    Show(IdArgs),
+    /// Cancels a job.
+    Cancel(IdArgs),
+    /// Puts a failed or cancelled job back in the queue.
+    Retry(IdArgs),
+    /// Follows one job until it ends, or every job event without an id.
+    Watch(WatchArgs),
+}
+
+/// `fleetq jobs ls`.
+#[derive(Debug, ClapArgs)]
+pub(crate) struct LsArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// Only this status (pending, assigned, in_progress, completed, failed, cancelled).
+    #[arg(long)]
+    status: Option<String>,
+    /// Only this service.
+    #[arg(long)]
+    service: Option<String>,
+    /// Only jobs of this worker.
+    #[arg(long)]
+    worker: Option<String>,
+    /// Only this workflow.
+    #[arg(long)]
+    workflow: Option<String>,
+    /// Only this customer.
+    #[arg(long)]
+    customer: Option<String>,
+    /// Page size.
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+    /// Continue from a cursor.
+    #[arg(long)]
+    cursor: Option<String>,
+    /// Pending jobs in the order workers will claim them.
+    #[arg(long)]
+    queue: bool,
+}
+
+/// A command about one job.
+#[derive(Debug, ClapArgs)]
+pub(crate) struct IdArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// Job id.
+    id: String,
+}
+
+/// `fleetq jobs watch`.
+#[derive(Debug, ClapArgs)]
+pub(crate) struct WatchArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// Job id (omit to follow every job event).
+    id: Option<String>,
+}
+
+/// `fleetq workers` / `fleetq services`.
+#[derive(Debug, ClapArgs)]
+pub(crate) struct ListArgs {
+    #[command(flatten)]
+    conn: Conn,
+}
+
+struct Api {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Api {
+    fn new(conn: &Conn) -> Result<Self> {
+        let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build()?;
+        Ok(Self { base: conn.api.trim_end_matches('/').to_owned(), token: conn.token.clone(), http })
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut r = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            r = r.bearer_auth(t);
+        }
+        r
+    }
+
+    async fn send(&self, r: reqwest::RequestBuilder) -> Result<Value> {
+        let resp = r.send().await.map_err(|e| self.unreachable(e))?;
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        if status.is_success() {
+            return Ok(body);
+        }
+        let e = &body["error"];
+        let field = e["field"].as_str().map(|f| format!(" ({f})")).unwrap_or_default();
+        Err(anyhow!(
+            "{} {}{field}: {}",
+            status.as_u16(),
+            e["code"].as_str().unwrap_or("error"),
+            e["message"].as_str().unwrap_or("no details")
+        ))
+    }
+
+    fn unreachable(&self, e: reqwest::Error) -> anyhow::Error {
+        anyhow!(
+            "cannot reach the fleetq API at {}: {e} (is `fleetq up` running? set --api or FLEETQ_API)",
+            self.base
+        )
+    }
+
+    async fn get(&self, path: &str) -> Result<Value> {
+        self.send(self.req(reqwest::Method::GET, path)).await
+    }
+
+    async fn post(&self, path: &str, body: Option<&Value>) -> Result<Value> {
+        let mut r = self.req(reqwest::Method::POST, path);
+        if let Some(b) = body {
+            r = r.json(b);
+        }
+        self.send(r).await
+    }
+}
+
+fn json_arg(text: &str, what: &str) -> Result<Value> {
+    let text = match text.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?,
+        None => text.to_owned(),
+    };
+    serde_json::from_str(&text).with_context(|| format!("{what} is not valid JSON"))
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `fleetq submit`.
+pub(crate) async fn submit(args: SubmitArgs) -> Result<()> {
+    let api = Api::new(&args.conn)?;
+    let body = match &args.file {
+        Some(path) => json_arg(&format!("@{}", path.display()), "the job file")?,
+        None => {
+            let mut job = json!({"service": args.service});
+            if let Some(p) = &args.payload {
+                job["payload"] = json_arg(p, "--payload")?;
+            }
+            if let Some(r) = &args.requirements {
+                job["requirements"] = json_arg(r, "--requirements")?;
+            }
+            for (k, v) in [
+                ("priority", args.priority.map(Value::from)),
+                ("max_attempts", args.max_attempts.map(Value::from)),
+            ] {
+                if let Some(v) = v {
+                    job[k] = v;
+                }
+            }
+            for (k, v) in [("workflow_id", &args.workflow_id), ("customer_id", &args.customer_id)] {
+                if let Some(v) = v {
+                    job[k] = json!(v);
+                }
+            }
+            if args.count > 1 { Value::Array(vec![job; args.count]) } else { job }
+        }
+    };
+    let mut req = api.req(reqwest::Method::POST, "/api/jobs").json(&body);
+    if let Some(k) = &args.idempotency_key {
+        req = req.header("Idempotency-Key", k);
+    }
+    let reply = api.send(req).await?;
+    let ids: Vec<String> = match reply.get("jobs").and_then(Value::as_array) {
+        Some(list) => list.iter().filter_map(|j| j["id"].as_str().map(str::to_owned)).collect(),
+        None => reply["id"].as_str().map(str::to_owned).into_iter().collect(),
+    };
+    if !args.wait {
+        if args.conn.json {
+            print_json(&reply);
+        } else {
+            ids.iter().for_each(|id| println!("{id}"));
+        }
+        return Ok(());
+    }
+    let [id] = ids.as_slice() else { bail!("--wait follows one job; this submission made {}", ids.len()) };
+    if !args.conn.json {
+        eprintln!("submitted {id}");
+    }
+    follow(&api, id, args.conn.json).await
+}
+
+/// Follows one job's SSE stream to its end, resuming with `Last-Event-ID` when the connection drops.
+/// Prints the outcome; fails when the job did not complete.
+async fn follow(api: &Api, id: &str, as_json: bool) -> Result<()> {
+    let tty = std::io::stderr().is_terminal() && !as_json;
+    let mut last_id: Option<String> = None;
+    let mut failures = 0;
+    loop {
+        let mut req = api.req(reqwest::Method::GET, &format!("/api/jobs/{}/events", enc(id)));
+        if let Some(l) = &last_id {
+            req = req.header("Last-Event-ID", l);
+        }
+        let resp = match req.send().await {
+            Ok(r) if r.status().is_success() => r,
+            Ok(r) => {
+                let status = r.status();
+                let body: Value = r.json().await.unwrap_or(Value::Null);
+                bail!(
+                    "{}: {}",
+                    status.as_u16(),
+                    body["error"]["message"].as_str().unwrap_or("cannot follow the job")
+                );
+            }
+            Err(e) => {
+                failures += 1;
+                if failures > 10 {
+                    return Err(api.unreachable(e));
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut events = resp.bytes_stream().eventsource();
+        while let Some(ev) = events.next().await {
+            let Ok(ev) = ev else { break };
+            failures = 0;
+            if !ev.id.is_empty() {
+                last_id = Some(ev.id.clone());
+            }
+            let Ok(data) = serde_json::from_str::<Value>(&ev.data) else { continue };
+            let job = &data["job"];
+            let status = job["status"].as_str().unwrap_or("");
+            if !as_json {
+                draw(tty, status, job["progress"].as_f64().unwrap_or(0.0), job["message"].as_str());
+            }
+            if matches!(status, "completed" | "failed" | "cancelled") {
+                if tty {
+                    eprintln!();
+                }
+                return finish(&data, status, as_json);
+            }
+        }
+        // The stream dropped before the end: resume after the last event seen.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn draw(tty: bool, status: &str, progress: f64, message: Option<&str>) {
+    let width = 30;
+    let filled = ((progress.clamp(0.0, 100.0) / 100.0) * width as f64).round() as usize;
+    let bar = format!(
+        "[{}{}] {progress:5.1}% {status:<11} {}",
+        "#".repeat(filled),
+        "-".repeat(width - filled),
+        message.unwrap_or("")
+    );
+    if tty {
+        eprint!("\r{bar:<90}");
+        std::io::stderr().flush().ok();
+    } else {
+        eprintln!("{bar}");
+    }
+}
+
+fn finish(data: &Value, status: &str, as_json: bool) -> Result<()> {
+    let outcome = &data["outcome"];
+    if as_json {
+        print_json(data);
+    } else if status == "completed" {
+        print_json(&outcome["value"]);
+    }
+    match status {
+        "completed" => Ok(()),
+        "failed" => {
+            let e = &outcome["error"];
+            bail!(
+                "job failed ({}): {}",
+                e["category"].as_str().unwrap_or("unknown"),
+                e["message"].as_str().unwrap_or("")
+            )
+        }
+        _ => bail!("job was cancelled"),
+    }
+}
+
+/// `fleetq jobs …`.
+pub(crate) async fn jobs(cmd: Jobs) -> Result<()> {
+    match cmd {
+        Jobs::Ls(a) => ls(a).await,
+        Jobs::Show(a) => {
+            let job = Api::new(&a.conn)?.get(&format!("/api/jobs/{}", enc(&a.id))).await?;
+            if a.conn.json {
+                print_json(&job);
+            } else {
+                show(&job);
+            }
+            Ok(())
+        }
+        Jobs::Cancel(a) => {
+            let r = Api::new(&a.conn)?.post(&format!("/api/jobs/{}/cancel", enc(&a.id)), None).await?;
+            if a.conn.json {
+                print_json(&r)
+            } else {
+                println!("{} {}", a.id, r["outcome"].as_str().unwrap_or(""))
+            }
+            Ok(())
+        }
+        Jobs::Retry(a) => {
+            let r = Api::new(&a.conn)?.post(&format!("/api/jobs/{}/retry", enc(&a.id)), None).await?;
+            if a.conn.json {
+                print_json(&r)
+            } else {
+                println!("{} {}", a.id, r["status"].as_str().unwrap_or(""))
+            }
+            Ok(())
+        }
+        Jobs::Watch(a) => {
+            let api = Api::new(&a.conn)?;
+            match &a.id {
+                Some(id) => follow(&api, id, a.conn.json).await,
+                None => watch_all(&api, a.conn.json).await,
+            }
+        }
+    }
+}
+
+async fn ls(a: LsArgs) -> Result<()> {
+    let api = Api::new(&a.conn)?;
+    let mut q = vec![format!("limit={}", a.limit)];
+    for (k, v) in [
+        ("status", &a.status),
+        ("service", &a.service),
+        ("worker", &a.worker),
+        ("workflow", &a.workflow),
+        ("customer", &a.customer),
+        ("cursor", &a.cursor),
+    ] {
+        if let Some(v) = v {
+            q.push(format!("{k}={}", enc(v)));
+        }
+    }
+    if a.queue {
+        q.push("order=queue".into());
+    }
+    let page = api.get(&format!("/api/jobs?{}", q.join("&"))).await?;
+    if a.conn.json {
+        print_json(&page);
+        return Ok(());
+    }
+    let now = crate_now();
+    let rows: Vec<Vec<String>> = page["jobs"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|j| {
+            vec![
+                j["id"].as_str().unwrap_or("").to_owned(),
+                j["status"].as_str().unwrap_or("").to_owned(),
+                j["service"].as_str().unwrap_or("").to_owned(),
+                format!("{:.0}%", j["progress"].as_f64().unwrap_or(0.0)),
+                j["worker_id"].as_str().unwrap_or("-").to_owned(),
+                j["priority"].to_string(),
+                age(now, j["created_at"].as_i64()),
+            ]
+        })
+        .collect();
+    table(&["ID", "STATUS", "SERVICE", "PROGRESS", "WORKER", "PRIORITY", "AGE"], &rows);
+    if let Some(next) = page["next"].as_str() {
+        println!("more: --cursor {next}");
+    }
+    Ok(())
+}
+
+fn show(job: &Value) {
+    for k in [
+        "id",
+        "service",
+        "status",
+        "attempt",
+        "max_attempts",
+        "priority",
+        "worker_id",
+        "progress",
+        "message",
+        "queue_position",
+        "eta_ms",
+    ] {
+        let v = &job[k];
+        if !v.is_null() {
+            println!("{k:<15} {}", v.as_str().map_or_else(|| v.to_string(), str::to_owned));
+        }
+    }
+    if let Some(e) = job.get("error").filter(|e| !e.is_null()) {
+        println!(
+            "{:<15} {} ({})",
+            "error",
+            e["message"].as_str().unwrap_or(""),
+            e["category"].as_str().unwrap_or("")
+        );
+    }
+    if let Some(o) = job.get("outcome").and_then(|o| o.get("value")) {
+        println!("result");
+        print_json(o);
+    }
+}
+
+async fn watch_all(api: &Api, as_json: bool) -> Result<()> {
+    let resp = api
+        .req(reqwest::Method::GET, "/api/events?topics=jobs")
+        .send()
+        .await
+        .map_err(|e| api.unreachable(e))?;
+    if !resp.status().is_success() {
+        bail!("{}: cannot follow events", resp.status().as_u16());
+    }
+    let mut events = resp.bytes_stream().eventsource();
+    while let Some(Ok(ev)) = events.next().await {
+        let Ok(data) = serde_json::from_str::<Value>(&ev.data) else { continue };
+        if as_json {
+            println!("{data}");
+            continue;
+        }
+        let job = &data["job"];
+        println!(
+            "{:>8} {:<22} {:<38} {:<12} {:>5.1}% {}",
+            ev.id,
+            ev.event,
+            job["id"].as_str().unwrap_or(""),
+            job["status"].as_str().unwrap_or(""),
+            job["progress"].as_f64().unwrap_or(0.0),
+            job["message"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+/// `fleetq workers`.
+pub(crate) async fn workers(a: ListArgs) -> Result<()> {
+    let v = Api::new(&a.conn)?.get("/api/workers").await?;
+    if a.conn.json {
+        print_json(&v);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = v["workers"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|w| {
+            let conns = w["connectors"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(s, c)| {
+                            let stale = if c["stale"].as_bool() == Some(true) { " (stale)" } else { "" };
+                            format!("{s}:{}{stale}", c["status"].as_str().unwrap_or("?"))
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default();
+            let jobs = w["current_jobs"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","))
+                .unwrap_or_default();
+            vec![
+                w["worker_id"].as_str().unwrap_or("").to_owned(),
+                w["machine_id"].as_str().unwrap_or("").to_owned(),
+                w["status"].as_str().unwrap_or("").to_owned(),
+                conns,
+                if jobs.is_empty() { "-".into() } else { jobs },
+            ]
+        })
+        .collect();
+    table(&["WORKER", "MACHINE", "STATUS", "CONNECTORS", "JOBS"], &rows);
+    Ok(())
+}
+
+/// `fleetq services`.
+pub(crate) async fn services(a: ListArgs) -> Result<()> {
+    let v = Api::new(&a.conn)?.get("/api/services").await?;
+    if a.conn.json {
+        print_json(&v);
+        return Ok(());
+    }
+    let n = |s: &Value, k: &str| s[k].as_u64().unwrap_or(0).to_string();
+    let rows: Vec<Vec<String>> = v["services"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(name, s)| {
+                    let p50 = s["durations"]["p50_ms"]
+                        .as_u64()
+                        .map_or("-".into(), |ms| format!("{:.1}s", ms as f64 / 1000.0));
+                    vec![
+                        name.clone(),
+                        n(s, "total"),
+                        n(s, "idle"),
+                        n(s, "active"),
+                        n(s, "error"),
+                        n(s, "offline"),
+                        n(s, "stale"),
+                        n(&s["queue"], "pending"),
+                        n(&s["queue"], "running"),
+                        p50,
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(
+        &["SERVICE", "TOTAL", "IDLE", "ACTIVE", "ERROR", "OFFLINE", "STALE", "PENDING", "RUNNING", "P50"],
+        &rows,
+    );
+    Ok(())
+}
+
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let out: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", out.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+fn crate_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn age(now: i64, at: Option<i64>) -> String {
+    let Some(at) = at else { return "-".into() };
+    let s = (now - at).max(0) / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86_400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}

@@ -1,0 +1,303 @@
+//! `fleetq up` (API + a local machine of simulated workers on the embedded store, or Redis) and
+//! `fleetq api` (the API alone against Redis).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args as ClapArgs;
+use fleetq_api::{ApiConfig, Tokens};
+use fleetq_broker::embedded::EmbeddedBroker;
+use fleetq_broker::redis::RedisBroker;
+use fleetq_broker::{Broker, BrokerConfig};
+use fleetq_connectors::CancellationToken;
+use fleetq_connectors::Connector;
+use fleetq_connectors::simulation::{Simulation, SimulationConfig};
+use fleetq_core::{Capabilities, MachineEvent, WorkerRegistration};
+use fleetq_worker::{Worker, WorkerConfig};
+
+use crate::worker::stop_on_signal;
+
+/// Flags every API process takes.
+#[derive(Debug, ClapArgs)]
+pub(crate) struct ApiArgs {
+    /// Address to listen on. A non-loopback address needs tokens (or --insecure).
+    #[arg(long, env = "FLEETQ_LISTEN", default_value = "127.0.0.1:7777")]
+    listen: SocketAddr,
+    /// Access tokens `role:secret` (roles read, submit, admin); comma-separated or repeated.
+    #[arg(long = "token", env = "FLEETQ_TOKENS", value_delimiter = ',')]
+    tokens: Vec<String>,
+    /// Serve a non-loopback address without tokens (anyone who can reach it controls the queue).
+    #[arg(long)]
+    insecure: bool,
+    /// Origins allowed to call the API from a browser (CORS), e.g. https://ops.example.com.
+    #[arg(long = "cors-origin", env = "FLEETQ_CORS_ORIGINS", value_delimiter = ',')]
+    cors_origins: Vec<String>,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 8 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Seconds after which a connector report counts as stale.
+    #[arg(long, default_value_t = 15)]
+    stale_after_s: u64,
+    /// How often this process reaps expired leases and due retries (ms).
+    #[arg(long, default_value_t = 1000)]
+    reap_every_ms: u64,
+}
+
+impl ApiArgs {
+    fn config(&self, artifacts_dir: Option<PathBuf>, shutdown: CancellationToken) -> Result<ApiConfig> {
+        let tokens = Tokens::parse(self.tokens.iter().map(String::as_str)).map_err(anyhow::Error::msg)?;
+        if tokens.is_empty() && !self.listen.ip().is_loopback() && !self.insecure {
+            bail!(
+                "refusing to serve {} without tokens: anyone who reaches it could submit and cancel jobs. \
+                 Give --token admin:<secret> (or FLEETQ_TOKENS), listen on 127.0.0.1, or pass --insecure",
+                self.listen
+            );
+        }
+        Ok(ApiConfig {
+            tokens,
+            cors_origins: self.cors_origins.clone(),
+            max_body_bytes: self.max_body_bytes,
+            stale_after: Duration::from_secs(self.stale_after_s.max(1)),
+            artifacts_dir,
+            shutdown,
+            ..ApiConfig::default()
+        })
+    }
+}
+
+/// `fleetq up` flags.
+#[derive(Debug, ClapArgs)]
+pub(crate) struct UpArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// Directory of the embedded store and the artifacts (created if missing).
+    #[arg(long, env = "FLEETQ_DATA_DIR", default_value = "fleetq-data")]
+    data_dir: PathBuf,
+    /// Use this Redis instead of the embedded store.
+    #[arg(long, env = "HUB_REDIS_URL")]
+    redis: Option<String>,
+    /// Queue name (key prefix) in Redis.
+    #[arg(long, env = "FLEETQ_QUEUE", default_value = "fleetq")]
+    queue: String,
+    /// Simulated workers on the local machine (0 runs the API only).
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Services each worker simulates (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "simulation")]
+    services: Vec<String>,
+    /// Progress steps per simulated job.
+    #[arg(long, default_value_t = 10)]
+    steps: u32,
+    /// Duration of one step (ms).
+    #[arg(long, env = "SIMULATION_STEP_MS", default_value_t = 300)]
+    step_ms: u64,
+    /// Spread of job durations (0–1).
+    #[arg(long, default_value_t = 0.2)]
+    jitter: f64,
+    /// Share of attempts (0–1) that fail with a retryable error.
+    #[arg(long, default_value_t = 0.0)]
+    failure_rate: f64,
+    /// Capabilities of every worker (JSON object, or @file).
+    #[arg(long)]
+    capabilities: Option<String>,
+    /// The local machine's id.
+    #[arg(long, env = "MACHINE_ID", default_value = "local")]
+    machine_id: String,
+    /// Lease length (ms).
+    #[arg(long, env = "FLEETQ_LEASE_MS", default_value_t = 30_000)]
+    lease_ms: i64,
+}
+
+/// `fleetq api` flags.
+#[derive(Debug, ClapArgs)]
+pub(crate) struct ApiOnlyArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// Redis URL.
+    #[arg(long, env = "HUB_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
+    redis: String,
+    /// Queue name (key prefix) in Redis.
+    #[arg(long, env = "FLEETQ_QUEUE", default_value = "fleetq")]
+    queue: String,
+    /// Where workers store artifacts (shared storage), to serve them for download.
+    #[arg(long, env = "FLEETQ_ARTIFACTS_DIR")]
+    artifacts_dir: Option<PathBuf>,
+}
+
+fn capabilities(text: Option<&str>) -> Result<Capabilities> {
+    let Some(text) = text else { return Ok(Capabilities::default()) };
+    let json = match text.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?,
+        None => text.to_owned(),
+    };
+    serde_json::from_str(&json).context("--capabilities must be a JSON object")
+}
+
+/// `fleetq up`.
+pub(crate) async fn up(args: UpArgs) -> Result<()> {
+    if args.services.is_empty() || args.services.iter().any(|s| s.trim().is_empty()) {
+        bail!("--services needs at least one service name");
+    }
+    if !(0.0..=1.0).contains(&args.jitter) || !(0.0..=1.0).contains(&args.failure_rate) {
+        bail!("--jitter and --failure-rate are between 0 and 1");
+    }
+    if args.lease_ms < 100 {
+        bail!("the lease (--lease-ms) must be at least 100 ms");
+    }
+    let caps = capabilities(args.capabilities.as_deref())?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
+    let artifacts = args.data_dir.join("artifacts");
+    let stop = CancellationToken::new();
+    let config = args.api.config(Some(artifacts), stop.clone())?;
+    let broker_config = BrokerConfig { lease_ms: args.lease_ms, ..BrokerConfig::default() };
+    match &args.redis {
+        Some(url) => {
+            let broker = RedisBroker::connect(url, &args.queue, broker_config)
+                .await
+                .with_context(|| format!("connecting to {url}"))?;
+            stack(
+                Arc::new(broker),
+                &args,
+                &caps,
+                config,
+                stop,
+                &format!("redis {url} (queue {})", args.queue),
+            )
+            .await
+        }
+        None => {
+            let path = args.data_dir.join("fleetq.db");
+            let broker = EmbeddedBroker::open(&path, broker_config)
+                .with_context(|| format!("opening the store {}", path.display()))?;
+            stack(Arc::new(broker), &args, &caps, config, stop, &format!("embedded store {}", path.display()))
+                .await
+        }
+    }
+}
+
+async fn stack<B: Broker>(
+    broker: Arc<B>,
+    args: &UpArgs,
+    caps: &Capabilities,
+    config: ApiConfig,
+    stop: CancellationToken,
+    store: &str,
+) -> Result<()> {
+    fleetq_api::install_metrics_recorder();
+    tokio::spawn(stop_on_signal(stop.clone()));
+    let machine = |phase: &str, message: Option<String>| MachineEvent {
+        machine_id: args.machine_id.clone(),
+        phase: phase.into(),
+        step: None,
+        message,
+        at: now_ms(),
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    if args.workers > 0 {
+        broker
+            .machine_event(machine("starting", Some(format!("{} simulated workers", args.workers))))
+            .await?;
+    }
+    for i in 0..args.workers {
+        let connectors: Vec<Arc<dyn Connector>> = args
+            .services
+            .iter()
+            .map(|s| {
+                Arc::new(Simulation::new(SimulationConfig {
+                    service: s.trim().to_owned(),
+                    steps: args.steps.max(1),
+                    step_ms: args.step_ms,
+                    jitter: args.jitter,
+                    failure_rate: args.failure_rate,
+                    ..SimulationConfig::default()
+                })) as Arc<dyn Connector>
+            })
+            .collect();
+        let registration = WorkerRegistration {
+            worker_id: format!("{}-gpu{i}", args.machine_id),
+            machine_id: args.machine_id.clone(),
+            services: Vec::new(),
+            capabilities: caps.clone(),
+        };
+        let mut wc = WorkerConfig::new(registration);
+        wc.shutdown_grace = Duration::from_secs(10);
+        let worker = Arc::new(Worker::new(broker.clone(), connectors, wc)?);
+        let stop = stop.clone();
+        tasks.spawn(async move { worker.run(stop).await });
+    }
+    if args.workers > 0 {
+        broker.machine_event(machine("ready", None)).await?;
+    }
+    let maint = tokio::spawn(fleetq_api::maintain(
+        broker.clone(),
+        Duration::from_millis(args.api.reap_every_ms.max(10)),
+        stop.clone(),
+    ));
+    let app = fleetq_api::router(broker.clone(), config);
+    let listener = tokio::net::TcpListener::bind(args.api.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.api.listen))?;
+    let addr = listener.local_addr()?;
+    println!(
+        "fleetq is up at http://{addr}  ({store}; machine {} with {} workers serving {})",
+        args.machine_id,
+        args.workers,
+        args.services.join(", ")
+    );
+    println!(
+        "  submit: fleetq submit --service {} --wait    (or POST http://{addr}/api/jobs)",
+        args.services[0]
+    );
+    let served = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned()).await;
+    stop.cancel();
+    while let Some(res) = tasks.join_next().await {
+        match res {
+            Ok(Err(e)) => tracing::warn!(error = %e, "worker stopped with an error"),
+            Err(e) => tracing::warn!(error = %e, "worker task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+    if args.workers > 0 {
+        broker.machine_event(machine("stopped", None)).await.ok();
+    }
+    maint.await.ok();
+    served.context("serving HTTP")
+}
+
+/// `fleetq api`.
+pub(crate) async fn api(args: ApiOnlyArgs) -> Result<()> {
+    let stop = CancellationToken::new();
+    let config = args.api.config(args.artifacts_dir.clone(), stop.clone())?;
+    let broker = RedisBroker::connect(&args.redis, &args.queue, BrokerConfig::default())
+        .await
+        .with_context(|| format!("connecting to {}", args.redis))?;
+    let broker = Arc::new(broker);
+    fleetq_api::install_metrics_recorder();
+    tokio::spawn(stop_on_signal(stop.clone()));
+    let maint = tokio::spawn(fleetq_api::maintain(
+        broker.clone(),
+        Duration::from_millis(args.api.reap_every_ms.max(10)),
+        stop.clone(),
+    ));
+    let listener = tokio::net::TcpListener::bind(args.api.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.api.listen))?;
+    println!("fleetq api at http://{}  (redis {}, queue {})", listener.local_addr()?, args.redis, args.queue);
+    let served = axum::serve(listener, fleetq_api::router(broker, config))
+        .with_graceful_shutdown(stop.clone().cancelled_owned())
+        .await;
+    stop.cancel();
+    maint.await.ok();
+    served.context("serving HTTP")
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
