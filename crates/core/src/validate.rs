@@ -80,8 +80,16 @@ pub fn job_spec_from_value(mut value: Value, limits: &Limits) -> Result<JobSpec,
     let requirements = obj.remove("requirements").unwrap_or(Value::Null);
     let mut spec: JobSpec = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let field = if path == "." { "body".to_owned() } else { path };
-        ValidationError::new(&field, e.into_inner().to_string())
+        let message = e.into_inner().to_string();
+        // serde names a missing field only in its message; name it as the field too.
+        let missing = message.strip_prefix("missing field `").and_then(|m| m.split('`').next());
+        let field = match (path.as_str(), missing) {
+            (".", Some(name)) => name.to_owned(),
+            (".", None) => "body".to_owned(),
+            (_, Some(name)) => format!("{path}.{name}"),
+            _ => path,
+        };
+        ValidationError::new(&field, message)
     })?;
     spec.requirements = Requirements::parse(&requirements, "requirements")?;
     spec.validate(limits)?;
@@ -168,7 +176,7 @@ mod tests {
     fn rejections_name_the_field() {
         let cases = [
             (json!([]), "body"),
-            (json!({"payload": {}}), "body"),
+            (json!({"payload": {}}), "service"),
             (json!({"service": ""}), "service"),
             (json!({"service": "comfy ui"}), "service"),
             (json!({"service": "-x"}), "service"),
