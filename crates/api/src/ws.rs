@@ -221,7 +221,8 @@ async fn client_session<B: Broker>(st: AppState<B>, mut socket: WebSocket) {
                     continue;
                 };
                 let Some(job) = ev.kind.job() else { continue };
-                if !watching.contains(&job.id) {
+                // `job_accepted` already told the client about the submission.
+                if !watching.contains(&job.id) || matches!(ev.kind, EventKind::JobSubmitted { .. }) {
                     continue;
                 }
                 let outcome = if matches!(ev.kind, EventKind::JobCompleted { .. }) {
