@@ -242,16 +242,14 @@ async fn stack<B: Broker>(
         .await
         .with_context(|| format!("listening on {}", args.api.listen))?;
     let addr = listener.local_addr()?;
-    println!(
-        "fleetq is up at http://{addr}  ({store}; machine {} with {} workers serving {})",
+    announce(&format!(
+        "fleetq is up at http://{addr}  ({store}; machine {} with {} workers serving {})\n  \
+         submit: fleetq submit --service {} --wait    (or POST http://{addr}/api/jobs)",
         args.machine_id,
         args.workers,
-        args.services.join(", ")
-    );
-    println!(
-        "  submit: fleetq submit --service {} --wait    (or POST http://{addr}/api/jobs)",
+        args.services.join(", "),
         args.services[0]
-    );
+    ));
     let served = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned()).await;
     stop.cancel();
     while let Some(res) = tasks.join_next().await {
@@ -286,13 +284,26 @@ pub(crate) async fn api(args: ApiOnlyArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(args.api.listen)
         .await
         .with_context(|| format!("listening on {}", args.api.listen))?;
-    println!("fleetq api at http://{}  (redis {}, queue {})", listener.local_addr()?, args.redis, args.queue);
+    announce(&format!(
+        "fleetq api at http://{}  (redis {}, queue {})",
+        listener.local_addr()?,
+        args.redis,
+        args.queue
+    ));
     let served = axum::serve(listener, fleetq_api::router(broker, config))
         .with_graceful_shutdown(stop.clone().cancelled_owned())
         .await;
     stop.cancel();
     maint.await.ok();
     served.context("serving HTTP")
+}
+
+/// Prints the startup line. A closed stdout (`fleetq up | head -1`, a supervisor that stopped
+/// reading) must not stop the server, so write errors are ignored where `println!` would panic.
+fn announce(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}").and_then(|()| out.flush()).ok();
 }
 
 fn now_ms() -> i64 {

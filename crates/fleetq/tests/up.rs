@@ -1,0 +1,124 @@
+//! `fleetq up` as a process, driven by the client CLI the way the README shows: submit --wait
+//! (exit 0 on success, non-zero on failure), jobs ls, workers, services; jobs survive a restart;
+//! a public address without tokens is refused.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+fn fleetq() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fleetq"))
+}
+
+/// Starts `fleetq up` on a free port and returns it with its URL (read from its first line).
+fn up(data: &Path) -> (Child, String) {
+    let mut child = fleetq()
+        .args(["up", "--listen", "127.0.0.1:0", "--step-ms", "5", "--workers", "2", "--reap-every-ms", "100"])
+        .arg("--data-dir")
+        .arg(data)
+        .env_remove("FLEETQ_TOKENS")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(data.join("up.log")).expect("log file"))
+        .spawn()
+        .expect("start fleetq up");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).ok();
+        tx.send(line).ok();
+    });
+    // A guard against a hang, not a timing assertion.
+    let line = rx.recv_timeout(Duration::from_secs(60)).expect("fleetq up prints its URL");
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no URL in {line:?}"))
+        .to_owned();
+    (child, url)
+}
+
+fn cli(url: &str, args: &[&str]) -> Output {
+    fleetq().args(args).env("FLEETQ_API", url).env_remove("FLEETQ_TOKEN").output().expect("run the CLI")
+}
+
+fn stop(mut child: Child) {
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill -INT");
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "fleetq up exits cleanly on SIGINT: {status}");
+}
+
+#[test]
+fn up_serves_the_cli_and_keeps_jobs_across_restarts() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let (child, url) = up(data.path());
+    let ok = cli(&url, &["submit", "--payload", r#"{"steps": 3}"#, "--wait", "--json"]);
+    assert!(
+        ok.status.success(),
+        "{}\n--- fleetq up's log:\n{}",
+        String::from_utf8_lossy(&ok.stderr),
+        std::fs::read_to_string(data.path().join("up.log")).unwrap_or_default()
+    );
+    let done: Value = serde_json::from_slice(&ok.stdout).expect("JSON");
+    assert_eq!(done["type"], "job_completed");
+    assert_eq!(done["outcome"]["value"]["steps"], 3);
+    let bad = cli(&url, &["submit", "--payload", r#"{"fail": "fatal"}"#, "--wait"]);
+    assert!(!bad.status.success(), "a failed job exits non-zero");
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("job failed"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let invalid = cli(&url, &["submit", "--service", "bad name!"]);
+    assert!(!invalid.status.success());
+    assert!(
+        String::from_utf8_lossy(&invalid.stderr).contains("422 invalid (service)"),
+        "{}",
+        String::from_utf8_lossy(&invalid.stderr)
+    );
+    let ls = cli(&url, &["jobs", "ls", "--json"]);
+    let page: Value = serde_json::from_slice(&ls.stdout).expect("JSON");
+    assert_eq!(page["jobs"].as_array().expect("jobs").len(), 2);
+    let table = String::from_utf8_lossy(&cli(&url, &["jobs", "ls"]).stdout).into_owned();
+    assert!(table.starts_with("ID") && table.contains("completed") && table.contains("failed"), "{table}");
+    let workers = String::from_utf8_lossy(&cli(&url, &["workers"]).stdout).into_owned();
+    assert!(workers.contains("local-gpu0") && workers.contains("local-gpu1"), "{workers}");
+    let services = String::from_utf8_lossy(&cli(&url, &["services"]).stdout).into_owned();
+    assert!(services.contains("simulation"), "{services}");
+    let id = page["jobs"][0]["id"].as_str().expect("id").to_owned();
+    let show = cli(&url, &["jobs", "show", &id]);
+    assert!(show.status.success() && String::from_utf8_lossy(&show.stdout).contains(&id));
+    stop(child);
+    let (child, url) = up(data.path());
+    let ls = cli(&url, &["jobs", "ls", "--json"]);
+    let page: Value = serde_json::from_slice(&ls.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&ls.stderr)));
+    assert_eq!(page["jobs"].as_array().expect("jobs").len(), 2, "the jobs survived the restart");
+    stop(child);
+}
+
+#[test]
+fn up_refuses_a_public_address_without_tokens() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let out = fleetq()
+        .args(["up", "--listen", "0.0.0.0:0"])
+        .arg("--data-dir")
+        .arg(data.path())
+        .env_remove("FLEETQ_TOKENS")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("without tokens") && err.contains("--insecure"), "{err}");
+}
+
+#[test]
+fn cli_names_an_unreachable_api() {
+    let out = cli("http://127.0.0.1:9", &["jobs", "ls"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the fleetq API"));
+}
