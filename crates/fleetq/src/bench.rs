@@ -26,6 +26,26 @@ use serde_json::{Value, json};
 pub(crate) enum Bench {
     /// Broker throughput and latency with no-op jobs.
     Broker(BrokerArgs),
+    /// The HTTP API over the embedded store: submissions per second (single and batched) and the
+    /// latency from a POST to its event on the SSE stream.
+    Api(ApiArgs),
+}
+
+/// `fleetq bench api` flags.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ApiArgs {
+    /// Jobs submitted one per request.
+    #[arg(long, default_value_t = 5000)]
+    jobs: usize,
+    /// Concurrent HTTP clients.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Jobs per request in the batch mode.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Submissions timed through the SSE stream (one at a time).
+    #[arg(long, default_value_t = 500)]
+    sse_jobs: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -83,7 +103,10 @@ pub(crate) struct BrokerArgs {
 }
 
 pub(crate) async fn run(b: Bench) -> Result<()> {
-    let Bench::Broker(args) = b;
+    let args = match b {
+        Bench::Broker(args) => args,
+        Bench::Api(args) => return api(args).await,
+    };
     let args = Arc::new(args);
     match args.backend {
         Backend::Embedded => {
@@ -345,4 +368,85 @@ async fn depth<B: Broker>(made: &Made<B>, pending: usize, claims: usize) -> Resu
         "mode": "depth", "pending": pending, "fill_jobs_per_s": (pending as f64 / fill_s).round(),
         "claim_latency": summarize(lat),
     }))
+}
+
+/// `fleetq bench api`: a real server on a loopback port over a fresh embedded store.
+async fn api(args: ApiArgs) -> Result<()> {
+    use eventsource_stream::Eventsource;
+    use futures::StreamExt;
+
+    let dir = tempfile::tempdir()?;
+    let broker = Arc::new(EmbeddedBroker::open(dir.path().join("bench.db"), bench_config())?);
+    let app = fleetq_api::router(broker, fleetq_api::ApiConfig::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+    let http = reqwest::Client::new();
+    let body = |i: usize| json!({"service": "bench", "payload": {"i": i}});
+
+    // One job per request, `concurrency` clients.
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let per = args.jobs.div_ceil(args.concurrency.max(1));
+    for c in 0..args.concurrency.max(1) {
+        let (http, url) = (http.clone(), format!("{base}/api/jobs"));
+        tasks.spawn(async move {
+            let mut lat = Vec::with_capacity(per);
+            for i in 0..per {
+                let t = Instant::now();
+                let r = http.post(&url).json(&body(c * per + i)).send().await?;
+                anyhow::ensure!(r.status() == 201, "submit answered {}", r.status());
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            Ok::<_, anyhow::Error>(lat)
+        });
+    }
+    let mut lat = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        lat.extend(r??);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    emit(
+        "embedded",
+        json!({"mode": "api_submit", "jobs": lat.len(), "clients": args.concurrency,
+        "jobs_per_s": (lat.len() as f64 / secs).round(), "request": summarize(lat)}),
+    );
+
+    // Batches.
+    let batch = args.batch.max(1);
+    let requests = args.jobs.div_ceil(batch);
+    let started = Instant::now();
+    for r in 0..requests {
+        let jobs: Vec<Value> = (0..batch).map(|i| body(r * batch + i)).collect();
+        let resp = http.post(format!("{base}/api/jobs")).json(&jobs).send().await?;
+        anyhow::ensure!(resp.status() == 201, "batch answered {}", resp.status());
+    }
+    let secs = started.elapsed().as_secs_f64();
+    emit(
+        "embedded",
+        json!({"mode": "api_batch", "jobs": requests * batch, "batch": batch,
+        "jobs_per_s": ((requests * batch) as f64 / secs).round()}),
+    );
+
+    // POST → its `job_submitted` on the global SSE stream.
+    let resp = http.get(format!("{base}/api/events?topics=jobs")).send().await?;
+    let mut events = resp.bytes_stream().eventsource();
+    let mut lat = Vec::with_capacity(args.sse_jobs);
+    for i in 0..args.sse_jobs {
+        let t = Instant::now();
+        let v: Value = http.post(format!("{base}/api/jobs")).json(&body(i)).send().await?.json().await?;
+        let id = v["id"].as_str().context("no id")?.to_owned();
+        loop {
+            let ev = tokio::time::timeout(Duration::from_secs(10), events.next())
+                .await
+                .context("no event within 10 s")?
+                .context("the stream ended")??;
+            if ev.event == "job_submitted" && ev.data.contains(&id) {
+                break;
+            }
+        }
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    emit("embedded", json!({"mode": "api_sse", "jobs": lat.len(), "post_to_event": summarize(lat)}));
+    Ok(())
 }
