@@ -158,11 +158,10 @@ pub(crate) async fn get<B: Broker>(
     Ok(Json(out))
 }
 
+/// Wall-clock time (ms), the broker's own clock.
 pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    use fleetq_broker::Clock;
+    fleetq_broker::SystemClock.now_ms()
 }
 
 const LIST_PARAMS: &[&str] =
@@ -208,10 +207,12 @@ pub(crate) async fn list<B: Broker>(State(st): State<AppState<B>>, q: Params) ->
                     "queue order lists pending jobs, without a cursor",
                 ));
             }
+            if filter.worker.is_some() {
+                return Err(ApiError::bad_request("worker", "pending jobs have no worker; drop order=queue"));
+            }
             let snap = st.broker.snapshot().await?;
             let keep = |j: &&JobSummary| {
                 filter.service.as_ref().is_none_or(|s| *s == j.service)
-                    && filter.worker.is_none()
                     && filter.workflow.as_ref().is_none_or(|w| j.workflow_id.as_ref() == Some(w))
                     && filter.customer.as_ref().is_none_or(|c| j.customer_id.as_ref() == Some(c))
             };

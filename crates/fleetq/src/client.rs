@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args as ClapArgs, Subcommand};
 use eventsource_stream::Eventsource;
+use fleetq_broker::Clock as _;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -425,7 +426,7 @@ async fn ls(a: LsArgs) -> Result<()> {
         print_json(&page);
         return Ok(());
     }
-    let now = crate_now();
+    let now = fleetq_broker::SystemClock.now_ms();
     let rows: Vec<Vec<String>> = page["jobs"]
         .as_array()
         .map(Vec::as_slice)
@@ -609,13 +610,6 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
     for r in rows {
         line(r.iter().map(String::as_str).collect());
     }
-}
-
-fn crate_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn age(now: i64, at: Option<i64>) -> String {

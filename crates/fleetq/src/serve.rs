@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args as ClapArgs;
 use fleetq_api::{ApiConfig, Tokens};
+use fleetq_broker::Clock as _;
 use fleetq_broker::embedded::EmbeddedBroker;
 use fleetq_broker::redis::RedisBroker;
 use fleetq_broker::{Broker, BrokerConfig};
@@ -194,7 +195,7 @@ async fn stack<B: Broker>(
         phase: phase.into(),
         step: None,
         message,
-        at: now_ms(),
+        at: fleetq_broker::SystemClock.now_ms(),
     };
     let mut tasks = tokio::task::JoinSet::new();
     if args.workers > 0 {
@@ -304,11 +305,4 @@ fn announce(text: &str) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{text}").and_then(|()| out.flush()).ok();
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
