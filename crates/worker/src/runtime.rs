@@ -218,9 +218,14 @@ impl<B: Broker> Worker<B> {
             if let Err(e) = self.advertise(&claimable).await {
                 warn!(error = %e, "re-registration failed");
             }
+            let asked = std::time::Instant::now();
             match self.broker.claim(self.id(), self.config.claim_wait).await {
                 Ok(Some(lease)) => {
                     let service = lease.job.summary.service.clone();
+                    // With work waiting this is the broker's claim latency; when the queue was
+                    // empty it includes the wait for a job to arrive (the claim long-polls).
+                    metrics::histogram!("fleetq_claim_latency_seconds", "service" => service.clone())
+                        .record(asked.elapsed().as_secs_f64());
                     *self.running.lock().await.entry(service.clone()).or_default() += 1;
                     let (me, stop) = (self.clone(), shutdown.clone());
                     jobs.spawn(async move {
