@@ -54,9 +54,18 @@ impl FromStr for Role {
     }
 }
 
+/// Who is calling: put in the request's extensions by the auth middleware when auth is on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The token's role.
+    pub role: Role,
+    /// The token's name (`role:name:secret`), or its role when unnamed. Jobs record it as owner.
+    pub name: String,
+}
+
 /// The configured tokens. Empty means auth is off.
 #[derive(Clone, Default)]
-pub struct Tokens(Arc<Vec<(String, Role)>>);
+pub struct Tokens(Arc<Vec<(String, Caller)>>);
 
 impl fmt::Debug for Tokens {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -66,7 +75,9 @@ impl fmt::Debug for Tokens {
 }
 
 impl Tokens {
-    /// Parses `role:secret` entries (`admin:s3cret`). Secrets must be at least 8 characters.
+    /// Parses `role:secret` or `role:name:secret` entries (`admin:s3cret…`, `submit:alice:…`).
+    /// Secrets must be at least 8 characters. Unnamed tokens of one role share an identity: name
+    /// `submit` tokens so each cancels only its own jobs.
     pub fn parse<'a>(entries: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
         let mut out = Vec::new();
         for entry in entries.into_iter().flat_map(|e| e.split(',')).map(str::trim).filter(|e| !e.is_empty()) {
@@ -74,10 +85,14 @@ impl Tokens {
                 .split_once(':')
                 .ok_or_else(|| "a token is written role:secret (e.g. admin:…)".to_owned())?;
             let role: Role = role.parse()?;
+            let (name, secret) = match secret.split_once(':') {
+                Some((name, secret)) if !name.is_empty() => (name.to_owned(), secret),
+                _ => (role.as_str().to_owned(), secret),
+            };
             if secret.len() < 8 {
                 return Err(format!("the {role} token is shorter than 8 characters"));
             }
-            out.push((secret.to_owned(), role));
+            out.push((secret.to_owned(), Caller { role, name }));
         }
         Ok(Self(Arc::new(out)))
     }
@@ -89,11 +104,16 @@ impl Tokens {
 
     /// The role of `secret`, comparing in constant time per configured token.
     pub fn role_of(&self, secret: &str) -> Option<Role> {
+        self.caller(secret).map(|c| c.role)
+    }
+
+    /// The caller holding `secret`, comparing in constant time per configured token.
+    pub fn caller(&self, secret: &str) -> Option<Caller> {
         self.0
             .iter()
             .filter(|(s, _)| constant_time_eq(s.as_bytes(), secret.as_bytes()))
-            .map(|(_, r)| *r)
-            .max()
+            .map(|(_, c)| c.clone())
+            .max_by_key(|c| c.role)
     }
 }
 
@@ -136,14 +156,14 @@ pub fn token_of(req: &Request) -> Option<String> {
 }
 
 /// Middleware: 401 without a known token, 403 with a too-weak one.
-pub async fn require(State(tokens): State<Tokens>, req: Request, next: Next) -> Response {
+pub async fn require(State(tokens): State<Tokens>, mut req: Request, next: Next) -> Response {
     if tokens.is_empty() {
         return next.run(req).await;
     }
     let Some(needed) = required_role(req.method(), req.uri().path()) else {
         return next.run(req).await;
     };
-    match token_of(&req).and_then(|t| tokens.role_of(&t)) {
+    match token_of(&req).and_then(|t| tokens.caller(&t)) {
         None => {
             let mut resp = ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -154,13 +174,16 @@ pub async fn require(State(tokens): State<Tokens>, req: Request, next: Next) -> 
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
             resp
         }
-        Some(role) if role < needed => ApiError::new(
+        Some(c) if c.role < needed => ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
-            format!("this route needs the {needed} role; the token has {role}"),
+            format!("this route needs the {needed} role; the token has {}", c.role),
         )
         .into_response(),
-        Some(_) => next.run(req).await,
+        Some(c) => {
+            req.extensions_mut().insert(c);
+            next.run(req).await
+        }
     }
 }
 
@@ -193,5 +216,8 @@ mod tests {
         assert!(Tokens::parse(["read:short"]).is_err());
         assert!(Tokens::parse([""]).unwrap().is_empty());
         assert!(!format!("{t:?}").contains("aaaa"), "secrets never printed");
+        let named = Tokens::parse(["submit:alice:dddddddd"]).unwrap();
+        assert_eq!(named.caller("dddddddd"), Some(Caller { role: Role::Submit, name: "alice".into() }));
+        assert_eq!(t.caller("cccccccc").map(|c| c.name), Some("submit".into()));
     }
 }

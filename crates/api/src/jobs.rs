@@ -5,19 +5,20 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use fleetq_broker::{Broker, CancelOutcome, JobFilter, fleet};
 use fleetq_core::{JobId, JobSpec, JobStatus, JobSummary, ValidationError, job_spec_from_value};
 use futures::{Stream, StreamExt};
 use serde_json::{Value, json};
 
 use crate::AppState;
+use crate::auth::{Caller, Role};
 use crate::error::{ApiError, ApiResult};
 use crate::stats::{eta_ms, queue_order, queue_position, workers_serving};
 use crate::stream::{Feed, feed, resume_point};
@@ -54,16 +55,34 @@ pub(crate) fn json_body(bytes: &[u8]) -> ApiResult<Value> {
     })
 }
 
-/// A job spec from a submission object. Legacy clients name the service `job_type` or
-/// `service_required`; both are accepted when `service` is absent.
-pub(crate) fn spec_from(mut value: Value, limits: &fleetq_core::Limits) -> Result<JobSpec, ValidationError> {
-    if let Some(obj) = value.as_object_mut()
-        && !obj.contains_key("service")
-        && let Some(s) = obj.remove("job_type").or_else(|| obj.remove("service_required"))
-    {
-        obj.insert("service".into(), s);
+/// A job spec from a submission object (legacy clients' `job_type` and `service_required` are
+/// accepted for `service`), owned by the caller: whatever `owner` a client sent is overwritten.
+pub(crate) fn spec_from(
+    value: Value,
+    limits: &fleetq_core::Limits,
+    caller: Option<&Caller>,
+) -> Result<JobSpec, ValidationError> {
+    let mut spec = job_spec_from_value(value, limits)?;
+    spec.owner = caller.map(|c| c.name.clone());
+    Ok(spec)
+}
+
+/// A `submit` caller may touch only the jobs it submitted; `admin` (and auth off) any job.
+pub(crate) async fn check_owner<B: Broker>(broker: &B, id: &JobId, caller: Option<&Caller>) -> ApiResult<()> {
+    let Some(c) = caller.filter(|c| c.role < Role::Admin) else { return Ok(()) };
+    let rec = broker.job(id).await?.ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
+    if rec.spec.owner.as_deref() == Some(c.name.as_str()) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "job {id} was not submitted by this token ({}); a submit token acts only on its own jobs",
+                c.name
+            ),
+        ))
     }
-    job_spec_from_value(value, limits)
 }
 
 fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
@@ -78,12 +97,14 @@ fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
 /// `POST /api/jobs`: one job object, or an array of them as a batch (all or nothing).
 pub(crate) async fn submit<B: Broker>(
     State(st): State<AppState<B>>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let value = json_body(&body_bytes(body)?)?;
     let key = idempotency_key(&headers)?;
     let limits = st.broker.config().limits;
+    let caller = caller.map(|Extension(c)| c);
     match value {
         Value::Array(items) => {
             if items.is_empty() {
@@ -98,7 +119,7 @@ pub(crate) async fn submit<B: Broker>(
             }
             let mut specs = Vec::with_capacity(items.len());
             for (i, item) in items.into_iter().enumerate() {
-                let mut spec = spec_from(item, &limits).map_err(|e| {
+                let mut spec = spec_from(item, &limits, caller.as_ref()).map_err(|e| {
                     ApiError::invalid(ValidationError::new(&format!("[{i}].{}", e.field), e.message))
                 })?;
                 if let (Some(k), None) = (&key, &spec.idempotency_key) {
@@ -112,7 +133,7 @@ pub(crate) async fn submit<B: Broker>(
             Ok((status, Json(json!({"jobs": jobs}))).into_response())
         }
         value => {
-            let mut spec = spec_from(value, &limits).map_err(ApiError::invalid)?;
+            let mut spec = spec_from(value, &limits, caller.as_ref()).map_err(ApiError::invalid)?;
             if spec.idempotency_key.is_none() {
                 spec.idempotency_key = key;
             }
@@ -229,12 +250,14 @@ pub(crate) async fn list<B: Broker>(State(st): State<AppState<B>>, q: Params) ->
     }
 }
 
-/// `POST /api/jobs/{id}/cancel`.
+/// `POST /api/jobs/{id}/cancel` (a `submit` token: its own jobs only).
 pub(crate) async fn cancel<B: Broker>(
     State(st): State<AppState<B>>,
+    caller: Option<Extension<Caller>>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let id = job_id(id)?;
+    check_owner(st.broker.as_ref(), &id, caller.as_ref().map(|Extension(c)| c)).await?;
     let outcome = st.broker.cancel(&id).await?;
     let text = match outcome {
         CancelOutcome::Cancelled => "cancelled",

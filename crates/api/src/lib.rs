@@ -38,7 +38,7 @@ use fleetq_broker::Broker;
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-pub use auth::{Role, Tokens};
+pub use auth::{Caller, Role, Tokens};
 pub use error::{ApiError, ApiResult};
 pub use ops::{ROUTES, Route, install_metrics_recorder, openapi_document};
 

@@ -24,8 +24,9 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 
 use crate::AppState;
+use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
-use crate::jobs::{Params, params, spec_from};
+use crate::jobs::{Params, check_owner, params, spec_from};
 use crate::stream::{Feed, TOPICS, feed, parse_topics, topic};
 
 fn upgrade(ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>) -> ApiResult<WebSocketUpgrade> {
@@ -153,6 +154,7 @@ async fn monitor_session<B: Broker>(
 /// `GET /ws/client`: the legacy client protocol.
 pub(crate) async fn client<B: Broker>(
     State(st): State<AppState<B>>,
+    caller: Option<axum::Extension<Caller>>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     let ws = upgrade(ws)?;
@@ -160,7 +162,7 @@ pub(crate) async fn client<B: Broker>(
     Ok(ws
         .on_upgrade(move |socket| async move {
             tokio::select! {
-                () = client_session(st, socket) => {}
+                () = client_session(st, socket, caller.map(|axum::Extension(c)| c)) => {}
                 () = stop.cancelled() => {}
             }
         })
@@ -202,7 +204,7 @@ fn status_msg(job: &JobSummary, outcome: Option<&Outcome>, message_id: &Value) -
     v
 }
 
-async fn client_session<B: Broker>(st: AppState<B>, mut socket: WebSocket) {
+async fn client_session<B: Broker>(st: AppState<B>, mut socket: WebSocket, caller: Option<Caller>) {
     let broker = st.broker.clone();
     let after = match broker.snapshot().await {
         Ok(s) => s.seq,
@@ -243,7 +245,7 @@ async fn client_session<B: Broker>(st: AppState<B>, mut socket: WebSocket) {
                     Some(Ok(Message::Text(t))) => t,
                     Some(Ok(_)) => continue,
                 };
-                let reply = client_message(&st, &text, &mut watching).await;
+                let reply = client_message(&st, &text, &mut watching, caller.as_ref()).await;
                 if !send(&mut socket, &reply).await {
                     return;
                 }
@@ -252,7 +254,12 @@ async fn client_session<B: Broker>(st: AppState<B>, mut socket: WebSocket) {
     }
 }
 
-async fn client_message<B: Broker>(st: &AppState<B>, text: &str, watching: &mut HashSet<JobId>) -> Value {
+async fn client_message<B: Broker>(
+    st: &AppState<B>,
+    text: &str,
+    watching: &mut HashSet<JobId>,
+    caller: Option<&Caller>,
+) -> Value {
     let v: Value = match serde_json::from_str(text) {
         Ok(v) => v,
         Err(e) => return err_msg("malformed_json", format!("not JSON: {e}")),
@@ -272,7 +279,7 @@ async fn client_message<B: Broker>(st: &AppState<B>, text: &str, watching: &mut 
                     obj.remove(k);
                 }
             }
-            let spec = match spec_from(body, &st.broker.config().limits) {
+            let spec = match spec_from(body, &st.broker.config().limits, caller) {
                 Ok(s) => s,
                 Err(e) => {
                     return with_id(
@@ -294,6 +301,9 @@ async fn client_message<B: Broker>(st: &AppState<B>, text: &str, watching: &mut 
             let Some(id) = job_id() else {
                 return with_id(err_msg("bad_request", "cancel_job needs job_id"));
             };
+            if let Err(e) = check_owner(st.broker.as_ref(), &id, caller).await {
+                return with_id(e.body_with_type());
+            }
             match st.broker.cancel(&id).await {
                 Ok(CancelOutcome::AlreadyFinished) => {
                     with_id(err_msg("conflict", format!("job {id} had already finished")))

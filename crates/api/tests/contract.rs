@@ -253,3 +253,38 @@ async fn malformed_and_oversized_bodies_get_4xx_and_the_server_stays_healthy() {
     let (_, page) = call(&a.router, "GET", "/api/jobs?status=pending", None, &[]).await;
     assert_eq!(page["jobs"].as_array().unwrap().len(), 1, "no garbage was enqueued");
 }
+
+#[tokio::test]
+async fn submit_tokens_act_only_on_their_own_jobs() {
+    let tokens =
+        Tokens::parse(["submit:alice:alice-secret,submit:bob:bob-secret", &format!("admin:{ADMIN}")])
+            .expect("tokens");
+    let a = app(ApiConfig { tokens, ..ApiConfig::default() });
+    let as_ = |t: &str| format!("Bearer {t}");
+    let (alice, bob, admin) = (as_("alice-secret"), as_("bob-secret"), as_(ADMIN));
+    // A client cannot claim another owner: the API stamps the caller.
+    let body = r#"{"service": "sim", "owner": "bob"}"#;
+    let (s, v) = call(&a.router, "POST", "/api/jobs", Some(body), &[("authorization", &alice)]).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let id = v["id"].as_str().expect("id").to_owned();
+    let (_, job) =
+        call(&a.router, "GET", &format!("/api/jobs/{id}"), None, &[("authorization", &admin)]).await;
+    assert_eq!(job["spec"]["owner"], "alice");
+    let cancel = format!("/api/jobs/{id}/cancel");
+    let (s, e) = call(&a.router, "POST", &cancel, None, &[("authorization", &bob)]).await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden")),
+        "bob cannot cancel alice's job"
+    );
+    let (s, v) = call(&a.router, "POST", &cancel, None, &[("authorization", &alice)]).await;
+    assert_eq!((s, v["outcome"].as_str()), (StatusCode::OK, Some("cancelled")));
+    let (s, v) =
+        call(&a.router, "POST", "/api/jobs", Some(r#"{"service": "sim"}"#), &[("authorization", &bob)]).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let theirs = format!("/api/jobs/{}/cancel", v["id"].as_str().expect("id"));
+    let (s, _) = call(&a.router, "POST", &theirs, None, &[("authorization", &admin)]).await;
+    assert_eq!(s, StatusCode::OK, "admin cancels any job");
+    let (s, _) = call(&a.router, "POST", "/api/jobs/missing/cancel", None, &[("authorization", &bob)]).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}

@@ -76,6 +76,10 @@ pub struct JobSpec {
     /// The same key submitted again returns the first job instead of creating another.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// Who submitted it: the API stamps the caller's token name here (overwriting whatever a client
+    /// sent), so a `submit` token can cancel only its own jobs. `None` when auth is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 fn default_max_attempts() -> u32 {
@@ -105,6 +109,7 @@ impl JobSpec {
             progress_timeout_ms: None,
             retry_backoff_ms: None,
             idempotency_key: None,
+            owner: None,
         }
     }
 
