@@ -149,29 +149,52 @@ fn summary_json(
     })
 }
 
-async fn fleet_view<B: Broker>(
-    st: &AppState<B>,
-) -> ApiResult<(Vec<WorkerInfo>, BTreeMap<String, ServiceDepth>)> {
-    let workers = st.broker.workers().await?;
-    let depths = st.broker.queue_depths().await?;
-    Ok((workers, depths))
+/// What the service routes read: workers with their connector reports, and queue depths.
+struct Fleet {
+    workers: Vec<WorkerInfo>,
+    depths: BTreeMap<String, ServiceDepth>,
+    now: i64,
+    stale_ms: i64,
+}
+
+impl Fleet {
+    async fn read<B: Broker>(st: &AppState<B>) -> ApiResult<Self> {
+        let workers = st.broker.workers().await?;
+        let depths = st.broker.queue_depths().await?;
+        Ok(Self { workers, depths, now: now_ms(), stale_ms: st.config.stale_after.as_millis() as i64 })
+    }
+
+    fn instances(&self) -> BTreeMap<String, Vec<Instance<'_>>> {
+        instances_of(&self.workers, self.stale_ms, self.now)
+    }
+}
+
+/// The instances of one service, or 404 when neither a worker nor a job knows it.
+fn known<'a>(
+    fleet: &Fleet,
+    inst: &'a BTreeMap<String, Vec<Instance<'a>>>,
+    service: &str,
+) -> ApiResult<&'a [Instance<'a>]> {
+    if !inst.contains_key(service) && !fleet.depths.contains_key(service) {
+        return Err(ApiError::not_found(format!("no worker or job knows the service {service:?}")));
+    }
+    Ok(inst.get(service).map_or(&[][..], Vec::as_slice))
 }
 
 /// `GET /api/services`: per service, instance counts by connector status (+ stale), queue depth and
 /// duration statistics.
 pub(crate) async fn services<B: Broker>(State(st): State<AppState<B>>) -> ApiResult<Json<Value>> {
-    let (workers, depths) = fleet_view(&st).await?;
-    let now = now_ms();
-    let inst = instances_of(&workers, st.config.stale_after.as_millis() as i64, now);
-    let names: BTreeSet<&String> = inst.keys().chain(depths.keys()).collect();
+    let fleet = Fleet::read(&st).await?;
+    let inst = fleet.instances();
+    let names: BTreeSet<&String> = inst.keys().chain(fleet.depths.keys()).collect();
     let services: serde_json::Map<String, Value> = names
         .into_iter()
         .map(|s| {
             let list = inst.get(s).map_or(&[][..], Vec::as_slice);
-            (s.clone(), summary_json(list, depths.get(s), st.stats.estimate(s, None)))
+            (s.clone(), summary_json(list, fleet.depths.get(s), st.stats.estimate(s, None)))
         })
         .collect();
-    Ok(Json(json!({"success": true, "services": services, "timestamp": rfc3339(now)})))
+    Ok(Json(json!({"success": true, "services": services, "timestamp": rfc3339(fleet.now)})))
 }
 
 /// `GET /api/services/{service}/summary`.
@@ -179,18 +202,14 @@ pub(crate) async fn summary<B: Broker>(
     State(st): State<AppState<B>>,
     Path(service): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let (workers, depths) = fleet_view(&st).await?;
-    let now = now_ms();
-    let inst = instances_of(&workers, st.config.stale_after.as_millis() as i64, now);
-    if !inst.contains_key(&service) && !depths.contains_key(&service) {
-        return Err(ApiError::not_found(format!("no worker or job knows the service {service:?}")));
-    }
-    let list = inst.get(&service).map_or(&[][..], Vec::as_slice);
-    let mut v = summary_json(list, depths.get(&service), st.stats.estimate(&service, None));
+    let fleet = Fleet::read(&st).await?;
+    let inst = fleet.instances();
+    let list = known(&fleet, &inst, &service)?;
+    let mut v = summary_json(list, fleet.depths.get(&service), st.stats.estimate(&service, None));
     if let Some(obj) = v.as_object_mut() {
         obj.insert("success".into(), json!(true));
         obj.insert("service_type".into(), json!(service));
-        obj.insert("timestamp".into(), json!(rfc3339(now)));
+        obj.insert("timestamp".into(), json!(rfc3339(fleet.now)));
     }
     Ok(Json(v))
 }
@@ -200,15 +219,9 @@ pub(crate) async fn instances<B: Broker>(
     State(st): State<AppState<B>>,
     Path(service): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let (workers, depths) = fleet_view(&st).await?;
-    let now = now_ms();
-    let inst = instances_of(&workers, st.config.stale_after.as_millis() as i64, now);
-    if !inst.contains_key(&service) && !depths.contains_key(&service) {
-        return Err(ApiError::not_found(format!("no worker or job knows the service {service:?}")));
-    }
-    let list: Vec<Value> = inst
-        .get(&service)
-        .map_or(&[][..], Vec::as_slice)
+    let fleet = Fleet::read(&st).await?;
+    let inst = fleet.instances();
+    let list: Vec<Value> = known(&fleet, &inst, &service)?
         .iter()
         .map(|i| {
             let reg = &i.worker.registration;
@@ -226,7 +239,7 @@ pub(crate) async fn instances<B: Broker>(
         .collect();
     let total = list.len();
     Ok(Json(json!({
-        "success": true, "service_type": service, "instances": list, "total": total, "timestamp": rfc3339(now),
+        "success": true, "service_type": service, "instances": list, "total": total, "timestamp": rfc3339(fleet.now),
     })))
 }
 

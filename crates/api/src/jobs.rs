@@ -168,7 +168,7 @@ pub(crate) async fn get<B: Broker>(
         if s.status == JobStatus::Pending {
             let snap = st.broker.snapshot().await?;
             position = queue_position(s, snap.jobs.values(), now);
-            workers = workers_serving(&snap.workers.values().cloned().collect::<Vec<_>>(), &s.service);
+            workers = workers_serving(snap.workers.values(), &s.service);
         }
         if let Some(obj) = out.as_object_mut() {
             obj.insert("queue_position".into(), json!(position));

@@ -270,13 +270,13 @@ pub(crate) async fn metrics<B: Broker>(State(st): State<AppState<B>>) -> Respons
             let mut conns: std::collections::BTreeMap<(String, &str), usize> = Default::default();
             for w in snap.workers.values() {
                 for (service, r) in &w.connectors {
-                    *conns.entry((service.clone(), status_name(r.status))).or_default() += 1;
+                    *conns.entry((service.clone(), r.status.as_str())).or_default() += 1;
                 }
             }
             // Every status of every known service, so a status that empties drops to 0.
             let services: std::collections::BTreeSet<String> = conns.keys().map(|(s, _)| s.clone()).collect();
             for service in services {
-                for status in ["starting", "idle", "active", "error", "offline"] {
+                for status in fleetq_core::ConnectorStatus::ALL.map(fleetq_core::ConnectorStatus::as_str) {
                     let n = conns.get(&(service.clone(), status)).copied().unwrap_or(0);
                     metrics::gauge!("fleetq_connectors", "service" => service.clone(), "status" => status)
                         .set(n as f64);
@@ -288,16 +288,6 @@ pub(crate) async fn metrics<B: Broker>(State(st): State<AppState<B>>) -> Respons
     }
     handle.run_upkeep();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
-}
-
-fn status_name(s: fleetq_core::ConnectorStatus) -> &'static str {
-    match s {
-        fleetq_core::ConnectorStatus::Starting => "starting",
-        fleetq_core::ConnectorStatus::Idle => "idle",
-        fleetq_core::ConnectorStatus::Active => "active",
-        fleetq_core::ConnectorStatus::Error => "error",
-        fleetq_core::ConnectorStatus::Offline => "offline",
-    }
 }
 
 /// JSON 404 for unknown paths.

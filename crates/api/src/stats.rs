@@ -162,8 +162,8 @@ pub fn eta_ms(
 }
 
 /// How many registered workers serve `service`.
-pub fn workers_serving(workers: &[WorkerInfo], service: &str) -> usize {
-    workers.iter().filter(|w| w.registration.services.iter().any(|s| s == service)).count()
+pub fn workers_serving<'a>(workers: impl IntoIterator<Item = &'a WorkerInfo>, service: &str) -> usize {
+    workers.into_iter().filter(|w| w.registration.services.iter().any(|s| s == service)).count()
 }
 
 /// RFC 3339 UTC time (`2024-01-15T10:30:00.000Z`) of a millisecond timestamp.

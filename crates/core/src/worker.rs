@@ -144,6 +144,23 @@ pub enum ConnectorStatus {
     Offline,
 }
 
+impl ConnectorStatus {
+    /// Every status, in the monitor's order.
+    pub const ALL: [ConnectorStatus; 5] =
+        [Self::Starting, Self::Idle, Self::Active, Self::Error, Self::Offline];
+
+    /// The wire name (`starting`, `idle`, …), as serialized.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Idle => "idle",
+            Self::Active => "active",
+            Self::Error => "error",
+            Self::Offline => "offline",
+        }
+    }
+}
+
 /// One connector status report from a worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConnectorReport {

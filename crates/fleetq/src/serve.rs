@@ -69,6 +69,31 @@ impl ApiArgs {
     }
 }
 
+impl ApiArgs {
+    /// Serves the API until `stop` fires (then fires it, so the caller's tasks drain too), reaping
+    /// from this process meanwhile. Prints `banner(address)` once listening.
+    async fn serve<B: Broker>(
+        &self,
+        broker: Arc<B>,
+        config: ApiConfig,
+        stop: &CancellationToken,
+        banner: impl FnOnce(SocketAddr) -> String,
+    ) -> Result<()> {
+        let every = Duration::from_millis(self.reap_every_ms.max(10));
+        let maint = tokio::spawn(fleetq_api::maintain(broker.clone(), every, stop.clone()));
+        let listener = tokio::net::TcpListener::bind(self.listen)
+            .await
+            .with_context(|| format!("listening on {}", self.listen))?;
+        announce(&banner(listener.local_addr()?));
+        let served = axum::serve(listener, fleetq_api::router(broker, config))
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
+            .await;
+        stop.cancel();
+        maint.await.ok();
+        served.context("serving HTTP")
+    }
+}
+
 /// `fleetq up` flags.
 #[derive(Debug, ClapArgs)]
 pub(crate) struct UpArgs {
@@ -233,25 +258,20 @@ async fn stack<B: Broker>(
     if args.workers > 0 {
         broker.machine_event(machine("ready", None)).await?;
     }
-    let maint = tokio::spawn(fleetq_api::maintain(
-        broker.clone(),
-        Duration::from_millis(args.api.reap_every_ms.max(10)),
-        stop.clone(),
-    ));
-    let app = fleetq_api::router(broker.clone(), config);
-    let listener = tokio::net::TcpListener::bind(args.api.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.api.listen))?;
-    let addr = listener.local_addr()?;
-    announce(&format!(
-        "fleetq is up at http://{addr}  ({store}; machine {} with {} workers serving {})\n  \
-         submit: fleetq submit --service {} --wait    (or POST http://{addr}/api/jobs)",
-        args.machine_id,
-        args.workers,
-        args.services.join(", "),
-        args.services[0]
-    ));
-    let served = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned()).await;
+    let served = args
+        .api
+        .serve(broker.clone(), config, &stop, |addr| {
+            format!(
+                "fleetq is up at http://{addr}  ({store}; machine {} with {} workers serving {})\n  \
+                 submit: fleetq submit --service {} --wait    (or POST http://{addr}/api/jobs)",
+                args.machine_id,
+                args.workers,
+                args.services.join(", "),
+                args.services[0]
+            )
+        })
+        .await;
+    // Also when serving never started (the address was taken): the workers must drain.
     stop.cancel();
     while let Some(res) = tasks.join_next().await {
         match res {
@@ -263,8 +283,7 @@ async fn stack<B: Broker>(
     if args.workers > 0 {
         broker.machine_event(machine("stopped", None)).await.ok();
     }
-    maint.await.ok();
-    served.context("serving HTTP")
+    served
 }
 
 /// `fleetq api`.
@@ -277,26 +296,11 @@ pub(crate) async fn api(args: ApiOnlyArgs) -> Result<()> {
     let broker = Arc::new(broker);
     fleetq_api::install_metrics_recorder();
     tokio::spawn(stop_on_signal(stop.clone()));
-    let maint = tokio::spawn(fleetq_api::maintain(
-        broker.clone(),
-        Duration::from_millis(args.api.reap_every_ms.max(10)),
-        stop.clone(),
-    ));
-    let listener = tokio::net::TcpListener::bind(args.api.listen)
+    args.api
+        .serve(broker, config, &stop, |addr| {
+            format!("fleetq api at http://{addr}  (redis {}, queue {})", args.redis, args.queue)
+        })
         .await
-        .with_context(|| format!("listening on {}", args.api.listen))?;
-    announce(&format!(
-        "fleetq api at http://{}  (redis {}, queue {})",
-        listener.local_addr()?,
-        args.redis,
-        args.queue
-    ));
-    let served = axum::serve(listener, fleetq_api::router(broker, config))
-        .with_graceful_shutdown(stop.clone().cancelled_owned())
-        .await;
-    stop.cancel();
-    maint.await.ok();
-    served.context("serving HTTP")
 }
 
 /// Prints the startup line. A closed stdout (`fleetq up | head -1`, a supervisor that stopped

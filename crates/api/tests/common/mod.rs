@@ -109,7 +109,8 @@ pub async fn claim<B: Broker>(broker: &B, worker: &str) -> Lease {
 }
 
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64
+    use fleetq_broker::Clock;
+    fleetq_broker::SystemClock.now_ms()
 }
 
 pub async fn submit(router: &Router, body: Value) -> String {
