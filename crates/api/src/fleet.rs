@@ -9,13 +9,17 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use fleetq_broker::{Broker, ServiceDepth};
-use fleetq_core::{ConnectorStatus, Snapshot, WorkerInfo};
+use fleetq_core::{ConnectorStatus, Event, JobId, Snapshot, WorkerInfo};
 use futures::{Stream, StreamExt};
 use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::jobs::{Params, now_ms, params};
+use crate::model::{
+    self, Activity, ConnectorView, ErrorBody, Instances, MachineView, Machines, ServiceSummary,
+    ServiceSummaryReply, Services, Stats, WorkerView, Workers,
+};
 use crate::stats::rfc3339;
 use crate::stream::{Feed, feed, parse_topics, resume_point, topic};
 
@@ -30,34 +34,41 @@ fn running_by_worker(snap: &Snapshot) -> BTreeMap<&str, Vec<&str>> {
     out
 }
 
-fn worker_json(w: &WorkerInfo, running: &[&str], stale_ms: i64, now: i64) -> Value {
-    let mut v = serde_json::to_value(w).unwrap_or(Value::Null);
-    if let Some(obj) = v.as_object_mut() {
-        obj.insert("status".into(), json!(if running.is_empty() { "idle" } else { "busy" }));
-        obj.insert("current_jobs".into(), json!(running));
-        if let Some(conns) = obj.get_mut("connectors").and_then(Value::as_object_mut) {
-            for (service, c) in conns.iter_mut() {
-                let stale = w.connectors.get(service).is_some_and(|r| now - r.at > stale_ms);
-                if let Some(c) = c.as_object_mut() {
-                    c.insert("stale".into(), json!(stale));
-                }
-            }
-        }
+fn worker_view(w: &WorkerInfo, running: &[&str], stale_ms: i64, now: i64) -> WorkerView {
+    WorkerView {
+        registration: w.registration.clone(),
+        registered_at: w.registered_at,
+        last_seen: w.last_seen,
+        connectors: w
+            .connectors
+            .iter()
+            .map(|(service, r)| {
+                (service.clone(), ConnectorView { report: r.clone(), stale: now - r.at > stale_ms })
+            })
+            .collect(),
+        status: if running.is_empty() { Activity::Idle } else { Activity::Busy },
+        current_jobs: running.iter().map(|id| JobId((*id).to_owned())).collect(),
     }
-    v
 }
 
 /// `GET /api/workers`: every registered worker, with `status` (idle/busy), `current_jobs` and a
 /// `stale` flag on each connector report.
-pub(crate) async fn workers<B: Broker>(State(st): State<AppState<B>>) -> ApiResult<Json<Value>> {
+#[utoipa::path(
+    get,
+    path = "/api/workers",
+    operation_id = "list_workers",
+    summary = "Registered workers with status, current jobs and connector reports",
+    responses((status = 200, body = Workers))
+)]
+pub(crate) async fn workers<B: Broker>(State(st): State<AppState<B>>) -> ApiResult<Json<Workers>> {
     let snap = st.broker.snapshot().await?;
     let running = running_by_worker(&snap);
     let (stale, now) = (st.config.stale_after.as_millis() as i64, now_ms());
-    let list: Vec<Value> = snap
+    let list = snap
         .workers
         .values()
         .map(|w| {
-            worker_json(
+            worker_view(
                 w,
                 running.get(w.registration.worker_id.as_str()).map_or(&[], Vec::as_slice),
                 stale,
@@ -65,36 +76,40 @@ pub(crate) async fn workers<B: Broker>(State(st): State<AppState<B>>) -> ApiResu
             )
         })
         .collect();
-    Ok(Json(json!({"workers": list, "seq": snap.seq})))
+    Ok(Json(Workers { workers: list, seq: snap.seq }))
 }
 
 /// `GET /api/machines`: machines with their phase, startup steps and worker ids.
-pub(crate) async fn machines<B: Broker>(State(st): State<AppState<B>>) -> ApiResult<Json<Value>> {
+#[utoipa::path(
+    get,
+    path = "/api/machines",
+    operation_id = "list_machines",
+    summary = "Machines with phase, startup steps and workers",
+    responses((status = 200, body = Machines))
+)]
+pub(crate) async fn machines<B: Broker>(State(st): State<AppState<B>>) -> ApiResult<Json<Machines>> {
     let snap = st.broker.snapshot().await?;
-    let mut by_machine: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let mut by_machine: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for w in snap.workers.values() {
-        by_machine.entry(&w.registration.machine_id).or_default().push(&w.registration.worker_id);
+        by_machine.entry(&w.registration.machine_id).or_default().push(w.registration.worker_id.clone());
     }
-    let mut out: Vec<Value> = Vec::new();
-    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
     for m in snap.machines.values() {
-        seen.insert(m.machine_id.as_str());
-        let mut v = serde_json::to_value(m).unwrap_or(Value::Null);
-        if let Some(obj) = v.as_object_mut() {
-            obj.insert(
-                "workers".into(),
-                json!(by_machine.get(m.machine_id.as_str()).cloned().unwrap_or_default()),
-            );
-        }
-        out.push(v);
+        let workers = by_machine.remove(m.machine_id.as_str()).unwrap_or_default();
+        out.push(MachineView::from_state(m, workers));
     }
     // Machines known only through their workers (no lifecycle events yet).
-    for (m, ws) in &by_machine {
-        if !seen.contains(m) {
-            out.push(json!({"machine_id": m, "phase": "unknown", "steps": [], "workers": ws}));
-        }
+    for (m, workers) in by_machine {
+        out.push(MachineView {
+            machine_id: m.to_owned(),
+            phase: "unknown".into(),
+            steps: Vec::new(),
+            message: None,
+            updated_at: None,
+            workers,
+        });
     }
-    Ok(Json(json!({"machines": out, "seq": snap.seq})))
+    Ok(Json(Machines { machines: out, seq: snap.seq }))
 }
 
 /// One connector instance of a service.
@@ -128,25 +143,24 @@ fn instances_of<'a>(
     out
 }
 
-fn summary_json(
+fn summary_of(
     list: &[Instance<'_>],
     depth: Option<&ServiceDepth>,
     durations: Option<crate::stats::Durations>,
-) -> Value {
+) -> ServiceSummary {
     let count = |s: ConnectorStatus| list.iter().filter(|i| i.status == s).count();
-    let last = list.iter().map(|i| i.at).max();
-    json!({
-        "total": list.len(),
-        "starting": count(ConnectorStatus::Starting),
-        "idle": count(ConnectorStatus::Idle),
-        "active": count(ConnectorStatus::Active),
-        "error": count(ConnectorStatus::Error),
-        "offline": count(ConnectorStatus::Offline),
-        "stale": list.iter().filter(|i| i.stale).count(),
-        "last_update": last.map(rfc3339),
-        "queue": depth.copied().unwrap_or_default(),
-        "durations": durations,
-    })
+    ServiceSummary {
+        total: list.len(),
+        starting: count(ConnectorStatus::Starting),
+        idle: count(ConnectorStatus::Idle),
+        active: count(ConnectorStatus::Active),
+        error: count(ConnectorStatus::Error),
+        offline: count(ConnectorStatus::Offline),
+        stale: list.iter().filter(|i| i.stale).count(),
+        last_update: list.iter().map(|i| i.at).max().map(rfc3339),
+        queue: depth.copied().unwrap_or_default().into(),
+        durations,
+    }
 }
 
 /// What the service routes read: workers with their connector reports, and queue depths.
@@ -183,80 +197,133 @@ fn known<'a>(
 
 /// `GET /api/services`: per service, instance counts by connector status (+ stale), queue depth and
 /// duration statistics.
-pub(crate) async fn services<B: Broker>(State(st): State<AppState<B>>) -> ApiResult<Json<Value>> {
+#[utoipa::path(
+    get,
+    path = "/api/services",
+    operation_id = "list_services",
+    summary = "Per service: instances by connector status, stale, queue depth, durations",
+    responses((status = 200, body = Services))
+)]
+pub(crate) async fn services<B: Broker>(State(st): State<AppState<B>>) -> ApiResult<Json<Services>> {
     let fleet = Fleet::read(&st).await?;
     let inst = fleet.instances();
     let names: BTreeSet<&String> = inst.keys().chain(fleet.depths.keys()).collect();
-    let services: serde_json::Map<String, Value> = names
+    let services = names
         .into_iter()
         .map(|s| {
             let list = inst.get(s).map_or(&[][..], Vec::as_slice);
-            (s.clone(), summary_json(list, fleet.depths.get(s), st.stats.estimate(s, None)))
+            (s.clone(), summary_of(list, fleet.depths.get(s), st.stats.estimate(s, None)))
         })
         .collect();
-    Ok(Json(json!({"success": true, "services": services, "timestamp": rfc3339(fleet.now)})))
+    Ok(Json(Services { success: true, services, timestamp: rfc3339(fleet.now) }))
 }
 
 /// `GET /api/services/{service}/summary`.
+#[utoipa::path(
+    get,
+    path = "/api/services/{service}/summary",
+    operation_id = "service_summary",
+    summary = "One service's summary",
+    params(("service" = String, Path, description = "Service name")),
+    responses((status = 200, body = ServiceSummaryReply), (status = 404, body = ErrorBody))
+)]
 pub(crate) async fn summary<B: Broker>(
     State(st): State<AppState<B>>,
     Path(service): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ServiceSummaryReply>> {
     let fleet = Fleet::read(&st).await?;
     let inst = fleet.instances();
     let list = known(&fleet, &inst, &service)?;
-    let mut v = summary_json(list, fleet.depths.get(&service), st.stats.estimate(&service, None));
-    if let Some(obj) = v.as_object_mut() {
-        obj.insert("success".into(), json!(true));
-        obj.insert("service_type".into(), json!(service));
-        obj.insert("timestamp".into(), json!(rfc3339(fleet.now)));
-    }
-    Ok(Json(v))
+    let summary = summary_of(list, fleet.depths.get(&service), st.stats.estimate(&service, None));
+    Ok(Json(ServiceSummaryReply {
+        success: true,
+        service_type: service,
+        timestamp: rfc3339(fleet.now),
+        summary,
+    }))
 }
 
 /// `GET /api/services/{service}/instances`.
+#[utoipa::path(
+    get,
+    path = "/api/services/{service}/instances",
+    operation_id = "service_instances",
+    summary = "One service's connector instances",
+    params(("service" = String, Path, description = "Service name")),
+    responses((status = 200, body = Instances), (status = 404, body = ErrorBody))
+)]
 pub(crate) async fn instances<B: Broker>(
     State(st): State<AppState<B>>,
     Path(service): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Instances>> {
     let fleet = Fleet::read(&st).await?;
     let inst = fleet.instances();
-    let list: Vec<Value> = known(&fleet, &inst, &service)?
+    let list: Vec<model::Instance> = known(&fleet, &inst, &service)?
         .iter()
         .map(|i| {
             let reg = &i.worker.registration;
-            json!({
-                "id": format!("{}:{}", reg.machine_id, reg.worker_id),
-                "machine_id": reg.machine_id,
-                "worker_id": reg.worker_id,
-                "status": i.status,
-                "last_update": rfc3339(i.at),
-                "error_message": i.message,
-                "stale": i.stale,
-                "info": i.info,
-            })
+            model::Instance {
+                id: format!("{}:{}", reg.machine_id, reg.worker_id),
+                machine_id: reg.machine_id.clone(),
+                worker_id: reg.worker_id.clone(),
+                status: i.status,
+                last_update: rfc3339(i.at),
+                error_message: i.message.map(str::to_owned),
+                stale: i.stale,
+                info: i.info.cloned(),
+            }
         })
         .collect();
-    let total = list.len();
-    Ok(Json(json!({
-        "success": true, "service_type": service, "instances": list, "total": total, "timestamp": rfc3339(fleet.now),
-    })))
+    Ok(Json(Instances {
+        success: true,
+        service_type: service,
+        total: list.len(),
+        instances: list,
+        timestamp: rfc3339(fleet.now),
+    }))
 }
 
 /// `GET /api/snapshot`: unfinished jobs, workers and machines as of `seq`.
+#[utoipa::path(
+    get,
+    path = "/api/snapshot",
+    operation_id = "snapshot",
+    summary = "Unfinished jobs, workers and machines as of a sequence",
+    responses((status = 200, body = Snapshot))
+)]
 pub(crate) async fn snapshot<B: Broker>(State(st): State<AppState<B>>) -> ApiResult<Json<Snapshot>> {
     Ok(Json(st.broker.snapshot().await?))
 }
 
 /// `GET /api/stats`: rolling run-time statistics per service.
-pub(crate) async fn stats<B: Broker>(State(st): State<AppState<B>>) -> ApiResult<Json<Value>> {
-    Ok(Json(json!({"services": st.stats.services()})))
+#[utoipa::path(
+    get,
+    path = "/api/stats",
+    operation_id = "stats",
+    summary = "Rolling run-time statistics (p50/p90) per service",
+    responses((status = 200, body = Stats))
+)]
+pub(crate) async fn stats<B: Broker>(State(st): State<AppState<B>>) -> Json<Stats> {
+    Json(Stats { services: st.stats.services() })
 }
 
 /// `GET /api/events`: SSE of every event (`id` = sequence, `event` = kind), filtered by
 /// `topics=jobs,workers,connectors,machines`, resumable with `Last-Event-ID` or `since`. Without a
 /// resume point it starts at the present; a resume point trimmed from the log yields a `resync`
 /// event (reload `/api/snapshot`).
+#[utoipa::path(
+    get,
+    path = "/api/events",
+    operation_id = "events",
+    summary = "SSE of all events; topics filter; Last-Event-ID resume",
+    description = "Each SSE event has `id` = sequence, `event` = the kind, `data` = the Event. A resume point trimmed from the log yields one `resync` event (`{type, after, first}`): reload `/api/snapshot`.",
+    params(
+        ("topics" = Option<String>, Query, description = "Comma list of jobs, workers, connectors, machines (default all)"),
+        ("since" = Option<u64>, Query, description = "Resume after this sequence (as Last-Event-ID)"),
+        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this sequence"),
+    ),
+    responses((status = 200, description = "text/event-stream; each `data` is an Event", content_type = "text/event-stream", body = Event), (status = 400, body = ErrorBody))
+)]
 pub(crate) async fn events<B: Broker>(
     State(st): State<AppState<B>>,
     headers: HeaderMap,

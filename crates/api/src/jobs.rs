@@ -13,13 +13,17 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use fleetq_broker::{Broker, CancelOutcome, JobFilter, fleet};
-use fleetq_core::{JobId, JobSpec, JobStatus, JobSummary, ValidationError, job_spec_from_value};
+use fleetq_core::{Event, JobId, JobSpec, JobStatus, JobSummary, ValidationError, job_spec_from_value};
 use futures::{Stream, StreamExt};
 use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::auth::{Caller, Role};
 use crate::error::{ApiError, ApiResult};
+use crate::model::{
+    BatchSubmitted, CancelResult, Cancelled, ErrorBody, Estimate, JobPage, JobView, MatchingWorkers, Retried,
+    Submission, SubmitReply, Submitted, Verdict, WorkerVerdict,
+};
 use crate::stats::{eta_ms, queue_order, queue_position, workers_serving};
 use crate::stream::{Feed, feed, resume_point};
 
@@ -95,6 +99,21 @@ fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
 }
 
 /// `POST /api/jobs`: one job object, or an array of them as a batch (all or nothing).
+#[utoipa::path(
+    post,
+    path = "/api/jobs",
+    operation_id = "submit_jobs",
+    summary = "Submit one job (object) or a batch (array, all or nothing)",
+    params(("Idempotency-Key" = Option<String>, Header, description = "Replays answer 200 with the same id; batch item i gets `key:i`")),
+    request_body = Submission,
+    responses(
+        (status = 201, description = "Created (one job, or a batch with at least one new job)", body = SubmitReply),
+        (status = 200, description = "An idempotent replay: nothing new was created", body = SubmitReply),
+        (status = 400, description = "Malformed JSON or header", body = ErrorBody),
+        (status = 413, description = "Body or batch over the limit", body = ErrorBody),
+        (status = 422, description = "A field is invalid (`field` names it)", body = ErrorBody),
+    )
+)]
 pub(crate) async fn submit<B: Broker>(
     State(st): State<AppState<B>>,
     caller: Option<Extension<Caller>>,
@@ -129,8 +148,8 @@ pub(crate) async fn submit<B: Broker>(
             }
             let done = st.broker.submit_batch(specs).await?;
             let status = if done.iter().any(|s| s.created) { StatusCode::CREATED } else { StatusCode::OK };
-            let jobs: Vec<Value> = done.iter().map(|s| json!({"id": s.id, "created": s.created})).collect();
-            Ok((status, Json(json!({"jobs": jobs}))).into_response())
+            let jobs = done.into_iter().map(|s| Submitted { id: s.id, created: s.created }).collect();
+            Ok((status, Json(SubmitReply::Batch(BatchSubmitted { jobs }))).into_response())
         }
         value => {
             let mut spec = spec_from(value, &limits, caller.as_ref()).map_err(ApiError::invalid)?;
@@ -139,7 +158,7 @@ pub(crate) async fn submit<B: Broker>(
             }
             let s = st.broker.submit(spec).await?;
             let status = if s.created { StatusCode::CREATED } else { StatusCode::OK };
-            Ok((status, Json(json!({"id": s.id, "created": s.created}))).into_response())
+            Ok((status, Json(SubmitReply::One(Submitted { id: s.id, created: s.created }))).into_response())
         }
     }
 }
@@ -152,14 +171,22 @@ fn job_id(id: String) -> ApiResult<JobId> {
 }
 
 /// `GET /api/jobs/{id}`: the record, plus `queue_position` and `eta_ms` while it is unfinished.
+#[utoipa::path(
+    get,
+    path = "/api/jobs/{id}",
+    operation_id = "get_job",
+    summary = "One job with payload, outcome, queue position and ETA",
+    params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, body = JobView), (status = 404, body = ErrorBody))
+)]
 pub(crate) async fn get<B: Broker>(
     State(st): State<AppState<B>>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<JobView>> {
     let id = job_id(id)?;
     let rec = st.broker.job(&id).await?.ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
-    let mut out = serde_json::to_value(&rec).unwrap_or(Value::Null);
     let s = &rec.summary;
+    let mut estimate = None;
     if !s.status.is_terminal() {
         let now = now_ms();
         let stats = st.stats.estimate(&s.service, s.workflow_id.as_deref());
@@ -170,13 +197,13 @@ pub(crate) async fn get<B: Broker>(
             position = queue_position(s, snap.jobs.values(), now);
             workers = workers_serving(snap.workers.values(), &s.service);
         }
-        if let Some(obj) = out.as_object_mut() {
-            obj.insert("queue_position".into(), json!(position));
-            obj.insert("eta_ms".into(), json!(eta_ms(s, position, stats, workers, now)));
-            obj.insert("durations".into(), json!(stats));
-        }
+        estimate = Some(Estimate {
+            queue_position: position,
+            eta_ms: eta_ms(s, position, stats, workers, now),
+            durations: stats,
+        });
     }
-    Ok(Json(out))
+    Ok(Json(JobView { record: rec, estimate }))
 }
 
 /// Wall-clock time (ms), the broker's own clock.
@@ -189,7 +216,24 @@ const LIST_PARAMS: &[&str] =
     &["status", "service", "worker", "workflow", "customer", "limit", "cursor", "order", "access_token"];
 
 /// `GET /api/jobs`: newest first with cursor paging, or `order=queue` (pending jobs in claim order).
-pub(crate) async fn list<B: Broker>(State(st): State<AppState<B>>, q: Params) -> ApiResult<Json<Value>> {
+#[utoipa::path(
+    get,
+    path = "/api/jobs",
+    operation_id = "list_jobs",
+    summary = "List jobs, newest first (cursor paging) or order=queue",
+    params(
+        ("status" = Option<JobStatus>, Query, description = "Only this status"),
+        ("service" = Option<String>, Query, description = "Only this service"),
+        ("worker" = Option<String>, Query, description = "Only jobs of this worker"),
+        ("workflow" = Option<String>, Query, description = "Only this workflow id"),
+        ("customer" = Option<String>, Query, description = "Only this customer id"),
+        ("limit" = Option<usize>, Query, description = "1–1000 (default 100)"),
+        ("cursor" = Option<String>, Query, description = "`next` of the previous page"),
+        ("order" = Option<String>, Query, description = "`newest` (default) or `queue`: pending jobs in claim order"),
+    ),
+    responses((status = 200, body = JobPage), (status = 400, body = ErrorBody))
+)]
+pub(crate) async fn list<B: Broker>(State(st): State<AppState<B>>, q: Params) -> ApiResult<Json<JobPage>> {
     let p = params(q, LIST_PARAMS)?;
     let status = p
         .get("status")
@@ -219,7 +263,7 @@ pub(crate) async fn list<B: Broker>(State(st): State<AppState<B>>, q: Params) ->
     match p.get("order").map(String::as_str) {
         None | Some("newest") => {
             let page = st.broker.jobs(&filter).await?;
-            Ok(Json(json!({"jobs": page.jobs, "next": page.next})))
+            Ok(Json(JobPage { jobs: page.jobs, next: page.next, seq: None }))
         }
         Some("queue") => {
             if filter.status.is_some_and(|s| s != JobStatus::Pending) || filter.cursor.is_some() {
@@ -237,12 +281,13 @@ pub(crate) async fn list<B: Broker>(State(st): State<AppState<B>>, q: Params) ->
                     && filter.workflow.as_ref().is_none_or(|w| j.workflow_id.as_ref() == Some(w))
                     && filter.customer.as_ref().is_none_or(|c| j.customer_id.as_ref() == Some(c))
             };
-            let jobs: Vec<&JobSummary> = queue_order(snap.jobs.values(), now_ms())
+            let jobs: Vec<JobSummary> = queue_order(snap.jobs.values(), now_ms())
                 .into_iter()
                 .filter(keep)
                 .take(filter.limit.unwrap_or(100))
+                .cloned()
                 .collect();
-            Ok(Json(json!({"jobs": jobs, "next": null, "seq": snap.seq})))
+            Ok(Json(JobPage { jobs, next: None, seq: Some(snap.seq) }))
         }
         Some(other) => {
             Err(ApiError::bad_request("order", format!("unknown order {other:?} (newest or queue)")))
@@ -251,58 +296,83 @@ pub(crate) async fn list<B: Broker>(State(st): State<AppState<B>>, q: Params) ->
 }
 
 /// `POST /api/jobs/{id}/cancel` (a `submit` token: its own jobs only).
+#[utoipa::path(
+    post,
+    path = "/api/jobs/{id}/cancel",
+    operation_id = "cancel_job",
+    summary = "Cancel a pending job, or ask its worker to stop (a submit token: its own jobs only)",
+    params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, body = Cancelled), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody))
+)]
 pub(crate) async fn cancel<B: Broker>(
     State(st): State<AppState<B>>,
     caller: Option<Extension<Caller>>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Cancelled>> {
     let id = job_id(id)?;
     check_owner(st.broker.as_ref(), &id, caller.as_ref().map(|Extension(c)| c)).await?;
     let outcome = st.broker.cancel(&id).await?;
-    let text = match outcome {
-        CancelOutcome::Cancelled => "cancelled",
-        CancelOutcome::Requested => "requested",
-        CancelOutcome::AlreadyFinished => "already_finished",
+    let outcome = match outcome {
+        CancelOutcome::Cancelled => CancelResult::Cancelled,
+        CancelOutcome::Requested => CancelResult::Requested,
+        CancelOutcome::AlreadyFinished => CancelResult::AlreadyFinished,
     };
-    Ok(Json(json!({"id": id, "outcome": text})))
+    Ok(Json(Cancelled { id, outcome }))
 }
 
 /// `POST /api/jobs/{id}/retry`: a failed or cancelled job back to the queue.
+#[utoipa::path(
+    post,
+    path = "/api/jobs/{id}/retry",
+    operation_id = "retry_job",
+    summary = "Put a failed or cancelled job back in the queue",
+    params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, body = Retried), (status = 404, body = ErrorBody), (status = 409, description = "The job is not failed or cancelled", body = ErrorBody))
+)]
 pub(crate) async fn retry<B: Broker>(
     State(st): State<AppState<B>>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Retried>> {
     let id = job_id(id)?;
     st.broker.retry(&id).await?;
-    Ok(Json(json!({"id": id, "status": "pending"})))
+    Ok(Json(Retried { id, status: JobStatus::Pending }))
 }
 
 /// `GET /api/jobs/{id}/matching-workers`.
+#[utoipa::path(
+    get,
+    path = "/api/jobs/{id}/matching-workers",
+    operation_id = "matching_workers",
+    summary = "Every worker judged against the job: matches, busy or incompatible, with reasons",
+    params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, body = MatchingWorkers), (status = 404, body = ErrorBody))
+)]
 pub(crate) async fn matching<B: Broker>(
     State(st): State<AppState<B>>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<MatchingWorkers>> {
     let id = job_id(id)?;
     let verdicts = fleet::matching_workers(st.broker.as_ref(), &id).await?;
-    let workers: Vec<Value> = verdicts
-        .iter()
+    let workers = verdicts
+        .into_iter()
         .map(|v| {
             let verdict = match (v.verdict.matches, v.busy) {
-                (true, false) => "matches",
-                (true, true) => "busy",
-                (false, _) => "incompatible",
+                (true, false) => Verdict::Matches,
+                (true, true) => Verdict::Busy,
+                (false, _) => Verdict::Incompatible,
             };
-            json!({
-                "worker_id": v.worker.registration.worker_id,
-                "machine_id": v.worker.registration.machine_id,
-                "services": v.worker.registration.services,
-                "verdict": verdict,
-                "busy": v.busy,
-                "reasons": v.verdict.reasons,
-            })
+            let reg = v.worker.registration;
+            WorkerVerdict {
+                worker_id: reg.worker_id,
+                machine_id: reg.machine_id,
+                services: reg.services,
+                verdict,
+                busy: v.busy,
+                reasons: v.verdict.reasons,
+            }
         })
         .collect();
-    Ok(Json(json!({"job_id": id, "workers": workers})))
+    Ok(Json(MatchingWorkers { job_id: id, workers }))
 }
 
 /// A path segment that cannot leave its directory.
@@ -317,6 +387,18 @@ fn safe_segment(field: &str, s: &str) -> ApiResult<()> {
 }
 
 /// `GET /api/jobs/{id}/artifacts/{name}`: a file a worker stored for the job.
+#[utoipa::path(
+    get,
+    path = "/api/jobs/{id}/artifacts/{name}",
+    operation_id = "get_artifact",
+    summary = "Download a file a worker stored for the job",
+    params(("id" = String, Path, description = "Job id"), ("name" = String, Path, description = "File name")),
+    responses(
+        (status = 200, description = "The file, typed by its extension", content_type = "application/octet-stream"),
+        (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    )
+)]
 pub(crate) async fn artifact<B: Broker>(
     State(st): State<AppState<B>>,
     Path((id, name)): Path<(String, String)>,
@@ -363,6 +445,19 @@ fn terminal_name(status: JobStatus) -> &'static str {
 /// `GET /api/jobs/{id}/events`: SSE of the job's changes. Starts with a `job_state` event (its
 /// current state) unless resuming with `Last-Event-ID`; ends after the terminal event, which carries
 /// the outcome (result or error). A resume point trimmed from the log yields a fresh `job_state`.
+#[utoipa::path(
+    get,
+    path = "/api/jobs/{id}/events",
+    operation_id = "job_events",
+    summary = "SSE of one job until its terminal event; Last-Event-ID resume",
+    description = "SSE `id` = event sequence, `event` = kind. First `job_state` (`{type, seq, job, outcome}`: the current state; skipped when resuming), then each change as an Event (`job_claimed`, `job_progress`, …), then `job_completed`, `job_failed` or `job_cancelled`: an Event with `outcome` added. The stream then ends.",
+    params(
+        ("id" = String, Path, description = "Job id"),
+        ("since" = Option<u64>, Query, description = "Resume after this sequence (as Last-Event-ID)"),
+        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this sequence"),
+    ),
+    responses((status = 200, description = "text/event-stream: Events, framed by `job_state` and the terminal event", content_type = "text/event-stream", body = Event), (status = 404, body = ErrorBody))
+)]
 pub(crate) async fn events<B: Broker>(
     State(st): State<AppState<B>>,
     Path(id): Path<String>,

@@ -21,6 +21,7 @@ mod error;
 mod fleet;
 mod jobs;
 mod live;
+pub mod model;
 mod ops;
 pub mod stats;
 mod stream;
@@ -33,14 +34,15 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, HeaderValue, Method, header};
-use axum::routing::{get, post};
 use fleetq_broker::Broker;
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
 
 pub use auth::{Caller, Role, Tokens};
 pub use error::{ApiError, ApiResult};
-pub use ops::{ROUTES, Route, install_metrics_recorder, openapi_document};
+pub use ops::{install_metrics_recorder, openapi_document};
 
 /// How the API behaves.
 #[derive(Debug, Clone)]
@@ -99,34 +101,43 @@ pub fn router<B: Broker>(broker: Arc<B>, config: ApiConfig) -> Router {
     let cors = cors_layer(&config.cors_origins);
     let body_limit = config.max_body_bytes;
     let state = AppState { broker, config, stats };
-    Router::new()
-        .route("/api/jobs", post(jobs::submit::<B>).get(jobs::list::<B>))
-        .route("/api/jobs/{id}", get(jobs::get::<B>))
-        .route("/api/jobs/{id}/cancel", post(jobs::cancel::<B>))
-        .route("/api/jobs/{id}/retry", post(jobs::retry::<B>))
-        .route("/api/jobs/{id}/events", get(jobs::events::<B>))
-        .route("/api/jobs/{id}/matching-workers", get(jobs::matching::<B>))
-        .route("/api/jobs/{id}/artifacts/{name}", get(jobs::artifact::<B>))
-        .route("/api/workers", get(fleet::workers::<B>))
-        .route("/api/machines", get(fleet::machines::<B>))
-        .route("/api/services", get(fleet::services::<B>))
-        .route("/api/services/{service}/summary", get(fleet::summary::<B>))
-        .route("/api/services/{service}/instances", get(fleet::instances::<B>))
-        .route("/api/snapshot", get(fleet::snapshot::<B>))
-        .route("/api/stats", get(fleet::stats::<B>))
-        .route("/api/events", get(fleet::events::<B>))
-        .route("/ws/monitor", get(ws::monitor::<B>))
-        .route("/ws/client", get(ws::client::<B>))
-        .route("/health", get(ops::health))
-        .route("/ready", get(ops::ready::<B>))
-        .route("/metrics", get(ops::metrics::<B>))
-        .route("/openapi.json", get(ops::openapi))
+    let (router, _) = routes::<B>().split_for_parts();
+    router
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(tokens, auth::require))
         .layer(cors)
         .with_state(state)
+}
+
+/// Every route, each registered by [`ops::op`] at the path and method its `#[utoipa::path]`
+/// attribute declares (`__path_<fn>` is the type that attribute generates).
+pub(crate) fn routes<B: Broker>() -> OpenApiRouter<AppState<B>> {
+    use ops::op;
+    let r = OpenApiRouter::with_openapi(ops::ApiDoc::openapi());
+    let r = op::<jobs::__path_submit, _, _, _>(r, jobs::submit::<B>);
+    let r = op::<jobs::__path_list, _, _, _>(r, jobs::list::<B>);
+    let r = op::<jobs::__path_get, _, _, _>(r, jobs::get::<B>);
+    let r = op::<jobs::__path_cancel, _, _, _>(r, jobs::cancel::<B>);
+    let r = op::<jobs::__path_retry, _, _, _>(r, jobs::retry::<B>);
+    let r = op::<jobs::__path_events, _, _, _>(r, jobs::events::<B>);
+    let r = op::<jobs::__path_matching, _, _, _>(r, jobs::matching::<B>);
+    let r = op::<jobs::__path_artifact, _, _, _>(r, jobs::artifact::<B>);
+    let r = op::<fleet::__path_workers, _, _, _>(r, fleet::workers::<B>);
+    let r = op::<fleet::__path_machines, _, _, _>(r, fleet::machines::<B>);
+    let r = op::<fleet::__path_services, _, _, _>(r, fleet::services::<B>);
+    let r = op::<fleet::__path_summary, _, _, _>(r, fleet::summary::<B>);
+    let r = op::<fleet::__path_instances, _, _, _>(r, fleet::instances::<B>);
+    let r = op::<fleet::__path_snapshot, _, _, _>(r, fleet::snapshot::<B>);
+    let r = op::<fleet::__path_stats, _, _, _>(r, fleet::stats::<B>);
+    let r = op::<fleet::__path_events, _, _, _>(r, fleet::events::<B>);
+    let r = op::<ws::__path_monitor, _, _, _>(r, ws::monitor::<B>);
+    let r = op::<ws::__path_client, _, _, _>(r, ws::client::<B>);
+    let r = op::<ops::__path_health, _, _, _>(r, ops::health);
+    let r = op::<ops::__path_ready, _, _, _>(r, ops::ready::<B>);
+    let r = op::<ops::__path_metrics, _, _, _>(r, ops::metrics::<B>);
+    op::<ops::__path_openapi, _, _, _>(r, ops::openapi)
 }
 
 fn cors_layer(origins: &[String]) -> CorsLayer {

@@ -1,6 +1,6 @@
 //! Operations routes (`/health`, `/ready`, `/metrics`, `/openapi.json`), the JSON 404/405 fallbacks,
-//! and [`ROUTES`]: the one table of every route, from which the OpenAPI document is generated and
-//! against which the tests check the router (so the document cannot drift from what is served).
+//! and the OpenAPI document: [`op`] registers each handler at the path its `#[utoipa::path]`
+//! attribute declares, so the router and the document come from the same declarations.
 
 use std::sync::OnceLock;
 
@@ -12,205 +12,197 @@ use fleetq_broker::Broker;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::{Value, json};
 
+use axum::handler::Handler;
+use axum::http::Method;
+use axum::routing::MethodRouter;
+use fleetq_core::{Event, Snapshot};
+use utoipa::OpenApi;
+use utoipa::openapi::path::Paths;
+use utoipa_axum::PathItemExt;
+use utoipa_axum::router::OpenApiRouter;
+
 use crate::AppState;
-use crate::auth::Role;
+use crate::auth::required_role;
 use crate::error::ApiError;
+use crate::model::{
+    Cancelled, ErrorBody, Instances, JobPage, JobView, Machines, MatchingWorkers, Retried,
+    ServiceSummaryReply, Services, Stats, Status, Submission, SubmitReply, Workers,
+};
 
-/// One route of the API, as documented.
-#[derive(Debug, Clone, Copy)]
-pub struct Route {
-    /// HTTP method.
-    pub method: &'static str,
-    /// Path with `{param}` placeholders.
-    pub path: &'static str,
-    /// Role needed when auth is on (`None`: open).
-    pub role: Option<Role>,
-    /// One-line summary.
-    pub summary: &'static str,
-    /// Query parameters.
-    pub query: &'static [&'static str],
-    /// Takes a JSON body.
-    pub body: bool,
-    /// Answers with a stream (`text/event-stream` or a WebSocket upgrade).
-    pub stream: bool,
+/// The document's fixed parts; paths come from the handlers' `#[utoipa::path]` attributes.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "fleetq API", description = "Job queue and fleet control plane for AI generation work."),
+    components(schemas(
+        ErrorBody,
+        Submission,
+        SubmitReply,
+        JobView,
+        JobPage,
+        Cancelled,
+        Retried,
+        MatchingWorkers,
+        Workers,
+        Machines,
+        Services,
+        ServiceSummaryReply,
+        Instances,
+        Stats,
+        Status,
+        Snapshot,
+        Event
+    ))
+)]
+pub(crate) struct ApiDoc;
+
+/// Registers `handler` at the path and methods its `#[utoipa::path]` attribute (`P`, the
+/// `__path_<fn>` type the attribute generates) declares: the router and the document are built
+/// from one declaration, so neither can list a route the other lacks.
+pub(crate) fn op<P, H, T, S>(router: OpenApiRouter<S>, handler: H) -> OpenApiRouter<S>
+where
+    P: utoipa::Path,
+    H: Handler<T, S>,
+    T: 'static,
+    S: Clone + Send + Sync + 'static,
+{
+    let methods = P::methods();
+    let method_router =
+        methods.iter().fold(MethodRouter::new(), |r, m| r.on(m.to_method_filter(), handler.clone()));
+    let mut paths = Paths::new();
+    paths.add_path_operation(P::path(), methods, P::operation());
+    router.routes((Vec::new(), paths, method_router))
 }
 
-const fn r(method: &'static str, path: &'static str, role: Option<Role>, summary: &'static str) -> Route {
-    Route { method, path, role, summary, query: &[], body: false, stream: false }
-}
-
-/// Every route the API serves.
-pub const ROUTES: &[Route] = &[
-    Route {
-        body: true,
-        ..r(
-            "POST",
-            "/api/jobs",
-            Some(Role::Submit),
-            "Submit one job (object) or a batch (array); Idempotency-Key header",
-        )
-    },
-    Route {
-        query: &["status", "service", "worker", "workflow", "customer", "limit", "cursor", "order"],
-        ..r("GET", "/api/jobs", Some(Role::Read), "List jobs, newest first (cursor paging) or order=queue")
-    },
-    r("GET", "/api/jobs/{id}", Some(Role::Read), "One job with payload, outcome, queue position and ETA"),
-    r("POST", "/api/jobs/{id}/cancel", Some(Role::Submit), "Cancel a pending job, or ask its worker to stop"),
-    r("POST", "/api/jobs/{id}/retry", Some(Role::Admin), "Put a failed or cancelled job back in the queue"),
-    Route {
-        query: &["since"],
-        stream: true,
-        ..r(
-            "GET",
-            "/api/jobs/{id}/events",
-            Some(Role::Read),
-            "SSE of one job until its terminal event; Last-Event-ID resume",
-        )
-    },
-    r(
-        "GET",
-        "/api/jobs/{id}/matching-workers",
-        Some(Role::Read),
-        "Every worker judged against the job: matches, busy or incompatible, with reasons",
-    ),
-    r(
-        "GET",
-        "/api/jobs/{id}/artifacts/{name}",
-        Some(Role::Read),
-        "Download a file a worker stored for the job",
-    ),
-    r(
-        "GET",
-        "/api/workers",
-        Some(Role::Read),
-        "Registered workers with status, current jobs and connector reports",
-    ),
-    r("GET", "/api/machines", Some(Role::Read), "Machines with phase, startup steps and workers"),
-    r(
-        "GET",
-        "/api/services",
-        Some(Role::Read),
-        "Per service: instances by connector status, stale, queue depth, durations",
-    ),
-    r("GET", "/api/services/{service}/summary", Some(Role::Read), "One service's summary"),
-    r("GET", "/api/services/{service}/instances", Some(Role::Read), "One service's connector instances"),
-    r("GET", "/api/snapshot", Some(Role::Read), "Unfinished jobs, workers and machines as of a sequence"),
-    r("GET", "/api/stats", Some(Role::Read), "Rolling run-time statistics (p50/p90) per service"),
-    Route {
-        query: &["topics", "since"],
-        stream: true,
-        ..r("GET", "/api/events", Some(Role::Read), "SSE of all events; topics filter; Last-Event-ID resume")
-    },
-    Route {
-        query: &["since", "topics"],
-        stream: true,
-        ..r(
-            "GET",
-            "/ws/monitor",
-            Some(Role::Read),
-            "WebSocket: snapshot, then sequenced events; subscribe, ping",
-        )
-    },
-    Route {
-        stream: true,
-        ..r(
-            "GET",
-            "/ws/client",
-            Some(Role::Submit),
-            "WebSocket: legacy client protocol (submit_job, cancel_job, request_job_status)",
-        )
-    },
-    r("GET", "/health", None, "The process is up"),
-    r("GET", "/ready", Some(Role::Read), "The broker answers"),
-    r("GET", "/metrics", Some(Role::Read), "Prometheus metrics"),
-    r("GET", "/openapi.json", Some(Role::Read), "This document"),
-];
-
-/// The OpenAPI 3.1 document of [`ROUTES`].
+/// The OpenAPI 3.1 document of the API: every route the router serves (see [`crate::router`]),
+/// with the role each needs (`x-fleetq-role`, from the auth middleware's own rule) and the
+/// request and response schemas of the types the handlers serialize.
 pub fn openapi_document() -> Value {
-    let error = json!({"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
-    let mut paths = serde_json::Map::new();
-    for route in ROUTES {
-        let mut params: Vec<Value> = route
-            .path
-            .split('/')
-            .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
-            .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
-            .collect();
-        params.extend(
-            route
-                .query
-                .iter()
-                .map(|q| json!({"name": q, "in": "query", "required": false, "schema": {"type": "string"}})),
-        );
-        let ok = if route.stream {
-            json!({"description": "A stream", "content": {"text/event-stream": {"schema": {"type": "string"}}}})
-        } else {
-            json!({"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}})
-        };
-        let mut op = json!({
-            "summary": route.summary,
-            "operationId": format!("{}_{}", route.method.to_lowercase(), route.path.trim_start_matches('/').replace(['/', '{', '}', '.', '-'], "_")),
-            "parameters": params,
-            "responses": {"200": ok, "400": error, "401": error, "403": error, "404": error},
-        });
-        if route.body {
-            op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": {
-                "oneOf": [{"$ref": "#/components/schemas/JobSubmission"}, {"type": "array", "items": {"$ref": "#/components/schemas/JobSubmission"}}]
-            }}}});
-            op["responses"]["201"] = json!({"description": "Created"});
-            op["responses"]["413"] = error.clone();
-            op["responses"]["422"] = error.clone();
-        }
-        if route.method == "POST" && !route.body {
-            op["responses"]["409"] = error.clone();
-        }
-        if let Some(role) = route.role {
-            op["security"] = json!([{"bearer": []}]);
-            op["x-fleetq-role"] = json!(role.as_str());
-        }
-        let entry = paths.entry(route.path.to_owned()).or_insert_with(|| json!({}));
-        entry[route.method.to_lowercase()] = op;
-    }
-    json!({
-        "openapi": "3.1.0",
-        "info": {"title": "fleetq API", "version": env!("CARGO_PKG_VERSION")},
-        "paths": paths,
-        "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
-                "Error": {"type": "object", "required": ["error"], "properties": {"error": {
-                    "type": "object", "required": ["code", "message"],
-                    "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": ["string", "null"]}}
-                }}},
-                "JobSubmission": {"type": "object", "required": ["service"], "properties": {
-                    "service": {"type": "string"}, "payload": {}, "requirements": {"type": "object"},
-                    "priority": {"type": "integer"}, "workflow_id": {"type": "string"},
-                    "workflow_priority": {"type": "integer"}, "workflow_datetime": {"type": "integer"},
-                    "step_number": {"type": "integer"}, "customer_id": {"type": "string"},
-                    "max_attempts": {"type": "integer"}, "timeout_ms": {"type": "integer"},
-                    "progress_timeout_ms": {"type": "integer"}, "retry_backoff_ms": {"type": "integer"},
-                    "idempotency_key": {"type": "string"}
-                }}
+    static DOC: OnceLock<Value> = OnceLock::new();
+    DOC.get_or_init(|| {
+        // The document does not depend on the broker type; any concrete one builds it.
+        let api = crate::routes::<fleetq_broker::embedded::EmbeddedBroker>().into_openapi();
+        finish(serde_json::to_value(&api).unwrap_or(Value::Null))
+    })
+    .clone()
+}
+
+/// Adds what the handlers' attributes do not say: security and role per operation (from
+/// [`required_role`]), tags by area, the version, and the bearer scheme.
+fn finish(mut doc: Value) -> Value {
+    doc["info"]["version"] = json!(env!("CARGO_PKG_VERSION"));
+    doc["components"]["securitySchemes"] = json!({"bearer": {"type": "http", "scheme": "bearer",
+        "description": "A token from --token / FLEETQ_TOKENS; also accepted as the fleetq_token cookie or ?access_token="}});
+    open_flattened(&mut doc);
+    let error = json!({"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}});
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        for (path, item) in paths.iter_mut() {
+            let Some(item) = item.as_object_mut() else { continue };
+            for (method, op) in item.iter_mut() {
+                let Ok(m) = Method::from_bytes(method.to_ascii_uppercase().as_bytes()) else { continue };
+                let tag = if path.starts_with("/api/jobs") {
+                    "jobs"
+                } else if path.starts_with("/api/") {
+                    "fleet"
+                } else if path.starts_with("/ws/") {
+                    "websocket"
+                } else {
+                    "ops"
+                };
+                op["tags"] = json!([tag]);
+                // OpenAPI requires a description on every response: the reason phrase by default.
+                if let Some(responses) = op["responses"].as_object_mut() {
+                    for (code, resp) in responses.iter_mut() {
+                        if resp["description"].as_str().is_none_or(str::is_empty) {
+                            let reason = code
+                                .parse::<u16>()
+                                .ok()
+                                .and_then(|c| StatusCode::from_u16(c).ok())
+                                .and_then(|c| c.canonical_reason())
+                                .unwrap_or("Response");
+                            resp["description"] = json!(reason);
+                        }
+                    }
+                }
+                if let Some(role) = required_role(&m, path) {
+                    op["security"] = json!([{"bearer": []}]);
+                    op["x-fleetq-role"] = json!(role.as_str());
+                    let below = format!("The token's role is below {}", role.as_str());
+                    for (code, text) in [("401", "No token, or an unknown one"), ("403", below.as_str())] {
+                        if op["responses"].get(code).is_none() {
+                            op["responses"][code] = json!({"description": text, "content": error["content"]});
+                        }
+                    }
+                }
             }
         }
-    })
+    }
+    doc
+}
+
+/// A type with `deny_unknown_fields` (a worker registration) gets `additionalProperties: false`,
+/// which is right where it stands alone, but where a response flattens it (`allOf`) it would reject
+/// the sibling fields. Such schemas are opened; the API itself still refuses unknown input fields.
+fn open_flattened(doc: &mut Value) {
+    fn walk(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for member in m.get("allOf").and_then(Value::as_array).into_iter().flatten() {
+                    if let Some(r) =
+                        member["$ref"].as_str().and_then(|r| r.strip_prefix("#/components/schemas/"))
+                    {
+                        out.push(r.to_owned());
+                    }
+                }
+                m.values().for_each(|x| walk(x, out));
+            }
+            Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    let mut flattened = Vec::new();
+    walk(doc, &mut flattened);
+    for name in flattened {
+        if let Some(schema) = doc["components"]["schemas"].get_mut(&name).and_then(Value::as_object_mut) {
+            schema.remove("additionalProperties");
+        }
+    }
 }
 
 /// `GET /openapi.json`.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    operation_id = "openapi",
+    summary = "This document",
+    responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json"))
+)]
 pub(crate) async fn openapi() -> Json<Value> {
     Json(openapi_document())
 }
 
 /// `GET /health`: the process is up.
-pub(crate) async fn health() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+#[utoipa::path(
+    get,
+    path = "/health",
+    operation_id = "health",
+    summary = "The process is up (the one route open without a token)",
+    responses((status = 200, body = Status))
+)]
+pub(crate) async fn health() -> Json<Status> {
+    Json(Status { status: "ok".into() })
 }
 
 /// `GET /ready`: the broker answers (503 otherwise).
+#[utoipa::path(
+    get,
+    path = "/ready",
+    operation_id = "ready",
+    summary = "The broker answers",
+    responses((status = 200, body = Status), (status = 503, description = "The broker does not answer", body = ErrorBody))
+)]
 pub(crate) async fn ready<B: Broker>(State(st): State<AppState<B>>) -> Response {
     match st.broker.queue_depths().await {
-        Ok(_) => Json(json!({"status": "ready"})).into_response(),
+        Ok(_) => Json(Status { status: "ready".into() }).into_response(),
         Err(e) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",
@@ -239,6 +231,13 @@ pub fn install_metrics_recorder() -> Option<&'static PrometheusHandle> {
 }
 
 /// `GET /metrics`: gauges read from the broker now, plus the counters and histograms recorded.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    summary = "Prometheus metrics",
+    responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain"))
+)]
 pub(crate) async fn metrics<B: Broker>(State(st): State<AppState<B>>) -> Response {
     let Some(handle) = install_metrics_recorder() else {
         return ApiError::new(

@@ -27,6 +27,7 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::jobs::{Params, check_owner, params, spec_from};
+use crate::model::ErrorBody;
 use crate::stream::{Feed, TOPICS, feed, parse_topics, topic};
 
 fn upgrade(ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>) -> ApiResult<WebSocketUpgrade> {
@@ -42,6 +43,18 @@ fn err_msg(code: &str, message: impl Into<String>) -> Value {
 }
 
 /// `GET /ws/monitor`.
+#[utoipa::path(
+    get,
+    path = "/ws/monitor",
+    operation_id = "ws_monitor",
+    summary = "WebSocket: snapshot, then sequenced events; subscribe, ping",
+    description = "The server sends `{type: snapshot, seq, snapshot}`, then each Event flat (`{seq, at, type, …}`). Client messages: `{type: subscribe, topics: [...]}`, `{type: ping}` (answered by `{type: pong, seq}`). A resume point trimmed from the log yields a fresh snapshot.",
+    params(
+        ("since" = Option<u64>, Query, description = "Resume after this sequence instead of starting with a snapshot"),
+        ("topics" = Option<String>, Query, description = "Comma list of jobs, workers, connectors, machines"),
+    ),
+    responses((status = 101, description = "Switched to the WebSocket protocol"), (status = 400, body = ErrorBody))
+)]
 pub(crate) async fn monitor<B: Broker>(
     State(st): State<AppState<B>>,
     q: Params,
@@ -152,6 +165,14 @@ async fn monitor_session<B: Broker>(
 }
 
 /// `GET /ws/client`: the legacy client protocol.
+#[utoipa::path(
+    get,
+    path = "/ws/client",
+    operation_id = "ws_client",
+    summary = "WebSocket: legacy client protocol (submit_job, cancel_job, request_job_status)",
+    description = "Client messages: `submit_job` (a job, `job_type`/`service_required` accepted for `service`), `cancel_job` and `request_job_status` (`job_id`), each with an optional `message_id` echoed in replies. Server messages: `job_accepted`, `update_job_progress`, `complete_job`, `job_failed`, `job_status`, `error`.",
+    responses((status = 101, description = "Switched to the WebSocket protocol"), (status = 400, body = ErrorBody))
+)]
 pub(crate) async fn client<B: Broker>(
     State(st): State<AppState<B>>,
     caller: Option<axum::Extension<Caller>>,

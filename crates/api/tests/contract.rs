@@ -1,6 +1,7 @@
-//! The API's contract as a whole: the OpenAPI document matches what the router serves and is
-//! well-formed; every route × every role (and no token) gets the right answer; malformed and
-//! oversized bodies at every POST route get a 4xx and leave the server healthy.
+//! The API's contract as a whole: the OpenAPI document matches what the router serves, is
+//! well-formed, and its schemas accept the responses the server really sends; every route × every
+//! role (and no token) gets the right answer; malformed and oversized bodies at every POST route get
+//! a 4xx and leave the server healthy.
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::collections::BTreeSet;
 
 use axum::http::StatusCode;
 use common::{app, call, call_raw, submit};
-use fleetq_api::{ApiConfig, ROUTES, Role, Tokens, openapi_document};
+use fleetq_api::{ApiConfig, Role, Tokens, openapi_document};
 use serde_json::{Value, json};
 
 const ADMIN: &str = "admin-secret-1";
@@ -20,6 +21,55 @@ fn tokens() -> Tokens {
         .expect("tokens")
 }
 
+/// Every operation the API must serve, with the role it needs: the contract the document and the
+/// auth middleware are both checked against (stated here, not read from either).
+const EXPECTED: &[(&str, &str, Option<Role>)] = &[
+    ("POST", "/api/jobs", Some(Role::Submit)),
+    ("GET", "/api/jobs", Some(Role::Read)),
+    ("GET", "/api/jobs/{id}", Some(Role::Read)),
+    ("POST", "/api/jobs/{id}/cancel", Some(Role::Submit)),
+    ("POST", "/api/jobs/{id}/retry", Some(Role::Admin)),
+    ("GET", "/api/jobs/{id}/events", Some(Role::Read)),
+    ("GET", "/api/jobs/{id}/matching-workers", Some(Role::Read)),
+    ("GET", "/api/jobs/{id}/artifacts/{name}", Some(Role::Read)),
+    ("GET", "/api/workers", Some(Role::Read)),
+    ("GET", "/api/machines", Some(Role::Read)),
+    ("GET", "/api/services", Some(Role::Read)),
+    ("GET", "/api/services/{service}/summary", Some(Role::Read)),
+    ("GET", "/api/services/{service}/instances", Some(Role::Read)),
+    ("GET", "/api/snapshot", Some(Role::Read)),
+    ("GET", "/api/stats", Some(Role::Read)),
+    ("GET", "/api/events", Some(Role::Read)),
+    ("GET", "/ws/monitor", Some(Role::Read)),
+    ("GET", "/ws/client", Some(Role::Submit)),
+    ("GET", "/health", None),
+    ("GET", "/ready", Some(Role::Read)),
+    ("GET", "/metrics", Some(Role::Read)),
+    ("GET", "/openapi.json", Some(Role::Read)),
+];
+
+/// (METHOD, path, x-fleetq-role) of every operation in the document.
+fn documented() -> BTreeSet<(String, String, Option<String>)> {
+    let doc = openapi_document();
+    let mut out = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for (method, op) in item.as_object().expect("path item") {
+            let role = op["x-fleetq-role"].as_str().map(str::to_owned);
+            out.insert((method.to_uppercase(), path.clone(), role));
+        }
+    }
+    out
+}
+
+#[test]
+fn the_document_lists_exactly_the_expected_operations_and_roles() {
+    let expected: BTreeSet<(String, String, Option<String>)> = EXPECTED
+        .iter()
+        .map(|(m, p, r)| ((*m).to_owned(), (*p).to_owned(), r.map(|r| r.as_str().to_owned())))
+        .collect();
+    assert_eq!(documented(), expected);
+}
+
 /// A concrete path for a route template.
 fn concrete(path: &str, job: &str) -> String {
     path.replace("{id}", job).replace("{service}", "sim").replace("{name}", "out.png")
@@ -29,11 +79,11 @@ fn concrete(path: &str, job: &str) -> String {
 async fn every_documented_route_is_served() {
     let a = app(ApiConfig::default());
     let job = submit(&a.router, json!({"service": "sim"})).await;
-    for r in ROUTES {
-        let (s, v) = call(&a.router, r.method, &concrete(r.path, &job), Some("{}"), &[]).await;
+    for (method, path, _) in documented() {
+        let (s, v) = call(&a.router, &method, &concrete(&path, &job), Some("{}"), &[]).await;
         let unrouted = v["error"]["message"].as_str().is_some_and(|m| m.contains("no such route"))
             || s == StatusCode::METHOD_NOT_ALLOWED;
-        assert!(!unrouted, "{} {} is documented but not served ({s})", r.method, r.path);
+        assert!(!unrouted, "{method} {path} is documented but not served ({s})");
     }
 }
 
@@ -55,7 +105,7 @@ fn openapi_document_is_well_formed() {
             assert!(op_ids.insert(op["operationId"].as_str().unwrap().to_owned()), "operationIds are unique");
             let declared: BTreeSet<&str> = op["parameters"]
                 .as_array()
-                .unwrap()
+                .map_or(&[][..], Vec::as_slice)
                 .iter()
                 .filter(|p| p["in"] == "path")
                 .map(|p| {
@@ -72,7 +122,7 @@ fn openapi_document_is_well_formed() {
             }
         }
     }
-    assert_eq!(count, ROUTES.len(), "one operation per route");
+    assert_eq!(count, EXPECTED.len(), "one operation per route");
     // Every $ref resolves inside the document.
     fn refs<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
         match v {
@@ -126,12 +176,12 @@ async fn auth_matrix_every_route_every_role() {
         ("admin", Some(Role::Admin), vec![("authorization", format!("Bearer {ADMIN}"))]),
         ("admin cookie", Some(Role::Admin), vec![("cookie", format!("theme=dark; fleetq_token={ADMIN}"))]),
     ];
-    for r in ROUTES {
+    for &(method, path, need) in EXPECTED {
         for (name, role, headers) in &who {
             let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let body = (r.method == "POST").then_some(r#"{"service":"sim"}"#);
-            let (s, v) = call(&a.router, r.method, &concrete(r.path, &job), body, &headers).await;
-            let expected = match (r.role, role) {
+            let body = (method == "POST").then_some(r#"{"service":"sim"}"#);
+            let (s, v) = call(&a.router, method, &concrete(path, &job), body, &headers).await;
+            let expected = match (need, role) {
                 (None, _) => None,
                 (Some(_), None) => Some(StatusCode::UNAUTHORIZED),
                 (Some(need), Some(have)) if *have < need => Some(StatusCode::FORBIDDEN),
@@ -139,14 +189,12 @@ async fn auth_matrix_every_route_every_role() {
             };
             match expected {
                 Some(code) => {
-                    assert_eq!(s, code, "{} {} as {name}: {v}", r.method, r.path);
+                    assert_eq!(s, code, "{method} {path} as {name}: {v}");
                     assert!(v["error"]["code"].is_string(), "JSON error");
                 }
                 None => assert!(
                     s != StatusCode::UNAUTHORIZED && s != StatusCode::FORBIDDEN,
-                    "{} {} as {name} should pass auth, got {s}: {v}",
-                    r.method,
-                    r.path
+                    "{method} {path} as {name} should pass auth, got {s}: {v}"
                 ),
             }
         }
@@ -226,8 +274,11 @@ async fn malformed_and_oversized_bodies_get_4xx_and_the_server_stays_healthy() {
             bodies.push(rng.bytes(n));
         }
     }
-    let posts: Vec<String> =
-        ROUTES.iter().filter(|r| r.method == "POST").map(|r| r.path.replace("{id}", &job)).collect();
+    let posts: Vec<String> = documented()
+        .into_iter()
+        .filter(|(m, ..)| m == "POST")
+        .map(|(_, p, _)| p.replace("{id}", &job))
+        .collect();
     assert!(posts.len() >= 3);
     for path in &posts {
         for body in &bodies {
@@ -287,4 +338,130 @@ async fn submit_tokens_act_only_on_their_own_jobs() {
     assert_eq!(s, StatusCode::OK, "admin cancels any job");
     let (s, _) = call(&a.router, "POST", "/api/jobs/missing/cancel", None, &[("authorization", &bob)]).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+/// Validates `body` against the schema the document gives for `method path` answering `status`
+/// (JSON Schema 2020-12, which OpenAPI 3.1 schemas are; `$ref`s resolve inside the document).
+fn conforms(doc: &Value, method: &str, path: &str, status: StatusCode, body: &Value) {
+    let errors = schema_errors(doc, method, path, status, body);
+    assert!(errors.is_empty(), "{method} {path} {status}: {errors:?}\n{body}");
+}
+
+fn schema_errors(doc: &Value, method: &str, path: &str, status: StatusCode, body: &Value) -> Vec<String> {
+    let pointer = format!(
+        "#/paths/{}/{}/responses/{}/content/application~1json/schema",
+        path.replace('~', "~0").replace('/', "~1").replace('{', "%7B").replace('}', "%7D"),
+        method.to_lowercase(),
+        status.as_u16()
+    );
+    assert!(
+        doc.pointer(&pointer[1..].replace("%7B", "{").replace("%7D", "}")).is_some(),
+        "{method} {path} answered {status}, which the document does not describe: {body}"
+    );
+    let mut root = doc.clone();
+    root["$schema"] = json!("https://json-schema.org/draft/2020-12/schema");
+    root["$ref"] = json!(pointer);
+    let validator = jsonschema::validator_for(&root).expect("the document is a valid schema");
+    validator.iter_errors(body).map(|e| format!("{e} at {}", e.instance_path())).collect()
+}
+
+#[tokio::test]
+async fn live_responses_conform_to_the_documented_schemas() {
+    use fleetq_broker::Broker;
+    let doc = openapi_document();
+    let a = app(ApiConfig::default());
+    let b = a.broker.as_ref();
+    common::worker(b, "w1", "sim").await;
+    b.machine_event(fleetq_core::MachineEvent {
+        machine_id: "m1".into(),
+        phase: "ready".into(),
+        step: Some("workers".into()),
+        message: Some("all up".into()),
+        at: common::now_ms(),
+    })
+    .await
+    .unwrap();
+    // A completed job (statistics, an outcome), a running one, a failed one, pending ones.
+    let done = submit(&a.router, json!({"service": "sim", "workflow_id": "wf", "payload": {"p": 1}})).await;
+    let lease = common::claim(b, "w1").await;
+    b.complete(&lease.as_ref(), json!({"images": ["a.png"]})).await.unwrap();
+    let failed = submit(&a.router, json!({"service": "sim", "max_attempts": 1})).await;
+    let lease = common::claim(b, "w1").await;
+    b.fail(&lease.as_ref(), fleetq_core::JobError::fatal(fleetq_core::FailureCategory::Service, "boom"))
+        .await
+        .unwrap();
+    let running = submit(&a.router, json!({"service": "sim", "customer_id": "c1"})).await;
+    let lease = common::claim(b, "w1").await;
+    b.progress(&lease.as_ref(), 40.0, Some("step 2/5".into())).await.unwrap();
+    let pending =
+        submit(&a.router, json!({"service": "sim", "requirements": {"hardware": {"gpu_memory_gb": 8}}}))
+            .await;
+
+    let gets: Vec<String> = vec![
+        "/api/jobs".into(),
+        "/api/jobs?order=queue".into(),
+        "/api/jobs?status=completed&limit=1".into(),
+        format!("/api/jobs/{done}"),
+        format!("/api/jobs/{failed}"),
+        format!("/api/jobs/{running}"),
+        format!("/api/jobs/{pending}"),
+        format!("/api/jobs/{pending}/matching-workers"),
+        "/api/jobs/missing".into(),
+        "/api/jobs?status=bogus".into(),
+        "/api/workers".into(),
+        "/api/machines".into(),
+        "/api/services".into(),
+        "/api/services/sim/summary".into(),
+        "/api/services/sim/instances".into(),
+        "/api/services/none/summary".into(),
+        "/api/snapshot".into(),
+        "/api/stats".into(),
+        "/health".into(),
+        "/ready".into(),
+    ];
+    for uri in &gets {
+        let (s, v) = call(&a.router, "GET", uri, None, &[]).await;
+        let path = route_of(uri);
+        conforms(&doc, "GET", &path, s, &v);
+    }
+    let posts: Vec<(String, String)> = vec![
+        ("/api/jobs".into(), json!({"service": "sim"}).to_string()),
+        ("/api/jobs".into(), json!([{"service": "sim"}, {"service": "sim", "priority": 3}]).to_string()),
+        ("/api/jobs".into(), json!({"service": ""}).to_string()),
+        ("/api/jobs".into(), "{".into()),
+        (format!("/api/jobs/{pending}/cancel"), String::new()),
+        (format!("/api/jobs/{running}/cancel"), String::new()),
+        (format!("/api/jobs/{done}/cancel"), String::new()),
+        (format!("/api/jobs/{failed}/retry"), String::new()),
+        (format!("/api/jobs/{done}/retry"), String::new()),
+    ];
+    for (uri, body) in &posts {
+        let (s, v) = call(&a.router, "POST", uri, Some(body), &[]).await;
+        conforms(&doc, "POST", &route_of(uri), s, &v);
+    }
+    // The check has teeth: a job whose status is not a status, or without its spec, is refused.
+    let (_, mut job) = call(&a.router, "GET", &format!("/api/jobs/{done}"), None, &[]).await;
+    job["status"] = json!("finished");
+    assert!(!schema_errors(&doc, "GET", "/api/jobs/{id}", StatusCode::OK, &job).is_empty());
+    job["status"] = json!("completed");
+    job.as_object_mut().unwrap().remove("spec");
+    assert!(!schema_errors(&doc, "GET", "/api/jobs/{id}", StatusCode::OK, &job).is_empty());
+    // An idempotent replay answers 200 with the same shape.
+    let key = [("idempotency-key", "k-1")];
+    for _ in 0..2 {
+        let (s, v) = call(&a.router, "POST", "/api/jobs", Some(r#"{"service":"sim"}"#), &key).await;
+        conforms(&doc, "POST", "/api/jobs", s, &v);
+    }
+}
+
+/// The documented route template of a concrete request URI.
+fn route_of(uri: &str) -> String {
+    let path = uri.split('?').next().unwrap_or(uri);
+    let parts: Vec<&str> = path.split('/').collect();
+    match parts.as_slice() {
+        ["", "api", "jobs", _] => "/api/jobs/{id}".into(),
+        ["", "api", "jobs", _, rest] => format!("/api/jobs/{{id}}/{rest}"),
+        ["", "api", "services", _, rest] => format!("/api/services/{{service}}/{rest}"),
+        _ => path.to_owned(),
+    }
 }

@@ -14,6 +14,7 @@ use crate::worker::{ConnectorReport, MachineEvent, MachineState, WorkerInfo};
 
 /// One entry of the event log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Event {
     /// Position in the log (strictly increasing, gap-free within one broker).
     pub seq: u64,
@@ -26,6 +27,7 @@ pub struct Event {
 
 /// What happened.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventKind {
     /// A job was submitted.
@@ -148,6 +150,7 @@ impl EventKind {
 
 /// The live state of the fleet as of `seq`: unfinished jobs, workers, machines.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Snapshot {
     /// The last event this snapshot includes.
     pub seq: u64,

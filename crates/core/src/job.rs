@@ -10,6 +10,7 @@ use crate::requirements::Requirements;
 
 /// A job's identity: a UUIDv7 string chosen by the broker at submission.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(transparent)]
 pub struct JobId(pub String);
 
@@ -31,6 +32,7 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 /// What a client submits. Build it with [`crate::validate::parse_job_spec`] from JSON, or directly
 /// and then call [`JobSpec::validate`]; backends refuse specs that do not validate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     /// Service name: `comfyui`, `a1111`, `openai`, `rest`, `simulation`, `NAME-sim` or a custom name.
@@ -41,6 +43,7 @@ pub struct JobSpec {
     pub payload: Value,
     /// What a worker must (and must not) have.
     #[serde(default, skip_serializing_if = "Requirements::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub requirements: Requirements,
     /// Higher runs first; 0 is a valid priority. Any `i32`.
     #[serde(default)]
@@ -134,6 +137,7 @@ impl JobSpec {
 /// Job status. `unworkable` is a flag on pending jobs ([`JobSummary::unworkable`]), not a status,
 /// because such a job is still waiting and becomes claimable as soon as the fleet changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     /// Waiting in the queue (possibly delayed by a retry backoff).
@@ -191,6 +195,7 @@ impl fmt::Display for JobStatus {
 
 /// Why a job failed, for metrics and for deciding what an operator should do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum FailureCategory {
     /// The service rejected the job (bad workflow, missing model): retrying will not help.
@@ -249,6 +254,7 @@ impl FailureCategory {
 
 /// A typed error outcome. The broker decides requeue-or-fail from `retryable`, never from text.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobError {
     /// Human-readable message.
     pub message: String,
@@ -273,6 +279,7 @@ impl JobError {
 
 /// How a finished job ended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Outcome {
     /// Completed with this result.
@@ -289,6 +296,7 @@ pub enum Outcome {
 
 /// The light view of a job: everything but payload and result. Lists, snapshots and events carry it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobSummary {
     /// Identity.
     pub id: JobId,
@@ -355,6 +363,7 @@ pub struct JobSummary {
 
 /// The full stored job: its spec (with payload), its summary and its outcome.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobRecord {
     /// Mutable state.
     #[serde(flatten)]

@@ -22,6 +22,7 @@ use crate::worker::{Capabilities, WorkerRegistration};
 
 /// The verdict of [`explain`]: `matches` and, when it does not, every reason why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Match {
     /// True when the worker may serve the job.
     pub matches: bool,

@@ -19,7 +19,9 @@ use crate::validate::{ValidationError, check_name};
 /// - `allowed_customers` / `denied_customers`: arrays of customer ids;
 /// - `workflow_id`: restricts the worker to that workflow's jobs.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(transparent)]
+#[cfg_attr(feature = "openapi", schema(value_type = Object))]
 pub struct Capabilities(pub Map<String, Value>);
 
 impl Capabilities {
@@ -67,6 +69,7 @@ fn lookup_in<'a>(obj: &'a Map<String, Value>, segments: &[&str]) -> Option<&'a V
 
 /// What a worker registers with (`worker.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct WorkerRegistration {
     /// Stable identity, e.g. `box1-gpu0`.
@@ -130,6 +133,7 @@ impl WorkerRegistration {
 
 /// A connector's health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ConnectorStatus {
     /// Constructing / first health check pending.
@@ -163,6 +167,7 @@ impl ConnectorStatus {
 
 /// One connector status report from a worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConnectorReport {
     /// The connector's service name.
     pub service: String,
@@ -181,6 +186,7 @@ pub struct ConnectorReport {
 
 /// A registered worker as the broker knows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerInfo {
     /// What it registered with.
     #[serde(flatten)]
@@ -196,6 +202,7 @@ pub struct WorkerInfo {
 
 /// A machine lifecycle event (startup steps, ready, shutdown).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MachineEvent {
     /// The machine.
     pub machine_id: String,
@@ -227,6 +234,7 @@ impl MachineEvent {
 
 /// A machine's folded state.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MachineState {
     /// The machine.
     pub machine_id: String,

@@ -48,6 +48,8 @@ enum Command {
     Services(client::ListArgs),
     /// Explains whether a worker may serve a job: prints {"matches": bool, "reasons": [...]}.
     Explain(explain::Args),
+    /// Prints the API's OpenAPI 3.1 document (the same as GET /openapi.json), for client generators.
+    Openapi,
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -62,6 +64,21 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Explain(args) => explain::run(&args),
+        Command::Openapi => {
+            let doc = fleetq_api::openapi_document();
+            match serde_json::to_string_pretty(&doc) {
+                Ok(text) => {
+                    use std::io::Write;
+                    // A closed pipe (`| head`) is not an error worth a panic.
+                    let _ = writeln!(std::io::stdout(), "{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("fleetq openapi: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Up(args) => run_async(cli.log_format, "info", "fleetq up", serve::up(args)),
         Command::Api(args) => run_async(cli.log_format, "info", "fleetq api", serve::api(args)),
         Command::Submit(args) => run_async(cli.log_format, "warn", "fleetq submit", client::submit(args)),

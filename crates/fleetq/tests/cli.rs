@@ -1,4 +1,4 @@
-//! The `fleetq explain` command as an operator runs it.
+//! The offline commands as an operator runs them: `fleetq explain` and `fleetq openapi`.
 
 use std::process::Command;
 
@@ -51,4 +51,13 @@ fn invalid_input_exits_two_naming_the_problem() {
     let (code, _, err) = explain(&worker(), "not json");
     assert_eq!(code, 2);
     assert!(err.contains("not valid JSON"), "{err}");
+}
+
+#[test]
+fn openapi_prints_the_served_document() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetq")).arg("openapi").output().expect("run fleetq");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert_eq!(doc, fleetq_api::openapi_document());
+    assert!(doc["paths"]["/api/jobs"]["post"]["requestBody"].is_object());
 }
