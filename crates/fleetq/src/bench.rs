@@ -46,6 +46,10 @@ pub(crate) struct ApiArgs {
     /// Submissions timed through the SSE stream (one at a time).
     #[arg(long, default_value_t = 500)]
     sse_jobs: usize,
+    /// Other clients watching `/api/events` while the SSE latency is timed (each must receive
+    /// every event).
+    #[arg(long, default_value_t = 0)]
+    watchers: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -428,6 +432,26 @@ async fn api(args: ApiArgs) -> Result<()> {
         "jobs_per_s": ((requests * batch) as f64 / secs).round()}),
     );
 
+    // Watchers: each drains `/api/events` and counts the `job_submitted` events it saw.
+    let mut watchers = tokio::task::JoinSet::new();
+    for _ in 0..args.watchers {
+        let resp = http.get(format!("{base}/api/events?topics=jobs")).send().await?;
+        anyhow::ensure!(resp.status() == 200, "watcher answered {}", resp.status());
+        let expect = args.sse_jobs;
+        watchers.spawn(async move {
+            let mut events = resp.bytes_stream().eventsource();
+            let mut seen = 0;
+            while seen < expect {
+                match tokio::time::timeout(Duration::from_secs(30), events.next()).await {
+                    Ok(Some(Ok(ev))) if ev.event == "job_submitted" => seen += 1,
+                    Ok(Some(Ok(_))) => {}
+                    _ => break,
+                }
+            }
+            seen
+        });
+    }
+
     // POST → its `job_submitted` on the global SSE stream.
     let resp = http.get(format!("{base}/api/events?topics=jobs")).send().await?;
     let mut events = resp.bytes_stream().eventsource();
@@ -447,6 +471,17 @@ async fn api(args: ApiArgs) -> Result<()> {
         }
         lat.push(t.elapsed().as_secs_f64() * 1000.0);
     }
-    emit("embedded", json!({"mode": "api_sse", "jobs": lat.len(), "post_to_event": summarize(lat)}));
+    let jobs = lat.len();
+    let mut complete = 0;
+    while let Some(seen) = watchers.join_next().await {
+        if seen? == jobs {
+            complete += 1;
+        }
+    }
+    emit(
+        "embedded",
+        json!({"mode": "api_sse", "jobs": jobs, "watchers": args.watchers,
+        "watchers_with_every_event": complete, "post_to_event": summarize(lat)}),
+    );
     Ok(())
 }
