@@ -21,7 +21,7 @@ use crate::model::{
     ServiceSummaryReply, Services, Stats, WorkerView, Workers,
 };
 use crate::stats::rfc3339;
-use crate::stream::{Feed, feed, parse_topics, resume_point, topic};
+use crate::stream::{Feed, parse_topics, resume_point, topic};
 
 /// Running job ids per worker, from a snapshot.
 fn running_by_worker(snap: &Snapshot) -> BTreeMap<&str, Vec<&str>> {
@@ -335,7 +335,8 @@ pub(crate) async fn events<B: Broker>(
         Some(a) => a,
         None => st.broker.snapshot().await?.seq,
     };
-    let stream = feed(st.broker.clone(), after)
+    let stream = st
+        .feed(after)
         .filter_map(move |item| {
             let out = match item {
                 Feed::Gap { after, first } => Some(

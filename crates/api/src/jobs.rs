@@ -25,7 +25,7 @@ use crate::model::{
     Submission, SubmitReply, Submitted, Verdict, WorkerVerdict,
 };
 use crate::stats::{eta_ms, queue_order, queue_position, workers_serving};
-use crate::stream::{Feed, feed, resume_point};
+use crate::stream::{Feed, resume_point};
 
 /// Query parameters as a map, with a JSON error for a malformed query string.
 pub(crate) type Params = Result<Query<HashMap<String, String>>, QueryRejection>;
@@ -481,12 +481,13 @@ pub(crate) async fn events<B: Broker>(
             (seq, Some(rec))
         }
     };
-    let stream =
-        async_stream(broker, id, after, first).take_until(st.config.shutdown.clone().cancelled_owned());
+    let stream = job_stream(st.feed(after), broker, id, after, first)
+        .take_until(st.config.shutdown.clone().cancelled_owned());
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
-fn async_stream<B: Broker>(
+fn job_stream<B: Broker>(
+    feed: impl Stream<Item = Feed> + Send + 'static,
     broker: Arc<B>,
     id: JobId,
     after: u64,
@@ -500,7 +501,7 @@ fn async_stream<B: Broker>(
         seq: u64,
         done: bool,
     }
-    let feed = Box::pin(feed(broker.clone(), after));
+    let feed = Box::pin(feed);
     let st = St { feed, broker, id, first, seq: after, done: false };
     futures::stream::unfold(st, |mut st| async move {
         if st.done {

@@ -84,23 +84,39 @@ pub(crate) struct AppState<B> {
     pub(crate) broker: Arc<B>,
     pub(crate) config: ApiConfig,
     pub(crate) stats: Arc<stats::DurationStats>,
+    /// The process's one reader of the event log, shared by every stream.
+    pub(crate) hub: Arc<stream::Hub>,
+}
+
+impl<B: Broker> AppState<B> {
+    /// Every event after `after`, through the shared hub.
+    pub(crate) fn feed(&self, after: u64) -> impl futures::Stream<Item = stream::Feed> + Send + use<B> {
+        stream::feed(self.broker.clone(), self.hub.clone(), after)
+    }
 }
 
 impl<B> Clone for AppState<B> {
     fn clone(&self) -> Self {
-        Self { broker: self.broker.clone(), config: self.config.clone(), stats: self.stats.clone() }
+        Self {
+            broker: self.broker.clone(),
+            config: self.config.clone(),
+            stats: self.stats.clone(),
+            hub: self.hub.clone(),
+        }
     }
 }
 
-/// The whole API as an axum router. Spawns the statistics fold (needs a Tokio runtime); it stops
-/// when the router is dropped.
+/// The whole API as an axum router. Spawns the event hub (one reader of the event log shared by
+/// every stream) and the statistics fold (needs a Tokio runtime); both stop at `config.shutdown`
+/// or when the router is dropped.
 pub fn router<B: Broker>(broker: Arc<B>, config: ApiConfig) -> Router {
     let stats = Arc::new(stats::DurationStats::default());
-    live::spawn(broker.clone(), &stats);
+    let hub = stream::Hub::spawn(broker.clone(), config.shutdown.clone());
+    live::spawn(broker.clone(), hub.clone(), &stats);
     let tokens = config.tokens.clone();
     let cors = cors_layer(&config.cors_origins);
     let body_limit = config.max_body_bytes;
-    let state = AppState { broker, config, stats };
+    let state = AppState { broker, config, stats, hub };
     let (router, _) = routes::<B>().split_for_parts();
     router
         .fallback(ops::not_found)

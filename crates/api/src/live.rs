@@ -10,15 +10,15 @@ use fleetq_core::{EventKind, JobStatus};
 use futures::StreamExt;
 
 use crate::stats::DurationStats;
-use crate::stream::{Feed, feed};
+use crate::stream::{Feed, Hub, feed};
 
 /// Starts the fold. It ends when `stats` is dropped (the router went away).
-pub(crate) fn spawn<B: Broker>(broker: Arc<B>, stats: &Arc<DurationStats>) {
+pub(crate) fn spawn<B: Broker>(broker: Arc<B>, hub: Arc<Hub>, stats: &Arc<DurationStats>) {
     let weak = Arc::downgrade(stats);
-    tokio::spawn(run(broker, weak));
+    tokio::spawn(run(broker, hub, weak));
 }
 
-async fn run<B: Broker>(broker: Arc<B>, stats: Weak<DurationStats>) {
+async fn run<B: Broker>(broker: Arc<B>, hub: Arc<Hub>, stats: Weak<DurationStats>) {
     // The sequence first, then the history: a completion in between is counted twice at worst,
     // never missed.
     let head = loop {
@@ -40,7 +40,7 @@ async fn run<B: Broker>(broker: Arc<B>, stats: Weak<DurationStats>) {
             s.record_job(job);
         }
     }
-    let mut events = std::pin::pin!(feed(broker, head));
+    let mut events = std::pin::pin!(feed(broker, hub, head));
     while let Some(item) = events.next().await {
         let Some(s) = stats.upgrade() else { return };
         let Feed::Event(ev) = item else { continue };

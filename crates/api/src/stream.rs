@@ -1,14 +1,18 @@
-//! Event feeds for SSE and WebSocket: resume after a sequence, notice when the log was trimmed past
-//! the resume point (so the client re-reads the snapshot instead of silently missing events), and
-//! filter by topic.
+//! Event feeds for SSE and WebSocket: one [`Hub`] per API process reads the log and broadcasts it;
+//! each [`feed`] resumes after a sequence (reading the log, then joining the hub), notices when the
+//! log was trimmed past the resume point (so the client re-reads the snapshot instead of silently
+//! missing events), and the topic filter.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use axum::http::HeaderMap;
 use fleetq_broker::Broker;
 use fleetq_core::{Event, EventKind};
 use futures::{Stream, StreamExt};
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
 
@@ -16,7 +20,7 @@ use crate::error::ApiError;
 #[derive(Debug, Clone)]
 pub(crate) enum Feed {
     /// The next event.
-    Event(Box<Event>),
+    Event(Arc<Event>),
     /// Events after the resume point were trimmed from the log; the client must reload the snapshot.
     Gap {
         /// The resume point asked for.
@@ -26,28 +30,153 @@ pub(crate) enum Feed {
     },
 }
 
-/// Every event after `after`, in order, forever. Read errors are logged and retried by
-/// [`fleetq_broker::subscribe`], which continues from the last delivered event.
-pub(crate) fn feed<B: Broker>(broker: Arc<B>, after: u64) -> impl Stream<Item = Feed> + Send {
-    let mut checked = after == 0;
-    fleetq_broker::subscribe(broker, after)
-        .filter_map(|item| {
-            std::future::ready(match item {
-                Ok(ev) => Some(ev),
-                Err(e) => {
-                    tracing::warn!(error = %e, "event feed: read failed; retrying");
-                    None
-                }
-            })
-        })
-        .flat_map(move |ev| {
-            let mut out = Vec::with_capacity(2);
-            if !std::mem::replace(&mut checked, true) && ev.seq > after + 1 {
-                out.push(Feed::Gap { after, first: ev.seq });
+/// Live events a lagging client may fall behind by before it reads from the log instead.
+const HUB_CAPACITY: usize = 1024;
+
+/// The one reader of the event log in this API process: it long-polls the broker and broadcasts
+/// each event to every open stream, so a thousand watchers cost one poll, not a thousand.
+pub(crate) struct Hub {
+    /// The sender and the sequence of the last event sent, changed together under the lock so a
+    /// joining stream knows exactly which events it will receive live and which it must read.
+    state: Mutex<HubState>,
+    /// Set once the hub knows where the log ends.
+    ready: watch::Sender<bool>,
+}
+
+struct HubState {
+    tx: broadcast::Sender<Arc<Event>>,
+    last: u64,
+}
+
+impl Hub {
+    /// Starts the reader (needs a Tokio runtime). It stops at `stop` or when the hub is dropped.
+    pub(crate) fn spawn<B: Broker>(broker: Arc<B>, stop: CancellationToken) -> Arc<Self> {
+        let (tx, _) = broadcast::channel(HUB_CAPACITY);
+        let hub =
+            Arc::new(Self { state: Mutex::new(HubState { tx, last: 0 }), ready: watch::channel(false).0 });
+        let weak = Arc::downgrade(&hub);
+        tokio::spawn(async move {
+            tokio::select! {
+                () = Self::run(broker, weak) => {}
+                () = stop.cancelled() => {}
             }
-            out.push(Feed::Event(Box::new(ev)));
-            futures::stream::iter(out)
-        })
+        });
+        hub
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HubState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn run<B: Broker>(broker: Arc<B>, hub: Weak<Self>) {
+        let head = loop {
+            match broker.snapshot().await {
+                Ok(s) => break s.seq,
+                Err(e) => {
+                    tracing::warn!(error = %e, "event hub: cannot read the log's end; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            if hub.strong_count() == 0 {
+                return;
+            }
+        };
+        match hub.upgrade() {
+            Some(h) => {
+                h.lock().last = head;
+                h.ready.send_replace(true);
+            }
+            None => return,
+        }
+        let mut events = std::pin::pin!(fleetq_broker::subscribe(broker, head));
+        while let Some(item) = events.next().await {
+            let Some(h) = hub.upgrade() else { return };
+            match item {
+                Ok(ev) => {
+                    let mut st = h.lock();
+                    st.last = ev.seq;
+                    // No receiver is not an error: nobody is watching right now.
+                    let _ = st.tx.send(Arc::new(ev));
+                }
+                Err(e) => tracing::warn!(error = %e, "event hub: read failed; retrying"),
+            }
+        }
+    }
+
+    /// A receiver of live events and the sequence of the last event sent before it joined: events
+    /// up to that sequence must be read from the log, later ones arrive on the receiver.
+    async fn join(&self) -> (broadcast::Receiver<Arc<Event>>, u64) {
+        let mut ready = self.ready.subscribe();
+        // The sender lives in `self`, so this cannot fail while `self` exists.
+        let _ = ready.wait_for(|r| *r).await;
+        let st = self.lock();
+        (st.tx.subscribe(), st.last)
+    }
+}
+
+/// Every event after `after`, in order, forever: first read from the log up to where the hub
+/// stands, then from the hub. A stream that lags behind the hub's buffer goes back to the log, so a
+/// slow client misses nothing while the log still holds its events; a resume point trimmed from the
+/// log yields one [`Feed::Gap`] first.
+pub(crate) fn feed<B: Broker>(broker: Arc<B>, hub: Arc<Hub>, after: u64) -> impl Stream<Item = Feed> + Send {
+    struct St<B> {
+        broker: Arc<B>,
+        hub: Arc<Hub>,
+        after: u64,
+        delivered: u64,
+        checked: bool,
+        live: Option<broadcast::Receiver<Arc<Event>>>,
+        read_until: u64,
+        buf: VecDeque<Arc<Event>>,
+    }
+    let st = St {
+        broker,
+        hub,
+        after,
+        delivered: after,
+        checked: after == 0,
+        live: None,
+        read_until: 0,
+        buf: VecDeque::new(),
+    };
+    futures::stream::unfold(st, |mut st| async move {
+        loop {
+            if let Some(ev) = st.buf.pop_front() {
+                if !std::mem::replace(&mut st.checked, true) && ev.seq > st.after + 1 {
+                    let gap = Feed::Gap { after: st.after, first: ev.seq };
+                    st.buf.push_front(ev);
+                    return Some((gap, st));
+                }
+                st.delivered = ev.seq;
+                return Some((Feed::Event(ev), st));
+            }
+            let Some(rx) = st.live.as_mut() else {
+                let (rx, at) = st.hub.join().await;
+                st.live = Some(rx);
+                st.read_until = at;
+                continue;
+            };
+            if st.delivered < st.read_until {
+                match st.broker.events_after(st.delivered, 256, Duration::ZERO).await {
+                    Ok(evs) if !evs.is_empty() => st.buf.extend(evs.into_iter().map(Arc::new)),
+                    // The log has nothing more (it ends where the hub stands): go live.
+                    Ok(_) => st.read_until = st.delivered,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "event feed: read failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+                continue;
+            }
+            match rx.recv().await {
+                Ok(ev) if ev.seq <= st.delivered => {}
+                Ok(ev) => st.buf.push_back(ev),
+                // Fell behind the hub's buffer: rejoin, reading the missed events from the log.
+                Err(broadcast::error::RecvError::Lagged(_)) => st.live = None,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
 }
 
 /// Topics a client can filter the global stream by.
@@ -97,6 +226,92 @@ pub(crate) fn resume_point(headers: &HeaderMap, since: Option<&str>) -> Result<O
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fleetq_broker::BrokerConfig;
+    use fleetq_broker::embedded::EmbeddedBroker;
+    use fleetq_core::{JobSpec, Limits, job_spec_from_value};
+
+    fn spec() -> JobSpec {
+        job_spec_from_value(serde_json::json!({"service": "sim"}), &Limits::default()).unwrap()
+    }
+
+    fn broker(max_events: usize) -> (Arc<EmbeddedBroker>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = BrokerConfig { max_events, ..BrokerConfig::default() };
+        (Arc::new(EmbeddedBroker::open(dir.path().join("q.db"), config).unwrap()), dir)
+    }
+
+    /// Waits until the hub has broadcast event `seq` (a condition, not a timing assertion).
+    async fn hub_reaches(hub: &Hub, seq: u64) {
+        while hub.lock().last < seq {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn take(feed: impl Stream<Item = Feed>, n: usize) -> Vec<u64> {
+        let items: Vec<Feed> = feed.take(n).collect().await;
+        items
+            .into_iter()
+            .map(|f| match f {
+                Feed::Event(ev) => ev.seq,
+                Feed::Gap { .. } => panic!("unexpected gap"),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn many_streams_share_one_reader_and_each_sees_every_event_once_in_order() {
+        let (b, _dir) = broker(100_000);
+        let hub = Hub::spawn(b.clone(), CancellationToken::new());
+        let _ = hub.join().await;
+        // Streams joining at different points: from the start, mid-way, and at the end.
+        b.submit_batch((0..50).map(|_| spec()).collect()).await.unwrap();
+        let early: Vec<_> =
+            (0..20).map(|_| tokio::spawn(take(feed(b.clone(), hub.clone(), 0), 300))).collect();
+        let late: Vec<_> =
+            (0..20).map(|_| tokio::spawn(take(feed(b.clone(), hub.clone(), 50), 250))).collect();
+        // Submitted while the streams run, in small batches so reads and broadcasts interleave.
+        for _ in 0..25 {
+            b.submit_batch((0..10).map(|_| spec()).collect()).await.unwrap();
+        }
+        for t in early {
+            assert_eq!(t.await.unwrap(), (1..=300).collect::<Vec<u64>>());
+        }
+        for t in late {
+            assert_eq!(t.await.unwrap(), (51..=300).collect::<Vec<u64>>());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_falls_behind_the_hub_reads_the_rest_from_the_log() {
+        let (b, _dir) = broker(100_000);
+        let hub = Hub::spawn(b.clone(), CancellationToken::new());
+        let mut slow = Box::pin(feed(b.clone(), hub.clone(), 0));
+        b.submit(spec()).await.unwrap();
+        assert!(matches!(slow.next().await, Some(Feed::Event(ev)) if ev.seq == 1));
+        // More than the hub buffers, while the slow stream does not read.
+        let n = HUB_CAPACITY as u64 * 3;
+        for _ in 0..3 {
+            b.submit_batch((0..HUB_CAPACITY).map(|_| spec()).collect()).await.unwrap();
+        }
+        hub_reaches(&hub, n + 1).await;
+        assert_eq!(take(slow, n as usize).await, (2..=n + 1).collect::<Vec<u64>>());
+    }
+
+    #[tokio::test]
+    async fn a_resume_point_trimmed_from_the_log_yields_a_gap_then_the_events_kept() {
+        let (b, _dir) = broker(100);
+        let hub = Hub::spawn(b.clone(), CancellationToken::new());
+        // The embedded store trims every 1024 events down to the last `max_events`.
+        b.submit_batch((0..1100).map(|_| spec()).collect()).await.unwrap();
+        let first = b.events_after(0, 1, Duration::ZERO).await.unwrap()[0].seq;
+        assert!(first > 11, "the log was trimmed (first kept: {first})");
+        let mut f = Box::pin(feed(b.clone(), hub.clone(), 10));
+        match f.next().await {
+            Some(Feed::Gap { after: 10, first: got }) => assert_eq!(got, first),
+            other => panic!("expected a gap, got {other:?}"),
+        }
+        assert!(matches!(f.next().await, Some(Feed::Event(ev)) if ev.seq == first));
+    }
 
     #[test]
     fn topics_parse() {

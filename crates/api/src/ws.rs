@@ -12,7 +12,6 @@
 //! submitted, cancelled or asked about, until each one ends.
 
 use std::collections::{BTreeSet, HashSet};
-use std::sync::Arc;
 
 use axum::extract::State;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -28,7 +27,7 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::jobs::{Params, check_owner, params, spec_from};
 use crate::model::ErrorBody;
-use crate::stream::{Feed, TOPICS, feed, parse_topics, topic};
+use crate::stream::{Feed, TOPICS, parse_topics, topic};
 
 fn upgrade(ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>) -> ApiResult<WebSocketUpgrade> {
     ws.map_err(|e| ApiError::new(e.status(), "websocket_required", e.body_text()))
@@ -73,7 +72,7 @@ pub(crate) async fn monitor<B: Broker>(
     Ok(ws
         .on_upgrade(move |socket| async move {
             tokio::select! {
-                () = monitor_session(st.broker, socket, since, topics) => {}
+                () = monitor_session(st, socket, since, topics) => {}
                 () = stop.cancelled() => {}
             }
         })
@@ -88,11 +87,12 @@ async fn snapshot_msg<B: Broker>(broker: &B) -> Result<(u64, Value), Value> {
 }
 
 async fn monitor_session<B: Broker>(
-    broker: Arc<B>,
+    st: AppState<B>,
     mut socket: WebSocket,
     since: Option<u64>,
     mut topics: BTreeSet<&'static str>,
 ) {
+    let broker = st.broker.clone();
     let after = match since {
         Some(s) => s,
         None => match snapshot_msg(broker.as_ref()).await {
@@ -109,7 +109,7 @@ async fn monitor_session<B: Broker>(
         },
     };
     let mut last = after;
-    let mut events = std::pin::pin!(feed(broker.clone(), after));
+    let mut events = std::pin::pin!(st.feed(after));
     loop {
         tokio::select! {
             item = events.next() => {
@@ -235,7 +235,7 @@ async fn client_session<B: Broker>(st: AppState<B>, mut socket: WebSocket, calle
         }
     };
     let mut watching: HashSet<JobId> = HashSet::new();
-    let mut events = std::pin::pin!(feed(broker.clone(), after));
+    let mut events = std::pin::pin!(st.feed(after));
     loop {
         tokio::select! {
             item = events.next() => {
