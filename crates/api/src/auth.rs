@@ -59,7 +59,8 @@ impl FromStr for Role {
 pub struct Caller {
     /// The token's role.
     pub role: Role,
-    /// The token's name (`role:name:secret`), or its role when unnamed. Jobs record it as owner.
+    /// The token's name (`role:name:secret`); an unnamed token is named by its role and its place
+    /// among that role's unnamed tokens (`submit#1`, `submit#2`). Jobs record it as owner.
     pub name: String,
 }
 
@@ -76,18 +77,27 @@ impl fmt::Debug for Tokens {
 
 impl Tokens {
     /// Parses `role:secret` or `role:name:secret` entries (`admin:s3cret…`, `submit:alice:…`).
-    /// Secrets must be at least 8 characters. Unnamed tokens of one role share an identity: name
-    /// `submit` tokens so each cancels only its own jobs.
+    /// Secrets must be at least 8 characters. Every token is its own identity: an unnamed one is
+    /// `role#n`, the n-th unnamed token of its role in the order given (so keep the order stable,
+    /// or name the tokens).
     pub fn parse<'a>(entries: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
         let mut out = Vec::new();
+        let mut unnamed = std::collections::HashMap::<Role, usize>::new();
         for entry in entries.into_iter().flat_map(|e| e.split(',')).map(str::trim).filter(|e| !e.is_empty()) {
             let (role, secret) = entry
                 .split_once(':')
                 .ok_or_else(|| "a token is written role:secret (e.g. admin:…)".to_owned())?;
             let role: Role = role.parse()?;
             let (name, secret) = match secret.split_once(':') {
+                Some((name, _)) if name.contains('#') => {
+                    return Err(format!("token name {name:?}: '#' is kept for unnamed tokens"));
+                }
                 Some((name, secret)) if !name.is_empty() => (name.to_owned(), secret),
-                _ => (role.as_str().to_owned(), secret),
+                _ => {
+                    let n = unnamed.entry(role).or_default();
+                    *n += 1;
+                    (format!("{role}#{n}"), secret)
+                }
             };
             if secret.len() < 8 {
                 return Err(format!("the {role} token is shorter than 8 characters"));
@@ -218,6 +228,15 @@ mod tests {
         assert!(!format!("{t:?}").contains("aaaa"), "secrets never printed");
         let named = Tokens::parse(["submit:alice:dddddddd"]).unwrap();
         assert_eq!(named.caller("dddddddd"), Some(Caller { role: Role::Submit, name: "alice".into() }));
-        assert_eq!(t.caller("cccccccc").map(|c| c.name), Some("submit".into()));
+        assert_eq!(t.caller("cccccccc").map(|c| c.name), Some("submit#1".into()));
+        // Unnamed tokens are distinct identities (so they cannot cancel each other's jobs).
+        let two = Tokens::parse(["submit:eeeeeeee,submit:ffffffff,read:gggggggg"]).unwrap();
+        let names: Vec<String> = ["eeeeeeee", "ffffffff", "gggggggg"]
+            .iter()
+            .filter_map(|s| two.caller(s))
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(names, ["submit#1", "submit#2", "read#1"]);
+        assert!(Tokens::parse(["submit:a#b:hhhhhhhh"]).is_err(), "'#' is kept for unnamed tokens");
     }
 }
