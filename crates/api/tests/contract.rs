@@ -347,6 +347,58 @@ fn conforms(doc: &Value, method: &str, path: &str, status: StatusCode, body: &Va
     assert!(errors.is_empty(), "{method} {path} {status}: {errors:?}\n{body}");
 }
 
+/// The document with undocumented fields refused: `unevaluatedProperties: false` on every object
+/// schema, except the components that other schemas flatten into themselves (members of an `allOf`,
+/// directly or through a `oneOf`), whose fields the flattening schema evaluates instead.
+fn strict(doc: &Value) -> Value {
+    fn flattened(v: &Value, out: &mut BTreeSet<String>) {
+        fn member(m: &Value, out: &mut BTreeSet<String>) {
+            if let Some(r) = m["$ref"].as_str().and_then(|r| r.strip_prefix("#/components/schemas/")) {
+                out.insert(r.to_owned());
+            }
+            for alt in ["oneOf", "anyOf"].iter().filter_map(|k| m[*k].as_array()).flatten() {
+                member(alt, out);
+            }
+        }
+        match v {
+            Value::Object(m) => {
+                for x in m.get("allOf").and_then(Value::as_array).into_iter().flatten() {
+                    member(x, out);
+                }
+                m.values().for_each(|x| flattened(x, out));
+            }
+            Value::Array(a) => a.iter().for_each(|x| flattened(x, out)),
+            _ => {}
+        }
+    }
+    fn tighten(v: &mut Value) {
+        let Some(m) = v.as_object_mut() else { return };
+        if m.contains_key("properties") || m.contains_key("allOf") {
+            m.insert("unevaluatedProperties".into(), json!(false));
+        }
+        // Not into allOf members: their fields are evaluated by this schema.
+        for (k, x) in m.iter_mut() {
+            match k.as_str() {
+                "properties" => x.as_object_mut().into_iter().flat_map(|p| p.values_mut()).for_each(tighten),
+                "items" | "additionalProperties" => tighten(x),
+                "oneOf" | "anyOf" => x.as_array_mut().into_iter().flatten().for_each(tighten),
+                _ => {}
+            }
+        }
+    }
+    let mut doc = doc.clone();
+    let mut skip = BTreeSet::new();
+    flattened(&doc, &mut skip);
+    if let Some(schemas) = doc["components"]["schemas"].as_object_mut() {
+        for (name, schema) in schemas.iter_mut() {
+            if !skip.contains(name) {
+                tighten(schema);
+            }
+        }
+    }
+    doc
+}
+
 fn schema_errors(doc: &Value, method: &str, path: &str, status: StatusCode, body: &Value) -> Vec<String> {
     let pointer = format!(
         "#/paths/{}/{}/responses/{}/content/application~1json/schema",
@@ -358,7 +410,7 @@ fn schema_errors(doc: &Value, method: &str, path: &str, status: StatusCode, body
         doc.pointer(&pointer[1..].replace("%7B", "{").replace("%7D", "}")).is_some(),
         "{method} {path} answered {status}, which the document does not describe: {body}"
     );
-    let mut root = doc.clone();
+    let mut root = strict(doc);
     root["$schema"] = json!("https://json-schema.org/draft/2020-12/schema");
     root["$ref"] = json!(pointer);
     let validator = jsonschema::validator_for(&root).expect("the document is a valid schema");
@@ -439,11 +491,25 @@ async fn live_responses_conform_to_the_documented_schemas() {
         let (s, v) = call(&a.router, "POST", uri, Some(body), &[]).await;
         conforms(&doc, "POST", &route_of(uri), s, &v);
     }
-    // The check has teeth: a job whose status is not a status, or without its spec, is refused.
+    // The check has teeth: a job whose status is not a status, with an undocumented field, or
+    // without its spec, is refused.
     let (_, mut job) = call(&a.router, "GET", &format!("/api/jobs/{done}"), None, &[]).await;
     job["status"] = json!("finished");
     assert!(!schema_errors(&doc, "GET", "/api/jobs/{id}", StatusCode::OK, &job).is_empty());
     job["status"] = json!("completed");
+    let mut undocumented = job.clone();
+    undocumented["colour"] = json!("blue");
+    assert!(
+        !schema_errors(
+            &doc,
+            "GET",
+            "/api/workers",
+            StatusCode::OK,
+            &json!({"workers": [], "seq": 1, "x": 1})
+        )
+        .is_empty()
+    );
+    assert!(!schema_errors(&doc, "GET", "/api/jobs/{id}", StatusCode::OK, &undocumented).is_empty());
     job.as_object_mut().unwrap().remove("spec");
     assert!(!schema_errors(&doc, "GET", "/api/jobs/{id}", StatusCode::OK, &job).is_empty());
     // An idempotent replay answers 200 with the same shape.
