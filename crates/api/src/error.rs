@@ -5,7 +5,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use fleetq_broker::BrokerError;
 use fleetq_core::ValidationError;
-use serde_json::json;
+
+use crate::model::{ErrorBody, ErrorDetail};
 
 /// An HTTP error with a stable machine-readable `code` and, for bad input, the offending `field`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,9 +53,15 @@ impl ApiError {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
     }
 
-    /// The JSON body of this error.
-    pub fn body(&self) -> serde_json::Value {
-        json!({"error": {"code": self.code, "message": self.message, "field": self.field}})
+    /// The body of this error: the [`ErrorBody`] the OpenAPI document describes.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message.clone(),
+                field: self.field.clone(),
+            },
+        }
     }
 }
 

@@ -3,7 +3,6 @@
 //! starts (Prometheus sums across instances), after seeding the statistics from recent completions.
 
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 use fleetq_broker::{Broker, JobFilter};
 use fleetq_core::{EventKind, JobStatus};
@@ -20,19 +19,8 @@ pub(crate) fn spawn<B: Broker>(broker: Arc<B>, hub: Arc<Hub>, stats: &Arc<Durati
 
 async fn run<B: Broker>(broker: Arc<B>, hub: Arc<Hub>, stats: Weak<DurationStats>) {
     // The sequence first, then the history: a completion in between is counted twice at worst,
-    // never missed.
-    let head = loop {
-        match broker.snapshot().await {
-            Ok(s) => break s.seq,
-            Err(e) => {
-                tracing::warn!(error = %e, "statistics: cannot read the snapshot; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                if stats.strong_count() == 0 {
-                    return;
-                }
-            }
-        }
-    };
+    // never missed. The hub already knows where the log ends; no second read of it.
+    let head = hub.position().await;
     let seed = JobFilter { status: Some(JobStatus::Completed), limit: Some(1000), ..JobFilter::default() };
     if let (Ok(page), Some(s)) = (broker.jobs(&seed).await, stats.upgrade()) {
         // Oldest first, so the rolling window keeps the newest.

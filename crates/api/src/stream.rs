@@ -103,6 +103,11 @@ impl Hub {
         }
     }
 
+    /// The sequence of the last event the hub has sent (once it knows where the log ends).
+    pub(crate) async fn position(&self) -> u64 {
+        self.join().await.1
+    }
+
     /// A receiver of live events and the sequence of the last event sent before it joined: events
     /// up to that sequence must be read from the log, later ones arrive on the receiver.
     async fn join(&self) -> (broadcast::Receiver<Arc<Event>>, u64) {

@@ -37,6 +37,21 @@ async fn send(socket: &mut WebSocket, v: &Value) -> bool {
     socket.send(Message::Text(v.to_string().into())).await.is_ok()
 }
 
+/// What a socket read means for a session: it ended, a frame to skip, or a text message.
+enum Incoming {
+    Closed,
+    Skip,
+    Text(axum::extract::ws::Utf8Bytes),
+}
+
+fn incoming(msg: Option<Result<Message, axum::Error>>) -> Incoming {
+    match msg {
+        None | Some(Err(_)) | Some(Ok(Message::Close(_))) => Incoming::Closed,
+        Some(Ok(Message::Text(t))) => Incoming::Text(t),
+        Some(Ok(_)) => Incoming::Skip,
+    }
+}
+
 fn err_msg(code: &str, message: impl Into<String>) -> Value {
     json!({"type": "error", "error": {"code": code, "message": message.into()}})
 }
@@ -132,10 +147,10 @@ async fn monitor_session<B: Broker>(
                 }
             }
             msg = socket.recv() => {
-                let text = match msg {
-                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
-                    Some(Ok(Message::Text(t))) => t,
-                    Some(Ok(_)) => continue,
+                let text = match incoming(msg) {
+                    Incoming::Closed => return,
+                    Incoming::Skip => continue,
+                    Incoming::Text(t) => t,
                 };
                 let reply = match serde_json::from_str::<Value>(&text) {
                     Err(e) => err_msg("malformed_json", format!("not JSON: {e}")),
@@ -261,10 +276,10 @@ async fn client_session<B: Broker>(st: AppState<B>, mut socket: WebSocket, calle
                 }
             }
             msg = socket.recv() => {
-                let text = match msg {
-                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
-                    Some(Ok(Message::Text(t))) => t,
-                    Some(Ok(_)) => continue,
+                let text = match incoming(msg) {
+                    Incoming::Closed => return,
+                    Incoming::Skip => continue,
+                    Incoming::Text(t) => t,
                 };
                 let reply = client_message(&st, &text, &mut watching, caller.as_ref()).await;
                 if !send(&mut socket, &reply).await {
@@ -364,7 +379,7 @@ async fn client_message<B: Broker>(
 impl ApiError {
     /// The error as a WebSocket message (`{"type":"error","error":{…}}`).
     pub(crate) fn body_with_type(&self) -> Value {
-        let mut v = self.body();
+        let mut v = serde_json::to_value(self.body()).unwrap_or(Value::Null);
         v["type"] = json!("error");
         v
     }

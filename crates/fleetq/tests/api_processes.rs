@@ -1,17 +1,16 @@
 //! Two `fleetq api` processes on one Redis, driven by the CLI: a job submitted through one is seen,
 //! cancelled and streamed through the other, because neither keeps state of its own.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use common::{fleetq, url_in};
 use fleetq_broker::testing::RedisServer;
 use serde_json::Value;
-
-fn fleetq() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_fleetq"))
-}
 
 /// Kills the child when the test ends, passed or not.
 struct Guard(Child);
@@ -49,11 +48,7 @@ fn api(redis: &str, queue: &str) -> (Guard, String) {
     let rx = lines(&mut child);
     // A guard against a hang, not a timing assertion.
     let line = rx.recv_timeout(Duration::from_secs(60)).expect("fleetq api prints its URL");
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no URL in {line:?}"))
-        .to_owned();
+    let url = url_in(&line);
     (Guard(child), url)
 }
 

@@ -1,7 +1,8 @@
 //! The offline commands as an operator runs them: `fleetq explain` and `fleetq openapi`.
 
-use std::process::Command;
+mod common;
 
+use common::fleetq;
 use serde_json::{Value, json};
 
 fn explain(worker: &Value, job: &str) -> (i32, Value, String) {
@@ -10,13 +11,8 @@ fn explain(worker: &Value, job: &str) -> (i32, Value, String) {
     let j = dir.path().join("job.json");
     std::fs::write(&w, worker.to_string()).expect("write");
     std::fs::write(&j, job).expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_fleetq"))
-        .args(["explain", "--worker"])
-        .arg(&w)
-        .arg("--job")
-        .arg(&j)
-        .output()
-        .expect("run fleetq");
+    let out =
+        fleetq().args(["explain", "--worker"]).arg(&w).arg("--job").arg(&j).output().expect("run fleetq");
     let stdout = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     (out.status.code().unwrap_or(-1), stdout, String::from_utf8_lossy(&out.stderr).into_owned())
 }
@@ -55,7 +51,7 @@ fn invalid_input_exits_two_naming_the_problem() {
 
 #[test]
 fn openapi_prints_the_served_document() {
-    let out = Command::new(env!("CARGO_BIN_EXE_fleetq")).arg("openapi").output().expect("run fleetq");
+    let out = fleetq().arg("openapi").output().expect("run fleetq");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let doc: Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
     assert_eq!(doc, fleetq_api::openapi_document());

@@ -2,17 +2,16 @@
 //! (exit 0 on success, non-zero on failure), jobs ls, workers, services; jobs survive a restart;
 //! a public address without tokens is refused.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use common::{fleetq, url_in};
 use serde_json::Value;
-
-fn fleetq() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_fleetq"))
-}
 
 /// Starts `fleetq up` on a free port and returns it with its URL (read from its first line).
 fn up(data: &Path) -> (Child, String) {
@@ -34,11 +33,7 @@ fn up(data: &Path) -> (Child, String) {
     });
     // A guard against a hang, not a timing assertion.
     let line = rx.recv_timeout(Duration::from_secs(60)).expect("fleetq up prints its URL");
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no URL in {line:?}"))
-        .to_owned();
+    let url = url_in(&line);
     (child, url)
 }
 
