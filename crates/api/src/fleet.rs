@@ -8,14 +8,14 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use fleetq_broker::{Broker, ServiceDepth};
+use fleetq_broker::{Broker, ServiceDepth, fleet};
 use fleetq_core::{ConnectorStatus, Event, JobId, Snapshot, WorkerInfo};
 use futures::{Stream, StreamExt};
 use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::jobs::{Params, now_ms, params};
+use crate::jobs::{Params, params};
 use crate::model::{
     self, Activity, ConnectorView, ErrorBody, Instances, MachineView, Machines, ServiceSummary,
     ServiceSummaryReply, Services, Stats, WorkerView, Workers,
@@ -23,18 +23,7 @@ use crate::model::{
 use crate::stats::rfc3339;
 use crate::stream::{Feed, parse_topics, resume_point, topic};
 
-/// Running job ids per worker, from a snapshot.
-fn running_by_worker(snap: &Snapshot) -> BTreeMap<&str, Vec<&str>> {
-    let mut out: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for j in snap.jobs.values().filter(|j| j.status.is_running()) {
-        if let Some(w) = &j.worker_id {
-            out.entry(w.as_str()).or_default().push(j.id.0.as_str());
-        }
-    }
-    out
-}
-
-fn worker_view(w: &WorkerInfo, running: &[&str], stale_ms: i64, now: i64) -> WorkerView {
+fn worker_view(w: &WorkerInfo, running: &[JobId], stale_ms: i64, now: i64) -> WorkerView {
     WorkerView {
         registration: w.registration.clone(),
         registered_at: w.registered_at,
@@ -47,7 +36,7 @@ fn worker_view(w: &WorkerInfo, running: &[&str], stale_ms: i64, now: i64) -> Wor
             })
             .collect(),
         status: if running.is_empty() { Activity::Idle } else { Activity::Busy },
-        current_jobs: running.iter().map(|id| JobId((*id).to_owned())).collect(),
+        current_jobs: running.to_vec(),
     }
 }
 
@@ -62,8 +51,8 @@ fn worker_view(w: &WorkerInfo, running: &[&str], stale_ms: i64, now: i64) -> Wor
 )]
 pub(crate) async fn workers<B: Broker>(State(st): State<AppState<B>>) -> ApiResult<Json<Workers>> {
     let snap = st.broker.snapshot().await?;
-    let running = running_by_worker(&snap);
-    let (stale, now) = (st.config.stale_after.as_millis() as i64, now_ms());
+    let running = fleet::running_by_worker(snap.jobs.values());
+    let (stale, now) = (st.config.stale_after.as_millis() as i64, st.broker.clock().now_ms());
     let list = snap
         .workers
         .values()
@@ -175,7 +164,12 @@ impl Fleet {
     async fn read<B: Broker>(st: &AppState<B>) -> ApiResult<Self> {
         let workers = st.broker.workers().await?;
         let depths = st.broker.queue_depths().await?;
-        Ok(Self { workers, depths, now: now_ms(), stale_ms: st.config.stale_after.as_millis() as i64 })
+        Ok(Self {
+            workers,
+            depths,
+            now: st.broker.clock().now_ms(),
+            stale_ms: st.config.stale_after.as_millis() as i64,
+        })
     }
 
     fn instances(&self) -> BTreeMap<String, Vec<Instance<'_>>> {

@@ -12,8 +12,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use fleetq_broker::{Broker, CancelOutcome, JobFilter, fleet};
-use fleetq_core::{Event, JobId, JobSpec, JobStatus, JobSummary, ValidationError, job_spec_from_value};
+use fleetq_broker::{Broker, CancelOutcome, JobFilter, QueueFilter, fleet};
+use fleetq_core::{Event, JobId, JobSpec, JobStatus, ValidationError, job_spec_from_value};
 use futures::{Stream, StreamExt};
 use serde_json::{Value, json};
 
@@ -24,7 +24,7 @@ use crate::model::{
     BatchSubmitted, CancelResult, Cancelled, ErrorBody, Estimate, JobPage, JobView, MatchingWorkers, Retried,
     Submission, SubmitReply, Submitted, Verdict, WorkerVerdict,
 };
-use crate::stats::{eta_ms, queue_order, queue_position, workers_serving};
+use crate::stats::{eta_ms, workers_serving};
 use crate::stream::{Feed, resume_point};
 
 /// Query parameters as a map, with a JSON error for a malformed query string.
@@ -188,14 +188,13 @@ pub(crate) async fn get<B: Broker>(
     let s = &rec.summary;
     let mut estimate = None;
     if !s.status.is_terminal() {
-        let now = now_ms();
+        let now = st.broker.clock().now_ms();
         let stats = st.stats.estimate(&s.service, s.workflow_id.as_deref());
         let mut position = None;
         let mut workers = 0;
         if s.status == JobStatus::Pending {
-            let snap = st.broker.snapshot().await?;
-            position = queue_position(s, snap.jobs.values(), now);
-            workers = workers_serving(snap.workers.values(), &s.service);
+            position = st.broker.queue_position(&id).await?.map(|p| usize::try_from(p).unwrap_or(usize::MAX));
+            workers = workers_serving(st.broker.workers().await?.iter(), &s.service);
         }
         estimate = Some(Estimate {
             queue_position: position,
@@ -204,12 +203,6 @@ pub(crate) async fn get<B: Broker>(
         });
     }
     Ok(Json(JobView { record: rec, estimate }))
-}
-
-/// Wall-clock time (ms), the broker's own clock.
-pub(crate) fn now_ms() -> i64 {
-    use fleetq_broker::Clock;
-    fleetq_broker::SystemClock.now_ms()
 }
 
 const LIST_PARAMS: &[&str] =
@@ -229,7 +222,7 @@ const LIST_PARAMS: &[&str] =
         ("customer" = Option<String>, Query, description = "Only this customer id"),
         ("limit" = Option<usize>, Query, description = "1–1000 (default 100)"),
         ("cursor" = Option<String>, Query, description = "`next` of the previous page"),
-        ("order" = Option<String>, Query, description = "`newest` (default) or `queue`: pending jobs in claim order"),
+        ("order" = Option<String>, Query, description = "`newest` (default) or `queue`: claimable pending jobs in claim order (its own cursors)"),
     ),
     responses((status = 200, body = JobPage), (status = 400, body = ErrorBody))
 )]
@@ -263,31 +256,24 @@ pub(crate) async fn list<B: Broker>(State(st): State<AppState<B>>, q: Params) ->
     match p.get("order").map(String::as_str) {
         None | Some("newest") => {
             let page = st.broker.jobs(&filter).await?;
-            Ok(Json(JobPage { jobs: page.jobs, next: page.next, seq: None }))
+            Ok(Json(JobPage { jobs: page.jobs, next: page.next }))
         }
         Some("queue") => {
-            if filter.status.is_some_and(|s| s != JobStatus::Pending) || filter.cursor.is_some() {
-                return Err(ApiError::bad_request(
-                    "order",
-                    "queue order lists pending jobs, without a cursor",
-                ));
+            if filter.status.is_some_and(|s| s != JobStatus::Pending) {
+                return Err(ApiError::bad_request("order", "queue order lists pending jobs"));
             }
             if filter.worker.is_some() {
                 return Err(ApiError::bad_request("worker", "pending jobs have no worker; drop order=queue"));
             }
-            let snap = st.broker.snapshot().await?;
-            let keep = |j: &&JobSummary| {
-                filter.service.as_ref().is_none_or(|s| *s == j.service)
-                    && filter.workflow.as_ref().is_none_or(|w| j.workflow_id.as_ref() == Some(w))
-                    && filter.customer.as_ref().is_none_or(|c| j.customer_id.as_ref() == Some(c))
+            let queue = QueueFilter {
+                service: filter.service,
+                workflow: filter.workflow,
+                customer: filter.customer,
+                limit: filter.limit,
+                cursor: filter.cursor,
             };
-            let jobs: Vec<JobSummary> = queue_order(snap.jobs.values(), now_ms())
-                .into_iter()
-                .filter(keep)
-                .take(filter.limit.unwrap_or(100))
-                .cloned()
-                .collect();
-            Ok(Json(JobPage { jobs, next: None, seq: Some(snap.seq) }))
+            let page = st.broker.queue(&queue).await?;
+            Ok(Json(JobPage { jobs: page.jobs, next: page.next }))
         }
         Some(other) => {
             Err(ApiError::bad_request("order", format!("unknown order {other:?} (newest or queue)")))

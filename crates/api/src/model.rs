@@ -98,9 +98,6 @@ pub struct JobPage {
     pub jobs: Vec<JobSummary>,
     /// Cursor of the next page (`cursor=`); null on the last page.
     pub next: Option<String>,
-    /// With `order=queue`: the event sequence the order was read at.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub seq: Option<u64>,
 }
 
 /// What a cancel did.

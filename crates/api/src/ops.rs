@@ -257,13 +257,8 @@ pub(crate) async fn metrics<B: Broker>(State(st): State<AppState<B>>) -> Respons
                         .set(n as f64);
                 }
             }
-            let busy: std::collections::BTreeSet<&str> = snap
-                .jobs
-                .values()
-                .filter(|j| j.status.is_running())
-                .filter_map(|j| j.worker_id.as_deref())
-                .collect();
-            let n_busy = snap.workers.keys().filter(|w| busy.contains(w.as_str())).count();
+            let busy = fleetq_broker::fleet::running_by_worker(snap.jobs.values());
+            let n_busy = snap.workers.keys().filter(|w| busy.contains_key(w.as_str())).count();
             metrics::gauge!("fleetq_workers", "status" => "busy").set(n_busy as f64);
             metrics::gauge!("fleetq_workers", "status" => "idle").set((snap.workers.len() - n_busy) as f64);
             let mut conns: std::collections::BTreeMap<(String, &str), usize> = Default::default();

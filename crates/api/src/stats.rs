@@ -1,8 +1,7 @@
-//! Per-service duration statistics and the estimates built on them: a job's queue position and its
-//! ETA. Pure functions over summaries and samples, so they are tested without I/O; the API feeds them
-//! from the event stream ([`crate::live`]).
+//! Per-service duration statistics and the ETA built on them from a job's queue position (which the
+//! broker answers, [`fleetq_broker::Broker::queue_position`]). Pure functions over summaries and
+//! samples, so they are tested without I/O; the API feeds them from the event stream ([`crate::live`]).
 
-use std::cmp::Reverse;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 
@@ -88,43 +87,6 @@ pub fn durations(samples: impl Iterator<Item = u64>) -> Option<Durations> {
     v.sort_unstable();
     let rank = |p: usize| v[((v.len() * p).div_ceil(100)).clamp(1, v.len()) - 1];
     Some(Durations { p50_ms: rank(50), p90_ms: rank(90), samples: v.len() })
-}
-
-/// The claim order of pending jobs: effective priority (high first), effective time, submission time, id.
-fn queue_key(j: &JobSummary) -> (Reverse<i32>, i64, i64, &str) {
-    (
-        Reverse(j.workflow_priority.unwrap_or(j.priority)),
-        j.workflow_datetime.unwrap_or(j.created_at),
-        j.created_at,
-        j.id.0.as_str(),
-    )
-}
-
-/// Pending jobs that are due, in the order workers claim them (per service; across services the
-/// order is by the same key).
-pub fn queue_order<'a>(jobs: impl Iterator<Item = &'a JobSummary>, now: i64) -> Vec<&'a JobSummary> {
-    let mut v: Vec<&JobSummary> =
-        jobs.filter(|j| j.status == JobStatus::Pending && j.run_at.is_none_or(|t| t <= now)).collect();
-    v.sort_by(|a, b| queue_key(a).cmp(&queue_key(b)));
-    v
-}
-
-/// 1-based position of `job` among the due pending jobs of its service, or `None` when it is not
-/// waiting (running, finished, or delayed by a retry backoff).
-pub fn queue_position<'a>(
-    job: &JobSummary,
-    pending: impl Iterator<Item = &'a JobSummary>,
-    now: i64,
-) -> Option<usize> {
-    if job.status != JobStatus::Pending || job.run_at.is_some_and(|t| t > now) {
-        return None;
-    }
-    let ahead = pending
-        .filter(|j| j.service == job.service && j.id != job.id && j.status == JobStatus::Pending)
-        .filter(|j| j.run_at.is_none_or(|t| t <= now))
-        .filter(|j| queue_key(j) < queue_key(job))
-        .count();
-    Some(ahead + 1)
 }
 
 /// Estimated milliseconds until `job` finishes.
@@ -231,35 +193,6 @@ mod tests {
         assert_eq!(s.estimate("sim", Some("wf")).unwrap().p50_ms, 500);
         assert_eq!(s.estimate("other", None), None);
         assert_eq!(s.services().len(), 1);
-    }
-
-    #[test]
-    fn position_follows_priority_then_time_and_ignores_other_services() {
-        let a = job("a", "sim", 0, 100);
-        let b = job("b", "sim", 5, 200);
-        let c = job("c", "sim", 0, 50);
-        let d = job("d", "other", 9, 1);
-        let mut delayed = job("e", "sim", 9, 1);
-        delayed.run_at = Some(10_000);
-        let all = [a.clone(), b.clone(), c.clone(), d.clone(), delayed.clone()];
-        assert_eq!(queue_position(&b, all.iter(), 1000), Some(1));
-        assert_eq!(queue_position(&c, all.iter(), 1000), Some(2));
-        assert_eq!(queue_position(&a, all.iter(), 1000), Some(3));
-        assert_eq!(queue_position(&d, all.iter(), 1000), Some(1));
-        assert_eq!(queue_position(&delayed, all.iter(), 1000), None, "waiting for its backoff");
-        assert_eq!(queue_position(&delayed, all.iter(), 20_000), Some(1), "due now, and first");
-        let order: Vec<&str> = queue_order(all.iter(), 1000).iter().map(|j| j.id.0.as_str()).collect();
-        assert_eq!(order, ["d", "b", "c", "a"]);
-    }
-
-    #[test]
-    fn workflow_priority_and_datetime_win() {
-        let mut a = job("a", "sim", 0, 100);
-        a.workflow_priority = Some(10);
-        let mut b = job("b", "sim", 10, 50);
-        b.workflow_datetime = Some(200);
-        let all = [a.clone(), b];
-        assert_eq!(queue_position(&a, all.iter(), 1000), Some(1), "same priority, a is older (100 < 200)");
     }
 
     #[test]

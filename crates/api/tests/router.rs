@@ -51,6 +51,14 @@ async fn queue_order_position_and_eta() {
     let order: Vec<&str> =
         page["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
     assert_eq!(order, [high.as_str(), low.as_str()]);
+    // Paged with the queue's own cursors: the second page starts where the first ended.
+    let (_, first_page) = call(&a.router, "GET", "/api/jobs?order=queue&limit=1", None, &[]).await;
+    assert_eq!(first_page["jobs"][0]["id"], high.as_str());
+    let next = first_page["next"].as_str().expect("a cursor to the second page");
+    let (_, second) =
+        call(&a.router, "GET", &format!("/api/jobs?order=queue&limit=1&cursor={next}"), None, &[]).await;
+    assert_eq!(second["jobs"][0]["id"], low.as_str());
+    assert_eq!(second["next"], Value::Null, "the last page");
     let (_, job) = call(&a.router, "GET", &format!("/api/jobs/{low}"), None, &[]).await;
     assert_eq!(job["queue_position"], 2);
     // The statistics fold runs beside the router; wait for it to see the completion.

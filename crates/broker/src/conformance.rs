@@ -14,7 +14,7 @@ use fleetq_core::{
 use serde_json::{Value, json};
 
 pub use crate::testing::Fixture;
-use crate::{Broker, BrokerError, CancelOutcome, FailOutcome, JobFilter, LeaseRef};
+use crate::{Broker, BrokerError, CancelOutcome, FailOutcome, JobFilter, LeaseRef, QueueFilter};
 
 /// Instantiates every conformance case as a `#[tokio::test]` calling `$make().await` for its fixture.
 #[macro_export]
@@ -32,7 +32,8 @@ macro_rules! conformance_tests {
             worker_presence_lifecycle, connector_status_changes_only, machine_events_fold,
             job_listing_pages, oversized_result_is_refused, events_after_waits_for_news,
             complete_and_claim_hands_over_next_job, lease_renewal_extends_deadline,
-            event_log_is_capped_by_age, matching_workers_explain_the_fleet, queue_depths_per_service);
+            event_log_is_capped_by_age, matching_workers_explain_the_fleet, queue_depths_per_service,
+            queue_position_and_order_at_a_large_backlog);
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
         $(
@@ -1086,4 +1087,114 @@ pub async fn queue_depths_per_service<B: Broker>(fx: Fixture<B>) {
     assert_eq!(depths.len(), 2, "{depths:?}");
     assert_eq!(depths["a:b"], want(4, 1, 1), "a:b, whose name has a colon like partition keys");
     assert_eq!(depths["other"], want(1, 0, 0));
+}
+
+/// Every page of a queue listing, in order.
+async fn queue_walk<B: Broker>(b: &B, mut filter: QueueFilter) -> Vec<JobId> {
+    let mut out = Vec::new();
+    loop {
+        let page = b.queue(&filter).await.expect("queue page");
+        out.extend(page.jobs.into_iter().map(|j| j.id));
+        match page.next {
+            Some(next) => filter.cursor = Some(next),
+            None => return out,
+        }
+    }
+}
+
+/// Queue positions and the queue listing come from the broker's own order, exact well above the
+/// snapshot's 1,000 pending jobs: ties of priority and time are broken by submission, workflow
+/// fields win, other services, partitions, delayed, running and finished jobs are counted right.
+pub async fn queue_position_and_order_at_a_large_backlog<B: Broker>(fx: Fixture<B>) {
+    const N: usize = 2_500;
+    let b = fx.broker.as_ref();
+    let t0 = crate::testing::T0;
+    // (service, effective priority, effective time, submission index, customer, workflow)
+    let mut specs = Vec::with_capacity(N);
+    let mut keys = Vec::with_capacity(N);
+    for i in 0..N {
+        let service = if i % 5 == 0 { "other" } else { "simulation" };
+        let mut spec = JobSpec::new(service, json!(i));
+        spec.priority = (i % 3) as i32 - 1;
+        if i % 2 == 1 {
+            spec.requirements =
+                fleetq_core::Requirements::parse(&json!({"gpu": "a"}), "requirements").expect("requirements");
+        }
+        if i % 11 == 0 {
+            spec.customer_id = Some("acme".into());
+        }
+        if i % 7 == 0 {
+            spec.workflow_id = Some("wf".into());
+            spec.workflow_priority = Some(5);
+            spec.workflow_datetime = Some(t0 - 1000 * (i % 4) as i64);
+        }
+        keys.push((
+            service,
+            std::cmp::Reverse(spec.effective_priority()),
+            spec.effective_time(t0),
+            i,
+            spec.customer_id.clone(),
+            spec.workflow_id.clone(),
+        ));
+        specs.push(spec);
+    }
+    let mut ids = Vec::with_capacity(N);
+    for chunk in specs.chunks(500) {
+        ids.extend(b.submit_batch(chunk.to_vec()).await.expect("batch").into_iter().map(|s| s.id));
+    }
+    let mut order: Vec<usize> = (0..N).collect();
+    order.sort_by_key(|&i| (keys[i].1, keys[i].2, keys[i].3));
+    let expect = |pred: &dyn Fn(usize) -> bool| -> Vec<JobId> {
+        order.iter().copied().filter(|&i| pred(i)).map(|i| ids[i].clone()).collect()
+    };
+    let sim_order = expect(&|i| keys[i].0 == "simulation");
+    let position_of =
+        |id: &JobId, in_order: &[JobId]| in_order.iter().position(|x| x == id).map(|p| p as u64 + 1);
+
+    for i in (0..N).step_by(97).chain([N - 1]) {
+        let service_order = expect(&|k| keys[k].0 == keys[i].0);
+        assert_eq!(
+            b.queue_position(&ids[i]).await.expect("position"),
+            position_of(&ids[i], &service_order),
+            "job {i}"
+        );
+    }
+    let sim = QueueFilter { service: Some("simulation".into()), limit: Some(1000), ..QueueFilter::default() };
+    assert_eq!(queue_walk(b, sim.clone()).await, sim_order, "one service, paged");
+    assert_eq!(queue_walk(b, QueueFilter::default()).await, expect(&|_| true), "every service, paged");
+    let wf = QueueFilter { workflow: Some("wf".into()), limit: Some(50), ..QueueFilter::default() };
+    assert_eq!(queue_walk(b, wf).await, expect(&|i| keys[i].5.is_some()), "one workflow");
+    let acme = QueueFilter {
+        service: Some("other".into()),
+        customer: Some("acme".into()),
+        limit: Some(7),
+        ..QueueFilter::default()
+    };
+    assert_eq!(
+        queue_walk(b, acme).await,
+        expect(&|i| keys[i].0 == "other" && keys[i].4.is_some()),
+        "one customer of one service"
+    );
+
+    // The head runs: it leaves the queue and every later job moves up by one.
+    b.register_worker(worker("w", &["simulation"], json!({"gpu": "a"}))).await.expect("reg");
+    let lease = claim_now(b, "w").await.expect("claim");
+    assert_eq!(lease.job.summary.id, sim_order[0], "the claim takes the queue's head");
+    assert_eq!(b.queue_position(&sim_order[0]).await.expect("position"), None, "running");
+    assert_eq!(b.queue_position(&sim_order[1]).await.expect("position"), Some(1));
+    assert_eq!(b.queue_position(&sim_order[1500]).await.expect("position"), Some(1500));
+    // A retry backoff takes it out of the queue; finished and unknown jobs have no place.
+    let out = b.fail(&lease.as_ref(), JobError::retryable(FailureCategory::Connection, "down")).await;
+    assert!(matches!(out, Ok(FailOutcome::Retrying { .. })), "{out:?}");
+    assert_eq!(b.queue_position(&sim_order[0]).await.expect("position"), None, "delayed");
+    assert_eq!(
+        b.queue(&sim).await.expect("page").jobs.first().map(|j| j.id.clone()),
+        Some(sim_order[1].clone())
+    );
+    b.cancel(&sim_order[1]).await.expect("cancel");
+    assert_eq!(b.queue_position(&sim_order[1]).await.expect("position"), None, "cancelled");
+    assert_eq!(b.queue_position(&sim_order[2]).await.expect("position"), Some(1));
+    assert_eq!(b.queue_position(&JobId("nope".into())).await.expect("position"), None);
+    let bad = QueueFilter { cursor: Some("garbage".into()), ..QueueFilter::default() };
+    assert!(matches!(b.queue(&bad).await, Err(BrokerError::Invalid(e)) if e.field == "cursor"));
 }

@@ -45,13 +45,13 @@
 //!
 //! # Layout
 //! - [`Broker`] and the types it speaks ([`Lease`], [`LeaseRef`], …), [`BrokerError`];
-//! - [`clock`]: wall time behind a trait so tests control it;
+//! - [`Clock`] (from core): wall time behind a trait so tests control it; [`Broker::clock`] is the
+//!   one every caller of a broker reads;
 //! - [`embedded`], [`redis`]: the backends;
 //! - [`subscribe`]: a live event stream on top of any backend;
 //! - [`fleet`]: fleet queries on top of any backend (matching workers for a job);
 //! - `conformance` and `testing` (feature `test-utils`): the suite and a `redis-server` harness.
 
-pub mod clock;
 pub mod embedded;
 pub mod fleet;
 pub mod redis;
@@ -65,6 +65,7 @@ pub mod testing;
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use fleetq_core::{
@@ -76,7 +77,7 @@ use serde_json::Value;
 pub use subscribe::subscribe;
 use thiserror::Error;
 
-pub use crate::clock::{Clock, ManualClock, SystemClock};
+pub use fleetq_core::clock::{Clock, ManualClock, SystemClock};
 
 /// Errors of every broker operation.
 #[derive(Debug, Error)]
@@ -118,9 +119,35 @@ pub enum BrokerError {
     /// Stored data could not be decoded (a bug or a foreign writer).
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
+    /// The embedded store's group transaction did not commit (disk full, I/O error): nothing of
+    /// the operation was kept; it may succeed when tried again.
+    #[error("the store could not commit the change; nothing was kept")]
+    CommitFailed,
     /// The backend was shut down.
     #[error("broker is closed")]
     Closed,
+}
+
+impl BrokerError {
+    /// The operation may succeed when tried again unchanged: the backend was briefly unreachable,
+    /// busy or failed to write (a Redis restart or network blip, a locked or full SQLite file).
+    /// Answers about the operation itself (invalid, lease lost, not found, …) are not transient.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Redis(_) | Self::CommitFailed => true,
+            Self::Sqlite(e) => matches!(
+                e.sqlite_error_code(),
+                Some(
+                    rusqlite::ErrorCode::DatabaseBusy
+                        | rusqlite::ErrorCode::DatabaseLocked
+                        | rusqlite::ErrorCode::SystemIoFailure
+                        | rusqlite::ErrorCode::DiskFull
+                        | rusqlite::ErrorCode::OutOfMemory
+                )
+            ),
+            _ => false,
+        }
+    }
 }
 
 /// Result alias of this crate.
@@ -301,6 +328,47 @@ pub struct JobFilter {
     pub cursor: Option<String>,
 }
 
+/// A page request over claimable pending jobs, in claim order ([`fleetq_core::OrderKey`]: effective
+/// priority, effective time, submission). Jobs waiting for a retry backoff are not in it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueFilter {
+    /// Only this service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Only this workflow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
+    /// Only this customer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer: Option<String>,
+    /// Page size (default 100, at most 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    /// Continue after this cursor (from [`JobPage::next`] of a queue page).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+}
+
+impl QueueFilter {
+    /// The page size, clamped like [`JobFilter::limit`].
+    pub(crate) fn page_limit(&self) -> usize {
+        self.limit.unwrap_or(100).clamp(1, 1000)
+    }
+
+    /// The cursor, refused unless it is an encoded order key.
+    pub(crate) fn checked_cursor(&self) -> Result<Option<&str>> {
+        match self.cursor.as_deref() {
+            None => Ok(None),
+            Some(c)
+                if c.len() == fleetq_core::order::ENCODED_LEN && c.bytes().all(|b| b.is_ascii_hexdigit()) =>
+            {
+                Ok(Some(c))
+            }
+            Some(_) => Err(ValidationError::new("cursor", "not a queue cursor of this broker").into()),
+        }
+    }
+}
+
 /// A page of jobs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobPage {
@@ -316,6 +384,10 @@ pub struct JobPage {
 pub trait Broker: Send + Sync + 'static {
     /// The configuration in force.
     fn config(&self) -> &BrokerConfig;
+
+    /// The clock this broker stamps times with; callers computing with broker times (leases, ETAs,
+    /// staleness) read this one, so a test's [`ManualClock`] moves them all.
+    fn clock(&self) -> &Arc<dyn Clock>;
 
     /// Validates and enqueues a job. An idempotency key already used returns that job.
     fn submit(&self, spec: JobSpec) -> impl Future<Output = Result<Submitted>> + Send;
@@ -393,6 +465,14 @@ pub trait Broker: Send + Sync + 'static {
     /// A page of jobs, newest first.
     fn jobs(&self, filter: &JobFilter) -> impl Future<Output = Result<JobPage>> + Send;
 
+    /// The 1-based place of a claimable pending job among its service's claimable jobs, in claim
+    /// order; `None` when the job is not waiting in the queue (delayed by a retry backoff, running,
+    /// finished, or unknown). Exact at any backlog; an index count, never a scan of the jobs.
+    fn queue_position(&self, id: &JobId) -> impl Future<Output = Result<Option<u64>>> + Send;
+
+    /// A page of claimable pending jobs in claim order (see [`QueueFilter`]).
+    fn queue(&self, filter: &QueueFilter) -> impl Future<Output = Result<JobPage>> + Send;
+
     /// Registered workers.
     fn workers(&self) -> impl Future<Output = Result<Vec<WorkerInfo>>> + Send;
 
@@ -454,4 +534,30 @@ pub(crate) fn encode_result(config: &BrokerConfig, result: &Value) -> Result<Str
         return Err(BrokerError::ResultTooLarge { size: text.len(), limit: config.max_result_bytes });
     }
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sqlite(code: i32) -> BrokerError {
+        BrokerError::Sqlite(rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None))
+    }
+
+    #[test]
+    fn transient_errors_are_the_backends_not_the_operations() {
+        // SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR, SQLITE_FULL: the embedded store's busy and I/O errors.
+        for code in [5, 6, 10, 13] {
+            assert!(sqlite(code).is_transient(), "sqlite code {code}");
+        }
+        assert!(BrokerError::CommitFailed.is_transient());
+        let io = ::redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset"));
+        assert!(BrokerError::Redis(io).is_transient());
+        // SQLITE_CONSTRAINT and the operation's own answers are final.
+        assert!(!sqlite(19).is_transient());
+        assert!(!BrokerError::LeaseLost(JobId("j".into())).is_transient());
+        assert!(!BrokerError::Closed.is_transient());
+        assert!(!BrokerError::Corrupt("x".into()).is_transient());
+        assert!(!BrokerError::Invalid(ValidationError::new("f", "bad")).is_transient());
+    }
 }

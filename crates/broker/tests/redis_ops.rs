@@ -140,3 +140,38 @@ async fn each_process_holds_jobs_for_its_own_lease() {
         fleetq_broker::testing::T0 + 50_000
     );
 }
+
+/// A queue written before the service queues existed (library < 13: no `sq:`/`aq`, no marker) is
+/// indexed once on connect, so its pending jobs have exact positions and a queue listing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_queue_is_indexed_for_positions_on_connect() {
+    let server = RedisServer::shared();
+    let broker = RedisBroker::connect(&server.url, "reindex", test_config()).await.expect("connect");
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let mut spec = JobSpec::new(if i % 3 == 0 { "other" } else { "simulation" }, json!(i));
+        spec.priority = i % 2;
+        ids.push((spec.priority, i, broker.submit(spec).await.expect("submit").id));
+    }
+    let client = redis::Client::open(server.url.as_str()).expect("client");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connection");
+    let prefix = broker.prefix().to_owned();
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{prefix}sq:*")).query_async(&mut conn).await.expect("keys");
+    assert_eq!(keys.len(), 2, "one queue per service: {keys:?}");
+    let mut del = redis::cmd("DEL");
+    del.arg(&keys).arg(format!("{prefix}aq")).arg(format!("{prefix}qix"));
+    del.query_async::<()>(&mut conn).await.expect("forget the index");
+    let gone = broker.queue_position(&ids[1].2).await.expect("position");
+    assert_eq!(gone, None, "without the index the job has no place: the index is what answers");
+
+    let again = RedisBroker::connect(&server.url, "reindex", test_config()).await.expect("reconnect");
+    // simulation jobs: i % 3 != 0; priority 1 first, then submission order.
+    let mut sim: Vec<_> = ids.iter().filter(|(_, i, _)| i % 3 != 0).collect();
+    sim.sort_by_key(|(p, i, _)| (std::cmp::Reverse(*p), *i));
+    for (place, (_, _, id)) in sim.iter().enumerate() {
+        assert_eq!(again.queue_position(id).await.expect("position"), Some(place as u64 + 1));
+    }
+    let page = again.queue(&fleetq_broker::QueueFilter::default()).await.expect("queue");
+    assert_eq!(page.jobs.len(), 30);
+}

@@ -36,6 +36,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod clock;
 pub mod event;
 pub mod job;
 pub mod matching;
@@ -46,6 +47,7 @@ pub mod state;
 pub mod validate;
 pub mod worker;
 
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use event::{Event, EventKind, Snapshot};
 pub use job::{FailureCategory, JobError, JobId, JobRecord, JobSpec, JobStatus, JobSummary, Outcome};
 pub use matching::{Match, explain, matches_partition, matching_partitions};

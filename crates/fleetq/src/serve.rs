@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args as ClapArgs;
 use fleetq_api::{ApiConfig, Tokens};
-use fleetq_broker::Clock as _;
 use fleetq_broker::embedded::EmbeddedBroker;
 use fleetq_broker::redis::RedisBroker;
 use fleetq_broker::{Broker, BrokerConfig};
@@ -220,7 +219,7 @@ async fn stack<B: Broker>(
         phase: phase.into(),
         step: None,
         message,
-        at: fleetq_broker::SystemClock.now_ms(),
+        at: broker.clock().now_ms(),
     };
     let mut tasks = tokio::task::JoinSet::new();
     if args.workers > 0 {

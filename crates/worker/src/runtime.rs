@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleetq_broker::{Broker, BrokerError, Clock, Lease, LeaseRef, LeaseState, SystemClock};
+use fleetq_broker::{Broker, BrokerError, Lease, LeaseRef, LeaseState};
 use fleetq_connectors::{CancellationToken, Connector, ConnectorError, ProgressSink};
 use fleetq_core::{
     ConnectorReport, ConnectorStatus, FailureCategory, JobError, ValidationError, WorkerRegistration,
@@ -177,7 +177,7 @@ impl<B: Broker> Worker<B> {
                 service: service.clone(),
                 status: ConnectorStatus::Starting,
                 message: None,
-                at: SystemClock.now_ms(),
+                at: self.broker.clock().now_ms(),
                 info: None,
             };
             if let Err(e) = self.broker.report_connector(self.id(), report).await {
@@ -308,7 +308,7 @@ impl<B: Broker> Worker<B> {
                 service: service.clone(),
                 status: h.status,
                 message: h.message,
-                at: SystemClock.now_ms(),
+                at: self.broker.clock().now_ms(),
                 info: h.info,
             };
             if let Err(e) = self.broker.report_connector(self.id(), report).await {
@@ -349,7 +349,7 @@ impl<B: Broker> Worker<B> {
             };
             // Renew at a third of the lease actually granted (the deadline is what counts: it
             // already lost the claim's round trip).
-            let granted_ms = (lease.deadline_ms - SystemClock.now_ms()).clamp(30, self.broker.config().lease_ms.max(30));
+            let granted_ms = (lease.deadline_ms - self.broker.clock().now_ms()).clamp(30, self.broker.config().lease_ms.max(30));
             // At most every 2 s: a renewal is also how a quiet job hears that it was cancelled.
             let renew_every = Duration::from_millis((granted_ms / 3).min(2000) as u64);
             let mut renew = tokio::time::interval_at(started + renew_every, renew_every);
@@ -453,7 +453,7 @@ impl<B: Broker> Worker<B> {
                     info!(elapsed_ms, stop = ?stop, "job attempt ended");
                     return;
                 }
-                Err(BrokerError::Redis(e)) if Instant::now() < give_up => {
+                Err(e) if e.is_transient() && Instant::now() < give_up => {
                     warn!(error = %e, "could not end the job attempt; retrying");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(2));

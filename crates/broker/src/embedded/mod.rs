@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use self::state::State;
 use crate::{
     Broker, BrokerConfig, BrokerError, CancelOutcome, Clock, FailOutcome, JobFilter, JobPage, Lease,
-    LeaseRef, LeaseState, ReapReport, Result, Submitted, SystemClock,
+    LeaseRef, LeaseState, QueueFilter, ReapReport, Result, Submitted, SystemClock,
 };
 
 type Reply = Box<dyn FnOnce(bool) + Send>;
@@ -44,6 +44,7 @@ pub struct EmbeddedBroker {
     job_wake: Arc<Notify>,
     /// The last committed event sequence.
     seq_rx: watch::Receiver<u64>,
+    clock: Arc<dyn Clock>,
 }
 
 impl EmbeddedBroker {
@@ -59,7 +60,7 @@ impl EmbeddedBroker {
         clock: Arc<dyn Clock>,
     ) -> Result<Self> {
         let job_wake = Arc::new(Notify::new());
-        let state = State::open(path.as_ref(), config.clone(), clock)?;
+        let state = State::open(path.as_ref(), config.clone(), clock.clone())?;
         let (seq_tx, seq_rx) = watch::channel(state.committed_seq());
         let (tx, rx) = mpsc::channel::<Cmd>();
         let wake = job_wake.clone();
@@ -67,7 +68,7 @@ impl EmbeddedBroker {
             .name("fleetq-sqlite".into())
             .spawn(move || writer_loop(state, rx, wake, seq_tx))
             .map_err(|e| BrokerError::Corrupt(format!("cannot start the writer thread: {e}")))?;
-        Ok(Self { tx, config, job_wake, seq_rx })
+        Ok(Self { tx, config, job_wake, seq_rx, clock })
     }
 
     /// Runs `f` on the writer thread inside a savepoint; resolves after the commit.
@@ -79,8 +80,7 @@ impl EmbeddedBroker {
         let cmd: Cmd = Box::new(move |st: &mut State| {
             let out = st.savepoint(f);
             Box::new(move |committed: bool| {
-                let out =
-                    if committed { out } else { out.and(Err(BrokerError::Corrupt("commit failed".into()))) };
+                let out = if committed { out } else { out.and(Err(BrokerError::CommitFailed)) };
                 let _ = reply_tx.send(out);
             })
         });
@@ -128,6 +128,10 @@ fn writer_loop(mut st: State, rx: mpsc::Receiver<Cmd>, job_wake: Arc<Notify>, se
 impl Broker for EmbeddedBroker {
     fn config(&self) -> &BrokerConfig {
         &self.config
+    }
+
+    fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
     }
 
     async fn submit(&self, spec: JobSpec) -> Result<Submitted> {
@@ -253,6 +257,16 @@ impl Broker for EmbeddedBroker {
     async fn jobs(&self, filter: &JobFilter) -> Result<JobPage> {
         let filter = filter.clone();
         self.call(move |st| st.jobs(&filter)).await
+    }
+
+    async fn queue_position(&self, id: &JobId) -> Result<Option<u64>> {
+        let id = id.clone();
+        self.call(move |st| st.queue_position(&id)).await
+    }
+
+    async fn queue(&self, filter: &QueueFilter) -> Result<JobPage> {
+        let filter = filter.clone();
+        self.call(move |st| st.queue(&filter)).await
     }
 
     async fn workers(&self) -> Result<Vec<WorkerInfo>> {

@@ -26,6 +26,9 @@ CREATE TABLE IF NOT EXISTS jobs (
 ) STRICT;
 CREATE INDEX IF NOT EXISTS jobs_claim   ON jobs(partition, order_key) WHERE claimable = 1;
 CREATE INDEX IF NOT EXISTS jobs_wf      ON jobs(workflow_id, order_key) WHERE claimable = 1;
+-- queue order and position per service and across services (a position is an index range count).
+CREATE INDEX IF NOT EXISTS jobs_queue   ON jobs(service, order_key) WHERE claimable = 1;
+CREATE INDEX IF NOT EXISTS jobs_order   ON jobs(order_key) WHERE claimable = 1;
 CREATE INDEX IF NOT EXISTS jobs_delayed ON jobs(run_at) WHERE status = 'pending' AND claimable = 0;
 CREATE INDEX IF NOT EXISTS jobs_lease   ON jobs(lease_deadline) WHERE lease_deadline IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_list    ON jobs(created_at, id);

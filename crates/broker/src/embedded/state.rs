@@ -14,7 +14,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{
     BrokerConfig, BrokerError, CancelOutcome, Clock, FailOutcome, JobFilter, JobPage, Lease, LeaseRef,
-    LeaseState, ReapReport, Result, Submitted, new_job_id, page_limit,
+    LeaseState, QueueFilter, ReapReport, Result, Submitted, new_job_id, page_limit,
 };
 
 const SCHEMA: &str = include_str!("schema.sql");
@@ -29,6 +29,24 @@ const HEAD_SQL: &str = "SELECT order_key, id, avoid_worker, avoid_until FROM job
 /// The best claimable jobs of one workflow (workflow-restricted workers).
 const WORKFLOW_SQL: &str = "SELECT order_key, id, partition, avoid_worker, avoid_until FROM jobs
      WHERE claimable = 1 AND workflow_id = ?1 ORDER BY order_key LIMIT 256";
+/// A claimable job's place among its service's claimable jobs: an index range count.
+const POSITION_SQL: &str = "SELECT COUNT(*) FROM jobs INDEXED BY jobs_queue
+     WHERE claimable = 1 AND service = ?1 AND order_key < ?2";
+/// Claimable jobs of one service in claim order, after a cursor.
+const QUEUE_SERVICE_SQL: &str = "SELECT summary FROM jobs INDEXED BY jobs_queue
+     WHERE claimable = 1 AND service = ?1 AND order_key > ?2
+       AND (?3 IS NULL OR workflow_id = ?3) AND (?4 IS NULL OR json_extract(summary, '$.customer_id') = ?4)
+     ORDER BY order_key LIMIT ?5";
+/// Claimable jobs of one workflow in claim order, after a cursor.
+const QUEUE_WORKFLOW_SQL: &str = "SELECT summary FROM jobs INDEXED BY jobs_wf
+     WHERE claimable = 1 AND workflow_id = ?3 AND order_key > ?2
+       AND (?1 IS NULL OR service = ?1) AND (?4 IS NULL OR json_extract(summary, '$.customer_id') = ?4)
+     ORDER BY order_key LIMIT ?5";
+/// Every claimable job in claim order, after a cursor.
+const QUEUE_ALL_SQL: &str = "SELECT summary FROM jobs INDEXED BY jobs_order
+     WHERE claimable = 1 AND order_key > ?2 AND (?1 IS NULL OR service = ?1) AND (?3 IS NULL OR workflow_id = ?3)
+       AND (?4 IS NULL OR json_extract(summary, '$.customer_id') = ?4)
+     ORDER BY order_key LIMIT ?5";
 /// Expired leases.
 const EXPIRED_SQL: &str = "SELECT id FROM jobs WHERE lease_deadline IS NOT NULL AND lease_deadline <= ?1
      ORDER BY lease_deadline LIMIT ?2";
@@ -972,6 +990,46 @@ impl State {
         Ok(JobPage { jobs, next })
     }
 
+    pub(super) fn queue_position(&mut self, id: &JobId) -> Result<Option<u64>> {
+        let row: Option<(String, String, bool)> = self
+            .conn
+            .prepare_cached("SELECT service, order_key, claimable FROM jobs WHERE id = ?1")?
+            .query_row([&id.0], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        let Some((service, order, true)) = row else { return Ok(None) };
+        let ahead: i64 =
+            self.conn.prepare_cached(POSITION_SQL)?.query_row(params![service, order], |r| r.get(0))?;
+        Ok(Some(ahead as u64 + 1))
+    }
+
+    pub(super) fn queue(&mut self, filter: &QueueFilter) -> Result<JobPage> {
+        let limit = filter.page_limit();
+        let after = filter.checked_cursor()?.unwrap_or("");
+        let sql = match (&filter.workflow, &filter.service) {
+            (Some(_), _) => QUEUE_WORKFLOW_SQL,
+            (None, Some(_)) => QUEUE_SERVICE_SQL,
+            (None, None) => QUEUE_ALL_SQL,
+        };
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        // One row more than the page tells whether another page follows.
+        let rows = stmt.query_map(
+            params![filter.service, after, filter.workflow, filter.customer, (limit + 1) as i64],
+            |r| r.get::<_, String>(0),
+        )?;
+        let mut jobs = rows.map(|row| self.parse_summary(&row?)).collect::<Result<Vec<_>>>()?;
+        let more = jobs.len() > limit;
+        jobs.truncate(limit);
+        let next = match jobs.last().filter(|_| more) {
+            Some(last) => Some(
+                self.conn
+                    .prepare_cached("SELECT order_key FROM jobs WHERE id = ?1")?
+                    .query_row([&last.id.0], |r| r.get::<_, String>(0))?,
+            ),
+            None => None,
+        };
+        Ok(JobPage { jobs, next })
+    }
+
     pub(super) fn workers(&mut self) -> Result<Vec<WorkerInfo>> {
         let mut out: Vec<WorkerInfo> = self.workers.values().cloned().collect();
         out.sort_by(|a, b| a.registration.worker_id.cmp(&b.registration.worker_id));
@@ -1049,8 +1107,19 @@ mod tests {
             (WORKFLOW_SQL, "jobs_wf"),
             (EXPIRED_SQL, "jobs_lease"),
             (PROMOTE_SQL, "jobs_delayed"),
+            (POSITION_SQL, "jobs_queue"),
+            (QUEUE_SERVICE_SQL, "jobs_queue"),
+            (QUEUE_WORKFLOW_SQL, "jobs_wf"),
+            (QUEUE_ALL_SQL, "jobs_order"),
         ] {
-            let p = plan(&conn, &sql.replace("?1", "1").replace("?2", "1"));
+            let p = plan(
+                &conn,
+                &sql.replace("?1", "'s'")
+                    .replace("?2", "''")
+                    .replace("?3", "'w'")
+                    .replace("?4", "NULL")
+                    .replace("?5", "10"),
+            );
             assert!(p.contains(&format!("INDEX {index}")), "{index}: {p}");
             assert!(!p.contains("TEMP B-TREE"), "{index} sorts: {p}");
             assert!(!p.starts_with("SCAN"), "{index} scans: {p}");

@@ -9,7 +9,7 @@
 -- Order keys are never compared with Lua's `<` on strings (strcoll): see `key_less`. Only fixed,
 -- short field lists are ever unpacked.
 
-local VERSION = '12'
+local VERSION = '13'
 
 -- A job's state is one JSON object of strings at `j:{id}` (absent optional fields are omitted),
 -- decoded and encoded by Redis's C cjson; its spec is at `s:{id}`, its outcome at `o:{id}`.
@@ -84,9 +84,13 @@ local function wake(P, list)
   redis.call('LTRIM', P .. 'wake:' .. list, 0, 63)
 end
 
+-- A claimable job is in its partition's queue (claims), its service's queue `sq:` and the queue of
+-- all services `aq` (queue order and position: ZRANK is O(log n)), and its workflow's queue.
 local function enqueue(P, j)
   local m = j.order .. j.id
   redis.call('ZADD', P .. 'pq:' .. j.partition, 0, m)
+  redis.call('ZADD', P .. 'sq:' .. j.service, 0, m)
+  redis.call('ZADD', P .. 'aq', 0, m)
   if j.workflow_id then redis.call('ZADD', P .. 'wfq:' .. j.workflow_id, 0, m) end
   wake(P, 'p:' .. j.partition)
 end
@@ -94,6 +98,8 @@ end
 local function dequeue(P, j)
   local m = j.order .. j.id
   redis.call('ZREM', P .. 'pq:' .. j.partition, m)
+  redis.call('ZREM', P .. 'sq:' .. j.service, m)
+  redis.call('ZREM', P .. 'aq', m)
   if j.workflow_id then redis.call('ZREM', P .. 'wfq:' .. j.workflow_id, m) end
   if j.run_at then redis.call('ZREM', P .. 'delayed', j.id) end
 end
@@ -324,6 +330,8 @@ redis.register_function('fq_submit', function(keys, argv)
       if idem ~= '' then redis.call('SET', P .. 'idem:' .. idem, j.id) end
       local m = j.order .. j.id
       redis.call('ZADD', P .. 'pq:' .. part, 0, m)
+      redis.call('ZADD', P .. 'sq:' .. service, 0, m)
+      redis.call('ZADD', P .. 'aq', 0, m)
       if j.workflow_id then redis.call('ZADD', P .. 'wfq:' .. j.workflow_id, 0, m) end
       woken[part] = (woken[part] or 0) + 1
       redis.call('ZADD', P .. 'ix:all', 0, j.ckey .. j.id)
@@ -615,6 +623,79 @@ redis.register_function{function_name = 'fq_jobs', flags = {'no-writes'}, callba
     next_cursor = ''
   end
   if #out < limit and scanned >= 10000 and last then next_cursor = last end
+  return {next_cursor, out}
+end}
+
+-- Builds the service and all-services queues (`sq:`, `aq`) of a queue written by a library
+-- older than version 13, once (marker `qix`). Returns the number of jobs indexed.
+redis.register_function('fq_reindex', function(keys)
+  local P = keys[1]
+  if redis.call('GET', P .. 'qix') == '1' then return 0 end
+  local n = 0
+  for _, p in ipairs(redis.call('HKEYS', P .. 'parts')) do
+    local service = string.match(p, '^(.*):[^:]*$')
+    local start = '-'
+    while true do
+      local batch = redis.call('ZRANGE', P .. 'pq:' .. p, start, '+', 'BYLEX', 'LIMIT', 0, 1000)
+      if #batch == 0 then break end
+      for _, m in ipairs(batch) do
+        redis.call('ZADD', P .. 'sq:' .. service, 0, m)
+        redis.call('ZADD', P .. 'aq', 0, m)
+        start = '(' .. m
+      end
+      n = n + #batch
+    end
+  end
+  redis.call('SET', P .. 'qix', '1')
+  return n
+end)
+
+-- ARGV: id. The 1-based place of a claimable job in its service's queue, or false.
+redis.register_function{function_name = 'fq_position', flags = {'no-writes'}, callback = function(keys, argv)
+  local P = keys[1]
+  local j = load(P, argv[1])
+  if not j or j.status ~= 'pending' or j.run_at then return false end
+  local r = redis.call('ZRANK', P .. 'sq:' .. j.service, j.order .. j.id)
+  if not r then return false end
+  return r + 1
+end}
+
+-- ARGV: service, workflow, customer ('' = all), cursor (an order key, '' = from the head), limit.
+-- Claimable jobs in claim order from the narrowest queue that holds them; a call reads at most
+-- 10,000 members and returns a cursor to continue from ('' at the end).
+redis.register_function{function_name = 'fq_queue', flags = {'no-writes'}, callback = function(keys, argv)
+  local P = keys[1]
+  local service, workflow, customer = argv[1], argv[2], argv[3]
+  local limit = tonumber(argv[5])
+  local set = P .. 'aq'
+  if workflow ~= '' then set = P .. 'wfq:' .. workflow elseif service ~= '' then set = P .. 'sq:' .. service end
+  local start = '-'
+  if argv[4] ~= '' then start = '(' .. argv[4] .. '\255' end
+  local out, scanned, last, taken, full = {}, 0, nil, nil, false
+  while not full and scanned < 10000 do
+    local batch = redis.call('ZRANGE', set, start, '+', 'BYLEX', 'LIMIT', 0, 256)
+    if #batch == 0 then break end
+    for _, m in ipairs(batch) do
+      scanned = scanned + 1
+      start = '(' .. m
+      last = m
+      local j = load(P, string.sub(m, 37))
+      if j and (service == '' or j.service == service) and (customer == '' or j.customer_id == customer) then
+        if #out == limit then
+          full = true
+          break
+        end
+        out[#out + 1] = view_of(P, j)
+        taken = m
+      end
+    end
+  end
+  local next_cursor = ''
+  if full then
+    next_cursor = string.sub(taken, 1, 36)
+  elseif scanned >= 10000 and last then
+    next_cursor = string.sub(last, 1, 36)
+  end
   return {next_cursor, out}
 end}
 

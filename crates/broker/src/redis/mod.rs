@@ -38,12 +38,12 @@ use tokio::time::Instant;
 use self::codec::{corrupt, event_from_entry, initial_state, items, pairs, summary_value, text, text_at};
 use crate::{
     Broker, BrokerConfig, BrokerError, CancelOutcome, Clock, FailOutcome, JobFilter, JobPage, Lease,
-    LeaseRef, LeaseState, ReapReport, Result, Submitted, SystemClock, new_job_id, page_limit,
+    LeaseRef, LeaseState, QueueFilter, ReapReport, Result, Submitted, SystemClock, new_job_id, page_limit,
 };
 
 const LIBRARY: &str = include_str!("fleetq.lua");
 /// The version the function library reports (`FCALL fq_version 0`); loading compares the whole code.
-pub const LIBRARY_VERSION: &str = "12";
+pub const LIBRARY_VERSION: &str = "13";
 
 /// Partitions and workers as of one version stamp, with per-worker match results.
 #[derive(Debug, Default)]
@@ -157,6 +157,11 @@ impl RedisBroker {
             ])
             .query_async::<()>(&mut conn)
             .await?;
+        // Queues written before library 13 lack the service queues; built once, then a no-op.
+        let indexed: i64 = self.fcall("fq_reindex", false).query_async(&mut conn).await?;
+        if indexed > 0 {
+            tracing::info!(jobs = indexed, "indexed pending jobs by service for queue order and position");
+        }
         Ok(())
     }
 
@@ -468,6 +473,10 @@ impl Broker for RedisBroker {
         &self.config
     }
 
+    fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
     async fn submit(&self, spec: JobSpec) -> Result<Submitted> {
         let mut out = self.submit_batch(vec![spec]).await.map_err(|e| match e {
             BrokerError::Invalid(mut v) => {
@@ -762,6 +771,33 @@ impl Broker for RedisBroker {
             .arg(filter.worker.as_deref().unwrap_or(""))
             .arg(filter.workflow.as_deref().unwrap_or(""))
             .arg(filter.customer.as_deref().unwrap_or(""));
+        let reply = items(self.run(&cmd).await?);
+        let next = reply.first().and_then(text).filter(|c| !c.is_empty());
+        let jobs = items(reply.into_iter().nth(1).unwrap_or(Value::Nil))
+            .into_iter()
+            .map(summary_value)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(JobPage { jobs, next })
+    }
+
+    async fn queue_position(&self, id: &JobId) -> Result<Option<u64>> {
+        let mut cmd = self.fcall("fq_position", true);
+        cmd.arg(&id.0);
+        match self.run(&cmd).await? {
+            Value::Int(n) if n > 0 => Ok(Some(n as u64)),
+            Value::Nil | Value::Boolean(false) => Ok(None),
+            other => Err(corrupt(format!("queue position: {other:?}"))),
+        }
+    }
+
+    async fn queue(&self, filter: &QueueFilter) -> Result<JobPage> {
+        let cursor = filter.checked_cursor()?.unwrap_or("");
+        let mut cmd = self.fcall("fq_queue", true);
+        cmd.arg(filter.service.as_deref().unwrap_or(""))
+            .arg(filter.workflow.as_deref().unwrap_or(""))
+            .arg(filter.customer.as_deref().unwrap_or(""))
+            .arg(cursor)
+            .arg(filter.page_limit());
         let reply = items(self.run(&cmd).await?);
         let next = reply.first().and_then(text).filter(|c| !c.is_empty());
         let jobs = items(reply.into_iter().nth(1).unwrap_or(Value::Nil))

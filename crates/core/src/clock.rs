@@ -1,5 +1,6 @@
-//! Wall time behind a trait. Leases, backoff and presence all read [`Clock::now_ms`], so tests drive
-//! time with [`ManualClock`] instead of sleeping.
+//! Wall time behind a trait. Leases, backoff, presence, ETAs and the worker's lease maths all read
+//! [`Clock::now_ms`] — the broker's clock where one exists (`Broker::clock`) — so tests drive time with
+//! [`ManualClock`] instead of sleeping. The only reader of the system's time.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
