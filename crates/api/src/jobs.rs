@@ -13,7 +13,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use fleetq_broker::{Broker, CancelOutcome, JobFilter, QueueFilter, fleet};
-use fleetq_core::{Event, JobId, JobSpec, JobStatus, ValidationError, job_spec_from_value};
+use fleetq_core::{Event, JobId, JobSpec, JobStatus, ValidationError, job_spec_shape};
 use futures::{Stream, StreamExt};
 use serde_json::{Value, json};
 
@@ -61,12 +61,9 @@ pub(crate) fn json_body(bytes: &[u8]) -> ApiResult<Value> {
 
 /// A job spec from a submission object (legacy clients' `job_type` and `service_required` are
 /// accepted for `service`), owned by the caller: whatever `owner` a client sent is overwritten.
-pub(crate) fn spec_from(
-    value: Value,
-    limits: &fleetq_core::Limits,
-    caller: Option<&Caller>,
-) -> Result<JobSpec, ValidationError> {
-    let mut spec = job_spec_from_value(value, limits)?;
+/// Only parsed here: the broker validates every submission.
+pub(crate) fn spec_from(value: Value, caller: Option<&Caller>) -> Result<JobSpec, ValidationError> {
+    let mut spec = job_spec_shape(value)?;
     spec.owner = caller.map(|c| c.name.clone());
     Ok(spec)
 }
@@ -122,7 +119,6 @@ pub(crate) async fn submit<B: Broker>(
 ) -> ApiResult<Response> {
     let value = json_body(&body_bytes(body)?)?;
     let key = idempotency_key(&headers)?;
-    let limits = st.broker.config().limits;
     let caller = caller.map(|Extension(c)| c);
     match value {
         Value::Array(items) => {
@@ -138,9 +134,8 @@ pub(crate) async fn submit<B: Broker>(
             }
             let mut specs = Vec::with_capacity(items.len());
             for (i, item) in items.into_iter().enumerate() {
-                let mut spec = spec_from(item, &limits, caller.as_ref()).map_err(|e| {
-                    ApiError::invalid(ValidationError::new(&format!("[{i}].{}", e.field), e.message))
-                })?;
+                let mut spec = spec_from(item, caller.as_ref())
+                    .map_err(|e| ApiError::invalid(e.within(&format!("[{i}]"))))?;
                 if let (Some(k), None) = (&key, &spec.idempotency_key) {
                     spec.idempotency_key = Some(format!("{k}:{i}"));
                 }
@@ -152,7 +147,7 @@ pub(crate) async fn submit<B: Broker>(
             Ok((status, Json(SubmitReply::Batch(BatchSubmitted { jobs }))).into_response())
         }
         value => {
-            let mut spec = spec_from(value, &limits, caller.as_ref()).map_err(ApiError::invalid)?;
+            let mut spec = spec_from(value, caller.as_ref()).map_err(ApiError::invalid)?;
             if spec.idempotency_key.is_none() {
                 spec.idempotency_key = key;
             }

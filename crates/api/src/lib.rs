@@ -19,8 +19,8 @@
 pub mod auth;
 mod error;
 mod fleet;
+mod fold;
 mod jobs;
-mod live;
 pub mod model;
 mod ops;
 pub mod stats;
@@ -112,7 +112,7 @@ impl<B> Clone for AppState<B> {
 pub fn router<B: Broker>(broker: Arc<B>, config: ApiConfig) -> Router {
     let stats = Arc::new(stats::DurationStats::default());
     let hub = stream::Hub::spawn(broker.clone(), config.shutdown.clone());
-    live::spawn(broker.clone(), hub.clone(), &stats);
+    fold::spawn(broker.clone(), hub.clone(), &stats);
     let tokens = config.tokens.clone();
     let cors = cors_layer(&config.cors_origins);
     let body_limit = config.max_body_bytes;

@@ -239,7 +239,7 @@ impl MachineView {
     pub fn from_state(m: &MachineState, workers: Vec<String>) -> Self {
         Self {
             machine_id: m.machine_id.clone(),
-            phase: m.phase.clone(),
+            phase: m.phase.as_str().to_owned(),
             steps: m.steps.clone(),
             message: m.message.clone(),
             updated_at: Some(m.updated_at),

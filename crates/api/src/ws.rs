@@ -315,7 +315,7 @@ async fn client_message<B: Broker>(
                     obj.remove(k);
                 }
             }
-            let spec = match spec_from(body, &st.broker.config().limits, caller) {
+            let spec = match spec_from(body, caller) {
                 Ok(s) => s,
                 Err(e) => {
                     return with_id(

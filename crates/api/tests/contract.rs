@@ -426,7 +426,7 @@ async fn live_responses_conform_to_the_documented_schemas() {
     common::worker(b, "w1", "sim").await;
     b.machine_event(fleetq_core::MachineEvent {
         machine_id: "m1".into(),
-        phase: "ready".into(),
+        phase: fleetq_core::MachinePhase::Ready,
         step: Some("workers".into()),
         message: Some("all up".into()),
         at: common::now_ms(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use fleetq_core::{
     ConnectorReport, ConnectorStatus, Event, EventKind, FailureCategory, JobError, JobId, JobSpec, JobStatus,
-    MachineEvent, Snapshot, WorkerRegistration, explain,
+    MachineEvent, MachinePhase, Snapshot, WorkerRegistration, explain,
 };
 use serde_json::{Value, json};
 
@@ -473,7 +473,7 @@ pub async fn snapshot_and_events_converge<B: Broker>(fx: Fixture<B>) {
     let b = fx.broker.as_ref();
     b.machine_event(MachineEvent {
         machine_id: "m1".into(),
-        phase: "starting".into(),
+        phase: MachinePhase::Starting,
         step: None,
         message: None,
         at: 1,
@@ -486,7 +486,7 @@ pub async fn snapshot_and_events_converge<B: Broker>(fx: Fixture<B>) {
     // Everything below happens after the early snapshot.
     b.machine_event(MachineEvent {
         machine_id: "m1".into(),
-        phase: "step".into(),
+        phase: MachinePhase::Step,
         step: Some("pull".into()),
         message: None,
         at: 2,
@@ -837,25 +837,27 @@ pub async fn connector_status_changes_only<B: Broker>(fx: Fixture<B>) {
 /// Machine events fold into machine state.
 pub async fn machine_events_fold<B: Broker>(fx: Fixture<B>) {
     let b = fx.broker.as_ref();
-    let ev = |phase: &str, step: Option<&str>| MachineEvent {
+    let ev = |phase: MachinePhase, step: Option<&str>| MachineEvent {
         machine_id: "box1".into(),
-        phase: phase.into(),
+        phase,
         step: step.map(Into::into),
         message: None,
         at: 5,
     };
     for e in [
-        ev("starting", None),
-        ev("step", Some("comfyui-gpu0")),
-        ev("step", Some("comfyui-gpu1")),
-        ev("ready", None),
+        ev(MachinePhase::Starting, None),
+        ev(MachinePhase::Step, Some("comfyui-gpu0")),
+        ev(MachinePhase::Step, Some("comfyui-gpu1")),
+        ev(MachinePhase::Ready, None),
     ] {
         b.machine_event(e).await.expect("machine");
     }
-    assert!(matches!(b.machine_event(ev("exploded", None)).await, Err(BrokerError::Invalid(_))));
+    let mut bad = ev(MachinePhase::Ready, None);
+    bad.machine_id = "no spaces".into();
+    assert!(matches!(b.machine_event(bad).await, Err(BrokerError::Invalid(e)) if e.field == "machine_id"));
     let machines = b.machines().await.expect("machines");
     assert_eq!(machines.len(), 1);
-    assert_eq!(machines[0].phase, "ready");
+    assert_eq!(machines[0].phase, MachinePhase::Ready);
     assert_eq!(machines[0].steps, vec!["comfyui-gpu0", "comfyui-gpu1"]);
 }
 

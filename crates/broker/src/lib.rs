@@ -4,7 +4,7 @@
 //! - [`embedded::EmbeddedBroker`]: SQLite (WAL) in one process — the default for one box;
 //! - [`redis::RedisBroker`]: Redis ≥ 7 with server-side functions — for a fleet.
 //!
-//! # Core promises (DESIGN.md §4)
+//! # Core promises (docs/design.md §4)
 //! - **One path for truth.** Every state change happens atomically and appends exactly one event to
 //!   the ordered log in the same step ([`Event::seq`] strictly increases). [`Broker::snapshot`] states
 //!   the sequence it is as of; [`Broker::events_after`] continues from there without gaps.

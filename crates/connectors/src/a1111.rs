@@ -1,4 +1,4 @@
-//! The AUTOMATIC1111 webui connector, following services.md §2:
+//! The AUTOMATIC1111 webui connector, following docs/services.md §2:
 //!
 //! - a job's payload is the `txt2img` / `img2img` request body, plus an optional `"endpoint"`
 //!   (`"txt2img"` or `"img2img"`; default `img2img` when `init_images` is present, else `txt2img`);
@@ -27,7 +27,7 @@ use tracing::debug;
 
 use crate::artifacts::{Artifacts, DEFAULT_INLINE_LIMIT, decode_base64};
 use crate::http::{Auth, HttpConfig, HttpTransport};
-use crate::{ActiveJobs, CancellationToken, Connector, ConnectorError, Health, ProgressSink};
+use crate::{ActiveJobs, CancellationToken, Connector, Health, JobError, ProgressSink};
 
 /// Settings of one A1111 connector.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,7 +74,7 @@ pub struct A1111 {
 
 impl A1111 {
     /// Builds the connector (no I/O).
-    pub fn new(config: A1111Config) -> Result<Self, ConnectorError> {
+    pub fn new(config: A1111Config) -> Result<Self, JobError> {
         let mut http = HttpConfig::new(config.url.clone());
         http.timeout = Duration::from_millis(config.generation_timeout_ms.max(1));
         http.auth = config.auth.clone();
@@ -123,7 +123,7 @@ impl A1111 {
         job: &JobRecord,
         sink: ProgressSink,
         cancel: CancellationToken,
-    ) -> Result<Value, ConnectorError> {
+    ) -> Result<Value, JobError> {
         let (endpoint, body) = parse_payload(&job.spec.payload)?;
         let path = format!("/sdapi/v1/{endpoint}");
         let call = self.http.post_json(&path, &body);
@@ -138,7 +138,7 @@ impl A1111 {
                 () = cancel.cancelled() => {
                     // The blocked call would return 200 with partial images: never a success.
                     self.interrupt().await;
-                    return Err(ConnectorError::fatal(FailureCategory::Cancelled, "interrupted"));
+                    return Err(JobError::fatal(FailureCategory::Cancelled, "interrupted"));
                 }
                 _ = tick.tick() => {
                     if let Some((p, message, key)) = self.read_progress().await
@@ -157,7 +157,7 @@ impl A1111 {
         self.result(job, &reply).await
     }
 
-    async fn result(&self, job: &JobRecord, reply: &Value) -> Result<Value, ConnectorError> {
+    async fn result(&self, job: &JobRecord, reply: &Value) -> Result<Value, JobError> {
         let info = match reply.get("info") {
             Some(Value::String(s)) => serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone())),
             Some(other) => other.clone(),
@@ -170,7 +170,7 @@ impl A1111 {
         for (i, image) in images.iter().enumerate() {
             let Some(text) = image.as_str() else { continue };
             let bytes = decode_base64(text).map_err(|e| {
-                ConnectorError::retryable(FailureCategory::Service, format!("image {i} is not base64: {e}"))
+                JobError::retryable(FailureCategory::Service, format!("image {i} is not base64: {e}"))
             })?;
             let grid = i < first;
             let name = if grid { format!("grid-{i}.png") } else { format!("{i}.png") };
@@ -198,9 +198,9 @@ impl A1111 {
 }
 
 /// Splits a payload into the endpoint and the request body.
-fn parse_payload(payload: &Value) -> Result<(&'static str, Value), ConnectorError> {
+fn parse_payload(payload: &Value) -> Result<(&'static str, Value), JobError> {
     let Value::Object(map) = payload else {
-        return Err(ConnectorError::fatal(
+        return Err(JobError::fatal(
             FailureCategory::Validation,
             "a1111 payload must be an object: the txt2img/img2img request body",
         ));
@@ -212,7 +212,7 @@ fn parse_payload(payload: &Value) -> Result<(&'static str, Value), ConnectorErro
         Some(Value::String(s)) if s == "txt2img" => "txt2img",
         Some(Value::String(s)) if s == "img2img" => "img2img",
         Some(other) => {
-            return Err(ConnectorError::fatal(
+            return Err(JobError::fatal(
                 FailureCategory::Validation,
                 format!("payload.endpoint must be \"txt2img\" or \"img2img\", not {other}"),
             ));
@@ -221,8 +221,8 @@ fn parse_payload(payload: &Value) -> Result<(&'static str, Value), ConnectorErro
     Ok((endpoint, Value::Object(body)))
 }
 
-/// A non-200 generation reply as a typed failure (services.md §2.6).
-fn classify_error(status: StatusCode, body: &Value, path: &str) -> ConnectorError {
+/// A non-200 generation reply as a typed failure (docs/services.md §2.6).
+fn classify_error(status: StatusCode, body: &Value, path: &str) -> JobError {
     let error = body.get("error").and_then(Value::as_str).unwrap_or("");
     let detail = match body.get("detail") {
         Some(Value::String(s)) => s.clone(),
@@ -253,21 +253,21 @@ fn classify_error(status: StatusCode, body: &Value, path: &str) -> ConnectorErro
     let message = format!("POST {path} replied {status}: {what}");
     let lower = what.to_lowercase();
     match status.as_u16() {
-        401 | 403 => ConnectorError::fatal(
+        401 | 403 => JobError::fatal(
             FailureCategory::Service,
             format!("{message} (check the connector's credentials)"),
         ),
-        400 | 404 | 422 => ConnectorError::fatal(FailureCategory::Validation, message),
+        400 | 404 | 422 => JobError::fatal(FailureCategory::Validation, message),
         _ if error == "OutOfMemoryError" || lower.contains("out of memory") => {
-            ConnectorError::retryable(FailureCategory::Oom, message)
+            JobError::retryable(FailureCategory::Oom, message)
         }
         _ if lower.contains("invalid encoded image")
             || lower.contains("invalid image format")
             || lower.contains("not found") =>
         {
-            ConnectorError::fatal(FailureCategory::Validation, message)
+            JobError::fatal(FailureCategory::Validation, message)
         }
-        _ => ConnectorError::retryable(FailureCategory::Service, message),
+        _ => JobError::retryable(FailureCategory::Service, message),
     }
 }
 
@@ -309,7 +309,7 @@ impl Connector for A1111 {
         job: &'a JobRecord,
         progress: ProgressSink,
         cancel: CancellationToken,
-    ) -> BoxFuture<'a, Result<Value, ConnectorError>> {
+    ) -> BoxFuture<'a, Result<Value, JobError>> {
         Box::pin(async move {
             let _active = self.running.start();
             self.run(job, progress, cancel).await

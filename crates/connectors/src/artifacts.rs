@@ -8,7 +8,7 @@ use base64::Engine as _;
 use fleetq_core::FailureCategory;
 use serde_json::{Value, json};
 
-use crate::ConnectorError;
+use crate::JobError;
 
 /// Largest file inlined as base64 when no artifacts directory is configured.
 pub const DEFAULT_INLINE_LIMIT: usize = 256 * 1024;
@@ -34,7 +34,7 @@ impl Artifacts {
     /// Stores `bytes` produced by job `job_id` under `name` and describes it:
     /// `{"artifact": "<job>/<name>", "bytes": n}` with a directory, else `{"b64": …, "bytes": n}`
     /// under the limit, else `{"bytes": n, "omitted": "<why>"}`.
-    pub async fn store(&self, job_id: &str, name: &str, bytes: &[u8]) -> Result<Value, ConnectorError> {
+    pub async fn store(&self, job_id: &str, name: &str, bytes: &[u8]) -> Result<Value, JobError> {
         if let Some(rel) = self.write_file(job_id, name, bytes).await? {
             return Ok(json!({"name": name, "artifact": rel, "bytes": bytes.len()}));
         }
@@ -56,12 +56,12 @@ impl Artifacts {
         job_id: &str,
         name: &str,
         bytes: &[u8],
-    ) -> Result<Option<String>, ConnectorError> {
+    ) -> Result<Option<String>, JobError> {
         let Some(dir) = &self.dir else { return Ok(None) };
         let rel = format!("{job_id}/{}", safe_name(name));
         let target = dir.join(&rel);
         write(&target, bytes).await.map_err(|e| {
-            ConnectorError::retryable(FailureCategory::Internal, format!("writing {}: {e}", target.display()))
+            JobError::retryable(FailureCategory::Internal, format!("writing {}: {e}", target.display()))
         })?;
         Ok(Some(rel))
     }

@@ -1,4 +1,4 @@
-//! The ComfyUI connector, following services.md §1.8:
+//! The ComfyUI connector, following docs/services.md §1.8:
 //!
 //! - one long-lived WebSocket per connector, opened before any prompt is posted and reconnected
 //!   with backoff. Every connection uses a **fresh clientId**: reusing one races the old socket's
@@ -31,7 +31,7 @@ use tracing::{debug, warn};
 
 use crate::artifacts::Artifacts;
 use crate::http::{Auth, HttpConfig, HttpTransport};
-use crate::{CancellationToken, Connector, ConnectorError, Health, ProgressSink};
+use crate::{CancellationToken, Connector, Health, JobError, ProgressSink};
 
 /// Settings of one ComfyUI connector.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -124,7 +124,7 @@ impl Drop for ComfyUi {
 impl ComfyUi {
     /// Creates the connector and starts its socket task (which keeps retrying while ComfyUI is
     /// down). Must run inside a tokio runtime.
-    pub fn new(config: ComfyUiConfig) -> Result<Self, ConnectorError> {
+    pub fn new(config: ComfyUiConfig) -> Result<Self, JobError> {
         let mut http = HttpConfig::new(config.url.clone());
         http.timeout = Duration::from_millis(config.request_timeout_ms.max(1));
         http.auth = config.auth.clone();
@@ -301,8 +301,8 @@ type Workflow = Map<String, Value>;
 
 /// The workflow and extra data in a job payload: `{"prompt": {...}, "extra_data": {...}}`,
 /// `{"workflow": {...}}`, or the API-format workflow itself.
-fn parse_payload(payload: &Value) -> Result<(Workflow, Workflow), ConnectorError> {
-    let bad = |m: &str| ConnectorError::fatal(FailureCategory::Validation, m.to_owned());
+fn parse_payload(payload: &Value) -> Result<(Workflow, Workflow), JobError> {
+    let bad = |m: &str| JobError::fatal(FailureCategory::Validation, m.to_owned());
     let obj =
         payload.as_object().ok_or_else(|| bad("payload must be an object holding a ComfyUI workflow"))?;
     let extra = obj.get("extra_data").and_then(Value::as_object).cloned().unwrap_or_default();
@@ -361,7 +361,7 @@ fn describe_validation(body: &Value) -> String {
 }
 
 /// The job's error from a failed history entry.
-fn history_error(entry: &Value) -> ConnectorError {
+fn history_error(entry: &Value) -> JobError {
     let messages = entry.pointer("/status/messages").and_then(Value::as_array);
     let last = messages.and_then(|m| {
         m.iter().rev().find(|x| {
@@ -373,7 +373,7 @@ fn history_error(entry: &Value) -> ConnectorError {
     let node = data.get("node_id").and_then(Value::as_str).unwrap_or("?");
     let class = data.get("node_type").and_then(Value::as_str).unwrap_or("?");
     if kind == "execution_interrupted" {
-        return ConnectorError::retryable(
+        return JobError::retryable(
             FailureCategory::Service,
             format!("interrupted on the ComfyUI server at node {node} ({class})"),
         );
@@ -387,9 +387,9 @@ fn history_error(entry: &Value) -> ConnectorError {
         || lower.contains("can't allocate memory")
     {
         // Another GPU (or the same one later) may have the memory.
-        ConnectorError::retryable(FailureCategory::Oom, message)
+        JobError::retryable(FailureCategory::Oom, message)
     } else {
-        ConnectorError::fatal(FailureCategory::Service, message)
+        JobError::fatal(FailureCategory::Service, message)
     }
 }
 
@@ -406,10 +406,10 @@ fn percent_encode(s: &str) -> String {
 }
 
 impl ComfyUi {
-    async fn history(&self, prompt_id: &str) -> Result<Option<Value>, ConnectorError> {
+    async fn history(&self, prompt_id: &str) -> Result<Option<Value>, JobError> {
         let (status, body) = self.inner.http.get_json(&format!("/history/{prompt_id}")).await?;
         if status != StatusCode::OK {
-            return Err(ConnectorError::retryable(
+            return Err(JobError::retryable(
                 FailureCategory::Service,
                 format!("GET /history replied {status}"),
             ));
@@ -418,7 +418,7 @@ impl ComfyUi {
     }
 
     /// Where ComfyUI's queue holds the prompt: `Some(true)` running, `Some(false)` pending.
-    async fn queued(&self, prompt_id: &str) -> Result<Option<bool>, ConnectorError> {
+    async fn queued(&self, prompt_id: &str) -> Result<Option<bool>, JobError> {
         let (_, q) = self.inner.http.get_json("/queue").await?;
         let holds = |k: &str| {
             q.get(k)
@@ -451,7 +451,7 @@ impl ComfyUi {
         prompt_id: &str,
         entry: &Value,
         how: Completion,
-    ) -> Result<Value, ConnectorError> {
+    ) -> Result<Value, JobError> {
         if entry.pointer("/status/status_str").and_then(Value::as_str) == Some("error") {
             return Err(history_error(entry));
         }
@@ -475,7 +475,7 @@ impl ComfyUi {
     }
 
     /// A file output as a reference (`url`), copied into the artifacts directory if configured.
-    async fn output_ref(&self, job: &JobRecord, item: &Value) -> Result<Value, ConnectorError> {
+    async fn output_ref(&self, job: &JobRecord, item: &Value) -> Result<Value, JobError> {
         let Some(filename) = item.get("filename").and_then(Value::as_str) else { return Ok(item.clone()) };
         let subfolder = item.get("subfolder").and_then(Value::as_str).unwrap_or("");
         let kind = item.get("type").and_then(Value::as_str).unwrap_or("output");
@@ -494,7 +494,7 @@ impl ComfyUi {
         }
         let (status, bytes) = self.inner.http.get_bytes(&path).await?;
         if status != StatusCode::OK {
-            return Err(ConnectorError::retryable(
+            return Err(JobError::retryable(
                 FailureCategory::Service,
                 format!("GET {path} replied {status}"),
             ));
@@ -547,7 +547,7 @@ impl ComfyUi {
         job: &JobRecord,
         sink: ProgressSink,
         cancel: CancellationToken,
-    ) -> Result<Value, ConnectorError> {
+    ) -> Result<Value, JobError> {
         let (workflow, extra_data) = parse_payload(&job.spec.payload)?;
         let mut socket = self.inner.socket.subscribe();
         // Give a (re)connecting socket a moment: events flow only to a registered clientId. If it
@@ -570,17 +570,14 @@ impl ComfyUi {
                 if reply.get("node_errors").and_then(Value::as_object).is_some_and(|m| !m.is_empty()) {
                     // Partially valid: ComfyUI would silently skip the failing outputs.
                     self.interrupt(&prompt_id).await;
-                    return Err(ConnectorError::fatal(
-                        FailureCategory::Validation,
-                        describe_validation(&reply),
-                    ));
+                    return Err(JobError::fatal(FailureCategory::Validation, describe_validation(&reply)));
                 }
             }
             StatusCode::BAD_REQUEST => {
-                return Err(ConnectorError::fatal(FailureCategory::Validation, describe_validation(&reply)));
+                return Err(JobError::fatal(FailureCategory::Validation, describe_validation(&reply)));
             }
             other => {
-                return Err(ConnectorError::retryable(
+                return Err(JobError::retryable(
                     FailureCategory::Service,
                     format!("POST /prompt replied {other}"),
                 ));
@@ -598,7 +595,7 @@ impl ComfyUi {
             tokio::select! {
                 () = cancel.cancelled() => {
                     self.interrupt(&prompt_id).await;
-                    return Err(ConnectorError::fatal(FailureCategory::Cancelled, "interrupted"));
+                    return Err(JobError::fatal(FailureCategory::Cancelled, "interrupted"));
                 }
                 msg = rx.recv() => {
                     let Some(msg) = msg else { continue };
@@ -613,7 +610,7 @@ impl ComfyUi {
                             }
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
-                        return Err(ConnectorError::retryable(FailureCategory::Service, "prompt finished without a history entry"));
+                        return Err(JobError::retryable(FailureCategory::Service, "prompt finished without a history entry"));
                     }
                     let message = progress.apply(kind, &data);
                     sink.report(progress.percent(), message);
@@ -630,7 +627,7 @@ impl ComfyUi {
                         Some(false) => sink.report(progress.percent(), Some("queued in ComfyUI".into())),
                         Some(true) => {}
                         None if self.history(&prompt_id).await?.is_none() => {
-                            return Err(ConnectorError::retryable(FailureCategory::Service, "the prompt vanished from ComfyUI (restarted?)"));
+                            return Err(JobError::retryable(FailureCategory::Service, "the prompt vanished from ComfyUI (restarted?)"));
                         }
                         None => {}
                     }
@@ -690,7 +687,7 @@ impl Connector for ComfyUi {
         job: &'a JobRecord,
         progress: ProgressSink,
         cancel: CancellationToken,
-    ) -> BoxFuture<'a, Result<Value, ConnectorError>> {
+    ) -> BoxFuture<'a, Result<Value, JobError>> {
         Box::pin(self.run(job, progress, cancel))
     }
 }

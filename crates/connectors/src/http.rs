@@ -1,6 +1,6 @@
 //! The HTTP transport every HTTP-speaking connector shares: one pooled `reqwest` client per
 //! connector with connect and request timeouts, authentication, retries of idempotent reads with
-//! backoff, and the mapping of transport failures onto [`ConnectorError`]s.
+//! backoff, and the mapping of transport failures onto [`JobError`]s.
 
 use std::time::Duration;
 
@@ -9,7 +9,7 @@ use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::ConnectorError;
+use crate::JobError;
 
 /// How requests authenticate.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,13 +77,13 @@ pub struct HttpTransport {
 impl HttpTransport {
     /// Builds the client. `no_proxy`: connectors talk to services on the machine or a known host;
     /// a stray `HTTP_PROXY` must not reroute them.
-    pub fn new(config: HttpConfig) -> Result<Self, ConnectorError> {
+    pub fn new(config: HttpConfig) -> Result<Self, JobError> {
         let client = reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(config.connect_timeout)
             .timeout(config.timeout)
             .build()
-            .map_err(|e| ConnectorError::fatal(FailureCategory::Internal, format!("http client: {e}")))?;
+            .map_err(|e| JobError::fatal(FailureCategory::Internal, format!("http client: {e}")))?;
         Ok(Self { client, config })
     }
 
@@ -113,7 +113,7 @@ impl HttpTransport {
     }
 
     /// GET → (status, JSON body), retried with backoff on connection errors and 5xx.
-    pub async fn get_json(&self, path: &str) -> Result<(StatusCode, Value), ConnectorError> {
+    pub async fn get_json(&self, path: &str) -> Result<(StatusCode, Value), JobError> {
         let mut pause = Duration::from_millis(100);
         let mut attempt = 0;
         loop {
@@ -136,7 +136,7 @@ impl HttpTransport {
     }
 
     /// POST a JSON body once (not idempotent: never retried here) → (status, raw body).
-    pub async fn post_json(&self, path: &str, body: &Value) -> Result<(StatusCode, Vec<u8>), ConnectorError> {
+    pub async fn post_json(&self, path: &str, body: &Value) -> Result<(StatusCode, Vec<u8>), JobError> {
         let response = self
             .request(Method::POST, path)
             .json(body)
@@ -149,7 +149,7 @@ impl HttpTransport {
     }
 
     /// GET raw bytes (downloads), retried like [`Self::get_json`].
-    pub async fn get_bytes(&self, path: &str) -> Result<(StatusCode, Vec<u8>), ConnectorError> {
+    pub async fn get_bytes(&self, path: &str) -> Result<(StatusCode, Vec<u8>), JobError> {
         let response =
             self.request(Method::GET, path).send().await.map_err(|e| unreachable(self.base_url(), &e))?;
         let status = response.status();
@@ -159,7 +159,7 @@ impl HttpTransport {
 }
 
 /// A transport failure: the service is down or not answering (retryable, `service_offline`).
-pub fn unreachable(base: &str, e: &reqwest::Error) -> ConnectorError {
+pub fn unreachable(base: &str, e: &reqwest::Error) -> JobError {
     let what = if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {
@@ -167,5 +167,5 @@ pub fn unreachable(base: &str, e: &reqwest::Error) -> ConnectorError {
     } else {
         "failed"
     };
-    ConnectorError::retryable(FailureCategory::Connection, format!("{base} {what}: {e}"))
+    JobError::retryable(FailureCategory::Connection, format!("{base} {what}: {e}"))
 }

@@ -2,19 +2,19 @@
 //!
 //! A connector owns one service on the worker's machine and turns a claimed job into work on it.
 //! This crate holds the [`Connector`] contract and the services: [`simulation`] (tests, benchmarks
-//! and `NAME-sim` services), [`comfyui`], [`a1111`], the shared [`http`] transport and
-//! [`artifacts`] store, and the [`mock`] servers tests and demos drive (DESIGN.md §6).
+//! and `NAME-sim` services), [`comfyui`], [`a1111`], [`openai`] and [`rest`]; the shared [`http`]
+//! transport and [`artifacts`] store; and [`spec`], connectors described as data (config files)
+//! and built (docs/design.md §6). Clients only: the mock servers the tests drive are `fleetq-mocks`.
 //!
 //! Contract: [`Connector::process`] runs one job, reports progress through a [`ProgressSink`], and
 //! stops promptly when its [`CancellationToken`] fires (cancel requested, timeout, shutdown). Its
-//! error says whether another attempt may succeed ([`ConnectorError::retryable`]); the worker turns
-//! it into the broker's typed [`JobError`], never by parsing text.
+//! error is the broker's typed [`JobError`] itself: its category and whether another attempt may
+//! succeed ([`JobError::retryable`]) travel to the broker unchanged, never parsed from text.
 
 pub mod a1111;
 pub mod artifacts;
 pub mod comfyui;
 pub mod http;
-pub mod mock;
 pub mod openai;
 pub mod rest;
 pub mod simulation;
@@ -23,39 +23,12 @@ pub mod spec;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use fleetq_core::{ConnectorStatus, FailureCategory, JobError, JobRecord};
+pub use fleetq_core::JobError;
+use fleetq_core::{ConnectorStatus, JobRecord};
 use futures::future::BoxFuture;
 use serde_json::Value;
-use thiserror::Error;
 use tokio::sync::mpsc;
 pub use tokio_util::sync::CancellationToken;
-
-/// Why a job failed inside a connector.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("{category:?}: {message}")]
-pub struct ConnectorError {
-    /// Failure category.
-    pub category: FailureCategory,
-    /// What happened, readable by an operator.
-    pub message: String,
-    /// Whether another attempt (maybe on another worker) may succeed.
-    pub retryable: bool,
-}
-
-impl ConnectorError {
-    /// A failure another attempt may fix (service down, timeout, out of memory).
-    pub fn retryable(category: FailureCategory, message: impl Into<String>) -> Self {
-        Self { category, message: message.into(), retryable: true }
-    }
-    /// A failure that will repeat (invalid workflow, missing model).
-    pub fn fatal(category: FailureCategory, message: impl Into<String>) -> Self {
-        Self { category, message: message.into(), retryable: false }
-    }
-    /// The broker's error for this failure.
-    pub fn into_job_error(self) -> JobError {
-        JobError { message: self.message, category: self.category, retryable: self.retryable }
-    }
-}
 
 /// A connector's health as a check sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -142,5 +115,5 @@ pub trait Connector: Send + Sync + fmt::Debug + 'static {
         job: &'a JobRecord,
         progress: ProgressSink,
         cancel: CancellationToken,
-    ) -> BoxFuture<'a, Result<Value, ConnectorError>>;
+    ) -> BoxFuture<'a, Result<Value, JobError>>;
 }

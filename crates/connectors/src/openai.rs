@@ -1,4 +1,4 @@
-//! The OpenAI-style connector (any OpenAI-compatible base URL), following services.md §3:
+//! The OpenAI-style connector (any OpenAI-compatible base URL), following docs/services.md §3:
 //!
 //! - a job's payload is the request body of `POST /chat/completions` (has `messages`) or
 //!   `POST /images/generations` (has `prompt`), with an optional `"endpoint": "chat" | "images"`;
@@ -31,7 +31,7 @@ use tracing::{debug, info};
 
 use crate::artifacts::{Artifacts, DEFAULT_INLINE_LIMIT, decode_base64};
 use crate::http::{Auth, HttpConfig, HttpTransport};
-use crate::{ActiveJobs, CancellationToken, Connector, ConnectorError, Health, ProgressSink};
+use crate::{ActiveJobs, CancellationToken, Connector, Health, JobError, ProgressSink};
 
 /// Settings of one OpenAI-style connector.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -97,13 +97,13 @@ pub struct OpenAi {
 /// How one HTTP attempt ended, before retries are decided.
 enum Attempt {
     Ok(reqwest::Response),
-    Failed { error: ConnectorError, retry: bool, wait: Option<Duration> },
+    Failed { error: JobError, retry: bool, wait: Option<Duration> },
 }
 
 impl OpenAi {
     /// Builds the connector (no I/O). Without a key (config or environment) requests go out
     /// unauthenticated, which suits local OpenAI-compatible servers.
-    pub fn new(config: OpenAiConfig) -> Result<Self, ConnectorError> {
+    pub fn new(config: OpenAiConfig) -> Result<Self, JobError> {
         let mut http = HttpConfig::new(config.base_url.clone());
         http.timeout = Duration::from_millis(config.request_timeout_ms.max(1));
         let key = config
@@ -184,7 +184,7 @@ impl OpenAi {
         path: &str,
         body: &Value,
         cancel: &CancellationToken,
-    ) -> Result<reqwest::Response, ConnectorError> {
+    ) -> Result<reqwest::Response, JobError> {
         let mut tries = 0u32;
         loop {
             let attempt = tokio::select! {
@@ -214,7 +214,7 @@ impl OpenAi {
         job: &JobRecord,
         sink: ProgressSink,
         cancel: CancellationToken,
-    ) -> Result<Value, ConnectorError> {
+    ) -> Result<Value, JobError> {
         let (endpoint, mut body) = parse_payload(&job.spec.payload)?;
         match endpoint {
             Endpoint::Images => {
@@ -222,7 +222,7 @@ impl OpenAi {
                 let response = self.post("/images/generations", &Value::Object(body), &cancel).await?;
                 let reply: Value = tokio::select! {
                     () = cancel.cancelled() => return Err(cancelled()),
-                    r = response.json() => r.map_err(|e| ConnectorError::retryable(FailureCategory::Service, format!("reading the image reply: {e}")))?,
+                    r = response.json() => r.map_err(|e| JobError::retryable(FailureCategory::Service, format!("reading the image reply: {e}")))?,
                 };
                 self.images_result(job, &reply, &cancel).await
             }
@@ -244,7 +244,7 @@ impl OpenAi {
                 if !stream {
                     let reply: Value = tokio::select! {
                         () = cancel.cancelled() => return Err(cancelled()),
-                        r = response.json() => r.map_err(|e| ConnectorError::retryable(FailureCategory::Service, format!("reading the chat reply: {e}")))?,
+                        r = response.json() => r.map_err(|e| JobError::retryable(FailureCategory::Service, format!("reading the chat reply: {e}")))?,
                     };
                     return Ok(chat_result_from_reply(&reply));
                 }
@@ -259,7 +259,7 @@ impl OpenAi {
         max_tokens: Option<u64>,
         sink: &ProgressSink,
         cancel: &CancellationToken,
-    ) -> Result<Value, ConnectorError> {
+    ) -> Result<Value, JobError> {
         let mut events = response.bytes_stream().eventsource();
         let mut chat = ChatAccumulator::default();
         let mut last_report = tokio::time::Instant::now();
@@ -270,13 +270,13 @@ impl OpenAi {
             };
             let event = match event {
                 None => {
-                    return Err(ConnectorError::retryable(
+                    return Err(JobError::retryable(
                         FailureCategory::Service,
                         format!("the stream ended without [DONE] after {} chunks", chat.chunks),
                     ));
                 }
                 Some(Err(e)) => {
-                    return Err(ConnectorError::retryable(
+                    return Err(JobError::retryable(
                         FailureCategory::Connection,
                         format!("stream broken: {e}"),
                     ));
@@ -312,16 +312,13 @@ impl OpenAi {
         job: &JobRecord,
         reply: &Value,
         cancel: &CancellationToken,
-    ) -> Result<Value, ConnectorError> {
+    ) -> Result<Value, JobError> {
         let data = reply.get("data").and_then(Value::as_array).cloned().unwrap_or_default();
         let mut out = Vec::with_capacity(data.len());
         for (i, item) in data.iter().enumerate() {
             let bytes = if let Some(b64) = item.get("b64_json").and_then(Value::as_str) {
                 decode_base64(b64).map_err(|e| {
-                    ConnectorError::retryable(
-                        FailureCategory::Service,
-                        format!("image {i} is not base64: {e}"),
-                    )
+                    JobError::retryable(FailureCategory::Service, format!("image {i} is not base64: {e}"))
                 })?
             } else if let Some(url) = item.get("url").and_then(Value::as_str) {
                 // The URL expires in about an hour: fetch it now. No auth header to a CDN.
@@ -330,7 +327,7 @@ impl OpenAi {
                     r = self.http.get_bytes(url) => r?,
                 };
                 if fetched.0 != StatusCode::OK {
-                    return Err(ConnectorError::retryable(
+                    return Err(JobError::retryable(
                         FailureCategory::Service,
                         format!("downloading image {i} replied {}", fetched.0),
                     ));
@@ -349,8 +346,8 @@ impl OpenAi {
     }
 }
 
-fn cancelled() -> ConnectorError {
-    ConnectorError::fatal(FailureCategory::Cancelled, "cancelled")
+fn cancelled() -> JobError {
+    JobError::fatal(FailureCategory::Cancelled, "cancelled")
 }
 
 /// The SDK's backoff: 0.5 s doubling up to 8 s, with up to 25 % jitter taken off.
@@ -418,8 +415,8 @@ pub fn parse_go_duration(text: &str) -> Option<Duration> {
     Some(Duration::from_secs_f64(total))
 }
 
-/// An error reply as a typed failure (services.md §3.5).
-fn classify(status: StatusCode, body: &Value, raw: &str, path: &str) -> ConnectorError {
+/// An error reply as a typed failure (docs/services.md §3.5).
+fn classify(status: StatusCode, body: &Value, raw: &str, path: &str) -> JobError {
     let err = body.get("error");
     let field = |k: &str| err.and_then(|e| e.get(k)).and_then(Value::as_str).unwrap_or("");
     let (message, kind, code) = (field("message"), field("type"), field("code"));
@@ -430,26 +427,21 @@ fn classify(status: StatusCode, body: &Value, raw: &str, path: &str) -> Connecto
     };
     let text = format!("{path} replied {status}: {what}");
     if code == "insufficient_quota" || kind == "insufficient_quota" {
-        return ConnectorError::fatal(
-            FailureCategory::Service,
-            format!("{text} — quota exhausted; not retried"),
-        );
+        return JobError::fatal(FailureCategory::Service, format!("{text} — quota exhausted; not retried"));
     }
     match status.as_u16() {
-        401 => {
-            ConnectorError::fatal(FailureCategory::Service, format!("{text} — check the connector's API key"))
-        }
-        403 => ConnectorError::fatal(FailureCategory::Service, text),
-        400 | 404 | 422 => ConnectorError::fatal(FailureCategory::Validation, text),
-        408 | 409 | 429 => ConnectorError::retryable(FailureCategory::Service, text),
-        500..=599 => ConnectorError::retryable(FailureCategory::Service, text),
-        _ => ConnectorError::fatal(FailureCategory::Service, text),
+        401 => JobError::fatal(FailureCategory::Service, format!("{text} — check the connector's API key")),
+        403 => JobError::fatal(FailureCategory::Service, text),
+        400 | 404 | 422 => JobError::fatal(FailureCategory::Validation, text),
+        408 | 409 | 429 => JobError::retryable(FailureCategory::Service, text),
+        500..=599 => JobError::retryable(FailureCategory::Service, text),
+        _ => JobError::fatal(FailureCategory::Service, text),
     }
 }
 
-fn parse_payload(payload: &Value) -> Result<(Endpoint, Map<String, Value>), ConnectorError> {
+fn parse_payload(payload: &Value) -> Result<(Endpoint, Map<String, Value>), JobError> {
     let Value::Object(map) = payload else {
-        return Err(ConnectorError::fatal(
+        return Err(JobError::fatal(
             FailureCategory::Validation,
             "openai payload must be an object: a chat or image request body",
         ));
@@ -459,7 +451,7 @@ fn parse_payload(payload: &Value) -> Result<(Endpoint, Map<String, Value>), Conn
         Some(Value::String(s)) if s == "chat" => Endpoint::Chat,
         Some(Value::String(s)) if s == "images" => Endpoint::Images,
         Some(other) => {
-            return Err(ConnectorError::fatal(
+            return Err(JobError::fatal(
                 FailureCategory::Validation,
                 format!("payload.endpoint must be \"chat\" or \"images\", not {other}"),
             ));
@@ -467,7 +459,7 @@ fn parse_payload(payload: &Value) -> Result<(Endpoint, Map<String, Value>), Conn
         None if body.contains_key("messages") => Endpoint::Chat,
         None if body.contains_key("prompt") => Endpoint::Images,
         None => {
-            return Err(ConnectorError::fatal(
+            return Err(JobError::fatal(
                 FailureCategory::Validation,
                 "openai payload needs `messages` (chat) or `prompt` (images)",
             ));
@@ -599,7 +591,7 @@ impl Connector for OpenAi {
         job: &'a JobRecord,
         progress: ProgressSink,
         cancel: CancellationToken,
-    ) -> BoxFuture<'a, Result<Value, ConnectorError>> {
+    ) -> BoxFuture<'a, Result<Value, JobError>> {
         Box::pin(async move {
             let _active = self.running.start();
             self.run(job, progress, cancel).await

@@ -15,14 +15,14 @@
 
 use std::time::Duration;
 
-use fleetq_core::{ConnectorStatus, FailureCategory, JobRecord};
+use fleetq_core::{FailureCategory, JobRecord};
 use futures::future::BoxFuture;
 use reqwest::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::http::{Auth, HttpConfig, HttpTransport};
-use crate::{CancellationToken, Connector, ConnectorError, Health, ProgressSink};
+use crate::{ActiveJobs, CancellationToken, Connector, Health, JobError, ProgressSink};
 
 /// Settings of one REST connector.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -117,12 +117,13 @@ pub struct Rest {
     config: RestConfig,
     method: Method,
     http: HttpTransport,
+    running: ActiveJobs,
 }
 
 impl Rest {
     /// Checks the description and builds the client (no I/O).
-    pub fn new(config: RestConfig) -> Result<Self, ConnectorError> {
-        let invalid = |m: String| ConnectorError::fatal(FailureCategory::Validation, m);
+    pub fn new(config: RestConfig) -> Result<Self, JobError> {
+        let invalid = |m: String| JobError::fatal(FailureCategory::Validation, m);
         let method = Method::from_bytes(config.method.to_uppercase().as_bytes()).map_err(|_| {
             invalid(format!("rest connector {}: bad method {:?}", config.service, config.method))
         })?;
@@ -148,10 +149,10 @@ impl Rest {
         let mut http = HttpConfig::new(config.base_url.clone());
         http.timeout = Duration::from_millis(config.request_timeout_ms.max(1));
         http.auth = config.auth.clone();
-        Ok(Self { http: HttpTransport::new(http)?, method, config })
+        Ok(Self { http: HttpTransport::new(http)?, method, config, running: ActiveJobs::default() })
     }
 
-    async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value, ConnectorError> {
+    async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value, JobError> {
         let mut rb = self.http.request(method.clone(), path);
         if let Some(b) = body {
             rb = rb.json(b);
@@ -166,9 +167,9 @@ impl Rest {
                 if matches!(status, StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS)
                     || status.is_server_error()
                 {
-                    ConnectorError::retryable(FailureCategory::Service, message)
+                    JobError::retryable(FailureCategory::Service, message)
                 } else {
-                    ConnectorError::fatal(FailureCategory::Validation, message)
+                    JobError::fatal(FailureCategory::Validation, message)
                 },
             );
         }
@@ -176,10 +177,7 @@ impl Rest {
             return Ok(Value::Null);
         }
         serde_json::from_str(&text).map_err(|e| {
-            ConnectorError::retryable(
-                FailureCategory::Service,
-                format!("{method} {path}: reply is not JSON: {e}"),
-            )
+            JobError::retryable(FailureCategory::Service, format!("{method} {path}: reply is not JSON: {e}"))
         })
     }
 
@@ -188,7 +186,7 @@ impl Rest {
         job: &JobRecord,
         sink: ProgressSink,
         cancel: CancellationToken,
-    ) -> Result<Value, ConnectorError> {
+    ) -> Result<Value, JobError> {
         let payload = &job.spec.payload;
         let reply = tokio::select! {
             () = cancel.cancelled() => return Err(cancelled()),
@@ -201,7 +199,7 @@ impl Rest {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Number(n)) => n.to_string(),
             _ => {
-                return Err(ConnectorError::fatal(
+                return Err(JobError::fatal(
                     FailureCategory::Service,
                     format!("the submission reply has no job id at {}: {reply}", polling.id_pointer),
                 ));
@@ -241,7 +239,7 @@ impl Rest {
                     Some(v) if !v.is_null() => v.to_string(),
                     _ => "no reason given".to_owned(),
                 };
-                return Err(ConnectorError::fatal(
+                return Err(JobError::fatal(
                     FailureCategory::Service,
                     format!("remote job {id} ended {status}: {why}"),
                 ));
@@ -261,20 +259,17 @@ impl Rest {
     }
 }
 
-fn cancelled() -> ConnectorError {
-    ConnectorError::fatal(FailureCategory::Cancelled, "cancelled")
+fn cancelled() -> JobError {
+    JobError::fatal(FailureCategory::Cancelled, "cancelled")
 }
 
 /// The value at `pointer` ("" = all of it).
-fn pick(reply: &Value, pointer: &str) -> Result<Value, ConnectorError> {
+fn pick(reply: &Value, pointer: &str) -> Result<Value, JobError> {
     if pointer.is_empty() {
         return Ok(reply.clone());
     }
     reply.pointer(pointer).cloned().ok_or_else(|| {
-        ConnectorError::fatal(
-            FailureCategory::Service,
-            format!("the reply has nothing at {pointer}: {reply}"),
-        )
+        JobError::fatal(FailureCategory::Service, format!("the reply has nothing at {pointer}: {reply}"))
     })
 }
 
@@ -290,7 +285,7 @@ impl Connector for Rest {
             match sent {
                 // Without a health path, any answer means the service is up.
                 Ok(r) if r.status().is_success() || self.config.health_path.is_none() => {
-                    let mut h = Health::up(ConnectorStatus::Idle);
+                    let mut h = Health::up(self.running.status());
                     h.info = Some(json!({"url": self.config.base_url}));
                     h
                 }
@@ -305,8 +300,11 @@ impl Connector for Rest {
         job: &'a JobRecord,
         progress: ProgressSink,
         cancel: CancellationToken,
-    ) -> BoxFuture<'a, Result<Value, ConnectorError>> {
-        Box::pin(self.run(job, progress, cancel))
+    ) -> BoxFuture<'a, Result<Value, JobError>> {
+        Box::pin(async move {
+            let _active = self.running.start();
+            self.run(job, progress, cancel).await
+        })
     }
 }
 

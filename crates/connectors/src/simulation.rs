@@ -14,7 +14,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::{ActiveJobs, CancellationToken, Connector, ConnectorError, Health, ProgressSink};
+use crate::{ActiveJobs, CancellationToken, Connector, Health, JobError, ProgressSink};
 
 /// Defaults of a simulated service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -117,7 +117,7 @@ impl Connector for Simulation {
         job: &'a JobRecord,
         progress: ProgressSink,
         cancel: CancellationToken,
-    ) -> BoxFuture<'a, Result<Value, ConnectorError>> {
+    ) -> BoxFuture<'a, Result<Value, JobError>> {
         Box::pin(async move {
             let _active = self.running.start();
             self.simulate(job, progress, cancel).await
@@ -131,13 +131,10 @@ impl Simulation {
         job: &JobRecord,
         progress: ProgressSink,
         cancel: CancellationToken,
-    ) -> Result<Value, ConnectorError> {
+    ) -> Result<Value, JobError> {
         {
             if !self.is_up() {
-                return Err(ConnectorError::retryable(
-                    FailureCategory::Connection,
-                    "simulated service is offline",
-                ));
+                return Err(JobError::retryable(FailureCategory::Connection, "simulated service is offline"));
             }
             let p = &job.spec.payload;
             let get = |k: &str| p.get(k).and_then(Value::as_u64);
@@ -149,7 +146,7 @@ impl Simulation {
             let attempt = job.summary.attempt;
             let hang_at = get("hang_at_step")
                 .filter(|_| get("hang_on_attempt").is_none_or(|a| a == u64::from(attempt)));
-            let interrupted = || ConnectorError::retryable(FailureCategory::Service, "interrupted");
+            let interrupted = || JobError::retryable(FailureCategory::Service, "interrupted");
             for i in 1..=steps {
                 if hang_at == Some(u64::from(i)) {
                     cancel.cancelled().await;
@@ -163,18 +160,15 @@ impl Simulation {
             }
             match p.get("fail").and_then(Value::as_str) {
                 Some("fatal") => {
-                    return Err(ConnectorError::fatal(
-                        FailureCategory::Validation,
-                        "simulated fatal failure",
-                    ));
+                    return Err(JobError::fatal(FailureCategory::Validation, "simulated fatal failure"));
                 }
                 Some(_) => {
-                    return Err(ConnectorError::retryable(FailureCategory::Service, "simulated failure"));
+                    return Err(JobError::retryable(FailureCategory::Service, "simulated failure"));
                 }
                 None => {}
             }
             if roll(&job.summary.id.0, attempt) < self.config.failure_rate {
-                return Err(ConnectorError::retryable(FailureCategory::Service, "simulated random failure"));
+                return Err(JobError::retryable(FailureCategory::Service, "simulated random failure"));
             }
             Ok(json!({"simulated": true, "steps": steps}))
         }

@@ -15,7 +15,7 @@ use crate::comfyui::{ComfyUi, ComfyUiConfig};
 use crate::openai::{OpenAi, OpenAiConfig};
 use crate::rest::{Rest, RestConfig};
 use crate::simulation::{Simulation, SimulationConfig};
-use crate::{CancellationToken, Connector, ConnectorError, Health, ProgressSink};
+use crate::{CancellationToken, Connector, Health, JobError, ProgressSink};
 
 /// One connector's description: its type and settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -99,7 +99,7 @@ impl ConnectorSpec {
     /// Builds the connector. Must run inside a tokio runtime (ComfyUI starts its socket task).
     /// A connector that cannot be built comes back as [`Unavailable`] with the reason.
     pub fn build(&self) -> Arc<dyn Connector> {
-        let built: Result<Arc<dyn Connector>, ConnectorError> = match &self.kind {
+        let built: Result<Arc<dyn Connector>, JobError> = match &self.kind {
             ConnectorKind::Simulation(c) => Ok(Arc::new(Simulation::new(c.clone()))),
             ConnectorKind::Comfyui(c) => ComfyUi::new(c.clone()).map(|c| Arc::new(c) as Arc<dyn Connector>),
             ConnectorKind::A1111(c) => A1111::new(c.clone()).map(|c| Arc::new(c) as Arc<dyn Connector>),
@@ -139,10 +139,8 @@ impl Connector for Unavailable {
         _job: &'a JobRecord,
         _progress: ProgressSink,
         _cancel: CancellationToken,
-    ) -> BoxFuture<'a, Result<Value, ConnectorError>> {
-        Box::pin(
-            async move { Err(ConnectorError::retryable(FailureCategory::Connection, self.reason.clone())) },
-        )
+    ) -> BoxFuture<'a, Result<Value, JobError>> {
+        Box::pin(async move { Err(JobError::retryable(FailureCategory::Connection, self.reason.clone())) })
     }
 }
 

@@ -1,4 +1,4 @@
-//! The A1111 connector against the mock A1111 (services.md §2): a blocking txt2img with polled
+//! The A1111 connector against the mock A1111 (docs/services.md §2): a blocking txt2img with polled
 //! progress, images as artifacts with seeds, img2img, error shapes, interrupt on cancel (the
 //! partial 200 is never a success), out-of-memory, auth, a server that dies mid-generation, health.
 
@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use fleetq_connectors::a1111::{A1111, A1111Config};
 use fleetq_connectors::http::Auth;
-use fleetq_connectors::mock::a1111::{A1111Mock, A1111MockConfig};
 use fleetq_connectors::{CancellationToken, Connector, ProgressSink};
 use fleetq_core::{ConnectorStatus, FailureCategory};
+use fleetq_mocks::a1111::{A1111Mock, A1111MockConfig};
 use serde_json::json;
 
 mod common;

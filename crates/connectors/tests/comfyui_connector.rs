@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use fleetq_connectors::comfyui::{ComfyUi, ComfyUiConfig};
-use fleetq_connectors::mock::comfyui::{ComfyMock, ComfyMockConfig};
 use fleetq_connectors::{CancellationToken, Connector, ProgressSink};
 use fleetq_core::{ConnectorStatus, FailureCategory};
+use fleetq_mocks::comfyui::{ComfyMock, ComfyMockConfig};
 use serde_json::{Value, json};
 
 mod common;
@@ -30,7 +30,7 @@ fn connector(mock: &ComfyMock, artifacts: Option<&std::path::Path>) -> ComfyUi {
     ComfyUi::new(config).expect("connector")
 }
 
-async fn run(c: &ComfyUi, payload: Value) -> (Result<Value, fleetq_connectors::ConnectorError>, Vec<f64>) {
+async fn run(c: &ComfyUi, payload: Value) -> (Result<Value, fleetq_connectors::JobError>, Vec<f64>) {
     let (out, seen) = common::run(c, payload).await;
     (out, seen.into_iter().map(|p| p.0).collect())
 }

@@ -1,13 +1,13 @@
-//! The OpenAI connector against the mock OpenAI API (services.md §3): streamed chat with usage,
+//! The OpenAI connector against the mock OpenAI API (docs/services.md §3): streamed chat with usage,
 //! retries that honour `retry-after`, `insufficient_quota` and 401 never retried, broken streams,
 //! images by `b64_json` and by expiring `url`, cancellation during a retry wait, health.
 
 use std::time::Duration;
 
-use fleetq_connectors::mock::openai::{Fault, OpenAiMock, OpenAiMockConfig};
 use fleetq_connectors::openai::{OpenAi, OpenAiConfig};
 use fleetq_connectors::{CancellationToken, Connector, ProgressSink};
 use fleetq_core::{ConnectorStatus, FailureCategory};
+use fleetq_mocks::openai::{Fault, OpenAiMock, OpenAiMockConfig};
 use serde_json::{Value, json};
 
 mod common;

@@ -252,8 +252,10 @@ impl FailureCategory {
     }
 }
 
-/// A typed error outcome. The broker decides requeue-or-fail from `retryable`, never from text.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A typed error outcome: what a connector returns when a job fails and what the broker records.
+/// The broker decides requeue-or-fail from `retryable`, never from text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{}: {message}", category.as_str())]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobError {
     /// Human-readable message.

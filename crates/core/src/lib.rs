@@ -55,8 +55,10 @@ pub use order::OrderKey;
 pub use partition::{PartitionKey, PartitionSpec};
 pub use requirements::Requirements;
 pub use state::{Action, IllegalTransition};
-pub use validate::{Limits, ValidationError, job_spec_from_value, parse_job_spec};
+pub use validate::{
+    Limits, ValidationError, job_spec_from_value, job_spec_shape, parse_job_spec, validate_batch,
+};
 pub use worker::{
-    Capabilities, ConnectorReport, ConnectorStatus, MachineEvent, MachineState, WorkerInfo,
+    Capabilities, ConnectorReport, ConnectorStatus, MachineEvent, MachinePhase, MachineState, WorkerInfo,
     WorkerRegistration,
 };

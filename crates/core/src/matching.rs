@@ -2,7 +2,7 @@
 //! pick claimable partitions, by the API to list matching and incompatible workers, and by
 //! `fleetq explain`. It never errors: submissions are validated, so stored data always matches or not.
 //!
-//! Rules (see the broker-core issue for the test vectors):
+//! Rules (the test vectors are this module's tests):
 //! 1. the job's service is one of the worker's services (exact, case-sensitive);
 //! 2. every positive requirement holds, no negative one does;
 //! 3. a value `R` against the capability `W` at the same path: `R == "all"` holds (even when `W` is

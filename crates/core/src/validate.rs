@@ -24,6 +24,13 @@ impl ValidationError {
     pub fn new(field: &str, message: impl Into<String>) -> Self {
         Self { field: field.to_owned(), message: message.into() }
     }
+
+    /// The same error inside `parent` (`[3]` + `service` → `[3].service`): the one place a field
+    /// path is prefixed.
+    pub fn within(mut self, parent: &str) -> Self {
+        self.field = format!("{parent}.{}", self.field);
+        self
+    }
 }
 
 /// Size limits applied at submission.
@@ -71,8 +78,26 @@ pub fn parse_job_spec(text: &str, limits: &Limits) -> Result<JobSpec, Validation
     job_spec_from_value(value, limits)
 }
 
-/// Validates an already parsed JSON submission.
-pub fn job_spec_from_value(mut value: Value, limits: &Limits) -> Result<JobSpec, ValidationError> {
+/// Parses and validates an already parsed JSON submission.
+pub fn job_spec_from_value(value: Value, limits: &Limits) -> Result<JobSpec, ValidationError> {
+    let spec = job_spec_shape(value)?;
+    spec.validate(limits)?;
+    Ok(spec)
+}
+
+/// Validates every spec of a batch; an error names the item (`[3].requirements.models`). The
+/// broker's check of a batch, before anything is stored.
+pub fn validate_batch(specs: &[JobSpec], limits: &Limits) -> Result<(), ValidationError> {
+    for (i, spec) in specs.iter().enumerate() {
+        spec.validate(limits).map_err(|e| e.within(&format!("[{i}]")))?;
+    }
+    Ok(())
+}
+
+/// Reads a JSON submission into a spec — its shape and the requirements' grammar, each error
+/// naming its field — without the value checks of [`JobSpec::validate`], which the broker runs
+/// on every submission (so a server parses once and the broker is the one guard).
+pub fn job_spec_shape(mut value: Value) -> Result<JobSpec, ValidationError> {
     let Some(obj) = value.as_object_mut() else {
         return Err(ValidationError::new("body", format!("must be an object, got {}", kind(&value))));
     };
@@ -92,7 +117,6 @@ pub fn job_spec_from_value(mut value: Value, limits: &Limits) -> Result<JobSpec,
         ValidationError::new(&field, message)
     })?;
     spec.requirements = Requirements::parse(&requirements, "requirements")?;
-    spec.validate(limits)?;
     Ok(spec)
 }
 

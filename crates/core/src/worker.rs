@@ -200,14 +200,53 @@ pub struct WorkerInfo {
     pub connectors: BTreeMap<String, ConnectorReport>,
 }
 
+/// Where a machine is in its life, as its supervisor reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum MachinePhase {
+    /// Starting up (a new start clears the steps).
+    #[default]
+    Starting,
+    /// One startup step done (the event names it); the machine is still starting.
+    Step,
+    /// Started: its workers serve.
+    Ready,
+    /// Shutting down.
+    Stopping,
+    /// Shut down.
+    Stopped,
+    /// Startup or operation failed (the message says why).
+    Error,
+}
+
+impl MachinePhase {
+    /// Every phase.
+    pub const ALL: [Self; 6] =
+        [Self::Starting, Self::Step, Self::Ready, Self::Stopping, Self::Stopped, Self::Error];
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Step => "step",
+            Self::Ready => "ready",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+            Self::Error => "error",
+        }
+    }
+}
+
 /// A machine lifecycle event (startup steps, ready, shutdown).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MachineEvent {
     /// The machine.
     pub machine_id: String,
-    /// `starting`, `step`, `ready`, `stopping`, `stopped` or `error`.
-    pub phase: String,
+    /// The phase it entered (`step`: one more startup step, still starting).
+    pub phase: MachinePhase,
     /// A startup step's name, for `step`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<String>,
@@ -219,16 +258,9 @@ pub struct MachineEvent {
 }
 
 impl MachineEvent {
-    /// Rejects an event with a malformed machine id or unknown phase.
+    /// Rejects an event with a malformed machine id.
     pub fn validate(&self) -> Result<(), ValidationError> {
-        check_name("machine_id", &self.machine_id)?;
-        if !matches!(self.phase.as_str(), "starting" | "step" | "ready" | "stopping" | "stopped" | "error") {
-            return Err(ValidationError::new(
-                "phase",
-                "must be starting, step, ready, stopping, stopped or error",
-            ));
-        }
-        Ok(())
+        check_name("machine_id", &self.machine_id)
     }
 }
 
@@ -238,8 +270,8 @@ impl MachineEvent {
 pub struct MachineState {
     /// The machine.
     pub machine_id: String,
-    /// Latest phase.
-    pub phase: String,
+    /// Latest phase (a `step` leaves it as it was: the machine is still starting).
+    pub phase: MachinePhase,
     /// Startup steps seen since the last `starting`, in order.
     pub steps: Vec<String>,
     /// Latest message.
@@ -253,14 +285,14 @@ impl MachineState {
     /// Folds one event into the state.
     pub fn apply(&mut self, e: &MachineEvent) {
         self.machine_id.clone_from(&e.machine_id);
-        if e.phase == "starting" {
+        if e.phase == MachinePhase::Starting {
             self.steps.clear();
         }
         if let Some(step) = &e.step {
             self.steps.push(step.clone());
         }
-        if e.phase != "step" || self.phase.is_empty() {
-            self.phase.clone_from(&e.phase);
+        if e.phase != MachinePhase::Step {
+            self.phase = e.phase;
         }
         self.message.clone_from(&e.message);
         self.updated_at = e.at;
@@ -314,18 +346,27 @@ mod tests {
     #[test]
     fn machine_fold() {
         let mut m = MachineState::default();
-        let ev = |phase: &str, step: Option<&str>| MachineEvent {
+        let ev = |phase: MachinePhase, step: Option<&str>| MachineEvent {
             machine_id: "m".into(),
-            phase: phase.into(),
+            phase,
             step: step.map(Into::into),
             message: None,
             at: 1,
         };
-        m.apply(&ev("starting", None));
-        m.apply(&ev("step", Some("pull")));
-        m.apply(&ev("step", Some("comfyui")));
-        m.apply(&ev("ready", None));
-        assert_eq!(m.phase, "ready");
+        m.apply(&ev(MachinePhase::Step, Some("pull")));
+        assert_eq!(m.phase, MachinePhase::Starting, "a step is part of starting");
+        m.apply(&ev(MachinePhase::Starting, None));
+        assert!(m.steps.is_empty(), "a new start clears the steps");
+        m.apply(&ev(MachinePhase::Step, Some("pull")));
+        m.apply(&ev(MachinePhase::Step, Some("comfyui")));
+        m.apply(&ev(MachinePhase::Ready, None));
+        assert_eq!(m.phase, MachinePhase::Ready);
         assert_eq!(m.steps, vec!["pull", "comfyui"]);
+        for p in MachinePhase::ALL {
+            assert_eq!(serde_json::to_value(p).unwrap(), json!(p.as_str()));
+        }
+        let unknown: Result<MachineEvent, _> =
+            serde_json::from_value(json!({"machine_id": "m", "phase": "exploded", "at": 1}));
+        assert!(unknown.is_err(), "an unknown phase does not parse");
     }
 }

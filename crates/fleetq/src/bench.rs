@@ -1,12 +1,18 @@
-//! `fleetq bench broker`: no-op jobs through a real broker, reported as JSON lines shaped like the
-//! BullMQ baseline's (`shared/bench/bullmq`) so both can be compared side by side in one run.
+//! `fleetq bench`: measurements reported as JSON lines.
 //!
-//! Modes:
+//! `fleetq bench broker` runs no-op jobs through a real broker, its lines shaped like those of the
+//! BullMQ baseline (`scripts/bench-vs-bullmq.sh`) so both can be compared side by side in one run.
+//! `fleetq bench api` serves the HTTP API on a loopback port over a fresh embedded store and times
+//! submissions and POST → SSE latency.
+//!
+//! Broker modes:
 //! - `throughput`: enqueue N jobs in batches, then drain them with C workers (capability matching
 //!   on: every job requires `hardware.gpu_memory_gb >= 16`, every worker has 24) using
 //!   complete-and-claim; for Redis also the server CPU spent per job;
 //! - `paced`: RATE jobs/s for S seconds, C workers waiting in `claim`; submit → claim latency;
-//! - `depth`: claim latency with D jobs pending (e.g. 1k vs 1M).
+//! - `depth`: claim latency with D jobs pending (e.g. 1k vs 1M);
+//! - `position`: with D jobs pending, the cost of `queue_position` (the last job's, the worst case,
+//!   and jobs spread through the queue — each checked exact) and of a queue page from the middle.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -63,6 +69,7 @@ enum Mode {
     Throughput,
     Paced,
     Depth,
+    Position,
 }
 
 /// Flags of `fleetq bench broker`.
@@ -104,6 +111,12 @@ pub(crate) struct BrokerArgs {
     /// Claims measured per depth.
     #[arg(long, default_value_t = 2000)]
     depth_claims: usize,
+    /// Pending depths for the queue-position runs.
+    #[arg(long, value_delimiter = ',', default_value = "1000,100000")]
+    position_depths: Vec<usize>,
+    /// Position queries measured per depth.
+    #[arg(long, default_value_t = 200)]
+    position_queries: usize,
 }
 
 pub(crate) async fn run(b: Bench) -> Result<()> {
@@ -181,6 +194,12 @@ where
                 for &d in &args.depths {
                     let made = make().await?;
                     emit(&backend, depth(&made, d, args.depth_claims).await?);
+                }
+            }
+            Mode::Position => {
+                for &d in &args.position_depths {
+                    let made = make().await?;
+                    emit(&backend, position(&made, d, args.position_queries).await?);
                 }
             }
         }
@@ -371,6 +390,60 @@ async fn depth<B: Broker>(made: &Made<B>, pending: usize, claims: usize) -> Resu
     Ok(json!({
         "mode": "depth", "pending": pending, "fill_jobs_per_s": (pending as f64 / fill_s).round(),
         "claim_latency": summarize(lat),
+    }))
+}
+
+async fn position<B: Broker>(made: &Made<B>, pending: usize, queries: usize) -> Result<Value> {
+    let (b, _, _) = made;
+    if pending == 0 {
+        bail!("--position-depths must be at least 1");
+    }
+    let fill_s = submit_all(b.as_ref(), pending.saturating_sub(1)).await?;
+    // One job of each service's shape goes last: every other pending job is ahead of it.
+    let last = b.submit(bench_job(pending)).await?.id;
+    let (mut worst, mut spread) = (Vec::with_capacity(queries), Vec::with_capacity(queries));
+    for _ in 0..queries {
+        let t = Instant::now();
+        let p = b.queue_position(&last).await?;
+        worst.push(t.elapsed().as_secs_f64() * 1000.0);
+        if p != Some(pending as u64) {
+            bail!("the last of {pending} pending jobs was placed at {p:?}");
+        }
+    }
+    // Jobs through the queue, found by walking queue pages (which also checks their positions).
+    let mut filter = fleetq_broker::QueueFilter { limit: Some(1000), ..Default::default() };
+    let (mut seen, mut sample, mut page_ms) = (0u64, Vec::new(), Vec::new());
+    let every = (pending / queries.max(1)).max(1) as u64;
+    loop {
+        let t = Instant::now();
+        let page = b.queue(&filter).await?;
+        page_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        for j in page.jobs {
+            seen += 1;
+            if seen % every == 0 {
+                sample.push((j.id, seen));
+            }
+        }
+        match page.next {
+            Some(n) => filter.cursor = Some(n),
+            None => break,
+        }
+    }
+    if seen != pending as u64 {
+        bail!("the queue listed {seen} of {pending} pending jobs");
+    }
+    for (id, expect) in sample {
+        let t = Instant::now();
+        let p = b.queue_position(&id).await?;
+        spread.push(t.elapsed().as_secs_f64() * 1000.0);
+        if p != Some(expect) {
+            bail!("job {id} is {expect}th in the queue listing but placed at {p:?}");
+        }
+    }
+    Ok(json!({
+        "mode": "position", "pending": pending, "fill_jobs_per_s": (pending as f64 / fill_s.max(1e-9)).round(),
+        "position_last": summarize(worst), "position_spread": summarize(spread),
+        "queue_page_1000": summarize(page_ms),
     }))
 }
 

@@ -1,6 +1,9 @@
 //! The `fleetq` command line: wiring only. Each subcommand parses its flags and calls into the
 //! library crates.
 
+// Doc comments on clap fields are `--help` text, where `<…>` around a URL would be printed.
+#![allow(rustdoc::bare_urls)]
+
 mod bench;
 mod client;
 mod explain;

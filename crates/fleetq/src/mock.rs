@@ -3,9 +3,9 @@
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
-use fleetq_connectors::mock::a1111::{A1111Mock, A1111MockConfig};
-use fleetq_connectors::mock::comfyui::{ComfyMock, ComfyMockConfig};
-use fleetq_connectors::mock::openai::{OpenAiMock, OpenAiMockConfig};
+use fleetq_mocks::a1111::{A1111Mock, A1111MockConfig};
+use fleetq_mocks::comfyui::{ComfyMock, ComfyMockConfig};
+use fleetq_mocks::openai::{OpenAiMock, OpenAiMockConfig};
 
 /// The mock services.
 #[derive(Debug, clap::Subcommand)]

@@ -15,7 +15,7 @@ use fleetq_broker::{Broker, BrokerConfig};
 use fleetq_connectors::CancellationToken;
 use fleetq_connectors::Connector;
 use fleetq_connectors::simulation::{Simulation, SimulationConfig};
-use fleetq_core::{Capabilities, MachineEvent, WorkerRegistration};
+use fleetq_core::{Capabilities, MachineEvent, MachinePhase, WorkerRegistration};
 use fleetq_worker::{Worker, WorkerConfig};
 
 use crate::worker::stop_on_signal;
@@ -214,9 +214,9 @@ async fn stack<B: Broker>(
 ) -> Result<()> {
     fleetq_api::install_metrics_recorder();
     tokio::spawn(stop_on_signal(stop.clone()));
-    let machine = |phase: &str, message: Option<String>| MachineEvent {
+    let machine = |phase: MachinePhase, message: Option<String>| MachineEvent {
         machine_id: args.machine_id.clone(),
-        phase: phase.into(),
+        phase,
         step: None,
         message,
         at: broker.clock().now_ms(),
@@ -224,7 +224,10 @@ async fn stack<B: Broker>(
     let mut tasks = tokio::task::JoinSet::new();
     if args.workers > 0 {
         broker
-            .machine_event(machine("starting", Some(format!("{} simulated workers", args.workers))))
+            .machine_event(machine(
+                MachinePhase::Starting,
+                Some(format!("{} simulated workers", args.workers)),
+            ))
             .await?;
     }
     for i in 0..args.workers {
@@ -255,7 +258,7 @@ async fn stack<B: Broker>(
         tasks.spawn(async move { worker.run(stop).await });
     }
     if args.workers > 0 {
-        broker.machine_event(machine("ready", None)).await?;
+        broker.machine_event(machine(MachinePhase::Ready, None)).await?;
     }
     let served = args
         .api
@@ -280,7 +283,7 @@ async fn stack<B: Broker>(
         }
     }
     if args.workers > 0 {
-        broker.machine_event(machine("stopped", None)).await.ok();
+        broker.machine_event(machine(MachinePhase::Stopped, None)).await.ok();
     }
     served
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleetq_broker::{Broker, BrokerError, Lease, LeaseRef, LeaseState};
-use fleetq_connectors::{CancellationToken, Connector, ConnectorError, ProgressSink};
+use fleetq_connectors::{CancellationToken, Connector, ProgressSink};
 use fleetq_core::{
     ConnectorReport, ConnectorStatus, FailureCategory, JobError, ValidationError, WorkerRegistration,
 };
@@ -431,7 +431,7 @@ impl<B: Broker> Worker<B> {
         lease: &LeaseRef,
         service: &str,
         stop: Option<Stop>,
-        outcome: Option<Result<Result<serde_json::Value, ConnectorError>, tokio::task::JoinError>>,
+        outcome: Option<Result<Result<serde_json::Value, JobError>, tokio::task::JoinError>>,
         started: Instant,
     ) {
         let elapsed_ms = started.elapsed().as_millis();
@@ -471,7 +471,7 @@ impl<B: Broker> Worker<B> {
         &self,
         lease: &LeaseRef,
         stop: Option<Stop>,
-        outcome: &Option<Result<Result<serde_json::Value, ConnectorError>, tokio::task::JoinError>>,
+        outcome: &Option<Result<Result<serde_json::Value, JobError>, tokio::task::JoinError>>,
         elapsed_ms: u128,
     ) -> Result<(), BrokerError> {
         match (stop, outcome) {
@@ -496,7 +496,7 @@ impl<B: Broker> Worker<B> {
                 warn!(error = %e.message, "service offline; releasing the job");
                 self.broker.release(lease, "service_offline").await.map(drop)
             }
-            (None, Some(Ok(Err(e)))) => self.broker.fail(lease, e.clone().into_job_error()).await.map(drop),
+            (None, Some(Ok(Err(e)))) => self.broker.fail(lease, e.clone()).await.map(drop),
             (None, Some(Err(panic))) => {
                 let error =
                     JobError::retryable(FailureCategory::Internal, format!("connector crashed: {panic}"));
@@ -510,7 +510,7 @@ impl<B: Broker> Worker<B> {
 /// The failure category of an attempt's end, if it did not succeed.
 fn failure_category(
     stop: Option<Stop>,
-    outcome: &Option<Result<Result<serde_json::Value, ConnectorError>, tokio::task::JoinError>>,
+    outcome: &Option<Result<Result<serde_json::Value, JobError>, tokio::task::JoinError>>,
 ) -> Option<FailureCategory> {
     match (stop, outcome) {
         (Some(Stop::LeaseLost), _) => Some(FailureCategory::LeaseExpired),

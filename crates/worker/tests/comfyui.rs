@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use fleetq_broker::Broker;
 use fleetq_connectors::comfyui::{ComfyUi, ComfyUiConfig};
-use fleetq_connectors::mock::comfyui::{ComfyMock, ComfyMockConfig};
 use fleetq_core::{ConnectorStatus, EventKind, JobSpec, JobStatus, Outcome};
+use fleetq_mocks::comfyui::{ComfyMock, ComfyMockConfig};
 use fleetq_worker::WorkerConfig;
 use serde_json::{Value, json};
 

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use fleetq_broker::Broker;
 use fleetq_connectors::a1111::{A1111, A1111Config};
-use fleetq_connectors::mock::a1111::{A1111Mock, A1111MockConfig};
-use fleetq_connectors::mock::openai::{Fault, OpenAiMock, OpenAiMockConfig};
 use fleetq_connectors::openai::{OpenAi, OpenAiConfig};
 use fleetq_core::{FailureCategory, JobSpec, JobStatus, Outcome};
+use fleetq_mocks::a1111::{A1111Mock, A1111MockConfig};
+use fleetq_mocks::openai::{Fault, OpenAiMock, OpenAiMockConfig};
 use serde_json::json;
 
 mod common;

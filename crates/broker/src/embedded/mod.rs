@@ -140,12 +140,7 @@ impl Broker for EmbeddedBroker {
     }
 
     async fn submit_batch(&self, specs: Vec<JobSpec>) -> Result<Vec<Submitted>> {
-        for (i, spec) in specs.iter().enumerate() {
-            spec.validate(&self.config.limits).map_err(|mut e| {
-                e.field = format!("[{i}].{}", e.field);
-                e
-            })?;
-        }
+        fleetq_core::validate_batch(&specs, &self.config.limits)?;
         self.call(move |st| specs.into_iter().map(|s| st.submit(s)).collect()).await
     }
 

@@ -426,6 +426,54 @@ impl RedisBroker {
         Err(corrupt(format!("{hash}/{field} kept changing under concurrent writers")))
     }
 
+    /// Stores already validated specs, in chunks of one function call each.
+    async fn submit_valid(&self, specs: &[JobSpec]) -> Result<Vec<Submitted>> {
+        let now = self.now();
+        let mut results = Vec::with_capacity(specs.len());
+        let mut new_partitions = false;
+        // Chunks keep one call's argument list and run time bounded.
+        for chunk in specs.chunks(500) {
+            let mut cmd = self.fcall("fq_submit", false);
+            cmd.arg(now).arg(chunk.len());
+            for spec in chunk {
+                let id = new_job_id();
+                let pspec = PartitionSpec::of(spec);
+                let summary = fleetq_core::JobSummary::new_pending(id.clone(), spec, now);
+                let order = OrderKey::new(spec.effective_priority(), spec.effective_time(now), 0).encode();
+                let mut extra = vec![
+                    ("ckey", format!("{:012x}", now.max(0))),
+                    (
+                        "backoff",
+                        spec.retry_backoff_ms
+                            .unwrap_or(fleetq_core::job::DEFAULT_RETRY_BACKOFF_MS)
+                            .to_string(),
+                    ),
+                ];
+                if let Some(key) = &spec.idempotency_key {
+                    extra.push(("idem", key.clone()));
+                }
+                cmd.arg(initial_state(&summary, &extra)?)
+                    .arg(to_json(spec)?)
+                    .arg(&summary.partition)
+                    .arg(to_json(&pspec)?)
+                    .arg(&order[..20])
+                    .arg(spec.idempotency_key.as_deref().unwrap_or(""))
+                    .arg(&spec.service);
+            }
+            let reply = items(self.run(&cmd).await?);
+            let n_new: usize = text_at(&reply, 0, "new partition count")?.parse().map_err(corrupt)?;
+            new_partitions |= n_new > 0;
+            for pair in reply[1 + n_new..].chunks_exact(2) {
+                let id = text(&pair[0]).ok_or_else(|| corrupt("submit id"))?;
+                results.push(Submitted { id: JobId(id), created: text(&pair[1]).as_deref() == Some("1") });
+            }
+        }
+        if new_partitions {
+            self.fleet_changed().await?;
+        }
+        Ok(results)
+    }
+
     async fn fleet_changed(&self) -> Result<()> {
         self.invalidate();
         self.evaluate_workability().await.map(|_| ())
@@ -478,69 +526,15 @@ impl Broker for RedisBroker {
     }
 
     async fn submit(&self, spec: JobSpec) -> Result<Submitted> {
-        let mut out = self.submit_batch(vec![spec]).await.map_err(|e| match e {
-            BrokerError::Invalid(mut v) => {
-                v.field = v.field.trim_start_matches("[0].").to_owned();
-                BrokerError::Invalid(v)
-            }
-            other => other,
-        })?;
+        spec.validate(&self.config.limits)?;
+        let mut out = self.submit_valid(std::slice::from_ref(&spec)).await?;
         out.pop().ok_or_else(|| corrupt("submit returned nothing"))
     }
 
     async fn submit_batch(&self, specs: Vec<JobSpec>) -> Result<Vec<Submitted>> {
-        for (i, spec) in specs.iter().enumerate() {
-            spec.validate(&self.config.limits).map_err(|mut e| {
-                e.field = format!("[{i}].{}", e.field);
-                e
-            })?;
-        }
-        let now = self.now();
-        let mut results = Vec::with_capacity(specs.len());
-        let mut new_partitions = false;
-        // Chunks keep one call's argument list and run time bounded.
-        for chunk in specs.chunks(500) {
-            let mut cmd = self.fcall("fq_submit", false);
-            cmd.arg(now).arg(chunk.len());
-            for spec in chunk {
-                let id = new_job_id();
-                let pspec = PartitionSpec::of(spec);
-                let summary = fleetq_core::JobSummary::new_pending(id.clone(), spec, now);
-                let order = OrderKey::new(spec.effective_priority(), spec.effective_time(now), 0).encode();
-                let mut extra = vec![
-                    ("ckey", format!("{:012x}", now.max(0))),
-                    (
-                        "backoff",
-                        spec.retry_backoff_ms
-                            .unwrap_or(fleetq_core::job::DEFAULT_RETRY_BACKOFF_MS)
-                            .to_string(),
-                    ),
-                ];
-                if let Some(key) = &spec.idempotency_key {
-                    extra.push(("idem", key.clone()));
-                }
-                cmd.arg(initial_state(&summary, &extra)?)
-                    .arg(to_json(spec)?)
-                    .arg(&summary.partition)
-                    .arg(to_json(&pspec)?)
-                    .arg(&order[..20])
-                    .arg(spec.idempotency_key.as_deref().unwrap_or(""))
-                    .arg(&spec.service);
-            }
-            let reply = items(self.run(&cmd).await?);
-            let n_new: usize = text_at(&reply, 0, "new partition count")?.parse().map_err(corrupt)?;
-            new_partitions |= n_new > 0;
-            for pair in reply[1 + n_new..].chunks_exact(2) {
-                let id = text(&pair[0]).ok_or_else(|| corrupt("submit id"))?;
-                results.push(Submitted { id: JobId(id), created: text(&pair[1]).as_deref() == Some("1") });
-            }
-        }
-        if new_partitions {
-            self.fleet_changed().await?;
-        }
-        Ok(results)
+        fleetq_core::validate_batch(&specs, &self.config.limits)?;
+        self.submit_valid(&specs).await
     }
-
     async fn claim(&self, worker_id: &str, wait: Duration) -> Result<Option<Lease>> {
         let deadline = Instant::now() + wait;
         let mut refreshes = 0;

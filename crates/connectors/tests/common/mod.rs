@@ -2,7 +2,7 @@
 //! it reported, and unwrapping an expected failure.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
-use fleetq_connectors::{CancellationToken, Connector, ConnectorError, ProgressSink};
+use fleetq_connectors::{CancellationToken, Connector, JobError, ProgressSink};
 use fleetq_core::{JobId, JobRecord, JobSpec, JobSummary};
 use serde_json::Value;
 
@@ -17,7 +17,7 @@ pub(crate) fn job(service: &str, payload: Value) -> JobRecord {
 pub(crate) async fn run(
     c: &dyn Connector,
     payload: Value,
-) -> (Result<Value, ConnectorError>, Vec<(f64, Option<String>)>) {
+) -> (Result<Value, JobError>, Vec<(f64, Option<String>)>) {
     let (sink, mut rx) = ProgressSink::channel();
     let out = c.process(&job(c.service(), payload), sink, CancellationToken::new()).await;
     let mut seen = Vec::new();
@@ -28,7 +28,7 @@ pub(crate) async fn run(
 }
 
 /// The error of a run that had to fail.
-pub(crate) fn failure(r: Result<Value, ConnectorError>) -> ConnectorError {
+pub(crate) fn failure(r: Result<Value, JobError>) -> JobError {
     match r {
         Ok(v) => panic!("expected a failure, got {v}"),
         Err(e) => e,

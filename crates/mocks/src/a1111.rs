@@ -1,4 +1,4 @@
-//! A mock AUTOMATIC1111 webui API (`/sdapi/v1/*`, v1.10 era) following services.md §2:
+//! A mock AUTOMATIC1111 webui API (`/sdapi/v1/*`, v1.10 era) following docs/services.md §2:
 //!
 //! - `txt2img` / `img2img` **block** until generation ends, serialized by one global lock; each
 //!   sampling step takes [`A1111MockConfig::step_delay`];
@@ -170,7 +170,7 @@ impl A1111Mock {
     }
 }
 
-/// The custom exception handler's shape (services.md §2.6).
+/// The custom exception handler's shape (docs/services.md §2.6).
 fn api_error(status: StatusCode, error: &str, detail: &str, errors: &str) -> Response {
     json_reply(status, &json!({"error": error, "detail": detail, "body": "", "errors": errors}))
 }
@@ -201,6 +201,17 @@ async fn auth_and_timing(State(shared): State<Arc<Shared>>, request: Request, ne
 fn with_www_authenticate(mut r: Response) -> Response {
     r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic"));
     r
+}
+
+/// Whether an `init_images` entry decodes, as A1111's `decode_base64_to_image` reads it: base64,
+/// with or without a `data:…;base64,` prefix.
+fn decodes_as_image_data(text: &str) -> bool {
+    use base64::Engine as _;
+    let body = match text.split_once(";base64,") {
+        Some((prefix, rest)) if prefix.starts_with("data:") => rest,
+        _ => text,
+    };
+    base64::engine::general_purpose::STANDARD.decode(body.trim()).is_ok()
 }
 
 fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
@@ -258,7 +269,7 @@ async fn img2img(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
         return http_exception(StatusCode::NOT_FOUND, "Init image not found");
     };
     for image in images {
-        let ok = image.as_str().is_some_and(|s| crate::artifacts::decode_base64(s).is_ok());
+        let ok = image.as_str().is_some_and(decodes_as_image_data);
         if !ok {
             return api_error(
                 StatusCode::INTERNAL_SERVER_ERROR,

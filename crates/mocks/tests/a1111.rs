@@ -1,10 +1,10 @@
-//! The mock A1111 speaks services.md §2 on the wire: an interrupted txt2img still returns 200 with
+//! The mock A1111 speaks docs/services.md §2 on the wire: an interrupted txt2img still returns 200 with
 //! images and no mark; `/progress` when idle looks like "done"; `info` is a JSON string; errors
 //! and 404s have the documented shapes; every reply carries `X-Process-Time`.
 
 use std::time::Duration;
 
-use fleetq_connectors::mock::a1111::{A1111Mock, A1111MockConfig};
+use fleetq_mocks::a1111::{A1111Mock, A1111MockConfig};
 use serde_json::{Value, json};
 
 async fn get(url: &str) -> (u16, Value) {

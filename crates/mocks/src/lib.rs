@@ -1,5 +1,9 @@
-//! Mock servers for the services fleetq's connectors drive, faithful to
-//! `../shared/protocols/services.md`: usable from tests and from `fleetq mock <service>` for demos.
+//! # fleetq-mocks
+//!
+//! Mock servers of the services fleetq's connectors drive — ComfyUI ([`comfyui`]), AUTOMATIC1111
+//! ([`a1111`]) and OpenAI-style APIs ([`openai`]) — faithful to `docs/services.md`: the connectors'
+//! tests run against them, and `fleetq mock <service>` serves them for demos. Test doubles only:
+//! nothing in a worker depends on this crate.
 //!
 //! They are small re-implementations of each service's *wire behaviour* (message orders, reply shapes,
 //! status codes, races), not recordings: the ComfyUI mock executes a workflow graph so that every

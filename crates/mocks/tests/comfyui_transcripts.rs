@@ -1,6 +1,6 @@
-//! Replays transcripts captured from a real ComfyUI 0.3.64 (`tests/comfyui-transcripts/`, copied
-//! from `shared/protocols/comfyui-transcripts/`) against the mock: the same client actions, in the
-//! same order, must get the same replies and the same WebSocket messages in the same order.
+//! Replays transcripts captured from a real ComfyUI 0.3.64 (`tests/comfyui-transcripts/`, with their
+//! index in `00_index.json`) against the mock: the same client actions, in the same order, must get
+//! the same replies and the same WebSocket messages in the same order.
 //!
 //! Values that differ between runs by nature are normalised on both sides: prompt ids (bound as
 //! they first appear), timestamps, queue numbers (only int-vs-float is kept), the counter in saved
@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use fleetq_connectors::mock::comfyui::{ComfyMock, ComfyMockConfig};
+use fleetq_mocks::comfyui::{ComfyMock, ComfyMockConfig};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;

@@ -1,4 +1,4 @@
-//! A mock OpenAI-style API (`/v1/*`) following services.md §3: bearer auth, chat completions
+//! A mock OpenAI-style API (`/v1/*`) following docs/services.md §3: bearer auth, chat completions
 //! (plain, and streamed as SSE `data:` lines ending with `data: [DONE]`, usage in one extra final
 //! chunk only with `stream_options.include_usage`, a `: keep-alive` comment and chunks split across
 //! writes), image generation (`b64_json` or short-lived `url`), `/v1/models`, the error body
