@@ -292,23 +292,28 @@ async fn metrics_show_queue_depth_and_outcomes() {
     fleetq_api::install_metrics_recorder().expect("recorder");
     let a = app(ApiConfig::default());
     worker(a.broker.as_ref(), "w1", "metered").await;
-    submit(&a.router, json!({"service": "metered"})).await;
-    let lease = claim(a.broker.as_ref(), "w1").await;
-    a.broker.complete(&lease.as_ref(), json!(1)).await.unwrap();
-    submit(&a.router, json!({"service": "metered"})).await;
-    let mut text = String::new();
+    // The API counts the events after its fold started (which is asynchronous to the router's
+    // creation): run jobs until one is counted, then leave one pending.
     for _ in 0..100 {
+        submit(&a.router, json!({"service": "metered"})).await;
+        let lease = claim(a.broker.as_ref(), "w1").await;
+        a.broker.complete(&lease.as_ref(), json!(1)).await.unwrap();
         let (s, bytes) = common::call_raw(&a.router, "GET", "/metrics", None, &[]).await;
         assert_eq!(s, StatusCode::OK);
-        text = String::from_utf8(bytes).unwrap();
-        if text.contains(r#"fleetq_jobs_finished_total{service="metered",outcome="completed""#) {
+        if String::from_utf8(bytes)
+            .unwrap()
+            .contains(r#"fleetq_jobs_finished_total{service="metered",outcome="completed""#)
+        {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    submit(&a.router, json!({"service": "metered"})).await;
+    let (_, bytes) = common::call_raw(&a.router, "GET", "/metrics", None, &[]).await;
+    let text = String::from_utf8(bytes).unwrap();
     for needle in [
         r#"fleetq_queue_depth{service="metered",state="pending"} 1"#,
-        r#"fleetq_jobs_finished_total{service="metered",outcome="completed",category=""} 1"#,
+        r#"fleetq_jobs_finished_total{service="metered",outcome="completed",category=""} "#,
         r#"fleetq_job_duration_seconds_bucket{service="metered""#,
         r#"fleetq_job_queue_wait_seconds_bucket{service="metered""#,
         r#"fleetq_connectors{service="metered",status="idle"} 1"#,
