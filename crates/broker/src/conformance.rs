@@ -16,7 +16,8 @@ use serde_json::{Value, json};
 pub use crate::testing::Fixture;
 use crate::{Broker, BrokerError, CancelOutcome, FailOutcome, JobFilter, LeaseRef, QueueFilter};
 
-/// Instantiates every conformance case as a `#[tokio::test]` calling `$make().await` for its fixture.
+/// Instantiates every conformance case as a `#[tokio::test]` calling `$make(config).await` for its
+/// fixture, with the configuration [`config_for`] gives the case.
 #[macro_export]
 macro_rules! conformance_tests {
     ($make:path) => {
@@ -39,11 +40,24 @@ macro_rules! conformance_tests {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $case() {
-                let fixture = $make().await;
+                let fixture = $make($crate::conformance::config_for(stringify!($case))).await;
                 $crate::conformance::$case(fixture).await;
             }
         )*
     };
+}
+
+/// The broker configuration of a case: [`crate::testing::test_config`], except that the cases about
+/// wake-ups re-check only every 120 s — longer than their 60 s waits and 30 s bounds — so only a
+/// real wake-up passes them, never a periodic re-check.
+pub fn config_for(case: &str) -> crate::BrokerConfig {
+    let config = crate::testing::test_config();
+    match case {
+        "claim_blocks_until_a_job_arrives" | "events_after_waits_for_news" => {
+            crate::BrokerConfig { claim_recheck_ms: 120_000, ..config }
+        }
+        _ => config,
+    }
 }
 
 fn worker(id: &str, services: &[&str], caps: Value) -> WorkerRegistration {
@@ -309,6 +323,9 @@ pub async fn workflow_restricted_worker<B: Broker>(fx: Fixture<B>) {
 }
 
 /// A waiting claim is woken by a submission (no polling interval involved: the wait is long).
+///
+/// The fixture re-checks only every 120 s ([`config_for`]): the 30 s bound holds only when the
+/// submission wakes the waiting claim.
 pub async fn claim_blocks_until_a_job_arrives<B: Broker>(fx: Fixture<B>) {
     let b = fx.broker.clone();
     b.register_worker(worker("w", &["simulation"], json!({}))).await.expect("reg");
@@ -316,7 +333,10 @@ pub async fn claim_blocks_until_a_job_arrives<B: Broker>(fx: Fixture<B>) {
         let b = b.clone();
         tokio::spawn(async move { b.claim("w", Duration::from_secs(60)).await })
     };
-    tokio::task::yield_now().await;
+    // Let the claim find the queue empty and start waiting (a submission before that would be
+    // claimed at once, proving nothing); the assertion below does not depend on this pause.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "an empty queue keeps the claim waiting");
     let id = b.submit(sim(json!("wake"))).await.expect("submit").id;
     let lease = tokio::time::timeout(Duration::from_secs(30), waiter)
         .await
@@ -936,6 +956,9 @@ pub async fn oversized_result_is_refused<B: Broker>(fx: Fixture<B>) {
 }
 
 /// `events_after` blocks until an event arrives; the subscription stream continues without gaps.
+///
+/// A 60 s wait bounded by 30 s: only a wake-up on the new event passes, not a backend that waits
+/// out its wait (or a re-check, which the fixture sets to 120 s).
 pub async fn events_after_waits_for_news<B: Broker>(fx: Fixture<B>) {
     let b = fx.broker.clone();
     b.submit(sim(json!(0))).await.expect("submit");
@@ -944,7 +967,9 @@ pub async fn events_after_waits_for_news<B: Broker>(fx: Fixture<B>) {
         let b = b.clone();
         tokio::spawn(async move { b.events_after(head, 10, Duration::from_secs(60)).await })
     };
-    tokio::task::yield_now().await;
+    // Let the read find nothing and start waiting; the assertion does not depend on this pause.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "no news keeps the read waiting");
     b.submit(sim(json!(1))).await.expect("submit");
     let got = tokio::time::timeout(Duration::from_secs(30), waiter)
         .await
