@@ -15,11 +15,11 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::jobs::{Params, params};
 use crate::model::{
     self, Activity, ConnectorView, ErrorBody, Instances, MachineView, Machines, ServiceSummary,
     ServiceSummaryReply, Services, Stats, WorkerView, Workers,
 };
+use crate::request::{Params, params};
 use crate::stats::rfc3339;
 use crate::stream::{Feed, parse_topics, resume_point, topic};
 

@@ -1,13 +1,12 @@
 //! Job routes: submit (one or a batch, `Idempotency-Key`), get (with queue position and ETA), list,
 //! cancel, retry, the per-job SSE stream, matching workers and artifact download.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -24,40 +23,9 @@ use crate::model::{
     BatchSubmitted, CancelResult, Cancelled, ErrorBody, Estimate, JobPage, JobView, MatchingWorkers, Retried,
     Submission, SubmitReply, Submitted, Verdict, WorkerVerdict,
 };
+use crate::request::{Params, body_bytes, json_body, params};
 use crate::stats::{eta_ms, workers_serving};
 use crate::stream::{Feed, resume_point};
-
-/// Query parameters as a map, with a JSON error for a malformed query string.
-pub(crate) type Params = Result<Query<HashMap<String, String>>, QueryRejection>;
-
-/// Unpacks the query, refusing parameters the route does not know (a typo should not silently
-/// widen a listing).
-pub(crate) fn params(q: Params, known: &[&str]) -> ApiResult<HashMap<String, String>> {
-    let Query(map) = q.map_err(|e| ApiError::bad_request("query", e.body_text()))?;
-    if let Some(k) = map.keys().find(|k| !known.contains(&k.as_str())) {
-        return Err(ApiError::bad_request(k, format!("unknown parameter; known: {}", known.join(", "))));
-    }
-    Ok(map)
-}
-
-/// The body bytes, with 413 for an oversized body and a JSON error for anything else.
-pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
-    body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large("the request body is over the size limit")
-        } else {
-            ApiError::bad_request("body", e.body_text())
-        }
-    })
-}
-
-/// Parses a JSON body.
-pub(crate) fn json_body(bytes: &[u8]) -> ApiResult<Value> {
-    serde_json::from_slice(bytes).map_err(|e| ApiError {
-        field: Some("body".into()),
-        ..ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", format!("the body is not valid JSON: {e}"))
-    })
-}
 
 /// A job spec from a submission object (legacy clients' `job_type` and `service_required` are
 /// accepted for `service`), owned by the caller: whatever `owner` a client sent is overwritten.

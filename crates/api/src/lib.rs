@@ -22,7 +22,10 @@ mod fleet;
 mod fold;
 mod jobs;
 pub mod model;
+mod openapi;
 mod ops;
+mod request;
+mod state;
 pub mod stats;
 mod stream;
 mod ws;
@@ -42,7 +45,9 @@ use utoipa_axum::router::OpenApiRouter;
 
 pub use auth::{Caller, Role, Tokens};
 pub use error::{ApiError, ApiResult};
-pub use ops::{install_metrics_recorder, openapi_document};
+pub use openapi::openapi_document;
+pub use ops::install_metrics_recorder;
+pub(crate) use state::AppState;
 
 /// How the API behaves.
 #[derive(Debug, Clone)]
@@ -79,33 +84,6 @@ impl Default for ApiConfig {
     }
 }
 
-/// What every handler sees.
-pub(crate) struct AppState<B> {
-    pub(crate) broker: Arc<B>,
-    pub(crate) config: ApiConfig,
-    pub(crate) stats: Arc<stats::DurationStats>,
-    /// The process's one reader of the event log, shared by every stream.
-    pub(crate) hub: Arc<stream::Hub>,
-}
-
-impl<B: Broker> AppState<B> {
-    /// Every event after `after`, through the shared hub.
-    pub(crate) fn feed(&self, after: u64) -> impl futures::Stream<Item = stream::Feed> + Send + use<B> {
-        stream::feed(self.broker.clone(), self.hub.clone(), after)
-    }
-}
-
-impl<B> Clone for AppState<B> {
-    fn clone(&self) -> Self {
-        Self {
-            broker: self.broker.clone(),
-            config: self.config.clone(),
-            stats: self.stats.clone(),
-            hub: self.hub.clone(),
-        }
-    }
-}
-
 /// The whole API as an axum router. Spawns the event hub (one reader of the event log shared by
 /// every stream) and the statistics fold (needs a Tokio runtime); both stop at `config.shutdown`
 /// or when the router is dropped.
@@ -127,11 +105,11 @@ pub fn router<B: Broker>(broker: Arc<B>, config: ApiConfig) -> Router {
         .with_state(state)
 }
 
-/// Every route, each registered by [`ops::op`] at the path and method its `#[utoipa::path]`
+/// Every route, each registered by [`openapi::op`] at the path and method its `#[utoipa::path]`
 /// attribute declares (`__path_<fn>` is the type that attribute generates).
 pub(crate) fn routes<B: Broker>() -> OpenApiRouter<AppState<B>> {
-    use ops::op;
-    let r = OpenApiRouter::with_openapi(ops::ApiDoc::openapi());
+    use openapi::op;
+    let r = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi());
     let r = op::<jobs::__path_submit, _, _, _>(r, jobs::submit::<B>);
     let r = op::<jobs::__path_list, _, _, _>(r, jobs::list::<B>);
     let r = op::<jobs::__path_get, _, _, _>(r, jobs::get::<B>);
@@ -153,7 +131,7 @@ pub(crate) fn routes<B: Broker>() -> OpenApiRouter<AppState<B>> {
     let r = op::<ops::__path_health, _, _, _>(r, ops::health);
     let r = op::<ops::__path_ready, _, _, _>(r, ops::ready::<B>);
     let r = op::<ops::__path_metrics, _, _, _>(r, ops::metrics::<B>);
-    op::<ops::__path_openapi, _, _, _>(r, ops::openapi)
+    op::<openapi::__path_openapi, _, _, _>(r, openapi::openapi)
 }
 
 fn cors_layer(origins: &[String]) -> CorsLayer {

@@ -25,8 +25,9 @@ use serde_json::{Value, json};
 use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
-use crate::jobs::{Params, check_owner, params, spec_from};
+use crate::jobs::{check_owner, spec_from};
 use crate::model::ErrorBody;
+use crate::request::{Params, params};
 use crate::stream::{Feed, TOPICS, parse_topics, topic};
 
 fn upgrade(ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>) -> ApiResult<WebSocketUpgrade> {

@@ -1,8 +1,10 @@
 //! # fleetq-broker
 //!
-//! The broker contract ([`Broker`]) and its two backends, held to one conformance suite:
-//! - [`embedded::EmbeddedBroker`]: SQLite (WAL) in one process — the default for one box;
-//! - [`redis::RedisBroker`]: Redis ≥ 7 with server-side functions — for a fleet.
+//! The broker contract ([`Broker`]) and its two backends, held to one conformance suite, each
+//! behind a cargo feature so crates that need only the contract compile neither:
+//! - `embedded::EmbeddedBroker` (feature `embedded`): SQLite (WAL) in one process — the default
+//!   for one box;
+//! - `redis::RedisBroker` (feature `redis`): Redis ≥ 7 with server-side functions — for a fleet.
 //!
 //! # Core promises (docs/design.md §4)
 //! - **One path for truth.** Every state change happens atomically and appends exactly one event to
@@ -47,14 +49,18 @@
 //! - [`Broker`] and the types it speaks ([`Lease`], [`LeaseRef`], …), [`BrokerError`];
 //! - [`Clock`] (from core): wall time behind a trait so tests control it; [`Broker::clock`] is the
 //!   one every caller of a broker reads;
-//! - [`embedded`], [`redis`]: the backends;
+//! - `embedded`, `redis`: the backends (features of the same names);
 //! - [`subscribe`]: a live event stream on top of any backend;
 //! - [`fleet`]: fleet queries on top of any backend (matching workers for a job);
 //! - `conformance` and `testing` (feature `test-utils`): the suite and a `redis-server` harness.
 
+#[cfg(feature = "embedded")]
 pub mod embedded;
 pub mod fleet;
+#[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(any(feature = "embedded", feature = "redis"))]
+mod shared;
 
 mod subscribe;
 
@@ -74,6 +80,8 @@ use fleetq_core::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+#[cfg(any(feature = "embedded", feature = "redis"))]
+pub(crate) use shared::*;
 pub use subscribe::subscribe;
 use thiserror::Error;
 
@@ -108,12 +116,14 @@ pub enum BrokerError {
         limit: usize,
     },
     /// SQLite failed.
+    #[cfg(feature = "embedded")]
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
     /// The embedded store is open in another process (one process owns a store).
     #[error("the store {0} is in use by another fleetq process")]
     StoreInUse(String),
     /// Redis failed.
+    #[cfg(feature = "redis")]
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
     /// Stored data could not be decoded (a bug or a foreign writer).
@@ -134,7 +144,10 @@ impl BrokerError {
     /// Answers about the operation itself (invalid, lease lost, not found, …) are not transient.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Redis(_) | Self::CommitFailed => true,
+            Self::CommitFailed => true,
+            #[cfg(feature = "redis")]
+            Self::Redis(_) => true,
+            #[cfg(feature = "embedded")]
             Self::Sqlite(e) => matches!(
                 e.sqlite_error_code(),
                 Some(
@@ -349,26 +362,6 @@ pub struct QueueFilter {
     pub cursor: Option<String>,
 }
 
-impl QueueFilter {
-    /// The page size, clamped like [`JobFilter::limit`].
-    pub(crate) fn page_limit(&self) -> usize {
-        self.limit.unwrap_or(100).clamp(1, 1000)
-    }
-
-    /// The cursor, refused unless it is an encoded order key.
-    pub(crate) fn checked_cursor(&self) -> Result<Option<&str>> {
-        match self.cursor.as_deref() {
-            None => Ok(None),
-            Some(c)
-                if c.len() == fleetq_core::order::ENCODED_LEN && c.bytes().all(|b| b.is_ascii_hexdigit()) =>
-            {
-                Ok(Some(c))
-            }
-            Some(_) => Err(ValidationError::new("cursor", "not a queue cursor of this broker").into()),
-        }
-    }
-}
-
 /// A page of jobs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobPage {
@@ -494,49 +487,7 @@ pub trait Broker: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<Event>>> + Send;
 }
 
-/// Clamps a page size.
-pub(crate) fn page_limit(filter: &JobFilter) -> usize {
-    filter.limit.unwrap_or(100).clamp(1, 1000)
-}
-
-/// A fresh job id (UUIDv7: time-ordered, unique across processes).
-pub(crate) fn new_job_id() -> JobId {
-    JobId(uuid::Uuid::now_v7().to_string())
-}
-
-/// Validates a progress value (a finite number, clamped to 0–100).
-pub(crate) fn check_progress(progress: f64) -> Result<f64> {
-    if !progress.is_finite() {
-        return Err(ValidationError::new("progress", "must be a finite number between 0 and 100").into());
-    }
-    Ok(progress.clamp(0.0, 100.0))
-}
-
-/// The stored outcome of a completion, from the result's JSON text.
-pub(crate) fn result_outcome(result_json: &str) -> String {
-    format!(r#"{{"kind":"result","value":{result_json}}}"#)
-}
-
-/// The error recorded when a holder releases a job.
-pub(crate) fn release_error(reason: &str) -> JobError {
-    let category = if reason.contains("timeout") {
-        fleetq_core::FailureCategory::Timeout
-    } else {
-        fleetq_core::FailureCategory::Internal
-    };
-    JobError::retryable(category, format!("released: {reason}"))
-}
-
-/// Checks a result against the size limit and returns its JSON text.
-pub(crate) fn encode_result(config: &BrokerConfig, result: &Value) -> Result<String> {
-    let text = serde_json::to_string(result).map_err(|e| BrokerError::Corrupt(e.to_string()))?;
-    if text.len() > config.max_result_bytes {
-        return Err(BrokerError::ResultTooLarge { size: text.len(), limit: config.max_result_bytes });
-    }
-    Ok(text)
-}
-
-#[cfg(test)]
+#[cfg(all(test, feature = "embedded", feature = "redis"))]
 mod tests {
     use super::*;
 

@@ -1,0 +1,276 @@
+//! The OpenAPI 3.1 document: [`op`] registers each handler at the path its `#[utoipa::path]`
+//! attribute declares, so the router and the document come from the same declarations; [`finish`]
+//! adds what the attributes do not say (roles, tags, error answers). The document does not depend
+//! on a broker: it is built from the routes over [`NoBroker`], a broker that cannot exist.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::Json;
+use axum::handler::Handler;
+use axum::http::{Method, StatusCode};
+use axum::routing::MethodRouter;
+use fleetq_broker::{
+    Broker, BrokerConfig, CancelOutcome, Clock, FailOutcome, JobFilter, JobPage as BrokerJobPage, Lease,
+    LeaseRef, LeaseState, QueueFilter, ReapReport, Result, ServiceDepth, Submitted,
+};
+use fleetq_core::{
+    ConnectorReport, Event, JobError, JobId, JobRecord, JobSpec, MachineEvent, MachineState, Snapshot,
+    WorkerInfo, WorkerRegistration,
+};
+use serde_json::{Value, json};
+use utoipa::OpenApi;
+use utoipa::openapi::path::Paths;
+use utoipa_axum::PathItemExt;
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::auth::required_role;
+use crate::model::{
+    Cancelled, ErrorBody, Instances, JobPage, JobView, Machines, MatchingWorkers, Retried,
+    ServiceSummaryReply, Services, Stats, Status, Submission, SubmitReply, Workers,
+};
+
+/// The document's fixed parts; paths come from the handlers' `#[utoipa::path]` attributes.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "fleetq API", description = "Job queue and fleet control plane for AI generation work."),
+    components(schemas(
+        ErrorBody,
+        Submission,
+        SubmitReply,
+        JobView,
+        JobPage,
+        Cancelled,
+        Retried,
+        MatchingWorkers,
+        Workers,
+        Machines,
+        Services,
+        ServiceSummaryReply,
+        Instances,
+        Stats,
+        Status,
+        Snapshot,
+        Event
+    ))
+)]
+pub(crate) struct ApiDoc;
+
+/// Registers `handler` at the path and methods its `#[utoipa::path]` attribute (`P`, the
+/// `__path_<fn>` type the attribute generates) declares: the router and the document are built
+/// from one declaration, so neither can list a route the other lacks.
+pub(crate) fn op<P, H, T, S>(router: OpenApiRouter<S>, handler: H) -> OpenApiRouter<S>
+where
+    P: utoipa::Path,
+    H: Handler<T, S>,
+    T: 'static,
+    S: Clone + Send + Sync + 'static,
+{
+    let methods = P::methods();
+    let method_router =
+        methods.iter().fold(MethodRouter::new(), |r, m| r.on(m.to_method_filter(), handler.clone()));
+    let mut paths = Paths::new();
+    paths.add_path_operation(P::path(), methods, P::operation());
+    router.routes((Vec::new(), paths, method_router))
+}
+
+/// The OpenAPI 3.1 document of the API: every route the router serves (see [`crate::router`]),
+/// with the role each needs (`x-fleetq-role`, from the auth middleware's own rule) and the
+/// request and response schemas of the types the handlers serialize.
+pub fn openapi_document() -> Value {
+    static DOC: OnceLock<Value> = OnceLock::new();
+    DOC.get_or_init(|| {
+        let api = crate::routes::<NoBroker>().into_openapi();
+        finish(serde_json::to_value(&api).unwrap_or(Value::Null))
+    })
+    .clone()
+}
+
+/// Adds what the handlers' attributes do not say: security and role per operation (from
+/// [`required_role`]), tags by area, the version, and the bearer scheme.
+fn finish(mut doc: Value) -> Value {
+    doc["info"]["version"] = json!(env!("CARGO_PKG_VERSION"));
+    doc["components"]["securitySchemes"] = json!({"bearer": {"type": "http", "scheme": "bearer",
+        "description": "A token from --token / FLEETQ_TOKENS; also accepted as the fleetq_token cookie or ?access_token="}});
+    open_flattened(&mut doc);
+    let error = json!({"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}});
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        for (path, item) in paths.iter_mut() {
+            let Some(item) = item.as_object_mut() else { continue };
+            for (method, op) in item.iter_mut() {
+                let Ok(m) = Method::from_bytes(method.to_ascii_uppercase().as_bytes()) else { continue };
+                let tag = if path.starts_with("/api/jobs") {
+                    "jobs"
+                } else if path.starts_with("/api/") {
+                    "fleet"
+                } else if path.starts_with("/ws/") {
+                    "websocket"
+                } else {
+                    "ops"
+                };
+                op["tags"] = json!([tag]);
+                // OpenAPI requires a description on every response: the reason phrase by default.
+                if let Some(responses) = op["responses"].as_object_mut() {
+                    for (code, resp) in responses.iter_mut() {
+                        if resp["description"].as_str().is_none_or(str::is_empty) {
+                            let reason = code
+                                .parse::<u16>()
+                                .ok()
+                                .and_then(|c| StatusCode::from_u16(c).ok())
+                                .and_then(|c| c.canonical_reason())
+                                .unwrap_or("Response");
+                            resp["description"] = json!(reason);
+                        }
+                    }
+                }
+                if let Some(role) = required_role(&m, path) {
+                    op["security"] = json!([{"bearer": []}]);
+                    op["x-fleetq-role"] = json!(role.as_str());
+                    let below = format!("The token's role is below {}", role.as_str());
+                    for (code, text) in [("401", "No token, or an unknown one"), ("403", below.as_str())] {
+                        if op["responses"].get(code).is_none() {
+                            op["responses"][code] = json!({"description": text, "content": error["content"]});
+                        }
+                    }
+                }
+            }
+        }
+    }
+    doc
+}
+
+/// A type with `deny_unknown_fields` (a worker registration) gets `additionalProperties: false`,
+/// which is right where it stands alone, but where a response flattens it (`allOf`) it would reject
+/// the sibling fields. Such schemas are opened; the API itself still refuses unknown input fields.
+fn open_flattened(doc: &mut Value) {
+    fn walk(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for member in m.get("allOf").and_then(Value::as_array).into_iter().flatten() {
+                    if let Some(r) =
+                        member["$ref"].as_str().and_then(|r| r.strip_prefix("#/components/schemas/"))
+                    {
+                        out.push(r.to_owned());
+                    }
+                }
+                m.values().for_each(|x| walk(x, out));
+            }
+            Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    let mut flattened = Vec::new();
+    walk(doc, &mut flattened);
+    for name in flattened {
+        if let Some(schema) = doc["components"]["schemas"].get_mut(&name).and_then(Value::as_object_mut) {
+            schema.remove("additionalProperties");
+        }
+    }
+}
+
+/// `GET /openapi.json`.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    operation_id = "openapi",
+    summary = "This document",
+    responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json"))
+)]
+pub(crate) async fn openapi() -> Json<Value> {
+    Json(openapi_document())
+}
+
+/// A broker with no values: the routes are generic over the broker, the document is not, so it is
+/// built over this type, whose methods can never be called.
+pub(crate) enum NoBroker {}
+
+impl Broker for NoBroker {
+    fn config(&self) -> &BrokerConfig {
+        match *self {}
+    }
+    fn clock(&self) -> &Arc<dyn Clock> {
+        match *self {}
+    }
+    async fn submit(&self, _: JobSpec) -> Result<Submitted> {
+        match *self {}
+    }
+    async fn submit_batch(&self, _: Vec<JobSpec>) -> Result<Vec<Submitted>> {
+        match *self {}
+    }
+    async fn claim(&self, _: &str, _: Duration) -> Result<Option<Lease>> {
+        match *self {}
+    }
+    async fn renew(&self, _: &LeaseRef) -> Result<LeaseState> {
+        match *self {}
+    }
+    async fn progress(&self, _: &LeaseRef, _: f64, _: Option<String>) -> Result<LeaseState> {
+        match *self {}
+    }
+    async fn complete(&self, _: &LeaseRef, _: Value) -> Result<()> {
+        match *self {}
+    }
+    async fn complete_and_claim(&self, _: &LeaseRef, _: Value) -> Result<Option<Lease>> {
+        match *self {}
+    }
+    async fn fail(&self, _: &LeaseRef, _: JobError) -> Result<FailOutcome> {
+        match *self {}
+    }
+    async fn release(&self, _: &LeaseRef, _: &str) -> Result<FailOutcome> {
+        match *self {}
+    }
+    async fn cancel(&self, _: &JobId) -> Result<CancelOutcome> {
+        match *self {}
+    }
+    async fn retry(&self, _: &JobId) -> Result<()> {
+        match *self {}
+    }
+    async fn reap(&self) -> Result<ReapReport> {
+        match *self {}
+    }
+    async fn evaluate_workability(&self) -> Result<usize> {
+        match *self {}
+    }
+    async fn register_worker(&self, _: WorkerRegistration) -> Result<()> {
+        match *self {}
+    }
+    async fn heartbeat(&self, _: &str) -> Result<()> {
+        match *self {}
+    }
+    async fn deregister_worker(&self, _: &str) -> Result<()> {
+        match *self {}
+    }
+    async fn report_connector(&self, _: &str, _: ConnectorReport) -> Result<()> {
+        match *self {}
+    }
+    async fn machine_event(&self, _: MachineEvent) -> Result<()> {
+        match *self {}
+    }
+    async fn job(&self, _: &JobId) -> Result<Option<JobRecord>> {
+        match *self {}
+    }
+    async fn jobs(&self, _: &JobFilter) -> Result<BrokerJobPage> {
+        match *self {}
+    }
+    async fn queue_position(&self, _: &JobId) -> Result<Option<u64>> {
+        match *self {}
+    }
+    async fn queue(&self, _: &QueueFilter) -> Result<BrokerJobPage> {
+        match *self {}
+    }
+    async fn workers(&self) -> Result<Vec<WorkerInfo>> {
+        match *self {}
+    }
+    async fn queue_depths(&self) -> Result<BTreeMap<String, ServiceDepth>> {
+        match *self {}
+    }
+    async fn machines(&self) -> Result<Vec<MachineState>> {
+        match *self {}
+    }
+    async fn snapshot(&self) -> Result<Snapshot> {
+        match *self {}
+    }
+    async fn events_after(&self, _: u64, _: usize, _: Duration) -> Result<Vec<Event>> {
+        match *self {}
+    }
+}
