@@ -7,12 +7,13 @@
 //! metrics), so any number of API processes can serve one Redis.
 //!
 //! ```no_run
-//! # async fn run() -> std::io::Result<()> {
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
-//! let broker = Arc::new(fleetq_broker::embedded::EmbeddedBroker::open("jobs.db", Default::default()).unwrap());
-//! let app = fleetq_api::router(broker, fleetq_api::ApiConfig::default());
+//! let broker = Arc::new(fleetq_broker::embedded::EmbeddedBroker::open("jobs.db", Default::default())?);
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:7777").await?;
-//! axum::serve(listener, app).await
+//! // Until the config's `shutdown` token fires: then streams end and requests drain.
+//! fleetq_api::serve(listener, broker, fleetq_api::ApiConfig::default()).await?;
+//! # Ok(())
 //! # }
 //! ```
 
@@ -67,6 +68,8 @@ pub struct ApiConfig {
     /// Cancelled when the server shuts down: event streams and WebSocket sessions end, so a
     /// graceful shutdown does not wait forever on a watcher.
     pub shutdown: CancellationToken,
+    /// How often [`serve`] reaps expired leases and due retries from this process.
+    pub reap_every: Duration,
 }
 
 impl Default for ApiConfig {
@@ -80,8 +83,29 @@ impl Default for ApiConfig {
             stale_after: Duration::from_secs(15),
             artifacts_dir: None,
             shutdown: CancellationToken::new(),
+            reap_every: Duration::from_secs(1),
         }
     }
+}
+
+/// Serves the API on `listener` until `config.shutdown` fires, then drains: the router, this
+/// process's share of the queue's upkeep ([`maintain`] every `config.reap_every`), and a graceful
+/// shutdown in which every event stream ends. Cancels `config.shutdown` when serving fails, so
+/// whatever else the caller runs under that token stops too.
+pub async fn serve<B: Broker>(
+    listener: tokio::net::TcpListener,
+    broker: Arc<B>,
+    config: ApiConfig,
+) -> std::io::Result<()> {
+    let stop = config.shutdown.clone();
+    let every = config.reap_every.max(Duration::from_millis(10));
+    let upkeep = tokio::spawn(maintain(broker.clone(), every, stop.clone()));
+    let served = axum::serve(listener, router(broker, config))
+        .with_graceful_shutdown(stop.clone().cancelled_owned())
+        .await;
+    stop.cancel();
+    upkeep.await.ok();
+    served
 }
 
 /// The whole API as an axum router. Spawns the event hub (one reader of the event log shared by

@@ -65,7 +65,7 @@ async fn log_seqs<B: Broker>(b: &B, after: u64, job: Option<&str>) -> Vec<u64> {
 async fn job_sse_runs_to_the_terminal_event_and_resumes_after_a_drop() {
     let a = app(ApiConfig::default());
     worker(a.broker.as_ref(), "w1", "sim").await;
-    let addr = serve(a.router.clone()).await;
+    let addr = serve(a.broker.clone()).await;
     let id = submit_http(addr, json!({"service": "sim"})).await;
     let mut s = sse(addr, &format!("/api/jobs/{id}/events"), None).await;
     let first = next(&mut s).await.expect("job_state");
@@ -105,7 +105,7 @@ async fn job_sse_runs_to_the_terminal_event_and_resumes_after_a_drop() {
 #[tokio::test]
 async fn global_sse_resume_loses_and_repeats_nothing() {
     let a = app(ApiConfig::default());
-    let addr = serve(a.router.clone()).await;
+    let addr = serve(a.broker.clone()).await;
     let start = a.broker.snapshot().await.unwrap().seq;
     let mut s = sse(addr, "/api/events", None).await;
     for i in 0..10 {
@@ -172,7 +172,7 @@ async fn send(ws: &mut Ws, v: Value) {
 #[tokio::test]
 async fn ws_monitor_snapshot_events_ping_subscribe_and_resume() {
     let a = app(ApiConfig::default());
-    let addr = serve(a.router.clone()).await;
+    let addr = serve(a.broker.clone()).await;
     let mut m = ws(addr, "/ws/monitor").await;
     let snap = recv(&mut m).await;
     assert_eq!(snap["type"], "snapshot");
@@ -210,7 +210,7 @@ async fn ws_monitor_snapshot_events_ping_subscribe_and_resume() {
 async fn ws_client_speaks_the_legacy_protocol() {
     let a = app(ApiConfig::default());
     worker(a.broker.as_ref(), "w1", "sim").await;
-    let addr = serve(a.router.clone()).await;
+    let addr = serve(a.broker.clone()).await;
     let mut c = ws(addr, "/ws/client").await;
     send(&mut c, json!({"type": "submit_job", "message_id": "m-1", "job_type": "sim", "payload": {"prompt": "a cat"}, "priority": 5})).await;
     let accepted = recv(&mut c).await;
@@ -266,8 +266,8 @@ async fn two_api_servers_share_one_redis() {
     let queue = format!("api-{}", std::process::id());
     let connect = || RedisBroker::connect(&server.url, &queue, fleetq_broker::testing::test_config());
     let (b1, b2) = (Arc::new(connect().await.unwrap()), Arc::new(connect().await.unwrap()));
-    let a1 = serve(fleetq_api::router(b1.clone(), ApiConfig::default())).await;
-    let a2 = serve(fleetq_api::router(b2.clone(), ApiConfig::default())).await;
+    let a1 = serve(b1.clone()).await;
+    let a2 = serve(b2.clone()).await;
     let mut watch = sse(a2, "/api/events?topics=jobs", None).await;
     let id = submit_http(a1, json!({"service": "sim"})).await;
     let ev = next(&mut watch).await.expect("event");

@@ -454,10 +454,12 @@ async fn api(args: ApiArgs) -> Result<()> {
 
     let dir = tempfile::tempdir()?;
     let broker = Arc::new(EmbeddedBroker::open(dir.path().join("bench.db"), bench_config())?);
-    let app = fleetq_api::router(broker, fleetq_api::ApiConfig::default());
+    let config = fleetq_api::ApiConfig::default();
+    // Dropped at the end of the run: the server stops with the benchmark.
+    let _stop = config.shutdown.clone().drop_guard();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+    tokio::spawn(fleetq_api::serve(listener, broker, config));
     let http = reqwest::Client::new();
     let body = |i: usize| json!({"service": "bench", "payload": {"i": i}});
 

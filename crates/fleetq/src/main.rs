@@ -9,6 +9,7 @@ mod client;
 mod explain;
 mod mock;
 mod serve;
+mod signal;
 mod worker;
 
 use std::future::Future;

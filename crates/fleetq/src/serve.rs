@@ -1,5 +1,6 @@
 //! `fleetq up` (API + a local machine of simulated workers on the embedded store, or Redis) and
-//! `fleetq api` (the API alone against Redis).
+//! `fleetq api` (the API alone against Redis): flags to configurations, then the libraries'
+//! `fleetq_api::serve` and `fleetq_machine`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,12 +14,11 @@ use fleetq_broker::embedded::EmbeddedBroker;
 use fleetq_broker::redis::RedisBroker;
 use fleetq_broker::{Broker, BrokerConfig};
 use fleetq_connectors::CancellationToken;
-use fleetq_connectors::Connector;
-use fleetq_connectors::simulation::{Simulation, SimulationConfig};
-use fleetq_core::{Capabilities, MachineEvent, MachinePhase, WorkerRegistration};
-use fleetq_worker::{Worker, WorkerConfig};
+use fleetq_core::Capabilities;
+use fleetq_machine::simulated::SimulatedMachine;
+use fleetq_worker::config::capabilities_arg;
 
-use crate::worker::stop_on_signal;
+use crate::signal::stop_on_signal;
 
 /// Flags every API process takes.
 #[derive(Debug, ClapArgs)]
@@ -63,33 +63,18 @@ impl ApiArgs {
             stale_after: Duration::from_secs(self.stale_after_s.max(1)),
             artifacts_dir,
             shutdown,
+            reap_every: Duration::from_millis(self.reap_every_ms.max(10)),
             ..ApiConfig::default()
         })
     }
 }
 
 impl ApiArgs {
-    /// Serves the API until `stop` fires (then fires it, so the caller's tasks drain too), reaping
-    /// from this process meanwhile. Prints `banner(address)` once listening.
-    async fn serve<B: Broker>(
-        &self,
-        broker: Arc<B>,
-        config: ApiConfig,
-        stop: &CancellationToken,
-        banner: impl FnOnce(SocketAddr) -> String,
-    ) -> Result<()> {
-        let every = Duration::from_millis(self.reap_every_ms.max(10));
-        let maint = tokio::spawn(fleetq_api::maintain(broker.clone(), every, stop.clone()));
-        let listener = tokio::net::TcpListener::bind(self.listen)
+    /// Binds the address, first of all, so a taken port is reported before anything else starts.
+    async fn bind(&self) -> Result<tokio::net::TcpListener> {
+        tokio::net::TcpListener::bind(self.listen)
             .await
-            .with_context(|| format!("listening on {}", self.listen))?;
-        announce(&banner(listener.local_addr()?));
-        let served = axum::serve(listener, fleetq_api::router(broker, config))
-            .with_graceful_shutdown(stop.clone().cancelled_owned())
-            .await;
-        stop.cancel();
-        maint.await.ok();
-        served.context("serving HTTP")
+            .with_context(|| format!("listening on {}", self.listen))
     }
 }
 
@@ -152,15 +137,6 @@ pub(crate) struct ApiOnlyArgs {
     artifacts_dir: Option<PathBuf>,
 }
 
-fn capabilities(text: Option<&str>) -> Result<Capabilities> {
-    let Some(text) = text else { return Ok(Capabilities::default()) };
-    let json = match text.strip_prefix('@') {
-        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?,
-        None => text.to_owned(),
-    };
-    serde_json::from_str(&json).context("--capabilities must be a JSON object")
-}
-
 /// `fleetq up`.
 pub(crate) async fn up(args: UpArgs) -> Result<()> {
     if args.services.is_empty() || args.services.iter().any(|s| s.trim().is_empty()) {
@@ -172,7 +148,7 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
     if args.lease_ms < 100 {
         bail!("the lease (--lease-ms) must be at least 100 ms");
     }
-    let caps = capabilities(args.capabilities.as_deref())?;
+    let caps = args.capabilities.as_deref().map(capabilities_arg).transpose()?.unwrap_or_default();
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
     let artifacts = args.data_dir.join("artifacts");
@@ -212,80 +188,40 @@ async fn stack<B: Broker>(
     stop: CancellationToken,
     store: &str,
 ) -> Result<()> {
+    let listener = args.api.bind().await?;
+    let addr = listener.local_addr()?;
     fleetq_api::install_metrics_recorder();
     tokio::spawn(stop_on_signal(stop.clone()));
-    let machine = |phase: MachinePhase, message: Option<String>| MachineEvent {
+    let machine = SimulatedMachine {
         machine_id: args.machine_id.clone(),
-        phase,
-        step: None,
-        message,
-        at: broker.clock().now_ms(),
-    };
-    let mut tasks = tokio::task::JoinSet::new();
-    if args.workers > 0 {
-        broker
-            .machine_event(machine(
-                MachinePhase::Starting,
-                Some(format!("{} simulated workers", args.workers)),
-            ))
-            .await?;
+        workers: args.workers,
+        services: args.services.iter().map(|s| s.trim().to_owned()).collect(),
+        steps: args.steps,
+        step_ms: args.step_ms,
+        jitter: args.jitter,
+        failure_rate: args.failure_rate,
+        capabilities: caps.clone(),
+        shutdown_grace: Duration::from_secs(10),
     }
-    for i in 0..args.workers {
-        let connectors: Vec<Arc<dyn Connector>> = args
-            .services
-            .iter()
-            .map(|s| {
-                Arc::new(Simulation::new(SimulationConfig {
-                    service: s.trim().to_owned(),
-                    steps: args.steps.max(1),
-                    step_ms: args.step_ms,
-                    jitter: args.jitter,
-                    failure_rate: args.failure_rate,
-                    ..SimulationConfig::default()
-                })) as Arc<dyn Connector>
-            })
-            .collect();
-        let registration = WorkerRegistration {
-            worker_id: format!("{}-gpu{i}", args.machine_id),
-            machine_id: args.machine_id.clone(),
-            services: Vec::new(),
-            capabilities: caps.clone(),
-        };
-        let mut wc = WorkerConfig::new(registration);
-        wc.shutdown_grace = Duration::from_secs(10);
-        let worker = Arc::new(Worker::new(broker.clone(), connectors, wc)?);
-        let stop = stop.clone();
-        tasks.spawn(async move { worker.run(stop).await });
-    }
-    if args.workers > 0 {
-        broker.machine_event(machine(MachinePhase::Ready, None)).await?;
-    }
-    let served = args
-        .api
-        .serve(broker.clone(), config, &stop, |addr| {
-            format!(
-                "fleetq is up at http://{addr}  ({store}; machine {} with {} workers serving {})\n  \
-                 submit: fleetq submit --service {} --wait    (or POST http://{addr}/api/jobs)",
-                args.machine_id,
-                args.workers,
-                args.services.join(", "),
-                args.services[0]
-            )
-        })
-        .await;
-    // Also when serving never started (the address was taken): the workers must drain.
+    .build(broker.clone())?;
+    let running = tokio::spawn(machine.run(stop.clone()));
+    announce(&format!(
+        "fleetq is up at http://{addr}  ({store}; machine {} with {} workers serving {})\n  \
+         submit: fleetq submit --service {} --wait    (or POST http://{addr}/api/jobs)",
+        args.machine_id,
+        args.workers,
+        args.services.join(", "),
+        args.services[0]
+    ));
+    let served = fleetq_api::serve(listener, broker, config).await;
+    // Whatever ended serving, the machine drains its workers before the process exits.
     stop.cancel();
-    while let Some(res) = tasks.join_next().await {
-        match res {
-            Ok(Err(e)) => tracing::warn!(error = %e, "worker stopped with an error"),
-            Err(e) => tracing::warn!(error = %e, "worker task failed"),
-            Ok(Ok(())) => {}
-        }
+    match running.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "the machine stopped with an error"),
+        Err(e) => tracing::warn!(error = %e, "the machine task failed"),
+        Ok(Ok(())) => {}
     }
-    if args.workers > 0 {
-        broker.machine_event(machine(MachinePhase::Stopped, None)).await.ok();
-    }
-    served
+    served.context("serving HTTP")
 }
 
 /// `fleetq api`.
@@ -295,14 +231,12 @@ pub(crate) async fn api(args: ApiOnlyArgs) -> Result<()> {
     let broker = RedisBroker::connect(&args.redis, &args.queue, BrokerConfig::default())
         .await
         .with_context(|| format!("connecting to {}", args.redis))?;
-    let broker = Arc::new(broker);
+    let listener = args.api.bind().await?;
+    let addr = listener.local_addr()?;
     fleetq_api::install_metrics_recorder();
-    tokio::spawn(stop_on_signal(stop.clone()));
-    args.api
-        .serve(broker, config, &stop, |addr| {
-            format!("fleetq api at http://{addr}  (redis {}, queue {})", args.redis, args.queue)
-        })
-        .await
+    tokio::spawn(stop_on_signal(stop));
+    announce(&format!("fleetq api at http://{addr}  (redis {}, queue {})", args.redis, args.queue));
+    fleetq_api::serve(listener, Arc::new(broker), config).await.context("serving HTTP")
 }
 
 /// Prints the startup line. A closed stdout (`fleetq up | head -1`, a supervisor that stopped

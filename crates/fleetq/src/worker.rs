@@ -1,20 +1,17 @@
 //! `fleetq worker`: one worker process against a Redis broker. Stops on SIGTERM/SIGINT after
 //! draining (the running job finishes within the grace period or is released).
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use fleetq_broker::BrokerConfig;
 use fleetq_broker::redis::RedisBroker;
-use fleetq_connectors::spec::{ConnectorKind, ConnectorSpec, Unavailable};
-use fleetq_connectors::{CancellationToken, Connector};
-use fleetq_core::{Capabilities, WorkerRegistration};
-use fleetq_worker::{Worker, WorkerConfig};
-use serde::Deserialize;
+use fleetq_connectors::CancellationToken;
+use fleetq_worker::Worker;
+use fleetq_worker::config::{self, Overrides, WorkerFile, capabilities_arg};
+
+use crate::signal::stop_on_signal;
 
 /// Flags of `fleetq worker`. Each is also read from the environment variable shown in `--help`;
 /// precedence: flag > environment > `--config` file > default.
@@ -75,166 +72,42 @@ pub(crate) struct Args {
     simulation_step_ms: Option<u64>,
 }
 
-/// The worker's TOML file. Every key is optional; unknown keys are errors.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    redis_url: Option<String>,
-    queue: Option<String>,
-    worker_id: Option<String>,
-    machine_id: Option<String>,
-    capabilities: Option<Capabilities>,
-    shutdown_grace_s: Option<u64>,
-    lease_ms: Option<i64>,
-    artifacts_dir: Option<PathBuf>,
-    health_interval_s: Option<u64>,
-    progress_timeout_s: Option<u64>,
-    #[serde(default)]
-    connectors: Vec<ConnectorSpec>,
-}
-
-/// The connectors to load, from `WORKER_CONNECTORS` names and the file's entries, built, with their
-/// concurrency limits. A name that matches no connector is loaded as [`Unavailable`] (registered
-/// `offline` with the reason) so the fleet view shows the mistake instead of the worker refusing
-/// to start.
-fn build_connectors(
-    args: &Args,
-    file: &FileConfig,
-    artifacts_dir: Option<&std::path::Path>,
-) -> Result<Vec<(Arc<dyn Connector>, usize)>> {
-    let build = |mut spec: ConnectorSpec| -> (Arc<dyn Connector>, usize) {
-        if let Some(dir) = artifacts_dir {
-            spec.default_artifacts_dir(dir);
-        }
-        (spec.build(), spec.max_concurrent_jobs)
-    };
-    let Some(names) = &args.connectors else {
-        if file.connectors.is_empty() {
-            bail!(
-                "no connectors: set WORKER_CONNECTORS (e.g. comfyui) or add [[connectors]] to the config file"
-            );
-        }
-        return Ok(file.connectors.iter().cloned().map(build).collect());
-    };
-    let mut built = Vec::new();
-    for name in names.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
-        if let Some(spec) = file.connectors.iter().find(|c| c.service() == name) {
-            built.push(build(spec.clone()));
-            continue;
-        }
-        let Some(mut spec) = ConnectorSpec::from_name(name) else {
-            let reason = format!(
-                "unknown connector {name:?}: not a [[connectors]] service of the config file, nor one of comfyui, a1111, openai, rest, simulation, NAME-sim"
-            );
-            tracing::error!(connector = name, "{reason}");
-            built.push((Arc::new(Unavailable::new(name, reason)), 1));
-            continue;
-        };
-        match &mut spec.kind {
-            ConnectorKind::Comfyui(c) => {
-                if let Some(url) = &args.comfyui_url {
-                    c.url.clone_from(url);
-                }
-            }
-            ConnectorKind::A1111(c) => {
-                if let Some(url) = &args.a1111_url {
-                    c.url.clone_from(url);
-                }
-            }
-            ConnectorKind::Openai(c) => {
-                if let Some(url) = &args.openai_base_url {
-                    c.base_url.clone_from(url);
-                }
-            }
-            ConnectorKind::Simulation(c) => {
-                if let Some(ms) = args.simulation_step_ms {
-                    c.step_ms = ms;
-                }
-            }
-            ConnectorKind::Rest(_) => {}
-        }
-        built.push(build(spec));
+impl Args {
+    /// The flags and environment variables as the worker configuration's overrides.
+    fn overrides(&self) -> Result<Overrides> {
+        Ok(Overrides {
+            redis_url: self.redis_url.clone(),
+            queue: self.queue.clone(),
+            worker_id: self.worker_id.clone(),
+            machine_id: self.machine_id.clone(),
+            connectors: self.connectors.clone(),
+            capabilities: self.capabilities.as_deref().map(capabilities_arg).transpose()?,
+            shutdown_grace_s: self.shutdown_grace_s,
+            lease_ms: self.lease_ms,
+            comfyui_url: self.comfyui_url.clone(),
+            a1111_url: self.a1111_url.clone(),
+            openai_base_url: self.openai_base_url.clone(),
+            artifacts_dir: self.artifacts_dir.clone(),
+            health_interval_s: self.health_interval_s,
+            progress_timeout_s: self.progress_timeout_s,
+            simulation_step_ms: self.simulation_step_ms,
+        })
     }
-    Ok(built)
 }
 
 pub(crate) async fn run(args: Args) -> Result<()> {
-    let file: FileConfig = match &args.config {
-        None => FileConfig::default(),
-        Some(path) => {
-            let text =
-                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            toml::from_str(&text).with_context(|| format!("in {}", path.display()))?
-        }
+    let file = match &args.config {
+        None => WorkerFile::default(),
+        Some(path) => WorkerFile::load(path)?,
     };
-    let capabilities: Capabilities = match args.capabilities.as_deref() {
-        None => file.capabilities.clone().unwrap_or_default(),
-        Some(text) => {
-            let json = match text.strip_prefix('@') {
-                Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?,
-                None => text.to_owned(),
-            };
-            serde_json::from_str(&json).context("--capabilities must be a JSON object")?
-        }
-    };
-    let worker_id = args.worker_id.clone().or(file.worker_id.clone()).context(
-        "a worker needs a stable identity: set WORKER_ID (or --worker-id, or worker_id in the config file)",
-    )?;
-    let machine_id = args.machine_id.clone().or(file.machine_id.clone()).context(
-        "a worker needs its machine: set MACHINE_ID (or --machine-id, or machine_id in the config file)",
-    )?;
-    let artifacts_dir = args.artifacts_dir.clone().or(file.artifacts_dir.clone());
-    let mut connectors: Vec<Arc<dyn Connector>> = Vec::new();
-    let mut max_concurrent = BTreeMap::new();
-    for (connector, limit) in build_connectors(&args, &file, artifacts_dir.as_deref())? {
-        max_concurrent.insert(connector.service().to_owned(), limit);
-        connectors.push(connector);
-    }
-    let registration = WorkerRegistration { worker_id, machine_id, services: Vec::new(), capabilities };
-    let mut config = WorkerConfig::new(registration);
-    config.max_concurrent = max_concurrent;
-    config.shutdown_grace =
-        Duration::from_secs(args.shutdown_grace_s.or(file.shutdown_grace_s).unwrap_or(30));
-    config.health_every =
-        Duration::from_secs(args.health_interval_s.or(file.health_interval_s).unwrap_or(5).max(1));
-    config.default_progress_timeout =
-        args.progress_timeout_s.or(file.progress_timeout_s).map(Duration::from_secs);
-    let lease_ms = args.lease_ms.or(file.lease_ms).unwrap_or(30_000);
-    if lease_ms < 100 {
-        bail!("the lease (--lease-ms, FLEETQ_LEASE_MS, lease_ms) must be at least 100 ms");
-    }
-    let redis_url =
-        args.redis_url.clone().or(file.redis_url.clone()).unwrap_or_else(|| "redis://127.0.0.1:6379/".into());
-    let queue = args.queue.clone().or(file.queue.clone()).unwrap_or_else(|| "fleetq".into());
-    let broker_config = BrokerConfig { lease_ms, ..BrokerConfig::default() };
-    let broker = RedisBroker::connect(&redis_url, &queue, broker_config)
+    let settings = config::resolve(&file, &args.overrides()?)?;
+    let broker_config = BrokerConfig { lease_ms: settings.lease_ms, ..BrokerConfig::default() };
+    let broker = RedisBroker::connect(&settings.redis_url, &settings.queue, broker_config)
         .await
-        .with_context(|| format!("connecting to {redis_url}"))?;
-    let worker = Arc::new(Worker::new(Arc::new(broker), connectors, config)?);
+        .with_context(|| format!("connecting to {}", settings.redis_url))?;
+    let worker = Arc::new(Worker::new(Arc::new(broker), settings.connectors, settings.worker)?);
     let stop = CancellationToken::new();
     tokio::spawn(stop_on_signal(stop.clone()));
     worker.run(stop).await?;
     Ok(())
-}
-
-/// Fires `stop` on SIGINT or SIGTERM.
-pub(crate) async fn stop_on_signal(stop: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        () = term => {}
-    }
-    tracing::info!("shutdown requested; draining");
-    stop.cancel();
 }

@@ -13,7 +13,10 @@
 //!   through the broker interrupts the connector; a lost lease drops the result.
 //! - **Shutdown.** Stop claiming; let the running job finish within a grace period, else interrupt it
 //!   and release it back to pending without spending an attempt; deregister.
+//! - **Configuration** ([`config`]): the worker's TOML file and its overrides, resolved into a
+//!   [`WorkerConfig`] and built connectors.
 
+pub mod config;
 mod runtime;
 
 pub use runtime::{Worker, WorkerConfig, WorkerError};

@@ -70,11 +70,11 @@ pub async fn call_raw(
     (status, bytes)
 }
 
-/// Serves the router on a free loopback port.
-pub async fn serve(router: Router) -> SocketAddr {
+/// Serves the API over `broker` on a free loopback port, as `fleetq up` and `fleetq api` do.
+pub async fn serve<B: Broker>(broker: Arc<B>) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, router).await.ok() });
+    tokio::spawn(fleetq_api::serve(listener, broker, ApiConfig::default()));
     addr
 }
 
