@@ -14,7 +14,9 @@
 //!   complete, fail or release it; anyone else gets [`BrokerError::LeaseLost`] and changes nothing.
 //! - **Exact order.** Pending jobs are ordered by [`fleetq_core::OrderKey`] within partitions
 //!   ([`fleetq_core::PartitionSpec`]); a claim takes the best head among the partitions the worker
-//!   matches, so incompatible jobs never hide compatible ones.
+//!   matches, so incompatible jobs never hide compatible ones. A job's queue position and the
+//!   queue listing come from the same order ([`Broker::queue_position`], [`Broker::queue`]), by
+//!   index, exact at any backlog.
 //! - **Blocking claims.** [`Broker::claim`] waits on a wake-up signal, never by sleep-polling.
 //!
 //! # Example

@@ -112,8 +112,21 @@ impl HttpTransport {
         }
     }
 
-    /// GET → (status, JSON body), retried with backoff on connection errors and 5xx.
+    /// GET → (status, JSON body; `null` when the body is not JSON), retried with backoff on
+    /// connection errors, timeouts and 5xx.
     pub async fn get_json(&self, path: &str) -> Result<(StatusCode, Value), JobError> {
+        let (status, body) = self.get(path).await?;
+        Ok((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
+    }
+
+    /// GET raw bytes (downloads), retried like [`Self::get_json`].
+    pub async fn get_bytes(&self, path: &str) -> Result<(StatusCode, Vec<u8>), JobError> {
+        self.get(path).await
+    }
+
+    /// One GET with the transport's retries: an idempotent read is tried again, with doubling
+    /// pauses (100 ms up to 2 s), while the service is unreachable or answers 5xx.
+    async fn get(&self, path: &str) -> Result<(StatusCode, Vec<u8>), JobError> {
         let mut pause = Duration::from_millis(100);
         let mut attempt = 0;
         loop {
@@ -126,8 +139,7 @@ impl HttpTransport {
                 let response = result.map_err(|e| unreachable(self.base_url(), &e))?;
                 let status = response.status();
                 let body = response.bytes().await.map_err(|e| unreachable(self.base_url(), &e))?;
-                let value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                return Ok((status, value));
+                return Ok((status, body.to_vec()));
             }
             attempt += 1;
             tokio::time::sleep(pause).await;
@@ -143,15 +155,6 @@ impl HttpTransport {
             .send()
             .await
             .map_err(|e| unreachable(self.base_url(), &e))?;
-        let status = response.status();
-        let bytes = response.bytes().await.map_err(|e| unreachable(self.base_url(), &e))?;
-        Ok((status, bytes.to_vec()))
-    }
-
-    /// GET raw bytes (downloads), retried like [`Self::get_json`].
-    pub async fn get_bytes(&self, path: &str) -> Result<(StatusCode, Vec<u8>), JobError> {
-        let response =
-            self.request(Method::GET, path).send().await.map_err(|e| unreachable(self.base_url(), &e))?;
         let status = response.status();
         let bytes = response.bytes().await.map_err(|e| unreachable(self.base_url(), &e))?;
         Ok((status, bytes.to_vec()))

@@ -1,5 +1,7 @@
-//! The `fleetq` command line: wiring only. Each subcommand parses its flags and calls into the
-//! library crates.
+//! The `fleetq` command line. The serving commands (`up`, `api`, `worker`, `mock`) parse their
+//! flags into the libraries' configurations and call their entry points; the client commands
+//! (`submit`, `jobs`, `workers`, `services`) are HTTP calls to the API and their printing; `bench`
+//! measures; `explain` and `openapi` print what the libraries answer.
 
 // Doc comments on clap fields are `--help` text, where `<…>` around a URL would be printed.
 #![allow(rustdoc::bare_urls)]

@@ -14,6 +14,10 @@
 //! sends the matching partitions and the stamp; the server answers `refresh` when the stamp is
 //! stale, so a claim never uses an out-of-date match.
 //!
+//! Queue order and position: a claimable job is a member `order key ‖ id` (score 0, so members sort
+//! by bytes, which is claim order) of its partition's queue `pq:` (claims), its service's `sq:` and
+//! the all-services `aq` (listings, `ZRANK` positions in O(log n)), and its workflow's `wfq:`.
+//!
 //! Wake-ups: a job becoming claimable pushes a token to its partition's wake list (capped at 64);
 //! a new partition pushes to its service's list. Waiting claimers `BLPOP` the lists of their
 //! partitions and services, and re-check at least every `claim_recheck_ms` (due retries, a token
@@ -499,6 +503,17 @@ fn decode_workers(
     Ok(out)
 }
 
+/// A page of jobs from `{next cursor ('' at the end), [job views…]}` (`fq_jobs`, `fq_queue`).
+fn page_reply(reply: Value) -> Result<JobPage> {
+    let reply = items(reply);
+    let next = reply.first().and_then(text).filter(|c| !c.is_empty());
+    let jobs = items(reply.into_iter().nth(1).unwrap_or(Value::Nil))
+        .into_iter()
+        .map(summary_value)
+        .collect::<Result<Vec<_>>>()?;
+    Ok(JobPage { jobs, next })
+}
+
 /// The `library_code` of the `fleetq` library in a `FUNCTION LIST … WITHCODE` reply (RESP2 or RESP3).
 fn loaded_code(listed: Value) -> Option<String> {
     for library in items(listed) {
@@ -765,13 +780,7 @@ impl Broker for RedisBroker {
             .arg(filter.worker.as_deref().unwrap_or(""))
             .arg(filter.workflow.as_deref().unwrap_or(""))
             .arg(filter.customer.as_deref().unwrap_or(""));
-        let reply = items(self.run(&cmd).await?);
-        let next = reply.first().and_then(text).filter(|c| !c.is_empty());
-        let jobs = items(reply.into_iter().nth(1).unwrap_or(Value::Nil))
-            .into_iter()
-            .map(summary_value)
-            .collect::<Result<Vec<_>>>()?;
-        Ok(JobPage { jobs, next })
+        page_reply(self.run(&cmd).await?)
     }
 
     async fn queue_position(&self, id: &JobId) -> Result<Option<u64>> {
@@ -792,13 +801,7 @@ impl Broker for RedisBroker {
             .arg(filter.customer.as_deref().unwrap_or(""))
             .arg(cursor)
             .arg(filter.page_limit());
-        let reply = items(self.run(&cmd).await?);
-        let next = reply.first().and_then(text).filter(|c| !c.is_empty());
-        let jobs = items(reply.into_iter().nth(1).unwrap_or(Value::Nil))
-            .into_iter()
-            .map(summary_value)
-            .collect::<Result<Vec<_>>>()?;
-        Ok(JobPage { jobs, next })
+        page_reply(self.run(&cmd).await?)
     }
 
     async fn workers(&self) -> Result<Vec<WorkerInfo>> {
