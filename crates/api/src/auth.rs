@@ -147,22 +147,42 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
     Some(if submit { Role::Submit } else { Role::Admin })
 }
 
-/// The token a request carries, from the header, the cookie or the query.
+/// Whether a route takes its token from the query string (`?access_token=`): only GET event
+/// streams and WebSockets, which browsers open without headers (`EventSource`, `WebSocket`).
+/// Anywhere else a token in the URL would only end up in access logs.
+pub fn query_token_allowed(method: &Method, path: &str) -> bool {
+    method == Method::GET && (path.starts_with("/ws/") || path == "/api/events" || path.ends_with("/events"))
+}
+
+/// The token a request carries: `Authorization: Bearer …` (the scheme in any case), else the
+/// `fleetq_token` cookie, else — on the routes [`query_token_allowed`] names — `?access_token=`
+/// (percent-decoded). Another scheme in `Authorization` (e.g. `Basic` from a proxy) is not a
+/// token and does not hide the cookie.
 pub fn token_of(req: &Request) -> Option<String> {
     let headers = req.headers();
-    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
-        return v.strip_prefix("Bearer ").map(|t| t.trim().to_owned());
+    for v in headers.get_all(header::AUTHORIZATION).iter().filter_map(|v| v.to_str().ok()) {
+        if let Some((scheme, token)) = v.trim().split_once(' ')
+            && scheme.eq_ignore_ascii_case("bearer")
+        {
+            return Some(token.trim().to_owned());
+        }
     }
     for cookies in headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()) {
         for c in cookies.split(';') {
             if let Some(t) = c.trim().strip_prefix("fleetq_token=") {
-                return Some(t.to_owned());
+                return Some(decode(t));
             }
         }
     }
-    req.uri()
-        .query()
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("access_token=").map(str::to_owned)))
+    if !query_token_allowed(req.method(), req.uri().path()) {
+        return None;
+    }
+    req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("access_token=").map(decode)))
+}
+
+/// Percent-decodes a token (`%2B` → `+`; a `+` stays a `+`: tokens are not form data).
+fn decode(text: &str) -> String {
+    percent_encoding::percent_decode_str(text).decode_utf8_lossy().into_owned()
 }
 
 /// Middleware: 401 without a known token, 403 with a too-weak one.
@@ -178,7 +198,7 @@ pub async fn require(State(tokens): State<Tokens>, mut req: Request, next: Next)
             let mut resp = ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
-                "a bearer token is required (Authorization: Bearer <token>)",
+                "a known token is required: Authorization: Bearer <token> (the CLI sends FLEETQ_TOKEN), the fleetq_token cookie, or ?access_token= on event streams",
             )
             .into_response();
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
@@ -211,6 +231,40 @@ mod tests {
         assert_eq!(required_role(&Method::POST, "/api/jobs/x/cancel"), Some(Role::Submit));
         assert_eq!(required_role(&Method::POST, "/api/jobs/x/retry"), Some(Role::Admin));
         assert_eq!(required_role(&Method::DELETE, "/api/jobs/x"), Some(Role::Admin));
+    }
+
+    fn req(method: Method, uri: &str, headers: &[(header::HeaderName, &str)]) -> Request {
+        let mut b = axum::http::Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            b = b.header(k, *v);
+        }
+        b.body(axum::body::Body::empty()).expect("request")
+    }
+
+    #[test]
+    fn where_a_token_is_read() {
+        let auth = header::AUTHORIZATION;
+        for scheme in ["Bearer", "bearer", "BEARER"] {
+            let r = req(Method::POST, "/api/jobs", &[(auth.clone(), &format!("{scheme} s3cret+/="))]);
+            assert_eq!(token_of(&r).as_deref(), Some("s3cret+/="), "{scheme}");
+        }
+        // A Basic header (a proxy's) does not hide the cookie.
+        let r = req(
+            Method::GET,
+            "/api/jobs",
+            &[(auth, "Basic dXNlcjpwYXNz"), (header::COOKIE, "a=1; fleetq_token=c%2Bookie")],
+        );
+        assert_eq!(token_of(&r).as_deref(), Some("c+ookie"));
+        // The query only on streams, percent-decoded, a '+' kept.
+        let q = "access_token=%72eadsecret1%2B%26%3D%25+x";
+        assert_eq!(
+            token_of(&req(Method::GET, &format!("/api/events?{q}"), &[])).as_deref(),
+            Some("readsecret1+&=%+x")
+        );
+        assert!(token_of(&req(Method::GET, &format!("/ws/monitor?{q}"), &[])).is_some());
+        assert!(token_of(&req(Method::GET, &format!("/api/jobs/j1/events?{q}"), &[])).is_some());
+        assert_eq!(token_of(&req(Method::POST, &format!("/api/jobs?{q}"), &[])), None, "not on a submission");
+        assert_eq!(token_of(&req(Method::GET, &format!("/api/jobs?{q}"), &[])), None, "not on a listing");
     }
 
     #[test]

@@ -169,7 +169,7 @@ pub(crate) async fn get<B: Broker>(
 }
 
 const LIST_PARAMS: &[&str] =
-    &["status", "service", "worker", "workflow", "customer", "limit", "cursor", "order", "access_token"];
+    &["status", "service", "worker", "workflow", "customer", "limit", "cursor", "order"];
 
 /// `GET /api/jobs`: newest first with cursor paging, or `order=queue` (pending jobs in claim order).
 #[utoipa::path(

@@ -92,7 +92,7 @@ pub fn openapi_document() -> Value {
 fn finish(mut doc: Value) -> Value {
     doc["info"]["version"] = json!(env!("CARGO_PKG_VERSION"));
     doc["components"]["securitySchemes"] = json!({"bearer": {"type": "http", "scheme": "bearer",
-        "description": "A token from --token / FLEETQ_TOKENS; also accepted as the fleetq_token cookie or ?access_token="}});
+        "description": "A token from --token / FLEETQ_TOKENS; also accepted as the fleetq_token cookie, or as ?access_token= (percent-encoded) on GET event streams and WebSockets"}});
     open_flattened(&mut doc);
     let error = json!({"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}});
     if let Some(paths) = doc["paths"].as_object_mut() {

@@ -34,7 +34,7 @@ macro_rules! conformance_tests {
             job_listing_pages, oversized_result_is_refused, events_after_waits_for_news,
             complete_and_claim_hands_over_next_job, lease_renewal_extends_deadline,
             event_log_is_capped_by_age, matching_workers_explain_the_fleet, queue_depths_per_service,
-            queue_position_and_order_at_a_large_backlog);
+            queue_position_and_order_at_a_large_backlog, idempotency_keys_are_scoped_by_owner);
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
         $(
@@ -1224,4 +1224,32 @@ pub async fn queue_position_and_order_at_a_large_backlog<B: Broker>(fx: Fixture<
     assert_eq!(b.queue_position(&JobId("nope".into())).await.expect("position"), None);
     let bad = QueueFilter { cursor: Some("garbage".into()), ..QueueFilter::default() };
     assert!(matches!(b.queue(&bad).await, Err(BrokerError::Invalid(e)) if e.field == "cursor"));
+}
+
+/// An idempotency key belongs to its owner: another owner's job with the same key is a new job,
+/// not a replay of the first (which it could neither see nor squat).
+pub async fn idempotency_keys_are_scoped_by_owner<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    let spec = |owner: Option<&str>, payload: &str| {
+        let mut s = sim(json!(payload));
+        s.idempotency_key = Some("order-42".into());
+        s.owner = owner.map(Into::into);
+        s
+    };
+    let alice = b.submit(spec(Some("alice"), "a")).await.expect("alice");
+    let bob = b.submit(spec(Some("bob"), "b")).await.expect("bob");
+    let anonymous = b.submit(spec(None, "n")).await.expect("no owner");
+    assert!(alice.created && bob.created && anonymous.created, "three owners, three jobs");
+    assert_ne!(alice.id, bob.id);
+    assert_ne!(alice.id, anonymous.id);
+    let again = b.submit(spec(Some("alice"), "a2")).await.expect("alice again");
+    assert_eq!(again, crate::Submitted { id: alice.id.clone(), created: false }, "alice's replay");
+    let batch = b.submit_batch(vec![spec(Some("bob"), "b2"), spec(Some("carol"), "c")]).await.expect("batch");
+    assert_eq!(batch[0], crate::Submitted { id: bob.id.clone(), created: false }, "bob's replay in a batch");
+    assert!(batch[1].created, "carol's first use of the key");
+    let bob_job = b.job(&bob.id).await.expect("get").expect("exists");
+    assert_eq!(bob_job.spec.payload, json!("b"), "bob's job is his own");
+    let mut control = spec(Some("alice"), "x");
+    control.idempotency_key = Some("bad\u{1f}key".into());
+    assert!(matches!(b.submit(control).await, Err(BrokerError::Invalid(e)) if e.field == "idempotency_key"));
 }

@@ -116,6 +116,17 @@ impl JobSpec {
         }
     }
 
+    /// The key idempotency is judged by: the client's key within its owner's scope, so one token
+    /// can neither see nor squat another's keys. Owner-less jobs (auth off) use the key itself.
+    /// Unambiguous: validation refuses control characters in keys, and `\u{1f}` separates.
+    pub fn idempotency_scope(&self) -> Option<String> {
+        let key = self.idempotency_key.as_deref()?;
+        Some(match &self.owner {
+            Some(owner) => format!("{owner}\u{1f}{key}"),
+            None => key.to_owned(),
+        })
+    }
+
     /// Priority used for ordering: `workflow_priority` if set, else `priority`.
     pub fn effective_priority(&self) -> i32 {
         self.workflow_priority.unwrap_or(self.priority)

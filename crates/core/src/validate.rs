@@ -130,9 +130,12 @@ impl JobSpec {
             }
         }
         if let Some(key) = &self.idempotency_key
-            && (key.is_empty() || key.len() > 256)
+            && (key.is_empty() || key.len() > 256 || key.chars().any(char::is_control))
         {
-            return Err(ValidationError::new("idempotency_key", "must be 1 to 256 characters"));
+            return Err(ValidationError::new(
+                "idempotency_key",
+                "must be 1 to 256 characters, none of them control characters",
+            ));
         }
         if !(1..=100).contains(&self.max_attempts) {
             return Err(ValidationError::new("max_attempts", "must be between 1 and 100"));

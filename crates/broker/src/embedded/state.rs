@@ -455,7 +455,8 @@ impl State {
     // ----- submission and claiming ---------------------------------------------------------------
 
     pub(super) fn submit(&mut self, spec: JobSpec) -> Result<Submitted> {
-        if let Some(key) = &spec.idempotency_key {
+        let idempotency = spec.idempotency_scope();
+        if let Some(key) = &idempotency {
             let existing: Option<String> = self
                 .conn
                 .prepare_cached("SELECT id FROM jobs WHERE idempotency_key = ?1")?
@@ -489,7 +490,7 @@ impl State {
                 pkey.0,
                 order,
                 spec.workflow_id,
-                spec.idempotency_key,
+                idempotency,
                 now,
                 to_json(&summary)?,
                 to_json(&spec)?,

@@ -453,7 +453,8 @@ impl RedisBroker {
                             .to_string(),
                     ),
                 ];
-                if let Some(key) = &spec.idempotency_key {
+                let idempotency = spec.idempotency_scope();
+                if let Some(key) = &idempotency {
                     extra.push(("idem", key.clone()));
                 }
                 cmd.arg(initial_state(&summary, &extra)?)
@@ -461,7 +462,7 @@ impl RedisBroker {
                     .arg(&summary.partition)
                     .arg(to_json(&pspec)?)
                     .arg(&order[..20])
-                    .arg(spec.idempotency_key.as_deref().unwrap_or(""))
+                    .arg(idempotency.as_deref().unwrap_or(""))
                     .arg(&spec.service);
             }
             let reply = items(self.run(&cmd).await?);
