@@ -20,6 +20,52 @@ async fn a_store_has_one_owner() {
     }
 }
 
+/// Reopens the store once the dropped broker's writer thread has released it.
+fn reopen(path: &std::path::Path, clock: &ManualClock) -> EmbeddedBroker {
+    (0..200)
+        .find_map(|_| match EmbeddedBroker::open_with_clock(path, test_config(), Arc::new(clock.clone())) {
+            Ok(b) => Some(b),
+            Err(BrokerError::StoreInUse(_)) => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                None
+            }
+            Err(e) => panic!("reopen: {e}"),
+        })
+        .expect("the store is released after the broker is dropped")
+}
+
+/// The jobs a crashed process was running come back at once when the store is reopened (one
+/// process owns a store, so their leases are a dead process's), not after their leases.
+#[tokio::test]
+async fn a_reopened_store_requeues_the_jobs_its_last_owner_was_running() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("fleetq.db");
+    let clock = ManualClock::new(T0);
+    let worker = || -> fleetq_core::WorkerRegistration {
+        serde_json::from_value(json!({"worker_id": "w", "machine_id": "m", "services": ["simulation"]}))
+            .expect("worker")
+    };
+    let (running, waiting) = {
+        let b = EmbeddedBroker::open_with_clock(&path, test_config(), Arc::new(clock.clone())).expect("open");
+        b.register_worker(worker()).await.expect("register");
+        let running = b.submit(JobSpec::new("simulation", json!(1))).await.expect("submit").id;
+        let waiting = b.submit(JobSpec::new("simulation", json!(2))).await.expect("submit").id;
+        let lease = b.claim("w", std::time::Duration::ZERO).await.expect("claim").expect("a job");
+        assert_eq!(lease.job.summary.id, running);
+        (running, waiting)
+    };
+    // No time passes: the lease (10 s) has not expired.
+    let b = reopen(&path, &clock);
+    let rec = b.job(&running).await.expect("get").expect("kept");
+    assert_eq!(rec.summary.status, JobStatus::Pending, "requeued at open");
+    assert_eq!(rec.summary.attempt, 1, "the interrupted attempt counts");
+    assert_eq!(b.queue_position(&running).await.expect("position"), Some(1), "it keeps its place");
+    assert_eq!(b.job(&waiting).await.expect("get").expect("kept").summary.status, JobStatus::Pending);
+    b.register_worker(worker()).await.expect("register");
+    let again = b.claim("w", std::time::Duration::ZERO).await.expect("claim").expect("claimable now");
+    assert_eq!((again.job.summary.id, again.attempt), (running, 2));
+}
+
 /// Everything acknowledged survives closing and reopening the store, events included.
 #[tokio::test]
 async fn state_survives_reopen() {
@@ -32,16 +78,7 @@ async fn state_survives_reopen() {
         (id, b.snapshot().await.expect("snapshot").seq)
     };
     // The writer thread finishes and releases the store when the last handle is dropped.
-    let reopened = (0..200)
-        .find_map(|_| match EmbeddedBroker::open_with_clock(&path, test_config(), Arc::new(clock.clone())) {
-            Ok(b) => Some(b),
-            Err(BrokerError::StoreInUse(_)) => {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-                None
-            }
-            Err(e) => panic!("reopen: {e}"),
-        })
-        .expect("the store is released after the broker is dropped");
+    let reopened = reopen(&path, &clock);
     let rec = reopened.job(&id).await.expect("get").expect("kept");
     assert_eq!(rec.summary.status, JobStatus::Pending);
     assert_eq!(rec.spec.payload, json!({"keep": true}));

@@ -153,8 +153,37 @@ impl State {
             events_since_trim: 0,
         };
         st.reload_caches()?;
+        st.begin()?;
+        let orphans = st.requeue_orphans();
+        match orphans {
+            Ok(_) => st.commit()?,
+            Err(_) => st.rollback(),
+        }
+        if let Ok(n @ 1..) = orphans {
+            tracing::info!(jobs = n, "requeued the jobs the store's previous process was running");
+        }
+        orphans?;
         st.committed_seq = st.max_seq()?;
         Ok(st)
+    }
+
+    /// One process owns the store, so at open every lease belongs to a process that is gone (a
+    /// crash, a kill -9): its jobs go back to the queue now — the attempt counted, as for any lease
+    /// lost — instead of waiting out the lease.
+    fn requeue_orphans(&mut self) -> Result<usize> {
+        let now = self.now();
+        self.conn.execute(
+            "UPDATE jobs SET lease_deadline = ?1 WHERE lease_deadline IS NOT NULL AND lease_deadline > ?1",
+            [now],
+        )?;
+        let mut total = 0;
+        loop {
+            let (requeued, finished) = self.reap_leases(now, 1000)?;
+            if requeued + finished == 0 {
+                return Ok(total);
+            }
+            total += requeued + finished;
+        }
     }
 
     fn reload_caches(&mut self) -> Result<()> {
