@@ -175,3 +175,66 @@ async fn an_older_queue_is_indexed_for_positions_on_connect() {
     let page = again.queue(&fleetq_broker::QueueFilter::default()).await.expect("queue");
     assert_eq!(page.jobs.len(), 30);
 }
+
+async fn pending(b: &RedisBroker) -> u64 {
+    b.queue_depths().await.expect("depths").get("simulation").map_or(0, |d| d.pending)
+}
+
+async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("memory").query_async(conn).await.expect("info");
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("used_memory")
+}
+
+/// A batch is one atomic step: at Redis's `maxmemory` it is stored whole or refused whole, never
+/// cut where one call of several was refused. The limit is swept from just above the memory in use
+/// to well past what the batch needs, so that some limit falls between the writes of any first
+/// part of the batch and the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_at_the_memory_limit_is_all_or_nothing() {
+    let server = RedisServer::start().expect(fleetq_broker::testing::MISSING_REDIS);
+    let client = redis::Client::open(server.url.as_str()).expect("client");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connection");
+    let batch = |n: usize| -> Vec<JobSpec> { (0..n).map(|i| JobSpec::new("simulation", json!(i))).collect() };
+    let config = |conn: &mut redis::aio::MultiplexedConnection, key: &'static str, value: String| {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("SET").arg(key).arg(value);
+        let conn = conn.clone();
+        async move {
+            let mut conn = conn;
+            cmd.query_async::<()>(&mut conn).await.expect("config set")
+        }
+    };
+    config(&mut conn, "maxmemory-policy", "noeviction".into()).await;
+    let (mut whole, mut refused) = (0, 0);
+    for step in 0..24u64 {
+        config(&mut conn, "maxmemory", "0".into()).await;
+        redis::cmd("FLUSHDB").query_async::<()>(&mut conn).await.expect("flush");
+        let broker =
+            RedisBroker::connect(&server.url, &format!("oom{step}"), test_config()).await.expect("connect");
+        broker.submit_batch(batch(10)).await.expect("warm-up batch");
+        let limit = used_memory(&mut conn).await + 100_000 * step;
+        config(&mut conn, "maxmemory", limit.to_string()).await;
+        let outcome = broker.submit_batch(batch(1000)).await;
+        let stored = pending(&broker).await - 10;
+        match outcome {
+            Ok(done) => {
+                assert_eq!((done.len(), stored), (1000, 1000), "limit +{} kB: stored whole", step * 100);
+                whole += 1;
+            }
+            Err(e) => {
+                assert_eq!(
+                    stored,
+                    0,
+                    "limit +{} kB: refused ({e}), yet {stored} jobs were stored",
+                    step * 100
+                );
+                refused += 1;
+            }
+        }
+    }
+    config(&mut conn, "maxmemory", "0".into()).await;
+    assert!(whole > 0 && refused > 0, "the sweep crossed the limit: {whole} stored, {refused} refused");
+}

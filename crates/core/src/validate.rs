@@ -85,9 +85,18 @@ pub fn job_spec_from_value(value: Value, limits: &Limits) -> Result<JobSpec, Val
     Ok(spec)
 }
 
+/// The most jobs one batch submission may hold (the API's own limit may be lower).
+pub const MAX_BATCH: usize = 10_000;
+
 /// Validates every spec of a batch; an error names the item (`[3].requirements.models`). The
 /// broker's check of a batch, before anything is stored.
 pub fn validate_batch(specs: &[JobSpec], limits: &Limits) -> Result<(), ValidationError> {
+    if specs.len() > MAX_BATCH {
+        return Err(ValidationError::new(
+            "body",
+            format!("a batch of {} jobs is over the limit of {MAX_BATCH}", specs.len()),
+        ));
+    }
     for (i, spec) in specs.iter().enumerate() {
         spec.validate(limits).map_err(|e| e.within(&format!("[{i}]")))?;
     }

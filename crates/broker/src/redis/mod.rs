@@ -430,13 +430,15 @@ impl RedisBroker {
         Err(corrupt(format!("{hash}/{field} kept changing under concurrent writers")))
     }
 
-    /// Stores already validated specs, in chunks of one function call each.
+    /// Stores already validated specs in one function call: a batch is all or nothing (a refused
+    /// call — out of memory, a lost connection — creates none of its jobs). Its size is bounded by
+    /// validation ([`fleetq_core::validate::MAX_BATCH`]).
     async fn submit_valid(&self, specs: &[JobSpec]) -> Result<Vec<Submitted>> {
         let now = self.now();
         let mut results = Vec::with_capacity(specs.len());
         let mut new_partitions = false;
-        // Chunks keep one call's argument list and run time bounded.
-        for chunk in specs.chunks(500) {
+        {
+            let chunk = specs;
             let mut cmd = self.fcall("fq_submit", false);
             cmd.arg(now).arg(chunk.len());
             for spec in chunk {
