@@ -370,6 +370,9 @@ pub struct Stats {
 /// `GET /health` and `GET /ready`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Status {
-    /// `ok` (health) or `ready`.
+    /// `ok` (health), `ready`, or `degraded` (ready, but something needs an operator: `message`).
     pub status: String,
+    /// What is degraded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }

@@ -23,10 +23,10 @@ use crate::model::{ErrorBody, Status};
     responses((status = 200, body = Status))
 )]
 pub(crate) async fn health() -> Json<Status> {
-    Json(Status { status: "ok".into() })
+    Json(Status { status: "ok".into(), message: None })
 }
 
-/// `GET /ready`: the broker answers (503 otherwise).
+/// `GET /ready`: the broker answers (503 otherwise); `degraded` when records were passed over.
 #[utoipa::path(
     get,
     path = "/ready",
@@ -36,7 +36,16 @@ pub(crate) async fn health() -> Json<Status> {
 )]
 pub(crate) async fn ready<B: Broker>(State(st): State<AppState<B>>) -> Response {
     match st.broker.queue_depths().await {
-        Ok(_) => Json(Status { status: "ready".into() }).into_response(),
+        Ok(_) => Json(match fleetq_broker::undecodable_records() {
+            0 => Status { status: "ready".into(), message: None },
+            n => Status {
+                status: "degraded".into(),
+                message: Some(format!(
+                    "{n} stored records could not be decoded and were passed over (see the error log)"
+                )),
+            },
+        })
+        .into_response(),
         Err(e) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",
@@ -111,6 +120,7 @@ pub(crate) async fn metrics<B: Broker>(State(st): State<AppState<B>>) -> Respons
                 }
             }
             metrics::gauge!("fleetq_broker_up").set(1.0);
+            metrics::gauge!("fleetq_undecodable_records").set(fleetq_broker::undecodable_records() as f64);
         }
         _ => metrics::gauge!("fleetq_broker_up").set(0.0),
     }

@@ -34,7 +34,8 @@ macro_rules! conformance_tests {
             job_listing_pages, oversized_result_is_refused, events_after_waits_for_news,
             complete_and_claim_hands_over_next_job, lease_renewal_extends_deadline,
             event_log_is_capped_by_age, matching_workers_explain_the_fleet, queue_depths_per_service,
-            queue_position_and_order_at_a_large_backlog, idempotency_keys_are_scoped_by_owner);
+            queue_position_and_order_at_a_large_backlog, idempotency_keys_are_scoped_by_owner,
+            numbers_are_bounded_and_time_limits_defaulted);
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
         $(
@@ -1252,4 +1253,53 @@ pub async fn idempotency_keys_are_scoped_by_owner<B: Broker>(fx: Fixture<B>) {
     let mut control = spec(Some("alice"), "x");
     control.idempotency_key = Some("bad\u{1f}key".into());
     assert!(matches!(b.submit(control).await, Err(BrokerError::Invalid(e)) if e.field == "idempotency_key"));
+}
+
+/// Every number a client sends is bounded at submission (the field named), so no retry is
+/// scheduled past the end of time and no job runs unbounded: a job without `timeout_ms` gets the
+/// queue's default, stored with it so every worker applies the same limit.
+pub async fn numbers_are_bounded_and_time_limits_defaulted<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    let limits = b.config().limits;
+    for (field, value) in [
+        ("retry_backoff_ms", json!(u64::MAX)),
+        ("retry_backoff_ms", json!(1_000_000_000_000_000u64)),
+        ("timeout_ms", json!(u64::MAX)),
+        ("progress_timeout_ms", json!(limits.max_progress_timeout_ms + 1)),
+    ] {
+        let mut spec = sim(json!({}));
+        match field {
+            "retry_backoff_ms" => spec.retry_backoff_ms = value.as_u64(),
+            "timeout_ms" => spec.timeout_ms = value.as_u64(),
+            _ => spec.progress_timeout_ms = value.as_u64(),
+        }
+        match b.submit(spec.clone()).await {
+            Err(BrokerError::Invalid(e)) => assert_eq!(e.field, field, "{value}"),
+            other => panic!("{field} = {value}: expected Invalid, got {other:?}"),
+        }
+        match b.submit_batch(vec![sim(json!(1)), spec]).await {
+            Err(BrokerError::Invalid(e)) => assert_eq!(e.field, format!("[1].{field}")),
+            other => panic!("batch with {field} = {value}: expected Invalid, got {other:?}"),
+        }
+    }
+    assert!(all_events(b).await.is_empty(), "nothing refused was stored");
+    let id = b.submit(sim(json!({}))).await.expect("submit").id;
+    let rec = b.job(&id).await.expect("get").expect("exists");
+    assert_eq!(rec.spec.timeout_ms, Some(limits.default_timeout_ms), "the queue's default time limit");
+    // The longest backoff allowed schedules the retry exactly that far ahead.
+    b.register_worker(worker("w", &["simulation"], json!({}))).await.expect("reg");
+    let mut slow = sim(json!("slow"));
+    slow.retry_backoff_ms = Some(fleetq_core::job::MAX_RETRY_BACKOFF_MS);
+    let slow = b.submit(slow).await.expect("submit").id;
+    let mut lease = claim_now(b, "w").await.expect("claim");
+    if lease.job.summary.id != slow {
+        b.complete(&lease.as_ref(), json!(null)).await.expect("complete");
+        lease = claim_now(b, "w").await.expect("claim");
+    }
+    let out = b.fail(&lease.as_ref(), JobError::retryable(FailureCategory::Connection, "down")).await;
+    let expect = crate::testing::T0 + fleetq_core::job::MAX_RETRY_BACKOFF_MS as i64;
+    assert_eq!(out.expect("fail"), FailOutcome::Retrying { run_at: expect });
+    assert_eq!(b.job(&slow).await.expect("get").expect("exists").summary.run_at, Some(expect));
+    let snapshot = b.snapshot().await.expect("every job still reads back");
+    assert!(snapshot.jobs.contains_key(&slow));
 }

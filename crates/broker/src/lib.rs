@@ -74,6 +74,7 @@ pub mod testing;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use fleetq_core::{
@@ -84,6 +85,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 #[cfg(any(feature = "embedded", feature = "redis"))]
 pub(crate) use shared::*;
+
 pub use subscribe::subscribe;
 use thiserror::Error;
 
@@ -163,6 +165,24 @@ impl BrokerError {
             _ => false,
         }
     }
+}
+
+static UNDECODABLE: AtomicU64 = AtomicU64::new(0);
+
+/// Records that a stored record could not be decoded and was passed over.
+#[cfg_attr(
+    not(feature = "redis"),
+    allow(dead_code, reason = "only the Redis backend reads foreign-writable records")
+)]
+pub(crate) fn note_undecodable(what: &str, reason: &str) {
+    UNDECODABLE.fetch_add(1, Ordering::Relaxed);
+    tracing::error!(record = what, reason, "a stored record could not be decoded; passed over");
+}
+
+/// How many stored records this process passed over because they could not be decoded (a bug or
+/// a foreign writer); the API's `/ready` and `/metrics` report it.
+pub fn undecodable_records() -> u64 {
+    UNDECODABLE.load(Ordering::Relaxed)
 }
 
 /// Result alias of this crate.

@@ -132,7 +132,7 @@ pub fn test_config() -> BrokerConfig {
         snapshot_pending_limit: 1000,
         claim_recheck_ms: 200,
         retry_avoid_ms: 5_000,
-        limits: fleetq_core::Limits { max_payload_bytes: 64 * 1024 },
+        limits: fleetq_core::Limits { max_payload_bytes: 64 * 1024, ..fleetq_core::Limits::default() },
     }
 }
 

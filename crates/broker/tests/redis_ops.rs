@@ -238,3 +238,50 @@ async fn a_batch_at_the_memory_limit_is_all_or_nothing() {
     config(&mut conn, "maxmemory", "0".into()).await;
     assert!(whole > 0 && refused > 0, "the sweep crossed the limit: {whole} stored, {refused} refused");
 }
+
+/// One undecodable record (here a job whose retry time overflows, and an event of garbage) takes
+/// nothing else down: listings, the snapshot and the event log skip it, count it and go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_record_is_passed_over_not_fatal() {
+    let server = RedisServer::shared();
+    let broker = RedisBroker::connect(&server.url, "corrupt", test_config()).await.expect("connect");
+    let bad = broker.submit(JobSpec::new("simulation", json!("bad"))).await.expect("submit").id;
+    let good = broker.submit(JobSpec::new("simulation", json!("good"))).await.expect("submit").id;
+    let client = redis::Client::open(server.url.as_str()).expect("client");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connection");
+    let key = format!("{}j:{}", broker.prefix(), bad.0);
+    let state: String = redis::cmd("GET").arg(&key).query_async(&mut conn).await.expect("state");
+    let mut state: serde_json::Value = serde_json::from_str(&state).expect("json");
+    state["run_at"] = json!("18446745869843628032");
+    redis::cmd("SET")
+        .arg(&key)
+        .arg(state.to_string())
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("corrupt it");
+    let head = broker.snapshot().await.expect("snapshot").seq;
+    redis::cmd("XADD")
+        .arg(format!("{}ev", broker.prefix()))
+        .arg("0-*")
+        .arg(&["t", "job_submitted", "at", "1", "j", "{not json"])
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("a garbage event");
+    broker.submit(JobSpec::new("simulation", json!("after"))).await.expect("submit");
+    let before = fleetq_broker::undecodable_records();
+
+    let listed = broker.jobs(&fleetq_broker::JobFilter::default()).await.expect("the listing answers");
+    let ids: Vec<_> = listed.jobs.iter().map(|j| j.id.clone()).collect();
+    assert!(ids.contains(&good) && !ids.contains(&bad), "the good jobs, without the bad one: {ids:?}");
+    let snapshot = broker.snapshot().await.expect("the snapshot answers");
+    assert!(snapshot.jobs.contains_key(&good) && !snapshot.jobs.contains_key(&bad));
+    let events = broker.events_after(head, 10, Duration::ZERO).await.expect("the log answers");
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.name()).collect();
+    assert_eq!(kinds, ["undecodable", "job_submitted"], "the bad event keeps its place, the next follows");
+    assert_eq!(events[1].seq, events[0].seq + 1);
+    assert!(fleetq_broker::undecodable_records() >= before + 2, "each passed-over record is counted");
+    assert!(
+        matches!(broker.job(&bad).await, Err(BrokerError::Corrupt(_))),
+        "the job itself shows as corrupt"
+    );
+}

@@ -16,6 +16,10 @@ use serde_json::{Value, json};
 
 use crate::{ActiveJobs, CancellationToken, Connector, Health, JobError, ProgressSink};
 
+/// The longest simulated step a payload may ask for (ms): a step of `u64::MAX` would hold a
+/// worker for ever.
+pub const MAX_STEP_MS: u64 = 60_000;
+
 /// Defaults of a simulated service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -139,7 +143,14 @@ impl Simulation {
             let p = &job.spec.payload;
             let get = |k: &str| p.get(k).and_then(Value::as_u64);
             let steps = get("steps").map_or(self.config.steps, |n| n.min(10_000) as u32).max(1);
-            let base = get("step_ms").unwrap_or(self.config.step_ms) as f64;
+            let step_ms = get("step_ms").unwrap_or(self.config.step_ms);
+            if step_ms > MAX_STEP_MS {
+                return Err(JobError::fatal(
+                    FailureCategory::Validation,
+                    format!("payload.step_ms: {step_ms} is over the simulation's limit of {MAX_STEP_MS} ms"),
+                ));
+            }
+            let base = step_ms as f64;
             // A per-job factor in [1 - jitter, 1 + jitter], fixed by the job id.
             let spread = self.config.jitter.clamp(0.0, 1.0) * (2.0 * roll(&job.summary.id.0, 0) - 1.0);
             let step = Duration::from_secs_f64((base * (1.0 + spread)).max(0.0) / 1000.0);
@@ -221,6 +232,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn failures_are_typed_and_outages_reported() {
         let sim = Simulation::new(SimulationConfig { step_ms: 1, ..SimulationConfig::default() });
+        let (sink, _rx) = ProgressSink::channel();
+        let forever = job(json!({"step_ms": u64::MAX}), 1);
+        let e = sim.process(&forever, sink, CancellationToken::new()).await.expect_err("refused");
+        assert_eq!((e.category, e.retryable), (FailureCategory::Validation, false));
+        assert!(e.message.contains("payload.step_ms"), "{}", e.message);
         let failing = job(json!({"fail": "fatal"}), 1);
         let fatal = sim.process(&failing, ProgressSink::channel().0, CancellationToken::new());
         assert!(fatal.await.is_err_and(|e| !e.retryable));

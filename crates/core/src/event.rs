@@ -108,6 +108,12 @@ pub enum EventKind {
         /// The event.
         event: MachineEvent,
     },
+    /// The stored event at this sequence could not be decoded (a bug or a foreign writer). It
+    /// keeps its place in the log, so readers move past it; it changes no state.
+    Undecodable {
+        /// Why it could not be read.
+        reason: String,
+    },
 }
 
 impl EventKind {
@@ -144,6 +150,7 @@ impl EventKind {
             Self::WorkerRemoved { .. } => "worker_removed",
             Self::ConnectorStatus { .. } => "connector_status",
             Self::Machine { .. } => "machine",
+            Self::Undecodable { .. } => "undecodable",
         }
     }
 }

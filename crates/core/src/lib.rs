@@ -56,7 +56,7 @@ pub use partition::{PartitionKey, PartitionSpec};
 pub use requirements::Requirements;
 pub use state::{Action, IllegalTransition};
 pub use validate::{
-    Limits, ValidationError, job_spec_from_value, job_spec_shape, parse_job_spec, validate_batch,
+    Limits, ValidationError, admit_batch, job_spec_from_value, job_spec_shape, parse_job_spec,
 };
 pub use worker::{
     Capabilities, ConnectorReport, ConnectorStatus, MachineEvent, MachinePhase, MachineState, WorkerInfo,

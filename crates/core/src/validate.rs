@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use thiserror::Error;
 
-use crate::job::JobSpec;
+use crate::job::{JobSpec, MAX_RETRY_BACKOFF_MS};
 use crate::order::MAX_TIME_MS;
 use crate::requirements::{Requirements, kind};
 
@@ -33,16 +33,34 @@ impl ValidationError {
     }
 }
 
-/// Size limits applied at submission.
+/// The largest `step_number` accepted.
+pub const MAX_STEP_NUMBER: u32 = 1_000_000;
+
+/// Limits and defaults applied at submission, queue-wide.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Limits {
     /// Largest payload, as serialized JSON bytes.
     pub max_payload_bytes: usize,
+    /// `timeout_ms` of a job that sets none: nothing runs unbounded by default.
+    pub default_timeout_ms: u64,
+    /// Largest `timeout_ms` accepted.
+    pub max_timeout_ms: u64,
+    /// `progress_timeout_ms` of a job that sets none (`None`: the worker's own default applies).
+    pub default_progress_timeout_ms: Option<u64>,
+    /// Largest `progress_timeout_ms` accepted.
+    pub max_progress_timeout_ms: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_payload_bytes: 4 * 1024 * 1024 }
+        Self {
+            max_payload_bytes: 4 * 1024 * 1024,
+            default_timeout_ms: 3_600_000,
+            max_timeout_ms: 24 * 3_600_000,
+            default_progress_timeout_ms: None,
+            max_progress_timeout_ms: 24 * 3_600_000,
+        }
     }
 }
 
@@ -88,17 +106,17 @@ pub fn job_spec_from_value(value: Value, limits: &Limits) -> Result<JobSpec, Val
 /// The most jobs one batch submission may hold (the API's own limit may be lower).
 pub const MAX_BATCH: usize = 10_000;
 
-/// Validates every spec of a batch; an error names the item (`[3].requirements.models`). The
-/// broker's check of a batch, before anything is stored.
-pub fn validate_batch(specs: &[JobSpec], limits: &Limits) -> Result<(), ValidationError> {
+/// Admits every spec of a batch ([`JobSpec::admit`]); an error names the item
+/// (`[3].requirements.models`). The broker's check of a batch, before anything is stored.
+pub fn admit_batch(specs: &mut [JobSpec], limits: &Limits) -> Result<(), ValidationError> {
     if specs.len() > MAX_BATCH {
         return Err(ValidationError::new(
             "body",
             format!("a batch of {} jobs is over the limit of {MAX_BATCH}", specs.len()),
         ));
     }
-    for (i, spec) in specs.iter().enumerate() {
-        spec.validate(limits).map_err(|e| e.within(&format!("[{i}]")))?;
+    for (i, spec) in specs.iter_mut().enumerate() {
+        spec.admit(limits).map_err(|e| e.within(&format!("[{i}]")))?;
     }
     Ok(())
 }
@@ -130,7 +148,17 @@ pub fn job_spec_shape(mut value: Value) -> Result<JobSpec, ValidationError> {
 }
 
 impl JobSpec {
-    /// Validates every field; backends call this on every submission.
+    /// What a broker does with every submission: fills the queue's defaults (`timeout_ms`,
+    /// `progress_timeout_ms`) and validates every field.
+    pub fn admit(&mut self, limits: &Limits) -> Result<(), ValidationError> {
+        self.timeout_ms.get_or_insert(limits.default_timeout_ms);
+        if self.progress_timeout_ms.is_none() {
+            self.progress_timeout_ms = limits.default_progress_timeout_ms;
+        }
+        self.validate(limits)
+    }
+
+    /// Validates every field, each number within its bounds (named in the error).
     pub fn validate(&self, limits: &Limits) -> Result<(), ValidationError> {
         check_name("service", &self.service)?;
         for (field, v) in [("customer_id", &self.customer_id), ("workflow_id", &self.workflow_id)] {
@@ -157,10 +185,35 @@ impl JobSpec {
                 "must be milliseconds since the Unix epoch (0 ..= 2^48-1)",
             ));
         }
-        for (field, v) in [("timeout_ms", self.timeout_ms), ("progress_timeout_ms", self.progress_timeout_ms)]
-        {
-            if v == Some(0) {
-                return Err(ValidationError::new(field, "must be greater than 0 (omit it for no limit)"));
+        // Priorities are bounded by their type (i32: a larger number does not parse, the field
+        // named), and the order key encodes every i32 exactly.
+        if self.step_number.is_some_and(|n| n > MAX_STEP_NUMBER) {
+            return Err(ValidationError::new("step_number", format!("must be at most {MAX_STEP_NUMBER}")));
+        }
+        if self.retry_backoff_ms.is_some_and(|b| b > MAX_RETRY_BACKOFF_MS) {
+            return Err(ValidationError::new(
+                "retry_backoff_ms",
+                format!("must be at most {MAX_RETRY_BACKOFF_MS} (5 minutes)"),
+            ));
+        }
+        for (field, v, max) in [
+            ("timeout_ms", self.timeout_ms, limits.max_timeout_ms),
+            ("progress_timeout_ms", self.progress_timeout_ms, limits.max_progress_timeout_ms),
+        ] {
+            match v {
+                Some(0) => {
+                    return Err(ValidationError::new(
+                        field,
+                        "must be greater than 0 (omit it for the default)",
+                    ));
+                }
+                Some(v) if v > max => {
+                    return Err(ValidationError::new(
+                        field,
+                        format!("must be at most {max} ms (the queue's limit)"),
+                    ));
+                }
+                _ => {}
             }
         }
         let size = serde_json::to_vec(&self.payload).map(|v| v.len()).unwrap_or(usize::MAX);
@@ -181,7 +234,9 @@ mod tests {
     use super::*;
 
     fn field_of(v: Value) -> String {
-        parse_job_spec(&v.to_string(), &Limits { max_payload_bytes: 64 }).expect_err(&v.to_string()).field
+        parse_job_spec(&v.to_string(), &Limits { max_payload_bytes: 64, ..Limits::default() })
+            .expect_err(&v.to_string())
+            .field
     }
 
     #[test]
@@ -237,10 +292,41 @@ mod tests {
             (json!({"service": "x", "timeout_ms": 0}), "timeout_ms"),
             (json!({"service": "x", "idempotency_key": ""}), "idempotency_key"),
             (json!({"service": "x", "surprise": 1}), "surprise"),
+            // Every number is bounded, whatever its type allows.
+            (json!({"service": "x", "retry_backoff_ms": u64::MAX}), "retry_backoff_ms"),
+            (json!({"service": "x", "retry_backoff_ms": 1_000_000_000_000_000u64}), "retry_backoff_ms"),
+            (json!({"service": "x", "retry_backoff_ms": 300_001}), "retry_backoff_ms"),
+            (json!({"service": "x", "timeout_ms": u64::MAX}), "timeout_ms"),
+            (json!({"service": "x", "progress_timeout_ms": u64::MAX}), "progress_timeout_ms"),
+            (json!({"service": "x", "workflow_priority": -3_000_000_000i64}), "workflow_priority"),
+            (json!({"service": "x", "step_number": 2_000_000}), "step_number"),
+            (json!({"service": "x", "workflow_datetime": 1i64 << 50}), "workflow_datetime"),
+            (json!({"service": "x", "max_attempts": 101}), "max_attempts"),
         ];
         for (v, field) in cases {
             assert_eq!(field_of(v.clone()), field, "{v}");
         }
         assert_eq!(parse_job_spec("{", &Limits::default()).unwrap_err().field, "body");
+    }
+
+    #[test]
+    fn admission_fills_the_queue_defaults_and_keeps_the_edges() {
+        let limits = Limits { default_progress_timeout_ms: Some(60_000), ..Limits::default() };
+        let mut spec = JobSpec::new("x", json!(null));
+        spec.admit(&limits).unwrap();
+        assert_eq!((spec.timeout_ms, spec.progress_timeout_ms), (Some(3_600_000), Some(60_000)));
+        let mut own = JobSpec::new("x", json!(null));
+        own.timeout_ms = Some(limits.max_timeout_ms);
+        own.retry_backoff_ms = Some(MAX_RETRY_BACKOFF_MS);
+        own.priority = i32::MAX;
+        own.admit(&limits).unwrap();
+        assert_eq!(
+            own.timeout_ms,
+            Some(limits.max_timeout_ms),
+            "the client's own value, at the limit, is kept"
+        );
+        let mut batch = vec![JobSpec::new("x", json!(1)), JobSpec::new("x", json!(2))];
+        batch[1].timeout_ms = Some(limits.max_timeout_ms + 1);
+        assert_eq!(admit_batch(&mut batch, &limits).unwrap_err().field, "[1].timeout_ms");
     }
 }

@@ -134,13 +134,13 @@ impl Broker for EmbeddedBroker {
         &self.clock
     }
 
-    async fn submit(&self, spec: JobSpec) -> Result<Submitted> {
-        spec.validate(&self.config.limits)?;
+    async fn submit(&self, mut spec: JobSpec) -> Result<Submitted> {
+        spec.admit(&self.config.limits)?;
         self.call(move |st| st.submit(spec)).await
     }
 
-    async fn submit_batch(&self, specs: Vec<JobSpec>) -> Result<Vec<Submitted>> {
-        fleetq_core::validate_batch(&specs, &self.config.limits)?;
+    async fn submit_batch(&self, mut specs: Vec<JobSpec>) -> Result<Vec<Submitted>> {
+        fleetq_core::admit_batch(&mut specs, &self.config.limits)?;
         self.call(move |st| specs.into_iter().map(|s| st.submit(s)).collect()).await
     }
 

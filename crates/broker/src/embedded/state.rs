@@ -606,7 +606,7 @@ impl State {
         s.cancel_requested = false;
         s.unworkable = false;
         s.run_at = None;
-        let deadline = now + self.config.lease_ms;
+        let deadline = now.saturating_add(self.config.lease_ms);
         row.lease_deadline = Some(deadline);
         row.progress_evt_at = None;
         row.progress_dirty = false;
@@ -632,7 +632,7 @@ impl State {
     ) -> Result<LeaseState> {
         let now = self.now();
         let mut row = self.held(lease)?;
-        let deadline = now + self.config.lease_ms;
+        let deadline = now.saturating_add(self.config.lease_ms);
         row.lease_deadline = Some(deadline);
         if let Some((p, message)) = progress {
             let was = row.summary.status;
@@ -711,16 +711,16 @@ impl State {
             Self::transition(row, Action::Requeue, now)?;
             let delay = if backoff {
                 let spec: JobSpec = from_json(&row.spec)?;
-                spec.retry_delay_ms(row.summary.attempt + 1) as i64
+                i64::try_from(spec.retry_delay_ms(row.summary.attempt + 1)).unwrap_or(i64::MAX)
             } else {
                 0
             };
-            let run_at = now + delay;
+            let run_at = now.saturating_add(delay);
             row.summary.run_at = (delay > 0).then_some(run_at);
             row.summary.progress = 0.0;
             row.summary.error = Some(error);
             row.avoid_worker = holder;
-            row.avoid_until = Some(run_at + self.config.retry_avoid_ms);
+            row.avoid_until = Some(run_at.saturating_add(self.config.retry_avoid_ms));
             self.store(row, OutcomeChange::Keep)?;
             self.emit(EventKind::JobRequeued { job: row.summary.clone(), reason: reason.to_owned() })?;
             return Ok(FailOutcome::Retrying { run_at });

@@ -142,6 +142,9 @@ pub(super) fn initial_state(s: &JobSummary, extra: &[(&str, String)]) -> Result<
 }
 
 /// One stream entry `[id, [field, value, …]]` as an event.
+/// One stream entry as an event. An entry whose body does not decode keeps its sequence as an
+/// [`EventKind::Undecodable`] event (counted, logged), so one bad record never stops a reader.
+/// Only an entry without a readable id — not something Redis streams hold — is an error.
 pub(super) fn event_from_entry(entry: Value) -> Result<Event> {
     let mut parts = items(entry).into_iter();
     let id = parts.next().as_ref().and_then(text).ok_or_else(|| corrupt("stream entry without id"))?;
@@ -152,25 +155,43 @@ pub(super) fn event_from_entry(entry: Value) -> Result<Event> {
         .ok_or_else(|| corrupt(format!("stream id {id}")))?;
     let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
     let at = get("at").and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
-    let kind = if let Some(data) = get("d") {
-        serde_json::from_str(data).map_err(|e| corrupt(format!("event {seq}: {e}")))?
-    } else {
-        let state = get("j").ok_or_else(|| corrupt(format!("event {seq} without job state")))?;
-        let job = summary_from_state(state, get("u").unwrap_or("0"))?;
-        match get("t").unwrap_or_default() {
-            "job_submitted" => EventKind::JobSubmitted { job },
-            "job_claimed" => EventKind::JobClaimed { job },
-            "job_progress" => EventKind::JobProgress { job },
-            "job_requeued" => EventKind::JobRequeued { job, reason: get("r").unwrap_or_default().to_owned() },
-            "job_completed" => EventKind::JobCompleted { job },
-            "job_failed" => EventKind::JobFailed { job },
-            "job_cancel_requested" => EventKind::JobCancelRequested { job },
-            "job_cancelled" => EventKind::JobCancelled { job },
-            "job_retried" => EventKind::JobRetried { job },
-            other => return Err(corrupt(format!("event {seq} of unknown type {other:?}"))),
-        }
-    };
+    let kind = event_kind(seq, &get).unwrap_or_else(|e| {
+        let reason = e.to_string();
+        crate::note_undecodable(&format!("event {seq}"), &reason);
+        EventKind::Undecodable { reason }
+    });
     Ok(Event { seq, at, kind })
+}
+
+fn event_kind<'a>(seq: u64, get: &impl Fn(&str) -> Option<&'a str>) -> Result<EventKind> {
+    if let Some(data) = get("d") {
+        return serde_json::from_str(data).map_err(|e| corrupt(format!("event {seq}: {e}")));
+    }
+    let state = get("j").ok_or_else(|| corrupt(format!("event {seq} without job state")))?;
+    let job = summary_from_state(state, get("u").unwrap_or("0"))?;
+    Ok(match get("t").unwrap_or_default() {
+        "job_submitted" => EventKind::JobSubmitted { job },
+        "job_claimed" => EventKind::JobClaimed { job },
+        "job_progress" => EventKind::JobProgress { job },
+        "job_requeued" => EventKind::JobRequeued { job, reason: get("r").unwrap_or_default().to_owned() },
+        "job_completed" => EventKind::JobCompleted { job },
+        "job_failed" => EventKind::JobFailed { job },
+        "job_cancel_requested" => EventKind::JobCancelRequested { job },
+        "job_cancelled" => EventKind::JobCancelled { job },
+        "job_retried" => EventKind::JobRetried { job },
+        other => return Err(corrupt(format!("event {seq} of unknown type {other:?}"))),
+    })
+}
+
+/// Job views of a listing, skipping (counted, logged) any that do not decode: one bad record
+/// never hides the others.
+pub(super) fn summaries(list: Value) -> Vec<JobSummary> {
+    items(list)
+        .into_iter()
+        .filter_map(|v| {
+            summary_value(v).map_err(|e| crate::note_undecodable("a job in a listing", &e.to_string())).ok()
+        })
+        .collect()
 }
 
 #[cfg(test)]

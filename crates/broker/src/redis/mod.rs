@@ -39,7 +39,7 @@ use redis::{AsyncConnectionConfig, Cmd, Value};
 use serde_json::Value as Json;
 use tokio::time::Instant;
 
-use self::codec::{corrupt, event_from_entry, initial_state, items, pairs, summary_value, text, text_at};
+use self::codec::{corrupt, event_from_entry, initial_state, items, pairs, text, text_at};
 use crate::{
     Broker, BrokerConfig, BrokerError, CancelOutcome, Clock, FailOutcome, JobFilter, JobPage, Lease,
     LeaseRef, LeaseState, QueueFilter, ReapReport, Result, Submitted, SystemClock, new_job_id, page_limit,
@@ -510,10 +510,7 @@ fn decode_workers(
 fn page_reply(reply: Value) -> Result<JobPage> {
     let reply = items(reply);
     let next = reply.first().and_then(text).filter(|c| !c.is_empty());
-    let jobs = items(reply.into_iter().nth(1).unwrap_or(Value::Nil))
-        .into_iter()
-        .map(summary_value)
-        .collect::<Result<Vec<_>>>()?;
+    let jobs = codec::summaries(reply.into_iter().nth(1).unwrap_or(Value::Nil));
     Ok(JobPage { jobs, next })
 }
 
@@ -543,14 +540,14 @@ impl Broker for RedisBroker {
         &self.clock
     }
 
-    async fn submit(&self, spec: JobSpec) -> Result<Submitted> {
-        spec.validate(&self.config.limits)?;
+    async fn submit(&self, mut spec: JobSpec) -> Result<Submitted> {
+        spec.admit(&self.config.limits)?;
         let mut out = self.submit_valid(std::slice::from_ref(&spec)).await?;
         out.pop().ok_or_else(|| corrupt("submit returned nothing"))
     }
 
-    async fn submit_batch(&self, specs: Vec<JobSpec>) -> Result<Vec<Submitted>> {
-        fleetq_core::validate_batch(&specs, &self.config.limits)?;
+    async fn submit_batch(&self, mut specs: Vec<JobSpec>) -> Result<Vec<Submitted>> {
+        fleetq_core::admit_batch(&mut specs, &self.config.limits)?;
         self.submit_valid(&specs).await
     }
     async fn claim(&self, worker_id: &str, wait: Duration) -> Result<Option<Lease>> {
@@ -855,8 +852,7 @@ impl Broker for RedisBroker {
         let mut it = reply.into_iter().skip(1);
         let mut next = || it.next().unwrap_or(Value::Nil);
         let mut snap = Snapshot { seq, ..Snapshot::default() };
-        for j in items(next()) {
-            let s = summary_value(j)?;
+        for s in codec::summaries(next()) {
             snap.jobs.insert(s.id.clone(), s);
         }
         let raw = pairs(next());
