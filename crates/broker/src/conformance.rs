@@ -748,10 +748,17 @@ pub async fn manual_retry_requeues<B: Broker>(fx: Fixture<B>) {
     b.submit(sim(json!(2))).await.expect("submit");
     b.retry(&id).await.expect("retry");
     let rec = b.job(&id).await.expect("get").expect("exists");
-    assert_eq!((rec.summary.status, rec.summary.attempt, rec.outcome), (JobStatus::Pending, 0, None));
+    assert_eq!((rec.summary.status, rec.outcome), (JobStatus::Pending, None));
+    assert_eq!((rec.summary.attempt, rec.summary.max_attempts), (1, 1 + 3), "a fresh budget of attempts");
     let again = claim_now(b, "w").await.expect("claim");
     assert_eq!(again.job.summary.id, id, "retried job keeps its original place");
-    assert_eq!(again.attempt, 1);
+    assert_eq!(again.attempt, 2, "numbered on: an attempt number never repeats for a job");
+    // The holder of the attempt from before the retry is fenced out, whatever it sends.
+    let stale = lease.as_ref();
+    assert!(matches!(b.renew(&stale).await, Err(BrokerError::LeaseLost(_))));
+    assert!(matches!(b.progress(&stale, 50.0, None).await, Err(BrokerError::LeaseLost(_))));
+    assert!(matches!(b.complete(&stale, json!("stale")).await, Err(BrokerError::LeaseLost(_))));
+    b.complete(&again.as_ref(), json!("fresh")).await.expect("the current holder completes");
 }
 
 /// A job nobody can serve is flagged, and unflagged when a capable worker arrives.

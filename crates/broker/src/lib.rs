@@ -444,7 +444,8 @@ pub trait Broker: Send + Sync + 'static {
     /// Cancels a pending job at once, or asks the worker of a running job to stop.
     fn cancel(&self, id: &JobId) -> impl Future<Output = Result<CancelOutcome>> + Send;
 
-    /// Puts a failed or cancelled job back in the queue with its attempts reset.
+    /// Puts a failed or cancelled job back in the queue with a fresh budget of `spec.max_attempts`
+    /// attempts, numbered on from its last (an attempt number is a lease's fence: it never repeats).
     fn retry(&self, id: &JobId) -> impl Future<Output = Result<()>> + Send;
 
     /// Re-queues or finishes jobs whose lease expired, promotes due retries, expires silent workers.

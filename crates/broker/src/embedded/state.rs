@@ -764,8 +764,12 @@ impl State {
         let now = self.now();
         let mut row = self.must_load(id)?;
         Self::transition(&mut row, Action::Retry, now)?;
+        let spec: JobSpec = from_json(&row.spec)?;
         let s = &mut row.summary;
-        s.attempt = 0;
+        // A fresh budget of attempts, numbered on from the last: the attempt number is the lease's
+        // fence, so it never repeats for a job (a holder of an attempt from before the retry stays
+        // fenced out).
+        s.max_attempts = s.attempt.saturating_add(spec.max_attempts);
         s.progress = 0.0;
         s.message = None;
         s.finished_at = None;

@@ -9,7 +9,7 @@
 -- Order keys are never compared with Lua's `<` on strings (strcoll): see `key_less`. Only fixed,
 -- short field lists are ever unpacked.
 
-local VERSION = '13'
+local VERSION = '14'
 
 -- A job's state is one JSON object of strings at `j:{id}` (absent optional fields are omitted),
 -- decoded and encoded by Redis's C cjson; its spec is at `s:{id}`, its outcome at `o:{id}`.
@@ -441,8 +441,11 @@ redis.register_function('fq_retry', function(keys, argv)
   if j.status ~= 'failed' and j.status ~= 'cancelled' then return j.status end
   for _, f in ipairs({'message', 'finished_at', 'started_at', 'run_at', 'error', 'worker_id',
       'avoid_worker', 'avoid_until', 'progress_evt_at', 'progress_dirty'}) do j[f] = nil end
+  -- A fresh budget of attempts, numbered on from the last: the attempt number is the lease's
+  -- fence, so it never repeats for a job.
+  local spec = cjson.decode(redis.call('GET', P .. 's:' .. j.id) or '{}')
+  j.max_attempts = num(tonumber(j.attempt) + (tonumber(spec.max_attempts) or 3))
   j.status = 'pending'
-  j.attempt = '0'
   j.progress = '0'
   j.cancel_requested = '0'
   j.updated_at = nows
