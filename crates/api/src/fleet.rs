@@ -310,7 +310,7 @@ pub(crate) async fn stats<B: Broker>(State(st): State<AppState<B>>) -> Json<Stat
     path = "/api/events",
     operation_id = "events",
     summary = "SSE of all events; topics filter; Last-Event-ID resume",
-    description = "Each SSE event has `id` = sequence, `event` = the kind, `data` = the Event. A resume point trimmed from the log yields one `resync` event (`{type, after, first}`): reload `/api/snapshot`.",
+    description = "Each SSE event has `id` = sequence, `event` = the kind, `data` = the Event. A resume point trimmed from the log, or past its end, yields one `resync` event (`{type, after, first}`): reload `/api/snapshot`.",
     params(
         ("topics" = Option<String>, Query, description = "Comma list of jobs, workers, connectors, machines (default all)"),
         ("since" = Option<u64>, Query, description = "Resume after this sequence (as Last-Event-ID)"),

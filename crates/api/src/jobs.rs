@@ -140,7 +140,7 @@ fn job_id(id: String) -> ApiResult<JobId> {
     operation_id = "get_job",
     summary = "One job with payload, outcome, queue position and ETA",
     params(("id" = String, Path, description = "Job id")),
-    responses((status = 200, body = JobView), (status = 404, body = ErrorBody))
+    responses((status = 200, body = JobView), (status = 400, description = "A malformed id or query parameter (`field` names it)", body = ErrorBody), (status = 404, body = ErrorBody))
 )]
 pub(crate) async fn get<B: Broker>(
     State(st): State<AppState<B>>,
@@ -183,7 +183,7 @@ const LIST_PARAMS: &[&str] =
         ("worker" = Option<String>, Query, description = "Only jobs of this worker"),
         ("workflow" = Option<String>, Query, description = "Only this workflow id"),
         ("customer" = Option<String>, Query, description = "Only this customer id"),
-        ("limit" = Option<usize>, Query, description = "1–1000 (default 100)"),
+        ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "1–1000 (default 100)"),
         ("cursor" = Option<String>, Query, description = "`next` of the previous page"),
         ("order" = Option<String>, Query, description = "`newest` (default) or `queue`: claimable pending jobs in claim order (its own cursors)"),
     ),
@@ -218,7 +218,7 @@ pub(crate) async fn list<B: Broker>(State(st): State<AppState<B>>, q: Params) ->
     };
     match p.get("order").map(String::as_str) {
         None | Some("newest") => {
-            let page = st.broker.jobs(&filter).await?;
+            let page = st.broker.jobs(&filter).await.map_err(query_error)?;
             Ok(Json(JobPage { jobs: page.jobs, next: page.next }))
         }
         Some("queue") => {
@@ -235,12 +235,21 @@ pub(crate) async fn list<B: Broker>(State(st): State<AppState<B>>, q: Params) ->
                 limit: filter.limit,
                 cursor: filter.cursor,
             };
-            let page = st.broker.queue(&queue).await?;
+            let page = st.broker.queue(&queue).await.map_err(query_error)?;
             Ok(Json(JobPage { jobs: page.jobs, next: page.next }))
         }
         Some(other) => {
             Err(ApiError::bad_request("order", format!("unknown order {other:?} (newest or queue)")))
         }
+    }
+}
+
+/// A listing's refusal of one of its query parameters (a cursor of another broker) is the
+/// request's fault in its query: 400, like every other bad parameter.
+fn query_error(e: fleetq_broker::BrokerError) -> ApiError {
+    match e {
+        fleetq_broker::BrokerError::Invalid(v) => ApiError::bad_request(&v.field, v.message),
+        other => other.into(),
     }
 }
 
@@ -251,7 +260,7 @@ pub(crate) async fn list<B: Broker>(State(st): State<AppState<B>>, q: Params) ->
     operation_id = "cancel_job",
     summary = "Cancel a pending job, or ask its worker to stop (a submit token: its own jobs only)",
     params(("id" = String, Path, description = "Job id")),
-    responses((status = 200, body = Cancelled), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody))
+    responses((status = 200, body = Cancelled), (status = 400, description = "A malformed id or query parameter (`field` names it)", body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody))
 )]
 pub(crate) async fn cancel<B: Broker>(
     State(st): State<AppState<B>>,
@@ -276,7 +285,7 @@ pub(crate) async fn cancel<B: Broker>(
     operation_id = "retry_job",
     summary = "Put a failed or cancelled job back in the queue",
     params(("id" = String, Path, description = "Job id")),
-    responses((status = 200, body = Retried), (status = 404, body = ErrorBody), (status = 409, description = "The job is not failed or cancelled", body = ErrorBody))
+    responses((status = 200, body = Retried), (status = 400, description = "A malformed id or query parameter (`field` names it)", body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, description = "The job is not failed or cancelled", body = ErrorBody))
 )]
 pub(crate) async fn retry<B: Broker>(
     State(st): State<AppState<B>>,
@@ -294,7 +303,7 @@ pub(crate) async fn retry<B: Broker>(
     operation_id = "matching_workers",
     summary = "Every worker judged against the job: matches, busy or incompatible, with reasons",
     params(("id" = String, Path, description = "Job id")),
-    responses((status = 200, body = MatchingWorkers), (status = 404, body = ErrorBody))
+    responses((status = 200, body = MatchingWorkers), (status = 400, description = "A malformed id or query parameter (`field` names it)", body = ErrorBody), (status = 404, body = ErrorBody))
 )]
 pub(crate) async fn matching<B: Broker>(
     State(st): State<AppState<B>>,
@@ -405,7 +414,7 @@ fn terminal_name(status: JobStatus) -> &'static str {
         ("since" = Option<u64>, Query, description = "Resume after this sequence (as Last-Event-ID)"),
         ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this sequence"),
     ),
-    responses((status = 200, description = "text/event-stream: Events, framed by `job_state` and the terminal event", content_type = "text/event-stream", body = Event), (status = 404, body = ErrorBody))
+    responses((status = 200, description = "text/event-stream: Events, framed by `job_state` and the terminal event", content_type = "text/event-stream", body = Event), (status = 400, description = "A malformed id or query parameter (`field` names it)", body = ErrorBody), (status = 404, body = ErrorBody))
 )]
 pub(crate) async fn events<B: Broker>(
     State(st): State<AppState<B>>,

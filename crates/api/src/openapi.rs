@@ -124,6 +124,10 @@ fn finish(mut doc: Value) -> Value {
                         }
                     }
                 }
+                // Every route that reads the broker answers 503 while the broker is unreachable.
+                if path != "/health" && path != "/openapi.json" && op["responses"].get("503").is_none() {
+                    op["responses"]["503"] = json!({"description": "The queue (broker) is unavailable", "content": error["content"]});
+                }
                 if let Some(role) = required_role(&m, path) {
                     op["security"] = json!([{"bearer": []}]);
                     op["x-fleetq-role"] = json!(role.as_str());

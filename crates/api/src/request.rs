@@ -11,15 +11,22 @@ use serde_json::Value;
 
 use crate::error::{ApiError, ApiResult};
 
-/// Query parameters as a map, with a JSON error for a malformed query string.
-pub(crate) type Params = Result<Query<HashMap<String, String>>, QueryRejection>;
+/// Query parameters in order, with a JSON error for a malformed query string.
+pub(crate) type Params = Result<Query<Vec<(String, String)>>, QueryRejection>;
 
 /// Unpacks the query, refusing parameters the route does not know (a typo should not silently
-/// widen a listing).
+/// widen a listing) and parameters given twice (`limit=1&limit=2` has no one meaning).
 pub(crate) fn params(q: Params, known: &[&str]) -> ApiResult<HashMap<String, String>> {
-    let Query(map) = q.map_err(|e| ApiError::bad_request("query", e.body_text()))?;
-    if let Some(k) = map.keys().find(|k| !known.contains(&k.as_str())) {
-        return Err(ApiError::bad_request(k, format!("unknown parameter; known: {}", known.join(", "))));
+    let Query(pairs) = q.map_err(|e| ApiError::bad_request("query", e.body_text()))?;
+    let mut map = HashMap::with_capacity(pairs.len());
+    for (k, v) in pairs {
+        if !known.contains(&k.as_str()) {
+            return Err(ApiError::bad_request(&k, format!("unknown parameter; known: {}", known.join(", "))));
+        }
+        if map.contains_key(&k) {
+            return Err(ApiError::bad_request(&k, "given more than once"));
+        }
+        map.insert(k, v);
     }
     Ok(map)
 }

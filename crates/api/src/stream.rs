@@ -159,6 +159,20 @@ pub(crate) fn feed<B: Broker>(broker: Arc<B>, hub: Arc<Hub>, after: u64) -> impl
                 let (rx, at) = st.hub.join().await;
                 st.live = Some(rx);
                 st.read_until = at;
+                // A resume point past the end of this log (another log's, or one that went back):
+                // the client's picture is not this log's, so it reloads the snapshot and the feed
+                // goes on from where the log ends — never silence. (The hub may only lag behind
+                // the log: the log itself says whether event `after` exists.)
+                if !st.checked && st.after > at {
+                    let probe = st.broker.events_after(st.after - 1, 1, Duration::ZERO).await;
+                    if matches!(&probe, Ok(evs) if evs.is_empty()) {
+                        st.checked = true;
+                        let end = st.broker.snapshot().await.map_or(at, |s| s.seq);
+                        let gap = Feed::Gap { after: st.after, first: end + 1 };
+                        (st.after, st.delivered) = (end, end);
+                        return Some((gap, st));
+                    }
+                }
                 continue;
             };
             if st.delivered < st.read_until {
@@ -316,6 +330,22 @@ mod tests {
             other => panic!("expected a gap, got {other:?}"),
         }
         assert!(matches!(f.next().await, Some(Feed::Event(ev)) if ev.seq == first));
+    }
+
+    #[tokio::test]
+    async fn a_resume_point_past_the_end_of_the_log_yields_a_gap_then_live_events() {
+        let (b, _dir) = broker(100_000);
+        let hub = Hub::spawn(b.clone(), CancellationToken::new());
+        b.submit_batch((0..5).map(|_| spec()).collect()).await.unwrap();
+        let head = b.snapshot().await.unwrap().seq;
+        hub_reaches(&hub, head).await;
+        let mut f = Box::pin(feed(b.clone(), hub.clone(), u64::MAX));
+        match f.next().await {
+            Some(Feed::Gap { after: u64::MAX, first }) => assert_eq!(first, head + 1),
+            other => panic!("expected a gap, got {other:?}"),
+        }
+        b.submit(spec()).await.unwrap();
+        assert!(matches!(f.next().await, Some(Feed::Event(ev)) if ev.seq == head + 1), "then the next event");
     }
 
     #[test]

@@ -145,6 +145,44 @@ fn openapi_document_is_well_formed() {
     }
 }
 
+/// The document states the constraints the server enforces, so a client generated from it (or
+/// a fuzzer reading it) refuses what the server would refuse.
+#[test]
+fn the_document_states_the_servers_constraints() {
+    let doc = openapi_document();
+    let spec = &doc["components"]["schemas"]["JobSpec"]["properties"];
+    assert_eq!(spec["service"]["pattern"], "^[A-Za-z0-9][A-Za-z0-9._:-]*$");
+    assert_eq!(
+        (spec["service"]["minLength"].as_u64(), spec["service"]["maxLength"].as_u64()),
+        (Some(1), Some(128))
+    );
+    assert_eq!(
+        (spec["max_attempts"]["minimum"].as_u64(), spec["max_attempts"]["maximum"].as_u64()),
+        (Some(1), Some(100))
+    );
+    assert_eq!(spec["timeout_ms"]["minimum"].as_u64(), Some(1));
+    assert_eq!(spec["retry_backoff_ms"]["maximum"].as_u64(), Some(300_000));
+    let list = doc["paths"]["/api/jobs"]["get"]["parameters"].as_array().expect("parameters");
+    let limit = list.iter().find(|p| p["name"] == "limit").expect("limit");
+    assert_eq!(
+        (limit["schema"]["minimum"].as_u64(), limit["schema"]["maximum"].as_u64()),
+        (Some(1), Some(1000))
+    );
+    // Every route that takes an id or a query can answer 400, and every broker-backed route 503.
+    for (path, method) in [
+        ("/api/jobs/{id}", "get"),
+        ("/api/jobs/{id}/cancel", "post"),
+        ("/api/jobs/{id}/retry", "post"),
+        ("/api/jobs/{id}/events", "get"),
+        ("/api/jobs/{id}/matching-workers", "get"),
+        ("/api/jobs", "get"),
+    ] {
+        let responses = &doc["paths"][path][method]["responses"];
+        assert!(responses.get("400").is_some(), "{method} {path} documents its 400");
+        assert!(responses.get("503").is_some(), "{method} {path} documents its 503");
+    }
+}
+
 #[tokio::test]
 async fn openapi_is_served() {
     let a = app(ApiConfig::default());

@@ -31,7 +31,11 @@ async fn submit_get_and_list() {
     let (s, e) = call(&a.router, "GET", "/api/jobs?limit=0", None, &[]).await;
     assert_eq!((s, e["error"]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("limit")));
     let (s, e) = call(&a.router, "GET", "/api/jobs?cursor=garbage", None, &[]).await;
-    assert_eq!((s, e["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("cursor")));
+    assert_eq!((s, e["error"]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("cursor")));
+    let (s, e) = call(&a.router, "GET", "/api/jobs?order=queue&cursor=garbage", None, &[]).await;
+    assert_eq!((s, e["error"]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("cursor")));
+    let (s, e) = call(&a.router, "GET", "/api/jobs?limit=1&limit=2", None, &[]).await;
+    assert_eq!((s, e["error"]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("limit")), "no silent pick");
     let (s, e) = call(&a.router, "GET", "/api/jobs/nope", None, &[]).await;
     assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
 }

@@ -971,6 +971,10 @@ pub async fn events_after_waits_for_news<B: Broker>(fx: Fixture<B>) {
     let b = fx.broker.clone();
     b.submit(sim(json!(0))).await.expect("submit");
     let head = b.snapshot().await.expect("snapshot").seq;
+    for past_the_end in [head, head + 1, i64::MAX as u64, u64::MAX - 1, u64::MAX] {
+        let none = b.events_after(past_the_end, 10, Duration::ZERO).await.expect("events");
+        assert!(none.is_empty(), "nothing after {past_the_end}: {none:?}");
+    }
     let waiter = {
         let b = b.clone();
         tokio::spawn(async move { b.events_after(head, 10, Duration::from_secs(60)).await })

@@ -37,6 +37,10 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub struct JobSpec {
     /// Service name: `comfyui`, `a1111`, `openai`, `rest`, `simulation`, `NAME-sim` or a custom name.
     #[serde(alias = "service_required", alias = "job_type")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$", min_length = 1, max_length = 128)
+    )]
     pub service: String,
     /// Opaque service payload (a ComfyUI workflow, an A1111 body, …).
     #[serde(default)]
@@ -50,6 +54,10 @@ pub struct JobSpec {
     pub priority: i32,
     /// Groups the steps of one workflow.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$", min_length = 1, max_length = 128)
+    )]
     pub workflow_id: Option<String>,
     /// Overrides `priority` for ordering when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -57,27 +65,42 @@ pub struct JobSpec {
     /// Overrides `created_at` (ms since the epoch) for ordering when set, so later steps of a
     /// workflow keep the workflow's place.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 281_474_976_710_655_i64))]
     pub workflow_datetime: Option<i64>,
     /// The step of the workflow this job is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(maximum = 1_000_000))]
     pub step_number: Option<u32>,
     /// Customer the job runs for; checked against workers' allowed/denied customer lists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$", min_length = 1, max_length = 128)
+    )]
     pub customer_id: Option<String>,
     /// Attempts before the job fails for good (1 = no retry).
     #[serde(default = "default_max_attempts")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 100))]
     pub max_attempts: u32,
-    /// Overall time limit of one attempt, in ms (enforced by the worker).
+    /// Overall time limit of one attempt, in ms (enforced by the worker). Omitted: the queue's
+    /// default (1 h unless configured); at most the queue's maximum (24 h unless configured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub timeout_ms: Option<u64>,
-    /// No-sign-of-life limit of one attempt, in ms (enforced by the worker).
+    /// No-sign-of-life limit of one attempt, in ms (enforced by the worker); at most the queue's
+    /// maximum (24 h unless configured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub progress_timeout_ms: Option<u64>,
-    /// Base of the exponential retry backoff, in ms (attempt n waits base × 2^(n-1), capped).
+    /// Base of the exponential retry backoff, in ms (attempt n waits base × 2^(n-1), capped at
+    /// 5 min or the base).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(maximum = 300_000))]
     pub retry_backoff_ms: Option<u64>,
-    /// The same key submitted again returns the first job instead of creating another.
+    /// The same key submitted again by the same owner returns the first job instead of creating
+    /// another.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 256))]
     pub idempotency_key: Option<String>,
     /// Who submitted it: the API stamps the caller's token name here (overwriting whatever a client
     /// sent), so a `submit` token can cancel only its own jobs. `None` when auth is off.

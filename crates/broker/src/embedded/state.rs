@@ -291,9 +291,10 @@ impl State {
         let mut stmt = self
             .conn
             .prepare_cached("SELECT seq, at, body FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
-        let rows = stmt.query_map(params![after as i64, limit.clamp(1, 10_000) as i64], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?))
-        })?;
+        let rows = stmt.query_map(
+            params![i64::try_from(after).unwrap_or(i64::MAX), limit.clamp(1, 10_000) as i64],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?)),
+        )?;
         rows.map(|row| {
             let (seq, at, body) = row?;
             Ok(Event { seq: seq as u64, at, kind: from_json(&body)? })
