@@ -20,12 +20,14 @@ pub struct ApiError {
     pub message: String,
     /// Dot path of the offending input field, when one is to blame.
     pub field: Option<String>,
+    /// Seconds after which trying again may succeed (`Retry-After`), for a 503 of a full server.
+    pub retry_after_s: Option<u64>,
 }
 
 impl ApiError {
     /// An error without a field.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), field: None }
+        Self { status, code, message: message.into(), field: None, retry_after_s: None }
     }
 
     /// 400 about one field of the query or body.
@@ -45,6 +47,7 @@ impl ApiError {
             code: "invalid",
             message: e.message,
             field: Some(e.field),
+            retry_after_s: None,
         }
     }
 
@@ -67,7 +70,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut response = (self.status, Json(self.body())).into_response();
+        if let Some(s) = self.retry_after_s {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        response
     }
 }
 

@@ -329,9 +329,12 @@ pub(crate) async fn events<B: Broker>(
         Some(a) => a,
         None => st.broker.snapshot().await?.seq,
     };
+    let permit = st.stream_permit()?;
     let stream = st
         .feed(after)
         .filter_map(move |item| {
+            // The stream holds its place among the server's open streams until it ends.
+            let _held = &permit;
             let out = match item {
                 Feed::Gap { after, first } => Some(
                     SseEvent::default()

@@ -439,7 +439,13 @@ pub(crate) async fn events<B: Broker>(
             (seq, Some(rec))
         }
     };
+    let permit = st.stream_permit()?;
     let stream = job_stream(st.feed(after), broker, id, after, first)
+        // The stream holds its place among the server's open streams until it ends.
+        .map(move |item| {
+            let _held = &permit;
+            item
+        })
         .take_until(st.config.shutdown.clone().cancelled_owned());
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

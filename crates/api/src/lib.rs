@@ -70,6 +70,8 @@ pub struct ApiConfig {
     pub shutdown: CancellationToken,
     /// How often [`serve`] reaps expired leases and due retries from this process.
     pub reap_every: Duration,
+    /// Most event streams (SSE) and WebSockets open at once; beyond, 503 with `Retry-After`.
+    pub max_streams: usize,
 }
 
 impl Default for ApiConfig {
@@ -84,6 +86,7 @@ impl Default for ApiConfig {
             artifacts_dir: None,
             shutdown: CancellationToken::new(),
             reap_every: Duration::from_secs(1),
+            max_streams: 1024,
         }
     }
 }
@@ -118,7 +121,7 @@ pub fn router<B: Broker>(broker: Arc<B>, config: ApiConfig) -> Router {
     let tokens = config.tokens.clone();
     let cors = cors_layer(&config.cors_origins);
     let body_limit = config.max_body_bytes;
-    let state = AppState { broker, config, stats, hub };
+    let state = AppState::new(broker, config, stats, hub);
     let (router, _) = routes::<B>().split_for_parts();
     router
         .fallback(ops::not_found)

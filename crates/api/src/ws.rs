@@ -84,9 +84,11 @@ pub(crate) async fn monitor<B: Broker>(
         })
         .transpose()?;
     let ws = upgrade(ws)?;
+    let permit = st.stream_permit()?;
     let stop = st.config.shutdown.clone();
     Ok(ws
         .on_upgrade(move |socket| async move {
+            let _held = permit;
             tokio::select! {
                 () = monitor_session(st, socket, since, topics) => {}
                 () = stop.cancelled() => {}
@@ -95,9 +97,11 @@ pub(crate) async fn monitor<B: Broker>(
         .into_response())
 }
 
-async fn snapshot_msg<B: Broker>(broker: &B) -> Result<(u64, Value), Value> {
-    match broker.snapshot().await {
-        Ok(snap) => Ok((snap.seq, json!({"type": "snapshot", "seq": snap.seq, "snapshot": snap}))),
+/// The `snapshot` message (shared with the sessions opening at the same time) and its sequence,
+/// or the error message to send instead.
+async fn snapshot_msg<B: Broker>(st: &AppState<B>) -> Result<(u64, Message), Value> {
+    match st.snapshot_message().await {
+        Ok((seq, text)) => Ok((seq, Message::Text(text))),
         Err(e) => Err(err_msg("unavailable", format!("cannot read the snapshot: {e}"))),
     }
 }
@@ -108,12 +112,11 @@ async fn monitor_session<B: Broker>(
     since: Option<u64>,
     mut topics: BTreeSet<&'static str>,
 ) {
-    let broker = st.broker.clone();
     let after = match since {
         Some(s) => s,
-        None => match snapshot_msg(broker.as_ref()).await {
+        None => match snapshot_msg(&st).await {
             Ok((seq, msg)) => {
-                if !send(&mut socket, &msg).await {
+                if socket.send(msg).await.is_err() {
                     return;
                 }
                 seq
@@ -131,8 +134,13 @@ async fn monitor_session<B: Broker>(
             item = events.next() => {
                 let out = match item {
                     None => return,
-                    Some(Feed::Gap { .. }) => match snapshot_msg(broker.as_ref()).await {
-                        Ok((_, msg)) => msg,
+                    Some(Feed::Gap { .. }) => match snapshot_msg(&st).await {
+                        Ok((_, msg)) => {
+                            if socket.send(msg).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
                         Err(msg) => msg,
                     },
                     Some(Feed::Event(ev)) => {
@@ -195,9 +203,11 @@ pub(crate) async fn client<B: Broker>(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     let ws = upgrade(ws)?;
+    let permit = st.stream_permit()?;
     let stop = st.config.shutdown.clone();
     Ok(ws
         .on_upgrade(move |socket| async move {
+            let _held = permit;
             tokio::select! {
                 () = client_session(st, socket, caller.map(|axum::Extension(c)| c)) => {}
                 () = stop.cancelled() => {}

@@ -285,3 +285,36 @@ async fn two_api_servers_share_one_redis() {
     }
     assert_eq!(ev.event, "job_cancelled");
 }
+
+/// Open streams are capped: past `max_streams` an SSE or a WebSocket gets 503 with `Retry-After`,
+/// and a place comes back when a stream ends.
+#[tokio::test]
+async fn streams_beyond_the_limit_get_503_with_retry_after() {
+    let a = app(ApiConfig::default());
+    let addr =
+        common::serve_with(a.broker.clone(), ApiConfig { max_streams: 2, ..ApiConfig::default() }).await;
+    let first = sse(addr, "/api/events", None).await;
+    let mut monitor = ws(addr, "/ws/monitor").await;
+    assert_eq!(recv(&mut monitor).await["type"], "snapshot");
+    let over = reqwest::Client::new().get(format!("http://{addr}/api/events")).send().await.expect("connect");
+    assert_eq!(over.status(), 503);
+    assert_eq!(over.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("5"));
+    let body: Value = over.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "too_many_streams");
+    let refused = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/monitor")).await;
+    assert!(refused.is_err(), "a WebSocket past the limit is refused");
+    drop(first);
+    // The server notices the closed stream when it next writes to it (an event or a keep-alive).
+    submit_http(addr, json!({"service": "sim"})).await;
+    let mut again = None;
+    for _ in 0..200 {
+        let r =
+            reqwest::Client::new().get(format!("http://{addr}/api/events")).send().await.expect("connect");
+        if r.status() == 200 {
+            again = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(again.is_some(), "the closed stream's place came back");
+}

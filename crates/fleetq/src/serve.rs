@@ -44,6 +44,9 @@ pub(crate) struct ApiArgs {
     /// How often this process reaps expired leases and due retries (ms).
     #[arg(long, default_value_t = 1000)]
     reap_every_ms: u64,
+    /// Most event streams and WebSockets open at once (beyond: 503 with Retry-After).
+    #[arg(long, env = "FLEETQ_MAX_STREAMS", default_value_t = 1024)]
+    max_streams: usize,
 }
 
 impl ApiArgs {
@@ -64,6 +67,7 @@ impl ApiArgs {
             artifacts_dir,
             shutdown,
             reap_every: Duration::from_millis(self.reap_every_ms.max(10)),
+            max_streams: self.max_streams.max(1),
             ..ApiConfig::default()
         })
     }

@@ -72,9 +72,14 @@ pub async fn call_raw(
 
 /// Serves the API over `broker` on a free loopback port, as `fleetq up` and `fleetq api` do.
 pub async fn serve<B: Broker>(broker: Arc<B>) -> SocketAddr {
+    serve_with(broker, ApiConfig::default()).await
+}
+
+/// [`serve`] with a configuration.
+pub async fn serve_with<B: Broker>(broker: Arc<B>, config: ApiConfig) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(fleetq_api::serve(listener, broker, ApiConfig::default()));
+    tokio::spawn(fleetq_api::serve(listener, broker, config));
     addr
 }
 
