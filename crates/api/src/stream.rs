@@ -44,8 +44,21 @@ pub(crate) struct Hub {
 }
 
 struct HubState {
-    tx: broadcast::Sender<Arc<Event>>,
+    tx: broadcast::Sender<HubItem>,
     last: u64,
+}
+
+/// What the hub broadcasts.
+#[derive(Debug, Clone)]
+enum HubItem {
+    /// The next event of the log.
+    Event(Arc<Event>),
+    /// The log went back (a restore, a failover that lost writes): sequences up to the hub's
+    /// last may now name other events. Streams resynchronize and go on after `head`.
+    Reset {
+        /// Where the log ends now.
+        head: u64,
+    },
 }
 
 impl Hub {
@@ -88,19 +101,80 @@ impl Hub {
             }
             None => return,
         }
-        let mut events = std::pin::pin!(fleetq_broker::subscribe(broker, head));
-        while let Some(item) = events.next().await {
-            let Some(h) = hub.upgrade() else { return };
-            match item {
-                Ok(ev) => {
-                    let mut st = h.lock();
-                    st.last = ev.seq;
-                    // No receiver is not an error: nobody is watching right now.
-                    let _ = st.tx.send(Arc::new(ev));
+        let mut from = head;
+        // The last event broadcast (at first the log's last), to check after a read failure that
+        // the log still holds it.
+        let mut last_sent: Option<Arc<Event>> = broker
+            .events_after(head.saturating_sub(1), 1, Duration::ZERO)
+            .await
+            .ok()
+            .and_then(|evs| evs.into_iter().next())
+            .filter(|ev| ev.seq == head)
+            .map(Arc::new);
+        'subscription: loop {
+            let mut events = std::pin::pin!(fleetq_broker::subscribe(broker.clone(), from));
+            let mut failed = false;
+            while let Some(item) = events.next().await {
+                let Some(h) = hub.upgrade() else { return };
+                match item {
+                    Ok(ev) => {
+                        let ev = Arc::new(ev);
+                        let mut st = h.lock();
+                        st.last = ev.seq;
+                        last_sent = Some(ev.clone());
+                        // No receiver is not an error: nobody is watching right now.
+                        let _ = st.tx.send(HubItem::Event(ev));
+                        failed = false;
+                    }
+                    Err(e) if !failed => {
+                        failed = true;
+                        tracing::warn!(error = %e, "event hub: read failed; retrying");
+                    }
+                    Err(_) => {}
                 }
-                Err(e) => tracing::warn!(error = %e, "event hub: read failed; retrying"),
+                // After an outage (a restart, a failover) the log may have gone back: once the
+                // broker answers again, the event last broadcast must still be there, unchanged,
+                // or every stream resynchronizes.
+                if failed && let Some(last) = last_sent.clone() {
+                    let head = loop {
+                        match Self::went_back(broker.as_ref(), &last).await {
+                            Ok(verdict) => break verdict,
+                            Err(()) => tokio::time::sleep(Duration::from_millis(500)).await,
+                        }
+                        if hub.strong_count() == 0 {
+                            return;
+                        }
+                    };
+                    failed = false;
+                    if let Some(head) = head {
+                        tracing::warn!(
+                            broadcast = last.seq,
+                            log_head = head,
+                            "event hub: the event log went back (restored or failed over with lost writes); clients resynchronize"
+                        );
+                        let mut st = h.lock();
+                        st.last = head;
+                        let _ = st.tx.send(HubItem::Reset { head });
+                        drop(st);
+                        from = head;
+                        last_sent = None;
+                        continue 'subscription;
+                    }
+                }
             }
+            return;
         }
+    }
+
+    /// `Some(head)` when the log no longer holds `last` as it was broadcast (it ends before it,
+    /// or another event took its sequence), `None` when it does; `Err` while the log cannot be
+    /// read.
+    async fn went_back<B: Broker>(broker: &B, last: &Event) -> Result<Option<u64>, ()> {
+        let now = broker.events_after(last.seq.saturating_sub(1), 1, Duration::ZERO).await.map_err(drop)?;
+        if now.first().is_some_and(|ev| ev == last) {
+            return Ok(None);
+        }
+        broker.snapshot().await.map(|s| Some(s.seq)).map_err(drop)
     }
 
     /// The sequence of the last event the hub has sent (once it knows where the log ends).
@@ -110,7 +184,7 @@ impl Hub {
 
     /// A receiver of live events and the sequence of the last event sent before it joined: events
     /// up to that sequence must be read from the log, later ones arrive on the receiver.
-    async fn join(&self) -> (broadcast::Receiver<Arc<Event>>, u64) {
+    async fn join(&self) -> (broadcast::Receiver<HubItem>, u64) {
         let mut ready = self.ready.subscribe();
         // The sender lives in `self`, so this cannot fail while `self` exists.
         let _ = ready.wait_for(|r| *r).await;
@@ -130,7 +204,7 @@ pub(crate) fn feed<B: Broker>(broker: Arc<B>, hub: Arc<Hub>, after: u64) -> impl
         after: u64,
         delivered: u64,
         checked: bool,
-        live: Option<broadcast::Receiver<Arc<Event>>>,
+        live: Option<broadcast::Receiver<HubItem>>,
         read_until: u64,
         buf: VecDeque<Arc<Event>>,
     }
@@ -188,8 +262,16 @@ pub(crate) fn feed<B: Broker>(broker: Arc<B>, hub: Arc<Hub>, after: u64) -> impl
                 continue;
             }
             match rx.recv().await {
-                Ok(ev) if ev.seq <= st.delivered => {}
-                Ok(ev) => st.buf.push_back(ev),
+                Ok(HubItem::Event(ev)) if ev.seq <= st.delivered => {}
+                Ok(HubItem::Event(ev)) => st.buf.push_back(ev),
+                // The log went back: what this stream delivered may no longer be the log's. The
+                // client reloads the snapshot; the stream goes on after the log's new end.
+                Ok(HubItem::Reset { head }) => {
+                    let gap = Feed::Gap { after: st.delivered, first: head + 1 };
+                    st.buf.clear();
+                    (st.delivered, st.after, st.read_until) = (head, head, head);
+                    return Some((gap, st));
+                }
                 // Fell behind the hub's buffer: rejoin, reading the missed events from the log.
                 Err(broadcast::error::RecvError::Lagged(_)) => st.live = None,
                 Err(broadcast::error::RecvError::Closed) => return None,
