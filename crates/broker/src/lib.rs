@@ -133,6 +133,16 @@ pub enum BrokerError {
     /// Stored data could not be decoded (a bug or a foreign writer).
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
+    /// The change was made on the Redis primary but fewer replicas than `wait_replicas` confirmed
+    /// it in time: it may be lost in a failover. Submitting again with the same idempotency key
+    /// is safe.
+    #[error("the change is on the primary but only {got} of {wanted} replicas confirmed it in time")]
+    NotReplicated {
+        /// Replicas asked for.
+        wanted: u32,
+        /// Replicas that confirmed.
+        got: u32,
+    },
     /// The embedded store's group transaction did not commit (disk full, I/O error): nothing of
     /// the operation was kept; it may succeed when tried again.
     #[error("the store could not commit the change; nothing was kept")]
@@ -215,6 +225,13 @@ pub struct BrokerConfig {
     pub retry_avoid_ms: i64,
     /// Submission limits.
     pub limits: Limits,
+    /// Redis: a write is acknowledged only once this many replicas hold it (`WAIT` after each
+    /// state change); 0, the default, acknowledges once the primary holds it. See the README's
+    /// durability section for what each setting guarantees.
+    pub wait_replicas: u32,
+    /// Redis: how long a write waits for `wait_replicas` before failing with
+    /// [`BrokerError::NotReplicated`] (the write stays on the primary).
+    pub wait_timeout_ms: u64,
 }
 
 impl Default for BrokerConfig {
@@ -231,6 +248,8 @@ impl Default for BrokerConfig {
             claim_recheck_ms: 1000,
             retry_avoid_ms: 5_000,
             limits: Limits::default(),
+            wait_replicas: 0,
+            wait_timeout_ms: 1_000,
         }
     }
 }

@@ -49,6 +49,14 @@ impl RedisServer {
         )
     }
 
+    /// Starts a throwaway replica (no persistence) of the server on `primary_port`.
+    pub fn start_replica_of(primary_port: u16) -> std::io::Result<Self> {
+        Self::launch(
+            Self::free_port()?,
+            &format!("--save '' --appendonly no --replicaof 127.0.0.1 {primary_port}"),
+        )
+    }
+
     /// A free loopback port, never handed out twice by this process.
     pub fn free_port() -> std::io::Result<u16> {
         static NEXT: AtomicU16 = AtomicU16::new(0);
@@ -133,6 +141,7 @@ pub fn test_config() -> BrokerConfig {
         claim_recheck_ms: 200,
         retry_avoid_ms: 5_000,
         limits: fleetq_core::Limits { max_payload_bytes: 64 * 1024, ..fleetq_core::Limits::default() },
+        ..BrokerConfig::default()
     }
 }
 

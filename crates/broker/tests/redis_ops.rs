@@ -285,3 +285,41 @@ async fn an_undecodable_record_is_passed_over_not_fatal() {
         "the job itself shows as corrupt"
     );
 }
+
+/// With `wait_replicas`, a state change is acknowledged only once a replica holds it: with the
+/// replica up a submission succeeds; with it gone, the submission fails as not replicated (the job
+/// is on the primary, and a resubmission with its idempotency key finds it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_wait_for_replicas_when_asked() {
+    let primary = RedisServer::start().expect(fleetq_broker::testing::MISSING_REDIS);
+    let replica = RedisServer::start_replica_of(primary.port).expect("replica");
+    let client = redis::Client::open(primary.url.as_str()).expect("client");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connection");
+    let mut synced = false;
+    for _ in 0..400 {
+        let info: String = redis::cmd("INFO").arg("replication").query_async(&mut conn).await.expect("info");
+        if info.lines().any(|l| l.trim() == "connected_slaves:1") && info.contains("state=online") {
+            synced = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(synced, "the replica connected");
+    let config = fleetq_broker::BrokerConfig { wait_replicas: 1, wait_timeout_ms: 300, ..test_config() };
+    let broker = RedisBroker::connect(&primary.url, "wait", config).await.expect("connect");
+    let mut spec = JobSpec::new("simulation", json!(1));
+    spec.idempotency_key = Some("k1".into());
+    let first = broker.submit(spec.clone()).await.expect("acknowledged: the replica holds it");
+    replica.shutdown().expect("stop the replica");
+    let mut second = JobSpec::new("simulation", json!(2));
+    second.idempotency_key = Some("k2".into());
+    match broker.submit(second.clone()).await {
+        Err(BrokerError::NotReplicated { wanted: 1, got: 0 }) => {}
+        other => panic!("expected NotReplicated, got {other:?}"),
+    }
+    let again = broker.submit(second).await;
+    assert!(matches!(again, Err(BrokerError::NotReplicated { .. })), "still no replica: {again:?}");
+    let listed = broker.jobs(&fleetq_broker::JobFilter::default()).await.expect("reads need no replica");
+    assert_eq!(listed.jobs.len(), 2, "the unconfirmed job is on the primary, once");
+    assert!(listed.jobs.iter().any(|j| j.id == first.id));
+}

@@ -117,6 +117,10 @@ pub(crate) struct BrokerArgs {
     /// Position queries measured per depth.
     #[arg(long, default_value_t = 200)]
     position_queries: usize,
+    /// Redis: acknowledge each state change only once this many replicas hold it (`WAIT`), to
+    /// measure what that costs (the Redis needs that many replicas).
+    #[arg(long, default_value_t = 0)]
+    wait_replicas: u32,
 }
 
 pub(crate) async fn run(b: Bench) -> Result<()> {
@@ -164,7 +168,8 @@ async fn make_redis(args: Arc<BrokerArgs>) -> Result<Made<RedisBroker>> {
         redis::cmd("FLUSHDB").query_async::<()>(&mut c).await.context("FLUSHDB before the measurement")?;
     }
     let queue = format!("bench-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
-    let broker = RedisBroker::connect(&args.redis_url, &queue, bench_config())
+    let config = BrokerConfig { wait_replicas: args.wait_replicas, wait_timeout_ms: 5_000, ..bench_config() };
+    let broker = RedisBroker::connect(&args.redis_url, &queue, config)
         .await
         .with_context(|| format!("connecting to {}", args.redis_url))?;
     Ok((Arc::new(broker), Some(client), Box::new(())))

@@ -96,6 +96,10 @@ pub(crate) struct UpArgs {
     /// Queue name (key prefix) in Redis.
     #[arg(long, env = "FLEETQ_QUEUE", default_value = "fleetq")]
     queue: String,
+    /// With Redis: acknowledge a change only once this many replicas hold it (see the README's
+    /// durability section).
+    #[arg(long, env = "FLEETQ_WAIT_REPLICAS", default_value_t = 0)]
+    wait_replicas: u32,
     /// Simulated workers on the local machine (0 runs the API only).
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -139,6 +143,10 @@ pub(crate) struct ApiOnlyArgs {
     /// Where workers store artifacts (shared storage), to serve them for download.
     #[arg(long, env = "FLEETQ_ARTIFACTS_DIR")]
     artifacts_dir: Option<PathBuf>,
+    /// Acknowledge a change only once this many replicas hold it (see the README's durability
+    /// section).
+    #[arg(long, env = "FLEETQ_WAIT_REPLICAS", default_value_t = 0)]
+    wait_replicas: u32,
 }
 
 /// `fleetq up`.
@@ -158,7 +166,11 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
     let artifacts = args.data_dir.join("artifacts");
     let stop = CancellationToken::new();
     let config = args.api.config(Some(artifacts), stop.clone())?;
-    let broker_config = BrokerConfig { lease_ms: args.lease_ms, ..BrokerConfig::default() };
+    let broker_config = BrokerConfig {
+        lease_ms: args.lease_ms,
+        wait_replicas: args.wait_replicas,
+        ..BrokerConfig::default()
+    };
     match &args.redis {
         Some(url) => {
             let broker = RedisBroker::connect(url, &args.queue, broker_config)
@@ -232,7 +244,8 @@ async fn stack<B: Broker>(
 pub(crate) async fn api(args: ApiOnlyArgs) -> Result<()> {
     let stop = CancellationToken::new();
     let config = args.api.config(args.artifacts_dir.clone(), stop.clone())?;
-    let broker = RedisBroker::connect(&args.redis, &args.queue, BrokerConfig::default())
+    let broker_config = BrokerConfig { wait_replicas: args.wait_replicas, ..BrokerConfig::default() };
+    let broker = RedisBroker::connect(&args.redis, &args.queue, broker_config)
         .await
         .with_context(|| format!("connecting to {}", args.redis))?;
     let listener = args.api.bind().await?;

@@ -70,6 +70,9 @@ pub(crate) struct Args {
     /// [default: 100].
     #[arg(long, env = "SIMULATION_STEP_MS")]
     simulation_step_ms: Option<u64>,
+    /// Acknowledge a change (a completion, …) only once this many Redis replicas hold it.
+    #[arg(long, env = "FLEETQ_WAIT_REPLICAS", default_value_t = 0)]
+    wait_replicas: u32,
 }
 
 impl Args {
@@ -101,7 +104,11 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         Some(path) => WorkerFile::load(path)?,
     };
     let settings = config::resolve(&file, &args.overrides()?)?;
-    let broker_config = BrokerConfig { lease_ms: settings.lease_ms, ..BrokerConfig::default() };
+    let broker_config = BrokerConfig {
+        lease_ms: settings.lease_ms,
+        wait_replicas: args.wait_replicas,
+        ..BrokerConfig::default()
+    };
     let broker = RedisBroker::connect(&settings.redis_url, &settings.queue, broker_config)
         .await
         .with_context(|| format!("connecting to {}", settings.redis_url))?;

@@ -161,6 +161,7 @@ impl RedisBroker {
             ])
             .query_async::<()>(&mut conn)
             .await?;
+        self.warn_about_durability(&mut conn).await;
         // Queues written before library 13 lack the service queues; built once, then a no-op.
         let indexed: i64 = self.fcall("fq_reindex", false).query_async(&mut conn).await?;
         if indexed > 0 {
@@ -169,18 +170,61 @@ impl RedisBroker {
         Ok(())
     }
 
+    /// Says at connect what this server's settings cost in durability (as Sidekiq does): without
+    /// AOF a restart loses everything since the last snapshot, and an eviction policy other than
+    /// `noeviction` lets Redis delete jobs under memory pressure. Servers that refuse `INFO` (some
+    /// managed ones) are not judged.
+    async fn warn_about_durability(&self, conn: &mut ConnectionManager) {
+        let Ok(info) = redis::cmd("INFO").arg("persistence").arg("memory").query_async::<String>(conn).await
+        else {
+            return;
+        };
+        let field = |name: &str| {
+            info.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(':'))).map(str::trim)
+        };
+        if field("aof_enabled") == Some("0") {
+            tracing::warn!(
+                "Redis runs without AOF (appendonly no): a restart loses every job and event written since its last snapshot; set appendonly yes"
+            );
+        }
+        if let Some(policy) = field("maxmemory_policy").filter(|p| *p != "noeviction") {
+            tracing::warn!(
+                policy,
+                "Redis may evict keys under memory pressure (maxmemory-policy is not noeviction): jobs can vanish; set maxmemory-policy noeviction"
+            );
+        }
+    }
+
     /// Runs a command; when the server lost the library (a restart without persistence, a new
     /// node) it reloads it once and retries.
     async fn run(&self, cmd: &Cmd) -> Result<Value> {
-        let mut conn = self.conn.clone();
-        match cmd.query_async::<Value>(&mut conn).await {
-            Err(e) if e.to_string().contains("Function not found") => {
+        match self.exec(cmd).await {
+            Err(BrokerError::Redis(e)) if e.to_string().contains("Function not found") => {
                 tracing::warn!("fleetq functions missing on the server; reloading");
                 self.init().await?;
-                Ok(cmd.query_async::<Value>(&mut conn).await?)
+                self.exec(cmd).await
             }
-            other => Ok(other?),
+            other => other,
         }
+    }
+
+    /// One command; a state change (`FCALL`) is followed on the same connection by `WAIT` when
+    /// `wait_replicas` asks for it, and is acknowledged only once enough replicas hold it.
+    async fn exec(&self, cmd: &Cmd) -> Result<Value> {
+        let mut conn = self.conn.clone();
+        let wanted = self.config.wait_replicas;
+        let writes = matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(b"FCALL")));
+        if wanted == 0 || !writes {
+            return Ok(cmd.query_async::<Value>(&mut conn).await?);
+        }
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd.clone()).cmd("WAIT").arg(wanted).arg(self.config.wait_timeout_ms.max(1));
+        let (value, got): (Value, i64) = pipe.query_async(&mut conn).await?;
+        let got = u32::try_from(got).unwrap_or(0);
+        if got < wanted {
+            return Err(BrokerError::NotReplicated { wanted, got });
+        }
+        Ok(value)
     }
 
     fn fcall(&self, name: &str, read_only: bool) -> Cmd {
