@@ -7,6 +7,7 @@
 #![allow(rustdoc::bare_urls)]
 
 mod bench;
+mod chaos;
 mod client;
 mod explain;
 mod mock;
@@ -59,6 +60,9 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// Does to real processes what a bad day does (kill -9 of workers or Redis) and reports what
+    /// was lost or completed twice; exits non-zero if anything was.
+    Chaos(chaos::Args),
     /// Runs one worker against a Redis broker until SIGTERM/SIGINT.
     Worker(worker::Args),
     /// Runs a mock service (ComfyUI, A1111, OpenAI) for demos and manual tests.
@@ -94,6 +98,7 @@ fn main() -> ExitCode {
             run_async(cli.log_format, "warn", "fleetq services", client::services(args))
         }
         Command::Bench(b) => run_async(cli.log_format, "warn", "fleetq bench", bench::run(b)),
+        Command::Chaos(args) => run_async(cli.log_format, "warn", "fleetq chaos", chaos::run(args)),
         Command::Worker(args) => run_async(cli.log_format, "info", "fleetq worker", worker::run(args)),
         Command::Mock(m) => run_async(cli.log_format, "info", "fleetq mock", mock::run(m)),
     }

@@ -1,0 +1,281 @@
+//! `fleetq chaos`: the failures a fleet meets, done to real processes, and what was lost.
+//!
+//! Each scenario runs a real `redis-server` (append-only file, fsync on every write: the setting
+//! under which the broker promises that nothing acknowledged is lost), N no-op simulation jobs and
+//! W real `fleetq worker` processes, does its damage while they run, waits until every job has
+//! finished, then reads the truth from the broker: jobs not finished (`lost`), jobs whose
+//! completion is in the event log more than once (`double_completed`), the attempts histogram and
+//! how long the fleet took to complete a job again after the damage (`recover_ms`). It prints one
+//! JSON line and exits non-zero when anything was lost or completed twice.
+//!
+//! Scenarios: `worker-kill` (kill -9 of a random worker every `--kill-every-ms`, restarted at once),
+//! `redis-kill` (kill -9 of Redis mid-run, restarted from its files).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use fleetq_broker::redis::RedisBroker;
+use fleetq_broker::{Broker, BrokerConfig, JobFilter};
+use fleetq_core::{EventKind, JobSpec, JobStatus};
+use serde_json::json;
+
+/// Which damage to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Scenario {
+    /// kill -9 of a random worker every --kill-every-ms, restarted at once.
+    WorkerKill,
+    /// kill -9 of Redis once mid-run, restarted on the same port from its files.
+    RedisKill,
+}
+
+/// `fleetq chaos` flags.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// The damage.
+    #[arg(long, value_enum, default_value = "worker-kill")]
+    scenario: Scenario,
+    /// Jobs submitted before the damage starts.
+    #[arg(long, default_value_t = 1000)]
+    jobs: usize,
+    /// Worker processes.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Duration of one simulated step (each job has 5).
+    #[arg(long, default_value_t = 10)]
+    step_ms: u64,
+    /// Pause between two worker kills (worker-kill).
+    #[arg(long, default_value_t = 500)]
+    kill_every_ms: u64,
+    /// Lease length of the workers: how soon a killed worker's job comes back.
+    #[arg(long, default_value_t = 1500)]
+    lease_ms: i64,
+    /// Give up (and report what is unfinished as lost) after this long.
+    #[arg(long, default_value_t = 300)]
+    timeout_s: u64,
+    /// The redis-server binary.
+    #[arg(long, default_value = "redis-server")]
+    redis_server: String,
+}
+
+/// A child process killed (SIGKILL) when dropped.
+struct Proc(Child);
+
+impl Proc {
+    /// kill -9, and reaped.
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn start_redis(bin: &str, port: u16, dir: &Path) -> Result<Proc> {
+    let child = Command::new(bin)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
+        .args(["--appendfsync", "always", "--dir"])
+        .arg(dir)
+        .args(["--loglevel", "warning"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {bin} (Debian: apt-get install -y redis-server)"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("{bin} did not listen on port {port}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Proc(child))
+}
+
+fn start_worker(exe: &Path, url: &str, i: usize, args: &Args) -> Result<Proc> {
+    let child = Command::new(exe)
+        .arg("worker")
+        .env("HUB_REDIS_URL", url)
+        .env("FLEETQ_QUEUE", "chaos")
+        .env("WORKER_ID", format!("chaos-w{i}"))
+        .env("MACHINE_ID", "chaos")
+        .env("WORKER_CONNECTORS", "simulation")
+        .env("SIMULATION_STEP_MS", args.step_ms.to_string())
+        .env("FLEETQ_LEASE_MS", args.lease_ms.to_string())
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting a fleetq worker")?;
+    Ok(Proc(child))
+}
+
+/// A small deterministic generator (which worker to kill), seeded by the clock.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n.max(1) as u64) as usize
+    }
+}
+
+/// What the broker says once the run is over.
+struct Tally {
+    finished: usize,
+    completed: usize,
+    failed: usize,
+    attempts: BTreeMap<u32, usize>,
+}
+
+async fn tally(b: &RedisBroker) -> Result<Tally> {
+    let mut t = Tally { finished: 0, completed: 0, failed: 0, attempts: BTreeMap::new() };
+    let mut filter = JobFilter { limit: Some(1000), ..JobFilter::default() };
+    loop {
+        let page = b.jobs(&filter).await?;
+        for j in &page.jobs {
+            if j.status.is_terminal() {
+                t.finished += 1;
+            }
+            match j.status {
+                JobStatus::Completed => t.completed += 1,
+                JobStatus::Failed => t.failed += 1,
+                _ => {}
+            }
+            *t.attempts.entry(j.attempt).or_default() += 1;
+        }
+        match page.next {
+            Some(n) => filter.cursor = Some(n),
+            None => return Ok(t),
+        }
+    }
+}
+
+/// Completions per job in the whole event log.
+async fn completions(b: &RedisBroker) -> Result<HashMap<String, usize>> {
+    let mut out: HashMap<String, usize> = HashMap::new();
+    let mut after = 0;
+    loop {
+        let page = b.events_after(after, 10_000, Duration::ZERO).await?;
+        let Some(last) = page.last() else { return Ok(out) };
+        after = last.seq;
+        for ev in &page {
+            if let EventKind::JobCompleted { job } = &ev.kind {
+                *out.entry(job.id.0.clone()).or_default() += 1;
+            }
+        }
+    }
+}
+
+/// Connects, retrying while Redis restarts.
+async fn connect(url: &str) -> Result<RedisBroker> {
+    let config = BrokerConfig { max_events: 1_000_000, ..BrokerConfig::default() };
+    let mut last = None;
+    for _ in 0..100 {
+        match RedisBroker::connect(url, "chaos", config.clone()).await {
+            Ok(b) => return Ok(b),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(last.map_or_else(|| anyhow::anyhow!("no connection"), anyhow::Error::from))
+}
+
+pub(crate) async fn run(args: Args) -> Result<()> {
+    if args.jobs == 0 || args.workers == 0 {
+        bail!("--jobs and --workers must be at least 1");
+    }
+    let exe = std::env::current_exe().context("locating the fleetq binary")?;
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let url = format!("redis://127.0.0.1:{port}/");
+    let mut redis = start_redis(&args.redis_server, port, dir.path())?;
+    let broker = Arc::new(connect(&url).await?);
+    let started = Instant::now();
+    let mut specs = Vec::with_capacity(args.jobs);
+    for i in 0..args.jobs {
+        let mut spec = JobSpec::new("simulation", json!({"i": i, "steps": 5}));
+        // Every kill spends the attempt of the job the worker held: leave room for many.
+        spec.max_attempts = 100;
+        specs.push(spec);
+    }
+    for chunk in specs.chunks(1000) {
+        broker.submit_batch(chunk.to_vec()).await?;
+    }
+    let mut workers: Vec<Proc> =
+        (0..args.workers).map(|i| start_worker(&exe, &url, i, &args)).collect::<Result<_>>()?;
+    let mut rng = Rng(u64::try_from(started.elapsed().as_nanos()).unwrap_or(1) | 1);
+    let deadline = started + Duration::from_secs(args.timeout_s);
+    let (mut kills, mut damaged_at, mut recover_ms) = (0usize, None::<Instant>, None::<u128>);
+    let mut completed_before = 0;
+    let mut next_kill = Instant::now() + Duration::from_millis(args.kill_every_ms);
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = Instant::now();
+        let done = match tally(&broker).await {
+            Ok(t) => {
+                if let Some(at) = damaged_at
+                    && recover_ms.is_none()
+                    && t.completed > completed_before
+                {
+                    recover_ms = Some(now.duration_since(at).as_millis());
+                }
+                if damaged_at.is_none() {
+                    completed_before = t.completed;
+                }
+                t.finished
+            }
+            // Redis restarting: the damage itself.
+            Err(_) => 0,
+        };
+        if done >= args.jobs || now > deadline {
+            break;
+        }
+        match args.scenario {
+            Scenario::WorkerKill if now >= next_kill => {
+                let i = rng.below(workers.len());
+                workers[i].kill();
+                workers[i] = start_worker(&exe, &url, i, &args)?;
+                kills += 1;
+                damaged_at.get_or_insert(now);
+                next_kill = now + Duration::from_millis(args.kill_every_ms);
+            }
+            Scenario::RedisKill if kills == 0 && done >= args.jobs / 3 => {
+                redis.kill();
+                redis = start_redis(&args.redis_server, port, dir.path())?;
+                kills += 1;
+                damaged_at = Some(Instant::now());
+            }
+            _ => {}
+        }
+    }
+    let elapsed_ms = started.elapsed().as_millis();
+    drop(workers);
+    let t = tally(&broker).await?;
+    let doubles = completions(&broker).await?.values().filter(|n| **n > 1).count();
+    let lost = args.jobs.saturating_sub(t.finished);
+    let line = json!({
+        "scenario": clap::ValueEnum::to_possible_value(&args.scenario).map(|v| v.get_name().to_owned()), "jobs": args.jobs, "workers": args.workers,
+        "kills": kills, "completed": t.completed, "failed": t.failed, "lost": lost,
+        "double_completed": doubles, "attempts": t.attempts, "recover_ms": recover_ms, "elapsed_ms": elapsed_ms,
+    });
+    println!("{line}");
+    drop(redis);
+    if lost > 0 || doubles > 0 {
+        bail!("{lost} jobs lost, {doubles} completed twice");
+    }
+    Ok(())
+}

@@ -1,0 +1,42 @@
+//! The reduced chaos suite CI runs: `fleetq chaos` against real processes and a real Redis
+//! (fsync always, where nothing acknowledged may be lost) must lose nothing and complete nothing
+//! twice. The full runs (`--jobs 1000` and more) are the README's reliability figures.
+
+mod common;
+
+use serde_json::Value;
+
+fn chaos(args: &[&str]) -> Value {
+    let out = common::fleetq()
+        .arg("chaos")
+        .args(args)
+        .output()
+        .expect("run fleetq chaos (needs redis-server: Debian apt-get install -y redis-server)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    let report: Value = serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("no report ({e}): {stdout} {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(out.status.success(), "fleetq chaos failed: {report} {}", String::from_utf8_lossy(&out.stderr));
+    report
+}
+
+fn assert_nothing_lost(r: &Value, jobs: u64) {
+    assert_eq!(r["lost"], 0, "{r}");
+    assert_eq!(r["double_completed"], 0, "{r}");
+    assert_eq!(r["completed"].as_u64(), Some(jobs), "{r}");
+    assert!(r["kills"].as_u64().unwrap_or(0) > 0, "the damage was done: {r}");
+}
+
+#[test]
+fn killed_workers_lose_nothing_and_run_nothing_twice() {
+    let r =
+        chaos(&["--scenario", "worker-kill", "--jobs", "200", "--workers", "3", "--kill-every-ms", "300"]);
+    assert_nothing_lost(&r, 200);
+}
+
+#[test]
+fn a_killed_redis_loses_nothing_acknowledged() {
+    let r = chaos(&["--scenario", "redis-kill", "--jobs", "200", "--workers", "3"]);
+    assert_nothing_lost(&r, 200);
+    assert!(r["recover_ms"].is_u64(), "the fleet completed jobs again after the restart: {r}");
+}
