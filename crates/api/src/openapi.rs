@@ -124,6 +124,35 @@ fn finish(mut doc: Value) -> Value {
                         }
                     }
                 }
+                // An event stream's schema describes one SSE event (OpenAPI's convention for
+                // `text/event-stream`): `data` is JSON whose schema is the handler's body type, or
+                // one of the stream's framing messages (`job_state`, `resync`).
+                if let Some(responses) = op["responses"].as_object_mut() {
+                    for resp in responses.values_mut() {
+                        let sse = &mut resp["content"]["text/event-stream"]["schema"];
+                        if sse.is_object() {
+                            let payload = sse.take();
+                            *sse = json!({
+                                "type": "object",
+                                "required": ["data"],
+                                "properties": {
+                                    "event": {"type": "string"},
+                                    "id": {"type": "string"},
+                                    "retry": {"type": "integer"},
+                                    "data": {
+                                        "type": "string",
+                                        "contentMediaType": "application/json",
+                                        "contentSchema": {"anyOf": [payload, {
+                                            "type": "object",
+                                            "required": ["type"],
+                                            "properties": {"type": {"enum": ["job_state", "resync"]}}
+                                        }]}
+                                    }
+                                }
+                            });
+                        }
+                    }
+                }
                 // Every route that reads the broker answers 503 while the broker is unreachable.
                 if path != "/health" && path != "/openapi.json" && op["responses"].get("503").is_none() {
                     op["responses"]["503"] = json!({"description": "The queue (broker) is unavailable", "content": error["content"]});
