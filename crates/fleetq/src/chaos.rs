@@ -9,7 +9,9 @@
 //! JSON line and exits non-zero when anything was lost or completed twice.
 //!
 //! Scenarios: `worker-kill` (kill -9 of a random worker every `--kill-every-ms`, restarted at once),
-//! `redis-kill` (kill -9 of Redis mid-run, restarted from its files).
+//! `redis-kill` (kill -9 of Redis mid-run, restarted from its files), `embedded-kill` (kill -9 of
+//! `fleetq up` on the embedded store mid-run, restarted on the same data directory; counted from
+//! the store's file afterwards).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -25,11 +27,14 @@ use serde_json::json;
 
 /// Which damage to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[allow(clippy::enum_variant_names, reason = "each scenario is named for what it kills")]
 pub(crate) enum Scenario {
     /// kill -9 of a random worker every --kill-every-ms, restarted at once.
     WorkerKill,
     /// kill -9 of Redis once mid-run, restarted on the same port from its files.
     RedisKill,
+    /// kill -9 of `fleetq up` (embedded store) once mid-run, restarted on its data directory.
+    EmbeddedKill,
 }
 
 /// `fleetq chaos` flags.
@@ -141,7 +146,7 @@ struct Tally {
     attempts: BTreeMap<u32, usize>,
 }
 
-async fn tally(b: &RedisBroker) -> Result<Tally> {
+async fn tally<B: Broker>(b: &B) -> Result<Tally> {
     let mut t = Tally { finished: 0, completed: 0, failed: 0, attempts: BTreeMap::new() };
     let mut filter = JobFilter { limit: Some(1000), ..JobFilter::default() };
     loop {
@@ -165,7 +170,7 @@ async fn tally(b: &RedisBroker) -> Result<Tally> {
 }
 
 /// Completions per job in the whole event log.
-async fn completions(b: &RedisBroker) -> Result<HashMap<String, usize>> {
+async fn completions<B: Broker>(b: &B) -> Result<HashMap<String, usize>> {
     let mut out: HashMap<String, usize> = HashMap::new();
     let mut after = 0;
     loop {
@@ -194,11 +199,137 @@ async fn connect(url: &str) -> Result<RedisBroker> {
     Err(last.map_or_else(|| anyhow::anyhow!("no connection"), anyhow::Error::from))
 }
 
+fn report(
+    args: &Args,
+    kills: usize,
+    t: &Tally,
+    doubles: usize,
+    recover_ms: Option<u128>,
+    elapsed_ms: u128,
+) -> Result<()> {
+    let lost = args.jobs.saturating_sub(t.finished);
+    let line = json!({
+        "scenario": clap::ValueEnum::to_possible_value(&args.scenario).map(|v| v.get_name().to_owned()),
+        "jobs": args.jobs, "workers": args.workers,
+        "kills": kills, "completed": t.completed, "failed": t.failed, "lost": lost,
+        "double_completed": doubles, "attempts": t.attempts, "recover_ms": recover_ms, "elapsed_ms": elapsed_ms,
+    });
+    println!("{line}");
+    if lost > 0 || doubles > 0 {
+        bail!("{lost} jobs lost, {doubles} completed twice");
+    }
+    Ok(())
+}
+
+fn start_up(exe: &Path, data: &Path, port: u16, args: &Args) -> Result<Proc> {
+    let child = Command::new(exe)
+        .arg("up")
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--workers", &args.workers.to_string()])
+        .args(["--step-ms", &args.step_ms.to_string(), "--steps", "5", "--jitter", "0"])
+        .args(["--lease-ms", &args.lease_ms.to_string()])
+        .env_remove("HUB_REDIS_URL")
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting fleetq up")?;
+    Ok(Proc(child))
+}
+
+/// Finished jobs, as `fleetq up`'s API lists them (`None` while it does not answer).
+async fn finished_over_http(http: &reqwest::Client, base: &str) -> Option<usize> {
+    let mut n = 0;
+    for status in ["completed", "failed", "cancelled"] {
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut url = format!("{base}/api/jobs?status={status}&limit=1000");
+            if let Some(c) = &cursor {
+                url.push_str(&format!("&cursor={c}"));
+            }
+            let page: serde_json::Value = http.get(&url).send().await.ok()?.json().await.ok()?;
+            n += page["jobs"].as_array()?.len();
+            match page["next"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => break,
+            }
+        }
+    }
+    Some(n)
+}
+
+async fn embedded_kill(args: &Args, exe: &Path) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let mut up = start_up(exe, dir.path(), port, args)?;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.timeout_s);
+    while finished_over_http(&http, &base).await.is_none() {
+        if Instant::now() > deadline {
+            bail!("fleetq up did not answer at {base}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let jobs: Vec<serde_json::Value> = (0..args.jobs)
+        .map(|i| json!({"service": "simulation", "payload": {"i": i, "steps": 5}, "max_attempts": 100}))
+        .collect();
+    for chunk in jobs.chunks(1000) {
+        let r = http.post(format!("{base}/api/jobs")).json(&chunk).send().await?;
+        if !r.status().is_success() {
+            bail!("submitting: {}", r.status());
+        }
+    }
+    let (mut kills, mut damaged_at, mut recover_ms, mut before) = (0, None::<Instant>, None, 0);
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = Instant::now();
+        let done = finished_over_http(&http, &base).await;
+        if let (Some(at), None, Some(d)) = (damaged_at, recover_ms, done)
+            && d > before
+        {
+            recover_ms = Some(now.duration_since(at).as_millis());
+        }
+        let done = done.unwrap_or(0);
+        if done >= args.jobs || now > deadline {
+            break;
+        }
+        if kills == 0 && done >= args.jobs / 3 {
+            before = done;
+            up.kill();
+            up = start_up(exe, dir.path(), port, args)?;
+            kills += 1;
+            damaged_at = Some(Instant::now());
+        }
+    }
+    let elapsed_ms = started.elapsed().as_millis();
+    up.kill();
+    // Counted from the store itself, once its process is gone.
+    let store = dir.path().join("fleetq.db");
+    let broker = (0..100)
+        .find_map(|_| match fleetq_broker::embedded::EmbeddedBroker::open(&store, BrokerConfig::default()) {
+            Ok(b) => Some(b),
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(50));
+                None
+            }
+        })
+        .context("opening the store after the run")?;
+    let t = tally(&broker).await?;
+    let doubles = completions(&broker).await?.values().filter(|n| **n > 1).count();
+    report(args, kills, &t, doubles, recover_ms, elapsed_ms)
+}
+
 pub(crate) async fn run(args: Args) -> Result<()> {
     if args.jobs == 0 || args.workers == 0 {
         bail!("--jobs and --workers must be at least 1");
     }
     let exe = std::env::current_exe().context("locating the fleetq binary")?;
+    if args.scenario == Scenario::EmbeddedKill {
+        return embedded_kill(&args, &exe).await;
+    }
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
     let url = format!("redis://127.0.0.1:{port}/");
@@ -225,7 +356,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let now = Instant::now();
-        let done = match tally(&broker).await {
+        let done = match tally(broker.as_ref()).await {
             Ok(t) => {
                 if let Some(at) = damaged_at
                     && recover_ms.is_none()
@@ -253,6 +384,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
                 damaged_at.get_or_insert(now);
                 next_kill = now + Duration::from_millis(args.kill_every_ms);
             }
+            Scenario::EmbeddedKill => {}
             Scenario::RedisKill if kills == 0 && done >= args.jobs / 3 => {
                 redis.kill();
                 redis = start_redis(&args.redis_server, port, dir.path())?;
@@ -264,18 +396,8 @@ pub(crate) async fn run(args: Args) -> Result<()> {
     }
     let elapsed_ms = started.elapsed().as_millis();
     drop(workers);
-    let t = tally(&broker).await?;
-    let doubles = completions(&broker).await?.values().filter(|n| **n > 1).count();
-    let lost = args.jobs.saturating_sub(t.finished);
-    let line = json!({
-        "scenario": clap::ValueEnum::to_possible_value(&args.scenario).map(|v| v.get_name().to_owned()), "jobs": args.jobs, "workers": args.workers,
-        "kills": kills, "completed": t.completed, "failed": t.failed, "lost": lost,
-        "double_completed": doubles, "attempts": t.attempts, "recover_ms": recover_ms, "elapsed_ms": elapsed_ms,
-    });
-    println!("{line}");
+    let t = tally(broker.as_ref()).await?;
+    let doubles = completions(broker.as_ref()).await?.values().filter(|n| **n > 1).count();
     drop(redis);
-    if lost > 0 || doubles > 0 {
-        bail!("{lost} jobs lost, {doubles} completed twice");
-    }
-    Ok(())
+    report(&args, kills, &t, doubles, recover_ms, elapsed_ms)
 }

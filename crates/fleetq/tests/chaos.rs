@@ -40,3 +40,10 @@ fn a_killed_redis_loses_nothing_acknowledged() {
     assert_nothing_lost(&r, 200);
     assert!(r["recover_ms"].is_u64(), "the fleet completed jobs again after the restart: {r}");
 }
+
+#[test]
+fn a_killed_fleetq_up_loses_nothing_on_the_embedded_store() {
+    let r = chaos(&["--scenario", "embedded-kill", "--jobs", "200", "--workers", "3"]);
+    assert_nothing_lost(&r, 200);
+    assert!(r["recover_ms"].is_u64(), "jobs completed again after the restart: {r}");
+}
