@@ -11,7 +11,8 @@
 //! Scenarios: `worker-kill` (kill -9 of a random worker every `--kill-every-ms`, restarted at once),
 //! `redis-kill` (kill -9 of Redis mid-run, restarted from its files), `embedded-kill` (kill -9 of
 //! `fleetq up` on the embedded store mid-run, restarted on the same data directory; counted from
-//! the store's file afterwards).
+//! the store's file afterwards), `redis-shutdown` (a clean `SHUTDOWN` of Redis mid-run),
+//! `api-kill-batch` (kill -9 of `fleetq api` during batch submissions: each batch is all or none).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -35,6 +36,11 @@ pub(crate) enum Scenario {
     RedisKill,
     /// kill -9 of `fleetq up` (embedded store) once mid-run, restarted on its data directory.
     EmbeddedKill,
+    /// `SHUTDOWN` of Redis once mid-run (a clean stop), restarted on the same port.
+    RedisShutdown,
+    /// kill -9 of a `fleetq api` while it receives a batch of --jobs, --workers times: every
+    /// batch must be stored whole or not at all.
+    ApiKillBatch,
 }
 
 /// `fleetq chaos` flags.
@@ -322,13 +328,90 @@ async fn embedded_kill(args: &Args, exe: &Path) -> Result<()> {
     report(args, kills, &t, doubles, recover_ms, elapsed_ms)
 }
 
+fn start_api(exe: &Path, url: &str, port: u16) -> Result<Proc> {
+    let child = Command::new(exe)
+        .arg("api")
+        .args(["--redis", url, "--queue", "chaos", "--listen", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting fleetq api")?;
+    Ok(Proc(child))
+}
+
+/// `--workers` rounds: a `fleetq api` receives a batch of `--jobs` and is killed (-9) after a
+/// growing delay, so the kill falls before, during and after the batch's store. Each round's batch
+/// (its jobs are told apart by a round tag) must be stored whole or not at all.
+async fn api_kill_batch(args: &Args, exe: &Path) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let url = format!("redis://127.0.0.1:{port}/");
+    let _redis = start_redis(&args.redis_server, port, dir.path())?;
+    let broker = connect(&url).await?;
+    let started = Instant::now();
+    let (mut whole, mut none, mut partial) = (0usize, 0usize, Vec::new());
+    for round in 0..args.workers {
+        let api_port = free_port()?;
+        let mut api = start_api(exe, &url, api_port)?;
+        let base = format!("http://127.0.0.1:{api_port}");
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while http.get(format!("{base}/ready")).send().await.is_err() {
+            if Instant::now() > deadline {
+                bail!("fleetq api did not answer at {base}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let tag = format!("round{round}");
+        let batch: Vec<serde_json::Value> = (0..args.jobs)
+            .map(|i| json!({"service": "chaos-batch", "customer_id": tag, "payload": {"i": i, "pad": "x".repeat(200)}}))
+            .collect();
+        let post = tokio::spawn({
+            let (http, base) = (http.clone(), base.clone());
+            async move { http.post(format!("{base}/api/jobs")).json(&batch).send().await }
+        });
+        // From 0 to ~60 ms: before the request is read, while it is stored, after the reply.
+        tokio::time::sleep(Duration::from_millis((round as u64 * 7) % 60)).await;
+        api.kill();
+        let _ = post.await;
+        let mut filter = JobFilter { customer: Some(tag.clone()), limit: Some(1000), ..JobFilter::default() };
+        let mut stored = 0;
+        loop {
+            let page = broker.jobs(&filter).await?;
+            stored += page.jobs.len();
+            match page.next {
+                Some(n) => filter.cursor = Some(n),
+                None => break,
+            }
+        }
+        match stored {
+            0 => none += 1,
+            n if n == args.jobs => whole += 1,
+            n => partial.push(n),
+        }
+    }
+    let line = json!({
+        "scenario": "api-kill-batch", "rounds": args.workers, "batch": args.jobs,
+        "stored_whole": whole, "stored_none": none, "stored_partly": partial,
+        "elapsed_ms": started.elapsed().as_millis(),
+    });
+    println!("{line}");
+    if !partial.is_empty() {
+        bail!("{} batches were stored in part: {partial:?}", partial.len());
+    }
+    Ok(())
+}
+
 pub(crate) async fn run(args: Args) -> Result<()> {
     if args.jobs == 0 || args.workers == 0 {
         bail!("--jobs and --workers must be at least 1");
     }
     let exe = std::env::current_exe().context("locating the fleetq binary")?;
-    if args.scenario == Scenario::EmbeddedKill {
-        return embedded_kill(&args, &exe).await;
+    match args.scenario {
+        Scenario::EmbeddedKill => return embedded_kill(&args, &exe).await,
+        Scenario::ApiKillBatch => return api_kill_batch(&args, &exe).await,
+        _ => {}
     }
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
@@ -384,8 +467,14 @@ pub(crate) async fn run(args: Args) -> Result<()> {
                 damaged_at.get_or_insert(now);
                 next_kill = now + Duration::from_millis(args.kill_every_ms);
             }
-            Scenario::EmbeddedKill => {}
-            Scenario::RedisKill if kills == 0 && done >= args.jobs / 3 => {
+            Scenario::EmbeddedKill | Scenario::ApiKillBatch => {}
+            Scenario::RedisKill | Scenario::RedisShutdown if kills == 0 && done >= args.jobs / 3 => {
+                if args.scenario == Scenario::RedisShutdown {
+                    let mut c = redis::Client::open(url.as_str())?.get_multiplexed_async_connection().await?;
+                    // The server closes the connection as it stops: no reply is the answer.
+                    let _ = redis::cmd("SHUTDOWN").query_async::<()>(&mut c).await;
+                    let _ = redis.0.wait();
+                }
                 redis.kill();
                 redis = start_redis(&args.redis_server, port, dir.path())?;
                 kills += 1;

@@ -47,3 +47,18 @@ fn a_killed_fleetq_up_loses_nothing_on_the_embedded_store() {
     assert_nothing_lost(&r, 200);
     assert!(r["recover_ms"].is_u64(), "jobs completed again after the restart: {r}");
 }
+
+#[test]
+fn a_redis_shutdown_loses_nothing() {
+    let r = chaos(&["--scenario", "redis-shutdown", "--jobs", "200", "--workers", "3"]);
+    assert_nothing_lost(&r, 200);
+}
+
+#[test]
+fn an_api_killed_during_a_batch_stores_it_whole_or_not_at_all() {
+    let r = chaos(&["--scenario", "api-kill-batch", "--jobs", "1000", "--workers", "12"]);
+    assert_eq!(r["stored_partly"], serde_json::json!([]), "{r}");
+    let whole = r["stored_whole"].as_u64().unwrap_or(0);
+    let none = r["stored_none"].as_u64().unwrap_or(0);
+    assert_eq!(whole + none, 12, "{r}");
+}
