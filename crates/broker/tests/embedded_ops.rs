@@ -84,3 +84,33 @@ async fn state_survives_reopen() {
     assert_eq!(rec.spec.payload, json!({"keep": true}));
     assert_eq!(reopened.snapshot().await.expect("snapshot").seq, seq);
 }
+
+/// A row that does not decode (a foreign writer, a bad restore) is passed over by listings and the
+/// snapshot instead of failing them, and is counted.
+#[tokio::test]
+async fn an_undecodable_row_is_passed_over_not_fatal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("fleetq.db");
+    let clock = ManualClock::new(T0);
+    let (bad, good) = {
+        let b = EmbeddedBroker::open_with_clock(&path, test_config(), Arc::new(clock.clone())).expect("open");
+        let bad = b.submit(JobSpec::new("simulation", json!("bad"))).await.expect("submit").id;
+        let good = b.submit(JobSpec::new("simulation", json!("good"))).await.expect("submit").id;
+        (bad, good)
+    };
+    // Wait for the writer thread to release the file, then break one row behind its back.
+    drop(reopen(&path, &clock));
+    let conn = rusqlite::Connection::open(&path).expect("sqlite");
+    conn.execute("UPDATE jobs SET summary = '{broken' WHERE id = ?1", [&bad.0]).expect("corrupt it");
+    drop(conn);
+    let b = reopen(&path, &clock);
+    let before = fleetq_broker::undecodable_records();
+    let listed = b.jobs(&fleetq_broker::JobFilter::default()).await.expect("the listing answers");
+    assert_eq!(listed.jobs.iter().map(|j| j.id.clone()).collect::<Vec<_>>(), vec![good.clone()]);
+    let queued = b.queue(&fleetq_broker::QueueFilter::default()).await.expect("the queue answers");
+    assert_eq!(queued.jobs.len(), 1);
+    let snapshot = b.snapshot().await.expect("the snapshot answers");
+    assert!(snapshot.jobs.contains_key(&good) && !snapshot.jobs.contains_key(&bad));
+    assert!(fleetq_broker::undecodable_records() >= before + 3, "each pass-over is counted");
+    assert!(matches!(b.job(&bad).await, Err(BrokerError::Corrupt(_))), "the job itself shows as corrupt");
+}

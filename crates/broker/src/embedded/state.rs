@@ -470,6 +470,22 @@ impl State {
     }
 
     /// Decodes a stored summary and fills its derived fields.
+    /// The summaries of a listing's rows, passing over (counted, logged) any that do not decode:
+    /// one bad row never hides the others. An error of the store itself is still an error.
+    fn listed(&self, rows: impl Iterator<Item = rusqlite::Result<String>>) -> Result<Vec<JobSummary>> {
+        let mut out = Vec::new();
+        for row in rows {
+            out.extend(self.listed_one(&row?));
+        }
+        Ok(out)
+    }
+
+    fn listed_one(&self, text: &str) -> Option<JobSummary> {
+        self.parse_summary(text)
+            .map_err(|e| crate::note_undecodable("a job in a listing", &e.to_string()))
+            .ok()
+    }
+
     fn parse_summary(&self, text: &str) -> Result<JobSummary> {
         let mut s: JobSummary = from_json(text)?;
         self.derive(&mut s);
@@ -1018,7 +1034,7 @@ impl State {
             ],
             |r| r.get::<_, String>(0),
         )?;
-        let mut jobs = rows.map(|row| self.parse_summary(&row?)).collect::<Result<Vec<_>>>()?;
+        let mut jobs = self.listed(rows)?;
         let more = jobs.len() > limit;
         jobs.truncate(limit);
         let next = jobs.last().filter(|_| more).map(|last| format!("{}:{}", last.created_at, last.id));
@@ -1051,7 +1067,7 @@ impl State {
             params![filter.service, after, filter.workflow, filter.customer, (limit + 1) as i64],
             |r| r.get::<_, String>(0),
         )?;
-        let mut jobs = rows.map(|row| self.parse_summary(&row?)).collect::<Result<Vec<_>>>()?;
+        let mut jobs = self.listed(rows)?;
         let more = jobs.len() > limit;
         jobs.truncate(limit);
         let next = match jobs.last().filter(|_| more) {
@@ -1111,7 +1127,7 @@ impl State {
             let rows =
                 stmt.query_map([self.config.snapshot_pending_limit as i64], |r| r.get::<_, String>(0))?;
             for row in rows {
-                let s = self.parse_summary(&row?)?;
+                let Some(s) = self.listed_one(&row?) else { continue };
                 jobs.insert(s.id.clone(), s);
             }
         }
