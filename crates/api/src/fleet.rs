@@ -310,11 +310,11 @@ pub(crate) async fn stats<B: Broker>(State(st): State<AppState<B>>) -> Json<Stat
     path = "/api/events",
     operation_id = "events",
     summary = "SSE of all events; topics filter; Last-Event-ID resume",
-    description = "Each SSE event has `id` = sequence, `event` = the kind, `data` = the Event. A resume point trimmed from the log, or past its end, yields one `resync` event (`{type, after, first}`): reload `/api/snapshot`.",
+    description = "Each SSE event has `id` = event id (`seq`, or `seq.epoch` after the log went back), `event` = the kind, `data` = the Event. A resume point trimmed from the log, or past its end, yields one `resync` event (`{type, after, first}`): reload `/api/snapshot`.",
     params(
         ("topics" = Option<String>, Query, description = "Comma list of jobs, workers, connectors, machines (default all)"),
-        ("since" = Option<u64>, Query, description = "Resume after this sequence (as Last-Event-ID)"),
-        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this sequence"),
+        ("since" = Option<String>, Query, description = "Resume after this event id (as Last-Event-ID)"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id: `seq`, or `seq.epoch` once the log's epoch moved on; an id of another epoch yields `resync`"),
     ),
     responses((status = 200, description = "text/event-stream; each `data` is an Event", content_type = "text/event-stream", body = Event), (status = 400, body = ErrorBody))
 )]
@@ -325,13 +325,14 @@ pub(crate) async fn events<B: Broker>(
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     let p = params(q, &["topics", "since", "access_token"])?;
     let topics = parse_topics(p.get("topics").map(String::as_str))?;
-    let after = match resume_point(&headers, p.get("since").map(String::as_str))? {
-        Some(a) => a,
-        None => st.broker.snapshot().await?.seq,
+    let (after, epoch) = match resume_point(&headers, p.get("since").map(String::as_str))? {
+        Some(r) => (r.seq, Some(r.epoch)),
+        None => (st.broker.snapshot().await?.seq, None),
     };
     let permit = st.stream_permit()?;
+    let hub = st.hub.clone();
     let stream = st
-        .feed(after)
+        .feed_from(after, epoch)
         .filter_map(move |item| {
             // The stream holds its place among the server's open streams until it ends.
             let _held = &permit;
@@ -343,7 +344,7 @@ pub(crate) async fn events<B: Broker>(
                 ),
                 Feed::Event(ev) if topics.contains(topic(&ev.kind)) => Some(
                     SseEvent::default()
-                        .id(ev.seq.to_string())
+                        .id(hub.event_id(ev.seq))
                         .event(ev.kind.name())
                         .data(serde_json::to_string(&*ev).unwrap_or_default()),
                 ),

@@ -388,8 +388,8 @@ pub(crate) async fn artifact<B: Broker>(
 }
 
 /// One SSE event from a job summary, named after the change.
-fn job_sse(seq: u64, name: &str, data: &Value) -> SseEvent {
-    SseEvent::default().id(seq.to_string()).event(name).data(data.to_string())
+fn job_sse(id: String, name: &str, data: &Value) -> SseEvent {
+    SseEvent::default().id(id).event(name).data(data.to_string())
 }
 
 fn terminal_name(status: JobStatus) -> &'static str {
@@ -408,11 +408,11 @@ fn terminal_name(status: JobStatus) -> &'static str {
     path = "/api/jobs/{id}/events",
     operation_id = "job_events",
     summary = "SSE of one job until its terminal event; Last-Event-ID resume",
-    description = "SSE `id` = event sequence, `event` = kind. First `job_state` (`{type, seq, job, outcome}`: the current state; skipped when resuming), then each change as an Event (`job_claimed`, `job_progress`, …), then `job_completed`, `job_failed` or `job_cancelled`: an Event with `outcome` added. The stream then ends.",
+    description = "SSE `id` = event id (`seq`, or `seq.epoch` after the log went back), `event` = kind. First `job_state` (`{type, seq, job, outcome}`: the current state; skipped when resuming), then each change as an Event (`job_claimed`, `job_progress`, …), then `job_completed`, `job_failed` or `job_cancelled`: an Event with `outcome` added. The stream then ends.",
     params(
         ("id" = String, Path, description = "Job id"),
-        ("since" = Option<u64>, Query, description = "Resume after this sequence (as Last-Event-ID)"),
-        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this sequence"),
+        ("since" = Option<String>, Query, description = "Resume after this event id (as Last-Event-ID)"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id: `seq`, or `seq.epoch` once the log's epoch moved on; an id of another epoch yields a fresh `job_state`"),
     ),
     responses((status = 200, description = "text/event-stream: Events, framed by `job_state` and the terminal event", content_type = "text/event-stream", body = Event), (status = 400, description = "A malformed id or query parameter (`field` names it)", body = ErrorBody), (status = 404, body = ErrorBody))
 )]
@@ -426,10 +426,11 @@ pub(crate) async fn events<B: Broker>(
     let id = job_id(id)?;
     let resume = resume_point(&headers, p.get("since").map(String::as_str))?;
     let broker = st.broker.clone();
+    let epoch = resume.map(|r| r.epoch);
     let (after, first) = match resume {
-        Some(after) => {
+        Some(r) => {
             broker.job(&id).await?.ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
-            (after, None)
+            (r.seq, None)
         }
         None => {
             // The sequence first, then the state: nothing between them can be missed.
@@ -440,7 +441,7 @@ pub(crate) async fn events<B: Broker>(
         }
     };
     let permit = st.stream_permit()?;
-    let stream = job_stream(st.feed(after), broker, id, after, first)
+    let stream = job_stream(st.feed_from(after, epoch), broker, st.hub.clone(), id, after, first)
         // The stream holds its place among the server's open streams until it ends.
         .map(move |item| {
             let _held = &permit;
@@ -453,6 +454,7 @@ pub(crate) async fn events<B: Broker>(
 fn job_stream<B: Broker>(
     feed: impl Stream<Item = Feed> + Send + 'static,
     broker: Arc<B>,
+    hub: Arc<crate::stream::Hub>,
     id: JobId,
     after: u64,
     first: Option<fleetq_core::JobRecord>,
@@ -460,13 +462,14 @@ fn job_stream<B: Broker>(
     struct St<S, B> {
         feed: std::pin::Pin<Box<S>>,
         broker: Arc<B>,
+        hub: Arc<crate::stream::Hub>,
         id: JobId,
         first: Option<fleetq_core::JobRecord>,
         seq: u64,
         done: bool,
     }
     let feed = Box::pin(feed);
-    let st = St { feed, broker, id, first, seq: after, done: false };
+    let st = St { feed, broker, hub, id, first, seq: after, done: false };
     futures::stream::unfold(st, |mut st| async move {
         if st.done {
             return None;
@@ -476,7 +479,7 @@ fn job_stream<B: Broker>(
             let name = if terminal { terminal_name(rec.summary.status) } else { "job_state" };
             st.done = terminal;
             let data = json!({"type": name, "seq": st.seq, "job": rec.summary, "outcome": rec.outcome});
-            return Some((Ok(job_sse(st.seq, name, &data)), st));
+            return Some((Ok(job_sse(st.hub.event_id(st.seq), name, &data)), st));
         }
         loop {
             match st.feed.next().await? {
@@ -499,7 +502,7 @@ fn job_stream<B: Broker>(
                             obj.insert("outcome".into(), json!(outcome));
                         }
                     }
-                    return Some((Ok(job_sse(ev.seq, ev.kind.name(), &data)), st));
+                    return Some((Ok(job_sse(st.hub.event_id(ev.seq), ev.kind.name(), &data)), st));
                 }
             }
         }

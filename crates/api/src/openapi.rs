@@ -303,6 +303,12 @@ impl Broker for NoBroker {
     async fn snapshot(&self) -> Result<Snapshot> {
         match *self {}
     }
+    async fn log_epoch(&self) -> Result<u64> {
+        match *self {}
+    }
+    async fn advance_log_epoch(&self, _: u64) -> Result<u64> {
+        match *self {}
+    }
     async fn events_after(&self, _: u64, _: usize, _: Duration) -> Result<Vec<Event>> {
         match *self {}
     }

@@ -69,7 +69,10 @@ impl<B: Broker> AppState<B> {
         }
         let snap = self.broker.snapshot().await?;
         let seq = snap.seq;
-        let text = Utf8Bytes::from(json!({"type": "snapshot", "seq": seq, "snapshot": snap}).to_string());
+        let epoch = self.hub.epoch();
+        let text = Utf8Bytes::from(
+            json!({"type": "snapshot", "seq": seq, "epoch": epoch, "snapshot": snap}).to_string(),
+        );
         *cached = Some((Instant::now(), seq, text.clone()));
         Ok((seq, text))
     }
@@ -77,6 +80,15 @@ impl<B: Broker> AppState<B> {
     /// Every event after `after`, through the shared hub.
     pub(crate) fn feed(&self, after: u64) -> impl futures::Stream<Item = stream::Feed> + Send + use<B> {
         stream::feed(self.broker.clone(), self.hub.clone(), after)
+    }
+
+    /// Every event after a client's resume point (a token of another epoch resynchronizes).
+    pub(crate) fn feed_from(
+        &self,
+        after: u64,
+        epoch: Option<u64>,
+    ) -> impl futures::Stream<Item = stream::Feed> + Send + use<B> {
+        stream::feed_at(self.broker.clone(), self.hub.clone(), after, epoch)
     }
 }
 

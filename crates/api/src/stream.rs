@@ -46,6 +46,8 @@ pub(crate) struct Hub {
 struct HubState {
     tx: broadcast::Sender<HubItem>,
     last: u64,
+    /// The log's epoch as this hub knows it ([`Broker::log_epoch`]); carried in event ids.
+    epoch: u64,
 }
 
 /// What the hub broadcasts.
@@ -65,8 +67,10 @@ impl Hub {
     /// Starts the reader (needs a Tokio runtime). It stops at `stop` or when the hub is dropped.
     pub(crate) fn spawn<B: Broker>(broker: Arc<B>, stop: CancellationToken) -> Arc<Self> {
         let (tx, _) = broadcast::channel(HUB_CAPACITY);
-        let hub =
-            Arc::new(Self { state: Mutex::new(HubState { tx, last: 0 }), ready: watch::channel(false).0 });
+        let hub = Arc::new(Self {
+            state: Mutex::new(HubState { tx, last: 0, epoch: 0 }),
+            ready: watch::channel(false).0,
+        });
         let weak = Arc::downgrade(&hub);
         tokio::spawn(async move {
             tokio::select! {
@@ -82,10 +86,10 @@ impl Hub {
     }
 
     async fn run<B: Broker>(broker: Arc<B>, hub: Weak<Self>) {
-        let head = loop {
-            match broker.snapshot().await {
-                Ok(s) => break s.seq,
-                Err(e) => {
+        let (head, epoch) = loop {
+            match (broker.snapshot().await, broker.log_epoch().await) {
+                (Ok(s), Ok(epoch)) => break (s.seq, epoch),
+                (Err(e), _) | (_, Err(e)) => {
                     tracing::warn!(error = %e, "event hub: cannot read the log's end; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
@@ -96,7 +100,9 @@ impl Hub {
         };
         match hub.upgrade() {
             Some(h) => {
-                h.lock().last = head;
+                let mut st = h.lock();
+                (st.last, st.epoch) = (head, epoch);
+                drop(st);
                 h.ready.send_replace(true);
             }
             None => return,
@@ -152,8 +158,12 @@ impl Hub {
                             log_head = head,
                             "event hub: the event log went back (restored or failed over with lost writes); clients resynchronize"
                         );
+                        // A new epoch, so that resume tokens from before name no event of the
+                        // log as it is now (every hub that noticed agrees on one).
+                        let seen = h.epoch();
+                        let epoch = broker.advance_log_epoch(seen).await.unwrap_or(seen + 1);
                         let mut st = h.lock();
-                        st.last = head;
+                        (st.last, st.epoch) = (head, epoch);
                         let _ = st.tx.send(HubItem::Reset { head });
                         drop(st);
                         from = head;
@@ -177,6 +187,20 @@ impl Hub {
         broker.snapshot().await.map(|s| Some(s.seq)).map_err(drop)
     }
 
+    /// The log's epoch as this hub knows it.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.lock().epoch
+    }
+
+    /// The SSE id of event `seq`: the sequence, and the log's epoch once it moved on from 0
+    /// (`seq.epoch`), so a resume token from before a going-back is told apart.
+    pub(crate) fn event_id(&self, seq: u64) -> String {
+        match self.epoch() {
+            0 => seq.to_string(),
+            e => format!("{seq}.{e}"),
+        }
+    }
+
     /// The sequence of the last event the hub has sent (once it knows where the log ends).
     pub(crate) async fn position(&self) -> u64 {
         self.join().await.1
@@ -198,6 +222,17 @@ impl Hub {
 /// slow client misses nothing while the log still holds its events; a resume point trimmed from the
 /// log yields one [`Feed::Gap`] first.
 pub(crate) fn feed<B: Broker>(broker: Arc<B>, hub: Arc<Hub>, after: u64) -> impl Stream<Item = Feed> + Send {
+    feed_at(broker, hub, after, None)
+}
+
+/// [`feed`] from a client's resume token: a token of another epoch than the log's (from before the
+/// log went back) yields one [`Feed::Gap`] first, and the feed goes on from the log's end.
+pub(crate) fn feed_at<B: Broker>(
+    broker: Arc<B>,
+    hub: Arc<Hub>,
+    after: u64,
+    epoch: Option<u64>,
+) -> impl Stream<Item = Feed> + Send {
     struct St<B> {
         broker: Arc<B>,
         hub: Arc<Hub>,
@@ -207,6 +242,7 @@ pub(crate) fn feed<B: Broker>(broker: Arc<B>, hub: Arc<Hub>, after: u64) -> impl
         live: Option<broadcast::Receiver<HubItem>>,
         read_until: u64,
         buf: VecDeque<Arc<Event>>,
+        epoch: Option<u64>,
     }
     let st = St {
         broker,
@@ -217,6 +253,7 @@ pub(crate) fn feed<B: Broker>(broker: Arc<B>, hub: Arc<Hub>, after: u64) -> impl
         live: None,
         read_until: 0,
         buf: VecDeque::new(),
+        epoch,
     };
     futures::stream::unfold(st, |mut st| async move {
         loop {
@@ -237,8 +274,12 @@ pub(crate) fn feed<B: Broker>(broker: Arc<B>, hub: Arc<Hub>, after: u64) -> impl
                 // the client's picture is not this log's, so it reloads the snapshot and the feed
                 // goes on from where the log ends — never silence. (The hub may only lag behind
                 // the log: the log itself says whether event `after` exists.)
-                if !st.checked && st.after > at {
-                    let probe = st.broker.events_after(st.after - 1, 1, Duration::ZERO).await;
+                let other_epoch = st.epoch.take().is_some_and(|e| e != st.hub.epoch());
+                if other_epoch || (!st.checked && st.after > at) {
+                    let probe = match other_epoch {
+                        true => Ok(Vec::new()),
+                        false => st.broker.events_after(st.after - 1, 1, Duration::ZERO).await,
+                    };
                     if matches!(&probe, Ok(evs) if evs.is_empty()) {
                         st.checked = true;
                         let end = st.broker.snapshot().await.map_or(at, |s| s.seq);
@@ -310,17 +351,40 @@ pub(crate) fn parse_topics(text: Option<&str>) -> Result<BTreeSet<&'static str>,
 
 /// The resume point: the `Last-Event-ID` header (what `EventSource` sends on reconnect), else the
 /// `since` query parameter. `None` means "from now".
-pub(crate) fn resume_point(headers: &HeaderMap, since: Option<&str>) -> Result<Option<u64>, ApiError> {
+/// A client's resume token: the sequence of the last event it has, and the log's epoch then
+/// (`seq` or `seq.epoch`, as [`Hub::event_id`] writes them; a bare sequence is of epoch 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Resume {
+    /// The last event the client has.
+    pub(crate) seq: u64,
+    /// The log's epoch it was read in.
+    pub(crate) epoch: u64,
+}
+
+impl Resume {
+    fn parse(text: &str) -> Option<Self> {
+        let (seq, epoch) = match text.trim().split_once('.') {
+            Some((s, e)) => (s.parse().ok()?, e.parse().ok()?),
+            None => (text.trim().parse().ok()?, 0),
+        };
+        Some(Self { seq, epoch })
+    }
+}
+
+/// The resume point of a stream request: `Last-Event-ID`, else `since`.
+pub(crate) fn resume_point(headers: &HeaderMap, since: Option<&str>) -> Result<Option<Resume>, ApiError> {
     if let Some(v) = headers.get("last-event-id") {
         let text = v.to_str().unwrap_or("");
-        return text
-            .trim()
-            .parse()
-            .map(Some)
-            .map_err(|_| ApiError::bad_request("Last-Event-ID", "must be an event sequence number"));
+        return Resume::parse(text).map(Some).ok_or_else(|| {
+            ApiError::bad_request("Last-Event-ID", "must be an event id (a sequence, or sequence.epoch)")
+        });
     }
     since
-        .map(|s| s.parse().map_err(|_| ApiError::bad_request("since", "must be an event sequence number")))
+        .map(|s| {
+            Resume::parse(s).ok_or_else(|| {
+                ApiError::bad_request("since", "must be an event id (a sequence, or sequence.epoch)")
+            })
+        })
         .transpose()
 }
 
@@ -430,6 +494,26 @@ mod tests {
         assert!(matches!(f.next().await, Some(Feed::Event(ev)) if ev.seq == head + 1), "then the next event");
     }
 
+    #[tokio::test]
+    async fn a_token_of_another_epoch_yields_a_gap_then_live_events() {
+        let (b, _dir) = broker(100_000);
+        let hub = Hub::spawn(b.clone(), CancellationToken::new());
+        b.submit_batch((0..5).map(|_| spec()).collect()).await.unwrap();
+        let head = b.snapshot().await.unwrap().seq;
+        hub_reaches(&hub, head).await;
+        // The same epoch: the events after the token, no gap.
+        let mut same = Box::pin(feed_at(b.clone(), hub.clone(), 2, Some(0)));
+        assert!(matches!(same.next().await, Some(Feed::Event(ev)) if ev.seq == 3));
+        // A token from another epoch names no event of this log: resync from its end.
+        let mut other = Box::pin(feed_at(b.clone(), hub.clone(), 2, Some(7)));
+        match other.next().await {
+            Some(Feed::Gap { after: 2, first }) => assert_eq!(first, head + 1),
+            got => panic!("expected a gap, got {got:?}"),
+        }
+        b.submit(spec()).await.unwrap();
+        assert!(matches!(other.next().await, Some(Feed::Event(ev)) if ev.seq == head + 1));
+    }
+
     #[test]
     fn topics_parse() {
         assert_eq!(parse_topics(None).unwrap().len(), 4);
@@ -444,11 +528,14 @@ mod tests {
     #[test]
     fn resume_from_header_or_query() {
         let mut h = HeaderMap::new();
+        let at = |seq, epoch| Some(Resume { seq, epoch });
         assert_eq!(resume_point(&h, None).unwrap(), None);
-        assert_eq!(resume_point(&h, Some("7")).unwrap(), Some(7));
+        assert_eq!(resume_point(&h, Some("7")).unwrap(), at(7, 0));
+        assert_eq!(resume_point(&h, Some("7.2")).unwrap(), at(7, 2));
         assert!(resume_point(&h, Some("x")).is_err());
+        assert!(resume_point(&h, Some("7.")).is_err());
         h.insert("last-event-id", "42".parse().unwrap());
-        assert_eq!(resume_point(&h, Some("7")).unwrap(), Some(42), "the header wins");
+        assert_eq!(resume_point(&h, Some("7")).unwrap(), at(42, 0), "the header wins");
         h.insert("last-event-id", "-1".parse().unwrap());
         assert!(resume_point(&h, None).is_err());
     }

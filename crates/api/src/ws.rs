@@ -65,7 +65,7 @@ fn err_msg(code: &str, message: impl Into<String>) -> Value {
     summary = "WebSocket: snapshot, then sequenced events; subscribe, ping",
     description = "The server sends `{type: snapshot, seq, snapshot}`, then each Event flat (`{seq, at, type, …}`). Client messages: `{type: subscribe, topics: [...]}`, `{type: ping}` (answered by `{type: pong, seq}`). A resume point trimmed from the log yields a fresh snapshot.",
     params(
-        ("since" = Option<u64>, Query, description = "Resume after this sequence instead of starting with a snapshot"),
+        ("since" = Option<String>, Query, description = "Resume after this event (`seq`, or `seq.epoch` once the log's epoch moved on) instead of starting with a snapshot; another epoch's yields a fresh snapshot"),
         ("topics" = Option<String>, Query, description = "Comma list of jobs, workers, connectors, machines"),
     ),
     responses((status = 101, description = "Switched to the WebSocket protocol"), (status = 400, body = ErrorBody))
@@ -77,12 +77,8 @@ pub(crate) async fn monitor<B: Broker>(
 ) -> ApiResult<Response> {
     let p = params(q, &["since", "topics", "access_token"])?;
     let topics = parse_topics(p.get("topics").map(String::as_str))?;
-    let since = p
-        .get("since")
-        .map(|s| {
-            s.parse::<u64>().map_err(|_| ApiError::bad_request("since", "must be an event sequence number"))
-        })
-        .transpose()?;
+    let since =
+        crate::stream::resume_point(&axum::http::HeaderMap::new(), p.get("since").map(String::as_str))?;
     let ws = upgrade(ws)?;
     let permit = st.stream_permit()?;
     let stop = st.config.shutdown.clone();
@@ -109,11 +105,11 @@ async fn snapshot_msg<B: Broker>(st: &AppState<B>) -> Result<(u64, Message), Val
 async fn monitor_session<B: Broker>(
     st: AppState<B>,
     mut socket: WebSocket,
-    since: Option<u64>,
+    since: Option<crate::stream::Resume>,
     mut topics: BTreeSet<&'static str>,
 ) {
     let after = match since {
-        Some(s) => s,
+        Some(s) => s.seq,
         None => match snapshot_msg(&st).await {
             Ok((seq, msg)) => {
                 if socket.send(msg).await.is_err() {
@@ -128,7 +124,7 @@ async fn monitor_session<B: Broker>(
         },
     };
     let mut last = after;
-    let mut events = std::pin::pin!(st.feed(after));
+    let mut events = std::pin::pin!(st.feed_from(after, since.map(|s| s.epoch)));
     loop {
         tokio::select! {
             item = events.next() => {

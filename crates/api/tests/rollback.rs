@@ -67,7 +67,9 @@ async fn a_log_that_went_back_makes_streams_resync_instead_of_skipping() {
                 .expect("stream open")
                 .expect("sse");
             if ev.event != "partition_workability" {
-                return (ev.event, serde_json::from_str(&ev.data).expect("json"));
+                let mut data: Value = serde_json::from_str(&ev.data).expect("json");
+                data["sse_id"] = json!(ev.id);
+                return (ev.event, data);
             }
         }
     };
@@ -80,11 +82,14 @@ async fn a_log_that_went_back_makes_streams_resync_instead_of_skipping() {
     copy_dir(data.path(), saved.path());
     submit(&broker, "lost").await;
     let mut lost_seqs = Vec::new();
+    let mut old_token = String::new();
     for _ in 0..3 {
         let (kind, ev) = next().await;
         assert_eq!(kind, "job_submitted");
         lost_seqs.push(ev["seq"].as_u64().expect("seq"));
+        old_token = ev["sse_id"].as_str().expect("id").to_owned();
     }
+    assert_eq!(old_token, lost_seqs[2].to_string(), "epoch 0: the id is the sequence");
     server.shutdown().expect("shutdown");
     std::fs::remove_dir_all(data.path().join("appendonlydir")).expect("remove the newer file");
     copy_dir(&saved.path().join("appendonlydir"), &data.path().join("appendonlydir"));
@@ -103,4 +108,36 @@ async fn a_log_that_went_back_makes_streams_resync_instead_of_skipping() {
     assert_eq!(held.first().map(|e| e.seq), Some(seq), "an event of the log as it is now");
     assert_eq!(held[0].kind.job().map(|j| j.id.0.as_str()), ev["job"]["id"].as_str());
     assert!(lost_seqs.iter().any(|s| *s >= seq - 6), "sequence numbers were reused: {lost_seqs:?} / {seq}");
+    assert_eq!(ev["sse_id"], format!("{seq}.1"), "ids carry the log's new epoch");
+    assert_eq!(broker.log_epoch().await.expect("epoch"), 1, "the epoch moved on once");
+
+    // A client that comes back with a token from before the going-back — its number now names
+    // another event — is told to resynchronize, not served from that number.
+    let resp = reqwest::Client::new()
+        .get(format!("http://{addr}/api/events?topics=jobs"))
+        .header("Last-Event-ID", &old_token)
+        .send()
+        .await
+        .expect("sse");
+    let mut again = Box::pin(resp.bytes_stream().eventsource());
+    let first = tokio::time::timeout(Duration::from_secs(30), again.next())
+        .await
+        .expect("an event in time")
+        .expect("stream open")
+        .expect("sse");
+    assert_eq!(first.event, "resync", "an old-epoch token: {}", first.data);
+    // A token of this epoch resumes as usual.
+    let resp = reqwest::Client::new()
+        .get(format!("http://{addr}/api/events?topics=jobs"))
+        .header("Last-Event-ID", format!("{}.1", seq - 1))
+        .send()
+        .await
+        .expect("sse");
+    let mut current = Box::pin(resp.bytes_stream().eventsource());
+    let first = tokio::time::timeout(Duration::from_secs(30), current.next())
+        .await
+        .expect("an event in time")
+        .expect("stream open")
+        .expect("sse");
+    assert_eq!((first.event.as_str(), first.id.clone()), ("job_submitted", format!("{seq}.1")));
 }

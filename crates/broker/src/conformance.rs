@@ -35,7 +35,7 @@ macro_rules! conformance_tests {
             complete_and_claim_hands_over_next_job, lease_renewal_extends_deadline,
             event_log_is_capped_by_age, matching_workers_explain_the_fleet, queue_depths_per_service,
             queue_position_and_order_at_a_large_backlog, idempotency_keys_are_scoped_by_owner,
-            numbers_are_bounded_and_time_limits_defaulted);
+            numbers_are_bounded_and_time_limits_defaulted, the_log_epoch_moves_on_once);
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
         $(
@@ -1313,4 +1313,14 @@ pub async fn numbers_are_bounded_and_time_limits_defaulted<B: Broker>(fx: Fixtur
     assert_eq!(b.job(&slow).await.expect("get").expect("exists").summary.run_at, Some(expect));
     let snapshot = b.snapshot().await.expect("every job still reads back");
     assert!(snapshot.jobs.contains_key(&slow));
+}
+
+/// The log's epoch starts at 0 and moves on once per going-back, however many processes noticed it.
+pub async fn the_log_epoch_moves_on_once<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    assert_eq!(b.log_epoch().await.expect("epoch"), 0);
+    assert_eq!(b.advance_log_epoch(0).await.expect("advance"), 1);
+    assert_eq!(b.advance_log_epoch(0).await.expect("a second noticer"), 1, "moved on once");
+    assert_eq!(b.log_epoch().await.expect("epoch"), 1);
+    assert_eq!(b.advance_log_epoch(1).await.expect("the next going-back"), 2);
 }

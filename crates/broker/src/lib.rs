@@ -520,6 +520,15 @@ pub trait Broker: Send + Sync + 'static {
     /// The live state, as of a stated sequence.
     fn snapshot(&self) -> impl Future<Output = Result<Snapshot>> + Send;
 
+    /// The epoch of the event log: it changes when the log is found to have gone back (a restore,
+    /// a failover that lost writes), so that sequence numbers from before — resume tokens — are
+    /// known to name other events. Starts at 0.
+    fn log_epoch(&self) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Moves the epoch on from `seen` (once: a caller that saw an older epoch gets the current one
+    /// unchanged, so every process that noticed the same going-back agrees). Returns the epoch.
+    fn advance_log_epoch(&self, seen: u64) -> impl Future<Output = Result<u64>> + Send;
+
     /// Up to `limit` events with `seq > after`, waiting up to `wait` for the first one.
     fn events_after(
         &self,

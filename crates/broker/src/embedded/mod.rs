@@ -264,6 +264,14 @@ impl Broker for EmbeddedBroker {
         self.call(move |st| st.queue(&filter)).await
     }
 
+    async fn log_epoch(&self) -> Result<u64> {
+        self.call(|st| st.log_epoch()).await
+    }
+
+    async fn advance_log_epoch(&self, seen: u64) -> Result<u64> {
+        self.call(move |st| st.advance_log_epoch(seen)).await
+    }
+
     async fn workers(&self) -> Result<Vec<WorkerInfo>> {
         self.call(|st| st.workers()).await
     }

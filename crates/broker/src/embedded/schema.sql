@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS meta (
     v INTEGER NOT NULL
 ) STRICT;
 INSERT OR IGNORE INTO meta(k, v) VALUES ('job_seq', 0);
+INSERT OR IGNORE INTO meta(k, v) VALUES ('log_epoch', 0);
 
 CREATE TABLE IF NOT EXISTS machines (
     id    TEXT PRIMARY KEY,

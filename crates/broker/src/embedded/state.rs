@@ -1081,6 +1081,19 @@ impl State {
         Ok(JobPage { jobs, next })
     }
 
+    pub(super) fn log_epoch(&mut self) -> Result<u64> {
+        let v: i64 = self.conn.query_row("SELECT v FROM meta WHERE k = 'log_epoch'", [], |r| r.get(0))?;
+        Ok(u64::try_from(v).unwrap_or(0))
+    }
+
+    pub(super) fn advance_log_epoch(&mut self, seen: u64) -> Result<u64> {
+        self.conn.execute(
+            "UPDATE meta SET v = v + 1 WHERE k = 'log_epoch' AND v = ?1",
+            [i64::try_from(seen).unwrap_or(i64::MAX)],
+        )?;
+        self.log_epoch()
+    }
+
     pub(super) fn workers(&mut self) -> Result<Vec<WorkerInfo>> {
         let mut out: Vec<WorkerInfo> = self.workers.values().cloned().collect();
         out.sort_by(|a, b| a.registration.worker_id.cmp(&b.registration.worker_id));

@@ -9,7 +9,7 @@
 -- Order keys are never compared with Lua's `<` on strings (strcoll): see `key_less`. Only fixed,
 -- short field lists are ever unpacked.
 
-local VERSION = '14'
+local VERSION = '15'
 
 -- A job's state is one JSON object of strings at `j:{id}` (absent optional fields are omitted),
 -- decoded and encoded by Redis's C cjson; its spec is at `s:{id}`, its outcome at `o:{id}`.
@@ -651,6 +651,14 @@ redis.register_function('fq_reindex', function(keys)
   end
   redis.call('SET', P .. 'qix', '1')
   return n
+end)
+
+-- ARGV: the epoch the caller saw ('' to read only). The log's epoch, moved on from `seen` once.
+redis.register_function('fq_epoch', function(keys, argv)
+  local P = keys[1]
+  local now = tonumber(redis.call('GET', P .. 'epoch') or '0')
+  if argv[1] ~= '' and tonumber(argv[1]) == now then now = redis.call('INCR', P .. 'epoch') end
+  return now
 end)
 
 -- ARGV: id. The 1-based place of a claimable job in its service's queue, or false.

@@ -47,7 +47,7 @@ use crate::{
 
 const LIBRARY: &str = include_str!("fleetq.lua");
 /// The version the function library reports (`FCALL fq_version 0`); loading compares the whole code.
-pub const LIBRARY_VERSION: &str = "14";
+pub const LIBRARY_VERSION: &str = "15";
 
 /// Partitions and workers as of one version stamp, with per-worker match results.
 #[derive(Debug, Default)]
@@ -474,6 +474,15 @@ impl RedisBroker {
         Err(corrupt(format!("{hash}/{field} kept changing under concurrent writers")))
     }
 
+    async fn epoch_call(&self, seen: &str) -> Result<u64> {
+        let mut cmd = self.fcall("fq_epoch", false);
+        cmd.arg(seen);
+        match self.run(&cmd).await? {
+            Value::Int(n) => Ok(u64::try_from(n).unwrap_or(0)),
+            other => Err(corrupt(format!("log epoch: {other:?}"))),
+        }
+    }
+
     /// Stores already validated specs in one function call: a batch is all or nothing (a refused
     /// call — out of memory, a lost connection — creates none of its jobs). Its size is bounded by
     /// validation ([`fleetq_core::validate::MAX_BATCH`]).
@@ -846,6 +855,14 @@ impl Broker for RedisBroker {
             .arg(cursor)
             .arg(filter.page_limit());
         page_reply(self.run(&cmd).await?)
+    }
+
+    async fn log_epoch(&self) -> Result<u64> {
+        self.epoch_call("").await
+    }
+
+    async fn advance_log_epoch(&self, seen: u64) -> Result<u64> {
+        self.epoch_call(&seen.to_string()).await
     }
 
     async fn workers(&self) -> Result<Vec<WorkerInfo>> {
