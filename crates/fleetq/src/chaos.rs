@@ -12,7 +12,8 @@
 //! `redis-kill` (kill -9 of Redis mid-run, restarted from its files), `embedded-kill` (kill -9 of
 //! `fleetq up` on the embedded store mid-run, restarted on the same data directory; counted from
 //! the store's file afterwards), `redis-shutdown` (a clean `SHUTDOWN` of Redis mid-run),
-//! `api-kill-batch` (kill -9 of `fleetq api` during batch submissions: each batch is all or none).
+//! `api-kill-batch` (kill -9 of `fleetq api` during batch submissions: each batch is all or none),
+//! `service-kill` (kill -9 of the ComfyUI a worker drives, under ComfyUI jobs).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -41,6 +42,9 @@ pub(crate) enum Scenario {
     /// kill -9 of a `fleetq api` while it receives a batch of --jobs, --workers times: every
     /// batch must be stored whole or not at all.
     ApiKillBatch,
+    /// ComfyUI jobs on workers each driving its own (mock) ComfyUI process; kill -9 of a random
+    /// ComfyUI every --kill-every-ms, restarted on its port.
+    ServiceKill,
 }
 
 /// `fleetq chaos` flags.
@@ -114,14 +118,44 @@ fn start_redis(bin: &str, port: u16, dir: &Path) -> Result<Proc> {
     Ok(Proc(child))
 }
 
-fn start_worker(exe: &Path, url: &str, i: usize, args: &Args) -> Result<Proc> {
+fn start_comfy(exe: &Path, port: u16) -> Result<Proc> {
     let child = Command::new(exe)
+        .args(["mock", "comfyui", "--port", &port.to_string()])
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting a mock ComfyUI")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("the mock ComfyUI did not listen on port {port}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Proc(child))
+}
+
+fn start_worker(exe: &Path, url: &str, i: usize, args: &Args) -> Result<Proc> {
+    start_worker_with(exe, url, i, args, None)
+}
+
+/// A worker process: simulation, or (`comfy_port`) the ComfyUI connector on that port.
+fn start_worker_with(exe: &Path, url: &str, i: usize, args: &Args, comfy_port: Option<u16>) -> Result<Proc> {
+    let mut cmd = Command::new(exe);
+    match comfy_port {
+        Some(port) => cmd
+            .env("WORKER_CONNECTORS", "comfyui")
+            .env("COMFYUI_URL", format!("http://127.0.0.1:{port}"))
+            .env("WORKER_SERVICE_HEALTH_CHECK_INTERVAL", "1"),
+        None => cmd.env("WORKER_CONNECTORS", "simulation"),
+    };
+    let child = cmd
         .arg("worker")
         .env("HUB_REDIS_URL", url)
         .env("FLEETQ_QUEUE", "chaos")
         .env("WORKER_ID", format!("chaos-w{i}"))
         .env("MACHINE_ID", "chaos")
-        .env("WORKER_CONNECTORS", "simulation")
         .env("SIMULATION_STEP_MS", args.step_ms.to_string())
         .env("FLEETQ_LEASE_MS", args.lease_ms.to_string())
         .env("RUST_LOG", "error")
@@ -420,8 +454,23 @@ pub(crate) async fn run(args: Args) -> Result<()> {
     let broker = Arc::new(connect(&url).await?);
     let started = Instant::now();
     let mut specs = Vec::with_capacity(args.jobs);
+    let comfy = args.scenario == Scenario::ServiceKill;
     for i in 0..args.jobs {
-        let mut spec = JobSpec::new("simulation", json!({"i": i, "steps": 5}));
+        let mut spec = if comfy {
+            let steps = 3;
+            let step_seconds = args.step_ms as f64 / 1000.0;
+            JobSpec::new(
+                "comfyui",
+                json!({"prompt": {
+                    "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": i}},
+                    "2": {"class_type": "ProbeSleepProgress", "inputs": {"image": ["1", 0], "steps": steps,
+                          "step_seconds": step_seconds, "send_preview": false, "send_text": false}},
+                    "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": format!("chaos{i}")}}
+                }}),
+            )
+        } else {
+            JobSpec::new("simulation", json!({"i": i, "steps": 5}))
+        };
         // Every kill spends the attempt of the job the worker held: leave room for many.
         spec.max_attempts = 100;
         specs.push(spec);
@@ -429,8 +478,12 @@ pub(crate) async fn run(args: Args) -> Result<()> {
     for chunk in specs.chunks(1000) {
         broker.submit_batch(chunk.to_vec()).await?;
     }
-    let mut workers: Vec<Proc> =
-        (0..args.workers).map(|i| start_worker(&exe, &url, i, &args)).collect::<Result<_>>()?;
+    let comfy_ports: Vec<u16> =
+        if comfy { (0..args.workers).map(|_| free_port()).collect::<Result<_>>()? } else { Vec::new() };
+    let mut services: Vec<Proc> = comfy_ports.iter().map(|p| start_comfy(&exe, *p)).collect::<Result<_>>()?;
+    let mut workers: Vec<Proc> = (0..args.workers)
+        .map(|i| start_worker_with(&exe, &url, i, &args, comfy_ports.get(i).copied()))
+        .collect::<Result<_>>()?;
     let mut rng = Rng(u64::try_from(started.elapsed().as_nanos()).unwrap_or(1) | 1);
     let deadline = started + Duration::from_secs(args.timeout_s);
     let (mut kills, mut damaged_at, mut recover_ms) = (0usize, None::<Instant>, None::<u128>);
@@ -467,6 +520,14 @@ pub(crate) async fn run(args: Args) -> Result<()> {
                 damaged_at.get_or_insert(now);
                 next_kill = now + Duration::from_millis(args.kill_every_ms);
             }
+            Scenario::ServiceKill if now >= next_kill => {
+                let i = rng.below(services.len());
+                services[i].kill();
+                services[i] = start_comfy(&exe, comfy_ports[i])?;
+                kills += 1;
+                damaged_at.get_or_insert(now);
+                next_kill = now + Duration::from_millis(args.kill_every_ms);
+            }
             Scenario::EmbeddedKill | Scenario::ApiKillBatch => {}
             Scenario::RedisKill | Scenario::RedisShutdown if kills == 0 && done >= args.jobs / 3 => {
                 if args.scenario == Scenario::RedisShutdown {
@@ -485,6 +546,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
     }
     let elapsed_ms = started.elapsed().as_millis();
     drop(workers);
+    drop(services);
     let t = tally(broker.as_ref()).await?;
     let doubles = completions(broker.as_ref()).await?.values().filter(|n| **n > 1).count();
     drop(redis);

@@ -62,3 +62,20 @@ fn an_api_killed_during_a_batch_stores_it_whole_or_not_at_all() {
     let none = r["stored_none"].as_u64().unwrap_or(0);
     assert_eq!(whole + none, 12, "{r}");
 }
+
+#[test]
+fn a_killed_comfyui_loses_nothing_and_runs_nothing_twice() {
+    let r = chaos(&[
+        "--scenario",
+        "service-kill",
+        "--jobs",
+        "60",
+        "--workers",
+        "2",
+        "--kill-every-ms",
+        "500",
+        "--step-ms",
+        "30",
+    ]);
+    assert_nothing_lost(&r, 60);
+}
