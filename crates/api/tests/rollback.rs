@@ -30,6 +30,22 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
+/// The first event of a job stream resumed with `token`.
+async fn first_event_after(addr: std::net::SocketAddr, token: &str) -> eventsource_stream::Event {
+    let resp = reqwest::Client::new()
+        .get(format!("http://{addr}/api/events?topics=jobs"))
+        .header("Last-Event-ID", token)
+        .send()
+        .await
+        .expect("sse");
+    let mut stream = Box::pin(resp.bytes_stream().eventsource());
+    tokio::time::timeout(Duration::from_secs(30), stream.next())
+        .await
+        .expect("an event in time")
+        .expect("stream open")
+        .expect("sse")
+}
+
 async fn submit(b: &RedisBroker, tag: &str) {
     for i in 0..3 {
         let done = b.submit(JobSpec::new("sim", json!({"tag": tag, "i": i}))).await;
@@ -113,31 +129,9 @@ async fn a_log_that_went_back_makes_streams_resync_instead_of_skipping() {
 
     // A client that comes back with a token from before the going-back — its number now names
     // another event — is told to resynchronize, not served from that number.
-    let resp = reqwest::Client::new()
-        .get(format!("http://{addr}/api/events?topics=jobs"))
-        .header("Last-Event-ID", &old_token)
-        .send()
-        .await
-        .expect("sse");
-    let mut again = Box::pin(resp.bytes_stream().eventsource());
-    let first = tokio::time::timeout(Duration::from_secs(30), again.next())
-        .await
-        .expect("an event in time")
-        .expect("stream open")
-        .expect("sse");
+    let first = first_event_after(addr, &old_token).await;
     assert_eq!(first.event, "resync", "an old-epoch token: {}", first.data);
     // A token of this epoch resumes as usual.
-    let resp = reqwest::Client::new()
-        .get(format!("http://{addr}/api/events?topics=jobs"))
-        .header("Last-Event-ID", format!("{}.1", seq - 1))
-        .send()
-        .await
-        .expect("sse");
-    let mut current = Box::pin(resp.bytes_stream().eventsource());
-    let first = tokio::time::timeout(Duration::from_secs(30), current.next())
-        .await
-        .expect("an event in time")
-        .expect("stream open")
-        .expect("sse");
+    let first = first_event_after(addr, &format!("{}.1", seq - 1)).await;
     assert_eq!((first.event.as_str(), first.id.clone()), ("job_submitted", format!("{seq}.1")));
 }

@@ -98,42 +98,42 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-fn start_redis(bin: &str, port: u16, dir: &Path) -> Result<Proc> {
-    let child = Command::new(bin)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
-        .args(["--appendfsync", "always", "--dir"])
-        .arg(dir)
-        .args(["--loglevel", "warning"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {bin} (Debian: apt-get install -y redis-server)"))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            bail!("{bin} did not listen on port {port}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(Proc(child))
-}
-
-fn start_comfy(exe: &Path, port: u16) -> Result<Proc> {
-    let child = Command::new(exe)
-        .args(["mock", "comfyui", "--port", &port.to_string()])
+/// Spawns `cmd` quietly (`what` names it in errors); with `port`, waits until it listens there.
+fn spawn(cmd: &mut Command, what: &str, port: Option<u16>) -> Result<Proc> {
+    let child = cmd
         .env("RUST_LOG", "error")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .context("starting a mock ComfyUI")?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            bail!("the mock ComfyUI did not listen on port {port}");
+        .with_context(|| format!("starting {what}"))?;
+    let proc = Proc(child);
+    if let Some(port) = port {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("{what} did not listen on port {port}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(Proc(child))
+    Ok(proc)
+}
+
+fn start_redis(bin: &str, port: u16, dir: &Path) -> Result<Proc> {
+    let mut cmd = Command::new(bin);
+    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
+        .args(["--appendfsync", "always", "--dir"])
+        .arg(dir)
+        .args(["--loglevel", "warning"]);
+    spawn(&mut cmd, &format!("{bin} (Debian: apt-get install -y redis-server)"), Some(port))
+}
+
+fn start_comfy(exe: &Path, port: u16) -> Result<Proc> {
+    spawn(
+        Command::new(exe).args(["mock", "comfyui", "--port", &port.to_string()]),
+        "a mock ComfyUI",
+        Some(port),
+    )
 }
 
 fn start_worker(exe: &Path, url: &str, i: usize, args: &Args) -> Result<Proc> {
@@ -150,20 +150,14 @@ fn start_worker_with(exe: &Path, url: &str, i: usize, args: &Args, comfy_port: O
             .env("WORKER_SERVICE_HEALTH_CHECK_INTERVAL", "1"),
         None => cmd.env("WORKER_CONNECTORS", "simulation"),
     };
-    let child = cmd
-        .arg("worker")
+    cmd.arg("worker")
         .env("HUB_REDIS_URL", url)
         .env("FLEETQ_QUEUE", "chaos")
         .env("WORKER_ID", format!("chaos-w{i}"))
         .env("MACHINE_ID", "chaos")
         .env("SIMULATION_STEP_MS", args.step_ms.to_string())
-        .env("FLEETQ_LEASE_MS", args.lease_ms.to_string())
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting a fleetq worker")?;
-    Ok(Proc(child))
+        .env("FLEETQ_LEASE_MS", args.lease_ms.to_string());
+    spawn(&mut cmd, "a fleetq worker", None)
 }
 
 /// A small deterministic generator (which worker to kill), seeded by the clock.
@@ -262,20 +256,15 @@ fn report(
 }
 
 fn start_up(exe: &Path, data: &Path, port: u16, args: &Args) -> Result<Proc> {
-    let child = Command::new(exe)
-        .arg("up")
+    let mut cmd = Command::new(exe);
+    cmd.arg("up")
         .arg("--data-dir")
         .arg(data)
         .args(["--listen", &format!("127.0.0.1:{port}"), "--workers", &args.workers.to_string()])
         .args(["--step-ms", &args.step_ms.to_string(), "--steps", "5", "--jitter", "0"])
         .args(["--lease-ms", &args.lease_ms.to_string()])
-        .env_remove("HUB_REDIS_URL")
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting fleetq up")?;
-    Ok(Proc(child))
+        .env_remove("HUB_REDIS_URL");
+    spawn(&mut cmd, "fleetq up", None)
 }
 
 /// Finished jobs, as `fleetq up`'s API lists them (`None` while it does not answer).
@@ -363,15 +352,9 @@ async fn embedded_kill(args: &Args, exe: &Path) -> Result<()> {
 }
 
 fn start_api(exe: &Path, url: &str, port: u16) -> Result<Proc> {
-    let child = Command::new(exe)
-        .arg("api")
-        .args(["--redis", url, "--queue", "chaos", "--listen", &format!("127.0.0.1:{port}")])
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting fleetq api")?;
-    Ok(Proc(child))
+    let mut cmd = Command::new(exe);
+    cmd.arg("api").args(["--redis", url, "--queue", "chaos", "--listen", &format!("127.0.0.1:{port}")]);
+    spawn(&mut cmd, "fleetq api", None)
 }
 
 /// `--workers` rounds: a `fleetq api` receives a batch of `--jobs` and is killed (-9) after a
