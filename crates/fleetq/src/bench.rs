@@ -12,7 +12,10 @@
 //! - `paced`: RATE jobs/s for S seconds, C workers waiting in `claim`; submit → claim latency;
 //! - `depth`: claim latency with D jobs pending (e.g. 1k vs 1M);
 //! - `position`: with D jobs pending, the cost of `queue_position` (the last job's, the worst case,
-//!   and jobs spread through the queue — each checked exact) and of a queue page from the middle.
+//!   and jobs spread through the queue — each checked exact) and of a queue page from the middle;
+//! - `partitions`: N jobs spread over P partitions (one customer each: the customer is part of the
+//!   partition), drained by C workers: claim latency, drain rate, Redis CPU per job, and the Redis
+//!   CPU of the idle broker afterwards (workers waiting in `claim`, no job pending).
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -70,6 +73,7 @@ enum Mode {
     Paced,
     Depth,
     Position,
+    Partitions,
 }
 
 /// Flags of `fleetq bench broker`.
@@ -117,6 +121,9 @@ pub(crate) struct BrokerArgs {
     /// Position queries measured per depth.
     #[arg(long, default_value_t = 200)]
     position_queries: usize,
+    /// Partition counts for the partitions runs.
+    #[arg(long, value_delimiter = ',', default_value = "1,1000,10000")]
+    partitions: Vec<usize>,
     /// Redis: acknowledge each state change only once this many replicas hold it (`WAIT`), to
     /// measure what that costs (the Redis needs that many replicas).
     #[arg(long, default_value_t = 0)]
@@ -205,6 +212,13 @@ where
                 for &d in &args.position_depths {
                     let made = make().await?;
                     emit(&backend, position(&made, d, args.position_queries).await?);
+                }
+            }
+            Mode::Partitions => {
+                for &p in &args.partitions {
+                    let made = make().await?;
+                    let workers = args.concurrency.last().copied().unwrap_or(16);
+                    emit(&backend, partitions(&made, args.jobs, p, workers).await?);
                 }
             }
         }
@@ -396,6 +410,84 @@ async fn depth<B: Broker>(made: &Made<B>, pending: usize, claims: usize) -> Resu
         "mode": "depth", "pending": pending, "fill_jobs_per_s": (pending as f64 / fill_s).round(),
         "claim_latency": summarize(lat),
     }))
+}
+
+async fn partitions<B: Broker>(made: &Made<B>, n: usize, parts: usize, workers: usize) -> Result<Value> {
+    let (b, client, _) = made;
+    if parts == 0 {
+        bail!("--partitions must be at least 1");
+    }
+    let ids = register_workers(b.as_ref(), workers).await?;
+    let mut i = 0;
+    while i < n {
+        let end = (i + 1000).min(n);
+        let batch = (i..end)
+            .map(|k| {
+                let mut spec = bench_job(k);
+                spec.customer_id = Some(format!("c{}", k % parts));
+                spec
+            })
+            .collect();
+        b.submit_batch(batch).await?;
+        i = end;
+    }
+    let cpu0 = redis_cpu_ms(client).await?;
+    let t0 = Instant::now();
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for id in ids.clone() {
+        let (b, done) = (b.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let t = Instant::now();
+                let Some(l) = b.claim(&id, Duration::ZERO).await? else { break };
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                b.complete(&l.as_ref(), Value::Null).await?;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await??);
+    }
+    let drain_s = t0.elapsed().as_secs_f64();
+    let cpu1 = redis_cpu_ms(client).await?;
+    let completed = done.load(Ordering::Relaxed);
+    if completed != n {
+        bail!("drained {completed} of {n} jobs");
+    }
+    // Idle: every worker waits in claim with nothing pending, for 3 s.
+    let idle_for = Duration::from_secs(3);
+    let idle = ids.into_iter().map(|id| {
+        let b = b.clone();
+        tokio::spawn(async move {
+            let until = Instant::now() + idle_for;
+            while Instant::now() < until {
+                b.claim(&id, Duration::from_millis(500)).await?;
+            }
+            anyhow::Ok(())
+        })
+    });
+    let idle: Vec<_> = idle.collect();
+    for t in idle {
+        t.await??;
+    }
+    let cpu2 = redis_cpu_ms(client).await?;
+    let mut line = json!({
+        "mode": "partitions", "n": n, "partitions": parts, "concurrency": workers,
+        "drain_jobs_per_s": (n as f64 / drain_s).round(), "claim_latency": summarize(lat),
+    });
+    if let (Some(c0), Some(c1), Some(c2), Some(obj)) = (cpu0, cpu1, cpu2, line.as_object_mut()) {
+        obj.insert("drain_redis_cpu_us_per_job".into(), json!(((c1 - c0) * 1000.0 / n as f64).round()));
+        obj.insert(
+            "idle_redis_cpu_percent".into(),
+            json!(((c2 - c1) / idle_for.as_millis() as f64 * 1000.0).round() / 10.0),
+        );
+    }
+    Ok(line)
 }
 
 async fn position<B: Broker>(made: &Made<B>, pending: usize, queries: usize) -> Result<Value> {
