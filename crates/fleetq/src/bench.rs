@@ -256,11 +256,16 @@ async fn register_workers<B: Broker>(b: &B, n: usize) -> Result<Vec<String>> {
 }
 
 async fn submit_all<B: Broker>(b: &B, n: usize) -> Result<f64> {
+    submit_built(b, n, bench_job).await
+}
+
+/// Submits jobs `0..n` built by `job`, in batches of 1,000; the seconds it took.
+async fn submit_built<B: Broker>(b: &B, n: usize, job: impl Fn(usize) -> JobSpec) -> Result<f64> {
     let t0 = Instant::now();
     let mut i = 0;
     while i < n {
         let end = (i + 1000).min(n);
-        b.submit_batch((i..end).map(bench_job).collect()).await?;
+        b.submit_batch((i..end).map(&job).collect()).await?;
         i = end;
     }
     Ok(t0.elapsed().as_secs_f64())
@@ -418,19 +423,12 @@ async fn partitions<B: Broker>(made: &Made<B>, n: usize, parts: usize, workers: 
         bail!("--partitions must be at least 1");
     }
     let ids = register_workers(b.as_ref(), workers).await?;
-    let mut i = 0;
-    while i < n {
-        let end = (i + 1000).min(n);
-        let batch = (i..end)
-            .map(|k| {
-                let mut spec = bench_job(k);
-                spec.customer_id = Some(format!("c{}", k % parts));
-                spec
-            })
-            .collect();
-        b.submit_batch(batch).await?;
-        i = end;
-    }
+    submit_built(b.as_ref(), n, |k| {
+        let mut spec = bench_job(k);
+        spec.customer_id = Some(format!("c{}", k % parts));
+        spec
+    })
+    .await?;
     let cpu0 = redis_cpu_ms(client).await?;
     let t0 = Instant::now();
     let done = Arc::new(AtomicUsize::new(0));
