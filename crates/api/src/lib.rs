@@ -174,8 +174,9 @@ fn cors_layer(origins: &[String]) -> CorsLayer {
         ])
 }
 
-/// Keeps the queue healthy from this process: reaps expired leases, due retries and silent workers,
-/// and re-evaluates workability, every `every`, until `stop`. Safe to run in every process.
+/// Keeps the queue healthy from this process: reaps expired leases, due retries and silent workers
+/// every `every`, until `stop`. Safe to run in every process. (Workability flags are kept by the
+/// broker as partitions and worker classes come and go, so an idle queue costs one reap a tick.)
 pub async fn maintain<B: Broker>(broker: Arc<B>, every: Duration, stop: CancellationToken) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -195,9 +196,6 @@ pub async fn maintain<B: Broker>(broker: Arc<B>, every: Duration, stop: Cancella
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "reap failed"),
-        }
-        if let Err(e) = broker.evaluate_workability().await {
-            tracing::warn!(error = %e, "workability evaluation failed");
         }
     }
 }

@@ -471,8 +471,9 @@ pub trait Broker: Send + Sync + 'static {
     /// Idempotent; safe from every process. Claims do the lease part themselves.
     fn reap(&self) -> impl Future<Output = Result<ReapReport>> + Send;
 
-    /// Re-evaluates which pending partitions no registered worker can serve and flags their jobs.
-    /// Returns the number of partitions whose flag changed.
+    /// Re-evaluates, over every live partition, which ones no registered worker can serve and flags
+    /// their jobs. Returns the number of partitions whose flag changed. Brokers keep the flags as
+    /// partitions and workers come and go; this is a full pass (O(partitions)) that repairs.
     fn evaluate_workability(&self) -> impl Future<Output = Result<usize>> + Send;
 
     /// Registers (or re-registers, replacing every field) a worker.

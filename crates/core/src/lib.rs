@@ -36,6 +36,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod class;
 pub mod clock;
 pub mod event;
 pub mod job;
@@ -47,6 +48,7 @@ pub mod state;
 pub mod validate;
 pub mod worker;
 
+pub use class::{ClassKey, ClassSpec};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use event::{Event, EventKind, Snapshot};
 pub use job::{FailureCategory, JobError, JobId, JobRecord, JobSpec, JobStatus, JobSummary, Outcome};

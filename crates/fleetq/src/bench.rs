@@ -14,8 +14,9 @@
 //! - `position`: with D jobs pending, the cost of `queue_position` (the last job's, the worst case,
 //!   and jobs spread through the queue — each checked exact) and of a queue page from the middle;
 //! - `partitions`: N jobs spread over P partitions (one customer each: the customer is part of the
-//!   partition), drained by C workers: claim latency, drain rate, Redis CPU per job, and the Redis
-//!   CPU of the idle broker afterwards (workers waiting in `claim`, no job pending).
+//!   partition), drained by C workers: claim latency, drain rate, Redis CPU per job, the Redis CPU
+//!   of the idle broker afterwards (workers waiting in `claim`, no job pending), and N plain jobs
+//!   drained before and after (the burst must leave nothing behind that slows them).
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -122,7 +123,7 @@ pub(crate) struct BrokerArgs {
     #[arg(long, default_value_t = 200)]
     position_queries: usize,
     /// Partition counts for the partitions runs.
-    #[arg(long, value_delimiter = ',', default_value = "1,1000,10000")]
+    #[arg(long, value_delimiter = ',', default_value = "1,1000,10000,100000")]
     partitions: Vec<usize>,
     /// Redis: acknowledge each state change only once this many replicas hold it (`WAIT`), to
     /// measure what that costs (the Redis needs that many replicas).
@@ -417,24 +418,14 @@ async fn depth<B: Broker>(made: &Made<B>, pending: usize, claims: usize) -> Resu
     }))
 }
 
-async fn partitions<B: Broker>(made: &Made<B>, n: usize, parts: usize, workers: usize) -> Result<Value> {
-    let (b, client, _) = made;
-    if parts == 0 {
-        bail!("--partitions must be at least 1");
-    }
-    let ids = register_workers(b.as_ref(), workers).await?;
-    submit_built(b.as_ref(), n, |k| {
-        let mut spec = bench_job(k);
-        spec.customer_id = Some(format!("c{}", k % parts));
-        spec
-    })
-    .await?;
-    let cpu0 = redis_cpu_ms(client).await?;
+/// Every worker claims and completes until the queue is empty. Returns the claim latencies (ms)
+/// and the seconds it took.
+async fn drain<B: Broker>(b: &Arc<B>, ids: &[String], n: usize) -> Result<(Vec<f64>, f64)> {
     let t0 = Instant::now();
     let done = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
-    for id in ids.clone() {
-        let (b, done) = (b.clone(), done.clone());
+    for id in ids {
+        let (b, done, id) = (b.clone(), done.clone(), id.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             loop {
@@ -451,15 +442,36 @@ async fn partitions<B: Broker>(made: &Made<B>, n: usize, parts: usize, workers: 
     for t in tasks {
         lat.extend(t.await??);
     }
-    let drain_s = t0.elapsed().as_secs_f64();
-    let cpu1 = redis_cpu_ms(client).await?;
     let completed = done.load(Ordering::Relaxed);
     if completed != n {
         bail!("drained {completed} of {n} jobs");
     }
+    Ok((lat, t0.elapsed().as_secs_f64()))
+}
+
+/// Plain jobs (one partition) drained before and after a burst of jobs spread over `parts`
+/// partitions, and the broker idle in between: what many partitions cost while they are pending
+/// and whether anything of them is left once they drained.
+async fn partitions<B: Broker>(made: &Made<B>, n: usize, parts: usize, workers: usize) -> Result<Value> {
+    let (b, client, _) = made;
+    if parts == 0 {
+        bail!("--partitions must be at least 1");
+    }
+    let ids = register_workers(b.as_ref(), workers).await?;
+    submit_built(b.as_ref(), n, bench_job).await?;
+    let (_, plain_before_s) = drain(b, &ids, n).await?;
+    submit_built(b.as_ref(), n, |k| {
+        let mut spec = bench_job(k);
+        spec.customer_id = Some(format!("c{}", k % parts));
+        spec
+    })
+    .await?;
+    let cpu0 = redis_cpu_ms(client).await?;
+    let (lat, drain_s) = drain(b, &ids, n).await?;
+    let cpu1 = redis_cpu_ms(client).await?;
     // Idle: every worker waits in claim with nothing pending, for 3 s.
     let idle_for = Duration::from_secs(3);
-    let idle = ids.into_iter().map(|id| {
+    let idle = ids.iter().cloned().map(|id| {
         let b = b.clone();
         tokio::spawn(async move {
             let until = Instant::now() + idle_for;
@@ -474,9 +486,13 @@ async fn partitions<B: Broker>(made: &Made<B>, n: usize, parts: usize, workers: 
         t.await??;
     }
     let cpu2 = redis_cpu_ms(client).await?;
+    submit_built(b.as_ref(), n, bench_job).await?;
+    let (_, plain_after_s) = drain(b, &ids, n).await?;
     let mut line = json!({
         "mode": "partitions", "n": n, "partitions": parts, "concurrency": workers,
         "drain_jobs_per_s": (n as f64 / drain_s).round(), "claim_latency": summarize(lat),
+        "plain_before_jobs_per_s": (n as f64 / plain_before_s).round(),
+        "plain_after_jobs_per_s": (n as f64 / plain_after_s).round(),
     });
     if let (Some(c0), Some(c1), Some(c2), Some(obj)) = (cpu0, cpu1, cpu2, line.as_object_mut()) {
         obj.insert("drain_redis_cpu_us_per_job".into(), json!(((c1 - c0) * 1000.0 / n as f64).round()));

@@ -34,7 +34,10 @@ CREATE INDEX IF NOT EXISTS jobs_lease   ON jobs(lease_deadline) WHERE lease_dead
 CREATE INDEX IF NOT EXISTS jobs_list    ON jobs(created_at, id);
 CREATE INDEX IF NOT EXISTS jobs_status  ON jobs(status, created_at, id);
 CREATE INDEX IF NOT EXISTS jobs_done    ON jobs(finished_at) WHERE finished_at IS NOT NULL;
+-- a partition lives while one of its jobs is unfinished.
+CREATE INDEX IF NOT EXISTS jobs_live    ON jobs(partition) WHERE finished_at IS NULL;
 
+-- the live partitions: those with an unfinished job.
 CREATE TABLE IF NOT EXISTS partitions (
     key        TEXT PRIMARY KEY,
     spec       TEXT NOT NULL,

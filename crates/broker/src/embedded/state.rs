@@ -1,14 +1,21 @@
 //! The writer thread's state and every operation of the embedded backend, run inside a savepoint
 //! of the current group transaction (see the parent module).
+//!
+//! Claims read an in-memory index kept per worker class ([`fleetq_core::ClassSpec`]): the head of
+//! every live partition the class matches, in claim order, so a claim costs O(log partitions)
+//! plus one row read, whatever the number of partitions. Each live partition remembers its head
+//! and its matching classes; a write that makes a job claimable or takes one moves that
+//! partition's entry in its classes' indexes. A partition whose last unfinished job finishes is
+//! removed (row, flag, index entries); a class whose last worker leaves is dropped.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
 use fleetq_core::{
-    Action, ConnectorReport, Event, EventKind, FailureCategory, JobError, JobId, JobRecord, JobSpec,
-    JobStatus, JobSummary, MachineEvent, MachineState, OrderKey, Outcome, PartitionKey, PartitionSpec,
-    Snapshot, WorkerInfo, WorkerRegistration, matches_partition, matching_partitions,
+    Action, ClassKey, ClassSpec, ConnectorReport, Event, EventKind, FailureCategory, JobError, JobId,
+    JobRecord, JobSpec, JobStatus, JobSummary, MachineEvent, MachineState, OrderKey, Outcome, PartitionKey,
+    PartitionSpec, Snapshot, WorkerInfo, WorkerRegistration,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -24,8 +31,11 @@ const SCHEMA_VERSION: i64 = 1;
 // claim cost O(backlog).
 
 /// The best claimable job of one partition.
-const HEAD_SQL: &str = "SELECT order_key, id, avoid_worker, avoid_until FROM jobs
+const HEAD_SQL: &str = "SELECT order_key, id FROM jobs
      WHERE claimable = 1 AND partition = ?1 ORDER BY order_key LIMIT 1";
+/// Whether a partition still has an unfinished job (else it is removed).
+const LIVE_SQL: &str = "SELECT 1 FROM jobs INDEXED BY jobs_live
+     WHERE finished_at IS NULL AND partition = ?1 LIMIT 1";
 /// The best claimable jobs of one workflow (workflow-restricted workers).
 const WORKFLOW_SQL: &str = "SELECT order_key, id, partition, avoid_worker, avoid_until FROM jobs
      WHERE claimable = 1 AND workflow_id = ?1 ORDER BY order_key LIMIT 256";
@@ -53,7 +63,8 @@ const EXPIRED_SQL: &str = "SELECT id FROM jobs WHERE lease_deadline IS NOT NULL 
 /// Due delayed retries become claimable. INDEXED BY: without statistics the planner prefers
 /// jobs_status and scans every pending job (measured: 370 jobs/s at a 20k backlog).
 const PROMOTE_SQL: &str = "UPDATE jobs INDEXED BY jobs_delayed SET claimable = 1, run_at = NULL
-     WHERE status = 'pending' AND claimable = 0 AND run_at IS NOT NULL AND run_at <= ?1";
+     WHERE status = 'pending' AND claimable = 0 AND run_at IS NOT NULL AND run_at <= ?1
+     RETURNING partition, order_key, id";
 
 fn corrupt(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Corrupt(e.to_string())
@@ -71,6 +82,7 @@ fn from_json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
 struct Row {
     summary: JobSummary,
     spec: String,
+    order_key: String,
     lease_deadline: Option<i64>,
     progress_evt_at: Option<i64>,
     progress_dirty: bool,
@@ -78,13 +90,25 @@ struct Row {
     avoid_until: Option<i64>,
 }
 
-/// A claimable job a worker might take.
-struct Candidate {
-    order: String,
-    id: String,
-    partition: PartitionKey,
-    avoid_worker: Option<String>,
-    avoid_until: Option<i64>,
+/// A claimable job as the indexes hold it: (order key, id), so sets of them sort in claim order.
+type Head = (String, String);
+
+/// A live partition: one with an unfinished job.
+struct Part {
+    spec: PartitionSpec,
+    unworkable: bool,
+    /// The live classes matching it.
+    classes: Vec<ClassKey>,
+    /// Its best claimable job.
+    head: Option<Head>,
+}
+
+/// A live worker class: one with a registered worker.
+struct Class {
+    spec: ClassSpec,
+    workers: usize,
+    /// The head of every live partition it matches.
+    heads: BTreeSet<Head>,
 }
 
 /// How a stored row's outcome column changes.
@@ -98,14 +122,14 @@ pub(super) struct State {
     conn: Connection,
     config: BrokerConfig,
     clock: Arc<dyn Clock>,
-    /// Every partition ever seen, with its unworkable flag. Mirrors the `partitions` table.
-    partitions: HashMap<PartitionKey, (PartitionSpec, bool)>,
-    /// Bumped when a partition is added or a worker (re)registers: invalidates `match_cache`.
-    generation: u64,
+    /// The live partitions. Mirrors the `partitions` table.
+    partitions: HashMap<PartitionKey, Part>,
+    /// The live classes, derived from `workers`.
+    classes: HashMap<ClassKey, Class>,
     /// Registered workers. Mirrors the `workers` table.
     workers: HashMap<String, WorkerInfo>,
-    /// Per worker: (generation, partitions it matches).
-    match_cache: HashMap<String, (u64, Vec<PartitionKey>)>,
+    /// Each registered worker's class.
+    worker_class: HashMap<String, ClassKey>,
     /// A savepoint rolled back after touching the caches: reload them before the next operation.
     caches_dirty: bool,
     committed_seq: u64,
@@ -139,14 +163,19 @@ impl State {
         }
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+        // Partitions without an unfinished job (stores written before partitions were removed).
+        conn.execute_batch(
+            "DELETE FROM partitions WHERE NOT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_live
+               WHERE jobs.finished_at IS NULL AND jobs.partition = partitions.key)",
+        )?;
         let mut st = Self {
             conn,
             config,
             clock,
             partitions: HashMap::new(),
-            generation: 0,
+            classes: HashMap::new(),
             workers: HashMap::new(),
-            match_cache: HashMap::new(),
+            worker_class: HashMap::new(),
             caches_dirty: true,
             committed_seq: 0,
             wake: false,
@@ -186,6 +215,7 @@ impl State {
         }
     }
 
+    /// Rebuilds the in-memory partitions, workers, classes and head indexes from the tables.
     fn reload_caches(&mut self) -> Result<()> {
         let mut partitions = HashMap::new();
         {
@@ -193,8 +223,21 @@ impl State {
             let rows =
                 stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?)))?;
             for row in rows {
-                let (key, spec, flag) = row?;
-                partitions.insert(PartitionKey(key), (from_json(&spec)?, flag));
+                let (key, spec, unworkable) = row?;
+                let part = Part { spec: from_json(&spec)?, unworkable, classes: Vec::new(), head: None };
+                partitions.insert(PartitionKey(key), part);
+            }
+            // SQLite returns the id of the row that holds the MIN.
+            let mut stmt = self.conn.prepare(
+                "SELECT partition, MIN(order_key), id FROM jobs INDEXED BY jobs_claim
+                 WHERE claimable = 1 GROUP BY partition",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)))?;
+            for row in rows {
+                let (key, order, id) = row?;
+                if let Some(part) = partitions.get_mut(&PartitionKey(key)) {
+                    part.head = Some((order, id));
+                }
             }
         }
         let mut workers = HashMap::new();
@@ -210,9 +253,15 @@ impl State {
             }
         }
         self.partitions = partitions;
+        self.classes.clear();
+        self.worker_class.clear();
+        for (id, info) in &workers {
+            let spec = ClassSpec::of(&info.registration);
+            let key = spec.key();
+            Self::join_class(&mut self.classes, &mut self.partitions, key.clone(), spec);
+            self.worker_class.insert(id.clone(), key);
+        }
         self.workers = workers;
-        self.match_cache.clear();
-        self.generation += 1;
         self.caches_dirty = false;
         Ok(())
     }
@@ -307,13 +356,13 @@ impl State {
     fn load(&self, id: &JobId) -> Result<Option<Row>> {
         self.conn
             .prepare_cached(
-                "SELECT summary, spec, lease_deadline, progress_evt_at, progress_dirty, avoid_worker, avoid_until
+                "SELECT summary, spec, lease_deadline, progress_evt_at, progress_dirty, avoid_worker, avoid_until,
+                   order_key
                  FROM jobs WHERE id = ?1",
             )?
             .query_row([&id.0], |r| {
                 Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
+                    (r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(7)?),
                     r.get(2)?,
                     r.get(3)?,
                     r.get(4)?,
@@ -322,10 +371,11 @@ impl State {
                 ))
             })
             .optional()?
-            .map(|(summary, spec, lease_deadline, progress_evt_at, dirty, avoid_worker, avoid_until)| {
+            .map(|((summary, spec, order_key), lease_deadline, progress_evt_at, dirty, avoid_worker, avoid_until)| {
                 Ok(Row {
                     summary: self.parse_summary(&summary)?,
                     spec,
+                    order_key,
                     lease_deadline,
                     progress_evt_at,
                     progress_dirty: dirty,
@@ -388,6 +438,15 @@ impl State {
                 outcome_text,
                 s.id.0,
             ])?;
+        let partition = PartitionKey(s.partition.clone());
+        if claimable {
+            self.head_added(&partition, (row.order_key.clone(), s.id.0.clone()));
+        } else {
+            self.head_removed(&partition, &s.id.0)?;
+        }
+        if s.status.is_terminal() {
+            self.release_partition(&partition)?;
+        }
         Ok(())
     }
 
@@ -406,67 +465,158 @@ impl State {
         Ok(())
     }
 
-    // ----- partitions and matching ---------------------------------------------------------------
+    // ----- partitions, classes and head indexes -------------------------------------------------
 
-    /// Records a partition the first time it is seen. Returns true when it is new.
+    /// Moves partition `key`'s entry in its classes' indexes to `head`.
+    fn set_head(&mut self, key: &PartitionKey, head: Option<Head>) {
+        let Some(part) = self.partitions.get_mut(key) else { return };
+        if part.head == head {
+            return;
+        }
+        for c in &part.classes {
+            if let Some(class) = self.classes.get_mut(c) {
+                if let Some(old) = &part.head {
+                    class.heads.remove(old);
+                }
+                if let Some(new) = &head {
+                    class.heads.insert(new.clone());
+                }
+            }
+        }
+        part.head = head;
+    }
+
+    /// A job of the partition became claimable: it is the head if it orders first.
+    fn head_added(&mut self, key: &PartitionKey, job: Head) {
+        let better = self.partitions.get(key).is_some_and(|p| p.head.as_ref().is_none_or(|h| job < *h));
+        if better {
+            self.set_head(key, Some(job));
+        }
+    }
+
+    /// A job of the partition stopped being claimable: when it was the head, the next one is.
+    fn head_removed(&mut self, key: &PartitionKey, id: &str) -> Result<()> {
+        let was_head = self.partitions.get(key).and_then(|p| p.head.as_ref()).is_some_and(|h| h.1 == id);
+        if was_head {
+            let next = self
+                .conn
+                .prepare_cached(HEAD_SQL)?
+                .query_row([&key.0], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            self.set_head(key, next);
+        }
+        Ok(())
+    }
+
+    /// Makes the partition live (its spec recorded, its classes matched) unless it is. Returns
+    /// true when it is new and no worker can serve it.
     fn ensure_partition(&mut self, key: &PartitionKey, spec: PartitionSpec) -> Result<bool> {
         if self.partitions.contains_key(key) {
             return Ok(false);
         }
+        let classes: Vec<ClassKey> =
+            self.classes.iter().filter(|(_, c)| c.spec.matches(&spec)).map(|(k, _)| k.clone()).collect();
+        let unworkable = classes.is_empty();
         self.conn.execute(
-            "INSERT OR IGNORE INTO partitions(key, spec, unworkable) VALUES (?1, ?2, 0)",
-            params![key.0, to_json(&spec)?],
+            "INSERT OR REPLACE INTO partitions(key, spec, unworkable) VALUES (?1, ?2, ?3)",
+            params![key.0, to_json(&spec)?, unworkable],
         )?;
-        self.partitions.insert(key.clone(), (spec, false));
-        self.generation += 1;
-        Ok(true)
+        self.partitions.insert(key.clone(), Part { spec, unworkable, classes, head: None });
+        Ok(unworkable)
     }
 
-    fn matching(&mut self, worker_id: &str) -> Result<Vec<PartitionKey>> {
-        if let Some((generation, parts)) = self.match_cache.get(worker_id)
-            && *generation == self.generation
-        {
-            return Ok(parts.clone());
+    /// Removes the partition when none of its jobs is unfinished.
+    fn release_partition(&mut self, key: &PartitionKey) -> Result<()> {
+        if !self.partitions.contains_key(key) {
+            return Ok(());
         }
-        let worker =
-            self.workers.get(worker_id).ok_or_else(|| BrokerError::UnknownWorker(worker_id.to_owned()))?;
-        let parts =
-            matching_partitions(&worker.registration, self.partitions.iter().map(|(k, (s, _))| (k, s)));
-        self.match_cache.insert(worker_id.to_owned(), (self.generation, parts.clone()));
-        Ok(parts)
+        let live = self.conn.prepare_cached(LIVE_SQL)?.query_row([&key.0], |_| Ok(())).optional()?;
+        if live.is_none() {
+            self.set_head(key, None);
+            self.partitions.remove(key);
+            self.conn.prepare_cached("DELETE FROM partitions WHERE key = ?1")?.execute([&key.0])?;
+        }
+        Ok(())
+    }
+
+    /// Adds a worker to class `key`; a new class is matched against every live partition and
+    /// takes their heads into its index. Returns the partitions that became workable.
+    fn join_class(
+        classes: &mut HashMap<ClassKey, Class>,
+        partitions: &mut HashMap<PartitionKey, Part>,
+        key: ClassKey,
+        spec: ClassSpec,
+    ) -> Vec<PartitionKey> {
+        let mut workable = Vec::new();
+        if let Some(class) = classes.get_mut(&key) {
+            class.workers += 1;
+            return workable;
+        }
+        let mut heads = BTreeSet::new();
+        for (pkey, part) in partitions.iter_mut() {
+            if spec.matches(&part.spec) {
+                part.classes.push(key.clone());
+                heads.extend(part.head.clone());
+                if part.classes.len() == 1 {
+                    workable.push(pkey.clone());
+                }
+            }
+        }
+        classes.insert(key, Class { spec, workers: 1, heads });
+        workable
+    }
+
+    /// A worker left class `key`; the last one drops it. Returns the partitions no class matches
+    /// any more.
+    fn leave_class(&mut self, key: &ClassKey) -> Vec<PartitionKey> {
+        let Some(class) = self.classes.get_mut(key) else { return Vec::new() };
+        class.workers = class.workers.saturating_sub(1);
+        if class.workers > 0 {
+            return Vec::new();
+        }
+        self.classes.remove(key);
+        let mut orphaned = Vec::new();
+        for (pkey, part) in &mut self.partitions {
+            if let Some(i) = part.classes.iter().position(|c| c == key) {
+                part.classes.swap_remove(i);
+                if part.classes.is_empty() {
+                    orphaned.push(pkey.clone());
+                }
+            }
+        }
+        orphaned
+    }
+
+    /// Stores and events a partition's flag when it changed.
+    fn set_flag(&mut self, key: &PartitionKey, unworkable: bool) -> Result<bool> {
+        let Some(part) = self.partitions.get_mut(key) else { return Ok(false) };
+        if part.unworkable == unworkable {
+            return Ok(false);
+        }
+        part.unworkable = unworkable;
+        self.conn
+            .execute("UPDATE partitions SET unworkable = ?1 WHERE key = ?2", params![unworkable, key.0])?;
+        self.emit(EventKind::PartitionWorkability { partition: key.0.clone(), unworkable })?;
+        Ok(true)
     }
 
     /// Whether a registered worker other than `worker_id` may serve the partition's jobs.
-    fn others_match(&self, worker_id: &str, partition: &PartitionKey) -> bool {
-        let Some((spec, _)) = self.partitions.get(partition) else { return false };
-        self.workers
-            .values()
-            .any(|w| w.registration.worker_id != worker_id && matches_partition(&w.registration, spec))
+    fn others_match(&self, partition: &PartitionKey) -> bool {
+        let Some(part) = self.partitions.get(partition) else { return false };
+        let workers: usize = part.classes.iter().filter_map(|c| self.classes.get(c)).map(|c| c.workers).sum();
+        workers > 1
     }
 
+    /// Re-derives every live partition's flag from the classes (they are kept up to date as
+    /// partitions and classes come and go: this repairs, and returns what it changed).
     pub(super) fn evaluate_workability(&mut self) -> Result<usize> {
-        let keys: Vec<PartitionKey> = self.partitions.keys().cloned().collect();
+        let flags: Vec<(PartitionKey, bool)> =
+            self.partitions.iter().map(|(k, p)| (k.clone(), p.classes.is_empty())).collect();
         let mut changed = 0;
-        for key in keys {
-            changed += usize::from(self.evaluate_partition(&key)?);
+        for (key, unworkable) in flags {
+            changed += usize::from(self.set_flag(&key, unworkable)?);
         }
         Ok(changed)
-    }
-
-    /// Re-evaluates one partition's unworkable flag; a change is stored and evented once.
-    fn evaluate_partition(&mut self, key: &PartitionKey) -> Result<bool> {
-        let Some((spec, flag)) = self.partitions.get(key) else { return Ok(false) };
-        let unworkable = !self.workers.values().any(|w| matches_partition(&w.registration, spec));
-        if unworkable == *flag {
-            return Ok(false);
-        }
-        self.conn
-            .execute("UPDATE partitions SET unworkable = ?1 WHERE key = ?2", params![unworkable, key.0])?;
-        if let Some(entry) = self.partitions.get_mut(key) {
-            entry.1 = unworkable;
-        }
-        self.emit(EventKind::PartitionWorkability { partition: key.0.clone(), unworkable })?;
-        Ok(true)
     }
 
     /// Decodes a stored summary and fills its derived fields.
@@ -495,7 +645,7 @@ impl State {
     /// Fills the fields derived at read time (`unworkable`, from the job's partition).
     fn derive(&self, s: &mut JobSummary) {
         s.unworkable = s.status == JobStatus::Pending
-            && self.partitions.get(&PartitionKey(s.partition.clone())).is_some_and(|(_, flag)| *flag);
+            && self.partitions.get(&PartitionKey(s.partition.clone())).is_some_and(|p| p.unworkable);
     }
 
     // ----- submission and claiming ---------------------------------------------------------------
@@ -516,7 +666,7 @@ impl State {
         let id = new_job_id();
         let pspec = PartitionSpec::of(&spec);
         let pkey = pspec.key();
-        let new_partition = self.ensure_partition(&pkey, pspec)?;
+        let unworkable = self.ensure_partition(&pkey, pspec)?;
         let seq: i64 = self
             .conn
             .prepare_cached("UPDATE meta SET v = v + 1 WHERE k = 'job_seq' RETURNING v")?
@@ -542,60 +692,52 @@ impl State {
                 to_json(&spec)?,
             ])?;
         self.wake = true;
+        self.head_added(&pkey, (order, id.0.clone()));
         self.emit(EventKind::JobSubmitted { job: summary })?;
-        if new_partition {
-            self.evaluate_partition(&pkey)?;
+        if unworkable {
+            self.emit(EventKind::PartitionWorkability { partition: pkey.0, unworkable })?;
         }
         Ok(Submitted { id, created: true })
     }
 
-    /// Candidate job ids for `worker_id`, best first: the head of each matching partition (or, for
-    /// a workflow-restricted worker, that workflow's claimable jobs in matching partitions).
-    fn candidates(&mut self, worker_id: &str) -> Result<Vec<Candidate>> {
-        let parts = self.matching(worker_id)?;
-        let restriction = self
-            .workers
-            .get(worker_id)
-            .and_then(|w| w.registration.capabilities.workflow_restriction())
-            .map(str::to_owned);
-        let mut out = Vec::new();
-        if let Some(wf) = restriction {
-            let allowed: HashSet<&str> = parts.iter().map(|p| p.0.as_str()).collect();
-            let mut stmt = self.conn.prepare_cached(WORKFLOW_SQL)?;
-            let rows = stmt.query_map([&wf], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get::<_, String>(2)?, r.get(3)?, r.get(4)?))
-            })?;
-            for row in rows {
-                let (order, id, part, avoid_worker, avoid_until) = row?;
-                if allowed.contains(part.as_str()) {
-                    out.push(Candidate {
-                        order,
-                        id,
-                        partition: PartitionKey(part),
-                        avoid_worker,
-                        avoid_until,
-                    });
+    /// The job `worker_id` should take: the first head of its class's index it may take (a job it
+    /// gave back avoids it for a while when another worker can serve it), or for a
+    /// workflow-restricted worker the first such job of that workflow in a partition it matches.
+    fn choose(&self, worker_id: &str, now: i64) -> Result<Option<Row>> {
+        let Some(key) = self.worker_class.get(worker_id) else { return Ok(None) };
+        let Some(class) = self.classes.get(key) else { return Ok(None) };
+        let usable = |row: &Row| {
+            let avoided =
+                row.avoid_worker.as_deref() == Some(worker_id) && row.avoid_until.is_some_and(|t| now < t);
+            !avoided || !self.others_match(&PartitionKey(row.summary.partition.clone()))
+        };
+        if let Some(wf) = class.spec.workflow_restriction() {
+            let ids: Vec<(String, String)> = {
+                let mut stmt = self.conn.prepare_cached(WORKFLOW_SQL)?;
+                let rows = stmt.query_map([wf], |r| Ok((r.get(1)?, r.get(2)?)))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            for (id, part) in ids {
+                let matched =
+                    self.partitions.get(&PartitionKey(part)).is_some_and(|p| p.classes.contains(key));
+                if matched
+                    && let Some(row) = self.load(&JobId(id))?
+                    && usable(&row)
+                {
+                    return Ok(Some(row));
                 }
             }
-        } else {
-            let mut stmt = self.conn.prepare_cached(HEAD_SQL)?;
-            for p in &parts {
-                let head = stmt
-                    .query_row([&p.0], |r| {
-                        Ok(Candidate {
-                            order: r.get(0)?,
-                            id: r.get(1)?,
-                            partition: p.clone(),
-                            avoid_worker: r.get(2)?,
-                            avoid_until: r.get(3)?,
-                        })
-                    })
-                    .optional()?;
-                out.extend(head);
-            }
-            out.sort_by(|a, b| a.order.cmp(&b.order));
+            return Ok(None);
         }
-        Ok(out)
+        // Only a head this worker must avoid sends the walk further.
+        for (_, id) in class.heads.iter().take(256) {
+            if let Some(row) = self.load(&JobId(id.clone()))?
+                && usable(&row)
+            {
+                return Ok(Some(row));
+            }
+        }
+        Ok(None)
     }
 
     pub(super) fn claim(&mut self, worker_id: &str) -> Result<Option<Lease>> {
@@ -605,14 +747,7 @@ impl State {
         let now = self.now();
         self.reap_leases(now, 64)?;
         self.promote(now)?;
-        let candidates = self.candidates(worker_id)?;
-        let chosen = candidates.into_iter().find(|c| {
-            let avoided =
-                c.avoid_worker.as_deref() == Some(worker_id) && c.avoid_until.is_some_and(|t| now < t);
-            !avoided || !self.others_match(worker_id, &c.partition)
-        });
-        let Some(Candidate { id, .. }) = chosen else { return Ok(None) };
-        let mut row = self.must_load(&JobId(id))?;
+        let Some(mut row) = self.choose(worker_id, now)? else { return Ok(None) };
         Self::transition(&mut row, Action::Claim, now)?;
         let s = &mut row.summary;
         s.attempt += 1;
@@ -797,8 +932,16 @@ impl State {
         s.worker_id = None;
         row.avoid_worker = None;
         row.avoid_until = None;
+        // Its partition was removed when it finished, unless another job kept it live.
+        let pkey = PartitionKey(row.summary.partition.clone());
+        let unworkable = self.ensure_partition(&pkey, PartitionSpec::of(&spec))?;
+        row.summary.unworkable = unworkable;
         self.store(&row, OutcomeChange::Clear)?;
-        self.emit(EventKind::JobRetried { job: row.summary })
+        self.emit(EventKind::JobRetried { job: row.summary })?;
+        if unworkable {
+            self.emit(EventKind::PartitionWorkability { partition: pkey.0, unworkable })?;
+        }
+        Ok(())
     }
 
     pub(super) fn reap(&mut self) -> Result<ReapReport> {
@@ -876,9 +1019,16 @@ impl State {
 
     /// Makes due delayed retries claimable.
     fn promote(&mut self, now: i64) -> Result<usize> {
-        let n = self.conn.prepare_cached(PROMOTE_SQL)?.execute([now])?;
-        self.wake |= n > 0;
-        Ok(n)
+        let due: Vec<(String, String, String)> = {
+            let mut stmt = self.conn.prepare_cached(PROMOTE_SQL)?;
+            let rows = stmt.query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        for (partition, order, id) in &due {
+            self.head_added(&PartitionKey(partition.clone()), (order.clone(), id.clone()));
+        }
+        self.wake |= !due.is_empty();
+        Ok(due.len())
     }
 
     // ----- workers and machines ------------------------------------------------------------------
@@ -896,10 +1046,24 @@ impl State {
              ON CONFLICT(id) DO UPDATE SET info = excluded.info, last_seen = excluded.last_seen",
             params![id, to_json(&info)?, now],
         )?;
+        let spec = ClassSpec::of(&info.registration);
+        let key = spec.key();
         self.workers.insert(id.clone(), info.clone());
-        self.match_cache.remove(&id);
         self.emit(EventKind::WorkerRegistered { worker: info })?;
-        self.evaluate_workability()?;
+        if self.worker_class.get(&id) == Some(&key) {
+            return Ok(());
+        }
+        let workable = Self::join_class(&mut self.classes, &mut self.partitions, key.clone(), spec);
+        let orphaned = match self.worker_class.insert(id, key) {
+            Some(old) => self.leave_class(&old),
+            None => Vec::new(),
+        };
+        for p in workable {
+            self.set_flag(&p, false)?;
+        }
+        for p in orphaned {
+            self.set_flag(&p, true)?;
+        }
         Ok(())
     }
 
@@ -927,9 +1091,12 @@ impl State {
             return Err(BrokerError::UnknownWorker(id.to_owned()));
         }
         self.conn.execute("DELETE FROM workers WHERE id = ?1", [id])?;
-        self.match_cache.remove(id);
         self.emit(EventKind::WorkerRemoved { worker_id: id.to_owned(), reason: reason.to_owned() })?;
-        self.evaluate_workability()?;
+        if let Some(key) = self.worker_class.remove(id) {
+            for p in self.leave_class(&key) {
+                self.set_flag(&p, true)?;
+            }
+        }
         Ok(())
     }
 
@@ -1168,6 +1335,7 @@ mod tests {
         conn.execute_batch(SCHEMA).expect("schema");
         for (sql, index) in [
             (HEAD_SQL, "jobs_claim"),
+            (LIVE_SQL, "jobs_live"),
             (WORKFLOW_SQL, "jobs_wf"),
             (EXPIRED_SQL, "jobs_lease"),
             (PROMOTE_SQL, "jobs_delayed"),

@@ -9,7 +9,7 @@
 -- Order keys are never compared with Lua's `<` on strings (strcoll): see `key_less`. Only fixed,
 -- short field lists are ever unpacked.
 
-local VERSION = '15'
+local VERSION = '16'
 
 -- A job's state is one JSON object of strings at `j:{id}` (absent optional fields are omitted),
 -- decoded and encoded by Redis's C cjson; its spec is at `s:{id}`, its outcome at `o:{id}`.
@@ -79,29 +79,128 @@ local function emit_data(P, C, nows, t, data)
   return redis.call('XADD', P .. 'ev', 'MAXLEN', '~', C.max_events, '0-*', 't', t, 'at', nows, 'd', data)
 end
 
-local function wake(P, list)
-  redis.call('LPUSH', P .. 'wake:' .. list, '1')
-  redis.call('LTRIM', P .. 'wake:' .. list, 0, 63)
+-- Pushes up to `n` tokens (at most 64 kept) to a class's wake list: each can wake one waiting
+-- worker of that class.
+local function wake(P, class, n)
+  local toks = {}
+  for i = 1, math.min(n, 64) do toks[i] = '1' end
+  redis.call('LPUSH', P .. 'wake:c:' .. class, unpack(toks))
+  redis.call('LTRIM', P .. 'wake:c:' .. class, 0, 63)
+end
+
+-- ----- partitions and worker classes --------------------------------------------------------------
+--
+-- A live partition (one with an unfinished job: `pn` counts them) has its spec in `parts`, the
+-- classes that match it in `pcl:{p}` (computed by the submitter, which knows the classes as of
+-- `cver`) and its claimable jobs in `pq:{p}`. Each live class has `ch:{c}`: the head of every
+-- partition it matches, in claim order, so a claim reads the first members of one sorted set
+-- whatever the number of partitions. A partition whose last unfinished job finishes is removed
+-- (spec, classes, flag); the next submission recreates it. A class lives while a worker of it is
+-- registered (`cw` counts them).
+
+local function head_of(P, p) return redis.call('ZRANGE', P .. 'pq:' .. p, 0, 0)[1] end
+
+-- The live classes matching partition p (dropped classes are forgotten on the way).
+local function classes_of(P, p)
+  local out = {}
+  for _, c in ipairs(redis.call('SMEMBERS', P .. 'pcl:' .. p)) do
+    if redis.call('HEXISTS', P .. 'cw', c) == 1 then
+      out[#out + 1] = c
+    else
+      redis.call('SREM', P .. 'pcl:' .. p, c)
+    end
+  end
+  return out
+end
+
+-- Moves partition p's entry in its classes' head indexes from `old` to its current head and wakes
+-- each class with `n` tokens. Returns nothing.
+local function rehead(P, p, old, n)
+  local new = head_of(P, p)
+  if new == old and n == 0 then return end
+  for _, c in ipairs(classes_of(P, p)) do
+    if new ~= old then
+      if old then redis.call('ZREM', P .. 'ch:' .. c, old) end
+      if new then redis.call('ZADD', P .. 'ch:' .. c, 0, new) end
+    end
+    if n > 0 then wake(P, c, n) end
+  end
+end
+
+local function emit_flag(P, C, nows, p, unworkable)
+  local b = 'false'
+  if unworkable then b = 'true' end
+  emit_data(P, C, nows, 'partition_workability',
+    '{"type":"partition_workability","partition":"' .. p .. '","unworkable":' .. b .. '}')
+end
+
+-- Creates partition p unless it is live. `classes` is a comma-separated list of the classes the
+-- caller matched it to; a partition no class matches is flagged unworkable at once (its jobs are
+-- submitted flagged) and its event emitted unless `quiet` (the caller emits it after the jobs').
+-- Returns true when it was flagged.
+local function ensure_partition(P, C, nows, p, pspec, service, classes, quiet)
+  if redis.call('HSETNX', P .. 'parts', p, pspec) == 0 then return false end
+  redis.call('HSET', P .. 'pn', p, 0)
+  redis.call('HINCRBY', P .. 'svcs', service, 1)
+  local any = false
+  for c in string.gmatch(classes, '[^,]+') do
+    if redis.call('HEXISTS', P .. 'cw', c) == 1 then
+      redis.call('SADD', P .. 'pcl:' .. p, c)
+      any = true
+    end
+  end
+  if not any then
+    redis.call('HSET', P .. 'punw', p, '1')
+    if not quiet then emit_flag(P, C, nows, p, true) end
+  end
+  return not any
+end
+
+-- Partition p lost an unfinished job; at none it is removed with its classes and flag.
+local function release_partition(P, p, service)
+  if redis.call('HINCRBY', P .. 'pn', p, -1) > 0 then return end
+  redis.call('HDEL', P .. 'pn', p)
+  redis.call('HDEL', P .. 'parts', p)
+  redis.call('HDEL', P .. 'punw', p)
+  redis.call('DEL', P .. 'pcl:' .. p)
+  if redis.call('HINCRBY', P .. 'svcs', service, -1) <= 0 then redis.call('HDEL', P .. 'svcs', service) end
+end
+
+-- A worker of class c left it. The last one drops the class: its index and wake list go, and
+-- `cver` moves so submitters refresh. Returns true when the class was dropped.
+local function leave_class(P, c)
+  if not c then return false end
+  if redis.call('HINCRBY', P .. 'cw', c, -1) > 0 then return false end
+  redis.call('HDEL', P .. 'cw', c)
+  redis.call('HDEL', P .. 'classes', c)
+  redis.call('HDEL', P .. 'cready', c)
+  redis.call('HDEL', P .. 'cwf', c)
+  redis.call('UNLINK', P .. 'ch:' .. c, P .. 'wake:c:' .. c)
+  redis.call('INCR', P .. 'cver')
+  return true
 end
 
 -- A claimable job is in its partition's queue (claims), its service's queue `sq:` and the queue of
 -- all services `aq` (queue order and position: ZRANK is O(log n)), and its workflow's queue.
 local function enqueue(P, j)
   local m = j.order .. j.id
+  local old = head_of(P, j.partition)
   redis.call('ZADD', P .. 'pq:' .. j.partition, 0, m)
   redis.call('ZADD', P .. 'sq:' .. j.service, 0, m)
   redis.call('ZADD', P .. 'aq', 0, m)
   if j.workflow_id then redis.call('ZADD', P .. 'wfq:' .. j.workflow_id, 0, m) end
-  wake(P, 'p:' .. j.partition)
+  rehead(P, j.partition, old, 1)
 end
 
 local function dequeue(P, j)
   local m = j.order .. j.id
+  local old = head_of(P, j.partition)
   redis.call('ZREM', P .. 'pq:' .. j.partition, m)
   redis.call('ZREM', P .. 'sq:' .. j.service, m)
   redis.call('ZREM', P .. 'aq', m)
   if j.workflow_id then redis.call('ZREM', P .. 'wfq:' .. j.workflow_id, m) end
   if j.run_at then redis.call('ZREM', P .. 'delayed', j.id) end
+  if old == m then rehead(P, j.partition, old, 0) end
 end
 
 local function is_running(s) return s == 'assigned' or s == 'in_progress' end
@@ -114,6 +213,7 @@ local function finish(P, j, nows, status, outcome)
   if outcome then redis.call('SET', P .. 'o:' .. j.id, outcome) end
   redis.call('ZREM', P .. 'leases', j.id)
   redis.call('ZADD', P .. 'done', tonumber(nows), j.ckey .. j.id)
+  release_partition(P, j.partition, j.service)
   return json
 end
 
@@ -220,51 +320,53 @@ local function take(P, C, nows, worker, lease_ms, j)
   return {'job', redis.call('GET', P .. 's:' .. j.id), num(deadline), json, '0'}
 end
 
--- argv[at] = lease ms, worker, pver, workflow restriction ('' for none), n, then n (partition,
--- shared) pairs. The lease length is the caller's: each process holds jobs as long as it says.
-local function claim(P, C, nows, argv, at)
-  local lease_ms = tonumber(argv[at])
-  at = at + 1
-  local worker, pver, wf = argv[at], argv[at + 1], argv[at + 2]
-  -- The stamp covers registration too: a worker removed or re-registered since the caller's
-  -- view bumped it, so a stale or unknown worker is sent to refresh (and finds out there).
-  local g = redis.call('MGET', P .. 'pver', P .. 'reap_at')
-  if (g[1] or '0') ~= pver then return {'refresh'} end
+-- Whether `worker` (of class c) may take j now: a job it gave back avoids it for a while, unless
+-- no other registered worker can serve the job's partition.
+local function usable(P, j, worker, now)
+  if not (j.avoid_worker == worker and j.avoid_until and now < tonumber(j.avoid_until)) then return true end
+  local others = -1
+  for _, c in ipairs(classes_of(P, j.partition)) do
+    others = others + (tonumber(redis.call('HGET', P .. 'cw', c)) or 0)
+  end
+  return others <= 0
+end
+
+-- The best job `worker` may take, taken; {'empty', class} when there is none (the caller waits on
+-- the class's wake list), {'unknown'} for a worker without a class. The lease length is the
+-- caller's: each process holds jobs as long as it says.
+local function claim(P, C, nows, lease_ms, worker)
+  lease_ms = tonumber(lease_ms)
   local now = tonumber(nows)
   -- Claims reap expired leases and promote due retries, at most every REAP_EVERY_MS of the
   -- callers' clock (two range reads per claim were ~15% of a job's Redis CPU).
-  if now >= (tonumber(g[2]) or 0) then
+  if now >= (tonumber(redis.call('GET', P .. 'reap_at')) or 0) then
     local r, f = reap_leases(P, C, nows, 16)
     local promoted = promote(P, nows, 64)
     if r + f < 16 and promoted < 64 then redis.call('SET', P .. 'reap_at', num(now + REAP_EVERY_MS)) end
   end
-  local n = tonumber(argv[at + 3])
-  local allowed, shared, cands = {}, {}, {}
-  for i = 1, n do
-    local p = argv[at + 2 + 2 * i]
-    allowed[p] = true
-    shared[p] = argv[at + 3 + 2 * i] == '1'
-    if wf == '' then
-      local head = redis.call('ZRANGE', P .. 'pq:' .. p, 0, 0)[1]
-      if head then cands[#cands + 1] = {head, p} end
-    end
-  end
-  if wf ~= '' then
+  local c = redis.call('HGET', P .. 'wclass', worker)
+  if not c then return {'unknown'} end
+  if redis.call('HEXISTS', P .. 'cready', c) == 0 then return {'empty', c} end
+  local wf = redis.call('HGET', P .. 'cwf', c)
+  if wf then
     for _, m in ipairs(redis.call('ZRANGE', P .. 'wfq:' .. wf, 0, 255)) do
       local j = load(P, string.sub(m, 37))
-      if j and allowed[j.partition] then cands[#cands + 1] = {m, j.partition} end
+      if j and redis.call('SISMEMBER', P .. 'pcl:' .. j.partition, c) == 1 and usable(P, j, worker, now) then
+        return take(P, C, nows, worker, lease_ms, j)
+      end
     end
-  elseif #cands > 1 then
-    table.sort(cands, function(a, b) return key_less(a[1], b[1]) end)
+    return {'empty', c}
   end
-  for _, c in ipairs(cands) do
-    local j = load(P, string.sub(c[1], 37))
-    if j then
-      local avoided = j.avoid_worker == worker and j.avoid_until and now < tonumber(j.avoid_until)
-      if not (avoided and shared[c[2]]) then return take(P, C, nows, worker, lease_ms, j) end
+  -- Heads in claim order; only a head this worker must avoid sends the walk further.
+  for start = 0, 248, 8 do
+    local heads = redis.call('ZRANGE', P .. 'ch:' .. c, start, start + 7)
+    for _, m in ipairs(heads) do
+      local j = load(P, string.sub(m, 37))
+      if j and usable(P, j, worker, now) then return take(P, C, nows, worker, lease_ms, j) end
     end
+    if #heads < 8 then break end
   end
-  return false
+  return {'empty', c}
 end
 
 local function fence(P, id, attempt, worker)
@@ -295,33 +397,37 @@ end
 redis.register_function{function_name = 'fq_version', flags = {'no-writes'},
   callback = function() return VERSION end}
 
--- ARGV: now, count, then per job: state json (no order), spec, partition, partition spec,
--- order prefix (20 hex), idempotency key, service.
+-- ARGV: now, cver, n partitions, count, then per partition: key, spec, service, matching classes
+-- (comma-separated, as of `cver`); then per job: state json (no order), spec, partition index
+-- (1-based), order prefix (20 hex), idempotency key. Replies {'refresh'} when the caller's
+-- classes are stale (nothing is written), else {'ok', id, created (1/0), …}.
 redis.register_function('fq_submit', function(keys, argv)
   local P = keys[1]
+  if (redis.call('GET', P .. 'cver') or '0') ~= argv[2] then return {'refresh'} end
   local C = cfg(P)
   local nows = argv[1]
-  local count = tonumber(argv[2])
+  local nparts, count = tonumber(argv[3]), tonumber(argv[4])
+  local parts, heads, added, flagged = {}, {}, {}, {}
+  for i = 1, nparts do
+    local at = 5 + 4 * (i - 1)
+    local p = argv[at]
+    flagged[i] = ensure_partition(P, C, nows, p, argv[at + 1], argv[at + 2], argv[at + 3], true)
+    parts[i] = p
+    heads[i] = head_of(P, p) or false
+    added[i] = 0
+  end
   local seq = redis.call('INCRBY', P .. 'jseq', count) - count
-  local created, newparts, known, woken = {}, {}, {}, {}
+  local out = {'ok'}
   for k = 0, count - 1 do
-    local at = 3 + 7 * k
-    local state, spec, part, pspec = argv[at], argv[at + 1], argv[at + 2], argv[at + 3]
-    local prefix, idem, service = argv[at + 4], argv[at + 5], argv[at + 6]
+    local at = 5 + 4 * nparts + 5 * k
+    local state, spec, pi = argv[at], argv[at + 1], tonumber(argv[at + 2])
+    local prefix, idem = argv[at + 3], argv[at + 4]
     local existing = false
     if idem ~= '' then existing = redis.call('GET', P .. 'idem:' .. idem) end
     if existing then
-      created[#created + 1] = existing
-      created[#created + 1] = '0'
+      out[#out + 1] = existing
+      out[#out + 1] = '0'
     else
-      if not known[part] then
-        known[part] = true
-        if redis.call('HSETNX', P .. 'parts', part, pspec) == 1 then
-          redis.call('INCR', P .. 'pver')
-          newparts[#newparts + 1] = part
-          wake(P, 's:' .. service)
-        end
-      end
       seq = seq + 1
       local j = cjson.decode(state)
       j.order = prefix .. string.format('%08x%08x', math.floor(seq / 4294967296), seq % 4294967296)
@@ -329,34 +435,36 @@ redis.register_function('fq_submit', function(keys, argv)
       redis.call('SET', P .. 's:' .. j.id, spec)
       if idem ~= '' then redis.call('SET', P .. 'idem:' .. idem, j.id) end
       local m = j.order .. j.id
-      redis.call('ZADD', P .. 'pq:' .. part, 0, m)
-      redis.call('ZADD', P .. 'sq:' .. service, 0, m)
+      redis.call('ZADD', P .. 'pq:' .. parts[pi], 0, m)
+      redis.call('ZADD', P .. 'sq:' .. j.service, 0, m)
       redis.call('ZADD', P .. 'aq', 0, m)
       if j.workflow_id then redis.call('ZADD', P .. 'wfq:' .. j.workflow_id, 0, m) end
-      woken[part] = (woken[part] or 0) + 1
+      redis.call('HINCRBY', P .. 'pn', parts[pi], 1)
+      added[pi] = added[pi] + 1
       redis.call('ZADD', P .. 'ix:all', 0, j.ckey .. j.id)
       emit_job(P, C, nows, 'job_submitted', j, nil, json)
-      created[#created + 1] = j.id
-      created[#created + 1] = '1'
+      out[#out + 1] = j.id
+      out[#out + 1] = '1'
     end
   end
-  -- One token per job (capped): each can wake one waiting worker.
-  for part, k in pairs(woken) do
-    local toks = {}
-    for i = 1, math.min(k, 64) do toks[i] = '1' end
-    redis.call('LPUSH', P .. 'wake:p:' .. part, unpack(toks))
-    redis.call('LTRIM', P .. 'wake:p:' .. part, 0, 63)
+  for i = 1, nparts do
+    if added[i] > 0 then rehead(P, parts[i], heads[i] or nil, added[i]) end
+    if flagged[i] and added[i] > 0 then emit_flag(P, C, nows, parts[i], true) end
   end
-  local out = {#newparts}
-  for _, p in ipairs(newparts) do out[#out + 1] = p end
-  for _, v in ipairs(created) do out[#out + 1] = v end
+  -- A partition created for jobs that all turned out to exist already (idempotency) holds none.
+  for i = 1, nparts do
+    if tonumber(redis.call('HGET', P .. 'pn', parts[i])) == 0 then
+      redis.call('HSET', P .. 'pn', parts[i], 1)
+      release_partition(P, parts[i], argv[5 + 4 * (i - 1) + 2])
+    end
+  end
   return out
 end)
 
--- ARGV: now, then the claim arguments.
+-- ARGV: now, lease ms, worker.
 redis.register_function('fq_claim', function(keys, argv)
   local P = keys[1]
-  return claim(P, cfg(P), argv[1], argv, 2)
+  return claim(P, cfg(P), argv[1], argv[2], argv[3])
 end)
 
 -- ARGV: now, id, attempt, worker, has_progress, progress, message, has_message, lease ms.
@@ -388,7 +496,7 @@ redis.register_function('fq_renew', function(keys, argv)
   return {'ok', num(deadline), j.cancel_requested or '0'}
 end)
 
--- ARGV: now, id, attempt, worker, outcome json, then optionally the claim arguments (next job).
+-- ARGV: now, id, attempt, worker, outcome json, then optionally a lease ms (claim the next job).
 redis.register_function('fq_complete', function(keys, argv)
   local P, C, nows, j, err = holder(keys, argv)
   if not j then return {err} end
@@ -396,11 +504,9 @@ redis.register_function('fq_complete', function(keys, argv)
   local json = finish(P, j, nows, 'completed', argv[5])
   emit_job(P, C, nows, 'job_completed', j, nil, json)
   if #argv > 5 then
-    local next_job = claim(P, C, nows, argv, 6)
-    if next_job then
-      table.insert(next_job, 1, 'next')
-      return next_job
-    end
+    local next_job = claim(P, C, nows, argv[6], argv[4])
+    table.insert(next_job, 1, 'next')
+    return next_job
   end
   return {'ok'}
 end)
@@ -434,11 +540,18 @@ redis.register_function('fq_cancel', function(keys, argv)
   return 'finished'
 end)
 
--- ARGV: now, id.
+-- ARGV: now, id, then optionally cver, partition spec, matching classes. A finished job's partition
+-- may be gone: then the reply is 'partition' and the caller, having matched it, calls again.
 redis.register_function('fq_retry', function(keys, argv)
   local P, C, nows, j = job_call(keys, argv)
   if not j then return 'missing' end
   if j.status ~= 'failed' and j.status ~= 'cancelled' then return j.status end
+  if redis.call('HEXISTS', P .. 'parts', j.partition) == 0 then
+    if not argv[3] then return 'partition' end
+    if (redis.call('GET', P .. 'cver') or '0') ~= argv[3] then return 'refresh' end
+    ensure_partition(P, C, nows, j.partition, argv[4], j.service, argv[5])
+  end
+  redis.call('HINCRBY', P .. 'pn', j.partition, 1)
   for _, f in ipairs({'message', 'finished_at', 'started_at', 'run_at', 'error', 'worker_id',
       'avoid_worker', 'avoid_until', 'progress_evt_at', 'progress_dirty'}) do j[f] = nil end
   -- A fresh budget of attempts, numbered on from the last: the attempt number is the lease's
@@ -457,7 +570,8 @@ redis.register_function('fq_retry', function(keys, argv)
   return 'ok'
 end)
 
--- ARGV: now. Returns requeued, finished, promoted, expired workers, trimmed events (as strings).
+-- ARGV: now. Returns requeued, finished, promoted, expired workers, trimmed events, dropped classes
+-- (as strings).
 redis.register_function('fq_reap', function(keys, argv)
   local P = keys[1]
   local C = cfg(P)
@@ -470,12 +584,14 @@ redis.register_function('fq_reap', function(keys, argv)
   until r + f < 500
   local promoted = promote(P, nows, 1000)
   local expired = redis.call('ZRANGEBYSCORE', P .. 'wseen', '-inf', '(' .. num(now - C.worker_ttl_ms), 'LIMIT', 0, 1000)
+  local dropped = 0
   for _, w in ipairs(expired) do
     redis.call('HDEL', P .. 'workers', w)
     redis.call('ZREM', P .. 'wseen', w)
+    if leave_class(P, redis.call('HGET', P .. 'wclass', w)) then dropped = dropped + 1 end
+    redis.call('HDEL', P .. 'wclass', w)
     emit_data(P, C, nows, 'worker_removed', '{"type":"worker_removed","worker_id":"' .. w .. '","reason":"expired"}')
   end
-  if #expired > 0 then redis.call('INCR', P .. 'pver') end
   local old = redis.call('ZRANGEBYSCORE', P .. 'done', '-inf', '(' .. num(now - C.retention_ms), 'LIMIT', 0, 1000)
   for _, m in ipairs(old) do
     local id = string.sub(m, 13)
@@ -505,33 +621,95 @@ redis.register_function('fq_reap', function(keys, argv)
     end
     if old < 1000 then break end
   end
-  return {num(requeued), num(finished), num(promoted), num(#expired), num(trimmed)}
+  return {num(requeued), num(finished), num(promoted), num(#expired), num(trimmed), num(dropped)}
 end)
 
--- ARGV: now, n, then n (partition, flag '1'/'0') pairs. Only changed flags are stored and evented.
+-- ARGV: now, cver, n, then n (partition, flag '1'/'0') pairs, judged against the classes as of
+-- `cver` ('refresh' when they moved on). Only live partitions' changed flags are stored and evented.
 redis.register_function('fq_workability', function(keys, argv)
   local P = keys[1]
+  if (redis.call('GET', P .. 'cver') or '0') ~= argv[2] then return 'refresh' end
   local C = cfg(P)
   local changed = 0
-  for i = 1, tonumber(argv[2]) do
-    local p, flag = argv[1 + 2 * i], argv[2 + 2 * i]
+  for i = 1, tonumber(argv[3]) do
+    local p, flag = argv[2 + 2 * i], argv[3 + 2 * i]
     local cur = redis.call('HGET', P .. 'punw', p) == '1'
-    if cur ~= (flag == '1') then
+    if cur ~= (flag == '1') and redis.call('HEXISTS', P .. 'parts', p) == 1 then
       if flag == '1' then redis.call('HSET', P .. 'punw', p, '1') else redis.call('HDEL', P .. 'punw', p) end
-      local b = 'false'
-      if flag == '1' then b = 'true' end
-      emit_data(P, C, argv[1], 'partition_workability',
-        '{"type":"partition_workability","partition":"' .. p .. '","unworkable":' .. b .. '}')
+      emit_flag(P, C, argv[1], p, flag == '1')
       changed = changed + 1
     end
   end
   return changed
 end)
 
+-- ARGV: now, class, class spec json, workflow restriction ('' for none). Declares a class: 'new'
+-- (the caller fills its index, then marks it ready), 'building' (another caller is filling it, or
+-- died doing so: fill it too, filling is idempotent) or 'ready'.
+redis.register_function('fq_class', function(keys, argv)
+  local P, c = keys[1], argv[2]
+  if redis.call('HEXISTS', P .. 'classes', c) == 1 then
+    if redis.call('HEXISTS', P .. 'cready', c) == 1 then return 'ready' end
+    return 'building'
+  end
+  redis.call('HSET', P .. 'classes', c, argv[3])
+  redis.call('HSET', P .. 'cw', c, 0)
+  if argv[4] ~= '' then redis.call('HSET', P .. 'cwf', c, argv[4]) end
+  redis.call('INCR', P .. 'cver')
+  return 'new'
+end)
+
+-- ARGV: now, class, n, then n partitions the class matches (of those live when the caller read
+-- them). Each still live gains the class: its head enters the class's index, and a partition that
+-- no class matched before becomes workable. Returns 'gone' when the class was dropped meanwhile.
+redis.register_function('fq_class_fill', function(keys, argv)
+  local P, c = keys[1], argv[2]
+  if redis.call('HEXISTS', P .. 'classes', c) == 0 then return 'gone' end
+  local C = cfg(P)
+  for i = 1, tonumber(argv[3]) do
+    local p = argv[3 + i]
+    if redis.call('HEXISTS', P .. 'parts', p) == 1 and redis.call('SADD', P .. 'pcl:' .. p, c) == 1 then
+      local head = head_of(P, p)
+      if head then redis.call('ZADD', P .. 'ch:' .. c, 0, head) end
+      if redis.call('HDEL', P .. 'punw', p) == 1 then emit_flag(P, C, argv[1], p, false) end
+    end
+  end
+  return 'ok'
+end)
+
+-- ARGV: class. Its index is complete: its workers may claim.
+redis.register_function('fq_class_ready', function(keys, argv)
+  local P = keys[1]
+  if redis.call('HEXISTS', P .. 'classes', argv[1]) == 0 then return 'gone' end
+  redis.call('HSET', P .. 'cready', argv[1], '1')
+  return 'ok'
+end)
+
+-- Compare-and-set registration of a worker in class c: ARGV now, worker, expected info ('' =
+-- absent), new info, event json, class. Replies 'gone' when the class was dropped since the caller
+-- declared it, 'conflict' when the info changed, 'ok' or 'dropped' (its previous class went).
+redis.register_function('fq_register', function(keys, argv)
+  local P = keys[1]
+  local w, c = argv[2], argv[6]
+  if redis.call('HEXISTS', P .. 'classes', c) == 0 then return 'gone' end
+  if (redis.call('HGET', P .. 'workers', w) or '') ~= argv[3] then return 'conflict' end
+  redis.call('HSET', P .. 'workers', w, argv[4])
+  redis.call('ZADD', P .. 'wseen', tonumber(argv[1]), w)
+  local reply = 'ok'
+  local old = redis.call('HGET', P .. 'wclass', w)
+  if old ~= c then
+    redis.call('HSET', P .. 'wclass', w, c)
+    redis.call('HINCRBY', P .. 'cw', c, 1)
+    if leave_class(P, old) then reply = 'dropped' end
+  end
+  emit_data(P, cfg(P), argv[1], 'worker_registered', argv[5])
+  return reply
+end)
+
 -- Compare-and-set of one field of a hash, with an event: the caller folded the new value from the
--- expected old one (worker registration, connector reports, machine events).
+-- expected old one (connector reports, machine events).
 -- ARGV: now, hash name, field, expected ('' = absent), new value, event type ('' = none), event json,
--- touch worker (1/0), bump pver (1/0).
+-- touch worker (1/0).
 redis.register_function('fq_cas', function(keys, argv)
   local P = keys[1]
   local C = cfg(P)
@@ -540,7 +718,6 @@ redis.register_function('fq_cas', function(keys, argv)
   if cur ~= argv[4] then return 'conflict' end
   redis.call('HSET', h, argv[3], argv[5])
   if argv[8] == '1' then redis.call('ZADD', P .. 'wseen', tonumber(argv[1]), argv[3]) end
-  if argv[9] == '1' then redis.call('INCR', P .. 'pver') end
   if argv[6] ~= '' then emit_data(P, C, argv[1], argv[6], argv[7]) end
   return 'ok'
 end)
@@ -550,8 +727,10 @@ redis.register_function('fq_deregister', function(keys, argv)
   local P = keys[1]
   if redis.call('HDEL', P .. 'workers', argv[2]) == 0 then return 'unknown' end
   redis.call('ZREM', P .. 'wseen', argv[2])
-  redis.call('INCR', P .. 'pver')
+  local dropped = leave_class(P, redis.call('HGET', P .. 'wclass', argv[2]))
+  redis.call('HDEL', P .. 'wclass', argv[2])
   emit_data(P, cfg(P), argv[1], 'worker_removed', argv[3])
+  if dropped then return 'dropped' end
   return 'ok'
 end)
 
@@ -577,11 +756,10 @@ end
 -- A job as {state json, unworkable flag}.
 local function view_of(P, j) return {cjson.encode(j), unworkable(P, j)} end
 
-redis.register_function{function_name = 'fq_view', flags = {'no-writes'}, callback = function(keys)
+-- The live classes as of a version: {cver, {class, spec, …}}.
+redis.register_function{function_name = 'fq_classes', flags = {'no-writes'}, callback = function(keys)
   local P = keys[1]
-  return {redis.call('GET', P .. 'pver') or '0', redis.call('HGETALL', P .. 'parts'),
-    redis.call('HGETALL', P .. 'workers'), redis.call('HGETALL', P .. 'punw'),
-    redis.call('ZRANGE', P .. 'wseen', 0, -1, 'WITHSCORES')}
+  return {redis.call('GET', P .. 'cver') or '0', redis.call('HGETALL', P .. 'classes')}
 end}
 
 -- ARGV: id. Returns state json, unworkable flag, spec, outcome.
@@ -653,6 +831,38 @@ redis.register_function('fq_reindex', function(keys)
   return n
 end)
 
+-- Brings a queue written by library 15 or older to the layout of partitions that come and go (marker
+-- `layout`): live partitions get their count of unfinished jobs, the others are removed. Workers
+-- registered before have no class: their next claim sends them to register again. Returns the
+-- number of partitions removed.
+redis.register_function('fq_upgrade', function(keys)
+  local P = keys[1]
+  if redis.call('GET', P .. 'layout') == '16' then return 0 end
+  local held = {}
+  for _, set in ipairs({'delayed', 'leases'}) do
+    for _, id in ipairs(redis.call('ZRANGE', P .. set, 0, -1)) do
+      local j = load(P, id)
+      if j then held[j.partition] = (held[j.partition] or 0) + 1 end
+    end
+  end
+  local removed = 0
+  for _, p in ipairs(redis.call('HKEYS', P .. 'parts')) do
+    local n = redis.call('ZCARD', P .. 'pq:' .. p) + (held[p] or 0)
+    if n > 0 then
+      redis.call('HSET', P .. 'pn', p, n)
+      redis.call('HINCRBY', P .. 'svcs', string.match(p, '^(.*):[^:]*$'), 1)
+    else
+      redis.call('HDEL', P .. 'parts', p)
+      redis.call('HDEL', P .. 'punw', p)
+      removed = removed + 1
+    end
+    redis.call('DEL', P .. 'wake:p:' .. p)
+  end
+  redis.call('DEL', P .. 'pver')
+  redis.call('SET', P .. 'layout', '16')
+  return removed
+end)
+
 -- ARGV: the epoch the caller saw ('' to read only). The log's epoch, moved on from `seen` once.
 redis.register_function('fq_epoch', function(keys, argv)
   local P = keys[1]
@@ -710,8 +920,9 @@ redis.register_function{function_name = 'fq_queue', flags = {'no-writes'}, callb
   return {next_cursor, out}
 end}
 
--- Unfinished jobs per service: {service, pending, delayed, running, …}. Pending from the
--- partition queues (one ZCARD each); delayed and running by reading their (bounded) jobs.
+-- Unfinished jobs per service: {service, pending, delayed, running, …}. Pending from the service
+-- queues (one ZCARD per service with a live partition); delayed and running by reading their
+-- (bounded) jobs.
 redis.register_function{function_name = 'fq_depths', flags = {'no-writes'}, callback = function(keys)
   local P = keys[1]
   local d = {}
@@ -719,9 +930,9 @@ redis.register_function{function_name = 'fq_depths', flags = {'no-writes'}, call
     d[service] = d[service] or {0, 0, 0}
     d[service][i] = d[service][i] + n
   end
-  for _, p in ipairs(redis.call('HKEYS', P .. 'parts')) do
-    local n = redis.call('ZCARD', P .. 'pq:' .. p)
-    if n > 0 then add(string.match(p, '^(.*):[^:]*$'), 1, n) end
+  for _, service in ipairs(redis.call('HKEYS', P .. 'svcs')) do
+    local n = redis.call('ZCARD', P .. 'sq:' .. service)
+    if n > 0 then add(service, 1, n) end
   end
   for i, set in ipairs({'delayed', 'leases'}) do
     for _, id in ipairs(redis.call('ZRANGE', P .. set, 0, 9999)) do
@@ -740,7 +951,7 @@ redis.register_function{function_name = 'fq_depths', flags = {'no-writes'}, call
 end}
 
 -- ARGV: pending limit. Returns seq, jobs (running, then up to `limit` pending: delayed first, then
--- partition by partition in queue order), workers, worker presence, machines.
+-- the claimable in claim order), workers, worker presence, machines.
 redis.register_function{function_name = 'fq_snapshot', flags = {'no-writes'}, callback = function(keys, argv)
   local P = keys[1]
   local jobs = {}
@@ -755,13 +966,8 @@ redis.register_function{function_name = 'fq_snapshot', flags = {'no-writes'}, ca
     for _, id in ipairs(delayed) do add(id) end
     budget = budget - #delayed
   end
-  local parts = redis.call('HKEYS', P .. 'parts')
-  table.sort(parts)
-  for _, p in ipairs(parts) do
-    if budget <= 0 then break end
-    local members = redis.call('ZRANGE', P .. 'pq:' .. p, 0, budget - 1)
-    for _, m in ipairs(members) do add(string.sub(m, 37)) end
-    budget = budget - #members
+  if budget > 0 then
+    for _, m in ipairs(redis.call('ZRANGE', P .. 'aq', 0, budget - 1)) do add(string.sub(m, 37)) end
   end
   return {last_seq(P), jobs, redis.call('HGETALL', P .. 'workers'),
     redis.call('ZRANGE', P .. 'wseen', 0, -1, 'WITHSCORES'), redis.call('HGETALL', P .. 'machines')}

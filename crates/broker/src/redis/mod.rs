@@ -9,30 +9,33 @@
 //! with no response timeout and always a finite block, so the client's default 500 ms timeout never
 //! cuts a block short and a dropped waiter never holds the shared connection.
 //!
-//! Matching runs here, in Rust ([`fleetq_core::matching_partitions`]), on a cached *fleet view*
-//! (partitions and workers, stamped with a version the server bumps when either changes). A claim
-//! sends the matching partitions and the stamp; the server answers `refresh` when the stamp is
-//! stale, so a claim never uses an out-of-date match.
+//! Claims scale with the number of worker *classes*, not partitions ([`fleetq_core::ClassSpec`],
+//! `docs/design.md` "Claims"). Matching runs here, in Rust, where the data is: a submitter matches a
+//! new partition against the live classes (cached, stamped with the `cver` the server moves when
+//! a class comes or goes; a stale stamp is answered `refresh` and nothing is written), and a worker
+//! whose class is new matches it against the live partitions once, in pages, before it claims. The
+//! server keeps, per class, the head of every partition the class matches in claim order (`ch:`),
+//! so a claim reads the first members of one sorted set and sends no partition list. A partition
+//! whose last unfinished job finishes is removed; a class whose last worker leaves is dropped.
 //!
 //! Queue order and position: a claimable job is a member `order key ‖ id` (score 0, so members sort
 //! by bytes, which is claim order) of its partition's queue `pq:` (claims), its service's `sq:` and
 //! the all-services `aq` (listings, `ZRANK` positions in O(log n)), and its workflow's `wfq:`.
 //!
-//! Wake-ups: a job becoming claimable pushes a token to its partition's wake list (capped at 64);
-//! a new partition pushes to its service's list. Waiting claimers `BLPOP` the lists of their
-//! partitions and services, and re-check at least every `claim_recheck_ms` (due retries, a token
-//! taken by a worker that could not use it).
+//! Wake-ups: a job becoming claimable pushes a token to the wake list of each class matching its
+//! partition (capped at 64). A waiting claimer `BLPOP`s its class's list and re-checks at least
+//! every `claim_recheck_ms` (due retries, a token taken by a worker that could not use it).
 
 mod codec;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fleetq_core::{
-    ConnectorReport, Event, EventKind, IllegalTransition, JobError, JobId, JobRecord, JobSpec, JobStatus,
-    MachineEvent, MachineState, OrderKey, Outcome, PartitionKey, PartitionSpec, Snapshot, ValidationError,
-    WorkerInfo, WorkerRegistration, matches_partition,
+    ClassKey, ClassSpec, ConnectorReport, Event, EventKind, IllegalTransition, JobError, JobId, JobRecord,
+    JobSpec, JobStatus, MachineEvent, MachineState, OrderKey, Outcome, PartitionKey, PartitionSpec, Snapshot,
+    ValidationError, WorkerInfo, WorkerRegistration,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Cmd, Value};
@@ -47,25 +50,25 @@ use crate::{
 
 const LIBRARY: &str = include_str!("fleetq.lua");
 /// The version the function library reports (`FCALL fq_version 0`); loading compares the whole code.
-pub const LIBRARY_VERSION: &str = "15";
+pub const LIBRARY_VERSION: &str = "16";
 
-/// Partitions and workers as of one version stamp, with per-worker match results.
+/// Partitions read per call when a pass walks them all (a new class's fill, workability).
+const PARTITION_PAGE: usize = 1000;
+
+/// The live worker classes as of one version stamp.
 #[derive(Debug, Default)]
-struct FleetView {
-    pver: String,
-    partitions: HashMap<PartitionKey, PartitionSpec>,
-    workers: HashMap<String, WorkerInfo>,
-    unworkable: HashSet<String>,
-    matches: Mutex<HashMap<String, Arc<WorkerMatch>>>,
+struct ClassView {
+    cver: String,
+    classes: Vec<(ClassKey, ClassSpec)>,
 }
 
-/// What a worker's claim sends: matching partitions (with "another worker matches it too") and
-/// its workflow restriction.
-#[derive(Debug)]
-struct WorkerMatch {
-    partitions: Vec<(PartitionKey, bool)>,
-    workflow: String,
-    wake_keys: Vec<String>,
+impl ClassView {
+    /// The classes matching a partition, comma-separated (the form the functions read).
+    fn matching(&self, spec: &PartitionSpec) -> String {
+        let keys: Vec<&str> =
+            self.classes.iter().filter(|(_, c)| c.matches(spec)).map(|(k, _)| k.0.as_str()).collect();
+        keys.join(",")
+    }
 }
 
 /// Redis-backed [`Broker`].
@@ -76,14 +79,16 @@ pub struct RedisBroker {
     prefix: String,
     config: BrokerConfig,
     clock: Arc<dyn Clock>,
-    view: Mutex<Option<Arc<FleetView>>>,
+    view: Mutex<Option<Arc<ClassView>>>,
     blocking: Mutex<Vec<MultiplexedConnection>>,
 }
 
 enum ClaimReply {
     Job(Box<Lease>),
-    Empty,
-    Refresh,
+    /// Nothing to take; the worker's class (whose wake list to wait on).
+    Empty(String),
+    /// The worker has no class: it is not registered (or was, with an older library).
+    Unknown,
 }
 
 impl RedisBroker {
@@ -167,6 +172,11 @@ impl RedisBroker {
         if indexed > 0 {
             tracing::info!(jobs = indexed, "indexed pending jobs by service for queue order and position");
         }
+        // Queues written before library 16 keep every partition ever seen; counted once.
+        let removed: i64 = self.fcall("fq_upgrade", false).query_async(&mut conn).await?;
+        if removed > 0 {
+            tracing::info!(partitions = removed, "removed partitions without unfinished jobs");
+        }
         Ok(())
     }
 
@@ -241,7 +251,7 @@ impl RedisBroker {
         format!("{}{name}", self.prefix)
     }
 
-    // ----- fleet view ----------------------------------------------------------------------------
+    // ----- classes -------------------------------------------------------------------------------
 
     fn invalidate(&self) {
         if let Ok(mut v) = self.view.lock() {
@@ -249,91 +259,78 @@ impl RedisBroker {
         }
     }
 
-    async fn view(&self, fresh: bool) -> Result<Arc<FleetView>> {
+    async fn view(&self, fresh: bool) -> Result<Arc<ClassView>> {
         if !fresh && let Some(v) = self.view.lock().ok().and_then(|v| v.clone()) {
             return Ok(v);
         }
-        let reply = items(self.run(&self.fcall("fq_view", true)).await?);
-        let pver = text_at(&reply, 0, "version")?;
-        let mut it = reply.into_iter().skip(1);
-        let mut next = || it.next().unwrap_or(Value::Nil);
-        let mut partitions = HashMap::new();
-        for (k, v) in pairs(next()) {
-            let spec: PartitionSpec =
-                serde_json::from_str(&v).map_err(|e| corrupt(format!("partition {k}: {e}")))?;
-            partitions.insert(PartitionKey(k), spec);
+        let reply = items(self.run(&self.fcall("fq_classes", true)).await?);
+        let cver = text_at(&reply, 0, "class version")?;
+        let mut classes = Vec::new();
+        for (k, v) in pairs(reply.into_iter().nth(1).unwrap_or(Value::Nil)) {
+            let spec: ClassSpec = serde_json::from_str(&v).map_err(|e| corrupt(format!("class {k}: {e}")))?;
+            classes.push((ClassKey(k), spec));
         }
-        let workers_raw = pairs(next());
-        let unworkable = pairs(next()).into_iter().map(|(k, _)| k).collect();
-        let seen = pairs(next());
-        let workers = decode_workers(workers_raw, &seen)?;
-        let view = Arc::new(FleetView {
-            pver,
-            partitions,
-            workers,
-            unworkable,
-            matches: Mutex::new(HashMap::new()),
-        });
+        let view = Arc::new(ClassView { cver, classes });
         if let Ok(mut slot) = self.view.lock() {
             *slot = Some(view.clone());
         }
         Ok(view)
     }
 
-    fn worker_match(&self, view: &FleetView, worker_id: &str) -> Option<Arc<WorkerMatch>> {
-        if let Some(m) = view.matches.lock().ok().and_then(|m| m.get(worker_id).cloned()) {
-            return Some(m);
-        }
-        let me = view.workers.get(worker_id)?;
-        let reg = &me.registration;
-        let partitions: Vec<(PartitionKey, bool)> = view
-            .partitions
-            .iter()
-            .filter(|(_, spec)| matches_partition(reg, spec))
-            .map(|(key, spec)| {
-                let shared = view.workers.values().any(|w| {
-                    w.registration.worker_id != reg.worker_id && matches_partition(&w.registration, spec)
-                });
-                (key.clone(), shared)
-            })
-            .collect();
-        let mut wake_keys: Vec<String> =
-            partitions.iter().map(|(p, _)| self.key(&format!("wake:p:{}", p.0))).collect();
-        wake_keys.extend(reg.services.iter().map(|s| self.key(&format!("wake:s:{s}"))));
-        let m = Arc::new(WorkerMatch {
-            partitions,
-            workflow: reg.capabilities.workflow_restriction().unwrap_or_default().to_owned(),
-            wake_keys,
-        });
-        if let Ok(mut cache) = view.matches.lock() {
-            cache.insert(worker_id.to_owned(), m.clone());
-        }
-        Some(m)
-    }
-
-    /// The claim arguments for `worker_id` from the cached view (refreshed when the worker is not
-    /// in it yet).
-    async fn claim_args(&self, worker_id: &str) -> Result<(Arc<FleetView>, Arc<WorkerMatch>)> {
-        for fresh in [false, true] {
-            let view = self.view(fresh).await?;
-            if let Some(m) = self.worker_match(&view, worker_id) {
-                return Ok((view, m));
+    /// One page of the live partitions from `cursor` ("0" to start); the next cursor is "0" at the
+    /// end. (`HSCAN`: a partition live for the whole walk is seen at least once; one created
+    /// meanwhile is matched by its submitter instead.)
+    async fn partition_page(&self, cursor: &str) -> Result<(String, Vec<(String, PartitionSpec)>)> {
+        let mut cmd = redis::cmd("HSCAN");
+        cmd.arg(self.key("parts")).arg(cursor).arg("COUNT").arg(PARTITION_PAGE);
+        let reply = items(self.run(&cmd).await?);
+        let next = text_at(&reply, 0, "scan cursor")?;
+        let mut specs = Vec::new();
+        for (k, v) in pairs(reply.into_iter().nth(1).unwrap_or(Value::Nil)) {
+            match serde_json::from_str::<PartitionSpec>(&v) {
+                Ok(spec) => specs.push((k, spec)),
+                Err(e) => crate::note_undecodable("a partition", &format!("{k}: {e}")),
             }
         }
-        Err(BrokerError::UnknownWorker(worker_id.to_owned()))
+        Ok((next, specs))
     }
 
-    fn push_claim_args(&self, cmd: &mut Cmd, worker_id: &str, view: &FleetView, m: &WorkerMatch) {
-        cmd.arg(self.config.lease_ms).arg(worker_id).arg(&view.pver).arg(&m.workflow).arg(m.partitions.len());
-        for (p, shared) in &m.partitions {
-            cmd.arg(&p.0).arg(if *shared { "1" } else { "0" });
+    /// Declares the class of a registration and, when it is new, matches it against every live
+    /// partition before marking it ready. Returns false when the class was dropped meanwhile.
+    async fn declare_class(&self, key: &ClassKey, spec: &ClassSpec) -> Result<bool> {
+        let mut cmd = self.fcall("fq_class", false);
+        cmd.arg(self.now()).arg(&key.0).arg(to_json(spec)?).arg(spec.workflow_restriction().unwrap_or(""));
+        let state = text(&self.run(&cmd).await?).unwrap_or_default();
+        if state == "ready" {
+            return Ok(true);
         }
+        self.invalidate();
+        let mut cursor = "0".to_owned();
+        loop {
+            let (next, specs) = self.partition_page(&cursor).await?;
+            let matched: Vec<&str> =
+                specs.iter().filter(|(_, p)| spec.matches(p)).map(|(k, _)| k.as_str()).collect();
+            if !matched.is_empty() {
+                let mut cmd = self.fcall("fq_class_fill", false);
+                cmd.arg(self.now()).arg(&key.0).arg(matched.len()).arg(&matched);
+                if text(&self.run(&cmd).await?).as_deref() == Some("gone") {
+                    return Ok(false);
+                }
+            }
+            if next == "0" {
+                break;
+            }
+            cursor = next;
+        }
+        let mut cmd = self.fcall("fq_class_ready", false);
+        cmd.arg(&key.0);
+        Ok(text(&self.run(&cmd).await?).as_deref() == Some("ok"))
     }
 
     fn parse_claim(&self, list: &[Value], worker_id: &str) -> Result<ClaimReply> {
         match list.first().and_then(text).as_deref() {
-            None => Ok(ClaimReply::Empty),
-            Some("refresh") => Ok(ClaimReply::Refresh),
+            Some("empty") => Ok(ClaimReply::Empty(text_at(list, 1, "class")?)),
+            Some("unknown") => Ok(ClaimReply::Unknown),
             Some("job") => {
                 let spec_text = text_at(list, 1, "spec")?;
                 let spec: JobSpec =
@@ -348,15 +345,13 @@ impl RedisBroker {
                     job: JobRecord { summary, spec, outcome: None },
                 })))
             }
-            Some(other) => Err(corrupt(format!("claim reply {other:?}"))),
+            other => Err(corrupt(format!("claim reply {other:?}"))),
         }
     }
 
     async fn try_claim(&self, worker_id: &str) -> Result<ClaimReply> {
-        let (view, m) = self.claim_args(worker_id).await?;
         let mut cmd = self.fcall("fq_claim", false);
-        cmd.arg(self.now());
-        self.push_claim_args(&mut cmd, worker_id, &view, &m);
+        cmd.arg(self.now()).arg(self.config.lease_ms).arg(worker_id);
         let reply = items(self.run(&cmd).await?);
         self.parse_claim(&reply, worker_id)
     }
@@ -438,6 +433,49 @@ impl RedisBroker {
 
     // ----- compare-and-set writes ----------------------------------------------------------------
 
+    /// Stores a worker's registration in its class (declared first), folding registered-at and
+    /// connector reports from the stored one.
+    async fn register(&self, registration: &WorkerRegistration) -> Result<()> {
+        let spec = ClassSpec::of(registration);
+        let key = spec.key();
+        let id = &registration.worker_id;
+        for _ in 0..8 {
+            if !self.declare_class(&key, &spec).await? {
+                continue;
+            }
+            for _ in 0..32 {
+                let old = self.hget("workers", id).await?;
+                let now = self.now();
+                let prior: Option<WorkerInfo> = old
+                    .as_deref()
+                    .map(serde_json::from_str)
+                    .transpose()
+                    .map_err(|e| corrupt(format!("worker {id}: {e}")))?;
+                let info = WorkerInfo {
+                    registration: registration.clone(),
+                    registered_at: prior.as_ref().map_or(now, |o| o.registered_at),
+                    last_seen: now,
+                    connectors: prior.map(|o| o.connectors).unwrap_or_default(),
+                };
+                let event = EventKind::WorkerRegistered { worker: info.clone() };
+                let mut cmd = self.fcall("fq_register", false);
+                cmd.arg(now)
+                    .arg(id)
+                    .arg(old.unwrap_or_default())
+                    .arg(to_json(&info)?)
+                    .arg(to_json(&event)?)
+                    .arg(&key.0);
+                match text(&self.run(&cmd).await?).as_deref() {
+                    Some("ok") => return Ok(()),
+                    Some("dropped") => return self.evaluate_workability().await.map(|_| ()),
+                    Some("gone") => break,
+                    _ => continue,
+                }
+            }
+        }
+        Err(corrupt(format!("worker {id}: its class kept being dropped under concurrent writers")))
+    }
+
     async fn hget(&self, hash: &str, field: &str) -> Result<Option<String>> {
         let mut cmd = redis::cmd("HGET");
         cmd.arg(self.key(hash)).arg(field);
@@ -445,7 +483,7 @@ impl RedisBroker {
     }
 
     /// Folds a new value from the current one and stores it with its event, retrying on conflict.
-    async fn cas<F>(&self, hash: &str, field: &str, touch: bool, bump: bool, mut fold: F) -> Result<()>
+    async fn cas<F>(&self, hash: &str, field: &str, touch: bool, mut fold: F) -> Result<()>
     where
         F: FnMut(Option<&str>, i64) -> Result<Option<(String, Option<EventKind>)>> + Send,
     {
@@ -465,8 +503,7 @@ impl RedisBroker {
                 .arg(new)
                 .arg(etype)
                 .arg(ejson)
-                .arg(if touch { "1" } else { "0" })
-                .arg(if bump { "1" } else { "0" });
+                .arg(if touch { "1" } else { "0" });
             if text(&self.run(&cmd).await?).as_deref() == Some("ok") {
                 return Ok(());
             }
@@ -485,18 +522,31 @@ impl RedisBroker {
 
     /// Stores already validated specs in one function call: a batch is all or nothing (a refused
     /// call — out of memory, a lost connection — creates none of its jobs). Its size is bounded by
-    /// validation ([`fleetq_core::validate::MAX_BATCH`]).
+    /// validation ([`fleetq_core::validate::MAX_BATCH`]). Each distinct partition is matched
+    /// against the live classes here, once per call.
     async fn submit_valid(&self, specs: &[JobSpec]) -> Result<Vec<Submitted>> {
-        let now = self.now();
-        let mut results = Vec::with_capacity(specs.len());
-        let mut new_partitions = false;
-        {
-            let chunk = specs;
-            let mut cmd = self.fcall("fq_submit", false);
-            cmd.arg(now).arg(chunk.len());
-            for spec in chunk {
-                let id = new_job_id();
+        for fresh in [false, true, true, true] {
+            let view = self.view(fresh).await?;
+            let now = self.now();
+            let mut index: HashMap<PartitionKey, usize> = HashMap::new();
+            let mut partitions: Vec<(PartitionKey, PartitionSpec)> = Vec::new();
+            let mut jobs = Vec::with_capacity(specs.len());
+            for spec in specs {
                 let pspec = PartitionSpec::of(spec);
+                let pkey = pspec.key();
+                let at = *index.entry(pkey.clone()).or_insert_with(|| {
+                    partitions.push((pkey, pspec));
+                    partitions.len()
+                });
+                jobs.push((spec, at));
+            }
+            let mut cmd = self.fcall("fq_submit", false);
+            cmd.arg(now).arg(&view.cver).arg(partitions.len()).arg(jobs.len());
+            for (key, pspec) in &partitions {
+                cmd.arg(&key.0).arg(to_json(pspec)?).arg(&pspec.service).arg(view.matching(pspec));
+            }
+            for (spec, at) in jobs {
+                let id = new_job_id();
                 let summary = fleetq_core::JobSummary::new_pending(id.clone(), spec, now);
                 let order = OrderKey::new(spec.effective_priority(), spec.effective_time(now), 0).encode();
                 let mut extra = vec![
@@ -514,29 +564,22 @@ impl RedisBroker {
                 }
                 cmd.arg(initial_state(&summary, &extra)?)
                     .arg(to_json(spec)?)
-                    .arg(&summary.partition)
-                    .arg(to_json(&pspec)?)
+                    .arg(at)
                     .arg(&order[..20])
-                    .arg(idempotency.as_deref().unwrap_or(""))
-                    .arg(&spec.service);
+                    .arg(idempotency.as_deref().unwrap_or(""));
             }
             let reply = items(self.run(&cmd).await?);
-            let n_new: usize = text_at(&reply, 0, "new partition count")?.parse().map_err(corrupt)?;
-            new_partitions |= n_new > 0;
-            for pair in reply[1 + n_new..].chunks_exact(2) {
+            if text_at(&reply, 0, "submit status")? == "refresh" {
+                continue;
+            }
+            let mut results = Vec::with_capacity(specs.len());
+            for pair in reply[1..].chunks_exact(2) {
                 let id = text(&pair[0]).ok_or_else(|| corrupt("submit id"))?;
                 results.push(Submitted { id: JobId(id), created: text(&pair[1]).as_deref() == Some("1") });
             }
+            return Ok(results);
         }
-        if new_partitions {
-            self.fleet_changed().await?;
-        }
-        Ok(results)
-    }
-
-    async fn fleet_changed(&self) -> Result<()> {
-        self.invalidate();
-        self.evaluate_workability().await.map(|_| ())
+        Err(corrupt("worker classes kept changing under a submission"))
     }
 }
 
@@ -605,25 +648,18 @@ impl Broker for RedisBroker {
     }
     async fn claim(&self, worker_id: &str, wait: Duration) -> Result<Option<Lease>> {
         let deadline = Instant::now() + wait;
-        let mut refreshes = 0;
         loop {
-            match self.try_claim(worker_id).await? {
+            let class = match self.try_claim(worker_id).await? {
                 ClaimReply::Job(lease) => return Ok(Some(*lease)),
-                ClaimReply::Refresh if refreshes < 8 => {
-                    refreshes += 1;
-                    self.invalidate();
-                    continue;
-                }
-                ClaimReply::Refresh | ClaimReply::Empty => {}
-            }
-            refreshes = 0;
+                ClaimReply::Unknown => return Err(BrokerError::UnknownWorker(worker_id.to_owned())),
+                ClaimReply::Empty(class) => class,
+            };
             let now = Instant::now();
             if now >= deadline {
                 return Ok(None);
             }
-            let (_, m) = self.claim_args(worker_id).await?;
             let slice = (deadline - now).min(Duration::from_millis(self.config.claim_recheck_ms));
-            self.wait_wake(&m.wake_keys, slice).await?;
+            self.wait_wake(&[self.key(&format!("wake:c:{class}"))], slice).await?;
         }
     }
 
@@ -667,7 +703,20 @@ impl Broker for RedisBroker {
     async fn retry(&self, id: &JobId) -> Result<()> {
         let mut cmd = self.fcall("fq_retry", false);
         cmd.arg(self.now()).arg(&id.0);
-        match text(&self.run(&cmd).await?).as_deref() {
+        let mut reply = text(&self.run(&cmd).await?);
+        // Its partition was removed when it finished: match it again and recreate it.
+        for fresh in [false, true, true, true] {
+            if !matches!(reply.as_deref(), Some("partition" | "refresh")) {
+                break;
+            }
+            let Some(job) = self.job(id).await? else { return Err(BrokerError::JobNotFound(id.clone())) };
+            let pspec = PartitionSpec::of(&job.spec);
+            let view = self.view(fresh).await?;
+            let mut cmd = self.fcall("fq_retry", false);
+            cmd.arg(self.now()).arg(&id.0).arg(&view.cver).arg(to_json(&pspec)?).arg(view.matching(&pspec));
+            reply = text(&self.run(&cmd).await?);
+        }
+        match reply.as_deref() {
             Some("ok") => Ok(()),
             Some("missing") => Err(BrokerError::JobNotFound(id.clone())),
             Some(status) => match JobStatus::parse(status) {
@@ -690,53 +739,48 @@ impl Broker for RedisBroker {
             workers_expired: n(3)?,
             events_trimmed: n(4)?,
         };
-        if report.workers_expired > 0 {
-            self.fleet_changed().await?;
+        if n(5)? > 0 {
+            self.evaluate_workability().await?;
         }
         Ok(report)
     }
 
+    /// A full pass over the live partitions (a page per call). Flags are kept up to date as
+    /// partitions and classes come and go; this pass runs when a class was dropped, and repairs.
     async fn evaluate_workability(&self) -> Result<usize> {
-        let view = self.view(true).await?;
-        let mut cmd = self.fcall("fq_workability", false);
-        let mut changes = Vec::new();
-        for (key, spec) in &view.partitions {
-            let unworkable = !view.workers.values().any(|w| matches_partition(&w.registration, spec));
-            if unworkable != view.unworkable.contains(&key.0) {
-                changes.push((key.0.clone(), unworkable));
+        for fresh in [true, true, true, true] {
+            let view = self.view(fresh).await?;
+            let mut changed = 0;
+            let mut cursor = "0".to_owned();
+            let stale = loop {
+                let (next, specs) = self.partition_page(&cursor).await?;
+                if !specs.is_empty() {
+                    let mut cmd = self.fcall("fq_workability", false);
+                    cmd.arg(self.now()).arg(&view.cver).arg(specs.len());
+                    for (key, spec) in &specs {
+                        let unworkable = !view.classes.iter().any(|(_, c)| c.matches(spec));
+                        cmd.arg(key).arg(if unworkable { "1" } else { "0" });
+                    }
+                    match self.run(&cmd).await? {
+                        Value::Int(n) => changed += usize::try_from(n).unwrap_or(0),
+                        _ => break true,
+                    }
+                }
+                if next == "0" {
+                    break false;
+                }
+                cursor = next;
+            };
+            if !stale {
+                return Ok(changed);
             }
         }
-        if changes.is_empty() {
-            return Ok(0);
-        }
-        cmd.arg(self.now()).arg(changes.len());
-        for (key, flag) in &changes {
-            cmd.arg(key).arg(if *flag { "1" } else { "0" });
-        }
-        let changed = text(&self.run(&cmd).await?).and_then(|t| t.parse().ok()).unwrap_or(0);
-        self.invalidate();
-        Ok(changed)
+        Err(corrupt("worker classes kept changing under a workability pass"))
     }
 
     async fn register_worker(&self, registration: WorkerRegistration) -> Result<()> {
         registration.validate()?;
-        let id = registration.worker_id.clone();
-        self.cas("workers", &id, true, true, |old, now| {
-            let old: Option<WorkerInfo> = old
-                .map(serde_json::from_str)
-                .transpose()
-                .map_err(|e| corrupt(format!("worker {id}: {e}")))?;
-            let info = WorkerInfo {
-                registration: registration.clone(),
-                registered_at: old.as_ref().map_or(now, |o| o.registered_at),
-                last_seen: now,
-                connectors: old.map(|o| o.connectors).unwrap_or_default(),
-            };
-            let text = serde_json::to_string(&info).map_err(corrupt)?;
-            Ok(Some((text, Some(EventKind::WorkerRegistered { worker: info }))))
-        })
-        .await?;
-        self.fleet_changed().await
+        self.register(&registration).await
     }
 
     async fn heartbeat(&self, worker_id: &str) -> Result<()> {
@@ -754,13 +798,14 @@ impl Broker for RedisBroker {
         let mut cmd = self.fcall("fq_deregister", false);
         cmd.arg(self.now()).arg(worker_id).arg(serde_json::to_string(&event).map_err(corrupt)?);
         match text(&self.run(&cmd).await?).as_deref() {
-            Some("ok") => self.fleet_changed().await,
+            Some("ok") => Ok(()),
+            Some("dropped") => self.evaluate_workability().await.map(|_| ()),
             _ => Err(BrokerError::UnknownWorker(worker_id.to_owned())),
         }
     }
 
     async fn report_connector(&self, worker_id: &str, report: ConnectorReport) -> Result<()> {
-        self.cas("workers", worker_id, true, false, |old, _now| {
+        self.cas("workers", worker_id, true, |old, _now| {
             let Some(old) = old else { return Err(BrokerError::UnknownWorker(worker_id.to_owned())) };
             let mut info: WorkerInfo =
                 serde_json::from_str(old).map_err(|e| corrupt(format!("worker: {e}")))?;
@@ -782,7 +827,7 @@ impl Broker for RedisBroker {
     async fn machine_event(&self, event: MachineEvent) -> Result<()> {
         event.validate()?;
         let id = event.machine_id.clone();
-        self.cas("machines", &id, false, false, |old, _now| {
+        self.cas("machines", &id, false, |old, _now| {
             let mut state: MachineState = old
                 .map(serde_json::from_str)
                 .transpose()
@@ -1001,19 +1046,14 @@ impl RedisBroker {
         Self::fenced(&mut cmd, self.now(), lease);
         cmd.arg(crate::result_outcome(&text_result));
         if claim_next {
-            let (view, m) = self.claim_args(&lease.worker_id).await?;
-            self.push_claim_args(&mut cmd, &lease.worker_id, &view, &m);
+            cmd.arg(self.config.lease_ms);
         }
         let reply = items(self.run(&cmd).await?);
         match text_at(&reply, 0, "complete status")?.as_str() {
             "ok" => Ok(None),
             "next" => match self.parse_claim(&reply[1..], &lease.worker_id)? {
                 ClaimReply::Job(next) => Ok(Some(*next)),
-                ClaimReply::Refresh => {
-                    self.invalidate();
-                    self.claim(&lease.worker_id, Duration::ZERO).await
-                }
-                ClaimReply::Empty => Ok(None),
+                ClaimReply::Empty(_) | ClaimReply::Unknown => Ok(None),
             },
             other => Err(Self::fence_error(other, lease)),
         }
