@@ -35,7 +35,9 @@ macro_rules! conformance_tests {
             complete_and_claim_hands_over_next_job, lease_renewal_extends_deadline,
             event_log_is_capped_by_age, matching_workers_explain_the_fleet, queue_depths_per_service,
             queue_position_and_order_at_a_large_backlog, idempotency_keys_are_scoped_by_owner,
-            numbers_are_bounded_and_time_limits_defaulted, the_log_epoch_moves_on_once);
+            numbers_are_bounded_and_time_limits_defaulted, the_log_epoch_moves_on_once,
+            order_holds_across_many_partitions, partitions_come_and_go, worker_classes_follow_registrations,
+            fair_share_takes_turns);
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
         $(
@@ -50,13 +52,20 @@ macro_rules! conformance_tests {
 
 /// The broker configuration of a case: [`crate::testing::test_config`], except that the cases about
 /// wake-ups re-check only every 120 s — longer than their 60 s waits and 30 s bounds — so only a
-/// real wake-up passes them, never a periodic re-check.
+/// real wake-up passes them, never a periodic re-check — and the fair share case turns it on.
 pub fn config_for(case: &str) -> crate::BrokerConfig {
     let config = crate::testing::test_config();
     match case {
         "claim_blocks_until_a_job_arrives" | "events_after_waits_for_news" => {
             crate::BrokerConfig { claim_recheck_ms: 120_000, ..config }
         }
+        "fair_share_takes_turns" => crate::BrokerConfig {
+            fair_share: Some(crate::FairShare {
+                enabled: true,
+                weights: [("gold".to_owned(), 2)].into_iter().collect(),
+            }),
+            ..config
+        },
         _ => config,
     }
 }
@@ -1323,4 +1332,226 @@ pub async fn the_log_epoch_moves_on_once<B: Broker>(fx: Fixture<B>) {
     assert_eq!(b.advance_log_epoch(0).await.expect("a second noticer"), 1, "moved on once");
     assert_eq!(b.log_epoch().await.expect("epoch"), 1);
     assert_eq!(b.advance_log_epoch(1).await.expect("the next going-back"), 2);
+}
+
+fn shaped(service: &str, vram: u32, customer: Option<String>, priority: i32, label: usize) -> JobSpec {
+    let mut s = JobSpec::new(service, json!(label));
+    s.requirements = fleetq_core::Requirements::parse(&json!({"vram": vram}), "requirements").expect("valid");
+    s.customer_id = customer;
+    s.priority = priority;
+    s
+}
+
+/// The workability flags published for one partition, in order.
+async fn flags_of<B: Broker>(b: &B, partition: &str) -> Vec<bool> {
+    all_events(b)
+        .await
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::PartitionWorkability { partition: p, unworkable } if p == partition => {
+                Some(*unworkable)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The exact order (priority, effective time, submission) holds across hundreds of partitions,
+/// incompatible ones among them never hide compatible jobs, and a worker of a new class finds the
+/// work already pending for it, in order.
+pub async fn order_holds_across_many_partitions<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.register_worker(worker("mid", &["simulation"], json!({"vram": 24}))).await.expect("register");
+    // 100 customers × 3 shapes; the 48 GB shape is beyond "mid".
+    let (mut fits, mut big) = (Vec::new(), Vec::new());
+    let mut batch = Vec::new();
+    for i in 0..1500usize {
+        if i % 7 == 0 {
+            fx.clock.advance(1);
+        }
+        let vram = [8, 16, 48][i % 3];
+        let priority = ((i * 7919) % 5) as i32 - 2;
+        let spec = shaped("simulation", vram, Some(format!("c{}", i % 100)), priority, i);
+        // Order: priority first, then submission time and sequence (i grows with both).
+        let key = (-priority, i);
+        if vram == 48 {
+            big.push(key)
+        } else {
+            fits.push(key)
+        }
+        batch.push(spec);
+        if batch.len() == 100 {
+            b.submit_batch(std::mem::take(&mut batch)).await.expect("batch");
+        }
+    }
+    fits.sort();
+    big.sort();
+    let mut got = Vec::new();
+    while let Some(lease) = claim_now(b, "mid").await {
+        got.push(lease.job.spec.payload.as_u64().expect("label") as usize);
+        b.complete(&lease.as_ref(), json!(null)).await.expect("complete");
+    }
+    assert_eq!(got, fits.iter().map(|k| k.1).collect::<Vec<_>>(), "claim order across partitions");
+    b.register_worker(worker("large", &["simulation"], json!({"vram": 64}))).await.expect("register");
+    let mut got = Vec::new();
+    while let Some(lease) = claim_now(b, "large").await {
+        got.push(lease.job.spec.payload.as_u64().expect("label") as usize);
+        b.complete(&lease.as_ref(), json!(null)).await.expect("complete");
+    }
+    assert_eq!(got, big.iter().map(|k| k.1).collect::<Vec<_>>(), "a new class sees what was pending");
+}
+
+/// A partition lives while it has an unfinished job: removed when its last one finishes (its flag
+/// with it), recreated by the next submission or retry — also when the submission races the last
+/// job's completion. Nothing is lost either way.
+pub async fn partitions_come_and_go<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    let w = worker("w", &["simulation"], json!({"vram": 24}));
+    let spec = |label: usize| shaped("simulation", 16, Some("acme".into()), 0, label);
+    let first = b.submit(spec(0)).await.expect("submit").id;
+    let partition = b.job(&first).await.expect("get").expect("exists").summary.partition;
+    assert!(b.job(&first).await.expect("get").expect("exists").summary.unworkable, "nobody serves it yet");
+    b.register_worker(w.clone()).await.expect("register");
+    let lease = claim_now(b, "w").await.expect("claim");
+    b.complete(&lease.as_ref(), json!(null)).await.expect("complete");
+    // Removed with the job: the worker leaving flags nothing.
+    b.deregister_worker("w").await.expect("deregister");
+    b.evaluate_workability().await.expect("evaluate");
+    assert_eq!(flags_of(b, &partition).await, vec![true, false]);
+    // Recreated, flagged again (no worker), then served.
+    let second = b.submit(spec(1)).await.expect("submit").id;
+    assert!(b.job(&second).await.expect("get").expect("exists").summary.unworkable);
+    b.register_worker(w.clone()).await.expect("register");
+    assert_eq!(flags_of(b, &partition).await, vec![true, false, true, false]);
+    let lease = claim_now(b, "w").await.expect("the recreated partition is claimable");
+    assert_eq!(lease.job.summary.id, second);
+    b.complete(&lease.as_ref(), json!(null)).await.expect("complete");
+    // A retried job recreates its removed partition.
+    let third = b.submit(spec(2)).await.expect("submit").id;
+    assert_eq!(b.cancel(&third).await.expect("cancel"), CancelOutcome::Cancelled);
+    b.retry(&third).await.expect("retry");
+    let lease = claim_now(b, "w").await.expect("the retried job is claimable");
+    assert_eq!(lease.job.summary.id, third);
+    b.complete(&lease.as_ref(), json!(null)).await.expect("complete");
+    // Submissions racing the completion of the partition's last job.
+    let mut submitted = HashSet::new();
+    let mut done = HashSet::new();
+    let mut running = b.submit(spec(100)).await.expect("submit").id;
+    submitted.insert(running.clone());
+    for round in 0..40usize {
+        let lease = claim_now(b, "w").await.expect("one job is pending");
+        assert_eq!(lease.job.summary.id, running);
+        let held = lease.as_ref();
+        let (completed, next) = tokio::join!(b.complete(&held, json!(null)), b.submit(spec(101 + round)));
+        completed.expect("complete");
+        done.insert(running);
+        running = next.expect("submit").id;
+        submitted.insert(running.clone());
+    }
+    let lease = claim_now(b, "w").await.expect("the last submission is claimable");
+    b.complete(&lease.as_ref(), json!(null)).await.expect("complete");
+    done.insert(lease.job.summary.id);
+    assert_eq!(done, submitted, "every racing submission was served");
+    assert!(claim_now(b, "w").await.is_none());
+}
+
+/// Workers that match alike share a class. A new class is matched against the partitions already
+/// pending, a dropped class (its last worker gone) leaves them flagged, and a worker that
+/// re-registers with other capabilities changes class.
+pub async fn worker_classes_follow_registrations<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    for id in ["a1", "a2"] {
+        b.register_worker(worker(id, &["simulation"], json!({"vram": 24}))).await.expect("register");
+    }
+    let mut ids = Vec::new();
+    for i in 0..20usize {
+        let vram = if i % 2 == 0 { 8 } else { 48 };
+        ids.push(
+            b.submit(shaped("simulation", vram, Some(format!("c{}", i % 5)), 0, i)).await.expect("submit").id,
+        );
+    }
+    let big = b.job(&ids[1]).await.expect("get").expect("exists").summary.partition;
+    let small = b.job(&ids[0]).await.expect("get").expect("exists").summary.partition;
+    assert_eq!(flags_of(b, &big).await, vec![true]);
+    b.register_worker(worker("b", &["simulation"], json!({"vram": 64}))).await.expect("register");
+    assert_eq!(flags_of(b, &big).await, vec![true, false], "the new class serves it");
+    // One worker of a class leaving keeps the class; the last one drops it.
+    b.deregister_worker("b").await.expect("deregister");
+    assert_eq!(flags_of(b, &big).await, vec![true, false, true]);
+    b.deregister_worker("a1").await.expect("deregister");
+    assert!(flags_of(b, &small).await.is_empty(), "a2 still serves the small shape");
+    // a2 upgrades: its class changes, the old one (now empty) is dropped.
+    b.register_worker(worker("a2", &["simulation"], json!({"vram": 96}))).await.expect("register");
+    assert_eq!(flags_of(b, &big).await, vec![true, false, true, false]);
+    let mut got = Vec::new();
+    while let Some(lease) = claim_now(b, "a2").await {
+        got.push(lease.job.summary.id.clone());
+        b.complete(&lease.as_ref(), json!(null)).await.expect("complete");
+    }
+    assert_eq!(got, ids, "a2 serves both shapes, in order");
+}
+
+/// With fair share on (weights: gold 2), customers of equal priority take turns: one customer's
+/// backlog delays another's single job by at most one job, backlogged customers are served by
+/// weight, each customer's jobs stay in order, priority still comes first and a workflow's later
+/// step keeps its first step's place.
+pub async fn fair_share_takes_turns<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.register_worker(worker("w", &["simulation"], json!({}))).await.expect("register");
+    let job_of = |customer: &str, label: &str| {
+        let mut s = sim(json!(label));
+        s.customer_id = Some(customer.to_owned());
+        s
+    };
+    let backlog: Vec<JobSpec> = (0..300).map(|i| job_of("big", &format!("big-{i}"))).collect();
+    b.submit_batch(backlog).await.expect("batch");
+    let mut log: Vec<String> = Vec::new();
+    let take = async |n: usize, log: &mut Vec<String>| {
+        for _ in 0..n {
+            let lease = claim_now(b, "w").await.expect("pending work");
+            log.push(lease.job.spec.payload.as_str().unwrap_or_default().to_owned());
+            b.complete(&lease.as_ref(), json!(null)).await.expect("complete");
+        }
+    };
+    take(3, &mut log).await;
+    fx.clock.advance(1);
+    b.submit(job_of("small", "small-0")).await.expect("submit");
+    take(2, &mut log).await;
+    assert!(log[3..5].contains(&"small-0".to_owned()), "small waits behind at most one job: {log:?}");
+    // Weighted turns between two backlogs: gold (weight 2) and big (1).
+    let gold: Vec<JobSpec> = (0..100).map(|i| job_of("gold", &format!("gold-{i}"))).collect();
+    b.submit_batch(gold).await.expect("batch");
+    let before = log.len();
+    take(60, &mut log).await;
+    let golds = log[before..].iter().filter(|l| l.starts_with("gold")).count();
+    assert!((38..=42).contains(&golds), "gold took {golds} of 60 turns, want ~40: {:?}", &log[before..]);
+    // Priority first; a workflow's second step keeps the first step's place.
+    let mut urgent = job_of("big", "urgent");
+    urgent.priority = 5;
+    let mut step1 = job_of("small", "step-1");
+    step1.workflow_id = Some("wf-1".into());
+    b.submit_batch(vec![urgent, step1.clone()]).await.expect("batch");
+    take(1, &mut log).await;
+    assert_eq!(log.last().map(String::as_str), Some("urgent"));
+    take(2, &mut log).await;
+    assert!(log[log.len() - 2..].contains(&"step-1".to_owned()), "step 1 has its turn: {log:?}");
+    take(5, &mut log).await;
+    let mut step2 = step1;
+    step2.payload = json!("step-2");
+    b.submit(step2).await.expect("submit");
+    take(1, &mut log).await;
+    assert_eq!(log.last().map(String::as_str), Some("step-2"), "the workflow kept its place");
+    // Drain: every customer's jobs came in submission order.
+    while let Some(lease) = claim_now(b, "w").await {
+        log.push(lease.job.spec.payload.as_str().unwrap_or_default().to_owned());
+        b.complete(&lease.as_ref(), json!(null)).await.expect("complete");
+    }
+    for customer in ["big", "gold"] {
+        let seen: Vec<usize> = log
+            .iter()
+            .filter_map(|l| l.strip_prefix(&format!("{customer}-")).and_then(|n| n.parse().ok()))
+            .collect();
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "{customer} out of order: {seen:?}");
+        assert_eq!(seen.len(), if customer == "big" { 300 } else { 100 });
+    }
 }

@@ -232,6 +232,52 @@ pub struct BrokerConfig {
     /// Redis: how long a write waits for `wait_replicas` before failing with
     /// [`BrokerError::NotReplicated`] (the write stays on the primary).
     pub wait_timeout_ms: u64,
+    /// Fair share between customers of equal priority ([`fleetq_core::fair`]), a queue setting.
+    /// `None`, the default, leaves it as the queue has it: with Redis the stored setting (off for
+    /// a new queue), so workers never change it; the embedded store is off. `Some` sets it (with
+    /// Redis, for every process of the queue).
+    pub fair_share: Option<FairShare>,
+}
+
+/// Fair share between customers: among jobs of equal effective priority, customers take turns.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FairShare {
+    /// On, or off (the exact order).
+    pub enabled: bool,
+    /// Turns per round of a customer (1 to [`fleetq_core::fair::MAX_WEIGHT`]); a customer not
+    /// listed has 1, and jobs without a customer share one customer, `""`.
+    pub weights: BTreeMap<String, u32>,
+}
+
+impl FairShare {
+    /// On, with weights parsed from `customer=weight` items (the bad one is named).
+    pub fn with_weights<'a>(
+        items: impl IntoIterator<Item = &'a str>,
+    ) -> std::result::Result<Self, ValidationError> {
+        let mut weights = BTreeMap::new();
+        for item in items {
+            let bad = || {
+                ValidationError::new(
+                    "customer_weight",
+                    format!("{item:?}: want customer=weight, weight 1..={}", fleetq_core::fair::MAX_WEIGHT),
+                )
+            };
+            let (customer, w) = item.split_once('=').ok_or_else(bad)?;
+            let w: u32 = w.trim().parse().map_err(|_| bad())?;
+            if !(1..=fleetq_core::fair::MAX_WEIGHT).contains(&w) {
+                return Err(bad());
+            }
+            weights.insert(customer.trim().to_owned(), w);
+        }
+        Ok(Self { enabled: true, weights })
+    }
+}
+
+impl BrokerConfig {
+    /// The fair share in force when this process decides it (on, with its weights), else `None`.
+    pub fn fair(&self) -> Option<&FairShare> {
+        self.fair_share.as_ref().filter(|f| f.enabled)
+    }
 }
 
 impl Default for BrokerConfig {
@@ -250,6 +296,7 @@ impl Default for BrokerConfig {
             limits: Limits::default(),
             wait_replicas: 0,
             wait_timeout_ms: 1_000,
+            fair_share: None,
         }
     }
 }

@@ -39,6 +39,7 @@
 pub mod class;
 pub mod clock;
 pub mod event;
+pub mod fair;
 pub mod job;
 pub mod matching;
 pub mod order;

@@ -273,6 +273,14 @@ async fn submit_built<B: Broker>(b: &B, n: usize, job: impl Fn(usize) -> JobSpec
 }
 
 /// Redis server CPU (user + sys) in ms, from INFO.
+/// Redis's `used_memory` in bytes.
+async fn redis_memory(client: &Option<redis::Client>) -> Result<Option<f64>> {
+    let Some(client) = client else { return Ok(None) };
+    let mut c = client.get_multiplexed_async_connection().await?;
+    let info: String = redis::cmd("INFO").arg("memory").query_async(&mut c).await?;
+    Ok(info.lines().find_map(|l| l.strip_prefix("used_memory:")).and_then(|v| v.trim().parse().ok()))
+}
+
 async fn redis_cpu_ms(client: &Option<redis::Client>) -> Result<Option<f64>> {
     let Some(client) = client else { return Ok(None) };
     let mut c = client.get_multiplexed_async_connection().await?;
@@ -401,9 +409,11 @@ async fn paced<B: Broker>(made: &Made<B>, rate: u64, seconds: u64, workers: usiz
 }
 
 async fn depth<B: Broker>(made: &Made<B>, pending: usize, claims: usize) -> Result<Value> {
-    let (b, _, _) = made;
+    let (b, client, _) = made;
     let ids = register_workers(b.as_ref(), 1).await?;
+    let mem0 = redis_memory(client).await?;
     let fill_s = submit_all(b.as_ref(), pending).await?;
+    let mem1 = redis_memory(client).await?;
     let mut lat = Vec::with_capacity(claims);
     for i in 0..claims {
         let t = Instant::now();
@@ -412,10 +422,16 @@ async fn depth<B: Broker>(made: &Made<B>, pending: usize, claims: usize) -> Resu
         b.complete(&lease.as_ref(), Value::Null).await?;
         b.submit(bench_job(pending + i)).await?;
     }
-    Ok(json!({
+    let mut line = json!({
         "mode": "depth", "pending": pending, "fill_jobs_per_s": (pending as f64 / fill_s).round(),
         "claim_latency": summarize(lat),
-    }))
+    });
+    if let (Some(m0), Some(m1), Some(obj)) = (mem0, mem1, line.as_object_mut()) {
+        // Everything a pending job holds: its state, spec, index entries and its share of the
+        // event log (capped at max_events).
+        obj.insert("redis_bytes_per_pending_job".into(), json!(((m1 - m0) / pending.max(1) as f64).round()));
+    }
+    Ok(line)
 }
 
 /// Every worker claims and completes until the queue is empty. Returns the claim latencies (ms)

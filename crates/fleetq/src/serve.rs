@@ -12,7 +12,7 @@ use clap::Args as ClapArgs;
 use fleetq_api::{ApiConfig, Tokens};
 use fleetq_broker::embedded::EmbeddedBroker;
 use fleetq_broker::redis::RedisBroker;
-use fleetq_broker::{Broker, BrokerConfig};
+use fleetq_broker::{Broker, BrokerConfig, FairShare};
 use fleetq_connectors::CancellationToken;
 use fleetq_core::Capabilities;
 use fleetq_machine::simulated::SimulatedMachine;
@@ -47,6 +47,14 @@ pub(crate) struct ApiArgs {
     /// Most event streams and WebSockets open at once (beyond: 503 with Retry-After).
     #[arg(long, env = "FLEETQ_MAX_STREAMS", default_value_t = 1024)]
     max_streams: usize,
+    /// Fair share between customers of equal priority: they take turns instead of strict
+    /// submission order (on/off). Unset leaves the queue's setting (off for a new queue).
+    #[arg(long, env = "FLEETQ_FAIR_SHARE", value_parser = clap::builder::BoolishValueParser::new())]
+    fair_share: Option<bool>,
+    /// Fair share weight `customer=N` (1..1000 turns per round, default 1); comma-separated or
+    /// repeated. Needs --fair-share on.
+    #[arg(long = "customer-weight", env = "FLEETQ_CUSTOMER_WEIGHTS", value_delimiter = ',')]
+    customer_weights: Vec<String>,
 }
 
 impl ApiArgs {
@@ -74,6 +82,21 @@ impl ApiArgs {
 }
 
 impl ApiArgs {
+    /// The queue's fair share setting as these flags give it (`None`: leave it).
+    fn fair_share(&self) -> Result<Option<FairShare>> {
+        match self.fair_share {
+            None | Some(false) if !self.customer_weights.is_empty() => {
+                bail!("--customer-weight needs --fair-share on")
+            }
+            None => Ok(None),
+            Some(false) => Ok(Some(FairShare::default())),
+            Some(true) => Ok(Some(
+                FairShare::with_weights(self.customer_weights.iter().map(String::as_str))
+                    .map_err(anyhow::Error::msg)?,
+            )),
+        }
+    }
+
     /// Binds the address, first of all, so a taken port is reported before anything else starts.
     async fn bind(&self) -> Result<tokio::net::TcpListener> {
         tokio::net::TcpListener::bind(self.listen)
@@ -169,6 +192,7 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
     let broker_config = BrokerConfig {
         lease_ms: args.lease_ms,
         wait_replicas: args.wait_replicas,
+        fair_share: args.api.fair_share()?,
         ..BrokerConfig::default()
     };
     match &args.redis {
@@ -244,7 +268,11 @@ async fn stack<B: Broker>(
 pub(crate) async fn api(args: ApiOnlyArgs) -> Result<()> {
     let stop = CancellationToken::new();
     let config = args.api.config(args.artifacts_dir.clone(), stop.clone())?;
-    let broker_config = BrokerConfig { wait_replicas: args.wait_replicas, ..BrokerConfig::default() };
+    let broker_config = BrokerConfig {
+        wait_replicas: args.wait_replicas,
+        fair_share: args.api.fair_share()?,
+        ..BrokerConfig::default()
+    };
     let broker = RedisBroker::connect(&args.redis, &args.queue, broker_config)
         .await
         .with_context(|| format!("connecting to {}", args.redis))?;

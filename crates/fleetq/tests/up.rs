@@ -112,6 +112,27 @@ fn up_refuses_a_public_address_without_tokens() {
 }
 
 #[test]
+fn up_names_a_bad_fair_share_weight() {
+    let data = tempfile::tempdir().expect("tempdir");
+    for (args, want) in [
+        (vec!["--customer-weight", "acme=2"], "--customer-weight needs --fair-share on"),
+        (vec!["--fair-share", "on", "--customer-weight", "acme=0"], "\"acme=0\": want customer=weight"),
+        (vec!["--fair-share", "on", "--customer-weight", "acme"], "customer_weight"),
+    ] {
+        let out = fleetq()
+            .args(["up", "--listen", "127.0.0.1:0", "--workers", "0"])
+            .args(&args)
+            .arg("--data-dir")
+            .arg(data.path())
+            .output()
+            .expect("run");
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
+#[test]
 fn cli_names_an_unreachable_api() {
     let out = cli("http://127.0.0.1:9", &["jobs", "ls"]);
     assert!(!out.status.success());

@@ -67,3 +67,21 @@ CREATE TABLE IF NOT EXISTS machines (
     id    TEXT PRIMARY KEY,
     state TEXT NOT NULL
 ) STRICT;
+
+-- fair share (fleetq_core::fair): a service's virtual time, a customer's finish tag per service, a
+-- workflow's kept key time.
+CREATE TABLE IF NOT EXISTS fair_clock (
+    service TEXT PRIMARY KEY,
+    v       INTEGER NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS fair_finish (
+    service  TEXT NOT NULL,
+    customer TEXT NOT NULL,
+    finish   INTEGER NOT NULL,
+    PRIMARY KEY (service, customer)
+) STRICT;
+CREATE TABLE IF NOT EXISTS fair_workflows (
+    workflow_id TEXT PRIMARY KEY,
+    t           INTEGER NOT NULL,
+    expires_at  INTEGER NOT NULL
+) STRICT;

@@ -671,7 +671,11 @@ impl State {
             .conn
             .prepare_cached("UPDATE meta SET v = v + 1 WHERE k = 'job_seq' RETURNING v")?
             .query_row([], |r| r.get(0))?;
-        let order = OrderKey::new(spec.effective_priority(), spec.effective_time(now), seq as u64).encode();
+        let time = match self.config.fair() {
+            Some(_) => self.fair_time(&spec, now)?,
+            None => spec.effective_time(now),
+        };
+        let order = OrderKey::new(spec.effective_priority(), time, seq as u64).encode();
         let mut summary = JobSummary::new_pending(id.clone(), &spec, now);
         self.derive(&mut summary);
         self.conn
@@ -740,6 +744,85 @@ impl State {
         Ok(None)
     }
 
+    /// The order key's time component of a job under fair share ([`fleetq_core::fair`]).
+    fn fair_time(&mut self, spec: &JobSpec, now: i64) -> Result<i64> {
+        use fleetq_core::fair;
+        if let Some(wf) = &spec.workflow_id {
+            let kept: Option<i64> = self
+                .conn
+                .prepare_cached("SELECT t FROM fair_workflows WHERE workflow_id = ?1 AND expires_at >= ?2")?
+                .query_row(params![wf, now], |r| r.get(0))
+                .optional()?;
+            if let Some(t) = kept {
+                return Ok(t);
+            }
+        }
+        let v: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT v FROM fair_clock WHERE service = ?1")?
+            .query_row([&spec.service], |r| r.get(0))
+            .optional()?;
+        let v = match v {
+            Some(v) => u64::try_from(v).unwrap_or(0),
+            None => {
+                let head: Option<String> = self
+                    .conn
+                    .prepare_cached(
+                        "SELECT order_key FROM jobs INDEXED BY jobs_queue WHERE claimable = 1 AND service = ?1
+                         ORDER BY order_key LIMIT 1",
+                    )?
+                    .query_row([&spec.service], |r| r.get(0))
+                    .optional()?;
+                let v = fair::initial_virtual_time(
+                    head.and_then(|h| OrderKey::decode(&h)).map(|k| k.time_ms),
+                    now,
+                );
+                self.conn
+                    .prepare_cached("INSERT INTO fair_clock(service, v) VALUES (?1, ?2)")?
+                    .execute(params![spec.service, i64::try_from(v).unwrap_or(i64::MAX)])?;
+                v
+            }
+        };
+        let customer = spec.customer_id.as_deref().unwrap_or("");
+        let finish: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT finish FROM fair_finish WHERE service = ?1 AND customer = ?2")?
+            .query_row([&spec.service, customer], |r| r.get(0))
+            .optional()?;
+        let start = fair::start_tag(finish.and_then(|f| u64::try_from(f).ok()).unwrap_or(0), v);
+        let weight = self.config.fair().and_then(|f| f.weights.get(customer)).copied().unwrap_or(1);
+        self.conn
+            .prepare_cached(
+                "INSERT INTO fair_finish(service, customer, finish) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(service, customer) DO UPDATE SET finish = excluded.finish",
+            )?
+            .execute(params![
+                spec.service,
+                customer,
+                i64::try_from(fair::finish_tag(start, weight)).unwrap_or(i64::MAX)
+            ])?;
+        let t = fair::key_time(start);
+        if let Some(wf) = &spec.workflow_id {
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO fair_workflows(workflow_id, t, expires_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(workflow_id) DO UPDATE SET t = excluded.t, expires_at = excluded.expires_at",
+                )?
+                .execute(params![wf, t, now.saturating_add(self.config.retention_ms)])?;
+        }
+        Ok(t)
+    }
+
+    /// A claimed job moves its service's virtual time to its start tag.
+    fn fair_claimed(&mut self, row: &Row) -> Result<()> {
+        let Some(key) = OrderKey::decode(&row.order_key) else { return Ok(()) };
+        let tag = i64::try_from(fleetq_core::fair::tag_of_key_time(key.time_ms)).unwrap_or(i64::MAX);
+        self.conn
+            .prepare_cached("UPDATE fair_clock SET v = MAX(v, ?2) WHERE service = ?1")?
+            .execute(params![row.summary.service, tag])?;
+        Ok(())
+    }
+
     pub(super) fn claim(&mut self, worker_id: &str) -> Result<Option<Lease>> {
         if !self.workers.contains_key(worker_id) {
             return Err(BrokerError::UnknownWorker(worker_id.to_owned()));
@@ -748,6 +831,9 @@ impl State {
         self.reap_leases(now, 64)?;
         self.promote(now)?;
         let Some(mut row) = self.choose(worker_id, now)? else { return Ok(None) };
+        if self.config.fair().is_some() {
+            self.fair_claimed(&row)?;
+        }
         Self::transition(&mut row, Action::Claim, now)?;
         let s = &mut row.summary;
         s.attempt += 1;
@@ -971,6 +1057,13 @@ impl State {
             [now - self.config.retention_ms],
         )?;
         report.events_trimmed = self.trim_old_events(now - self.config.max_event_age_ms)?;
+        // Finish tags the virtual time has passed mean what no tag means; kept workflow places
+        // expire with retention.
+        self.conn.execute(
+            "DELETE FROM fair_finish WHERE finish <= (SELECT v FROM fair_clock c WHERE c.service = fair_finish.service)",
+            [],
+        )?;
+        self.conn.execute("DELETE FROM fair_workflows WHERE expires_at < ?1", [now])?;
         Ok(report)
     }
 

@@ -29,10 +29,11 @@ local function jkey(P, id) return P .. 'j:' .. id end
 
 local function cfg(P)
   local v = redis.call('HMGET', P .. 'cfg', 'max_events', 'avoid_ms', 'coalesce_ms',
-    'retention_ms', 'worker_ttl_ms', 'max_event_age_ms')
+    'retention_ms', 'worker_ttl_ms', 'max_event_age_ms', 'fair')
   return {max_events = tonumber(v[1]) or 100000, avoid_ms = tonumber(v[2]) or 5000,
     coalesce_ms = tonumber(v[3]) or 250, retention_ms = tonumber(v[4]) or 604800000,
-    worker_ttl_ms = tonumber(v[5]) or 30000, max_event_age_ms = tonumber(v[6]) or 86400000}
+    worker_ttl_ms = tonumber(v[5]) or 30000, max_event_age_ms = tonumber(v[6]) or 86400000,
+    fair = v[7] == '1'}
 end
 
 -- The job as a table, or nil when it does not exist.
@@ -297,8 +298,56 @@ local function promote(P, nows, limit)
   return #ids
 end
 
+-- ----- fair share (fleetq_core::fair; its tests are the rule's) ---------------------------------
+-- `fv` service → virtual time V, `ff:{service}` customer → finish tag F, `fw` customer → weight,
+-- `fwf:{workflow}` → the key time of the workflow's first step (expires with retention).
+
+local function hex12(t) return string.format('%04x%08x', math.floor(t / 4294967296), t % 4294967296) end
+
+-- The order key's time component of job j under fair share.
+local function fair_time(P, C, j, now)
+  if j.workflow_id then
+    local kept = redis.call('GET', P .. 'fwf:' .. j.workflow_id)
+    if kept then return tonumber(kept) end
+  end
+  local s, c = j.service, j.customer_id or ''
+  local v = tonumber(redis.call('HGET', P .. 'fv', s))
+  if not v then
+    local head = redis.call('ZRANGE', P .. 'sq:' .. s, 0, 0)[1]
+    local t = now
+    if head then t = tonumber(string.sub(head, 9, 20), 16) end
+    v = t * 1000
+    redis.call('HSET', P .. 'fv', s, num(v))
+  end
+  local start = math.max(tonumber(redis.call('HGET', P .. 'ff:' .. s, c)) or 0, v)
+  local w = math.min(math.max(tonumber(redis.call('HGET', P .. 'fw', c)) or 1, 1), 1000)
+  redis.call('HSET', P .. 'ff:' .. s, c, num(start + math.floor(1000000 / w)))
+  local t = math.floor(start / 1000)
+  if j.workflow_id then redis.call('SET', P .. 'fwf:' .. j.workflow_id, num(t), 'PX', C.retention_ms) end
+  return t
+end
+
+-- A claimed job moves its service's virtual time to its start tag.
+local function fair_claimed(P, j)
+  local t = tonumber(string.sub(j.order, 9, 20), 16) * 1000
+  local v = tonumber(redis.call('HGET', P .. 'fv', j.service))
+  if not v or t > v then redis.call('HSET', P .. 'fv', j.service, num(t)) end
+end
+
+-- Forgets up to 100 finish tags a service's virtual time has passed (they mean what no tag means).
+local function fair_forget(P, s)
+  local v = tonumber(redis.call('HGET', P .. 'fv', s)) or 0
+  local cursor = redis.call('HGET', P .. 'ffc', s) or '0'
+  local r = redis.call('HSCAN', P .. 'ff:' .. s, cursor, 'COUNT', 100)
+  for i = 1, #r[2], 2 do
+    if tonumber(r[2][i + 1]) <= v then redis.call('HDEL', P .. 'ff:' .. s, r[2][i]) end
+  end
+  redis.call('HSET', P .. 'ffc', s, r[1])
+end
+
 local function take(P, C, nows, worker, lease_ms, j)
   local now = tonumber(nows)
+  if C.fair then fair_claimed(P, j) end
   dequeue(P, j)
   local deadline = now + lease_ms
   j.attempt = num(tonumber(j.attempt) + 1)
@@ -430,6 +479,7 @@ redis.register_function('fq_submit', function(keys, argv)
     else
       seq = seq + 1
       local j = cjson.decode(state)
+      if C.fair then prefix = string.sub(prefix, 1, 8) .. hex12(fair_time(P, C, j, tonumber(nows))) end
       j.order = prefix .. string.format('%08x%08x', math.floor(seq / 4294967296), seq % 4294967296)
       local json = save(P, j)
       redis.call('SET', P .. 's:' .. j.id, spec)
@@ -583,6 +633,7 @@ redis.register_function('fq_reap', function(keys, argv)
     requeued, finished = requeued + r, finished + f
   until r + f < 500
   local promoted = promote(P, nows, 1000)
+  for _, s in ipairs(redis.call('HKEYS', P .. 'fv')) do fair_forget(P, s) end
   local expired = redis.call('ZRANGEBYSCORE', P .. 'wseen', '-inf', '(' .. num(now - C.worker_ttl_ms), 'LIMIT', 0, 1000)
   local dropped = 0
   for _, w in ipairs(expired) do

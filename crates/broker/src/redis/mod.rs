@@ -166,6 +166,21 @@ impl RedisBroker {
             ])
             .query_async::<()>(&mut conn)
             .await?;
+        // Fair share only when this process sets it: a worker never turns it off.
+        if let Some(fair) = &c.fair_share {
+            let mut set = redis::pipe();
+            set.atomic()
+                .cmd("HSET")
+                .arg(self.key("cfg"))
+                .arg("fair")
+                .arg(if fair.enabled { "1" } else { "0" })
+                .cmd("DEL")
+                .arg(self.key("fw"));
+            if !fair.weights.is_empty() {
+                set.cmd("HSET").arg(self.key("fw")).arg(&fair.weights);
+            }
+            set.query_async::<()>(&mut conn).await?;
+        }
         self.warn_about_durability(&mut conn).await;
         // Queues written before library 13 lack the service queues; built once, then a no-op.
         let indexed: i64 = self.fcall("fq_reindex", false).query_async(&mut conn).await?;
