@@ -323,3 +323,60 @@ async fn writes_wait_for_replicas_when_asked() {
     assert_eq!(listed.jobs.len(), 2, "the unconfirmed job is on the primary, once");
     assert!(listed.jobs.iter().any(|j| j.id == first.id));
 }
+
+/// Counts the keys of a queue matching `pattern` (after the prefix) and the fields of its hash `h`.
+async fn keys_and_fields(
+    conn: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+    pattern: &str,
+    h: &str,
+) -> (usize, usize) {
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{prefix}{pattern}")).query_async(conn).await.expect("keys");
+    let fields: usize = redis::cmd("HLEN").arg(format!("{prefix}{h}")).query_async(conn).await.expect("hlen");
+    (keys.len(), fields)
+}
+
+/// Once the jobs of a thousand partitions are done, nothing of those partitions is left: no spec,
+/// no class list, no queue, no head — an idle queue has nothing to walk. A queue written by
+/// library 15, which kept every partition ever seen, is cleaned once on connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drained_partitions_leave_nothing_behind() {
+    let server = RedisServer::shared();
+    let broker = RedisBroker::connect(&server.url, "drained", test_config()).await.expect("connect");
+    broker.register_worker(worker("w")).await.expect("register");
+    let specs: Vec<JobSpec> = (0..1000)
+        .map(|i| {
+            let mut s = JobSpec::new("simulation", json!(i));
+            s.customer_id = Some(format!("c{i}"));
+            s
+        })
+        .collect();
+    broker.submit_batch(specs).await.expect("batch");
+    let client = redis::Client::open(server.url.as_str()).expect("client");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connection");
+    let prefix = broker.prefix().to_owned();
+    assert_eq!(keys_and_fields(&mut conn, &prefix, "pq:*", "parts").await, (1000, 1000));
+    while let Some(lease) = broker.claim("w", std::time::Duration::ZERO).await.expect("claim") {
+        broker.complete(&lease.as_ref(), json!(null)).await.expect("complete");
+    }
+    for (pattern, hash) in [("pq:*", "parts"), ("pcl:*", "pn"), ("ch:*", "punw"), ("sq:*", "svcs")] {
+        assert_eq!(keys_and_fields(&mut conn, &prefix, pattern, hash).await, (0, 0), "{pattern} / {hash}");
+    }
+    // As library 15 left it: a partition without jobs, no counts, no layout marker.
+    let mut old = redis::pipe();
+    old.cmd("HSET").arg(format!("{prefix}parts")).arg("ghost:00").arg(r#"{"service":"ghost"}"#);
+    old.cmd("HSET").arg(format!("{prefix}punw")).arg("ghost:00").arg("1");
+    old.cmd("DEL").arg(format!("{prefix}layout"));
+    old.query_async::<()>(&mut conn).await.expect("write an old layout");
+    let live = broker.submit(JobSpec::new("simulation", json!("live"))).await.expect("submit").id;
+    old.clear();
+    old.cmd("DEL").arg(format!("{prefix}pn")).arg(format!("{prefix}layout")).arg(format!("{prefix}svcs"));
+    old.query_async::<()>(&mut conn).await.expect("forget the counts");
+    let again = RedisBroker::connect(&server.url, "drained", test_config()).await.expect("reconnect");
+    assert_eq!(keys_and_fields(&mut conn, &prefix, "pq:*", "parts").await, (1, 1), "the ghost is gone");
+    let lease = again.claim("w", std::time::Duration::ZERO).await.expect("claim").expect("the live job");
+    assert_eq!(lease.job.summary.id, live);
+    again.complete(&lease.as_ref(), json!(null)).await.expect("complete");
+    assert_eq!(keys_and_fields(&mut conn, &prefix, "pq:*", "parts").await, (0, 0), "counted right");
+}

@@ -273,6 +273,20 @@ async fn submit_built<B: Broker>(b: &B, n: usize, job: impl Fn(usize) -> JobSpec
 }
 
 /// Redis server CPU (user + sys) in ms, from INFO.
+/// The memory of the bench queue's event log (the only `…:ev` key after `--flushdb`).
+async fn redis_event_log_bytes(client: &Option<redis::Client>) -> Result<Option<f64>> {
+    let Some(client) = client else { return Ok(None) };
+    let mut c = client.get_multiplexed_async_connection().await?;
+    let keys: Vec<String> = redis::cmd("KEYS").arg("fleetq:{bench-*}:ev").query_async(&mut c).await?;
+    let mut total = 0.0;
+    for key in keys {
+        let n: Option<f64> =
+            redis::cmd("MEMORY").arg("USAGE").arg(&key).arg("SAMPLES").arg(0).query_async(&mut c).await?;
+        total += n.unwrap_or(0.0);
+    }
+    Ok(Some(total))
+}
+
 /// Redis's `used_memory` in bytes.
 async fn redis_memory(client: &Option<redis::Client>) -> Result<Option<f64>> {
     let Some(client) = client else { return Ok(None) };
@@ -426,10 +440,14 @@ async fn depth<B: Broker>(made: &Made<B>, pending: usize, claims: usize) -> Resu
         "mode": "depth", "pending": pending, "fill_jobs_per_s": (pending as f64 / fill_s).round(),
         "claim_latency": summarize(lat),
     });
-    if let (Some(m0), Some(m1), Some(obj)) = (mem0, mem1, line.as_object_mut()) {
-        // Everything a pending job holds: its state, spec, index entries and its share of the
-        // event log (capped at max_events).
-        obj.insert("redis_bytes_per_pending_job".into(), json!(((m1 - m0) / pending.max(1) as f64).round()));
+    if let (Some(m0), Some(m1), Some(log), Some(obj)) =
+        (mem0, mem1, redis_event_log_bytes(client).await?, line.as_object_mut())
+    {
+        // What a pending job holds: its state, spec and index entries. The event log is apart:
+        // capped at max_events whatever the number of jobs.
+        let per_job = (m1 - m0 - log) / pending.max(1) as f64;
+        obj.insert("redis_bytes_per_pending_job".into(), json!(per_job.round()));
+        obj.insert("redis_event_log_mb".into(), json!((log / 1e5).round() / 10.0));
     }
     Ok(line)
 }

@@ -181,14 +181,13 @@ local function leave_class(P, c)
   return true
 end
 
--- A claimable job is in its partition's queue (claims), its service's queue `sq:` and the queue of
--- all services `aq` (queue order and position: ZRANK is O(log n)), and its workflow's queue.
+-- A claimable job is in its partition's queue (claims), its service's queue `sq:` (queue order and
+-- position: ZRANK is O(log n)) and its workflow's queue.
 local function enqueue(P, j)
   local m = j.order .. j.id
   local old = head_of(P, j.partition)
   redis.call('ZADD', P .. 'pq:' .. j.partition, 0, m)
   redis.call('ZADD', P .. 'sq:' .. j.service, 0, m)
-  redis.call('ZADD', P .. 'aq', 0, m)
   if j.workflow_id then redis.call('ZADD', P .. 'wfq:' .. j.workflow_id, 0, m) end
   rehead(P, j.partition, old, 1)
 end
@@ -198,7 +197,6 @@ local function dequeue(P, j)
   local old = head_of(P, j.partition)
   redis.call('ZREM', P .. 'pq:' .. j.partition, m)
   redis.call('ZREM', P .. 'sq:' .. j.service, m)
-  redis.call('ZREM', P .. 'aq', m)
   if j.workflow_id then redis.call('ZREM', P .. 'wfq:' .. j.workflow_id, m) end
   if j.run_at then redis.call('ZREM', P .. 'delayed', j.id) end
   if old == m then rehead(P, j.partition, old, 0) end
@@ -487,7 +485,6 @@ redis.register_function('fq_submit', function(keys, argv)
       local m = j.order .. j.id
       redis.call('ZADD', P .. 'pq:' .. parts[pi], 0, m)
       redis.call('ZADD', P .. 'sq:' .. j.service, 0, m)
-      redis.call('ZADD', P .. 'aq', 0, m)
       if j.workflow_id then redis.call('ZADD', P .. 'wfq:' .. j.workflow_id, 0, m) end
       redis.call('HINCRBY', P .. 'pn', parts[pi], 1)
       added[pi] = added[pi] + 1
@@ -804,6 +801,21 @@ local function last_seq(P)
   return '0'
 end
 
+-- The first `limit` claimable jobs after `start` (a BYLEX bound) of all services, in claim order: a
+-- merge of the service queues (services are few; a queue of all services would cost every pending
+-- job another index entry).
+local function all_services(P, start, limit)
+  local out = {}
+  for _, s in ipairs(redis.call('HKEYS', P .. 'svcs')) do
+    for _, m in ipairs(redis.call('ZRANGE', P .. 'sq:' .. s, start, '+', 'BYLEX', 'LIMIT', 0, limit)) do
+      out[#out + 1] = m
+    end
+  end
+  table.sort(out, key_less)
+  for i = #out, limit + 1, -1 do out[i] = nil end
+  return out
+end
+
 -- A job as {state json, unworkable flag}.
 local function view_of(P, j) return {cjson.encode(j), unworkable(P, j)} end
 
@@ -858,7 +870,7 @@ redis.register_function{function_name = 'fq_jobs', flags = {'no-writes'}, callba
   return {next_cursor, out}
 end}
 
--- Builds the service and all-services queues (`sq:`, `aq`) of a queue written by a library
+-- Builds the service queues (`sq:`) of a queue written by a library
 -- older than version 13, once (marker `qix`). Returns the number of jobs indexed.
 redis.register_function('fq_reindex', function(keys)
   local P = keys[1]
@@ -872,7 +884,6 @@ redis.register_function('fq_reindex', function(keys)
       if #batch == 0 then break end
       for _, m in ipairs(batch) do
         redis.call('ZADD', P .. 'sq:' .. service, 0, m)
-        redis.call('ZADD', P .. 'aq', 0, m)
         start = '(' .. m
       end
       n = n + #batch
@@ -909,7 +920,7 @@ redis.register_function('fq_upgrade', function(keys)
     end
     redis.call('DEL', P .. 'wake:p:' .. p)
   end
-  redis.call('DEL', P .. 'pver')
+  redis.call('DEL', P .. 'pver', P .. 'aq')
   redis.call('SET', P .. 'layout', '16')
   return removed
 end)
@@ -939,13 +950,18 @@ redis.register_function{function_name = 'fq_queue', flags = {'no-writes'}, callb
   local P = keys[1]
   local service, workflow, customer = argv[1], argv[2], argv[3]
   local limit = tonumber(argv[5])
-  local set = P .. 'aq'
+  local set = nil
   if workflow ~= '' then set = P .. 'wfq:' .. workflow elseif service ~= '' then set = P .. 'sq:' .. service end
   local start = '-'
   if argv[4] ~= '' then start = '(' .. argv[4] .. '\255' end
   local out, scanned, last, taken, full = {}, 0, nil, nil, false
   while not full and scanned < 10000 do
-    local batch = redis.call('ZRANGE', set, start, '+', 'BYLEX', 'LIMIT', 0, 256)
+    local batch
+    if set then
+      batch = redis.call('ZRANGE', set, start, '+', 'BYLEX', 'LIMIT', 0, 256)
+    else
+      batch = all_services(P, start, 256)
+    end
     if #batch == 0 then break end
     for _, m in ipairs(batch) do
       scanned = scanned + 1
@@ -1018,7 +1034,7 @@ redis.register_function{function_name = 'fq_snapshot', flags = {'no-writes'}, ca
     budget = budget - #delayed
   end
   if budget > 0 then
-    for _, m in ipairs(redis.call('ZRANGE', P .. 'aq', 0, budget - 1)) do add(string.sub(m, 37)) end
+    for _, m in ipairs(all_services(P, '-', budget)) do add(string.sub(m, 37)) end
   end
   return {last_seq(P), jobs, redis.call('HGETALL', P .. 'workers'),
     redis.call('ZRANGE', P .. 'wseen', 0, -1, 'WITHSCORES'), redis.call('HGETALL', P .. 'machines')}

@@ -19,8 +19,9 @@
 //! whose last unfinished job finishes is removed; a class whose last worker leaves is dropped.
 //!
 //! Queue order and position: a claimable job is a member `order key ‖ id` (score 0, so members sort
-//! by bytes, which is claim order) of its partition's queue `pq:` (claims), its service's `sq:` and
-//! the all-services `aq` (listings, `ZRANK` positions in O(log n)), and its workflow's `wfq:`.
+//! by bytes, which is claim order) of its partition's queue `pq:` (claims), its service's `sq:`
+//! (listings, `ZRANK` positions in O(log n)) and its workflow's `wfq:`; listings of all services
+//! merge the service queues.
 //!
 //! Wake-ups: a job becoming claimable pushes a token to the wake list of each class matching its
 //! partition (capped at 64). A waiting claimer `BLPOP`s its class's list and re-checks at least
