@@ -16,7 +16,14 @@
 //!   ([`fleetq_core::PartitionSpec`]); a claim takes the best head among the partitions the worker
 //!   matches, so incompatible jobs never hide compatible ones. A job's queue position and the
 //!   queue listing come from the same order ([`Broker::queue_position`], [`Broker::queue`]), by
-//!   index, exact at any backlog.
+//!   index, exact at any backlog. With [`FairShare`] on, customers of equal priority take turns
+//!   ([`fleetq_core::fair`]): the rule sets the order key's time, the indexes are the same.
+//! - **Claims that scale with the fleet, not the partitions.** Both backends keep, per worker class
+//!   ([`fleetq_core::ClassSpec`]: workers that match alike), the head of every live partition the
+//!   class matches in claim order; a claim reads the front of that one index, O(log partitions).
+//!   A partition lives while it has an unfinished job and is removed with its workability flag
+//!   after; a class lives while it has a worker. Adding a partition matches it against the classes
+//!   only. The design and its costs: `docs/design.md`, "Claims: an index per worker class".
 //! - **Blocking claims.** [`Broker::claim`] waits on a wake-up signal, never by sleep-polling.
 //!
 //! # Example

@@ -47,7 +47,7 @@ pub fn explain(worker: &WorkerRegistration, job: &JobSpec) -> Match {
 }
 
 /// [`explain`] without the workflow rule: whether the worker may serve the jobs of a partition.
-/// The broker caches this per (worker, partition); workflow restriction is applied per job.
+/// Brokers keep this per (worker class, partition); workflow restriction is applied per job.
 pub fn matches_partition(worker: &WorkerRegistration, p: &PartitionSpec) -> bool {
     partition_reasons(worker, p).is_empty()
 }

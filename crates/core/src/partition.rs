@@ -1,8 +1,8 @@
 //! Partitions of the pending queue. Jobs that every worker judges alike — same service, same
-//! requirements, same customer — share a partition, ordered by [`crate::OrderKey`]. A claim checks
-//! the *head* of each partition the worker matches, so incompatible jobs at the front of the queue can
-//! never hide a compatible job behind them, however many there are, and matching runs once per
-//! (worker, partition) rather than once per job.
+//! requirements, same customer — share a partition, ordered by [`crate::OrderKey`]. Brokers index
+//! the *head* of each partition under every worker class that matches it ([`crate::ClassSpec`]), so
+//! incompatible jobs at the front of the queue can never hide a compatible job behind them, however
+//! many there are, and matching runs once per (class, partition) rather than once per job.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
