@@ -37,7 +37,7 @@ macro_rules! conformance_tests {
             queue_position_and_order_at_a_large_backlog, idempotency_keys_are_scoped_by_owner,
             numbers_are_bounded_and_time_limits_defaulted, the_log_epoch_moves_on_once,
             order_holds_across_many_partitions, partitions_come_and_go, worker_classes_follow_registrations,
-            fair_share_takes_turns);
+            fair_share_takes_turns, a_returning_worker_finds_its_pending_work);
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
         $(
@@ -1554,4 +1554,28 @@ pub async fn fair_share_takes_turns<B: Broker>(fx: Fixture<B>) {
         assert!(seen.windows(2).all(|w| w[0] < w[1]), "{customer} out of order: {seen:?}");
         assert_eq!(seen.len(), if customer == "big" { 300 } else { 100 });
     }
+}
+
+/// A worker that leaves and comes back (a restart after its registration expired: its class is
+/// dropped and declared again) finds the work still pending for it, in order.
+pub async fn a_returning_worker_finds_its_pending_work<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    let w = worker("w", &["simulation"], json!({"vram": 24}));
+    b.register_worker(w.clone()).await.expect("register");
+    let mut ids = Vec::new();
+    for i in 0..6usize {
+        ids.push(
+            b.submit(shaped("simulation", 16, Some(format!("c{}", i % 3)), 0, i)).await.expect("submit").id,
+        );
+    }
+    for _ in 0..3 {
+        b.deregister_worker("w").await.expect("deregister");
+        b.register_worker(w.clone()).await.expect("register again");
+    }
+    let mut got = Vec::new();
+    while let Some(lease) = claim_now(b, "w").await {
+        got.push(lease.job.summary.id.clone());
+        b.complete(&lease.as_ref(), json!(null)).await.expect("complete");
+    }
+    assert_eq!(got, ids);
 }

@@ -716,7 +716,10 @@ redis.register_function('fq_class_fill', function(keys, argv)
   local C = cfg(P)
   for i = 1, tonumber(argv[3]) do
     local p = argv[3 + i]
-    if redis.call('HEXISTS', P .. 'parts', p) == 1 and redis.call('SADD', P .. 'pcl:' .. p, c) == 1 then
+    -- The class may be in pcl:{p} already: a class dropped and declared again (same key, same
+    -- match) leaves its old entries behind, and its index must still get the head.
+    if redis.call('HEXISTS', P .. 'parts', p) == 1 then
+      redis.call('SADD', P .. 'pcl:' .. p, c)
       local head = head_of(P, p)
       if head then redis.call('ZADD', P .. 'ch:' .. c, 0, head) end
       if redis.call('HDEL', P .. 'punw', p) == 1 then emit_flag(P, C, argv[1], p, false) end
