@@ -380,3 +380,44 @@ async fn drained_partitions_leave_nothing_behind() {
     again.complete(&lease.as_ref(), json!(null)).await.expect("complete");
     assert_eq!(keys_and_fields(&mut conn, &prefix, "pq:*", "parts").await, (0, 0), "counted right");
 }
+
+/// A class whose registrant died after declaring it (ready, no worker) is dropped by the next
+/// reap instead of being kept up to date forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphaned_class_is_dropped_by_reap() {
+    let server = RedisServer::shared();
+    let broker = RedisBroker::connect(&server.url, "orphan-class", test_config()).await.expect("connect");
+    broker.register_worker(worker("w")).await.expect("register");
+    let client = redis::Client::open(server.url.as_str()).expect("client");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connection");
+    let prefix = broker.prefix().to_owned();
+    for (f, args) in [
+        ("fq_class", vec!["0", "deadbeefdeadbeef", r#"{"services":["x"]}"#, ""]),
+        ("fq_class_ready", vec!["deadbeefdeadbeef"]),
+    ] {
+        redis::cmd("FCALL")
+            .arg(f)
+            .arg(1)
+            .arg(&prefix)
+            .arg(&args)
+            .query_async::<()>(&mut conn)
+            .await
+            .expect(f);
+    }
+    let classes = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut cmd = redis::cmd("HKEYS");
+        cmd.arg(format!("{prefix}classes"));
+        let mut conn = conn.clone();
+        async move { cmd.query_async::<Vec<String>>(&mut conn).await.expect("classes") }
+    };
+    assert_eq!(classes(&mut conn).await.len(), 2);
+    broker.reap().await.expect("reap");
+    let left = classes(&mut conn).await;
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_ne!(left[0], "deadbeefdeadbeef");
+    broker.submit(JobSpec::new("simulation", json!(1))).await.expect("submit");
+    assert!(
+        broker.claim("w", std::time::Duration::ZERO).await.expect("claim").is_some(),
+        "w's class is intact"
+    );
+}

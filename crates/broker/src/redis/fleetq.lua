@@ -99,6 +99,13 @@ end
 -- (spec, classes, flag); the next submission recreates it. A class lives while a worker of it is
 -- registered (`cw` counts them).
 
+-- {{k, v}, …} of a flat HGETALL reply.
+local function pairs_of(flat)
+  local out = {}
+  for i = 1, #flat, 2 do out[#out + 1] = {flat[i], flat[i + 1]} end
+  return out
+end
+
 local function head_of(P, p) return redis.call('ZRANGE', P .. 'pq:' .. p, 0, 0)[1] end
 
 -- The live classes matching partition p (dropped classes are forgotten on the way).
@@ -631,8 +638,16 @@ redis.register_function('fq_reap', function(keys, argv)
   until r + f < 500
   local promoted = promote(P, nows, 1000)
   for _, s in ipairs(redis.call('HKEYS', P .. 'fv')) do fair_forget(P, s) end
-  local expired = redis.call('ZRANGEBYSCORE', P .. 'wseen', '-inf', '(' .. num(now - C.worker_ttl_ms), 'LIMIT', 0, 1000)
+  -- A ready class without a worker: its registrant died before registering. (A class being
+  -- filled is not ready yet; its registrant finds it gone and declares it again.)
   local dropped = 0
+  for _, kv in ipairs(pairs_of(redis.call('HGETALL', P .. 'cw'))) do
+    if tonumber(kv[2]) <= 0 and redis.call('HEXISTS', P .. 'cready', kv[1]) == 1 then
+      redis.call('HSET', P .. 'cw', kv[1], 1)
+      if leave_class(P, kv[1]) then dropped = dropped + 1 end
+    end
+  end
+  local expired = redis.call('ZRANGEBYSCORE', P .. 'wseen', '-inf', '(' .. num(now - C.worker_ttl_ms), 'LIMIT', 0, 1000)
   for _, w in ipairs(expired) do
     redis.call('HDEL', P .. 'workers', w)
     redis.call('ZREM', P .. 'wseen', w)
