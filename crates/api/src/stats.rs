@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 
-use fleetq_core::{JobStatus, JobSummary, WorkerInfo};
+use fleetq_core::{ConnectorStatus, JobStatus, JobSummary, WorkerInfo};
 use serde::Serialize;
 
 /// Samples kept per key: a rolling window, so estimates follow the fleet as it changes.
@@ -93,7 +93,8 @@ pub fn durations(samples: impl Iterator<Item = u64>) -> Option<Durations> {
 ///
 /// - running: from its progress rate when it reported progress, else the median minus its elapsed time;
 /// - pending: the jobs ahead spread over the workers serving the service, each taking the median,
-///   plus its own run. `None` without statistics or when no registered worker serves the service.
+///   plus its own run. `None` without statistics, when no worker with a healthy connector serves
+///   the service, or when the job is unworkable (no registered worker may take it).
 pub fn eta_ms(
     job: &JobSummary,
     position: Option<usize>,
@@ -110,6 +111,7 @@ pub fn eta_ms(
             let p50 = stats?.p50_ms as f64;
             Some((p50 - elapsed).max(0.0) as u64)
         }
+        JobStatus::Pending if job.unworkable => None,
         JobStatus::Pending => {
             let p50 = stats?.p50_ms;
             let position = position? as u64;
@@ -123,9 +125,18 @@ pub fn eta_ms(
     }
 }
 
-/// How many registered workers serve `service`.
+/// How many registered workers serve `service` with a connector that is not offline or in error
+/// (one that has not reported yet counts: it is starting).
 pub fn workers_serving<'a>(workers: impl IntoIterator<Item = &'a WorkerInfo>, service: &str) -> usize {
-    workers.into_iter().filter(|w| w.registration.services.iter().any(|s| s == service)).count()
+    workers
+        .into_iter()
+        .filter(|w| w.registration.services.iter().any(|s| s == service))
+        .filter(|w| {
+            w.connectors
+                .get(service)
+                .is_none_or(|r| !matches!(r.status, ConnectorStatus::Offline | ConnectorStatus::Error))
+        })
+        .count()
 }
 
 /// RFC 3339 UTC time (`2024-01-15T10:30:00.000Z`) of a millisecond timestamp.
@@ -204,6 +215,9 @@ mod tests {
         assert_eq!(eta_ms(&pending, Some(4), stats, 2, 0), Some(2000));
         assert_eq!(eta_ms(&pending, Some(1), stats, 0, 0), None, "nobody serves it");
         assert_eq!(eta_ms(&pending, Some(1), None, 2, 0), None, "no statistics yet");
+        let mut unworkable = pending.clone();
+        unworkable.unworkable = true;
+        assert_eq!(eta_ms(&unworkable, Some(1), stats, 2, 0), None, "nobody may take it");
         let mut running = job("r", "sim", 0, 0);
         running.status = JobStatus::InProgress;
         running.started_at = Some(1000);
@@ -215,6 +229,39 @@ mod tests {
         assert_eq!(eta_ms(&running, None, stats, 1, 9000), Some(0), "over the median");
         running.status = JobStatus::Completed;
         assert_eq!(eta_ms(&running, None, stats, 1, 0), None);
+    }
+
+    #[test]
+    fn only_workers_with_a_healthy_connector_serve() {
+        let worker = |id: &str, status: Option<ConnectorStatus>| {
+            let registration: fleetq_core::WorkerRegistration = serde_json::from_value(serde_json::json!({
+                "worker_id": id, "machine_id": "m", "services": ["comfyui"]
+            }))
+            .unwrap();
+            let mut info =
+                WorkerInfo { registration, registered_at: 0, last_seen: 0, connectors: Default::default() };
+            if let Some(status) = status {
+                let report = fleetq_core::ConnectorReport {
+                    service: "comfyui".into(),
+                    status,
+                    message: None,
+                    at: 0,
+                    info: None,
+                };
+                info.connectors.insert("comfyui".into(), report);
+            }
+            info
+        };
+        let fleet = [
+            worker("new", None),
+            worker("idle", Some(ConnectorStatus::Idle)),
+            worker("busy", Some(ConnectorStatus::Active)),
+            worker("down", Some(ConnectorStatus::Offline)),
+            worker("broken", Some(ConnectorStatus::Error)),
+        ];
+        assert_eq!(workers_serving(fleet.iter(), "comfyui"), 3);
+        assert_eq!(workers_serving(fleet[3..].iter(), "comfyui"), 0, "no ETA when every connector is down");
+        assert_eq!(workers_serving(fleet.iter(), "a1111"), 0);
     }
 
     #[test]
