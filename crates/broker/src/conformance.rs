@@ -37,7 +37,8 @@ macro_rules! conformance_tests {
             queue_position_and_order_at_a_large_backlog, idempotency_keys_are_scoped_by_owner,
             numbers_are_bounded_and_time_limits_defaulted, the_log_epoch_moves_on_once,
             order_holds_across_many_partitions, partitions_come_and_go, worker_classes_follow_registrations,
-            fair_share_takes_turns, a_returning_worker_finds_its_pending_work);
+            fair_share_takes_turns, a_returning_worker_finds_its_pending_work,
+            an_ended_attempt_leaves_no_message);
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
         $(
@@ -1578,4 +1579,24 @@ pub async fn a_returning_worker_finds_its_pending_work<B: Broker>(fx: Fixture<B>
         b.complete(&lease.as_ref(), json!(null)).await.expect("complete");
     }
     assert_eq!(got, ids);
+}
+
+/// A message belongs to its attempt: a completed job and a job given back for another attempt no
+/// longer show the ended attempt's last message ("queued in ComfyUI", "node 4").
+pub async fn an_ended_attempt_leaves_no_message<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.register_worker(worker("w", &["simulation"], json!({}))).await.expect("register");
+    let id = b.submit(sim(json!(1))).await.expect("submit").id;
+    let lease = claim_now(b, "w").await.expect("claim");
+    b.progress(&lease.as_ref(), 40.0, Some("node 4".into())).await.expect("progress");
+    assert_eq!(b.job(&id).await.expect("get").expect("exists").summary.message.as_deref(), Some("node 4"));
+    b.fail(&lease.as_ref(), JobError::retryable(FailureCategory::Service, "boom")).await.expect("fail");
+    let requeued = b.job(&id).await.expect("get").expect("exists").summary;
+    assert_eq!((requeued.status, requeued.message), (JobStatus::Pending, None));
+    fx.clock.advance(60_000);
+    let lease = claim_now(b, "w").await.expect("claim again");
+    b.progress(&lease.as_ref(), 10.0, Some("queued in ComfyUI".into())).await.expect("progress");
+    b.complete(&lease.as_ref(), json!("done")).await.expect("complete");
+    let done = b.job(&id).await.expect("get").expect("exists").summary;
+    assert_eq!((done.status, done.message, done.progress), (JobStatus::Completed, None, 100.0));
 }

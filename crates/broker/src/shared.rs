@@ -41,7 +41,8 @@ pub(crate) fn check_progress(progress: f64) -> Result<f64> {
     if !progress.is_finite() {
         return Err(ValidationError::new("progress", "must be a finite number between 0 and 100").into());
     }
-    Ok(progress.clamp(0.0, 100.0))
+    // `+ 0.0` turns -0.0 (an empty float sum is -0.0) into 0, which is what readers expect to see.
+    Ok(progress.clamp(0.0, 100.0) + 0.0)
 }
 
 /// The stored outcome of a completion, from the result's JSON text.
@@ -66,4 +67,18 @@ pub(crate) fn encode_result(config: &BrokerConfig, result: &Value) -> Result<Str
         return Err(BrokerError::ResultTooLarge { size: text.len(), limit: config.max_result_bytes });
     }
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_is_bounded_and_never_negative_zero() {
+        let zero = check_progress(-0.0).expect("valid");
+        assert!(zero == 0.0 && zero.is_sign_positive(), "{zero}");
+        assert_eq!(check_progress(-5.0).expect("valid"), 0.0);
+        assert_eq!(check_progress(250.0).expect("valid"), 100.0);
+        assert!(check_progress(f64::NAN).is_err());
+    }
 }

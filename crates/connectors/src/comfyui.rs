@@ -241,7 +241,8 @@ impl Progress {
         if self.total == 0 {
             return 0.0;
         }
-        (100.0 * self.nodes.values().sum::<f64>() / self.total as f64).min(99.0)
+        // A fold from +0: `sum` of no values is -0.0, which reads as "-0" in events.
+        (100.0 * self.nodes.values().fold(0.0, |a, b| a + b) / self.total as f64).min(99.0)
     }
 
     /// Applies one socket message; returns a message worth showing for it.
@@ -743,6 +744,7 @@ mod tests {
     #[test]
     fn progress_is_node_weighted() {
         let mut p = Progress { total: 4, ..Progress::default() };
+        assert!(p.percent().is_sign_positive(), "no node yet is 0, not -0");
         p.apply("execution_cached", &json!({"nodes": ["1"]}));
         assert!((p.percent() - 25.0).abs() < 1e-9);
         p.apply("progress", &json!({"node": "2", "value": 5, "max": 10}));

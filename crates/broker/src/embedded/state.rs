@@ -898,6 +898,8 @@ impl State {
         Self::transition(&mut row, Action::Complete, now)?;
         row.summary.progress = 100.0;
         row.summary.finished_at = Some(now);
+        // The attempt's last message ("queued in ComfyUI", "node 4") is not the job's state now.
+        row.summary.message = None;
         self.store(&row, OutcomeChange::Set(crate::result_outcome(&result)))?;
         self.emit(EventKind::JobCompleted { job: row.summary })
     }
@@ -936,6 +938,8 @@ impl State {
         backoff: bool,
     ) -> Result<FailOutcome> {
         let holder = row.summary.worker_id.clone();
+        // The message was the ended attempt's.
+        row.summary.message = None;
         if row.summary.cancel_requested {
             Self::transition(row, Action::ConfirmCancel, now)?;
             row.summary.finished_at = Some(now);

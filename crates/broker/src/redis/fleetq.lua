@@ -213,6 +213,7 @@ local function is_running(s) return s == 'assigned' or s == 'in_progress' end
 
 local function finish(P, j, nows, status, outcome)
   j.status = status
+  j.message = nil
   j.finished_at = nows
   j.updated_at = nows
   local json = save(P, j)
@@ -235,6 +236,7 @@ end
 local function give_back(P, C, nows, j, err, retryable, backoff, reason, refund, fail_out, cancel_out)
   local now = tonumber(nows)
   j.progress_dirty = nil
+  j.message = nil -- the ended attempt's
   if j.cancel_requested == '1' then
     finish(P, j, nows, 'cancelled', cancel_out)
     emit_job(P, C, nows, 'job_cancelled', j)
