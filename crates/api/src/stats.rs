@@ -215,7 +215,7 @@ mod tests {
         assert_eq!(eta_ms(&pending, Some(4), stats, 2, 0), Some(2000));
         assert_eq!(eta_ms(&pending, Some(1), stats, 0, 0), None, "nobody serves it");
         assert_eq!(eta_ms(&pending, Some(1), None, 2, 0), None, "no statistics yet");
-        let mut unworkable = pending.clone();
+        let mut unworkable = pending;
         unworkable.unworkable = true;
         assert_eq!(eta_ms(&unworkable, Some(1), stats, 2, 0), None, "nobody may take it");
         let mut running = job("r", "sim", 0, 0);

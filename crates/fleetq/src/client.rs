@@ -569,9 +569,7 @@ pub(crate) async fn services(a: ListArgs) -> Result<()> {
         .map(|m| {
             m.iter()
                 .map(|(name, s)| {
-                    let p50 = s["durations"]["p50_ms"]
-                        .as_u64()
-                        .map_or("-".into(), |ms| format!("{:.1}s", ms as f64 / 1000.0));
+                    let p50 = s["durations"]["p50_ms"].as_u64().map_or("-".into(), short_duration);
                     vec![
                         name.clone(),
                         n(s, "total"),
@@ -593,6 +591,16 @@ pub(crate) async fn services(a: ListArgs) -> Result<()> {
         &rows,
     );
     Ok(())
+}
+
+/// A duration as a person reads it: `11ms`, `2.4s`, `3m05s`, `1h02m`.
+fn short_duration(ms: u64) -> String {
+    match ms {
+        0..1_000 => format!("{ms}ms"),
+        1_000..60_000 => format!("{}.{}s", ms / 1000, ms % 1000 / 100),
+        60_000..3_600_000 => format!("{}m{:02}s", ms / 60_000, ms % 60_000 / 1000),
+        _ => format!("{}h{:02}m", ms / 3_600_000, ms % 3_600_000 / 60_000),
+    }
 }
 
 fn table(header: &[&str], rows: &[Vec<String>]) {
@@ -620,5 +628,17 @@ fn age(now: i64, at: Option<i64>) -> String {
         60..3600 => format!("{}m", s / 60),
         3600..86_400 => format!("{}h", s / 3600),
         _ => format!("{}d", s / 86_400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_people_say_them() {
+        let got: Vec<String> =
+            [0, 11, 999, 1_000, 2_449, 59_999, 185_000, 3_720_000].map(short_duration).into();
+        assert_eq!(got, ["0ms", "11ms", "999ms", "1.0s", "2.4s", "59.9s", "3m05s", "1h02m"]);
     }
 }

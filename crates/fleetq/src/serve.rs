@@ -245,14 +245,7 @@ async fn stack<B: Broker>(
     }
     .build(broker.clone())?;
     let running = tokio::spawn(machine.run(stop.clone()));
-    announce(&format!(
-        "fleetq is up at http://{addr}  ({store}; machine {} with {} workers serving {})\n  \
-         submit: fleetq submit --service {} --wait    (or POST http://{addr}/api/jobs)",
-        args.machine_id,
-        args.workers,
-        args.services.join(", "),
-        args.services[0]
-    ));
+    announce(&up_banner(&addr.to_string(), store, &args.machine_id, args.workers, &args.services));
     let served = fleetq_api::serve(listener, broker, config).await;
     // Whatever ended serving, the machine drains its workers before the process exits.
     stop.cancel();
@@ -262,6 +255,20 @@ async fn stack<B: Broker>(
         Ok(Ok(())) => {}
     }
     served.context("serving HTTP")
+}
+
+/// What `fleetq up` prints once it serves: where, on what, and what it runs.
+fn up_banner(addr: &str, store: &str, machine: &str, workers: usize, services: &[String]) -> String {
+    let first = services.first().map_or("simulation", String::as_str);
+    let fleet = match workers {
+        0 => "no local workers: run `fleetq worker` to serve jobs".to_owned(),
+        1 => format!("machine {machine} with 1 worker serving {}", services.join(", ")),
+        n => format!("machine {machine} with {n} workers serving {}", services.join(", ")),
+    };
+    format!(
+        "fleetq is up at http://{addr}  ({store}; {fleet})\n  \
+         submit: fleetq submit --service {first} --wait    (or POST http://{addr}/api/jobs)"
+    )
 }
 
 /// `fleetq api`.
@@ -290,4 +297,20 @@ fn announce(text: &str) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{text}").and_then(|()| out.flush()).ok();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_banner_says_what_runs() {
+        let sim = vec!["simulation".to_owned()];
+        let none = up_banner("127.0.0.1:7777", "embedded store ./d", "box", 0, &sim);
+        assert!(none.contains("no local workers") && !none.contains("serving"), "{none}");
+        let one = up_banner("127.0.0.1:7777", "embedded store ./d", "box", 1, &sim);
+        assert!(one.contains("machine box with 1 worker serving simulation"), "{one}");
+        let two = up_banner("127.0.0.1:7777", "redis", "box", 2, &["a".into(), "b".into()]);
+        assert!(two.contains("2 workers serving a, b") && two.contains("--service a"), "{two}");
+    }
 }
