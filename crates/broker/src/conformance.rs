@@ -38,7 +38,7 @@ macro_rules! conformance_tests {
             numbers_are_bounded_and_time_limits_defaulted, the_log_epoch_moves_on_once,
             order_holds_across_many_partitions, partitions_come_and_go, worker_classes_follow_registrations,
             fair_share_takes_turns, a_returning_worker_finds_its_pending_work,
-            an_ended_attempt_leaves_no_message);
+            an_ended_attempt_leaves_no_message, service_crashes_spend_no_attempt_until_the_second);
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
         $(
@@ -1599,4 +1599,49 @@ pub async fn an_ended_attempt_leaves_no_message<B: Broker>(fx: Fixture<B>) {
     b.complete(&lease.as_ref(), json!("done")).await.expect("complete");
     let done = b.job(&id).await.expect("get").expect("exists").summary;
     assert_eq!((done.status, done.message, done.progress), (JobStatus::Completed, None, 100.0));
+}
+
+/// A service dying under a job gives the job back without spending an attempt (recorded as
+/// `service_offline`); the second death under the same job fails it as `service_crash`, not
+/// retryable. A job whose attempts ran out is never recorded `retryable`.
+pub async fn service_crashes_spend_no_attempt_until_the_second<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    for w in ["w1", "w2"] {
+        b.register_worker(worker(w, &["simulation"], json!({}))).await.expect("register");
+    }
+    let mut spec = sim(json!("poison"));
+    spec.max_attempts = 1;
+    let id = b.submit(spec).await.expect("submit").id;
+    let lease = claim_now(b, "w1").await.expect("claim");
+    let out = b.release(&lease.as_ref(), crate::RELEASE_SERVICE_OFFLINE).await.expect("release");
+    assert!(matches!(out, FailOutcome::Retrying { .. }), "{out:?}");
+    let s = b.job(&id).await.expect("get").expect("exists").summary;
+    assert_eq!((s.status, s.attempt, s.service_crashes), (JobStatus::Pending, 0, 1), "no attempt spent");
+    assert_eq!(s.error.as_ref().map(|e| e.category), Some(FailureCategory::Connection));
+    let lease = claim_now(b, "w2").await.expect("another worker takes it");
+    assert_eq!(lease.attempt, 1);
+    let out = b.release(&lease.as_ref(), crate::RELEASE_SERVICE_OFFLINE).await.expect("release");
+    assert_eq!(out, FailOutcome::Failed);
+    let rec = b.job(&id).await.expect("get").expect("exists");
+    let error = rec.summary.error.clone().expect("error");
+    assert_eq!(
+        (rec.summary.status, error.category, error.retryable),
+        (JobStatus::Failed, FailureCategory::ServiceCrash, false)
+    );
+    assert!(
+        matches!(rec.outcome, Some(fleetq_core::Outcome::Error { ref error }) if error.category == FailureCategory::ServiceCrash)
+    );
+    // Attempts running out: the last retryable error is recorded as not retryable.
+    let mut spec = sim(json!("flaky"));
+    spec.max_attempts = 1;
+    let id = b.submit(spec).await.expect("submit").id;
+    let lease = claim_now(b, "w1").await.expect("claim");
+    let out = b
+        .fail(&lease.as_ref(), JobError::retryable(FailureCategory::Oom, "out of memory"))
+        .await
+        .expect("fail");
+    assert_eq!(out, FailOutcome::Failed);
+    let rec = b.job(&id).await.expect("get").expect("exists");
+    assert_eq!(rec.summary.error.map(|e| (e.category, e.retryable)), Some((FailureCategory::Oom, false)));
+    assert!(matches!(rec.outcome, Some(fleetq_core::Outcome::Error { ref error }) if !error.retryable));
 }

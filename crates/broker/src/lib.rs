@@ -202,6 +202,11 @@ pub fn undecodable_records() -> u64 {
     UNDECODABLE.load(Ordering::Relaxed)
 }
 
+/// The reason a worker gives when it releases a job because its service went away under it
+/// ([`Broker::release`]): the attempt is given back, and a job whose service died under it
+/// [`fleetq_core::job::SERVICE_CRASHES_TO_FAIL`] times fails as `service_crash`.
+pub const RELEASE_SERVICE_OFFLINE: &str = "service_offline";
+
 /// Result alias of this crate.
 pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
 

@@ -52,12 +52,32 @@ pub(crate) fn result_outcome(result_json: &str) -> String {
 
 /// The error recorded when a holder releases a job.
 pub(crate) fn release_error(reason: &str) -> JobError {
-    let category = if reason.contains("timeout") {
+    let category = if reason == crate::RELEASE_SERVICE_OFFLINE {
+        fleetq_core::FailureCategory::Connection
+    } else if reason.contains("timeout") {
         fleetq_core::FailureCategory::Timeout
     } else {
         fleetq_core::FailureCategory::Internal
     };
     JobError::retryable(category, format!("released: {reason}"))
+}
+
+/// Whether a release gives the attempt back: the holder stopped for a reason of its own
+/// (`shutdown`), or the service died under the job (counted: see [`service_crash_error`]).
+pub(crate) fn release_refunds(reason: &str) -> bool {
+    reason == "shutdown" || reason == crate::RELEASE_SERVICE_OFFLINE
+}
+
+/// The error of a job whose service died under it [`fleetq_core::job::SERVICE_CRASHES_TO_FAIL`]
+/// times: likely the job's own doing, so it is not offered to another GPU again.
+pub(crate) fn service_crash_error() -> JobError {
+    JobError::fatal(
+        fleetq_core::FailureCategory::ServiceCrash,
+        format!(
+            "the service died while running this job {} times; not retried, so one job cannot take down the fleet one GPU at a time",
+            fleetq_core::job::SERVICE_CRASHES_TO_FAIL
+        ),
+    )
 }
 
 /// Checks a result against the size limit and returns its JSON text.

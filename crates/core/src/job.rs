@@ -252,13 +252,21 @@ pub enum FailureCategory {
     Cancelled,
     /// The service ran out of (GPU or host) memory; another machine may succeed.
     Oom,
+    /// The service died under this job [`SERVICE_CRASHES_TO_FAIL`] times: the job itself is the
+    /// likely cause, so it is not offered to another GPU again.
+    ServiceCrash,
     /// Anything else.
     Internal,
 }
 
+/// How many times a job's service may die under it before the job is failed as
+/// [`FailureCategory::ServiceCrash`]. Each earlier death gives the job back without spending an
+/// attempt: the worker's service went away, the job did nothing wrong — unless it keeps happening.
+pub const SERVICE_CRASHES_TO_FAIL: u32 = 2;
+
 impl FailureCategory {
     /// Every category, for metrics that must show zero counts too.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::Validation,
         Self::Service,
         Self::Connection,
@@ -267,6 +275,7 @@ impl FailureCategory {
         Self::LeaseExpired,
         Self::Cancelled,
         Self::Oom,
+        Self::ServiceCrash,
         Self::Internal,
     ];
 
@@ -281,6 +290,7 @@ impl FailureCategory {
             Self::LeaseExpired => "lost_lease",
             Self::Cancelled => "cancelled",
             Self::Oom => "oom",
+            Self::ServiceCrash => "service_crash",
             Self::Internal => "internal",
         }
     }
@@ -395,6 +405,14 @@ pub struct JobSummary {
     /// Last error (of the final attempt when failed, of the previous attempt while retrying).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<JobError>,
+    /// How many times the service died while running this job (each gave it back without
+    /// spending an attempt; at [`SERVICE_CRASHES_TO_FAIL`] it fails).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub service_crashes: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The full stored job: its spec (with payload), its summary and its outcome.
@@ -438,6 +456,7 @@ impl JobSummary {
             cancel_requested: false,
             unworkable: false,
             error: None,
+            service_crashes: 0,
         }
     }
 }

@@ -494,7 +494,7 @@ impl<B: Broker> Worker<B> {
             // spending one of its attempts.
             (None, Some(Ok(Err(e)))) if e.category == FailureCategory::Connection => {
                 warn!(error = %e.message, "service offline; releasing the job");
-                self.broker.release(lease, "service_offline").await.map(drop)
+                self.broker.release(lease, fleetq_broker::RELEASE_SERVICE_OFFLINE).await.map(drop)
             }
             (None, Some(Ok(Err(e)))) => self.broker.fail(lease, e.clone()).await.map(drop),
             (None, Some(Err(panic))) => {

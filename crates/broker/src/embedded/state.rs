@@ -920,7 +920,13 @@ impl State {
         let now = self.now();
         let mut row = self.held(lease)?;
         self.flush_progress(&mut row)?;
-        if reason == "shutdown" {
+        if reason == crate::RELEASE_SERVICE_OFFLINE {
+            row.summary.service_crashes = row.summary.service_crashes.saturating_add(1);
+            if row.summary.service_crashes >= fleetq_core::job::SERVICE_CRASHES_TO_FAIL {
+                return self.give_back(&mut row, crate::service_crash_error(), now, reason, false);
+            }
+        }
+        if crate::release_refunds(reason) {
             row.summary.attempt = row.summary.attempt.saturating_sub(1);
         }
         let error = crate::release_error(reason);
@@ -969,6 +975,8 @@ impl State {
         }
         Self::transition(row, Action::Fail, now)?;
         row.summary.finished_at = Some(now);
+        // No attempt is left: the recorded error is not retryable any more, whatever it was.
+        let error = JobError { retryable: false, ..error };
         row.summary.error = Some(error.clone());
         let outcome = to_json(&Outcome::Error { error })?;
         self.store(row, OutcomeChange::Set(outcome))?;

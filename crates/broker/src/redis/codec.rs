@@ -20,6 +20,7 @@ const NUMERIC: &[&str] = &[
     "started_at",
     "finished_at",
     "run_at",
+    "service_crashes",
 ];
 const BOOLEAN: &[&str] = &["cancel_requested", "unworkable"];
 /// Summary fields kept as strings (anything not listed here or above is ignored on decode).

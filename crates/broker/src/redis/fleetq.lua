@@ -273,6 +273,13 @@ local function give_back(P, C, nows, j, err, retryable, backoff, reason, refund,
     emit_job(P, C, nows, 'job_requeued', j, reason)
     return {'retrying', num(run_at)}
   end
+  -- No attempt is left: the recorded error is not retryable any more, whatever it was.
+  local e = cjson.decode(err)
+  if e.retryable then
+    e.retryable = false
+    err = cjson.encode(e)
+    fail_out = '{"kind":"error","error":' .. err .. '}'
+  end
   j.error = err
   finish(P, j, nows, 'failed', fail_out)
   emit_job(P, C, nows, 'job_failed', j)
@@ -567,10 +574,19 @@ redis.register_function('fq_complete', function(keys, argv)
   return {'ok'}
 end)
 
--- ARGV: now, id, attempt, worker, error json, retryable, backoff, reason, refund, fail outcome, cancel outcome.
+-- ARGV: now, id, attempt, worker, error json, retryable, backoff, reason, refund, fail outcome, cancel
+-- outcome, then for a release because the service died: the crash count that fails the job, its
+-- error json and fail outcome.
 redis.register_function('fq_fail', function(keys, argv)
   local P, C, nows, j, err = holder(keys, argv)
   if not j then return {err} end
+  if argv[12] then
+    local n = (tonumber(j.service_crashes) or 0) + 1
+    j.service_crashes = num(n)
+    if n >= tonumber(argv[12]) then
+      return give_back(P, C, nows, j, argv[13], false, false, argv[8], false, argv[14], argv[11])
+    end
+  end
   return give_back(P, C, nows, j, argv[5], argv[6] == '1', argv[7] == '1', argv[8], argv[9] == '1',
     argv[10], argv[11])
 end)

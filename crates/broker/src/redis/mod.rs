@@ -436,6 +436,12 @@ impl RedisBroker {
             .arg(if refund { "1" } else { "0" })
             .arg(to_json(&Outcome::Error { error: error.clone() })?)
             .arg(to_json(&Outcome::Error { error: cancel })?);
+        if reason == crate::RELEASE_SERVICE_OFFLINE {
+            let crash = crate::service_crash_error();
+            cmd.arg(fleetq_core::job::SERVICE_CRASHES_TO_FAIL)
+                .arg(to_json(&crash)?)
+                .arg(to_json(&Outcome::Error { error: crash })?);
+        }
         let reply = items(self.run(&cmd).await?);
         match text_at(&reply, 0, "fail status")?.as_str() {
             "retrying" => {
@@ -701,7 +707,8 @@ impl Broker for RedisBroker {
     }
 
     async fn release(&self, lease: &LeaseRef, reason: &str) -> Result<FailOutcome> {
-        self.give_back(lease, crate::release_error(reason), false, reason, reason == "shutdown").await
+        self.give_back(lease, crate::release_error(reason), false, reason, crate::release_refunds(reason))
+            .await
     }
 
     async fn cancel(&self, id: &JobId) -> Result<CancelOutcome> {
