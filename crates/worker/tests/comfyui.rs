@@ -73,12 +73,14 @@ async fn a_cached_prompt_completes_through_the_history_check<B: Broker>(b: Arc<B
 }
 
 /// The service behind worker A dies mid-job: A's connector goes offline, the job is released (not
-/// failed) and worker B, whose ComfyUI is up, completes it.
+/// failed, its only attempt not spent) and worker B, whose ComfyUI is up, completes it.
 async fn a_service_that_dies_mid_job_hands_the_job_to_another_worker<B: Broker>(b: Arc<B>) {
     let mock_a = ComfyMock::start(ComfyMockConfig::default()).await.expect("mock a");
     let mock_b = ComfyMock::start(ComfyMockConfig::default()).await.expect("mock b");
     let a = comfy_worker(&b, "gpu-a", &mock_a);
-    let id = b.submit(JobSpec::new("comfyui", workflow(40, 0.05, "dies"))).await.expect("submit").id;
+    let mut spec = JobSpec::new("comfyui", workflow(40, 0.05, "dies"));
+    spec.max_attempts = 1;
+    let id = b.submit(spec).await.expect("submit").id;
     wait_for(b.as_ref(), &id, |r| {
         r.summary.worker_id.as_deref() == Some("gpu-a") && r.summary.progress > 0.0
     })
@@ -87,6 +89,7 @@ async fn a_service_that_dies_mid_job_hands_the_job_to_another_worker<B: Broker>(
     mock_a.stop().await;
     let rec = wait_for(b.as_ref(), &id, finished).await;
     assert_eq!((rec.summary.status, rec.summary.worker_id.as_deref()), (JobStatus::Completed, Some("gpu-b")));
+    assert_eq!((rec.summary.attempt, rec.summary.service_crashes), (1, 1), "the crash spent no attempt");
     let events = b.events_after(0, 10_000, Duration::ZERO).await.expect("events");
     assert!(
         events.iter().any(|e| matches!(&e.kind, EventKind::ConnectorStatus { worker_id, report }
@@ -97,8 +100,9 @@ async fn a_service_that_dies_mid_job_hands_the_job_to_another_worker<B: Broker>(
         events_of(b.as_ref(), &id)
             .await
             .iter()
-            .any(|k| matches!(k, EventKind::JobRequeued { reason, .. } if reason == "service_offline")),
-        "the job was released, not failed"
+            .any(|k| matches!(k, EventKind::JobRequeued { reason, job } if reason == "service_offline"
+                && job.error.as_ref().is_some_and(|e| e.category == fleetq_core::FailureCategory::Connection))),
+        "the job was released as service_offline, not failed"
     );
     a.shutdown().await;
     b_worker.shutdown().await;
