@@ -312,4 +312,7 @@ impl Broker for NoBroker {
     async fn events_after(&self, _: u64, _: usize, _: Duration) -> Result<Vec<Event>> {
         match *self {}
     }
+    async fn cancel_signals(&self, _: &str, _: Duration) -> Result<Vec<fleetq_core::JobId>> {
+        match *self {}
+    }
 }

@@ -38,7 +38,8 @@ macro_rules! conformance_tests {
             numbers_are_bounded_and_time_limits_defaulted, the_log_epoch_moves_on_once,
             order_holds_across_many_partitions, partitions_come_and_go, worker_classes_follow_registrations,
             fair_share_takes_turns, a_returning_worker_finds_its_pending_work,
-            an_ended_attempt_leaves_no_message, service_crashes_spend_no_attempt_until_the_second);
+            an_ended_attempt_leaves_no_message, service_crashes_spend_no_attempt_until_the_second,
+            cancel_is_signalled_to_the_holder);
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
         $(
@@ -1644,4 +1645,33 @@ pub async fn service_crashes_spend_no_attempt_until_the_second<B: Broker>(fx: Fi
     let rec = b.job(&id).await.expect("get").expect("exists");
     assert_eq!(rec.summary.error.map(|e| (e.category, e.retryable)), Some((FailureCategory::Oom, false)));
     assert!(matches!(rec.outcome, Some(fleetq_core::Outcome::Error { ref error }) if !error.retryable));
+}
+
+/// A cancel of a running job is signalled to its holder at once: a worker waiting for signals is
+/// woken with the job's id (the bound is 30 s; the signal comes with the cancel). Other workers
+/// hear nothing, a pending job's cancel signals nobody, and a signal is delivered once.
+pub async fn cancel_is_signalled_to_the_holder<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.clone();
+    for w in ["holder", "other"] {
+        b.register_worker(worker(w, &["simulation"], json!({}))).await.expect("register");
+    }
+    let id = b.submit(sim(json!("long"))).await.expect("submit").id;
+    let lease = claim_now(b.as_ref(), "holder").await.expect("claim");
+    let pending = b.submit(sim(json!("waiting"))).await.expect("submit").id;
+    let waiter = {
+        let b = b.clone();
+        tokio::spawn(async move { b.cancel_signals("holder", Duration::from_secs(30)).await })
+    };
+    // The waiter may start before or after the cancel: either way it gets the signal.
+    assert_eq!(b.cancel(&pending).await.expect("cancel pending"), CancelOutcome::Cancelled);
+    assert_eq!(b.cancel(&id).await.expect("cancel running"), CancelOutcome::Requested);
+    let got = tokio::time::timeout(Duration::from_secs(30), waiter).await.expect("signalled").expect("task");
+    assert_eq!(got.expect("signals"), vec![id.clone()]);
+    assert!(b.cancel_signals("other", Duration::ZERO).await.expect("signals").is_empty());
+    assert!(b.cancel_signals("holder", Duration::ZERO).await.expect("signals").is_empty(), "delivered once");
+    // A repeated cancel signals nothing new.
+    assert_eq!(b.cancel(&id).await.expect("cancel again"), CancelOutcome::Requested);
+    assert!(b.cancel_signals("holder", Duration::ZERO).await.expect("signals").is_empty());
+    b.fail(&lease.as_ref(), JobError::fatal(FailureCategory::Cancelled, "cancelled")).await.expect("end");
+    assert_eq!(status(b.as_ref(), &id).await, JobStatus::Cancelled);
 }

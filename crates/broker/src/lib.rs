@@ -596,6 +596,16 @@ pub trait Broker: Send + Sync + 'static {
         limit: usize,
         wait: Duration,
     ) -> impl Future<Output = Result<Vec<Event>>> + Send;
+
+    /// The jobs held by `worker_id` whose cancel was requested since its last call, waiting up to
+    /// `wait` for the first: how a worker hears a cancel at once, not at its next renewal (which
+    /// still tells it too, should a signal be lost). A signal for a job the worker no longer holds
+    /// means nothing.
+    fn cancel_signals(
+        &self,
+        worker_id: &str,
+        wait: Duration,
+    ) -> impl Future<Output = Result<Vec<JobId>>> + Send;
 }
 
 #[cfg(all(test, feature = "embedded", feature = "redis"))]

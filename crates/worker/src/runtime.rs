@@ -7,7 +7,7 @@ use std::time::Duration;
 use fleetq_broker::{Broker, BrokerError, Lease, LeaseRef, LeaseState};
 use fleetq_connectors::{CancellationToken, Connector, ProgressSink};
 use fleetq_core::{
-    ConnectorReport, ConnectorStatus, FailureCategory, JobError, ValidationError, WorkerRegistration,
+    ConnectorReport, ConnectorStatus, FailureCategory, JobError, JobId, ValidationError, WorkerRegistration,
 };
 use thiserror::Error;
 use tokio::sync::{Mutex, Notify};
@@ -90,6 +90,8 @@ pub struct Worker<B: Broker> {
     wake: Notify,
     /// The last status seen per service (changes are logged).
     reported: Mutex<BTreeMap<String, (ConnectorStatus, Option<String>)>>,
+    /// Per running job: fired when the broker signals that its cancel was requested.
+    cancels: std::sync::Mutex<BTreeMap<JobId, CancellationToken>>,
 }
 
 impl<B: Broker> Worker<B> {
@@ -126,6 +128,7 @@ impl<B: Broker> Worker<B> {
             advertised: Mutex::new(Vec::new()),
             wake: Notify::new(),
             reported: Mutex::new(BTreeMap::new()),
+            cancels: std::sync::Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -189,9 +192,11 @@ impl<B: Broker> Worker<B> {
             info_span!("worker", worker_id = %self.id(), machine_id = %self.config.registration.machine_id);
         let background = CancellationToken::new();
         let presence = tokio::spawn(self.clone().presence_loop(background.clone()).instrument(span.clone()));
+        let signals = tokio::spawn(self.clone().signal_loop(background.clone()).instrument(span.clone()));
         let result = self.claim_loop(&shutdown).instrument(span).await;
         background.cancel();
         let _ = presence.await;
+        let _ = signals.await;
         if let Err(e) = self.broker.deregister_worker(self.id()).await {
             warn!(worker_id = %self.id(), error = %e, "deregistration failed");
         }
@@ -255,6 +260,34 @@ impl<B: Broker> Worker<B> {
         // Drain: every running job finishes within the grace period or is released.
         while jobs.join_next().await.is_some() {}
         result
+    }
+
+    /// Hears the broker's cancel signals for this worker's jobs and fires the running job's token at
+    /// once (its renewal would tell it too, up to 2 s later), until `stop` fires.
+    async fn signal_loop(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            let heard = tokio::select! {
+                () = stop.cancelled() => return,
+                heard = self.broker.cancel_signals(self.id(), Duration::from_secs(5)) => heard,
+            };
+            match heard {
+                Ok(ids) => {
+                    let running = self.cancels.lock().map(|m| m.clone()).unwrap_or_default();
+                    for id in ids {
+                        if let Some(token) = running.get(&id) {
+                            token.cancel();
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "listening for cancel signals failed; retrying");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
     }
 
     /// Heartbeats and connector health checks until `stop` fires.
@@ -342,6 +375,10 @@ impl<B: Broker> Worker<B> {
             let overall = spec.timeout_ms.map(|ms| started + Duration::from_millis(ms));
             let quiet = spec.progress_timeout_ms.map(Duration::from_millis).or(self.config.default_progress_timeout);
             let cancel = CancellationToken::new();
+            let signalled = CancellationToken::new();
+            if let Ok(mut m) = self.cancels.lock() {
+                m.insert(lref.job_id.clone(), signalled.clone());
+            }
             let (sink, mut progress) = ProgressSink::channel();
             let mut work = {
                 let (job, cancel) = (lease.job.clone(), cancel.clone());
@@ -370,6 +407,11 @@ impl<B: Broker> Worker<B> {
                         let state = self.broker.renew(&lref).await;
                         self.on_lease_state(state, &mut stop, &cancel);
                     }
+                    () = signalled.cancelled(), if stop.is_none() => {
+                        info!("cancel signalled; interrupting the service");
+                        stop = Some(Stop::Cancelled);
+                        cancel.cancel();
+                    }
                     () = sleep_until(overall.unwrap_or(far)), if stop.is_none() && overall.is_some() => {
                         stop = Some(Stop::Timeout);
                         cancel.cancel();
@@ -392,6 +434,9 @@ impl<B: Broker> Worker<B> {
                     }
                 }
             };
+            if let Ok(mut m) = self.cancels.lock() {
+                m.remove(&lref.job_id);
+            }
             let offline = matches!(&outcome, Some(Ok(Err(e))) if e.category == FailureCategory::Connection);
             self.finish(&lref, &service, stop, outcome, started).await;
             if offline {

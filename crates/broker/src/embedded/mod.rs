@@ -9,6 +9,7 @@
 
 mod state;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -45,6 +46,22 @@ pub struct EmbeddedBroker {
     /// The last committed event sequence.
     seq_rx: watch::Receiver<u64>,
     clock: Arc<dyn Clock>,
+    /// Committed cancel signals per holding worker, and their wake-up.
+    signals: Arc<Signals>,
+}
+
+/// Cancel signals handed from the writer thread (after the commit that requested the cancel) to
+/// the workers waiting in [`Broker::cancel_signals`].
+#[derive(Debug, Default)]
+struct Signals {
+    by_worker: std::sync::Mutex<HashMap<String, Vec<JobId>>>,
+    wake: Notify,
+}
+
+impl Signals {
+    fn take(&self, worker_id: &str) -> Vec<JobId> {
+        self.by_worker.lock().map(|mut m| m.remove(worker_id).unwrap_or_default()).unwrap_or_default()
+    }
 }
 
 impl EmbeddedBroker {
@@ -64,11 +81,13 @@ impl EmbeddedBroker {
         let (seq_tx, seq_rx) = watch::channel(state.committed_seq());
         let (tx, rx) = mpsc::channel::<Cmd>();
         let wake = job_wake.clone();
+        let signals = Arc::new(Signals::default());
+        let sent = signals.clone();
         std::thread::Builder::new()
             .name("fleetq-sqlite".into())
-            .spawn(move || writer_loop(state, rx, wake, seq_tx))
+            .spawn(move || writer_loop(state, rx, wake, seq_tx, sent))
             .map_err(|e| BrokerError::Corrupt(format!("cannot start the writer thread: {e}")))?;
-        Ok(Self { tx, config, job_wake, seq_rx, clock })
+        Ok(Self { tx, config, job_wake, seq_rx, clock, signals })
     }
 
     /// Runs `f` on the writer thread inside a savepoint; resolves after the commit.
@@ -95,7 +114,13 @@ impl EmbeddedBroker {
     }
 }
 
-fn writer_loop(mut st: State, rx: mpsc::Receiver<Cmd>, job_wake: Arc<Notify>, seq_tx: watch::Sender<u64>) {
+fn writer_loop(
+    mut st: State,
+    rx: mpsc::Receiver<Cmd>,
+    job_wake: Arc<Notify>,
+    seq_tx: watch::Sender<u64>,
+    signals: Arc<Signals>,
+) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_GROUP {
@@ -118,9 +143,21 @@ fn writer_loop(mut st: State, rx: mpsc::Receiver<Cmd>, job_wake: Arc<Notify>, se
             reply(committed);
         }
         let woke = st.take_wake();
+        let cancels = st.take_cancels();
         seq_tx.send_replace(st.committed_seq());
         if committed && woke {
             job_wake.notify_waiters();
+        }
+        if committed && !cancels.is_empty() {
+            if let Ok(mut m) = signals.by_worker.lock() {
+                for (worker, id) in cancels {
+                    let queued = m.entry(worker).or_default();
+                    if queued.len() < 256 {
+                        queued.push(id);
+                    }
+                }
+            }
+            signals.wake.notify_waiters();
         }
     }
 }
@@ -286,6 +323,23 @@ impl Broker for EmbeddedBroker {
 
     async fn snapshot(&self) -> Result<Snapshot> {
         self.call(|st| st.snapshot()).await
+    }
+
+    async fn cancel_signals(&self, worker_id: &str, wait: Duration) -> Result<Vec<JobId>> {
+        let deadline = Instant::now() + wait;
+        loop {
+            // Registered before looking, so a signal published in between still wakes this.
+            let woken = self.signals.wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let got = self.signals.take(worker_id);
+            if !got.is_empty() || Instant::now() >= deadline {
+                return Ok(got);
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return Ok(self.signals.take(worker_id));
+            }
+        }
     }
 
     async fn events_after(&self, after: u64, limit: usize, wait: Duration) -> Result<Vec<Event>> {

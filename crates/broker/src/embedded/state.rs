@@ -135,6 +135,8 @@ pub(super) struct State {
     committed_seq: u64,
     /// A job became claimable in the current group.
     wake: bool,
+    /// Cancels requested in the current group: (holding worker, job), signalled after the commit.
+    cancels: Vec<(String, JobId)>,
     events_since_trim: usize,
 }
 
@@ -179,6 +181,7 @@ impl State {
             caches_dirty: true,
             committed_seq: 0,
             wake: false,
+            cancels: Vec::new(),
             events_since_trim: 0,
         };
         st.reload_caches()?;
@@ -279,6 +282,10 @@ impl State {
         std::mem::take(&mut self.wake)
     }
 
+    pub(super) fn take_cancels(&mut self) -> Vec<(String, JobId)> {
+        std::mem::take(&mut self.cancels)
+    }
+
     pub(super) fn begin(&mut self) -> Result<()> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         Ok(())
@@ -293,6 +300,7 @@ impl State {
     pub(super) fn rollback(&mut self) {
         let _ = self.conn.execute_batch("ROLLBACK");
         self.wake = false;
+        self.cancels.clear();
         self.caches_dirty = true;
         if let Ok(seq) = self.max_seq() {
             self.committed_seq = seq;
@@ -1002,6 +1010,9 @@ impl State {
                     Self::transition(&mut row, Action::Cancel, now)?;
                     row.summary.cancel_requested = true;
                     self.store(&row, OutcomeChange::Keep)?;
+                    if let Some(holder) = &row.summary.worker_id {
+                        self.cancels.push((holder.clone(), id.clone()));
+                    }
                     self.emit(EventKind::JobCancelRequested { job: row.summary })?;
                 }
                 Ok(CancelOutcome::Requested)

@@ -606,6 +606,11 @@ redis.register_function('fq_cancel', function(keys, argv)
       j.updated_at = nows
       save(P, j)
       emit_job(P, C, nows, 'job_cancel_requested', j)
+      -- Tell the holder now (it waits on its signal list); bounded, and gone with a dead worker.
+      local sig = P .. 'sig:' .. j.worker_id
+      redis.call('RPUSH', sig, j.id)
+      redis.call('LTRIM', sig, -256, -1)
+      redis.call('PEXPIRE', sig, 600000)
     end
     return 'requested'
   end

@@ -1029,9 +1029,32 @@ impl Broker for RedisBroker {
         }
         Ok(out)
     }
+
+    async fn cancel_signals(&self, worker_id: &str, wait: Duration) -> Result<Vec<JobId>> {
+        self.signals(worker_id, wait).await
+    }
 }
 
 impl RedisBroker {
+    /// Waits on the worker's signal list (`BLPOP`), then takes what else is there.
+    async fn signals(&self, worker_id: &str, wait: Duration) -> Result<Vec<JobId>> {
+        let key = self.key(&format!("sig:{worker_id}"));
+        let mut out = Vec::new();
+        if !wait.is_zero() {
+            let mut conn = self.blocking_conn().await?;
+            let secs = wait.as_secs_f64().clamp(0.001, 60.0);
+            let reply: Value =
+                redis::cmd("BLPOP").arg(&key).arg(format!("{secs:.3}")).query_async(&mut conn).await?;
+            self.return_conn(conn);
+            // [key, id] (or nil on timeout)
+            out.extend(items(reply).get(1).and_then(text).map(JobId));
+        }
+        let mut cmd = redis::cmd("LPOP");
+        cmd.arg(&key).arg(256);
+        out.extend(items(self.run(&cmd).await?).iter().filter_map(text).map(JobId));
+        Ok(out)
+    }
+
     async fn renew_inner(
         &self,
         lease: &LeaseRef,
