@@ -74,6 +74,10 @@ enum Stop {
     LeaseLost,
 }
 
+/// How long a service's last job must have ended before it is reported `idle` (a next job that
+/// starts meanwhile keeps it `active`: one change, not two).
+const ACTIVITY_SETTLE: Duration = Duration::from_millis(50);
+
 /// A worker: a broker, its connectors (one per service) and its configuration.
 #[derive(Debug)]
 pub struct Worker<B: Broker> {
@@ -90,6 +94,10 @@ pub struct Worker<B: Broker> {
     wake: Notify,
     /// The last status seen per service (changes are logged).
     reported: Mutex<BTreeMap<String, (ConnectorStatus, Option<String>)>>,
+    /// The last report sent per service (activity changes are sent from it at once).
+    last_report: Mutex<BTreeMap<String, ConnectorReport>>,
+    /// The status each connector's last health check returned.
+    health_status: Mutex<BTreeMap<String, ConnectorStatus>>,
     /// Per running job: fired when the broker signals that its cancel was requested.
     cancels: std::sync::Mutex<BTreeMap<JobId, CancellationToken>>,
 }
@@ -129,6 +137,8 @@ impl<B: Broker> Worker<B> {
             wake: Notify::new(),
             reported: Mutex::new(BTreeMap::new()),
             cancels: std::sync::Mutex::new(BTreeMap::new()),
+            last_report: Mutex::new(BTreeMap::new()),
+            health_status: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -234,11 +244,15 @@ impl<B: Broker> Worker<B> {
                     *self.running.lock().await.entry(service.clone()).or_default() += 1;
                     let (me, stop) = (self.clone(), shutdown.clone());
                     jobs.spawn(async move {
+                        me.report_activity(&service).await;
                         me.execute(lease, &stop).await;
                         if let Some(n) = me.running.lock().await.get_mut(&service) {
                             *n = n.saturating_sub(1);
                         }
                         me.wake.notify_one();
+                        // Idle only if no next job starts meanwhile: a burst is one change.
+                        tokio::time::sleep(ACTIVITY_SETTLE).await;
+                        me.report_activity(&service).await;
                     });
                 }
                 Ok(None) => {}
@@ -321,9 +335,36 @@ impl<B: Broker> Worker<B> {
         if usable { healthy.insert(service.to_owned()) } else { healthy.remove(service) }
     }
 
+    /// Reports `service` `active` while this worker runs a job of it and, once none runs, what its
+    /// last health check said — at once, not at the next check — when that check found it usable.
+    /// An unchanged status sends nothing.
+    async fn report_activity(&self, service: &str) {
+        // Held until the report is sent: reports of one worker go out in the order they are
+        // decided, so a health check's and an activity change's never overtake each other.
+        let mut last = self.last_report.lock().await;
+        let running = self.running.lock().await.get(service).copied().unwrap_or(0);
+        // What the service itself said last: `active` there (busy with work not ours) stays.
+        let Some(health) = self.health_status.lock().await.get(service).copied() else { return };
+        if !matches!(health, ConnectorStatus::Idle | ConnectorStatus::Active) {
+            return;
+        }
+        let Some(report) = last.get_mut(service) else { return };
+        let status = if running > 0 { ConnectorStatus::Active } else { health };
+        if report.status == status {
+            return;
+        }
+        report.status = status;
+        report.at = self.broker.clock().now_ms();
+        let report = report.clone();
+        if let Err(e) = self.broker.report_connector(self.id(), report).await {
+            warn!(service = %service, error = %e, "connector report failed");
+        }
+    }
+
     /// Checks every connector (or only `only`) and reports each one to the broker — every time, so
     /// the report's time stays fresh (the broker events only changes) — then re-registers when the
-    /// set of usable services changed.
+    /// set of usable services changed. A usable connector with one of this worker's jobs running is
+    /// `active` whatever its own count says (the two may not agree for a moment).
     async fn check_health(&self, only: Option<&str>) {
         let mut changed_availability = false;
         for (service, connector) in &self.connectors {
@@ -337,16 +378,26 @@ impl<B: Broker> Worker<B> {
             if previous.as_ref() != Some(&now) {
                 info!(service = %service, connector_id = %service, status = ?h.status, message = ?h.message, "connector status");
             }
+            // Held until sent (see `report_activity`).
+            let mut last = self.last_report.lock().await;
+            let running = self.running.lock().await.get(service).copied().unwrap_or(0);
+            self.health_status.lock().await.insert(service.clone(), h.status);
+            let status = match h.status {
+                ConnectorStatus::Idle if running > 0 => ConnectorStatus::Active,
+                other => other,
+            };
             let report = ConnectorReport {
                 service: service.clone(),
-                status: h.status,
+                status,
                 message: h.message,
                 at: self.broker.clock().now_ms(),
                 info: h.info,
             };
+            last.insert(service.clone(), report.clone());
             if let Err(e) = self.broker.report_connector(self.id(), report).await {
                 warn!(service = %service, error = %e, "connector report failed");
             }
+            drop(last);
         }
         if changed_availability {
             let services = self.healthy.lock().await.clone();

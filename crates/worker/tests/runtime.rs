@@ -131,7 +131,59 @@ both_backends!(
     an_offline_connector_stops_claiming,
     a_connector_runs_up_to_its_concurrency_limit,
     a_connector_that_cannot_be_built_is_registered_offline,
+    activity_is_reported_at_once,
 );
+
+/// The statuses reported for `worker`'s `simulation` connector, in order, waiting (on events, up
+/// to 60 s) until `until` is among them.
+async fn statuses_until<B: Broker>(
+    b: &B,
+    worker: &str,
+    after: &mut u64,
+    until: fleetq_core::ConnectorStatus,
+) -> Vec<fleetq_core::ConnectorStatus> {
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    while !seen.contains(&until) {
+        if tokio::time::Instant::now() >= give_up {
+            let all: Vec<String> = b
+                .events_after(0, 1000, Duration::ZERO)
+                .await
+                .expect("events")
+                .iter()
+                .map(|e| format!("{}:{}", e.seq, e.kind.name()))
+                .collect();
+            panic!("never reported {until:?}: {seen:?}; after {after}; log {all:?}");
+        }
+        for e in b.events_after(*after, 1000, Duration::from_millis(500)).await.expect("events") {
+            *after = e.seq;
+            if let EventKind::ConnectorStatus { worker_id, report } = &e.kind
+                && worker_id == worker
+            {
+                seen.push(report.status);
+            }
+        }
+    }
+    seen
+}
+
+/// A job starting makes the connector `active` and its end `idle` again at once: the health check
+/// runs every 120 s here, longer than the 60 s the test waits, so only the immediate reports can
+/// pass it.
+async fn activity_is_reported_at_once<B: Broker>(b: Arc<B>) {
+    use fleetq_core::ConnectorStatus::{Active, Idle};
+    let mut c = config("w1");
+    c.health_every = Duration::from_secs(120);
+    let w = start(&b, c, sim());
+    let mut after = 0;
+    statuses_until(b.as_ref(), "w1", &mut after, Idle).await;
+    let id = b.submit(job(json!({"steps": 100_000, "step_ms": 10}))).await.expect("submit").id;
+    assert_eq!(statuses_until(b.as_ref(), "w1", &mut after, Active).await, vec![Active]);
+    b.cancel(&id).await.expect("cancel");
+    assert_eq!(wait_for(b.as_ref(), &id, finished).await.summary.status, JobStatus::Cancelled);
+    assert_eq!(statuses_until(b.as_ref(), "w1", &mut after, Idle).await, vec![Idle]);
+    w.shutdown().await;
+}
 
 /// `max_concurrent_jobs = 3`: three jobs run at once on one worker, never a fourth.
 async fn a_connector_runs_up_to_its_concurrency_limit<B: Broker>(b: Arc<B>) {
