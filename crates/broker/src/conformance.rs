@@ -1416,8 +1416,10 @@ pub async fn partitions_come_and_go<B: Broker>(fx: Fixture<B>) {
     b.register_worker(w.clone()).await.expect("register");
     let lease = claim_now(b, "w").await.expect("claim");
     b.complete(&lease.as_ref(), json!(null)).await.expect("complete");
-    // Removed with the job: the worker leaving flags nothing.
+    // Removed with the job: the worker leaving (and its class, once idle long enough) flags nothing.
     b.deregister_worker("w").await.expect("deregister");
+    fx.clock.advance(fleetq_core::class::CLASS_IDLE_MS);
+    b.reap().await.expect("reap");
     b.evaluate_workability().await.expect("evaluate");
     assert_eq!(flags_of(b, &partition).await, vec![true, false]);
     // Recreated, flagged again (no worker), then served.
@@ -1458,8 +1460,9 @@ pub async fn partitions_come_and_go<B: Broker>(fx: Fixture<B>) {
 }
 
 /// Workers that match alike share a class. A new class is matched against the partitions already
-/// pending, a dropped class (its last worker gone) leaves them flagged, and a worker that
-/// re-registers with other capabilities changes class.
+/// pending; a class whose last worker left is kept for [`fleetq_core::class::CLASS_IDLE_MS`], then
+/// dropped, leaving the partitions only it matched flagged; a worker that re-registers with other
+/// capabilities changes class.
 pub async fn worker_classes_follow_registrations<B: Broker>(fx: Fixture<B>) {
     let b = fx.broker.as_ref();
     for id in ["a1", "a2"] {
@@ -1477,9 +1480,17 @@ pub async fn worker_classes_follow_registrations<B: Broker>(fx: Fixture<B>) {
     assert_eq!(flags_of(b, &big).await, vec![true]);
     b.register_worker(worker("b", &["simulation"], json!({"vram": 64}))).await.expect("register");
     assert_eq!(flags_of(b, &big).await, vec![true, false], "the new class serves it");
-    // One worker of a class leaving keeps the class; the last one drops it.
+    // The last worker of a class leaving keeps it a while (a worker coming back finds it ready),
+    // then the reaper drops it.
     b.deregister_worker("b").await.expect("deregister");
-    assert_eq!(flags_of(b, &big).await, vec![true, false, true]);
+    b.reap().await.expect("reap");
+    assert_eq!(flags_of(b, &big).await, vec![true, false], "kept while idle");
+    fx.clock.advance(fleetq_core::class::CLASS_IDLE_MS);
+    for w in ["a1", "a2"] {
+        b.heartbeat(w).await.expect("heartbeat");
+    }
+    b.reap().await.expect("reap");
+    assert_eq!(flags_of(b, &big).await, vec![true, false, true], "dropped once idle long enough");
     b.deregister_worker("a1").await.expect("deregister");
     assert!(flags_of(b, &small).await.is_empty(), "a2 still serves the small shape");
     // a2 upgrades: its class changes, the old one (now empty) is dropped.

@@ -13,6 +13,12 @@ use crate::matching::matches_partition;
 use crate::partition::PartitionSpec;
 use crate::worker::{Capabilities, WorkerRegistration};
 
+/// How long (ms) a class without a worker is kept before the reaper drops it. A worker moving
+/// between classes (its services fill up and free up, it restarts) finds them ready instead of
+/// matching every partition again; the partitions only such a class matched are flagged
+/// unworkable when it is dropped.
+pub const CLASS_IDLE_MS: i64 = 60_000;
+
 /// What matching reads of a worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClassSpec {

@@ -335,21 +335,23 @@ impl<B: Broker> Worker<B> {
         if usable { healthy.insert(service.to_owned()) } else { healthy.remove(service) }
     }
 
-    /// Reports `service` `active` while this worker runs a job of it and, once none runs, what its
-    /// last health check said — at once, not at the next check — when that check found it usable.
-    /// An unchanged status sends nothing.
+    /// Reports `service` `active` while this worker runs a job of it and `idle` once none runs — at
+    /// once, not at the next health check — when that check found it usable. An unchanged status
+    /// sends nothing.
     async fn report_activity(&self, service: &str) {
         // Held until the report is sent: reports of one worker go out in the order they are
         // decided, so a health check's and an activity change's never overtake each other.
         let mut last = self.last_report.lock().await;
         let running = self.running.lock().await.get(service).copied().unwrap_or(0);
-        // What the service itself said last: `active` there (busy with work not ours) stays.
+        // Only a usable service changes with activity; an unhealthy one is the health check's.
         let Some(health) = self.health_status.lock().await.get(service).copied() else { return };
         if !matches!(health, ConnectorStatus::Idle | ConnectorStatus::Active) {
             return;
         }
         let Some(report) = last.get_mut(service) else { return };
-        let status = if running > 0 { ConnectorStatus::Active } else { health };
+        // A connector's `active` counts this worker's jobs; a check during one said so, but the
+        // count is ours to know now (the next check says what the connector thinks).
+        let status = if running > 0 { ConnectorStatus::Active } else { ConnectorStatus::Idle };
         if report.status == status {
             return;
         }

@@ -107,6 +107,8 @@ struct Part {
 struct Class {
     spec: ClassSpec,
     workers: usize,
+    /// Since when it has no worker ([`fleetq_core::class::CLASS_IDLE_MS`] later it is dropped).
+    idle_since: Option<i64>,
     /// The head of every live partition it matches.
     heads: BTreeSet<Head>,
 }
@@ -558,6 +560,7 @@ impl State {
         let mut workable = Vec::new();
         if let Some(class) = classes.get_mut(&key) {
             class.workers += 1;
+            class.idle_since = None;
             return workable;
         }
         let mut heads = BTreeSet::new();
@@ -570,18 +573,42 @@ impl State {
                 }
             }
         }
-        classes.insert(key, Class { spec, workers: 1, heads });
+        classes.insert(key, Class { spec, workers: 1, idle_since: None, heads });
         workable
     }
 
-    /// A worker left class `key`; the last one drops it. Returns the partitions no class matches
-    /// any more.
-    fn leave_class(&mut self, key: &ClassKey) -> Vec<PartitionKey> {
-        let Some(class) = self.classes.get_mut(key) else { return Vec::new() };
-        class.workers = class.workers.saturating_sub(1);
-        if class.workers > 0 {
-            return Vec::new();
+    /// A worker left class `key`; the last one leaves it idle, kept for the reaper.
+    fn leave_class(&mut self, key: &ClassKey) {
+        let now = self.now();
+        if let Some(class) = self.classes.get_mut(key) {
+            class.workers = class.workers.saturating_sub(1);
+            if class.workers == 0 {
+                class.idle_since = Some(now);
+            }
         }
+    }
+
+    /// Drops the classes idle for [`fleetq_core::class::CLASS_IDLE_MS`] and flags the partitions
+    /// no class matches any more. Returns how many classes went.
+    fn drop_idle_classes(&mut self, now: i64) -> Result<usize> {
+        let idle: Vec<ClassKey> = self
+            .classes
+            .iter()
+            .filter(|(_, c)| {
+                c.idle_since.is_some_and(|t| now.saturating_sub(t) >= fleetq_core::class::CLASS_IDLE_MS)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &idle {
+            for p in self.drop_class(key) {
+                self.set_flag(&p, true)?;
+            }
+        }
+        Ok(idle.len())
+    }
+
+    /// Removes class `key`. Returns the partitions no class matches any more.
+    fn drop_class(&mut self, key: &ClassKey) -> Vec<PartitionKey> {
         self.classes.remove(key);
         let mut orphaned = Vec::new();
         for (pkey, part) in &mut self.partitions {
@@ -1075,6 +1102,7 @@ impl State {
             self.remove_worker(id, "expired")?;
         }
         report.workers_expired = expired.len();
+        self.drop_idle_classes(now)?;
         self.conn.execute(
             "DELETE FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?1",
             [now - self.config.retention_ms],
@@ -1170,15 +1198,11 @@ impl State {
             return Ok(());
         }
         let workable = Self::join_class(&mut self.classes, &mut self.partitions, key.clone(), spec);
-        let orphaned = match self.worker_class.insert(id, key) {
-            Some(old) => self.leave_class(&old),
-            None => Vec::new(),
-        };
+        if let Some(old) = self.worker_class.insert(id, key) {
+            self.leave_class(&old);
+        }
         for p in workable {
             self.set_flag(&p, false)?;
-        }
-        for p in orphaned {
-            self.set_flag(&p, true)?;
         }
         Ok(())
     }
@@ -1209,9 +1233,7 @@ impl State {
         self.conn.execute("DELETE FROM workers WHERE id = ?1", [id])?;
         self.emit(EventKind::WorkerRemoved { worker_id: id.to_owned(), reason: reason.to_owned() })?;
         if let Some(key) = self.worker_class.remove(id) {
-            for p in self.leave_class(&key) {
-                self.set_flag(&p, true)?;
-            }
+            self.leave_class(&key);
         }
         Ok(())
     }

@@ -174,18 +174,22 @@ local function release_partition(P, p, service)
   if redis.call('HINCRBY', P .. 'svcs', service, -1) <= 0 then redis.call('HDEL', P .. 'svcs', service) end
 end
 
--- A worker of class c left it. The last one drops the class: its index and wake list go, and
--- `cver` moves so submitters refresh. Returns true when the class was dropped.
-local function leave_class(P, c)
-  if not c then return false end
-  if redis.call('HINCRBY', P .. 'cw', c, -1) > 0 then return false end
-  redis.call('HDEL', P .. 'cw', c)
-  redis.call('HDEL', P .. 'classes', c)
-  redis.call('HDEL', P .. 'cready', c)
-  redis.call('HDEL', P .. 'cwf', c)
+-- How long a class without a worker is kept (fleetq_core::class::CLASS_IDLE_MS): a worker that
+-- moves between classes as its services fill up and free up finds them ready instead of matching
+-- every partition again.
+local CLASS_IDLE_MS = 60000
+
+-- A worker of class c left it; the last one leaves it idle (kept, dropped by the reaper later).
+local function leave_class(P, c, nows)
+  if not c then return end
+  if redis.call('HINCRBY', P .. 'cw', c, -1) <= 0 then redis.call('HSET', P .. 'cidle', c, nows) end
+end
+
+-- Drops class c: its index and wake list go, and `cver` moves so submitters refresh.
+local function drop_class(P, c)
+  for _, h in ipairs({'cw', 'classes', 'cready', 'cwf', 'cidle'}) do redis.call('HDEL', P .. h, c) end
   redis.call('UNLINK', P .. 'ch:' .. c, P .. 'wake:c:' .. c)
   redis.call('INCR', P .. 'cver')
-  return true
 end
 
 -- A claimable job is in its partition's queue (claims), its service's queue `sq:` (queue order and
@@ -661,22 +665,22 @@ redis.register_function('fq_reap', function(keys, argv)
   until r + f < 500
   local promoted = promote(P, nows, 1000)
   for _, s in ipairs(redis.call('HKEYS', P .. 'fv')) do fair_forget(P, s) end
-  -- A ready class without a worker: its registrant died before registering. (A class being
-  -- filled is not ready yet; its registrant finds it gone and declares it again.)
-  local dropped = 0
-  for _, kv in ipairs(pairs_of(redis.call('HGETALL', P .. 'cw'))) do
-    if tonumber(kv[2]) <= 0 and redis.call('HEXISTS', P .. 'cready', kv[1]) == 1 then
-      redis.call('HSET', P .. 'cw', kv[1], 1)
-      if leave_class(P, kv[1]) then dropped = dropped + 1 end
-    end
-  end
   local expired = redis.call('ZRANGEBYSCORE', P .. 'wseen', '-inf', '(' .. num(now - C.worker_ttl_ms), 'LIMIT', 0, 1000)
   for _, w in ipairs(expired) do
     redis.call('HDEL', P .. 'workers', w)
     redis.call('ZREM', P .. 'wseen', w)
-    if leave_class(P, redis.call('HGET', P .. 'wclass', w)) then dropped = dropped + 1 end
+    leave_class(P, redis.call('HGET', P .. 'wclass', w), nows)
     redis.call('HDEL', P .. 'wclass', w)
     emit_data(P, C, nows, 'worker_removed', '{"type":"worker_removed","worker_id":"' .. w .. '","reason":"expired"}')
+  end
+  -- Classes without a worker for CLASS_IDLE_MS (also one whose registrant died after declaring
+  -- it; one being filled that long finds itself gone and is declared again).
+  local dropped = 0
+  for _, kv in ipairs(pairs_of(redis.call('HGETALL', P .. 'cidle'))) do
+    if now - tonumber(kv[2]) >= CLASS_IDLE_MS and (tonumber(redis.call('HGET', P .. 'cw', kv[1])) or 0) <= 0 then
+      drop_class(P, kv[1])
+      dropped = dropped + 1
+    end
   end
   local old = redis.call('ZRANGEBYSCORE', P .. 'done', '-inf', '(' .. num(now - C.retention_ms), 'LIMIT', 0, 1000)
   for _, m in ipairs(old) do
@@ -740,6 +744,7 @@ redis.register_function('fq_class', function(keys, argv)
   end
   redis.call('HSET', P .. 'classes', c, argv[3])
   redis.call('HSET', P .. 'cw', c, 0)
+  redis.call('HSET', P .. 'cidle', c, argv[1])
   if argv[4] ~= '' then redis.call('HSET', P .. 'cwf', c, argv[4]) end
   redis.call('INCR', P .. 'cver')
   return 'new'
@@ -776,7 +781,7 @@ end)
 
 -- Compare-and-set registration of a worker in class c: ARGV now, worker, expected info ('' =
 -- absent), new info, event json, class. Replies 'gone' when the class was dropped since the caller
--- declared it, 'conflict' when the info changed, 'ok' or 'dropped' (its previous class went).
+-- declared it, 'conflict' when the info changed, else 'ok'.
 redis.register_function('fq_register', function(keys, argv)
   local P = keys[1]
   local w, c = argv[2], argv[6]
@@ -784,15 +789,15 @@ redis.register_function('fq_register', function(keys, argv)
   if (redis.call('HGET', P .. 'workers', w) or '') ~= argv[3] then return 'conflict' end
   redis.call('HSET', P .. 'workers', w, argv[4])
   redis.call('ZADD', P .. 'wseen', tonumber(argv[1]), w)
-  local reply = 'ok'
   local old = redis.call('HGET', P .. 'wclass', w)
   if old ~= c then
     redis.call('HSET', P .. 'wclass', w, c)
     redis.call('HINCRBY', P .. 'cw', c, 1)
-    if leave_class(P, old) then reply = 'dropped' end
+    redis.call('HDEL', P .. 'cidle', c)
+    leave_class(P, old, argv[1])
   end
   emit_data(P, cfg(P), argv[1], 'worker_registered', argv[5])
-  return reply
+  return 'ok'
 end)
 
 -- Compare-and-set of one field of a hash, with an event: the caller folded the new value from the
@@ -816,10 +821,9 @@ redis.register_function('fq_deregister', function(keys, argv)
   local P = keys[1]
   if redis.call('HDEL', P .. 'workers', argv[2]) == 0 then return 'unknown' end
   redis.call('ZREM', P .. 'wseen', argv[2])
-  local dropped = leave_class(P, redis.call('HGET', P .. 'wclass', argv[2]))
+  leave_class(P, redis.call('HGET', P .. 'wclass', argv[2]), argv[1])
   redis.call('HDEL', P .. 'wclass', argv[2])
   emit_data(P, cfg(P), argv[1], 'worker_removed', argv[3])
-  if dropped then return 'dropped' end
   return 'ok'
 end)
 

@@ -16,7 +16,8 @@
 //! whose class is new matches it against the live partitions once, in pages, before it claims. The
 //! server keeps, per class, the head of every partition the class matches in claim order (`ch:`),
 //! so a claim reads the first members of one sorted set and sends no partition list. A partition
-//! whose last unfinished job finishes is removed; a class whose last worker leaves is dropped.
+//! whose last unfinished job finishes is removed; a class without a worker for
+//! [`fleetq_core::class::CLASS_IDLE_MS`] is dropped by the reaper.
 //!
 //! Queue order and position: a claimable job is a member `order key ‖ id` (score 0, so members sort
 //! by bytes, which is claim order) of its partition's queue `pq:` (claims), its service's `sq:`
@@ -489,7 +490,6 @@ impl RedisBroker {
                     .arg(&key.0);
                 match text(&self.run(&cmd).await?).as_deref() {
                     Some("ok") => return Ok(()),
-                    Some("dropped") => return self.evaluate_workability().await.map(|_| ()),
                     Some("gone") => break,
                     _ => continue,
                 }
@@ -822,7 +822,6 @@ impl Broker for RedisBroker {
         cmd.arg(self.now()).arg(worker_id).arg(serde_json::to_string(&event).map_err(corrupt)?);
         match text(&self.run(&cmd).await?).as_deref() {
             Some("ok") => Ok(()),
-            Some("dropped") => self.evaluate_workability().await.map(|_| ()),
             _ => Err(BrokerError::UnknownWorker(worker_id.to_owned())),
         }
     }
@@ -1116,5 +1115,6 @@ mod tests {
     fn library_version_matches_the_lua_source() {
         assert!(LIBRARY.contains(&format!("local VERSION = '{LIBRARY_VERSION}'")));
         assert!(LIBRARY.starts_with("#!lua name=fleetq"));
+        assert!(LIBRARY.contains(&format!("local CLASS_IDLE_MS = {}\n", fleetq_core::class::CLASS_IDLE_MS)));
     }
 }
