@@ -1,8 +1,9 @@
 //! Workers, their capabilities, connector status and machine events.
 //!
 //! A worker registers with a [`WorkerRegistration`] (the `worker.json` document of `fleetq explain`).
-//! Registration is validated: an empty `worker_id`, `machine_id` or service list is rejected, never
-//! patched with a default (the seeds' `machine_id: unknown` corruption).
+//! Registration is validated: an empty `worker_id` or `machine_id` is rejected, never patched with a
+//! default (the seeds' `machine_id: unknown` corruption). The service list may be empty: a worker
+//! whose every service is down advertises none.
 
 use std::collections::BTreeMap;
 
@@ -84,13 +85,12 @@ pub struct WorkerRegistration {
 }
 
 impl WorkerRegistration {
-    /// Rejects a registration with missing or malformed identity fields.
+    /// Rejects a registration with missing or malformed identity fields. An empty service list is
+    /// valid: a worker whose every service is down advertises none (it stays visible, matching
+    /// nothing, until one comes back).
     pub fn validate(&self) -> Result<(), ValidationError> {
         check_name("worker_id", &self.worker_id)?;
         check_name("machine_id", &self.machine_id)?;
-        if self.services.is_empty() {
-            return Err(ValidationError::new("services", "must list at least one service"));
-        }
         for (i, s) in self.services.iter().enumerate() {
             check_name(&format!("services[{i}]"), s)?;
         }
@@ -332,9 +332,12 @@ mod tests {
         let mut bad = ok.clone();
         bad.machine_id = String::new();
         assert_eq!(bad.validate().unwrap_err().field, "machine_id");
+        let mut none = ok.clone();
+        none.services.clear();
+        assert!(none.validate().is_ok(), "a worker whose every service is down advertises none");
         let mut bad = ok.clone();
-        bad.services.clear();
-        assert_eq!(bad.validate().unwrap_err().field, "services");
+        bad.services = vec![String::new()];
+        assert_eq!(bad.validate().unwrap_err().field, "services[0]");
         let mut bad = ok.clone();
         bad.capabilities = caps(json!({"customer_isolation": "very"}));
         assert_eq!(bad.validate().unwrap_err().field, "capabilities.customer_isolation");

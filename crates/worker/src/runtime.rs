@@ -117,6 +117,9 @@ impl<B: Broker> Worker<B> {
                 );
             }
         }
+        if map.is_empty() {
+            return Err(ValidationError::new("connectors", "a worker needs at least one connector").into());
+        }
         config.registration.services = map.keys().cloned().collect();
         config.registration.validate()?;
         if let Some((service, _)) = config.max_concurrent.iter().find(|(_, n)| **n == 0) {
@@ -157,14 +160,21 @@ impl<B: Broker> Worker<B> {
         &self.config.registration.worker_id
     }
 
-    /// Registers with the services this worker can claim for now. With none (all connectors down
-    /// or busy) it keeps the last list (or all of them): visible, but the claim loop does not claim.
+    /// Registers with the services this worker can claim for now. With none because every
+    /// connector is down, it advertises none: nothing matches it, so jobs only it could serve are
+    /// flagged unworkable and get no ETA until a service comes back. With none because they are
+    /// all busy it keeps the last list (busy is not unavailable); before the first health check,
+    /// all of them.
     async fn register(&self) -> Result<(), BrokerError> {
         let services = self.claimable().await;
+        let checked = !self.health_status.lock().await.is_empty();
+        let all_down = checked && self.healthy.lock().await.is_empty();
         let mut reg = self.config.registration.clone();
         let mut advertised = self.advertised.lock().await;
         if !services.is_empty() {
             reg.services = services;
+        } else if all_down {
+            reg.services = Vec::new();
         } else if !advertised.is_empty() {
             reg.services = advertised.clone();
         }
@@ -198,6 +208,13 @@ impl<B: Broker> Worker<B> {
             }
         }
         self.check_health(None).await;
+        if self.healthy.lock().await.is_empty() {
+            // Every service was down at the first check: stop advertising them (that check saw
+            // no change of availability to re-register for).
+            if let Err(e) = self.register().await {
+                warn!(error = %e, "re-registration failed");
+            }
+        }
         let span =
             info_span!("worker", worker_id = %self.id(), machine_id = %self.config.registration.machine_id);
         let background = CancellationToken::new();

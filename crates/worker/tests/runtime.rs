@@ -372,7 +372,20 @@ async fn an_offline_connector_stops_claiming<B: Broker>(b: Arc<B>) {
         }
     }
     assert!(seen_offline, "the outage was reported");
+    // A worker whose every service is down advertises none: a job only it could serve is unworkable.
+    for _ in 0..120 {
+        let me =
+            b.workers().await.expect("workers").into_iter().find(|w| w.registration.worker_id == "a-down");
+        if me.is_some_and(|w| w.registration.services.is_empty()) {
+            break;
+        }
+        b.events_after(after, 1000, Duration::from_millis(500)).await.expect("events");
+    }
     let id = b.submit(job(json!({}))).await.expect("submit").id;
+    let a_down =
+        b.workers().await.expect("workers").into_iter().find(|w| w.registration.worker_id == "a-down");
+    assert_eq!(a_down.map(|w| w.registration.services), Some(vec![]), "A advertises no service");
+    assert!(b.job(&id).await.expect("get").expect("exists").summary.unworkable, "nobody can serve it");
     let healthy = start(&b, config("b-up"), sim());
     let rec = wait_for(b.as_ref(), &id, finished).await;
     assert_eq!(

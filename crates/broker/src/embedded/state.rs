@@ -526,7 +526,7 @@ impl State {
         }
         let classes: Vec<ClassKey> =
             self.classes.iter().filter(|(_, c)| c.spec.matches(&spec)).map(|(k, _)| k.clone()).collect();
-        let unworkable = classes.is_empty();
+        let unworkable = !classes.iter().any(|c| self.classes.get(c).is_some_and(|c| c.workers > 0));
         self.conn.execute(
             "INSERT OR REPLACE INTO partitions(key, spec, unworkable) VALUES (?1, ?2, ?3)",
             params![key.0, to_json(&spec)?, unworkable],
@@ -560,7 +560,12 @@ impl State {
         let mut workable = Vec::new();
         if let Some(class) = classes.get_mut(&key) {
             class.workers += 1;
-            class.idle_since = None;
+            if class.idle_since.take().is_some() {
+                // Revived: its partitions may be served again (the caller unflags the flagged).
+                workable.extend(
+                    partitions.iter().filter(|(_, p)| p.classes.contains(&key)).map(|(k, _)| k.clone()),
+                );
+            }
             return workable;
         }
         let mut heads = BTreeSet::new();
@@ -568,24 +573,31 @@ impl State {
             if spec.matches(&part.spec) {
                 part.classes.push(key.clone());
                 heads.extend(part.head.clone());
-                if part.classes.len() == 1 {
-                    workable.push(pkey.clone());
-                }
+                workable.push(pkey.clone());
             }
         }
         classes.insert(key, Class { spec, workers: 1, idle_since: None, heads });
         workable
     }
 
-    /// A worker left class `key`; the last one leaves it idle, kept for the reaper.
-    fn leave_class(&mut self, key: &ClassKey) {
+    /// A worker left class `key`; the last one leaves it idle, kept for the reaper, and the
+    /// partitions no worker serves any more are flagged.
+    fn leave_class(&mut self, key: &ClassKey) -> Result<()> {
         let now = self.now();
-        if let Some(class) = self.classes.get_mut(key) {
-            class.workers = class.workers.saturating_sub(1);
-            if class.workers == 0 {
-                class.idle_since = Some(now);
+        let Some(class) = self.classes.get_mut(key) else { return Ok(()) };
+        class.workers = class.workers.saturating_sub(1);
+        if class.workers > 0 {
+            return Ok(());
+        }
+        class.idle_since = Some(now);
+        let matched: Vec<PartitionKey> =
+            self.partitions.iter().filter(|(_, p)| p.classes.contains(key)).map(|(k, _)| k.clone()).collect();
+        for p in matched {
+            if !self.served(&p) {
+                self.set_flag(&p, true)?;
             }
         }
+        Ok(())
     }
 
     /// Drops the classes idle for [`fleetq_core::class::CLASS_IDLE_MS`] and flags the partitions
@@ -635,6 +647,13 @@ impl State {
         Ok(true)
     }
 
+    /// Whether a registered worker may serve the partition's jobs (a class kept idle does not).
+    fn served(&self, partition: &PartitionKey) -> bool {
+        self.partitions
+            .get(partition)
+            .is_some_and(|p| p.classes.iter().any(|c| self.classes.get(c).is_some_and(|c| c.workers > 0)))
+    }
+
     /// Whether a registered worker other than `worker_id` may serve the partition's jobs.
     fn others_match(&self, partition: &PartitionKey) -> bool {
         let Some(part) = self.partitions.get(partition) else { return false };
@@ -646,7 +665,7 @@ impl State {
     /// partitions and classes come and go: this repairs, and returns what it changed).
     pub(super) fn evaluate_workability(&mut self) -> Result<usize> {
         let flags: Vec<(PartitionKey, bool)> =
-            self.partitions.iter().map(|(k, p)| (k.clone(), p.classes.is_empty())).collect();
+            self.partitions.keys().map(|k| (k.clone(), !self.served(k))).collect();
         let mut changed = 0;
         for (key, unworkable) in flags {
             changed += usize::from(self.set_flag(&key, unworkable)?);
@@ -1199,7 +1218,7 @@ impl State {
         }
         let workable = Self::join_class(&mut self.classes, &mut self.partitions, key.clone(), spec);
         if let Some(old) = self.worker_class.insert(id, key) {
-            self.leave_class(&old);
+            self.leave_class(&old)?;
         }
         for p in workable {
             self.set_flag(&p, false)?;
@@ -1233,7 +1252,7 @@ impl State {
         self.conn.execute("DELETE FROM workers WHERE id = ?1", [id])?;
         self.emit(EventKind::WorkerRemoved { worker_id: id.to_owned(), reason: reason.to_owned() })?;
         if let Some(key) = self.worker_class.remove(id) {
-            self.leave_class(&key);
+            self.leave_class(&key)?;
         }
         Ok(())
     }

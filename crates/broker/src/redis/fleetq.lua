@@ -152,9 +152,11 @@ local function ensure_partition(P, C, nows, p, pspec, service, classes, quiet)
   redis.call('HINCRBY', P .. 'svcs', service, 1)
   local any = false
   for c in string.gmatch(classes, '[^,]+') do
-    if redis.call('HEXISTS', P .. 'cw', c) == 1 then
+    local n = tonumber(redis.call('HGET', P .. 'cw', c))
+    if n then
       redis.call('SADD', P .. 'pcl:' .. p, c)
-      any = true
+      -- A class kept idle (no worker) indexes the partition but does not serve it.
+      any = any or n > 0
     end
   end
   if not any then
@@ -180,9 +182,12 @@ end
 local CLASS_IDLE_MS = 60000
 
 -- A worker of class c left it; the last one leaves it idle (kept, dropped by the reaper later).
+-- Returns true when the class became idle (its partitions may have lost their last server).
 local function leave_class(P, c, nows)
-  if not c then return end
-  if redis.call('HINCRBY', P .. 'cw', c, -1) <= 0 then redis.call('HSET', P .. 'cidle', c, nows) end
+  if not c then return false end
+  if redis.call('HINCRBY', P .. 'cw', c, -1) > 0 then return false end
+  redis.call('HSET', P .. 'cidle', c, nows)
+  return true
 end
 
 -- Drops class c: its index and wake list go, and `cver` moves so submitters refresh.
@@ -666,16 +671,17 @@ redis.register_function('fq_reap', function(keys, argv)
   local promoted = promote(P, nows, 1000)
   for _, s in ipairs(redis.call('HKEYS', P .. 'fv')) do fair_forget(P, s) end
   local expired = redis.call('ZRANGEBYSCORE', P .. 'wseen', '-inf', '(' .. num(now - C.worker_ttl_ms), 'LIMIT', 0, 1000)
+  -- Classes that went idle or were dropped: the caller re-judges workability.
+  local dropped = 0
   for _, w in ipairs(expired) do
     redis.call('HDEL', P .. 'workers', w)
     redis.call('ZREM', P .. 'wseen', w)
-    leave_class(P, redis.call('HGET', P .. 'wclass', w), nows)
+    if leave_class(P, redis.call('HGET', P .. 'wclass', w), nows) then dropped = dropped + 1 end
     redis.call('HDEL', P .. 'wclass', w)
     emit_data(P, C, nows, 'worker_removed', '{"type":"worker_removed","worker_id":"' .. w .. '","reason":"expired"}')
   end
   -- Classes without a worker for CLASS_IDLE_MS (also one whose registrant died after declaring
   -- it; one being filled that long finds itself gone and is declared again).
-  local dropped = 0
   for _, kv in ipairs(pairs_of(redis.call('HGETALL', P .. 'cidle'))) do
     if now - tonumber(kv[2]) >= CLASS_IDLE_MS and (tonumber(redis.call('HGET', P .. 'cw', kv[1])) or 0) <= 0 then
       drop_class(P, kv[1])
@@ -781,7 +787,8 @@ end)
 
 -- Compare-and-set registration of a worker in class c: ARGV now, worker, expected info ('' =
 -- absent), new info, event json, class. Replies 'gone' when the class was dropped since the caller
--- declared it, 'conflict' when the info changed, else 'ok'.
+-- declared it, 'conflict' when the info changed, 'changed' when a class gained its first worker or
+-- lost its last (the caller re-judges workability), else 'ok'.
 redis.register_function('fq_register', function(keys, argv)
   local P = keys[1]
   local w, c = argv[2], argv[6]
@@ -790,14 +797,16 @@ redis.register_function('fq_register', function(keys, argv)
   redis.call('HSET', P .. 'workers', w, argv[4])
   redis.call('ZADD', P .. 'wseen', tonumber(argv[1]), w)
   local old = redis.call('HGET', P .. 'wclass', w)
+  local reply = 'ok'
   if old ~= c then
     redis.call('HSET', P .. 'wclass', w, c)
-    redis.call('HINCRBY', P .. 'cw', c, 1)
+    -- Its first worker (new or idle class) may serve partitions nobody served: re-judge them.
+    if redis.call('HINCRBY', P .. 'cw', c, 1) == 1 then reply = 'changed' end
     redis.call('HDEL', P .. 'cidle', c)
-    leave_class(P, old, argv[1])
+    if leave_class(P, old, argv[1]) then reply = 'changed' end
   end
   emit_data(P, cfg(P), argv[1], 'worker_registered', argv[5])
-  return 'ok'
+  return reply
 end)
 
 -- Compare-and-set of one field of a hash, with an event: the caller folded the new value from the
@@ -821,9 +830,10 @@ redis.register_function('fq_deregister', function(keys, argv)
   local P = keys[1]
   if redis.call('HDEL', P .. 'workers', argv[2]) == 0 then return 'unknown' end
   redis.call('ZREM', P .. 'wseen', argv[2])
-  leave_class(P, redis.call('HGET', P .. 'wclass', argv[2]), argv[1])
+  local idled = leave_class(P, redis.call('HGET', P .. 'wclass', argv[2]), argv[1])
   redis.call('HDEL', P .. 'wclass', argv[2])
   emit_data(P, cfg(P), argv[1], 'worker_removed', argv[3])
+  if idled then return 'changed' end
   return 'ok'
 end)
 
@@ -864,10 +874,11 @@ end
 -- A job as {state json, unworkable flag}.
 local function view_of(P, j) return {cjson.encode(j), unworkable(P, j)} end
 
--- The live classes as of a version: {cver, {class, spec, …}}.
+-- The live classes as of a version: {cver, {class, spec, …}, {class, workers, …}}.
 redis.register_function{function_name = 'fq_classes', flags = {'no-writes'}, callback = function(keys)
   local P = keys[1]
-  return {redis.call('GET', P .. 'cver') or '0', redis.call('HGETALL', P .. 'classes')}
+  return {redis.call('GET', P .. 'cver') or '0', redis.call('HGETALL', P .. 'classes'),
+    redis.call('HGETALL', P .. 'cw')}
 end}
 
 -- ARGV: id. Returns state json, unworkable flag, spec, outcome.

@@ -62,6 +62,8 @@ const PARTITION_PAGE: usize = 1000;
 struct ClassView {
     cver: String,
     classes: Vec<(ClassKey, ClassSpec)>,
+    /// Registered workers per class (0: kept idle, indexes but serves nothing).
+    workers: HashMap<ClassKey, i64>,
 }
 
 impl ClassView {
@@ -70,6 +72,11 @@ impl ClassView {
         let keys: Vec<&str> =
             self.classes.iter().filter(|(_, c)| c.matches(spec)).map(|(k, _)| k.0.as_str()).collect();
         keys.join(",")
+    }
+
+    /// Whether a class with a registered worker matches the partition.
+    fn served(&self, spec: &PartitionSpec) -> bool {
+        self.classes.iter().any(|(k, c)| self.workers.get(k).is_some_and(|n| *n > 0) && c.matches(spec))
     }
 }
 
@@ -282,12 +289,17 @@ impl RedisBroker {
         }
         let reply = items(self.run(&self.fcall("fq_classes", true)).await?);
         let cver = text_at(&reply, 0, "class version")?;
+        let mut it = reply.into_iter().skip(1);
         let mut classes = Vec::new();
-        for (k, v) in pairs(reply.into_iter().nth(1).unwrap_or(Value::Nil)) {
+        for (k, v) in pairs(it.next().unwrap_or(Value::Nil)) {
             let spec: ClassSpec = serde_json::from_str(&v).map_err(|e| corrupt(format!("class {k}: {e}")))?;
             classes.push((ClassKey(k), spec));
         }
-        let view = Arc::new(ClassView { cver, classes });
+        let workers = pairs(it.next().unwrap_or(Value::Nil))
+            .into_iter()
+            .map(|(k, n)| (ClassKey(k), n.parse().unwrap_or(0)))
+            .collect();
+        let view = Arc::new(ClassView { cver, classes, workers });
         if let Ok(mut slot) = self.view.lock() {
             *slot = Some(view.clone());
         }
@@ -490,6 +502,7 @@ impl RedisBroker {
                     .arg(&key.0);
                 match text(&self.run(&cmd).await?).as_deref() {
                     Some("ok") => return Ok(()),
+                    Some("changed") => return self.evaluate_workability().await.map(|_| ()),
                     Some("gone") => break,
                     _ => continue,
                 }
@@ -781,7 +794,7 @@ impl Broker for RedisBroker {
                     let mut cmd = self.fcall("fq_workability", false);
                     cmd.arg(self.now()).arg(&view.cver).arg(specs.len());
                     for (key, spec) in &specs {
-                        let unworkable = !view.classes.iter().any(|(_, c)| c.matches(spec));
+                        let unworkable = !view.served(spec);
                         cmd.arg(key).arg(if unworkable { "1" } else { "0" });
                     }
                     match self.run(&cmd).await? {
@@ -822,6 +835,7 @@ impl Broker for RedisBroker {
         cmd.arg(self.now()).arg(worker_id).arg(serde_json::to_string(&event).map_err(corrupt)?);
         match text(&self.run(&cmd).await?).as_deref() {
             Some("ok") => Ok(()),
+            Some("changed") => self.evaluate_workability().await.map(|_| ()),
             _ => Err(BrokerError::UnknownWorker(worker_id.to_owned())),
         }
     }
