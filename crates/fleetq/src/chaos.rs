@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use fleetq_broker::redis::RedisBroker;
 use fleetq_broker::{Broker, BrokerConfig, JobFilter};
-use fleetq_core::{EventKind, JobSpec, JobStatus};
+use fleetq_core::job::SERVICE_CRASHES_TO_FAIL;
+use fleetq_core::{EventKind, FailureCategory, JobSpec, JobStatus};
 use serde_json::json;
 
 /// Which damage to do.
@@ -177,11 +178,13 @@ struct Tally {
     finished: usize,
     completed: usize,
     failed: usize,
+    /// Of the failed: jobs whose service died under them twice (`service_crash`, by design).
+    service_crash: usize,
     attempts: BTreeMap<u32, usize>,
 }
 
 async fn tally<B: Broker>(b: &B) -> Result<Tally> {
-    let mut t = Tally { finished: 0, completed: 0, failed: 0, attempts: BTreeMap::new() };
+    let mut t = Tally { finished: 0, completed: 0, failed: 0, service_crash: 0, attempts: BTreeMap::new() };
     let mut filter = JobFilter { limit: Some(1000), ..JobFilter::default() };
     loop {
         let page = b.jobs(&filter).await?;
@@ -191,7 +194,12 @@ async fn tally<B: Broker>(b: &B) -> Result<Tally> {
             }
             match j.status {
                 JobStatus::Completed => t.completed += 1,
-                JobStatus::Failed => t.failed += 1,
+                JobStatus::Failed => {
+                    t.failed += 1;
+                    let crashed =
+                        j.error.as_ref().is_some_and(|e| e.category == FailureCategory::ServiceCrash);
+                    t.service_crash += usize::from(crashed && j.service_crashes >= SERVICE_CRASHES_TO_FAIL);
+                }
                 _ => {}
             }
             *t.attempts.entry(j.attempt).or_default() += 1;
@@ -245,7 +253,7 @@ fn report(
     let line = json!({
         "scenario": clap::ValueEnum::to_possible_value(&args.scenario).map(|v| v.get_name().to_owned()),
         "jobs": args.jobs, "workers": args.workers,
-        "kills": kills, "completed": t.completed, "failed": t.failed, "lost": lost,
+        "kills": kills, "completed": t.completed, "failed": t.failed, "service_crash": t.service_crash, "lost": lost,
         "double_completed": doubles, "attempts": t.attempts, "recover_ms": recover_ms, "elapsed_ms": elapsed_ms,
     });
     println!("{line}");
