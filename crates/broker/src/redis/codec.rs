@@ -104,6 +104,13 @@ pub(super) fn summary_from_pairs(pairs: &[(String, String)]) -> Result<JobSummar
         };
         map.insert(k.to_owned(), value);
     }
+    // A new job's state leaves these out (zero, or its creation time).
+    for k in ["attempt", "priority", "progress"] {
+        map.entry(k).or_insert(Json::from(0));
+    }
+    if let Some(created) = map.get("created_at").cloned() {
+        map.entry("updated_at").or_insert(created);
+    }
     serde_json::from_value(Json::Object(map)).map_err(|e| corrupt(format!("job summary: {e}")))
 }
 
@@ -130,11 +137,20 @@ pub(super) fn summary_value(v: Value) -> Result<JobSummary> {
     summary_from_state(&text_at(&list, 0, "job state")?, &text_at(&list, 1, "unworkable flag")?)
 }
 
-/// The state document of a new job: its summary fields and the internal ones the functions need.
+/// The state document of a new job: its summary fields and the internal ones the functions need,
+/// less what is zero or derivable (the functions and [`summary_from_pairs`] default them): a
+/// pending job's document stays under 256 bytes, a smaller allocation class.
 pub(super) fn initial_state(s: &JobSummary, extra: &[(&str, String)]) -> Result<String> {
     let mut map = Map::new();
     for (k, v) in summary_to_pairs(s)? {
-        map.insert(k, Json::String(v));
+        let zero = matches!(
+            (k.as_str(), v.as_str()),
+            ("attempt" | "priority", "0") | ("progress", "0" | "0.0") | ("cancel_requested", "0")
+        );
+        let derived = k == "updated_at" && s.updated_at == s.created_at;
+        if !zero && !derived {
+            map.insert(k, Json::String(v));
+        }
     }
     for (k, v) in extra {
         map.insert((*k).to_owned(), Json::String(v.clone()));

@@ -13,7 +13,9 @@ local VERSION = '16'
 
 -- A job's state is one JSON object of strings at `j:{id}` (absent optional fields are omitted),
 -- decoded and encoded by Redis's C cjson; its spec is at `s:{id}`, its outcome at `o:{id}`.
--- Summary fields plus internal ones: order, ckey, backoff, progress_dirty, progress_evt_at, idem,
+-- A new job's state leaves out what is zero or derivable (attempt, priority, progress,
+-- cancel_requested, updated_at = created_at, ckey): a pending job is smaller, and readers default
+-- them. Summary fields plus internal ones: order, ckey, backoff, progress_dirty, progress_evt_at, idem,
 -- avoid_worker, avoid_until. Events carry the state JSON as field `j` (readers ignore internals).
 
 local LEASE_ERR = '{"message":"lease expired: worker stopped reporting","category":"lost_lease","retryable":true}'
@@ -26,6 +28,13 @@ local function num(n) return string.format('%.0f', n) end
 local REAP_EVERY_MS = 100
 
 local function jkey(P, id) return P .. 'j:' .. id end
+
+-- 12 hex digits of a non-negative integer below 2^48 (exact: two halves, each exact in a double).
+local function hex12(t) return string.format('%04x%08x', math.floor(t / 4294967296), t % 4294967296) end
+
+-- The creation-time key of a job's listing entries (stored by jobs submitted before it was
+-- derived).
+local function ckey(j) return j.ckey or hex12(tonumber(j.created_at)) end
 
 local function cfg(P)
   local v = redis.call('HMGET', P .. 'cfg', 'max_events', 'avoid_ms', 'coalesce_ms',
@@ -228,7 +237,7 @@ local function finish(P, j, nows, status, outcome)
   local json = save(P, j)
   if outcome then redis.call('SET', P .. 'o:' .. j.id, outcome) end
   redis.call('ZREM', P .. 'leases', j.id)
-  redis.call('ZADD', P .. 'done', tonumber(nows), j.ckey .. j.id)
+  redis.call('ZADD', P .. 'done', tonumber(nows), ckey(j) .. j.id)
   release_partition(P, j.partition, j.service)
   return json
 end
@@ -251,7 +260,7 @@ local function give_back(P, C, nows, j, err, retryable, backoff, reason, refund,
     emit_job(P, C, nows, 'job_cancelled', j)
     return {'cancelled'}
   end
-  local attempt = tonumber(j.attempt)
+  local attempt = tonumber(j.attempt) or 0
   if refund then
     attempt = attempt - 1
     j.attempt = num(attempt)
@@ -325,8 +334,6 @@ end
 -- `fv` service → virtual time V, `ff:{service}` customer → finish tag F, `fw` customer → weight,
 -- `fwf:{workflow}` → the key time of the workflow's first step (expires with retention).
 
-local function hex12(t) return string.format('%04x%08x', math.floor(t / 4294967296), t % 4294967296) end
-
 -- The order key's time component of job j under fair share.
 local function fair_time(P, C, j, now)
   if j.workflow_id then
@@ -373,7 +380,7 @@ local function take(P, C, nows, worker, lease_ms, j)
   if C.fair then fair_claimed(P, j) end
   dequeue(P, j)
   local deadline = now + lease_ms
-  j.attempt = num(tonumber(j.attempt) + 1)
+  j.attempt = num((tonumber(j.attempt) or 0) + 1)
   j.status = 'assigned'
   j.worker_id = worker
   j.started_at = nows
@@ -513,7 +520,7 @@ redis.register_function('fq_submit', function(keys, argv)
       if j.workflow_id then redis.call('ZADD', P .. 'wfq:' .. j.workflow_id, 0, m) end
       redis.call('HINCRBY', P .. 'pn', parts[pi], 1)
       added[pi] = added[pi] + 1
-      redis.call('ZADD', P .. 'ix:all', 0, j.ckey .. j.id)
+      redis.call('ZADD', P .. 'ix:all', 0, ckey(j) .. j.id)
       emit_job(P, C, nows, 'job_submitted', j, nil, json)
       out[#out + 1] = j.id
       out[#out + 1] = '1'
@@ -643,14 +650,14 @@ redis.register_function('fq_retry', function(keys, argv)
   -- A fresh budget of attempts, numbered on from the last: the attempt number is the lease's
   -- fence, so it never repeats for a job.
   local spec = cjson.decode(redis.call('GET', P .. 's:' .. j.id) or '{}')
-  j.max_attempts = num(tonumber(j.attempt) + (tonumber(spec.max_attempts) or 3))
+  j.max_attempts = num((tonumber(j.attempt) or 0) + (tonumber(spec.max_attempts) or 3))
   j.status = 'pending'
   j.progress = '0'
   j.cancel_requested = '0'
   j.updated_at = nows
   save(P, j)
   redis.call('DEL', P .. 'o:' .. j.id)
-  redis.call('ZREM', P .. 'done', j.ckey .. j.id)
+  redis.call('ZREM', P .. 'done', ckey(j) .. j.id)
   enqueue(P, j)
   emit_job(P, C, nows, 'job_retried', j)
   return 'ok'

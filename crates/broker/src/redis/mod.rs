@@ -584,15 +584,12 @@ impl RedisBroker {
                 let id = new_job_id();
                 let summary = fleetq_core::JobSummary::new_pending(id.clone(), spec, now);
                 let order = OrderKey::new(spec.effective_priority(), spec.effective_time(now), 0).encode();
-                let mut extra = vec![
-                    ("ckey", format!("{:012x}", now.max(0))),
-                    (
-                        "backoff",
-                        spec.retry_backoff_ms
-                            .unwrap_or(fleetq_core::job::DEFAULT_RETRY_BACKOFF_MS)
-                            .to_string(),
-                    ),
-                ];
+                // (`ckey`, the creation-time key of its listing entries, is derived from
+                // `created_at` by the functions.)
+                let mut extra = vec![(
+                    "backoff",
+                    spec.retry_backoff_ms.unwrap_or(fleetq_core::job::DEFAULT_RETRY_BACKOFF_MS).to_string(),
+                )];
                 let idempotency = spec.idempotency_scope();
                 if let Some(key) = &idempotency {
                     extra.push(("idem", key.clone()));
