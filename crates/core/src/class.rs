@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::matching::matches_partition;
+use crate::matching::serves_partition;
 use crate::partition::PartitionSpec;
 use crate::worker::{Capabilities, WorkerRegistration};
 
@@ -59,21 +59,12 @@ impl ClassSpec {
 
     /// Whether workers of this class may serve the partition's jobs (the workflow rule aside).
     pub fn matches(&self, partition: &PartitionSpec) -> bool {
-        matches_partition(&self.as_registration(), partition)
+        serves_partition(&self.services, &self.capabilities, partition)
     }
 
     /// The workflow a worker of this class is restricted to.
     pub fn workflow_restriction(&self) -> Option<&str> {
         self.capabilities.workflow_restriction()
-    }
-
-    fn as_registration(&self) -> WorkerRegistration {
-        WorkerRegistration {
-            worker_id: String::new(),
-            machine_id: String::new(),
-            services: self.services.clone(),
-            capabilities: self.capabilities.clone(),
-        }
     }
 }
 
@@ -129,7 +120,7 @@ mod tests {
                 customer_id: None,
             };
             assert_eq!(class.matches(&p), want);
-            assert_eq!(class.matches(&p), matches_partition(&w, &p));
+            assert_eq!(class.matches(&p), crate::matches_partition(&w, &p));
         }
     }
 }

@@ -49,17 +49,26 @@ pub fn explain(worker: &WorkerRegistration, job: &JobSpec) -> Match {
 /// [`explain`] without the workflow rule: whether the worker may serve the jobs of a partition.
 /// Brokers keep this per (worker class, partition); workflow restriction is applied per job.
 pub fn matches_partition(worker: &WorkerRegistration, p: &PartitionSpec) -> bool {
-    partition_reasons(worker, p).is_empty()
+    serves_partition(&worker.services, &worker.capabilities, p)
+}
+
+/// [`matches_partition`] on what matching reads of a worker: its services and capabilities (a
+/// [`crate::ClassSpec`] has just these).
+pub(crate) fn serves_partition(services: &[String], caps: &Capabilities, p: &PartitionSpec) -> bool {
+    partition_reasons_of(services, caps, p).is_empty()
 }
 
 fn partition_reasons(worker: &WorkerRegistration, p: &PartitionSpec) -> Vec<String> {
+    partition_reasons_of(&worker.services, &worker.capabilities, p)
+}
+
+fn partition_reasons_of(services: &[String], caps: &Capabilities, p: &PartitionSpec) -> Vec<String> {
     let mut reasons = Vec::new();
-    let caps = &worker.capabilities;
-    if !worker.services.iter().any(|s| s == &p.service) {
+    if !services.iter().any(|s| s == &p.service) {
         reasons.push(format!(
             "service {:?} is not served (worker serves {})",
             p.service,
-            worker.services.join(", ")
+            services.join(", ")
         ));
     }
     for (path, r) in &p.requirements.positive {
@@ -163,18 +172,6 @@ fn models_hold(caps: &Capabilities, service: &str, r: &Value) -> Result<(), Stri
     };
     let missing: Vec<&str> = wanted.into_iter().filter(|m| !have.contains(m)).collect();
     if missing.is_empty() { Ok(()) } else { Err(format!("worker lacks models {missing:?} for {service}")) }
-}
-
-/// The partitions (of those given) whose jobs `worker` may serve, ignoring the workflow rule.
-pub fn matching_partitions<'a>(
-    worker: &WorkerRegistration,
-    partitions: impl IntoIterator<Item = (&'a crate::PartitionKey, &'a PartitionSpec)>,
-) -> Vec<crate::PartitionKey> {
-    partitions
-        .into_iter()
-        .filter(|(_, spec)| matches_partition(worker, spec))
-        .map(|(k, _)| k.clone())
-        .collect()
 }
 
 #[cfg(test)]

@@ -1040,14 +1040,8 @@ impl Broker for RedisBroker {
         Ok(out)
     }
 
-    async fn cancel_signals(&self, worker_id: &str, wait: Duration) -> Result<Vec<JobId>> {
-        self.signals(worker_id, wait).await
-    }
-}
-
-impl RedisBroker {
     /// Waits on the worker's signal list (`BLPOP`), then takes what else is there.
-    async fn signals(&self, worker_id: &str, wait: Duration) -> Result<Vec<JobId>> {
+    async fn cancel_signals(&self, worker_id: &str, wait: Duration) -> Result<Vec<JobId>> {
         let key = self.key(&format!("sig:{worker_id}"));
         let mut out = Vec::new();
         if !wait.is_zero() {
@@ -1064,7 +1058,9 @@ impl RedisBroker {
         out.extend(items(self.run(&cmd).await?).iter().filter_map(text).map(JobId));
         Ok(out)
     }
+}
 
+impl RedisBroker {
     async fn renew_inner(
         &self,
         lease: &LeaseRef,
