@@ -249,12 +249,13 @@ async fn an_undecodable_record_is_passed_over_not_fatal() {
     let good = broker.submit(JobSpec::new("simulation", json!("good"))).await.expect("submit").id;
     let client = redis::Client::open(server.url.as_str()).expect("client");
     let mut conn = client.get_multiplexed_async_connection().await.expect("connection");
-    let key = format!("{}j:{}", broker.prefix(), bad.0);
-    let state: String = redis::cmd("GET").arg(&key).query_async(&mut conn).await.expect("state");
+    let key = format!("{}J", broker.prefix());
+    let state: String = redis::cmd("HGET").arg(&key).arg(&bad.0).query_async(&mut conn).await.expect("state");
     let mut state: serde_json::Value = serde_json::from_str(&state).expect("json");
     state["run_at"] = json!("18446745869843628032");
-    redis::cmd("SET")
+    redis::cmd("HSET")
         .arg(&key)
+        .arg(&bad.0)
         .arg(state.to_string())
         .query_async::<()>(&mut conn)
         .await
@@ -379,6 +380,71 @@ async fn drained_partitions_leave_nothing_behind() {
     assert_eq!(lease.job.summary.id, live);
     again.complete(&lease.as_ref(), json!(null)).await.expect("complete");
     assert_eq!(keys_and_fields(&mut conn, &prefix, "pq:*", "parts").await, (0, 0), "counted right");
+}
+
+/// A queue written by library 16 kept each job in keys of its own (`j:`, `s:`, `o:`, the state
+/// with its id and service in it); connecting moves them into the hashes once, and every job
+/// reads, lists and claims as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_job_keys_of_an_older_library_move_into_hashes() {
+    let server = RedisServer::shared();
+    let broker = RedisBroker::connect(&server.url, "per-job-keys", test_config()).await.expect("connect");
+    broker.register_worker(worker("w")).await.expect("register");
+    let done = broker.submit(JobSpec::new("simulation", json!("done"))).await.expect("submit").id;
+    let lease = broker.claim("w", Duration::ZERO).await.expect("claim").expect("a job");
+    broker.complete(&lease.as_ref(), json!({"out": 1})).await.expect("complete");
+    let mut spec = JobSpec::new("simulation", json!({"big": "x".repeat(300)}));
+    spec.priority = 5;
+    spec.max_attempts = 7;
+    let pending = broker.submit(spec).await.expect("submit").id;
+    let before = [broker.job(&done).await.expect("job"), broker.job(&pending).await.expect("job")];
+    let client = redis::Client::open(server.url.as_str()).expect("client");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connection");
+    let prefix = broker.prefix().to_owned();
+    for record in before.iter().flatten() {
+        let id = &record.summary.id.0;
+        for (hash, key) in [("J", "j:"), ("S", "s:"), ("O", "o:")] {
+            let raw: Option<String> = redis::cmd("HGET")
+                .arg(format!("{prefix}{hash}"))
+                .arg(id)
+                .query_async(&mut conn)
+                .await
+                .expect("hget");
+            let Some(mut raw) = raw else { continue };
+            if hash == "J" {
+                // Library 16 stored the id and the service in the state.
+                let mut state: serde_json::Map<String, serde_json::Value> =
+                    serde_json::from_str(&raw).expect("state json");
+                state.insert("id".into(), json!(id));
+                state.insert("service".into(), json!("simulation"));
+                raw = serde_json::to_string(&state).expect("encode");
+            }
+            let mut old = redis::pipe();
+            old.cmd("SET").arg(format!("{prefix}{key}{id}")).arg(raw);
+            old.cmd("HDEL").arg(format!("{prefix}{hash}")).arg(id);
+            old.query_async::<()>(&mut conn).await.expect("write an old layout");
+        }
+    }
+    redis::cmd("SET")
+        .arg(format!("{prefix}layout"))
+        .arg("16")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("layout");
+    assert!(broker.job(&done).await.expect("job").is_none(), "the old layout is not read");
+    let again = RedisBroker::connect(&server.url, "per-job-keys", test_config()).await.expect("reconnect");
+    let after = [again.job(&done).await.expect("job"), again.job(&pending).await.expect("job")];
+    assert_eq!(after, before);
+    for pattern in ["j:*", "s:*", "o:*"] {
+        let left: Vec<String> =
+            redis::cmd("KEYS").arg(format!("{prefix}{pattern}")).query_async(&mut conn).await.expect("keys");
+        assert!(left.is_empty(), "{pattern}: {left:?}");
+    }
+    let listed = again.jobs(&Default::default()).await.expect("list");
+    assert_eq!(listed.jobs.len(), 2);
+    let lease = again.claim("w", Duration::ZERO).await.expect("claim").expect("the pending job");
+    assert_eq!(lease.job.summary.id, pending);
+    assert_eq!((lease.job.spec.priority, lease.job.spec.max_attempts), (5, 7));
 }
 
 /// A class whose registrant died after declaring it (ready, no worker) is dropped by the next

@@ -1,7 +1,8 @@
 //! Decoding and encoding between Redis values and fleetq types: job summaries as flat field/value
 //! pairs (the job hash and the event stream entries share the layout), stream entries as [`Event`]s.
 
-use fleetq_core::{Event, EventKind, JobSummary};
+use fleetq_core::job::DEFAULT_MAX_ATTEMPTS;
+use fleetq_core::{Event, EventKind, JobSpec, JobSummary};
 use redis::Value;
 use serde_json::{Map, Value as Json};
 
@@ -104,10 +105,11 @@ pub(super) fn summary_from_pairs(pairs: &[(String, String)]) -> Result<JobSummar
         };
         map.insert(k.to_owned(), value);
     }
-    // A new job's state leaves these out (zero, or its creation time).
+    // A new job's state leaves these out (zero, default, or its creation time).
     for k in ["attempt", "priority", "progress"] {
         map.entry(k).or_insert(Json::from(0));
     }
+    map.entry("max_attempts").or_insert(Json::from(DEFAULT_MAX_ATTEMPTS));
     if let Some(created) = map.get("created_at").cloned() {
         map.entry("updated_at").or_insert(created);
     }
@@ -146,7 +148,7 @@ pub(super) fn initial_state(s: &JobSummary, extra: &[(&str, String)]) -> Result<
         let zero = matches!(
             (k.as_str(), v.as_str()),
             ("attempt" | "priority", "0") | ("progress", "0" | "0.0") | ("cancel_requested", "0")
-        );
+        ) || (k == "max_attempts" && s.max_attempts == DEFAULT_MAX_ATTEMPTS);
         let derived = k == "updated_at" && s.updated_at == s.created_at;
         if !zero && !derived {
             map.insert(k, Json::String(v));
@@ -158,8 +160,23 @@ pub(super) fn initial_state(s: &JobSummary, extra: &[(&str, String)]) -> Result<
     serde_json::to_string(&map).map_err(corrupt)
 }
 
-/// One stream entry `[id, [field, value, …]]` as an event.
-/// One stream entry as an event. An entry whose body does not decode keeps its sequence as an
+/// A spec as stored: without the top-level fields that hold their defaults (priority 0, the
+/// default attempts), which deserialization fills back in.
+pub(super) fn stored_spec(spec: &JobSpec) -> Result<String> {
+    let Json::Object(mut map) = serde_json::to_value(spec).map_err(corrupt)? else {
+        return Err(corrupt("spec is not an object"));
+    };
+    if spec.priority == 0 {
+        map.remove("priority");
+    }
+    if spec.max_attempts == DEFAULT_MAX_ATTEMPTS {
+        map.remove("max_attempts");
+    }
+    serde_json::to_string(&map).map_err(corrupt)
+}
+
+/// One stream entry `[id, [field, value, …]]` as an event. An entry whose body does not decode
+/// keeps its sequence as an
 /// [`EventKind::Undecodable`] event (counted, logged), so one bad record never stops a reader.
 /// Only an entry without a readable id — not something Redis streams hold — is an error.
 pub(super) fn event_from_entry(entry: Value) -> Result<Event> {

@@ -9,14 +9,18 @@
 -- Order keys are never compared with Lua's `<` on strings (strcoll): see `key_less`. Only fixed,
 -- short field lists are ever unpacked.
 
-local VERSION = '16'
+local VERSION = '17'
 
--- A job's state is one JSON object of strings at `j:{id}` (absent optional fields are omitted),
--- decoded and encoded by Redis's C cjson; its spec is at `s:{id}`, its outcome at `o:{id}`.
--- A new job's state leaves out what is zero or derivable (attempt, priority, progress,
--- cancel_requested, updated_at = created_at, ckey): a pending job is smaller, and readers default
--- them. Summary fields plus internal ones: order, ckey, backoff, progress_dirty, progress_evt_at, idem,
--- avoid_worker, avoid_until. Events carry the state JSON as field `j` (readers ignore internals).
+-- A job's state is one JSON object of strings, its spec and its outcome JSON documents: fields named
+-- by the job's id in the hashes `J`, `S` and `O` (a key per job would cost a key's overhead and the
+-- queue prefix again for each). State is decoded and encoded by Redis's C cjson; absent optional
+-- fields are omitted. The stored state leaves out what its place or its other fields say: the id
+-- (the field's name) and the service (the partition's prefix); `load` adds them back and `save`
+-- returns the whole document. A new job's state also leaves out what is zero, default or
+-- derivable (attempt, priority, progress, cancel_requested, updated_at = created_at, ckey,
+-- max_attempts = 3, backoff = 1000): readers default them. Summary fields plus internal ones:
+-- order, ckey, backoff, progress_dirty, progress_evt_at, idem, avoid_worker, avoid_until. Events
+-- carry the whole state JSON as field `j` (readers ignore internals).
 
 local LEASE_ERR = '{"message":"lease expired: worker stopped reporting","category":"lost_lease","retryable":true}'
 local LEASE_FAIL = '{"kind":"error","error":' .. LEASE_ERR .. '}'
@@ -27,7 +31,6 @@ local function num(n) return string.format('%.0f', n) end
 -- How often (callers' ms) claims do the reaper's work themselves.
 local REAP_EVERY_MS = 100
 
-local function jkey(P, id) return P .. 'j:' .. id end
 
 -- 12 hex digits of a non-negative integer below 2^48 (exact: two halves, each exact in a double).
 local function hex12(t) return string.format('%04x%08x', math.floor(t / 4294967296), t % 4294967296) end
@@ -45,18 +48,37 @@ local function cfg(P)
     fair = v[7] == '1'}
 end
 
+-- What a new job's state leaves out (`fleetq_core::job::DEFAULT_MAX_ATTEMPTS`,
+-- `DEFAULT_RETRY_BACKOFF_MS`).
+local DEFAULT_MAX_ATTEMPTS = '3'
+local DEFAULT_BACKOFF = '1000'
+
+-- The service a partition belongs to (its key is `{service}:{hash}`).
+local function service_of(p) return string.match(p, '^(.*):[^:]*$') end
+
 -- The job as a table, or nil when it does not exist.
 local function load(P, id)
-  local raw = redis.call('GET', jkey(P, id))
+  local raw = redis.call('HGET', P .. 'J', id)
   if not raw then return nil end
-  return cjson.decode(raw)
+  local j = cjson.decode(raw)
+  j.id = id
+  if not j.service then j.service = service_of(j.partition) end
+  return j
 end
 
--- Stores the job and returns its encoded state (reused for the event and the reply).
+-- Stores the job and returns its whole encoded state (reused for the event and the reply).
 local function save(P, j)
-  local json = cjson.encode(j)
-  redis.call('SET', jkey(P, j.id), json)
-  return json
+  local id, service = j.id, j.service
+  local derived = service_of(j.partition) == service
+  j.id = nil
+  if derived then j.service = nil end
+  local stored = cjson.encode(j)
+  j.id, j.service = id, service
+  redis.call('HSET', P .. 'J', id, stored)
+  local head = '{"id":' .. cjson.encode(id)
+  if derived then head = head .. ',"service":' .. cjson.encode(service) end
+  if stored == '{}' then return head .. '}' end
+  return head .. ',' .. string.sub(stored, 2)
 end
 
 -- 36-hex order keys: 8 priority, 12 time, 16 sequence (two 8-hex halves, each exact in a double).
@@ -235,7 +257,7 @@ local function finish(P, j, nows, status, outcome)
   j.finished_at = nows
   j.updated_at = nows
   local json = save(P, j)
-  if outcome then redis.call('SET', P .. 'o:' .. j.id, outcome) end
+  if outcome then redis.call('HSET', P .. 'O', j.id, outcome) end
   redis.call('ZREM', P .. 'leases', j.id)
   redis.call('ZADD', P .. 'done', tonumber(nows), ckey(j) .. j.id)
   release_partition(P, j.partition, j.service)
@@ -265,10 +287,10 @@ local function give_back(P, C, nows, j, err, retryable, backoff, reason, refund,
     attempt = attempt - 1
     j.attempt = num(attempt)
   end
-  if retryable and attempt < tonumber(j.max_attempts) then
+  if retryable and attempt < tonumber(j.max_attempts or DEFAULT_MAX_ATTEMPTS) then
     local delay = 0
     if backoff then
-      local base = tonumber(j.backoff)
+      local base = tonumber(j.backoff or DEFAULT_BACKOFF)
       local shift = math.min(math.max(attempt - 1, 0), 30)
       delay = math.min(base * 2 ^ shift, math.max(300000, base))
     end
@@ -396,7 +418,7 @@ local function take(P, C, nows, worker, lease_ms, j)
   local json = save(P, j)
   redis.call('ZADD', P .. 'leases', deadline, j.id)
   emit_job(P, C, nows, 'job_claimed', j, nil, json)
-  return {'job', redis.call('GET', P .. 's:' .. j.id), num(deadline), json, '0'}
+  return {'job', redis.call('HGET', P .. 'S', j.id), num(deadline), json, '0'}
 end
 
 -- Whether `worker` (of class c) may take j now: a job it gave back avoids it for a while, unless
@@ -512,7 +534,7 @@ redis.register_function('fq_submit', function(keys, argv)
       if C.fair then prefix = string.sub(prefix, 1, 8) .. hex12(fair_time(P, C, j, tonumber(nows))) end
       j.order = prefix .. string.format('%08x%08x', math.floor(seq / 4294967296), seq % 4294967296)
       local json = save(P, j)
-      redis.call('SET', P .. 's:' .. j.id, spec)
+      redis.call('HSET', P .. 'S', j.id, spec)
       if idem ~= '' then redis.call('SET', P .. 'idem:' .. idem, j.id) end
       local m = j.order .. j.id
       redis.call('ZADD', P .. 'pq:' .. parts[pi], 0, m)
@@ -649,14 +671,14 @@ redis.register_function('fq_retry', function(keys, argv)
       'avoid_worker', 'avoid_until', 'progress_evt_at', 'progress_dirty'}) do j[f] = nil end
   -- A fresh budget of attempts, numbered on from the last: the attempt number is the lease's
   -- fence, so it never repeats for a job.
-  local spec = cjson.decode(redis.call('GET', P .. 's:' .. j.id) or '{}')
-  j.max_attempts = num((tonumber(j.attempt) or 0) + (tonumber(spec.max_attempts) or 3))
+  local spec = cjson.decode(redis.call('HGET', P .. 'S', j.id) or '{}')
+  j.max_attempts = num((tonumber(j.attempt) or 0) + (tonumber(spec.max_attempts) or tonumber(DEFAULT_MAX_ATTEMPTS)))
   j.status = 'pending'
   j.progress = '0'
   j.cancel_requested = '0'
   j.updated_at = nows
   save(P, j)
-  redis.call('DEL', P .. 'o:' .. j.id)
+  redis.call('HDEL', P .. 'O', j.id)
   redis.call('ZREM', P .. 'done', ckey(j) .. j.id)
   enqueue(P, j)
   emit_job(P, C, nows, 'job_retried', j)
@@ -702,7 +724,7 @@ redis.register_function('fq_reap', function(keys, argv)
     if j and j.idem then redis.call('DEL', P .. 'idem:' .. j.idem) end
     redis.call('ZREM', P .. 'ix:all', m)
     redis.call('ZREM', P .. 'done', m)
-    redis.call('DEL', jkey(P, id), P .. 's:' .. id, P .. 'o:' .. id)
+    for _, h in ipairs({'J', 'S', 'O'}) do redis.call('HDEL', P .. h, id) end
   end
   -- Events older than max_event_age_ms: times follow the sequence, so they are a prefix.
   local cutoff = now - C.max_event_age_ms
@@ -894,7 +916,7 @@ redis.register_function{function_name = 'fq_job', flags = {'no-writes'}, callbac
   local j = load(P, argv[1])
   if not j then return false end
   local v = view_of(P, j)
-  return {v[1], v[2], redis.call('GET', P .. 's:' .. j.id), redis.call('GET', P .. 'o:' .. j.id)}
+  return {v[1], v[2], redis.call('HGET', P .. 'S', j.id), redis.call('HGET', P .. 'O', j.id)}
 end}
 
 -- ARGV: status ('' = all), service ('' = all), cursor ('' = newest), limit, worker, workflow,
@@ -940,7 +962,7 @@ redis.register_function('fq_reindex', function(keys)
   if redis.call('GET', P .. 'qix') == '1' then return 0 end
   local n = 0
   for _, p in ipairs(redis.call('HKEYS', P .. 'parts')) do
-    local service = string.match(p, '^(.*):[^:]*$')
+    local service = service_of(p)
     local start = '-'
     while true do
       local batch = redis.call('ZRANGE', P .. 'pq:' .. p, start, '+', 'BYLEX', 'LIMIT', 0, 1000)
@@ -956,35 +978,62 @@ redis.register_function('fq_reindex', function(keys)
   return n
 end)
 
--- Brings a queue written by library 15 or older to the layout of partitions that come and go (marker
--- `layout`): live partitions get their count of unfinished jobs, the others are removed. Workers
--- registered before have no class: their next claim sends them to register again. Returns the
--- number of partitions removed.
+-- Moves the per-job keys of a queue written by library 16 or older (`j:{id}`, `s:{id}`,
+-- `o:{id}`) into the hashes `J`, `S` and `O`. Returns the number of jobs moved.
+local function move_job_keys(P)
+  local glob = string.gsub(P, '[%*%?%[%]\\]', '\\%0')
+  local moved = 0
+  for _, kind in ipairs({{'j:', 'J'}, {'s:', 'S'}, {'o:', 'O'}}) do
+    local cursor = '0'
+    repeat
+      local r = redis.call('SCAN', cursor, 'MATCH', glob .. kind[1] .. '*', 'COUNT', 1000)
+      cursor = r[1]
+      for _, key in ipairs(r[2]) do
+        local raw = redis.call('GET', key)
+        if raw then
+          redis.call('HSET', P .. kind[2], string.sub(key, #P + #kind[1] + 1), raw)
+          if kind[2] == 'J' then moved = moved + 1 end
+        end
+        redis.call('DEL', key)
+      end
+    until cursor == '0'
+  end
+  return moved
+end
+
+-- Brings a queue written by an older library to this layout (marker `layout`), once: per-job keys
+-- move into hashes (library 16 and older); live partitions get their count of unfinished jobs and
+-- the others are removed (library 15 and older; workers registered before have no class: their
+-- next claim sends them to register again). Returns the number of partitions removed.
 redis.register_function('fq_upgrade', function(keys)
   local P = keys[1]
-  if redis.call('GET', P .. 'layout') == '16' then return 0 end
-  local held = {}
-  for _, set in ipairs({'delayed', 'leases'}) do
-    for _, id in ipairs(redis.call('ZRANGE', P .. set, 0, -1)) do
-      local j = load(P, id)
-      if j then held[j.partition] = (held[j.partition] or 0) + 1 end
-    end
-  end
+  local layout = redis.call('GET', P .. 'layout')
+  if layout == '17' then return 0 end
+  move_job_keys(P)
   local removed = 0
-  for _, p in ipairs(redis.call('HKEYS', P .. 'parts')) do
-    local n = redis.call('ZCARD', P .. 'pq:' .. p) + (held[p] or 0)
-    if n > 0 then
-      redis.call('HSET', P .. 'pn', p, n)
-      redis.call('HINCRBY', P .. 'svcs', string.match(p, '^(.*):[^:]*$'), 1)
-    else
-      redis.call('HDEL', P .. 'parts', p)
-      redis.call('HDEL', P .. 'punw', p)
-      removed = removed + 1
+  if layout ~= '16' then
+    local held = {}
+    for _, set in ipairs({'delayed', 'leases'}) do
+      for _, id in ipairs(redis.call('ZRANGE', P .. set, 0, -1)) do
+        local j = load(P, id)
+        if j then held[j.partition] = (held[j.partition] or 0) + 1 end
+      end
     end
-    redis.call('DEL', P .. 'wake:p:' .. p)
+    for _, p in ipairs(redis.call('HKEYS', P .. 'parts')) do
+      local n = redis.call('ZCARD', P .. 'pq:' .. p) + (held[p] or 0)
+      if n > 0 then
+        redis.call('HSET', P .. 'pn', p, n)
+        redis.call('HINCRBY', P .. 'svcs', service_of(p), 1)
+      else
+        redis.call('HDEL', P .. 'parts', p)
+        redis.call('HDEL', P .. 'punw', p)
+        removed = removed + 1
+      end
+      redis.call('DEL', P .. 'wake:p:' .. p)
+    end
+    redis.call('DEL', P .. 'pver', P .. 'aq')
   end
-  redis.call('DEL', P .. 'pver', P .. 'aq')
-  redis.call('SET', P .. 'layout', '16')
+  redis.call('SET', P .. 'layout', '17')
   return removed
 end)
 

@@ -34,6 +34,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fleetq_core::job::DEFAULT_RETRY_BACKOFF_MS;
 use fleetq_core::{
     ClassKey, ClassSpec, ConnectorReport, Event, EventKind, IllegalTransition, JobError, JobId, JobRecord,
     JobSpec, JobStatus, MachineEvent, MachineState, OrderKey, Outcome, PartitionKey, PartitionSpec, Snapshot,
@@ -44,7 +45,7 @@ use redis::{AsyncConnectionConfig, Cmd, Value};
 use serde_json::Value as Json;
 use tokio::time::Instant;
 
-use self::codec::{corrupt, event_from_entry, initial_state, items, pairs, text, text_at};
+use self::codec::{corrupt, event_from_entry, initial_state, items, pairs, stored_spec, text, text_at};
 use crate::{
     Broker, BrokerConfig, BrokerError, CancelOutcome, Clock, FailOutcome, JobFilter, JobPage, Lease,
     LeaseRef, LeaseState, QueueFilter, ReapReport, Result, Submitted, SystemClock, new_job_id, page_limit,
@@ -52,7 +53,7 @@ use crate::{
 
 const LIBRARY: &str = include_str!("fleetq.lua");
 /// The version the function library reports (`FCALL fq_version 0`); loading compares the whole code.
-pub const LIBRARY_VERSION: &str = "16";
+pub const LIBRARY_VERSION: &str = "17";
 
 /// Partitions read per call when a pass walks them all (a new class's fill, workability).
 const PARTITION_PAGE: usize = 1000;
@@ -586,16 +587,17 @@ impl RedisBroker {
                 let order = OrderKey::new(spec.effective_priority(), spec.effective_time(now), 0).encode();
                 // (`ckey`, the creation-time key of its listing entries, is derived from
                 // `created_at` by the functions.)
-                let mut extra = vec![(
-                    "backoff",
-                    spec.retry_backoff_ms.unwrap_or(fleetq_core::job::DEFAULT_RETRY_BACKOFF_MS).to_string(),
-                )];
+                // (`backoff` left out is the default, which the functions fill in.)
+                let mut extra = Vec::new();
+                if let Some(ms) = spec.retry_backoff_ms.filter(|ms| *ms != DEFAULT_RETRY_BACKOFF_MS) {
+                    extra.push(("backoff", ms.to_string()));
+                }
                 let idempotency = spec.idempotency_scope();
                 if let Some(key) = &idempotency {
                     extra.push(("idem", key.clone()));
                 }
                 cmd.arg(initial_state(&summary, &extra)?)
-                    .arg(to_json(spec)?)
+                    .arg(stored_spec(spec)?)
                     .arg(at)
                     .arg(&order[..20])
                     .arg(idempotency.as_deref().unwrap_or(""));
@@ -1123,5 +1125,9 @@ mod tests {
         assert!(LIBRARY.contains(&format!("local VERSION = '{LIBRARY_VERSION}'")));
         assert!(LIBRARY.starts_with("#!lua name=fleetq"));
         assert!(LIBRARY.contains(&format!("local CLASS_IDLE_MS = {}\n", fleetq_core::class::CLASS_IDLE_MS)));
+        // The defaults a new job's stored state and spec leave out.
+        let max = fleetq_core::job::DEFAULT_MAX_ATTEMPTS;
+        assert!(LIBRARY.contains(&format!("local DEFAULT_MAX_ATTEMPTS = '{max}'\n")));
+        assert!(LIBRARY.contains(&format!("local DEFAULT_BACKOFF = '{DEFAULT_RETRY_BACKOFF_MS}'\n")));
     }
 }
