@@ -176,8 +176,7 @@ pub(super) fn stored_spec(spec: &JobSpec) -> Result<String> {
 }
 
 /// One stream entry `[id, [field, value, …]]` as an event. An entry whose body does not decode
-/// keeps its sequence as an
-/// [`EventKind::Undecodable`] event (counted, logged), so one bad record never stops a reader.
+/// keeps its sequence as an [`EventKind::Undecodable`] event (counted, logged), so one bad record never stops a reader.
 /// Only an entry without a readable id — not something Redis streams hold — is an error.
 pub(super) fn event_from_entry(entry: Value) -> Result<Event> {
     let mut parts = items(entry).into_iter();

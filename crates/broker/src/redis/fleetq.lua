@@ -31,7 +31,6 @@ local function num(n) return string.format('%.0f', n) end
 -- How often (callers' ms) claims do the reaper's work themselves.
 local REAP_EVERY_MS = 100
 
-
 -- 12 hex digits of a non-negative integer below 2^48 (exact: two halves, each exact in a double).
 local function hex12(t) return string.format('%04x%08x', math.floor(t / 4294967296), t % 4294967296) end
 
@@ -66,17 +65,16 @@ local function load(P, id)
   return j
 end
 
--- Stores the job and returns its whole encoded state (reused for the event and the reply).
+-- Stores the job and returns its whole encoded state (reused for the event and the reply). A
+-- partition key always begins with its service (`PartitionSpec::key`), so the service is never
+-- stored.
 local function save(P, j)
   local id, service = j.id, j.service
-  local derived = service_of(j.partition) == service
-  j.id = nil
-  if derived then j.service = nil end
+  j.id, j.service = nil, nil
   local stored = cjson.encode(j)
   j.id, j.service = id, service
   redis.call('HSET', P .. 'J', id, stored)
-  local head = '{"id":' .. cjson.encode(id)
-  if derived then head = head .. ',"service":' .. cjson.encode(service) end
+  local head = '{"id":' .. cjson.encode(id) .. ',"service":' .. cjson.encode(service)
   if stored == '{}' then return head .. '}' end
   return head .. ',' .. string.sub(stored, 2)
 end
@@ -979,10 +977,9 @@ redis.register_function('fq_reindex', function(keys)
 end)
 
 -- Moves the per-job keys of a queue written by library 16 or older (`j:{id}`, `s:{id}`,
--- `o:{id}`) into the hashes `J`, `S` and `O`. Returns the number of jobs moved.
+-- `o:{id}`) into the hashes `J`, `S` and `O`.
 local function move_job_keys(P)
   local glob = string.gsub(P, '[%*%?%[%]\\]', '\\%0')
-  local moved = 0
   for _, kind in ipairs({{'j:', 'J'}, {'s:', 'S'}, {'o:', 'O'}}) do
     local cursor = '0'
     repeat
@@ -990,15 +987,11 @@ local function move_job_keys(P)
       cursor = r[1]
       for _, key in ipairs(r[2]) do
         local raw = redis.call('GET', key)
-        if raw then
-          redis.call('HSET', P .. kind[2], string.sub(key, #P + #kind[1] + 1), raw)
-          if kind[2] == 'J' then moved = moved + 1 end
-        end
+        if raw then redis.call('HSET', P .. kind[2], string.sub(key, #P + #kind[1] + 1), raw) end
         redis.call('DEL', key)
       end
     until cursor == '0'
   end
-  return moved
 end
 
 -- Brings a queue written by an older library to this layout (marker `layout`), once: per-job keys
