@@ -188,12 +188,22 @@ impl A1111 {
         )
     }
 
-    async fn models(&self) -> Option<Vec<Value>> {
+    /// The checkpoints A1111 lists: their titles (what `sd_model_checkpoint` takes) and, as names
+    /// a job may require, both the title and the short `model_name`.
+    async fn models(&self) -> Option<(Vec<Value>, Vec<String>)> {
         let (status, list) = self.http.get_json("/sdapi/v1/sd-models").await.ok()?;
         if status != StatusCode::OK {
             return None;
         }
-        Some(list.as_array()?.iter().filter_map(|m| m.get("title").cloned()).collect())
+        let list = list.as_array()?;
+        let titles = list.iter().filter_map(|m| m.get("title").cloned()).collect();
+        let names = list
+            .iter()
+            .flat_map(|m| ["title", "model_name"].map(|k| m.get(k).and_then(Value::as_str)))
+            .flatten()
+            .map(str::to_owned)
+            .collect::<std::collections::BTreeSet<_>>();
+        Some((titles, names.into_iter().collect()))
     }
 }
 
@@ -288,12 +298,13 @@ impl Connector for A1111 {
                 Ok(r) if r.status().is_success() => {
                     let options: Value = r.json().await.unwrap_or(Value::Null);
                     let status = self.running.status();
+                    let (titles, names) = self.models().await.unzip();
                     let info = json!({
                         "url": self.config.url,
                         "checkpoint": options.get("sd_model_checkpoint"),
-                        "models": self.models().await,
+                        "models": titles,
                     });
-                    Health { status, message: None, info: Some(info) }
+                    Health { status, message: None, info: Some(info), models: names }
                 }
                 Ok(r) => Health::error(format!(
                     "GET /sdapi/v1/options replied {} (is the server started with --api?)",

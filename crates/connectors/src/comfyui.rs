@@ -10,11 +10,13 @@
 //!   the outcome and outputs always come from the history entry (the source of truth);
 //! - `node_errors` on a 400 *or* a 200 fail the job fatally with the node, class and input named
 //!   (a partial run is not what the client asked for; the queued remainder is deleted);
-//! - cancellation and timeouts: `POST /interrupt {prompt_id}` and `POST /queue {delete}`;
+//! - cancellation and timeouts: `POST /interrupt {prompt_id}` and `POST /queue {delete}`, then a
+//!   bounded wait until ComfyUI no longer holds the prompt (its queue is the truth for "is the GPU
+//!   free"); a prompt that succeeded anyway is returned as a result (`after_interrupt`);
 //! - outputs are returned by reference (`/view` URL), and copied into the artifacts directory when
 //!   one is configured.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -45,6 +47,9 @@ pub struct ComfyUiConfig {
     pub poll_ms: u64,
     /// Timeout of one HTTP request.
     pub request_timeout_ms: u64,
+    /// After a cancel or timeout, how long to wait for ComfyUI to stop running the prompt (its
+    /// interrupt lands only between nodes and inside samplers) before giving the job up anyway.
+    pub stop_wait_ms: u64,
     /// Where outputs are copied (`<dir>/<job id>/<file>`); `None` returns references only.
     pub artifacts_dir: Option<PathBuf>,
     /// Credentials for a ComfyUI behind an authenticating proxy.
@@ -58,6 +63,7 @@ impl Default for ComfyUiConfig {
             url: "http://127.0.0.1:8188".into(),
             poll_ms: 1000,
             request_timeout_ms: 30_000,
+            stop_wait_ms: 60_000,
             artifacts_dir: None,
             auth: Auth::None,
         }
@@ -72,6 +78,8 @@ enum Completion {
     Websocket,
     HistoryPoll,
     Reconnect,
+    /// The prompt succeeded although it was interrupted (the interrupt came too late).
+    AfterInterrupt,
 }
 
 impl Completion {
@@ -81,6 +89,7 @@ impl Completion {
             Self::Websocket => "websocket",
             Self::HistoryPoll => "history_poll",
             Self::Reconnect => "reconnect",
+            Self::AfterInterrupt => "after_interrupt",
         }
     }
 }
@@ -100,6 +109,8 @@ struct Inner {
     artifacts: Artifacts,
     routes: Mutex<HashMap<String, mpsc::UnboundedSender<Value>>>,
     socket: watch::Sender<SocketState>,
+    /// Bumped when the socket connects or drops: the worker re-checks health at once.
+    signal: watch::Sender<u64>,
     stop: CancellationToken,
 }
 
@@ -134,6 +145,7 @@ impl ComfyUi {
             config,
             routes: Mutex::new(HashMap::new()),
             socket: watch::Sender::new(SocketState::default()),
+            signal: watch::Sender::new(0),
             stop: CancellationToken::new(),
         });
         tokio::spawn(socket_loop(inner.clone()));
@@ -145,6 +157,12 @@ impl ComfyUi {
         self.inner.socket.borrow().client_id.is_some()
     }
 }
+
+/// Folders of `GET /models` that hold no models.
+const NOT_MODEL_FOLDERS: &[&str] = &["configs", "custom_nodes"];
+/// Bounds on what one health check reads of a service's model lists.
+const MAX_MODEL_FOLDERS: usize = 64;
+const MAX_MODELS_PER_FOLDER: usize = 10_000;
 
 fn ws_url(base: &str, client_id: &str) -> String {
     let base = base.replacen("https://", "wss://", 1).replacen("http://", "ws://", 1);
@@ -167,6 +185,7 @@ async fn socket_loop(inner: Arc<Inner>) {
                 s.client_id = Some(client_id.clone());
                 s.epoch += 1;
             });
+            inner.signal.send_modify(|n| *n = n.wrapping_add(1));
             debug!(url = %inner.config.url, "comfyui socket connected");
             let (mut sink, mut stream) = socket.split();
             // ComfyUI never pings; idle sockets behind proxies need ours.
@@ -191,6 +210,8 @@ async fn socket_loop(inner: Arc<Inner>) {
                 }
             }
             inner.socket.send_modify(|s| s.client_id = None);
+            // A lost socket is often the first sign that ComfyUI died.
+            inner.signal.send_modify(|n| *n = n.wrapping_add(1));
             debug!(url = %inner.config.url, "comfyui socket lost; reconnecting");
         }
         tokio::select! {
@@ -446,6 +467,83 @@ impl ComfyUi {
         let _ = http.post_json("/queue", &json!({"delete": [prompt_id]})).await;
     }
 
+    /// Interrupts the prompt and waits, within `stop_wait_ms`, until ComfyUI no longer holds it, so
+    /// the worker takes no new job while the GPU is still busy with this one. A prompt that
+    /// succeeded before the interrupt landed is returned as a result (its outputs are real).
+    async fn stop_prompt(
+        &self,
+        job: &JobRecord,
+        prompt_id: &str,
+        rx: &mut mpsc::UnboundedReceiver<Value>,
+        sink: &ProgressSink,
+        percent: f64,
+    ) -> Result<Value, JobError> {
+        let stopped = || JobError::fatal(FailureCategory::Cancelled, "interrupted");
+        self.interrupt(prompt_id).await;
+        let give_up =
+            tokio::time::Instant::now() + Duration::from_millis(self.inner.config.stop_wait_ms.max(1));
+        let every = Duration::from_millis(self.inner.config.poll_ms.clamp(10, 250));
+        let mut interrupted_running = false;
+        loop {
+            // Written when the prompt ends, however it ends. An unreachable ComfyUI runs nothing.
+            let Ok(entry) = self.history(prompt_id).await else { return Err(stopped()) };
+            if let Some(entry) = entry {
+                let succeeded =
+                    entry.pointer("/status/status_str").and_then(Value::as_str) == Some("success");
+                if succeeded {
+                    warn!(
+                        prompt_id,
+                        "ComfyUI finished the prompt before the interrupt landed; keeping its outputs"
+                    );
+                    return self.finish(job, prompt_id, &entry, Completion::AfterInterrupt).await;
+                }
+                return Err(stopped());
+            }
+            match self.queued(prompt_id).await {
+                // Neither queued nor in history: deleted while pending, or just ending (its entry is
+                // written before it leaves the queue, so look once more).
+                Ok(None) => {
+                    return match self.history(prompt_id).await {
+                        Ok(Some(entry))
+                            if entry.pointer("/status/status_str").and_then(Value::as_str)
+                                == Some("success") =>
+                        {
+                            self.finish(job, prompt_id, &entry, Completion::AfterInterrupt).await
+                        }
+                        _ => Err(stopped()),
+                    };
+                }
+                // Started between the delete and the interrupt (each is ignored in the other state).
+                Ok(Some(running)) if running && !interrupted_running => {
+                    interrupted_running = true;
+                    self.interrupt(prompt_id).await;
+                }
+                Ok(Some(_)) => {}
+                Err(_) => return Err(stopped()),
+            }
+            if tokio::time::Instant::now() >= give_up {
+                warn!(prompt_id, "ComfyUI still holds the interrupted prompt; giving the job up anyway");
+                return Err(stopped());
+            }
+            // A sign of life for the worker, which is waiting for this call to return.
+            sink.report(percent, Some("stopping: waiting for ComfyUI to end the prompt".into()));
+            // Look again after `every`, or at once when the socket says the prompt ended.
+            let next = tokio::time::sleep(every);
+            tokio::pin!(next);
+            loop {
+                tokio::select! {
+                    Some(msg) = rx.recv() => {
+                        let kind = msg.get("type").and_then(Value::as_str).unwrap_or("");
+                        let ended = matches!(kind, "execution_interrupted" | "execution_success" | "execution_error")
+                            || (kind == "executing" && msg.pointer("/data/node").is_some_and(Value::is_null));
+                        if ended { break }
+                    }
+                    () = &mut next => break,
+                }
+            }
+        }
+    }
+
     async fn finish(
         &self,
         job: &JobRecord,
@@ -510,18 +608,43 @@ impl ComfyUi {
         Ok(r)
     }
 
-    /// What ComfyUI says about itself: version, memory per device, queue length, checkpoints.
-    async fn service_info(&self, stats: &Value) -> Value {
+    /// The model files ComfyUI has, per folder (`GET /models`, then `GET /models/{folder}` for every
+    /// folder that holds models), `None` when it does not say.
+    async fn models(&self) -> Option<BTreeMap<String, Vec<String>>> {
+        let http = &self.inner.http;
+        let Ok((StatusCode::OK, Value::Array(folders))) = http.get_json("/models").await else { return None };
+        let folders: Vec<String> = folders
+            .iter()
+            .filter_map(Value::as_str)
+            .filter(|f| !NOT_MODEL_FOLDERS.contains(f) && !f.is_empty() && !f.contains(['/', '?', '#', '%']))
+            .take(MAX_MODEL_FOLDERS)
+            .map(str::to_owned)
+            .collect();
+        let paths: Vec<String> = folders.iter().map(|f| format!("/models/{f}")).collect();
+        let lists = futures::future::join_all(paths.iter().map(|p| http.get_json(p))).await;
+        let mut out = BTreeMap::new();
+        for (folder, list) in folders.into_iter().zip(lists) {
+            if let Ok((StatusCode::OK, Value::Array(files))) = list {
+                let files: Vec<String> = files
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .take(MAX_MODELS_PER_FOLDER)
+                    .map(str::to_owned)
+                    .collect();
+                out.insert(folder, files);
+            }
+        }
+        Some(out)
+    }
+
+    /// What ComfyUI says about itself: version, memory per device, queue length, models per folder.
+    async fn service_info(&self, stats: &Value, models: Option<&BTreeMap<String, Vec<String>>>) -> Value {
         let http = &self.inner.http;
         let queue = match http.get_json("/queue").await {
             Ok((StatusCode::OK, q)) => {
                 let len = |k: &str| q.get(k).and_then(Value::as_array).map_or(0, Vec::len);
                 json!({"running": len("queue_running"), "pending": len("queue_pending")})
             }
-            _ => Value::Null,
-        };
-        let models = match http.get_json("/models/checkpoints").await {
-            Ok((StatusCode::OK, list)) if list.is_array() => list,
             _ => Value::Null,
         };
         let devices: Vec<Value> = stats
@@ -595,8 +718,7 @@ impl ComfyUi {
         loop {
             tokio::select! {
                 () = cancel.cancelled() => {
-                    self.interrupt(&prompt_id).await;
-                    return Err(JobError::fatal(FailureCategory::Cancelled, "interrupted"));
+                    return self.stop_prompt(job, &prompt_id, &mut rx, &sink, progress.percent()).await;
                 }
                 msg = rx.recv() => {
                     let Some(msg) = msg else { continue };
@@ -674,13 +796,22 @@ impl Connector for ComfyUi {
                     let mut health = Health::up(status);
                     health.message = (!self.socket_connected())
                         .then(|| "websocket reconnecting; using history polling".to_owned());
-                    health.info = Some(self.service_info(&stats).await);
+                    let models = self.models().await;
+                    health.info = Some(self.service_info(&stats, models.as_ref()).await);
+                    health.models = models.map(|m| {
+                        let names: BTreeSet<String> = m.into_values().flatten().collect();
+                        names.into_iter().collect()
+                    });
                     health
                 }
                 Ok(r) => Health::error(format!("GET /system_stats replied {}", r.status())),
                 Err(e) => Health::offline(crate::http::unreachable(&self.inner.config.url, &e).message),
             }
         })
+    }
+
+    fn health_signal(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.inner.signal.subscribe())
     }
 
     fn process<'a>(

@@ -27,7 +27,7 @@ pub use fleetq_core::JobError;
 use fleetq_core::{ConnectorStatus, JobRecord};
 use futures::future::BoxFuture;
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 pub use tokio_util::sync::CancellationToken;
 
 /// A connector's health as a check sees it.
@@ -40,20 +40,23 @@ pub struct Health {
     pub message: Option<String>,
     /// What the service says about itself (url, models, queue length, memory…), when reachable.
     pub info: Option<Value>,
+    /// The model names the service has now (sorted, no duplicates), when it says: the worker adds
+    /// them to its `models` capability for this service, so jobs requiring one find it.
+    pub models: Option<Vec<String>>,
 }
 
 impl Health {
     /// Reachable and working (`idle` or `active`).
     pub fn up(status: ConnectorStatus) -> Self {
-        Self { status, message: None, info: None }
+        Self { status, message: None, info: None, models: None }
     }
     /// Reachable but failing.
     pub fn error(message: impl Into<String>) -> Self {
-        Self { status: ConnectorStatus::Error, message: Some(message.into()), info: None }
+        Self { status: ConnectorStatus::Error, message: Some(message.into()), info: None, models: None }
     }
     /// Unreachable, or the connector could not be built.
     pub fn offline(message: impl Into<String>) -> Self {
-        Self { status: ConnectorStatus::Offline, message: Some(message.into()), info: None }
+        Self { status: ConnectorStatus::Offline, message: Some(message.into()), info: None, models: None }
     }
 }
 
@@ -108,8 +111,18 @@ pub trait Connector: Send + Sync + fmt::Debug + 'static {
     /// Checks the service now.
     fn health(&self) -> BoxFuture<'_, Health>;
 
-    /// Runs one job to its result. Must return soon after `cancel` fires (the result is then
-    /// ignored by the worker).
+    /// Changes whenever the connector learns, without being asked, that its service's health may
+    /// have changed (ComfyUI: its socket was lost or restored). The worker then checks this
+    /// connector at once instead of at the next health tick. `None`: it learns only from checks.
+    fn health_signal(&self) -> Option<watch::Receiver<u64>> {
+        None
+    }
+
+    /// Runs one job to its result. Must return soon after `cancel` fires: with an error, or with
+    /// the result when the service finished the work before it could be stopped (the worker then
+    /// records the result instead of dropping it). A connector that can learn whether its service
+    /// still runs the work waits (bounded) until it does not, so the worker takes no new job while
+    /// the service is still busy with the abandoned one.
     fn process<'a>(
         &'a self,
         job: &'a JobRecord,

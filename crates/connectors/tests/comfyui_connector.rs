@@ -142,13 +142,43 @@ async fn cancellation_interrupts_the_prompt_on_the_service() {
     let (out, ()) = tokio::join!(work, watcher);
     let e = out.expect_err("cancelled");
     assert_eq!(e.category, FailureCategory::Cancelled);
+    assert!(!mock.is_busy(), "the connector returned only once ComfyUI had stopped the prompt");
     let posted = mock.prompts()[0]["prompt_id"].clone();
     assert!(mock.interrupts().iter().any(|i| i["prompt_id"] == posted), "{:?}", mock.interrupts());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while mock.is_busy() {
-        assert!(tokio::time::Instant::now() < deadline, "the service kept running the prompt");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+}
+
+/// ComfyUI checks for an interrupt only between nodes and inside samplers: one that arrives
+/// during the last node (here a slow SaveImage) lands too late and the prompt succeeds. The
+/// connector waits for that end and returns the outputs, marked `after_interrupt`.
+#[tokio::test]
+async fn an_interrupt_that_lands_too_late_returns_the_outputs() {
+    let config = ComfyMockConfig { node_delay: Duration::from_millis(300), ..ComfyMockConfig::default() };
+    let mock = ComfyMock::start(config).await.expect("mock");
+    let c = connector(&mock, None);
+    let (sink, mut rx) = ProgressSink::channel();
+    let cancel = CancellationToken::new();
+    let wf = json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "late"}}
+    });
+    let job = common::job("comfyui", wf);
+    let work = c.process(&job, sink, cancel.clone());
+    let watcher = async {
+        while let Some((_, message)) = rx.recv().await {
+            if message.as_deref() == Some("node 3") {
+                cancel.cancel();
+                break;
+            }
+        }
+    };
+    let (out, ()) = tokio::join!(work, watcher);
+    let out = out.expect("the prompt succeeded despite the interrupt");
+    assert!(!mock.is_busy(), "returned only once ComfyUI had ended the prompt");
+    assert_eq!(out["completion"], "after_interrupt");
+    assert_eq!(out["outputs"]["3"]["images"][0]["filename"], "late_00001_.png");
+    let posted = mock.prompts()[0]["prompt_id"].clone();
+    assert!(mock.interrupts().iter().all(|i| i["prompt_id"] == posted), "{:?}", mock.interrupts());
 }
 
 #[tokio::test]

@@ -52,6 +52,48 @@ impl Capabilities {
     }
 }
 
+impl Capabilities {
+    /// These capabilities with `reported` — the models a connector says its service has now —
+    /// added to `models` for `service`, so a job requiring one of them matches. Declared models are
+    /// kept: `"all"` stays all, a list grows, and a flat list (which applies to every service) is
+    /// spread over `services` so the others keep it. Nothing reported, nothing changed.
+    pub fn with_reported_models(&self, services: &[String], service: &str, reported: &[String]) -> Self {
+        if reported.is_empty() {
+            return self.clone();
+        }
+        let union = |declared: Option<&Value>| -> Value {
+            let mut names: Vec<Value> = declared.and_then(Value::as_array).cloned().unwrap_or_default();
+            for r in reported {
+                if !names.iter().any(|n| n.as_str() == Some(r)) {
+                    names.push(Value::String(r.clone()));
+                }
+            }
+            Value::Array(names)
+        };
+        let mut out = self.clone();
+        let models = match self.0.get("models") {
+            Some(Value::String(s)) if s == "all" => return out,
+            Some(Value::Object(per_service)) => {
+                let mut per_service = per_service.clone();
+                if per_service.get(service).and_then(Value::as_str) != Some("all") {
+                    let grown = union(per_service.get(service));
+                    per_service.insert(service.to_owned(), grown);
+                }
+                per_service
+            }
+            Some(flat @ Value::Array(_)) => {
+                let mut per_service: Map<String, Value> =
+                    services.iter().map(|s| (s.clone(), flat.clone())).collect();
+                per_service.insert(service.to_owned(), union(Some(flat)));
+                per_service
+            }
+            _ => Map::from_iter([(service.to_owned(), union(None))]),
+        };
+        out.0.insert("models".into(), Value::Object(models));
+        out
+    }
+}
+
 fn lookup_in<'a>(obj: &'a Map<String, Value>, segments: &[&str]) -> Option<&'a Value> {
     for i in 1..=segments.len() {
         let key = segments[..i].join(".");
@@ -344,6 +386,41 @@ mod tests {
         let mut bad = ok;
         bad.capabilities = caps(json!({"models": {"comfyui": "sdxl"}}));
         assert_eq!(bad.validate().unwrap_err().field, "capabilities.models");
+    }
+
+    #[test]
+    fn reported_models_join_the_declared_ones() {
+        let services = ["comfyui".to_owned(), "a1111".to_owned()];
+        let got = |declared: Value| {
+            let c = caps(declared).with_reported_models(&services, "comfyui", &["x.safetensors".into()]);
+            c.0.get("models").cloned()
+        };
+        assert_eq!(got(json!({})), Some(json!({"comfyui": ["x.safetensors"]})));
+        assert_eq!(got(json!({"models": "all"})), Some(json!("all")));
+        assert_eq!(
+            got(json!({"models": ["sdxl"]})),
+            Some(json!({"comfyui": ["sdxl", "x.safetensors"], "a1111": ["sdxl"]})),
+            "a flat list still applies to the other services"
+        );
+        assert_eq!(
+            got(json!({"models": {"comfyui": ["x.safetensors", "y"], "a1111": "all"}})),
+            Some(json!({"comfyui": ["x.safetensors", "y"], "a1111": "all"})),
+            "no duplicates"
+        );
+        assert_eq!(got(json!({"models": {"comfyui": "all"}})), Some(json!({"comfyui": "all"})));
+        let none = caps(json!({"models": ["sdxl"]})).with_reported_models(&services, "comfyui", &[]);
+        assert_eq!(none.0.get("models"), Some(&json!(["sdxl"])), "nothing reported, nothing changed");
+        let reg = WorkerRegistration {
+            worker_id: "w".into(),
+            machine_id: "m".into(),
+            services: services.to_vec(),
+            capabilities: caps(json!({"models": ["sdxl"]})).with_reported_models(
+                &services,
+                "comfyui",
+                &["z".into()],
+            ),
+        };
+        assert!(reg.validate().is_ok(), "the result is a valid models capability");
     }
 
     #[test]

@@ -100,6 +100,9 @@ pub struct Worker<B: Broker> {
     health_status: Mutex<BTreeMap<String, ConnectorStatus>>,
     /// Per running job: fired when the broker signals that its cancel was requested.
     cancels: std::sync::Mutex<BTreeMap<JobId, CancellationToken>>,
+    /// Per service: the models its connector last said the service has (added to the `models`
+    /// capability at registration).
+    models: Mutex<BTreeMap<String, Vec<String>>>,
 }
 
 impl<B: Broker> Worker<B> {
@@ -142,6 +145,7 @@ impl<B: Broker> Worker<B> {
             cancels: std::sync::Mutex::new(BTreeMap::new()),
             last_report: Mutex::new(BTreeMap::new()),
             health_status: Mutex::new(BTreeMap::new()),
+            models: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -170,6 +174,10 @@ impl<B: Broker> Worker<B> {
         let checked = !self.health_status.lock().await.is_empty();
         let all_down = checked && self.healthy.lock().await.is_empty();
         let mut reg = self.config.registration.clone();
+        let all: Vec<String> = self.connectors.keys().cloned().collect();
+        for (service, names) in self.models.lock().await.iter() {
+            reg.capabilities = reg.capabilities.with_reported_models(&all, service, names);
+        }
         let mut advertised = self.advertised.lock().await;
         if !services.is_empty() {
             reg.services = services;
@@ -192,6 +200,12 @@ impl<B: Broker> Worker<B> {
 
     /// Runs until `shutdown` fires, then drains and deregisters.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        // Subscribed before the first check, so a change seen after it is not missed.
+        let signals: Vec<_> = self
+            .connectors
+            .iter()
+            .filter_map(|(service, c)| c.health_signal().map(|rx| (service.clone(), rx)))
+            .collect();
         // Visible at once with every connector `starting`; claiming starts only after the first
         // health check, so a connector that is down at start never claims a job.
         self.register().await?;
@@ -219,11 +233,22 @@ impl<B: Broker> Worker<B> {
             info_span!("worker", worker_id = %self.id(), machine_id = %self.config.registration.machine_id);
         let background = CancellationToken::new();
         let presence = tokio::spawn(self.clone().presence_loop(background.clone()).instrument(span.clone()));
-        let signals = tokio::spawn(self.clone().signal_loop(background.clone()).instrument(span.clone()));
+        let cancels = tokio::spawn(self.clone().signal_loop(background.clone()).instrument(span.clone()));
+        let watches: Vec<_> = signals
+            .into_iter()
+            .map(|(service, rx)| {
+                tokio::spawn(
+                    self.clone().health_watch(service, rx, background.clone()).instrument(span.clone()),
+                )
+            })
+            .collect();
         let result = self.claim_loop(&shutdown).instrument(span).await;
         background.cancel();
         let _ = presence.await;
-        let _ = signals.await;
+        let _ = cancels.await;
+        for w in watches {
+            let _ = w.await;
+        }
         if let Err(e) = self.broker.deregister_worker(self.id()).await {
             warn!(worker_id = %self.id(), error = %e, "deregistration failed");
         }
@@ -321,6 +346,28 @@ impl<B: Broker> Worker<B> {
         }
     }
 
+    /// Checks `service` as soon as its connector signals a change it saw by itself (a socket lost
+    /// or restored) rather than at the next health tick; a burst of signals is one check.
+    async fn health_watch(
+        self: Arc<Self>,
+        service: String,
+        mut signal: tokio::sync::watch::Receiver<u64>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                changed = signal.changed() => if changed.is_err() { return },
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(ACTIVITY_SETTLE) => {}
+            }
+            signal.borrow_and_update();
+            self.check_health(Some(&service)).await;
+        }
+    }
+
     /// Heartbeats and connector health checks until `stop` fires.
     async fn presence_loop(self: Arc<Self>, stop: CancellationToken) {
         let mut heartbeat = tokio::time::interval(self.config.heartbeat_every);
@@ -392,6 +439,14 @@ impl<B: Broker> Worker<B> {
             }
             let h = connector.health().await;
             changed_availability |= self.mark_usable(service, &h).await;
+            if let Some(names) = &h.models {
+                let mut models = self.models.lock().await;
+                if models.get(service) != Some(names) {
+                    info!(service = %service, models = names.len(), "the service's models changed");
+                    models.insert(service.clone(), names.clone());
+                    changed_availability = true;
+                }
+            }
             let now = (h.status, h.message.clone());
             let previous = self.reported.lock().await.insert(service.clone(), now.clone());
             if previous.as_ref() != Some(&now) {
@@ -420,7 +475,7 @@ impl<B: Broker> Worker<B> {
         }
         if changed_availability {
             let services = self.healthy.lock().await.clone();
-            info!(services = ?services, "serving the services whose connectors are healthy");
+            info!(services = ?services, "registering the services whose connectors are healthy, with their models");
             if let Err(e) = self.register().await {
                 warn!(error = %e, "re-registration failed");
             }
@@ -591,6 +646,12 @@ impl<B: Broker> Worker<B> {
     ) -> Result<(), BrokerError> {
         match (stop, outcome) {
             (Some(Stop::LeaseLost), _) => Ok(()),
+            // Stopped too late: the service finished the work (a ComfyUI interrupt lands only
+            // between nodes). Its result is real; record it rather than drop it and run it again.
+            (Some(stop), Some(Ok(Ok(value)))) => {
+                warn!(stop = ?stop, "the service finished the job before it could be stopped; recording its result");
+                self.broker.complete(lease, value.clone()).await
+            }
             (Some(Stop::Shutdown), _) => self.broker.release(lease, "shutdown").await.map(drop),
             (Some(Stop::ProgressTimeout), _) => {
                 self.broker.release(lease, "progress_timeout").await.map(drop)
@@ -629,7 +690,7 @@ fn failure_category(
 ) -> Option<FailureCategory> {
     match (stop, outcome) {
         (Some(Stop::LeaseLost), _) => Some(FailureCategory::LeaseExpired),
-        (Some(Stop::Shutdown), _) | (None, Some(Ok(Ok(_)))) => None,
+        (Some(Stop::Shutdown), _) | (_, Some(Ok(Ok(_)))) => None,
         (Some(Stop::ProgressTimeout), _) => Some(FailureCategory::ProgressTimeout),
         (Some(Stop::Timeout), _) => Some(FailureCategory::Timeout),
         (Some(Stop::Cancelled), _) => Some(FailureCategory::Cancelled),

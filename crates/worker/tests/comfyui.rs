@@ -12,7 +12,7 @@ use fleetq_worker::WorkerConfig;
 use serde_json::{Value, json};
 
 mod common;
-use common::{Running, events_of, finished, start_with, wait_for};
+use common::{Running, events_of, finished, start_with, wait_for, wait_worker};
 
 fn workflow(steps: u32, step_seconds: f64, prefix: &str) -> Value {
     json!({"prompt": {
@@ -124,6 +124,30 @@ async fn cancel_reaches_comfyui_as_an_interrupt<B: Broker>(b: Arc<B>) {
     w.shutdown().await;
 }
 
+/// A cancel that reaches ComfyUI during its last node lands too late: the prompt succeeds, and
+/// the job records that result (cancel requested, completed) instead of dropping real outputs.
+async fn a_cancel_that_lands_too_late_keeps_the_outputs<B: Broker>(b: Arc<B>) {
+    // Long enough for the poll below to see node 2 running.
+    let config = ComfyMockConfig { node_delay: Duration::from_secs(1), ..ComfyMockConfig::default() };
+    let mock = ComfyMock::start(config).await.expect("mock");
+    let w = comfy_worker(&b, "gpu0", &mock);
+    let wf = json!({"prompt": {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "late"}}
+    }});
+    let id = b.submit(JobSpec::new("comfyui", wf)).await.expect("submit").id;
+    wait_for(b.as_ref(), &id, |r| r.summary.message.as_deref() == Some("node 2")).await;
+    b.cancel(&id).await.expect("cancel");
+    let rec = wait_for(b.as_ref(), &id, finished).await;
+    assert_eq!(rec.summary.status, JobStatus::Completed, "{rec:?}");
+    assert!(rec.summary.cancel_requested, "the record says a cancel was asked");
+    let value = result(rec.outcome);
+    assert_eq!(value["completion"], "after_interrupt");
+    assert_eq!(value["outputs"]["2"]["images"][0]["filename"], "late_00001_.png");
+    assert_eq!(mock.prompts().len(), 1, "run once");
+    w.shutdown().await;
+}
+
 /// A node that stops reporting (one 60 s step) trips the progress timeout: the worker interrupts
 /// ComfyUI and releases the job for another attempt.
 async fn a_stuck_prompt_is_released_after_the_progress_timeout<B: Broker>(b: Arc<B>) {
@@ -144,10 +168,78 @@ async fn a_stuck_prompt_is_released_after_the_progress_timeout<B: Broker>(b: Arc
     w.shutdown().await;
 }
 
+/// The comfyui connector's report of worker `id`.
+fn comfy_report(w: &fleetq_core::WorkerInfo) -> Option<&fleetq_core::ConnectorReport> {
+    w.connectors.get("comfyui")
+}
+
+/// With a 120 s health interval the connector's status still follows ComfyUI at once: its socket
+/// lost with the service reports `offline` (and the worker advertises nothing); the service back
+/// reports `idle` without the "websocket reconnecting" note, and the worker serves it again.
+async fn connector_status_follows_the_service_without_the_health_timer<B: Broker>(b: Arc<B>) {
+    let mock = ComfyMock::start(ComfyMockConfig::default()).await.expect("mock");
+    let addr = mock.addr();
+    let mut config: WorkerConfig = common::config("gpu0");
+    config.health_every = Duration::from_secs(120);
+    let connector = ComfyUi::new(ComfyUiConfig { url: mock.url(), poll_ms: 200, ..ComfyUiConfig::default() })
+        .expect("connector");
+    let w = start_with(&b, config, vec![Arc::new(connector)]);
+    let up = |w: &fleetq_core::WorkerInfo| {
+        comfy_report(w).is_some_and(|r| r.status == ConnectorStatus::Idle && r.message.is_none())
+            && w.registration.services == ["comfyui"]
+    };
+    wait_worker(b.as_ref(), "gpu0", up).await;
+    mock.stop().await;
+    wait_worker(b.as_ref(), "gpu0", |w| {
+        comfy_report(w).is_some_and(|r| r.status == ConnectorStatus::Offline)
+            && w.registration.services.is_empty()
+    })
+    .await;
+    let mock = ComfyMock::start_on(addr, ComfyMockConfig::default()).await.expect("mock again");
+    wait_worker(b.as_ref(), "gpu0", up).await;
+    let id = b.submit(JobSpec::new("comfyui", workflow(2, 0.01, "back"))).await.expect("submit").id;
+    assert_eq!(wait_for(b.as_ref(), &id, finished).await.summary.status, JobStatus::Completed);
+    w.shutdown().await;
+    drop(mock);
+}
+
+/// A `comfyui` job requiring `models`.
+fn needing(models: &[&str]) -> JobSpec {
+    let mut spec = JobSpec::new("comfyui", workflow(1, 0.0, "models"));
+    spec.requirements =
+        fleetq_core::Requirements::parse(&json!({ "models": models }), "requirements").expect("requirements");
+    spec
+}
+
+/// The worker's `models` for ComfyUI are what ComfyUI reports, every folder (checkpoints, LoRAs,
+/// diffusion models…): a job requiring models the service has runs; one requiring a model it
+/// lacks is unworkable until the file appears, then runs.
+async fn models_come_from_what_the_service_reports<B: Broker>(b: Arc<B>) {
+    let mock = ComfyMock::start(ComfyMockConfig::default()).await.expect("mock");
+    let w = comfy_worker(&b, "gpu0", &mock);
+    let has = needing(&["sd_xl_base_1.0.safetensors", "detail-tweaker.safetensors", "flux1-dev.safetensors"]);
+    let id = b.submit(has).await.expect("submit").id;
+    let rec = wait_for(b.as_ref(), &id, finished).await;
+    assert_eq!(rec.summary.status, JobStatus::Completed, "{rec:?}");
+    let id = b.submit(needing(&["new-style.safetensors"])).await.expect("submit").id;
+    let rec = wait_for(b.as_ref(), &id, |r| r.summary.unworkable).await;
+    assert_eq!(rec.summary.status, JobStatus::Pending);
+    mock.add_model("loras", "new-style.safetensors");
+    let rec = wait_for(b.as_ref(), &id, finished).await;
+    assert_eq!(rec.summary.status, JobStatus::Completed, "{rec:?}");
+    let worker = wait_worker(b.as_ref(), "gpu0", |_| true).await;
+    let models = worker.registration.capabilities.lookup("models.comfyui").cloned().unwrap_or_default();
+    assert!(!models.to_string().contains("v1-inference.yaml"), "configs are not models: {models}");
+    w.shutdown().await;
+}
+
 both_backends!(
+    models_come_from_what_the_service_reports,
+    connector_status_follows_the_service_without_the_health_timer,
     a_comfyui_job_reports_progress_and_outputs,
     a_cached_prompt_completes_through_the_history_check,
     a_service_that_dies_mid_job_hands_the_job_to_another_worker,
     cancel_reaches_comfyui_as_an_interrupt,
+    a_cancel_that_lands_too_late_keeps_the_outputs,
     a_stuck_prompt_is_released_after_the_progress_timeout,
 );

@@ -310,6 +310,8 @@ struct Inner {
     file_counters: HashMap<String, u32>,
     interrupts: Vec<Value>,
     prompts: Vec<Value>,
+    /// Model folders and their files (`GET /models`, `GET /models/{folder}`).
+    models: BTreeMap<String, Vec<String>>,
 }
 
 impl Inner {
@@ -391,7 +393,13 @@ impl ComfyMock {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             config,
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                models: MODEL_FOLDERS
+                    .iter()
+                    .map(|(f, files)| ((*f).to_owned(), files.iter().map(|m| (*m).to_owned()).collect()))
+                    .collect(),
+                ..Inner::default()
+            }),
             work: Notify::new(),
             done: Notify::new(),
             stop: CancellationToken::new(),
@@ -435,6 +443,11 @@ impl ComfyMock {
         self.shared.lock().sockets.clear();
     }
 
+    /// Puts a model file into `folder` (as a download into ComfyUI's models directory would).
+    pub fn add_model(&self, folder: &str, file: &str) {
+        self.shared.lock().models.entry(folder.to_owned()).or_default().push(file.to_owned());
+    }
+
     /// Whether a prompt is running now.
     pub fn is_busy(&self) -> bool {
         self.shared.lock().running.is_some()
@@ -470,12 +483,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/object_info/{class}", get(object_info_one))
         .route("/features", get(features))
         .route("/embeddings", get(|| async { json_reply(StatusCode::OK, &json!([])) }))
-        .route(
-            "/models",
-            get(|| async {
-                json_reply(StatusCode::OK, &json!(MODEL_FOLDERS.iter().map(|(f, _)| f).collect::<Vec<_>>()))
-            }),
-        )
+        .route("/models", get(model_folders))
         .route("/models/{folder}", get(models_in));
     Router::new()
         .merge(routes.clone())
@@ -771,16 +779,34 @@ async fn view(State(shared): State<Arc<Shared>>, Query(q): Query<HashMap<String,
     r
 }
 
-/// Model folders and their files (`GET /models`, `GET /models/{folder}`).
+/// The model folders a fresh mock starts with, in the real server's order, and their files.
 const MODEL_FOLDERS: &[(&str, &[&str])] = &[
     ("checkpoints", &["v1-5-pruned-emaonly.safetensors", "sd_xl_base_1.0.safetensors"]),
-    ("loras", &[]),
+    ("configs", &["v1-inference.yaml"]),
+    ("loras", &["detail-tweaker.safetensors"]),
     ("vae", &[]),
+    ("text_encoders", &[]),
+    ("diffusion_models", &["flux1-dev.safetensors"]),
+    ("clip_vision", &[]),
+    ("embeddings", &[]),
+    ("controlnet", &[]),
+    ("upscale_models", &[]),
+    ("custom_nodes", &[]),
 ];
 
-async fn models_in(Path(folder): Path<String>) -> Response {
-    match MODEL_FOLDERS.iter().find(|(f, _)| *f == folder) {
-        Some((_, files)) => json_reply(StatusCode::OK, &json!(files)),
+async fn model_folders(State(shared): State<Arc<Shared>>) -> Response {
+    let inner = shared.lock();
+    // Insertion order is the real server's; a folder added later goes last.
+    let mut folders: Vec<&str> = MODEL_FOLDERS.iter().map(|(f, _)| *f).collect();
+    folders.extend(
+        inner.models.keys().map(String::as_str).filter(|f| !MODEL_FOLDERS.iter().any(|(d, _)| d == f)),
+    );
+    json_reply(StatusCode::OK, &json!(folders))
+}
+
+async fn models_in(State(shared): State<Arc<Shared>>, Path(folder): Path<String>) -> Response {
+    match shared.lock().models.get(&folder) {
+        Some(files) => json_reply(StatusCode::OK, &json!(files)),
         None => empty(StatusCode::NOT_FOUND),
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use fleetq_broker::Broker;
 use fleetq_connectors::{CancellationToken, Connector};
-use fleetq_core::{EventKind, JobId, JobRecord, WorkerRegistration};
+use fleetq_core::{EventKind, JobId, JobRecord, WorkerInfo, WorkerRegistration};
 use fleetq_worker::{Worker, WorkerConfig};
 use serde_json::json;
 use tokio::task::JoinHandle;
@@ -61,6 +61,28 @@ pub(crate) async fn wait_for<B: Broker>(b: &B, id: &JobId, done: impl Fn(&JobRec
         assert!(tokio::time::Instant::now() < give_up, "job never reached the expected state: {rec:?}");
         if let Some(last) =
             b.events_after(after, 1000, Duration::from_millis(500)).await.expect("events").last()
+        {
+            after = last.seq;
+        }
+    }
+}
+
+/// Waits (on events) until worker `id` is registered and satisfies `done`.
+pub(crate) async fn wait_worker<B: Broker>(
+    b: &B,
+    id: &str,
+    done: impl Fn(&WorkerInfo) -> bool,
+) -> WorkerInfo {
+    let mut after = 0;
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = b.workers().await.expect("workers").into_iter().find(|w| w.registration.worker_id == id);
+        if let Some(w) = found.filter(|w| done(w)) {
+            return w;
+        }
+        assert!(tokio::time::Instant::now() < give_up, "worker {id} never reached the expected state");
+        if let Some(last) =
+            b.events_after(after, 1000, Duration::from_millis(200)).await.expect("events").last()
         {
             after = last.seq;
         }
