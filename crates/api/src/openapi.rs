@@ -16,8 +16,8 @@ use fleetq_broker::{
     LeaseRef, LeaseState, QueueFilter, ReapReport, Result, ServiceDepth, Submitted,
 };
 use fleetq_core::{
-    ConnectorReport, Event, JobError, JobId, JobRecord, JobSpec, MachineEvent, MachineState, Snapshot,
-    WorkerInfo, WorkerRegistration,
+    ConnectorReport, Event, JobError, JobId, JobRecord, JobSpec, MachineEvent, MachineState, Requirements,
+    Snapshot, WorkerInfo, WorkerRegistration,
 };
 use serde_json::{Value, json};
 use utoipa::OpenApi;
@@ -247,6 +247,9 @@ impl Broker for NoBroker {
         match *self {}
     }
     async fn fail(&self, _: &LeaseRef, _: JobError) -> Result<FailOutcome> {
+        match *self {}
+    }
+    async fn fail_requiring(&self, _: &LeaseRef, _: JobError, _: Requirements) -> Result<FailOutcome> {
         match *self {}
     }
     async fn release(&self, _: &LeaseRef, _: &str) -> Result<FailOutcome> {

@@ -39,7 +39,7 @@ macro_rules! conformance_tests {
             order_holds_across_many_partitions, partitions_come_and_go, worker_classes_follow_registrations,
             fair_share_takes_turns, a_returning_worker_finds_its_pending_work,
             an_ended_attempt_leaves_no_message, service_crashes_spend_no_attempt_until_the_second,
-            cancel_is_signalled_to_the_holder);
+            cancel_is_signalled_to_the_holder, a_retry_can_require_more);
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
         $(
@@ -1684,4 +1684,72 @@ pub async fn cancel_is_signalled_to_the_holder<B: Broker>(fx: Fixture<B>) {
     assert!(b.cancel_signals("holder", Duration::ZERO).await.expect("signals").is_empty());
     b.fail(&lease.as_ref(), JobError::fatal(FailureCategory::Cancelled, "cancelled")).await.expect("end");
     assert_eq!(status(b.as_ref(), &id).await, JobStatus::Cancelled);
+}
+
+/// A failure that raises the job's requirements (out of memory: more GPU memory) moves its retry
+/// to the partition of the new requirements: only a worker meeting them takes it, the rest of the
+/// spec is kept, and the old partition serves new jobs as before. A job that is not retried keeps
+/// its requirements; raised past every worker, it is flagged unworkable.
+pub async fn a_retry_can_require_more<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.register_worker(worker("small", &["simulation"], json!({"hardware": {"gpu_memory_gb": 24}})))
+        .await
+        .expect("register");
+    b.register_worker(worker("big", &["simulation"], json!({"hardware": {"gpu_memory_gb": 48}})))
+        .await
+        .expect("register");
+    let raised = |gb: u64| {
+        fleetq_core::Requirements::parse(&json!({"hardware": {"gpu_memory_gb": gb}}), "requirements")
+            .expect("requirements")
+    };
+    let oom = || JobError::retryable(FailureCategory::Oom, "out of memory");
+    let mut spec = sim(json!({"big": true}));
+    spec.retry_backoff_ms = Some(0);
+    spec.max_attempts = 5;
+    let id = b.submit(spec).await.expect("submit").id;
+    let before = b.job(&id).await.expect("get").expect("exists");
+    let lease = claim_now(b, "small").await.expect("claim");
+    let out = b.fail_requiring(&lease.as_ref(), oom(), raised(25)).await.expect("fail");
+    assert!(matches!(out, FailOutcome::Retrying { .. }), "{out:?}");
+    let rec = b.job(&id).await.expect("get").expect("exists");
+    assert_eq!(rec.spec.requirements, raised(25));
+    assert_eq!(
+        (rec.spec.payload.clone(), rec.spec.max_attempts),
+        (json!({"big": true}), 5),
+        "the rest is kept"
+    );
+    assert_ne!(rec.summary.partition, before.summary.partition);
+    assert!(!rec.summary.unworkable, "the big worker serves it");
+    fx.clock.advance(b.config().retry_avoid_ms + 1);
+    assert!(claim_now(b, "small").await.is_none(), "the small worker no longer matches");
+    let lease = claim_now(b, "big").await.expect("the big worker takes it");
+    assert_eq!((lease.job.summary.id.clone(), lease.attempt), (id.clone(), 2));
+    // Past every worker: flagged, and taken by nobody.
+    b.fail_requiring(&lease.as_ref(), oom(), raised(49)).await.expect("fail");
+    let rec = b.job(&id).await.expect("get").expect("exists");
+    assert!(rec.summary.unworkable, "no worker has 49 GiB");
+    fx.clock.advance(b.config().retry_avoid_ms + 1);
+    assert!(claim_now(b, "big").await.is_none());
+    assert_eq!(b.cancel(&id).await.expect("cancel"), CancelOutcome::Cancelled);
+    // The old shape is served as before.
+    let plain = b.submit(sim(json!("plain"))).await.expect("submit").id;
+    assert_eq!(
+        b.job(&plain).await.expect("get").expect("exists").summary.partition,
+        before.summary.partition
+    );
+    let lease = claim_now(b, "small").await.expect("the old partition serves new jobs");
+    assert_eq!(lease.job.summary.id, plain);
+    // Not retried (no attempt left): the requirements stay.
+    let mut last = sim(json!("last"));
+    last.max_attempts = 1;
+    let last = b.submit(last).await.expect("submit").id;
+    b.complete(&lease.as_ref(), json!(null)).await.expect("complete");
+    let lease = claim_now(b, "small").await.expect("claim");
+    assert_eq!(lease.job.summary.id, last);
+    assert_eq!(
+        b.fail_requiring(&lease.as_ref(), oom(), raised(25)).await.expect("fail"),
+        FailOutcome::Failed
+    );
+    let rec = b.job(&last).await.expect("get").expect("exists");
+    assert!(rec.spec.requirements.is_empty(), "{:?}", rec.spec.requirements);
 }

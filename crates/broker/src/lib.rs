@@ -86,7 +86,8 @@ use std::time::Duration;
 
 use fleetq_core::{
     ConnectorReport, Event, IllegalTransition, JobError, JobId, JobRecord, JobSpec, JobStatus, JobSummary,
-    Limits, MachineEvent, MachineState, Snapshot, ValidationError, WorkerInfo, WorkerRegistration,
+    Limits, MachineEvent, MachineState, Requirements, Snapshot, ValidationError, WorkerInfo,
+    WorkerRegistration,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -514,6 +515,17 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Fails the attempt: retried with backoff while `error.retryable` and attempts remain.
     fn fail(&self, lease: &LeaseRef, error: JobError) -> impl Future<Output = Result<FailOutcome>> + Send;
+
+    /// Fails the attempt like [`Broker::fail`]; when the job is retried, its requirements become
+    /// `requirements` (it moves to that partition), so only workers meeting them take it — e.g.
+    /// more GPU memory after running out ([`fleetq_core::oom`]). A job that is not retried keeps
+    /// its requirements.
+    fn fail_requiring(
+        &self,
+        lease: &LeaseRef,
+        error: JobError,
+        requirements: Requirements,
+    ) -> impl Future<Output = Result<FailOutcome>> + Send;
 
     /// Gives the job back at once (progress timeout, shutdown). `reason == "shutdown"` refunds the
     /// attempt; other reasons count it and fail the job when attempts are exhausted.

@@ -268,9 +268,10 @@ fn classify_error(status: StatusCode, body: &Value, path: &str) -> JobError {
             format!("{message} (check the connector's credentials)"),
         ),
         400 | 404 | 422 => JobError::fatal(FailureCategory::Validation, message),
-        _ if error == "OutOfMemoryError" || lower.contains("out of memory") => {
-            JobError::retryable(FailureCategory::Oom, message)
-        }
+        _ if error == "OutOfMemoryError" || lower.contains("out of memory") => JobError {
+            alloc_bytes: fleetq_core::oom::allocation_in(&what),
+            ..JobError::retryable(FailureCategory::Oom, message)
+        },
         _ if lower.contains("invalid encoded image")
             || lower.contains("invalid image format")
             || lower.contains("not found") =>

@@ -10,6 +10,9 @@
 //!   the outcome and outputs always come from the history entry (the source of truth);
 //! - `node_errors` on a 400 *or* a 200 fail the job fatally with the node, class and input named
 //!   (a partial run is not what the client asked for; the queued remainder is deleted);
+//! - out of memory: `POST /free` (models and cache) and one more try on this GPU, unless the
+//!   allocation is larger than the device; the error carries the allocation's size, so the worker
+//!   can ask for a larger GPU (`fleetq_core::oom`);
 //! - cancellation and timeouts: `POST /interrupt {prompt_id}` and `POST /queue {delete}`, then a
 //!   bounded wait until ComfyUI no longer holds the prompt (its queue is the truth for "is the GPU
 //!   free"); a prompt that succeeded anyway is returned as a result (`after_interrupt`);
@@ -408,8 +411,11 @@ fn history_error(entry: &Value) -> JobError {
         || lower.contains("out of memory")
         || lower.contains("can't allocate memory")
     {
-        // Another GPU (or the same one later) may have the memory.
-        JobError::retryable(FailureCategory::Oom, message)
+        // The same GPU with its memory freed, or a larger one, may have the memory.
+        JobError {
+            alloc_bytes: fleetq_core::oom::allocation_in(emsg),
+            ..JobError::retryable(FailureCategory::Oom, message)
+        }
     } else {
         JobError::fatal(FailureCategory::Service, message)
     }
@@ -666,7 +672,46 @@ impl ComfyUi {
         })
     }
 
+    /// Runs the job's prompt; out of memory, once more after freeing ComfyUI's memory (models and
+    /// cache), unless the allocation is larger than the whole device.
     async fn run(
+        &self,
+        job: &JobRecord,
+        sink: ProgressSink,
+        cancel: CancellationToken,
+    ) -> Result<Value, JobError> {
+        let e = match self.run_prompt(job, sink.clone(), cancel.clone()).await {
+            Err(e) if e.category == FailureCategory::Oom && !cancel.is_cancelled() => e,
+            other => return other,
+        };
+        if let (Some(bytes), Some(total)) = (e.alloc_bytes, self.device_memory().await)
+            && bytes > total
+        {
+            let message = format!(
+                "{}; larger than this device's {:.1} GiB, so it cannot fit here",
+                e.message,
+                total as f64 / 1_073_741_824.0
+            );
+            return Err(JobError { message, ..e });
+        }
+        warn!(error = %e.message, "out of memory; freeing ComfyUI's memory and trying once more");
+        if let Err(free) =
+            self.inner.http.post_json("/free", &json!({"unload_models": true, "free_memory": true})).await
+        {
+            warn!(error = %free, "POST /free failed");
+        }
+        sink.report(0.0, Some("out of memory: freed ComfyUI's memory, trying once more".into()));
+        self.run_prompt(job, sink, cancel).await
+    }
+
+    /// The memory of ComfyUI's device (`/system_stats`, the first device's `vram_total`).
+    async fn device_memory(&self) -> Option<u64> {
+        let (status, stats) = self.inner.http.get_json("/system_stats").await.ok()?;
+        (status == StatusCode::OK).then_some(())?;
+        stats.pointer("/devices/0/vram_total")?.as_u64()
+    }
+
+    async fn run_prompt(
         &self,
         job: &JobRecord,
         sink: ProgressSink,
@@ -864,9 +909,13 @@ mod tests {
     #[test]
     fn oom_is_retryable_other_errors_are_fatal() {
         let entry = |etype: &str, msg: &str| json!({"status": {"status_str": "error", "messages": [["execution_error", {"node_id": "1", "node_type": "EmptyImage", "exception_type": etype, "exception_message": msg}]]}});
-        let oom = history_error(&entry("RuntimeError", "DefaultCPUAllocator: can't allocate memory\n"));
+        let oom = history_error(&entry(
+            "RuntimeError",
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes. Error code 12\n",
+        ));
         assert!(oom.retryable);
         assert_eq!(oom.category, FailureCategory::Oom);
+        assert_eq!(oom.alloc_bytes, Some(68_719_476_736), "the allocation's size travels with the error");
         let e = history_error(&entry("ValueError", "probe failure\n"));
         assert!(!e.retryable);
         assert_eq!(e.message, "node 1 (EmptyImage) raised ValueError: probe failure");

@@ -310,16 +310,20 @@ pub struct JobError {
     /// Whether another attempt may succeed.
     #[serde(default)]
     pub retryable: bool,
+    /// `oom`: the size in bytes of the allocation that failed, when the service said
+    /// (see [`crate::oom`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alloc_bytes: Option<u64>,
 }
 
 impl JobError {
     /// A retryable error of `category`.
     pub fn retryable(category: FailureCategory, message: impl Into<String>) -> Self {
-        Self { message: message.into(), category, retryable: true }
+        Self { message: message.into(), category, retryable: true, alloc_bytes: None }
     }
     /// A fatal (not retryable) error of `category`.
     pub fn fatal(category: FailureCategory, message: impl Into<String>) -> Self {
-        Self { message: message.into(), category, retryable: false }
+        Self { message: message.into(), category, retryable: false, alloc_bytes: None }
     }
 }
 

@@ -42,6 +42,7 @@ pub mod event;
 pub mod fair;
 pub mod job;
 pub mod matching;
+pub mod oom;
 pub mod order;
 pub mod partition;
 pub mod requirements;

@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use fleetq_broker::{Broker, BrokerError, Lease, LeaseRef, LeaseState};
 use fleetq_connectors::{CancellationToken, Connector, ProgressSink};
+use fleetq_core::oom::{GPU_MEMORY_PATH, raised_requirements};
 use fleetq_core::{
-    ConnectorReport, ConnectorStatus, FailureCategory, JobError, JobId, ValidationError, WorkerRegistration,
+    ConnectorReport, ConnectorStatus, FailureCategory, JobError, JobId, JobSpec, ValidationError,
+    WorkerRegistration,
 };
 use thiserror::Error;
 use tokio::sync::{Mutex, Notify};
@@ -563,7 +565,7 @@ impl<B: Broker> Worker<B> {
                 m.remove(&lref.job_id);
             }
             let offline = matches!(&outcome, Some(Ok(Err(e))) if e.category == FailureCategory::Connection);
-            self.finish(&lref, &service, stop, outcome, started).await;
+            self.finish(&lref, &lease.job.spec, stop, outcome, started).await;
             if offline {
                 // Look at the service now rather than at the next health tick, so this worker
                 // stops claiming for it before it takes the job (or another one) again.
@@ -599,14 +601,14 @@ impl<B: Broker> Worker<B> {
     async fn finish(
         &self,
         lease: &LeaseRef,
-        service: &str,
+        spec: &JobSpec,
         stop: Option<Stop>,
         outcome: Option<Result<Result<serde_json::Value, JobError>, tokio::task::JoinError>>,
         started: Instant,
     ) {
         let elapsed_ms = started.elapsed().as_millis();
         if let Some(category) = failure_category(stop, &outcome) {
-            metrics::counter!("fleetq_worker_job_failures_total", "service" => service.to_owned(), "category" => category.as_str())
+            metrics::counter!("fleetq_worker_job_failures_total", "service" => spec.service.clone(), "category" => category.as_str())
                 .increment(1);
             info!(category = category.as_str(), "job attempt failed");
         }
@@ -617,7 +619,7 @@ impl<B: Broker> Worker<B> {
         let give_up = Instant::now() + Duration::from_millis(self.broker.config().lease_ms.max(1000) as u64);
         let mut pause = Duration::from_millis(100);
         loop {
-            let result = self.end_attempt(lease, stop, &outcome, elapsed_ms).await;
+            let result = self.end_attempt(lease, spec, stop, &outcome, elapsed_ms).await;
             match result {
                 Ok(()) => {
                     info!(elapsed_ms, stop = ?stop, "job attempt ended");
@@ -640,6 +642,7 @@ impl<B: Broker> Worker<B> {
     async fn end_attempt(
         &self,
         lease: &LeaseRef,
+        spec: &JobSpec,
         stop: Option<Stop>,
         outcome: &Option<Result<Result<serde_json::Value, JobError>, tokio::task::JoinError>>,
         elapsed_ms: u128,
@@ -672,6 +675,9 @@ impl<B: Broker> Worker<B> {
                 warn!(error = %e.message, "service offline; releasing the job");
                 self.broker.release(lease, fleetq_broker::RELEASE_SERVICE_OFFLINE).await.map(drop)
             }
+            (None, Some(Ok(Err(e)))) if e.category == FailureCategory::Oom && e.retryable => {
+                self.after_oom(lease, spec, e).await
+            }
             (None, Some(Ok(Err(e)))) => self.broker.fail(lease, e.clone()).await.map(drop),
             (None, Some(Err(panic))) => {
                 let error =
@@ -679,6 +685,36 @@ impl<B: Broker> Worker<B> {
                 self.broker.fail(lease, error).await.map(drop)
             }
             (None, None) => self.broker.release(lease, "connector_stuck").await.map(drop),
+        }
+    }
+}
+
+impl<B: Broker> Worker<B> {
+    /// Out of memory (the connector already tried once more after freeing memory): the job may
+    /// run again only on a worker with more GPU memory than this one ([`fleetq_core::oom`]), and
+    /// only if the fleet has such a worker; else it fails now, saying why.
+    async fn after_oom(&self, lease: &LeaseRef, spec: &JobSpec, e: &JobError) -> Result<(), BrokerError> {
+        let fatal = |why: String| JobError {
+            message: format!("{}; {why}", e.message),
+            retryable: false,
+            ..e.clone()
+        };
+        let mine = self.config.registration.capabilities.lookup(GPU_MEMORY_PATH);
+        let raised = match raised_requirements(&spec.requirements, mine, e.alloc_bytes) {
+            Ok(raised) => raised,
+            Err(why) => return self.broker.fail(lease, fatal(why)).await.map(drop),
+        };
+        let need = raised.positive.get(GPU_MEMORY_PATH).cloned().unwrap_or_default();
+        let next = JobSpec { requirements: raised.clone(), ..spec.clone() };
+        let fleet = self.broker.workers().await?;
+        if fleet.iter().any(|w| fleetq_core::explain(&w.registration, &next).matches) {
+            info!(gpu_memory_gb = %need, "out of memory; the job will run again only on a worker with more memory");
+            self.broker.fail_requiring(lease, e.clone(), raised).await.map(drop)
+        } else {
+            let why = format!(
+                "it needs a worker with at least {need} GiB of GPU memory ({GPU_MEMORY_PATH}) and no worker of the fleet that serves it has that"
+            );
+            self.broker.fail(lease, fatal(why)).await.map(drop)
         }
     }
 }

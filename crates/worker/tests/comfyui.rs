@@ -23,8 +23,13 @@ fn workflow(steps: u32, step_seconds: f64, prefix: &str) -> Value {
 }
 
 fn comfy_worker<B: Broker>(b: &Arc<B>, id: &str, mock: &ComfyMock) -> Running {
+    comfy_worker_with(b, id, mock, json!({}))
+}
+
+fn comfy_worker_with<B: Broker>(b: &Arc<B>, id: &str, mock: &ComfyMock, capabilities: Value) -> Running {
     let mut config: WorkerConfig = common::config(id);
     config.registration.services = vec!["comfyui".into()];
+    config.registration.capabilities = serde_json::from_value(capabilities).expect("capabilities");
     let connector = ComfyUi::new(ComfyUiConfig { url: mock.url(), poll_ms: 200, ..ComfyUiConfig::default() })
         .expect("connector");
     start_with(b, config, vec![Arc::new(connector)])
@@ -203,6 +208,81 @@ async fn connector_status_follows_the_service_without_the_health_timer<B: Broker
     drop(mock);
 }
 
+/// A workflow whose `EmptyImage` allocates `batch` × 1 GiB.
+fn allocating(batch: u64) -> Value {
+    json!({"prompt": {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 16384, "height": 16384, "batch_size": batch, "color": 0}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "big"}}
+    }})
+}
+
+const GIB: u64 = 1 << 30;
+
+/// Out of memory on a 24 GiB worker: ComfyUI's memory is freed and the prompt tried once more
+/// there; out of memory again, the job runs next only on a worker with more memory (its
+/// requirement raised to 25 GiB), which completes it.
+async fn out_of_memory_moves_to_a_worker_with_more<B: Broker>(b: Arc<B>) {
+    // Slow enough for the larger worker to register before the small one gives the job up.
+    let small_config = ComfyMockConfig {
+        memory_limit: 8 * GIB,
+        node_delay: Duration::from_millis(500),
+        ..ComfyMockConfig::default()
+    };
+    let small = ComfyMock::start(small_config).await.expect("mock");
+    let large = ComfyMock::start(ComfyMockConfig { memory_limit: 64 * GIB, ..ComfyMockConfig::default() })
+        .await
+        .expect("mock");
+    let a = comfy_worker_with(&b, "gpu-24", &small, json!({"hardware": {"gpu_memory_gb": 24}}));
+    let id = b.submit(JobSpec::new("comfyui", allocating(16))).await.expect("submit").id;
+    wait_for(b.as_ref(), &id, |r| r.summary.worker_id.as_deref() == Some("gpu-24")).await;
+    let c = comfy_worker_with(&b, "gpu-48", &large, json!({"hardware": {"gpu_memory_gb": 48}}));
+    wait_worker(b.as_ref(), "gpu-48", |w| w.registration.services == ["comfyui"]).await;
+    let rec = wait_for(b.as_ref(), &id, finished).await;
+    assert_eq!(
+        (rec.summary.status, rec.summary.worker_id.as_deref()),
+        (JobStatus::Completed, Some("gpu-48"))
+    );
+    assert_eq!(rec.summary.attempt, 2);
+    assert_eq!(rec.spec.requirements.positive.get("hardware.gpu_memory_gb"), Some(&json!(25)));
+    assert_eq!(small.prompts().len(), 2, "tried once more on the same GPU");
+    assert_eq!(
+        small.frees(),
+        vec![json!({"unload_models": true, "free_memory": true})],
+        "after freeing memory"
+    );
+    assert!(
+        events_of(b.as_ref(), &id).await.iter().any(|k| matches!(k, EventKind::JobRequeued { job, .. }
+            if job.error.as_ref().is_some_and(|e| e.category == fleetq_core::FailureCategory::Oom))),
+        "requeued as oom"
+    );
+    a.shutdown().await;
+    c.shutdown().await;
+}
+
+/// An allocation that can never fit (4 TiB on a 24 GiB device, in a fleet whose largest GPU has
+/// 48 GiB) is not tried again at all: the job fails at its first attempt, saying why.
+async fn an_allocation_that_never_fits_fails_at_once<B: Broker>(b: Arc<B>) {
+    let mock = ComfyMock::start(ComfyMockConfig::default()).await.expect("mock");
+    let large = ComfyMock::start(ComfyMockConfig::default()).await.expect("mock");
+    let a = comfy_worker_with(&b, "gpu-24", &mock, json!({"hardware": {"gpu_memory_gb": 24}}));
+    let c = comfy_worker_with(&b, "gpu-48", &large, json!({"hardware": {"gpu_memory_gb": 48}}));
+    let id = b.submit(JobSpec::new("comfyui", allocating(4096))).await.expect("submit").id;
+    let rec = wait_for(b.as_ref(), &id, finished).await;
+    assert_eq!((rec.summary.status, rec.summary.attempt), (JobStatus::Failed, 1), "{rec:?}");
+    let error = rec.summary.error.expect("error");
+    assert_eq!((error.category, error.retryable), (fleetq_core::FailureCategory::Oom, false));
+    assert!(error.message.contains("cannot fit here"), "{}", error.message);
+    assert!(error.message.contains("at least 4096 GiB"), "{}", error.message);
+    let tried: usize = mock.prompts().len() + large.prompts().len();
+    assert_eq!(tried, 1, "no second try anywhere");
+    assert!(
+        mock.frees().is_empty() && large.frees().is_empty(),
+        "nothing freed for an allocation that cannot fit"
+    );
+    a.shutdown().await;
+    c.shutdown().await;
+}
+
 /// A `comfyui` job requiring `models`.
 fn needing(models: &[&str]) -> JobSpec {
     let mut spec = JobSpec::new("comfyui", workflow(1, 0.0, "models"));
@@ -234,6 +314,8 @@ async fn models_come_from_what_the_service_reports<B: Broker>(b: Arc<B>) {
 }
 
 both_backends!(
+    out_of_memory_moves_to_a_worker_with_more,
+    an_allocation_that_never_fits_fails_at_once,
     models_come_from_what_the_service_reports,
     connector_status_follows_the_service_without_the_health_timer,
     a_comfyui_job_reports_progress_and_outputs,

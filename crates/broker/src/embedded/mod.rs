@@ -16,8 +16,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use fleetq_core::{
-    ConnectorReport, Event, JobError, JobId, JobRecord, JobSpec, MachineEvent, MachineState, Snapshot,
-    WorkerInfo, WorkerRegistration,
+    ConnectorReport, Event, JobError, JobId, JobRecord, JobSpec, MachineEvent, MachineState, Requirements,
+    Snapshot, WorkerInfo, WorkerRegistration,
 };
 use serde_json::Value;
 use tokio::sync::{Notify, oneshot, watch};
@@ -230,6 +230,16 @@ impl Broker for EmbeddedBroker {
     async fn fail(&self, lease: &LeaseRef, error: JobError) -> Result<FailOutcome> {
         let lease = lease.clone();
         self.call(move |st| st.fail(&lease, error, None)).await
+    }
+
+    async fn fail_requiring(
+        &self,
+        lease: &LeaseRef,
+        error: JobError,
+        requirements: Requirements,
+    ) -> Result<FailOutcome> {
+        let lease = lease.clone();
+        self.call(move |st| st.fail_requiring(&lease, error, requirements)).await
     }
 
     async fn release(&self, lease: &LeaseRef, reason: &str) -> Result<FailOutcome> {

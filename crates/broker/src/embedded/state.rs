@@ -15,7 +15,7 @@ use std::sync::Arc;
 use fleetq_core::{
     Action, ClassKey, ClassSpec, ConnectorReport, Event, EventKind, FailureCategory, JobError, JobId,
     JobRecord, JobSpec, JobStatus, JobSummary, MachineEvent, MachineState, OrderKey, Outcome, PartitionKey,
-    PartitionSpec, Snapshot, WorkerInfo, WorkerRegistration,
+    PartitionSpec, Requirements, Snapshot, WorkerInfo, WorkerRegistration,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -968,6 +968,46 @@ impl State {
         let mut row = self.held(lease)?;
         self.flush_progress(&mut row)?;
         self.give_back(&mut row, error, now, reason.unwrap_or("retry"), true)
+    }
+
+    pub(super) fn fail_requiring(
+        &mut self,
+        lease: &LeaseRef,
+        error: JobError,
+        requirements: Requirements,
+    ) -> Result<FailOutcome> {
+        let now = self.now();
+        let mut row = self.held(lease)?;
+        self.flush_progress(&mut row)?;
+        let s = &row.summary;
+        if !s.cancel_requested && error.retryable && s.attempt < s.max_attempts {
+            self.move_partition(&mut row, requirements)?;
+        }
+        self.give_back(&mut row, error, now, "retry", true)
+    }
+
+    /// Gives a running job new requirements: its spec changes and it moves to their partition
+    /// (created if need be); the one it leaves is removed if that was its last unfinished job.
+    fn move_partition(&mut self, row: &mut Row, requirements: Requirements) -> Result<()> {
+        let mut spec: JobSpec = from_json(&row.spec)?;
+        spec.requirements = requirements;
+        let pspec = PartitionSpec::of(&spec);
+        let key = pspec.key();
+        let old = PartitionKey(row.summary.partition.clone());
+        if key == old {
+            return Ok(());
+        }
+        let unworkable = self.ensure_partition(&key, pspec)?;
+        row.spec = to_json(&spec)?;
+        row.summary.partition = key.0.clone();
+        self.conn
+            .prepare_cached("UPDATE jobs SET partition = ?1, spec = ?2 WHERE id = ?3")?
+            .execute(params![key.0, row.spec, row.summary.id.0])?;
+        self.release_partition(&old)?;
+        if unworkable {
+            self.emit(EventKind::PartitionWorkability { partition: key.0, unworkable })?;
+        }
+        Ok(())
     }
 
     pub(super) fn release(&mut self, lease: &LeaseRef, reason: &str) -> Result<FailOutcome> {

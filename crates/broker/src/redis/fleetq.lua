@@ -9,7 +9,7 @@
 -- Order keys are never compared with Lua's `<` on strings (strcoll): see `key_less`. Only fixed,
 -- short field lists are ever unpacked.
 
-local VERSION = '17'
+local VERSION = '18'
 
 -- A job's state is one JSON object of strings, its spec and its outcome JSON documents: fields named
 -- by the job's id in the hashes `J`, `S` and `O` (a key per job would cost a key's overhead and the
@@ -625,6 +625,27 @@ redis.register_function('fq_fail', function(keys, argv)
   end
   return give_back(P, C, nows, j, argv[5], argv[6] == '1', argv[7] == '1', argv[8], argv[9] == '1',
     argv[10], argv[11])
+end)
+
+-- ARGV: now, id, attempt, worker, error json, fail outcome, cancel outcome, cver, then the
+-- partition the job moves to when it is retried: key, spec, matching classes (comma-separated, as
+-- of `cver`), and the job's new spec. Replies {'refresh'} (nothing written) when the caller's
+-- classes are stale and the job would move.
+redis.register_function('fq_fail_requiring', function(keys, argv)
+  local P, C, nows, j, err = holder(keys, argv)
+  if not j then return {err} end
+  local retried = j.cancel_requested ~= '1'
+    and (tonumber(j.attempt) or 0) < tonumber(j.max_attempts or DEFAULT_MAX_ATTEMPTS)
+  local p = argv[9]
+  if retried and p ~= j.partition then
+    if (redis.call('GET', P .. 'cver') or '0') ~= argv[8] then return {'refresh'} end
+    ensure_partition(P, C, nows, p, argv[10], j.service, argv[11])
+    redis.call('HINCRBY', P .. 'pn', p, 1)
+    release_partition(P, j.partition, j.service)
+    j.partition = p
+    redis.call('HSET', P .. 'S', j.id, argv[12])
+  end
+  return give_back(P, C, nows, j, argv[5], true, true, 'retry', false, argv[6], argv[7])
 end)
 
 -- ARGV: now, id.

@@ -37,8 +37,8 @@ use std::time::Duration;
 use fleetq_core::job::DEFAULT_RETRY_BACKOFF_MS;
 use fleetq_core::{
     ClassKey, ClassSpec, ConnectorReport, Event, EventKind, IllegalTransition, JobError, JobId, JobRecord,
-    JobSpec, JobStatus, MachineEvent, MachineState, OrderKey, Outcome, PartitionKey, PartitionSpec, Snapshot,
-    ValidationError, WorkerInfo, WorkerRegistration,
+    JobSpec, JobStatus, MachineEvent, MachineState, OrderKey, Outcome, PartitionKey, PartitionSpec,
+    Requirements, Snapshot, ValidationError, WorkerInfo, WorkerRegistration,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Cmd, Value};
@@ -53,7 +53,7 @@ use crate::{
 
 const LIBRARY: &str = include_str!("fleetq.lua");
 /// The version the function library reports (`FCALL fq_version 0`); loading compares the whole code.
-pub const LIBRARY_VERSION: &str = "17";
+pub const LIBRARY_VERSION: &str = "18";
 
 /// Partitions read per call when a pass walks them all (a new class's fill, workability).
 const PARTITION_PAGE: usize = 1000;
@@ -456,10 +456,14 @@ impl RedisBroker {
                 .arg(to_json(&crash)?)
                 .arg(to_json(&Outcome::Error { error: crash })?);
         }
-        let reply = items(self.run(&cmd).await?);
-        match text_at(&reply, 0, "fail status")?.as_str() {
+        Self::fail_outcome(&items(self.run(&cmd).await?), lease)
+    }
+
+    /// The reply of `fq_fail` / `fq_fail_requiring`.
+    fn fail_outcome(reply: &[Value], lease: &LeaseRef) -> Result<FailOutcome> {
+        match text_at(reply, 0, "fail status")?.as_str() {
             "retrying" => {
-                Ok(FailOutcome::Retrying { run_at: text_at(&reply, 1, "run_at")?.parse().map_err(corrupt)? })
+                Ok(FailOutcome::Retrying { run_at: text_at(reply, 1, "run_at")?.parse().map_err(corrupt)? })
             }
             "failed" => Ok(FailOutcome::Failed),
             "cancelled" => Ok(FailOutcome::Cancelled),
@@ -716,6 +720,40 @@ impl Broker for RedisBroker {
 
     async fn fail(&self, lease: &LeaseRef, error: JobError) -> Result<FailOutcome> {
         self.give_back(lease, error, true, "retry", false).await
+    }
+
+    async fn fail_requiring(
+        &self,
+        lease: &LeaseRef,
+        error: JobError,
+        requirements: Requirements,
+    ) -> Result<FailOutcome> {
+        let Some(job) = self.job(&lease.job_id).await? else {
+            return Err(BrokerError::JobNotFound(lease.job_id.clone()));
+        };
+        let mut spec = job.spec;
+        spec.requirements = requirements;
+        let pspec = PartitionSpec::of(&spec);
+        let cancel = JobError::fatal(fleetq_core::FailureCategory::Cancelled, "cancelled");
+        // A stale class view is refreshed and the call made again (nothing was written).
+        for fresh in [false, true, true, true] {
+            let view = self.view(fresh).await?;
+            let mut cmd = self.fcall("fq_fail_requiring", false);
+            Self::fenced(&mut cmd, self.now(), lease);
+            cmd.arg(to_json(&error)?)
+                .arg(to_json(&Outcome::Error { error: error.clone() })?)
+                .arg(to_json(&Outcome::Error { error: cancel.clone() })?)
+                .arg(&view.cver)
+                .arg(&pspec.key().0)
+                .arg(to_json(&pspec)?)
+                .arg(view.matching(&pspec))
+                .arg(stored_spec(&spec)?);
+            let reply = items(self.run(&cmd).await?);
+            if text(reply.first().unwrap_or(&Value::Nil)).as_deref() != Some("refresh") {
+                return Self::fail_outcome(&reply, lease);
+            }
+        }
+        Err(corrupt("the worker classes kept changing under a failing job"))
     }
 
     async fn release(&self, lease: &LeaseRef, reason: &str) -> Result<FailOutcome> {

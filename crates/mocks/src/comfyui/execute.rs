@@ -114,7 +114,7 @@ pub(super) async fn run_node(
     match class {
         "EmptyImage" => {
             let bytes = num("width") * num("height") * num("batch_size") * 4.0;
-            if bytes > 8_589_934_592.0 {
+            if bytes > shared.config.memory_limit as f64 {
                 return NodeEnd::Failed {
                     kind: "RuntimeError",
                     message: format!(

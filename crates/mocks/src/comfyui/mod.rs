@@ -4,7 +4,8 @@
 //! Built-in node classes: `EmptyImage`, `EmptyLatentImage`, `ImageInvert`, `SaveImage`,
 //! `PreviewImage`, `LoadImage` and the transcripts' probe nodes `ProbeSleepProgress` (steps with
 //! progress) and `ProbeRaise` (raises `ValueError`). `EmptyImage` fails with the real allocator
-//! error past 2^33 bytes, as in `07_runtime_error.json`.
+//! error past [`ComfyMockConfig::memory_limit`] (2^33 bytes by default), as in
+//! `07_runtime_error.json`.
 //!
 //! Knobs for tests ([`ComfyMockConfig`]): a delay per executed node, a time scale for the probe
 //! nodes' sleeps and a "GC stall" before the tail messages. Observations for tests
@@ -47,6 +48,9 @@ pub struct ComfyMockConfig {
     /// Hold each `POST /prompt` reply until that prompt has finished: the worst case of the race
     /// where a cached prompt's whole run is sent before the client reads the reply (§1.6).
     pub reply_after_done: bool,
+    /// The largest allocation (bytes) `EmptyImage` gets; a larger one fails with the CPU
+    /// allocator's out-of-memory error, as in `07_runtime_error.json`.
+    pub memory_limit: u64,
 }
 
 impl Default for ComfyMockConfig {
@@ -56,6 +60,7 @@ impl Default for ComfyMockConfig {
             time_scale: 1.0,
             tail_stall: Duration::ZERO,
             reply_after_done: false,
+            memory_limit: 1 << 33,
         }
     }
 }
@@ -310,6 +315,7 @@ struct Inner {
     file_counters: HashMap<String, u32>,
     interrupts: Vec<Value>,
     prompts: Vec<Value>,
+    frees: Vec<Value>,
     /// Model folders and their files (`GET /models`, `GET /models/{folder}`).
     models: BTreeMap<String, Vec<String>>,
 }
@@ -426,6 +432,11 @@ impl ComfyMock {
     /// The bodies of every `POST /interrupt` received (`{}` for an empty body).
     pub fn interrupts(&self) -> Vec<Value> {
         self.shared.lock().interrupts.clone()
+    }
+
+    /// The bodies of every `POST /free` that parsed as JSON.
+    pub fn frees(&self) -> Vec<Value> {
+        self.shared.lock().frees.clone()
     }
 
     /// The bodies of every `POST /prompt` that parsed as JSON.
@@ -714,8 +725,10 @@ async fn post_free(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let Ok(body) = serde_json::from_slice::<Value>(&body) else {
         return server_error();
     };
+    let mut inner = shared.lock();
+    inner.frees.push(body.clone());
     if body.get("free_memory").and_then(Value::as_bool) == Some(true) {
-        shared.lock().cache.clear();
+        inner.cache.clear();
     }
     empty_ok()
 }
