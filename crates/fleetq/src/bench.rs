@@ -2,6 +2,7 @@
 //!
 //! `fleetq bench broker` runs no-op jobs through a real broker, its lines shaped like those of the
 //! BullMQ baseline (`scripts/bench-vs-bullmq.sh`) so both can be compared side by side in one run.
+//! `fleetq bench worker` times what a worker reports (module `bench_worker`).
 //! `fleetq bench api` serves the HTTP API on a loopback port over a fresh embedded store and times
 //! submissions and POST → SSE latency.
 //!
@@ -39,6 +40,9 @@ pub(crate) enum Bench {
     /// The HTTP API over the embedded store: submissions per second (single and batched) and the
     /// latency from a POST to its event on the SSE stream.
     Api(ApiArgs),
+    /// How fast a worker's news reaches the broker: connector `active` after a job starts, a
+    /// quiet job's cancel, a dead ComfyUI `offline` and back `idle`.
+    Worker(crate::bench_worker::WorkerArgs),
 }
 
 /// `fleetq bench api` flags.
@@ -63,7 +67,7 @@ pub(crate) struct ApiArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Backend {
+pub(crate) enum Backend {
     Embedded,
     Redis,
 }
@@ -135,6 +139,7 @@ pub(crate) async fn run(b: Bench) -> Result<()> {
     let args = match b {
         Bench::Broker(args) => args,
         Bench::Api(args) => return api(args).await,
+        Bench::Worker(args) => return crate::bench_worker::run(args).await,
     };
     let args = Arc::new(args);
     match args.backend {
@@ -361,7 +366,7 @@ async fn throughput<B: Broker>(made: &Made<B>, n: usize, workers: usize) -> Resu
     Ok(line)
 }
 
-fn summarize(mut v: Vec<f64>) -> Value {
+pub(crate) fn summarize(mut v: Vec<f64>) -> Value {
     if v.is_empty() {
         return json!(null);
     }

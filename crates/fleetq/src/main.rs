@@ -7,6 +7,7 @@
 #![allow(rustdoc::bare_urls)]
 
 mod bench;
+mod bench_worker;
 mod chaos;
 mod client;
 mod explain;

@@ -57,3 +57,18 @@ fn openapi_prints_the_served_document() {
     assert_eq!(doc, fleetq_api::openapi_document());
     assert!(doc["paths"]["/api/jobs"]["post"]["requestBody"].is_object());
 }
+
+/// `fleetq bench worker` measures every figure it names (a short run: the figures themselves are
+/// for the README, not for a test).
+#[test]
+fn bench_worker_reports_each_figure() {
+    let out = fleetq().args(["bench", "worker", "--tries", "2"]).output().expect("run fleetq");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let figures: Vec<&str> = lines.iter().filter_map(|l| l["figure"].as_str()).collect();
+    assert_eq!(figures, ["activity", "cancel", "offline", "recovered"]);
+    assert!(lines.iter().all(|l| l["latency"]["n"] == 2), "{lines:?}");
+}
