@@ -131,9 +131,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The role a request needs, or `None` for open routes (`/health`).
+/// The role a request needs, or `None` for open routes (`/health`, and the pages, which hold no
+/// data: they ask for a token when the API does).
 pub fn required_role(method: &Method, path: &str) -> Option<Role> {
-    if path == "/health" {
+    if path == "/health" || (method == Method::GET && crate::web::is_page(path)) {
         return None;
     }
     if path == "/ws/client" {

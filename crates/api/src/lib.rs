@@ -1,7 +1,7 @@
 //! fleetq's HTTP API over any [`Broker`]: jobs (submit, batch, get, list, cancel, retry, per-job SSE,
 //! matching workers, artifacts), the fleet (workers, machines, services, snapshot, global SSE), the
-//! WebSocket protocols (`/ws/monitor`, legacy `/ws/client`), auth, `/health`, `/ready`, `/metrics`
-//! and `/openapi.json`.
+//! WebSocket protocols (`/ws/monitor`, legacy `/ws/client`), auth, `/health`, `/ready`, `/metrics`,
+//! `/openapi.json`, and the monitor and client pages (`/`, `/client`).
 //!
 //! The API keeps no state of its own beyond caches it rebuilds from the broker (duration statistics,
 //! metrics), so any number of API processes can serve one Redis.
@@ -29,6 +29,7 @@ mod request;
 mod state;
 pub mod stats;
 mod stream;
+mod web;
 mod ws;
 
 use std::path::PathBuf;
@@ -124,6 +125,9 @@ pub fn router<B: Broker>(broker: Arc<B>, config: ApiConfig) -> Router {
     let state = AppState::new(broker, config, stats, hub);
     let (router, _) = routes::<B>().split_for_parts();
     router
+        .route("/", axum::routing::get(web::monitor))
+        .route("/client", axum::routing::get(web::client))
+        .route("/web/{*path}", axum::routing::get(web::file))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
@@ -155,6 +159,7 @@ pub(crate) fn routes<B: Broker>() -> OpenApiRouter<AppState<B>> {
     let r = op::<fleet::__path_events, _, _, _>(r, fleet::events::<B>);
     let r = op::<ws::__path_monitor, _, _, _>(r, ws::monitor::<B>);
     let r = op::<ws::__path_client, _, _, _>(r, ws::client::<B>);
+    let r = op::<web::__path_me, _, _, _>(r, web::me);
     let r = op::<ops::__path_health, _, _, _>(r, ops::health);
     let r = op::<ops::__path_ready, _, _, _>(r, ops::ready::<B>);
     let r = op::<ops::__path_metrics, _, _, _>(r, ops::metrics::<B>);

@@ -376,3 +376,15 @@ pub struct Status {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
+
+/// Who the caller is.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Me {
+    /// Whether tokens are required by this API (without them every caller may do everything).
+    pub auth: bool,
+    /// The token's role: `read`, `submit` or `admin` (`admin` when auth is off).
+    #[schema(pattern = "^(read|submit|admin)$")]
+    pub role: String,
+    /// The token's name, the owner stamped on its jobs (none when auth is off).
+    pub name: Option<String>,
+}

@@ -27,7 +27,7 @@ use utoipa_axum::router::OpenApiRouter;
 
 use crate::auth::required_role;
 use crate::model::{
-    Cancelled, ErrorBody, Instances, JobPage, JobView, Machines, MatchingWorkers, Retried,
+    Cancelled, ErrorBody, Instances, JobPage, JobView, Machines, MatchingWorkers, Me, Retried,
     ServiceSummaryReply, Services, Stats, Status, Submission, SubmitReply, Workers,
 };
 
@@ -51,6 +51,7 @@ use crate::model::{
         Instances,
         Stats,
         Status,
+        Me,
         Snapshot,
         Event
     ))

@@ -40,6 +40,7 @@ const EXPECTED: &[(&str, &str, Option<Role>)] = &[
     ("GET", "/api/snapshot", Some(Role::Read)),
     ("GET", "/api/stats", Some(Role::Read)),
     ("GET", "/api/events", Some(Role::Read)),
+    ("GET", "/api/me", Some(Role::Read)),
     ("GET", "/ws/monitor", Some(Role::Read)),
     ("GET", "/ws/client", Some(Role::Submit)),
     ("GET", "/health", None),
@@ -573,4 +574,26 @@ fn route_of(uri: &str) -> String {
         ["", "api", "services", _, rest] => format!("/api/services/{{service}}/{rest}"),
         _ => path.to_owned(),
     }
+}
+
+/// The pages and their files are open with auth on (they hold no data); `/api/me` names the
+/// caller's role, and asks for a token like every other API route.
+#[tokio::test]
+async fn the_pages_are_open_and_me_names_the_role() {
+    let a = app(ApiConfig { tokens: tokens(), ..ApiConfig::default() });
+    for path in ["/", "/client", "/web/js/monitor.js", "/web/style.css"] {
+        let (s, body) = call_raw(&a.router, "GET", path, None, &[]).await;
+        assert_eq!(s, StatusCode::OK, "{path}");
+        assert!(!body.is_empty(), "{path}");
+    }
+    let (s, _) = call(&a.router, "GET", "/web/nothing.js", None, &[]).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = call(&a.router, "GET", "/api/me", None, &[]).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let bearer = format!("Bearer {READ}");
+    let (s, me) = call(&a.router, "GET", "/api/me", None, &[("authorization", &bearer)]).await;
+    assert_eq!((s, me["auth"].clone(), me["role"].clone()), (StatusCode::OK, json!(true), json!("read")));
+    let open = app(ApiConfig::default());
+    let (_, me) = call(&open.router, "GET", "/api/me", None, &[]).await;
+    assert_eq!((me["auth"].clone(), me["role"].clone()), (json!(false), json!("admin")));
 }

@@ -3,54 +3,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use common::{fleetq, url_in};
+use common::{Guard, api, fleetq, lines};
 use fleetq_broker::testing::RedisServer;
 use serde_json::Value;
-
-/// Kills the child when the test ends, passed or not.
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        self.0.kill().ok();
-        self.0.wait().ok();
-    }
-}
-
-/// Lines of a child's stdout, read on a thread.
-fn lines(child: &mut Child) -> mpsc::Receiver<String> {
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { return };
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
-/// Starts `fleetq api` on a free port; returns it with its URL (its first line).
-fn api(redis: &str, queue: &str) -> (Guard, String) {
-    let mut child = fleetq()
-        .args(["api", "--listen", "127.0.0.1:0", "--redis", redis, "--queue", queue])
-        .env_remove("FLEETQ_TOKENS")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start fleetq api");
-    let rx = lines(&mut child);
-    // A guard against a hang, not a timing assertion.
-    let line = rx.recv_timeout(Duration::from_secs(60)).expect("fleetq api prints its URL");
-    let url = url_in(&line);
-    (Guard(child), url)
-}
 
 fn cli(url: &str, args: &[&str]) -> Output {
     let out =

@@ -153,12 +153,13 @@ async fn a_cancel_that_lands_too_late_keeps_the_outputs<B: Broker>(b: Arc<B>) {
     w.shutdown().await;
 }
 
-/// A node that stops reporting (one 60 s step) trips the progress timeout: the worker interrupts
-/// ComfyUI and releases the job for another attempt.
+/// A node that stops reporting (one 3 s step) trips the progress timeout: the worker interrupts
+/// ComfyUI, which can stop the node only when its step ends; then the job is released for another
+/// attempt (the GPU is free by then).
 async fn a_stuck_prompt_is_released_after_the_progress_timeout<B: Broker>(b: Arc<B>) {
     let mock = ComfyMock::start(ComfyMockConfig::default()).await.expect("mock");
     let w = comfy_worker(&b, "gpu0", &mock);
-    let mut spec = JobSpec::new("comfyui", workflow(1, 60.0, "stuck"));
+    let mut spec = JobSpec::new("comfyui", workflow(1, 3.0, "stuck"));
     spec.progress_timeout_ms = Some(700);
     let id = b.submit(spec).await.expect("submit").id;
     // Released, then claimed again: the second attempt has started.

@@ -1,8 +1,12 @@
-//! Helpers of the process tests: the binary under test and the URL a server prints first.
+//! Helpers of the process tests: the binary under test, the URL a server prints first, children
+//! killed when a test ends, and `fleetq api` on a port.
 
 #![allow(dead_code, unreachable_pub, reason = "each test binary uses a subset")]
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
 
 /// The `fleetq` binary built for these tests.
 pub fn fleetq() -> Command {
@@ -15,4 +19,51 @@ pub fn url_in(line: &str) -> String {
         .find(|w| w.starts_with("http://"))
         .unwrap_or_else(|| panic!("no URL in {line:?}"))
         .to_owned()
+}
+
+/// Kills the child when the test ends, passed or not.
+pub struct Guard(pub Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.0.kill().ok();
+        self.0.wait().ok();
+    }
+}
+
+/// Lines of a child's stdout, read on a thread.
+pub fn lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Starts `fleetq api` on Redis `queue` at `listen` (`127.0.0.1:0` for a free port) with `extra`
+/// flags; returns it with its URL (its first line).
+pub fn api_at(redis: &str, queue: &str, listen: &str, extra: &[&str]) -> (Guard, String) {
+    let mut child = fleetq()
+        .args(["api", "--listen", listen, "--redis", redis, "--queue", queue])
+        .args(extra)
+        .env_remove("FLEETQ_TOKENS")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start fleetq api");
+    let rx = lines(&mut child);
+    // A guard against a hang, not a timing assertion.
+    let line = rx.recv_timeout(Duration::from_secs(60)).expect("fleetq api prints its URL");
+    let url = url_in(&line);
+    (Guard(child), url)
+}
+
+/// Starts `fleetq api` on a free port.
+pub fn api(redis: &str, queue: &str) -> (Guard, String) {
+    api_at(redis, queue, "127.0.0.1:0", &[])
 }

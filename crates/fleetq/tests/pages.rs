@@ -1,0 +1,424 @@
+//! The monitor and client pages in a real browser: Debian's `chromium` driven through
+//! `chromium-driver` (WebDriver), against real `fleetq` processes. What is compared is the
+//! rendered state (the `data-` attributes the pages put on machines, workers, badges and job rows),
+//! never screenshots. Waits poll the page; their bounds only turn a hang into a failure.
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Guard, api_at, fleetq};
+use fantoccini::{Client, ClientBuilder, Locator};
+use fleetq_broker::testing::RedisServer;
+use serde_json::{Value, json};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// A headless chromium session; the driver process goes with it.
+struct Browser {
+    client: Client,
+    _driver: Guard,
+}
+
+impl Browser {
+    async fn start() -> Self {
+        let port = free_port();
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver (Debian package chromium-driver; scripts/test installs it)");
+        let driver = Guard(driver);
+        let caps = json!({"goog:chromeOptions": {"args": [
+            "--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,1000"
+        ]}});
+        let caps = caps.as_object().cloned().unwrap_or_default();
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut builder = ClientBuilder::rustls().expect("TLS setup");
+            match builder.capabilities(caps.clone()).connect(&format!("http://127.0.0.1:{port}")).await {
+                Ok(client) => return Self { client, _driver: driver },
+                Err(e) => {
+                    assert!(tokio::time::Instant::now() < give_up, "chromedriver never answered: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// Runs `script` (a function body) in the page until it returns something truthy.
+    async fn until(&self, what: &str, script: &str) -> Value {
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = self.client.execute(script, vec![]).await.expect("script runs");
+            if !(v.is_null() || v == json!(false) || v == json!(0) || v == json!("")) {
+                return v;
+            }
+            assert!(tokio::time::Instant::now() < give_up, "the page never showed {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn goto(&self, url: &str) {
+        self.client.goto(url).await.expect("page loads");
+        self.until("a live stream", r#"return document.getElementById("conn").dataset.state === "live";"#)
+            .await;
+    }
+
+    async fn click(&self, css: &str) {
+        self.client.find(Locator::Css(css)).await.expect(css).click().await.expect("click");
+    }
+
+    /// Keeps `token` in the `fleetq_token` cookie, as the page's token dialog does.
+    async fn token(&self, token: &str) {
+        let script = format!("document.cookie = 'fleetq_token={token}; path=/; SameSite=Strict';");
+        self.client.execute(&script, vec![]).await.expect("cookie set");
+    }
+
+    async fn picture(&self) -> Value {
+        self.client.execute(PICTURE, vec![]).await.expect("picture")
+    }
+
+    async fn close(self) {
+        self.client.close().await.ok();
+    }
+}
+
+/// What the monitor shows, as data: machines, workers with their badges, the tabs' counts and the
+/// rows of the open tab.
+const PICTURE: &str = r##"
+const q = (s, root = document) => [...root.querySelectorAll(s)];
+return {
+  machines: q("[data-machine-id]").map((m) => [m.dataset.machineId, m.dataset.phase]),
+  workers: q("[data-worker-id]").map((w) => [w.dataset.workerId, w.dataset.status,
+    q(".badge", w).map((b) => `${b.dataset.service}:${b.dataset.status}:${b.dataset.stale}`)]),
+  counts: q(".tabs .count").map((c) => c.textContent),
+  rows: q("#jobs tr[data-job-id]").map((r) => `${r.dataset.jobId}:${r.dataset.status}`).sort(),
+};"##;
+
+/// Starts `fleetq worker` (simulation, 100 ms steps) on Redis `queue`, health checks every 120 s so
+/// any change the page shows came from the worker's own reports, not the timer.
+fn worker(redis: &str, queue: &str, id: &str, machine: &str) -> Guard {
+    let child = fleetq()
+        .args(["worker", "--queue", queue, "--redis-url", redis])
+        .env("WORKER_ID", id)
+        .env("MACHINE_ID", machine)
+        .env("WORKER_CONNECTORS", "simulation")
+        .env("SIMULATION_STEP_MS", "100")
+        .env("WORKER_SERVICE_HEALTH_CHECK_INTERVAL", "120")
+        .env("WORKER_SHUTDOWN_GRACE_S", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start fleetq worker");
+    Guard(child)
+}
+
+async fn submit(http: &reqwest::Client, url: &str, body: Value) -> String {
+    let reply: Value = http
+        .post(format!("{url}/api/jobs"))
+        .json(&body)
+        .send()
+        .await
+        .expect("submit")
+        .json()
+        .await
+        .expect("JSON");
+    reply["id"].as_str().expect("id").to_owned()
+}
+
+/// Flow 1, flow 2 and a dropped stream, on Redis with a worker process:
+/// - the page is open before the machine starts; the machine, its worker and the worker's badge
+///   appear; a job runs and the badge goes `active` and back `idle` (the health timer is 120 s);
+/// - with a job in flight and others queued, a page opened now shows the same picture;
+/// - the API process restarts on the same port while jobs are submitted elsewhere: the page
+///   resumes its stream and shows each job once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monitor_follows_the_fleet_live() {
+    let redis = RedisServer::shared();
+    let queue = format!("pages-{}", std::process::id());
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let (api, url) = api_at(&redis.url, &queue, &listen, &[]);
+    let (_other, other_url) = api_at(&redis.url, &queue, "127.0.0.1:0", &[]);
+    let http = reqwest::Client::new();
+    let page = Browser::start().await;
+    page.goto(&format!("{url}/")).await;
+
+    // Flow 1: the machine starts under the open page.
+    let _w = worker(&redis.url, &queue, "box1-gpu0", "box1");
+    page.until(
+        "the worker with an idle badge",
+        r#"return !!document.querySelector('[data-machine-id="box1"] [data-worker-id="box1-gpu0"] .badge[data-service="simulation"][data-status="idle"]');"#,
+    )
+    .await;
+    page.client
+        .execute(
+            r#"window.seen = [];
+            new MutationObserver(() => {
+              const b = document.querySelector('[data-worker-id="box1-gpu0"] .badge[data-service="simulation"]');
+              const w = document.querySelector('[data-worker-id="box1-gpu0"]');
+              const now = `${w && w.dataset.status}/${b && b.dataset.status}`;
+              if (window.seen[window.seen.length - 1] !== now) window.seen.push(now);
+            }).observe(document.getElementById("machines"), {subtree: true, childList: true, attributes: true});"#,
+            vec![],
+        )
+        .await
+        .expect("observer");
+    let id = submit(&http, &url, json!({"service": "simulation", "payload": {"steps": 10}})).await;
+    page.until(
+        "the job running on the worker",
+        &format!(r#"return !!document.querySelector('[data-worker-id="box1-gpu0"] [data-open="{id}"]');"#),
+    )
+    .await;
+    let seen = page
+        .until(
+            "the badge back to idle after the job",
+            r#"const s = window.seen; return s.length > 1 && s[s.length - 1] === "idle/idle" && s;"#,
+        )
+        .await;
+    let seen: Vec<String> = serde_json::from_value(seen).expect("strings");
+    let busy =
+        seen.iter().position(|s| s == "busy/active").unwrap_or_else(|| panic!("never busy/active: {seen:?}"));
+    assert!(seen[busy..].iter().any(|s| s == "idle/idle"), "{seen:?}");
+    page.click(r#".tabs button[data-tab="finished"]"#).await;
+    page.until(
+        "the job completed",
+        &format!(
+            r#"return !!document.querySelector('#jobs tr[data-job-id="{id}"][data-status="completed"]');"#
+        ),
+    )
+    .await;
+
+    // Flow 2: a job in flight (it hangs at its first step) and three queued behind it.
+    let running = submit(&http, &url, json!({"service": "simulation", "payload": {"hang_at_step": 1}})).await;
+    let mut queued = Vec::new();
+    for i in 0..3 {
+        queued.push(submit(&http, &url, json!({"service": "simulation", "payload": {"n": i}})).await);
+    }
+    page.click(r#".tabs button[data-tab="pending"]"#).await;
+    page.until(
+        "three pending",
+        r#"return document.querySelectorAll('#jobs tr[data-status="pending"]').length === 3;"#,
+    )
+    .await;
+    let before = page.picture().await;
+    // For people to look at (the README's picture comes from here).
+    page.until(
+        "the services card",
+        r#"return !!document.querySelector('#services tr[data-service="simulation"]');"#,
+    )
+    .await;
+    std::fs::create_dir_all("../../target").ok();
+    if let Ok(png) = page.client.screenshot().await {
+        std::fs::write("../../target/monitor.png", png).ok();
+    }
+    let fresh = Browser::start().await;
+    fresh.goto(&format!("{url}/")).await;
+    let after = fresh
+        .until(
+            "the same pending rows",
+            &format!("const p = (() => {{{PICTURE}}})(); return p.rows.length === 3 && p;"),
+        )
+        .await;
+    assert_eq!(before, after, "a page opened mid-run shows what the open page shows");
+    fresh.close().await;
+
+    // The stream dropped and resumed: the API restarts on its port; jobs arrive meanwhile through
+    // another API process.
+    drop(api);
+    page.until("the stream lost", r#"return document.getElementById("conn").dataset.state !== "live";"#)
+        .await;
+    for i in 0..4 {
+        queued
+            .push(submit(&http, &other_url, json!({"service": "simulation", "payload": {"late": i}})).await);
+    }
+    let (_api, _) = api_at(&redis.url, &queue, &listen, &[]);
+    page.until("the stream back", r#"return document.getElementById("conn").dataset.state === "live";"#)
+        .await;
+    let rows = page.until("seven pending, each once", r#"const r = [...document.querySelectorAll('#jobs tr[data-status="pending"]')].map((r) => r.dataset.jobId);
+        return r.length === 7 && r;"#).await;
+    let mut rows: Vec<String> = serde_json::from_value(rows).expect("ids");
+    rows.sort();
+    queued.sort();
+    assert_eq!(rows, queued, "every queued job once, none lost across the restart");
+    let cancelled = http.post(format!("{other_url}/api/jobs/{running}/cancel")).send().await.expect("cancel");
+    assert!(cancelled.status().is_success());
+    page.close().await;
+}
+
+/// With auth on, a read-only token sees no action and the API refuses one; an admin token submits
+/// from the client page, watches a job to completion and cancels a running one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_decide_the_actions_and_the_client_page_submits_and_cancels() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut child = fleetq()
+        .args(["up", "--listen", "127.0.0.1:0", "--workers", "1", "--step-ms", "100", "--data-dir"])
+        .arg(data.path())
+        .args(["--token", "read:viewer:look-only", "--token", "admin:boss:all-powers"])
+        .env_remove("FLEETQ_TOKENS")
+        .env_remove("HUB_REDIS_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("fleetq up");
+    let rx = common::lines(&mut child);
+    let _up = Guard(child);
+    let url = common::url_in(&rx.recv_timeout(Duration::from_secs(60)).expect("banner"));
+    let http = reqwest::Client::new();
+    let admin = |r: reqwest::RequestBuilder| r.bearer_auth("all-powers");
+    let job: Value = admin(http.post(format!("{url}/api/jobs")))
+        .json(&json!({"service": "simulation", "payload": {"hang_at_step": 1}}))
+        .send()
+        .await
+        .expect("submit")
+        .json()
+        .await
+        .expect("JSON");
+    let id = job["id"].as_str().expect("id").to_owned();
+
+    let page = Browser::start().await;
+    page.client.goto(&format!("{url}/client")).await.expect("page");
+    page.token("look-only").await;
+    page.goto(&format!("{url}/?job={id}")).await;
+    page.until("the job detail", r#"return document.getElementById("job-dialog").open && !!document.querySelector('#job-body [data-action="cancel"]');"#).await;
+    let visible = page
+        .client
+        .execute(r#"return [...document.querySelectorAll("[data-admin]")].filter((b) => b.offsetParent !== null).length;"#, vec![])
+        .await
+        .expect("script");
+    assert_eq!(visible, json!(0), "a read-only token sees no action");
+    let refused =
+        http.post(format!("{url}/api/jobs/{id}/cancel")).bearer_auth("look-only").send().await.expect("post");
+    assert_eq!(refused.status(), reqwest::StatusCode::FORBIDDEN);
+
+    page.token("all-powers").await;
+    page.goto(&format!("{url}/?job={id}")).await;
+    page.until("the cancel button", r#"const b = document.querySelector('#job-body [data-action="cancel"]'); return b && b.offsetParent !== null;"#).await;
+    page.click(r#"#job-body [data-action="cancel"]"#).await;
+    page.until(
+        "the job cancelled",
+        r#"return /cancel sent/.test(document.getElementById("action-result").textContent);"#,
+    )
+    .await;
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let rec: Value = admin(http.get(format!("{url}/api/jobs/{id}")))
+            .send()
+            .await
+            .expect("get")
+            .json()
+            .await
+            .expect("JSON");
+        if rec["status"] == "cancelled" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < give_up, "the cancel from the page never took: {rec}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The client page: one job to completion, one cancelled while it runs.
+    page.goto(&format!("{url}/client")).await;
+    let payload = page.client.find(Locator::Css("textarea[name=payload]")).await.expect("payload");
+    payload.clear().await.expect("clear");
+    payload.send_keys(r#"{"steps": 3}"#).await.expect("type");
+    page.click("#submit button[type=submit]").await;
+    page.until(
+        "the job completed",
+        r#"return !!document.querySelector('#mine tr[data-status="completed"]');"#,
+    )
+    .await;
+    payload.clear().await.expect("clear");
+    payload.send_keys(r#"{"steps": 1000}"#).await.expect("type");
+    page.click("#submit button[type=submit]").await;
+    page.until(
+        "the job running",
+        r#"return !!document.querySelector('#mine tr[data-status="in_progress"] [data-cancel]');"#,
+    )
+    .await;
+    page.click(r#"#mine tr[data-status="in_progress"] [data-cancel]"#).await;
+    page.until(
+        "the job cancelled",
+        r#"return !!document.querySelector('#mine tr[data-status="cancelled"]');"#,
+    )
+    .await;
+    // A field the API refuses is named on the page.
+    payload.clear().await.expect("clear");
+    payload.send_keys("{}").await.expect("type");
+    page.client
+        .execute(r#"document.querySelector("input[name=priority]").value = "1e12";"#, vec![])
+        .await
+        .expect("script");
+    page.click("#submit button[type=submit]").await;
+    let error =
+        page.until("the refusal", r#"return document.getElementById("submit-error").textContent;"#).await;
+    assert!(error.as_str().is_some_and(|e| e.starts_with("priority")), "{error}");
+    page.close().await;
+}
+
+/// Every `/api/…` path the pages call is in the OpenAPI document, and every event kind the
+/// monitor folds is one the broker emits.
+#[test]
+fn the_pages_speak_the_documented_api() {
+    let out = fleetq().arg("openapi").output().expect("fleetq openapi");
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("OpenAPI JSON");
+    let documented: Vec<String> = doc["paths"].as_object().expect("paths").keys().cloned().collect();
+    let pattern = |p: &str| -> Vec<String> {
+        p.split('/').map(|s| if s.starts_with('{') { "*".into() } else { s.into() }).collect()
+    };
+    let documented: Vec<Vec<String>> = documented.iter().map(|p| pattern(p)).collect();
+    let mut called = Vec::new();
+    for file in ["api.js", "monitor.js", "client.js"] {
+        let text = std::fs::read_to_string(format!("../../web/js/{file}")).expect("page script");
+        for (i, _) in text.match_indices("/api/") {
+            let path: String =
+                text[i..].chars().take_while(|c| !matches!(c, '"' | '`' | '?' | '\'' | ' ')).collect();
+            // `${…}` is a parameter; a trailing one (`/${action}`) names a documented action.
+            let path = path
+                .replace("${encodeURIComponent(id)}", "{id}")
+                .replace("${encodeURIComponent(j.id)}", "{id}")
+                .replace("${encodeURIComponent(jobId)}", "{id}")
+                .replace("${encodeURIComponent(name)}", "{name}");
+            called.push(path);
+        }
+    }
+    assert!(called.len() >= 8, "{called:?}");
+    for path in &called {
+        let candidates: Vec<String> = if path.contains("${action}") || path.contains("${verb}") {
+            ["cancel", "retry"].iter().map(|a| path.replace("${action}", a).replace("${verb}", a)).collect()
+        } else {
+            vec![path.clone()]
+        };
+        for c in candidates {
+            let want = pattern(&c);
+            assert!(
+                documented.iter().any(|d| d.len() == want.len()
+                    && d.iter()
+                        .zip(&want)
+                        .all(|(a, b)| a == "*" || b == "*" || a == b || b.starts_with('{'))),
+                "the pages call {c}, which /openapi.json does not document"
+            );
+        }
+    }
+    let text = std::fs::read_to_string("../../web/js/api.js").expect("api.js");
+    let start = text.find("EVENT_KINDS = [").expect("EVENT_KINDS");
+    let list = &text[start..text[start..].find("];").map_or(text.len(), |e| start + e)];
+    let folded: Vec<&str> = list.split('"').skip(1).step_by(2).collect();
+    let emitted: Vec<String> = doc["components"]["schemas"]["EventKind"]["oneOf"]
+        .as_array()
+        .expect("EventKind is a oneOf")
+        .iter()
+        .filter_map(|k| k["properties"]["type"]["enum"][0].as_str().map(str::to_owned))
+        .collect();
+    assert!(emitted.len() >= 10, "event kinds in the document: {emitted:?}");
+    let mut a: Vec<&str> = folded.clone();
+    let mut b: Vec<&str> = emitted.iter().map(String::as_str).collect();
+    a.sort_unstable();
+    b.sort_unstable();
+    assert_eq!(a, b, "the kinds the monitor folds are the kinds the broker emits");
+}

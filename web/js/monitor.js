@@ -1,0 +1,418 @@
+// The monitor page: machines → workers → connector badges, the fleet services card and the jobs,
+// live from the snapshot plus the sequenced event stream. Events only change the state and mark
+// what they touched; the page is redrawn at most once per animation frame, only the parts marked.
+
+import {
+  Live, TERMINAL, api, askToken, duration, esc, imagesOf, isUtc, preview, serverNow, setUtc, time, whoami,
+} from "./api.js";
+
+/** A connector report older than this is shown stale (the API's default `--stale-after-s`). */
+const STALE_MS = 15_000;
+/** Rows drawn per job list; the rest is counted. */
+const MAX_ROWS = 300;
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  tab: "pending",
+  filters: {},
+  finished: [],
+  finishedNext: null,
+  newFinished: 0,
+  gone: new Map(), // worker id → { worker, reason, at }: shown offline until the page reloads
+  done: new Map(), // worker id → jobs completed since the page opened
+  services: null,
+};
+const dirty = new Set();
+let frame = 0;
+
+function mark(...parts) {
+  for (const p of parts) dirty.add(p);
+  if (!frame) frame = requestAnimationFrame(draw);
+}
+
+const live = new Live({
+  onState: (s) => {
+    const pill = $("conn");
+    pill.dataset.state = s;
+    pill.textContent = s;
+  },
+  onChange: (kind) => {
+    if (kind === "snapshot") mark("machines", "jobs", "seq");
+    else if (kind.startsWith("job_") || kind === "partition_workability") mark("jobs", "machines", "seq");
+    else mark("machines", "seq");
+    if (kind === "connector_status" || kind === "worker_registered" || kind === "worker_removed") refreshServicesSoon();
+  },
+  onEvent: (e) => {
+    if (e.type === "worker_removed") {
+      const w = live.snapshot.workersGone?.[e.worker_id];
+      state.gone.set(e.worker_id, { worker: w, reason: e.reason, at: e.at });
+    } else if (e.type === "worker_registered") {
+      state.gone.delete(e.worker.worker_id);
+    }
+    if (e.type === "job_completed" && e.job.worker_id) {
+      state.done.set(e.job.worker_id, (state.done.get(e.job.worker_id) || 0) + 1);
+    }
+    if (e.job && TERMINAL.has(e.job.status) && matchesFilters(e.job)) {
+      state.newFinished += 1;
+      mark("jobs");
+    }
+  },
+});
+
+// Keep a removed worker's last picture for its offline card (the fold deletes it).
+const fold = live.fold.bind(live);
+live.fold = (message) => {
+  const s = live.snapshot;
+  if (s) {
+    try {
+      const e = JSON.parse(message.data);
+      if (e.type === "worker_removed" && s.workers[e.worker_id]) {
+        s.workersGone = { ...(s.workersGone || {}), [e.worker_id]: s.workers[e.worker_id] };
+      }
+    } catch { /* fold ignores it too */ }
+  }
+  fold(message);
+};
+
+// ----- filters (kept in the URL so a view can be shared) ---------------------------------------
+
+function readFilters() {
+  const q = new URLSearchParams(location.search);
+  state.filters = {};
+  for (const k of ["service", "status", "worker", "workflow", "customer"]) {
+    const v = q.get(k);
+    if (v) state.filters[k] = v;
+  }
+  state.tab = ["pending", "active", "finished"].includes(q.get("tab")) ? q.get("tab") : state.tab;
+  const form = $("filters");
+  for (const k of ["service", "status", "worker", "workflow", "customer"]) form.elements[k].value = state.filters[k] || "";
+}
+
+function writeUrl() {
+  const q = new URLSearchParams(state.filters);
+  if (state.tab !== "pending") q.set("tab", state.tab);
+  const job = new URLSearchParams(location.search).get("job");
+  if (job) q.set("job", job);
+  history.replaceState(null, "", `${location.pathname}${q.toString() ? `?${q}` : ""}`);
+}
+
+function matchesFilters(j) {
+  const f = state.filters;
+  return (!f.service || j.service === f.service) && (!f.status || j.status === f.status) &&
+    (!f.worker || j.worker_id === f.worker) && (!f.workflow || j.workflow_id === f.workflow) &&
+    (!f.customer || j.customer_id === f.customer);
+}
+
+// ----- drawing ---------------------------------------------------------------------------------
+
+function draw() {
+  frame = 0;
+  const parts = new Set(dirty);
+  dirty.clear();
+  if (!live.snapshot) return;
+  if (parts.has("seq")) $("seq").textContent = `seq ${live.snapshot.seq}`;
+  if (parts.has("machines")) drawMachines();
+  if (parts.has("jobs")) drawJobs();
+  if (parts.has("services")) drawServices();
+}
+
+function badge(service, report) {
+  const stale = serverNow() - report.at > STALE_MS;
+  const title = [`${service}: ${report.status}`, report.message, `last report ${time(report.at)}`]
+    .filter(Boolean).join("\n");
+  return `<span class="badge" tabindex="0" role="img" data-service="${esc(service)}" data-status="${esc(report.status)}"` +
+    ` data-stale="${stale}" title="${esc(title)}" aria-label="${esc(title)}">${esc(service)} ${stale ? "" : esc(report.status)}</span>`;
+}
+
+function running(workerId) {
+  return Object.values(live.snapshot.jobs).filter((j) => j.worker_id === workerId && j.status !== "pending");
+}
+
+function drawWorker(w, offline) {
+  const jobs = offline ? [] : running(w.worker_id);
+  const status = offline ? "offline" : jobs.length ? "busy" : "idle";
+  const badges = Object.entries(w.connectors || {}).map(([s, r]) => badge(s, r)).join(" ");
+  const current = jobs.map((j) => `
+    <div class="row clickable" data-open="${esc(j.id)}">
+      <span class="mono">${esc(j.id.slice(0, 8))}</span>
+      <div class="bar" role="progressbar" aria-valuenow="${Math.round(j.progress)}" aria-valuemin="0" aria-valuemax="100"><span style="width:${j.progress}%"></span></div>
+      <span>${j.progress.toFixed(0)}%</span><span class="muted">${esc(j.message || "")}</span>
+    </div>`).join("");
+  const gone = offline ? `<span class="muted">${esc(offline.reason)} at ${esc(time(offline.at))}</span>` : "";
+  return `<div class="worker" data-worker-id="${esc(w.worker_id)}" data-status="${status}">
+    <div class="head"><strong>${esc(w.worker_id)}</strong>
+      <span class="status" data-status="${status}">${status}</span> ${badges}
+      <span class="muted">up ${duration(serverNow() - w.registered_at)} · ${state.done.get(w.worker_id) || 0} done</span> ${gone}</div>
+    ${current}</div>`;
+}
+
+function drawMachines() {
+  const s = live.snapshot;
+  const byMachine = new Map();
+  const add = (id) => { if (!byMachine.has(id)) byMachine.set(id, { workers: [], gone: [] }); return byMachine.get(id); };
+  for (const id of Object.keys(s.machines)) add(id);
+  for (const w of Object.values(s.workers)) add(w.machine_id).workers.push(w);
+  for (const [id, g] of state.gone) if (g.worker) add(g.worker.machine_id).gone.push([g.worker, { ...g, id }]);
+  const cards = [...byMachine.entries()].sort(([a], [b]) => a.localeCompare(b)).map(([id, m]) => {
+    const ms = s.machines[id];
+    const phase = ms ? ms.phase : m.workers.length ? "ready" : "offline";
+    const steps = ms && ms.steps && ms.steps.length
+      ? `<ol class="steps">${ms.steps.map((st) => `<li>${esc(st)}</li>`).join("")}</ol>` : "";
+    const workers = m.workers.sort((a, b) => a.worker_id.localeCompare(b.worker_id)).map((w) => drawWorker(w, null)).join("") +
+      m.gone.map(([w, g]) => drawWorker(w, g)).join("");
+    return `<article class="machine" data-machine-id="${esc(id)}" data-phase="${esc(phase)}">
+      <h3>${esc(id)} <span class="status" data-status="${esc(phase)}">${esc(phase)}</span></h3>
+      ${ms && ms.message ? `<p class="muted">${esc(ms.message)}</p>` : ""}${steps}${workers}</article>`;
+  });
+  $("machines").innerHTML = cards.join("") || `<p class="muted">No machine has registered.</p>`;
+  $("machines-count").textContent = `${byMachine.size} machines · ${Object.keys(s.workers).length} workers`;
+}
+
+function jobRow(j) {
+  const now = serverNow();
+  const prio = j.workflow_priority ?? j.priority;
+  const unworkable = j.status === "pending" && j.unworkable;
+  const cells = {
+    pending: () => `<td>${esc(j.service)}</td><td class="num">${prio}</td>
+      <td><span class="status" data-status="pending" data-unworkable="${unworkable}">${unworkable ? "unworkable" : j.run_at ? `retry at ${esc(time(j.run_at))}` : "pending"}</span></td>
+      <td>${esc(j.attempt)}/${esc(j.max_attempts)}</td><td>${esc(time(j.created_at))}</td><td>${duration(now - j.created_at)}</td>`,
+    active: () => `<td>${esc(j.service)}</td><td>${esc(j.worker_id || "")}</td>
+      <td><div class="bar" role="progressbar" aria-valuenow="${Math.round(j.progress)}" aria-valuemin="0" aria-valuemax="100"><span style="width:${j.progress}%"></span></div></td>
+      <td class="num">${j.progress.toFixed(0)}%</td><td class="muted">${esc(j.message || "")}</td><td>${duration(now - (j.started_at || j.updated_at))}</td>`,
+    finished: () => `<td>${esc(j.service)}</td><td><span class="status" data-status="${esc(j.status)}">${esc(j.status)}</span></td>
+      <td>${esc(j.error ? j.error.category : "")}</td><td>${esc(j.worker_id || "")}</td>
+      <td>${duration((j.finished_at || 0) - (j.started_at || j.created_at))}</td><td>${esc(time(j.finished_at))}</td>`,
+  };
+  return `<tr class="clickable" tabindex="0" data-job-id="${esc(j.id)}" data-status="${esc(j.status)}" data-open="${esc(j.id)}">
+    <td class="mono">${esc(j.id)}</td>${cells[state.tab]()}</tr>`;
+}
+
+const HEADS = {
+  pending: ["id", "service", "priority", "state", "attempt", "submitted", "waiting"],
+  active: ["id", "service", "worker", "progress", "", "step", "elapsed"],
+  finished: ["id", "service", "status", "category", "worker", "ran", "finished"],
+};
+
+function drawJobs() {
+  const jobs = Object.values(live.snapshot.jobs).filter(matchesFilters);
+  const pending = jobs.filter((j) => j.status === "pending").sort((a, b) =>
+    (b.workflow_priority ?? b.priority) - (a.workflow_priority ?? a.priority) ||
+    (a.workflow_datetime ?? a.created_at) - (b.workflow_datetime ?? b.created_at));
+  const active = jobs.filter((j) => j.status === "assigned" || j.status === "in_progress")
+    .sort((a, b) => (a.started_at || 0) - (b.started_at || 0));
+  const counts = { pending: pending.length, active: active.length, finished: state.finished.length };
+  for (const b of document.querySelectorAll(".tabs button")) {
+    b.setAttribute("aria-selected", String(b.dataset.tab === state.tab));
+    b.querySelector(".count").textContent = b.dataset.tab === "finished" ? "" : `(${counts[b.dataset.tab]})`;
+  }
+  const list = state.tab === "pending" ? pending : state.tab === "active" ? active : state.finished;
+  const head = `<tr>${HEADS[state.tab].map((h) => `<th scope="col">${h}</th>`).join("")}</tr>`;
+  const rows = list.slice(0, MAX_ROWS).map(jobRow).join("");
+  let foot = list.length > MAX_ROWS ? `<p class="muted">and ${list.length - MAX_ROWS} more</p>` : "";
+  let banner = "";
+  if (state.tab === "finished") {
+    if (state.newFinished) banner = `<button type="button" class="banner" id="show-new">${state.newFinished} new — show</button>`;
+    if (state.finishedNext) foot += `<button type="button" id="more">Load more</button>`;
+  }
+  $("jobs").innerHTML = `${banner}<table><thead>${head}</thead><tbody>${rows}</tbody></table>${foot}` +
+    (list.length ? "" : `<p class="muted">No ${state.tab} jobs${Object.keys(state.filters).length ? " match the filter" : ""}.</p>`);
+  drawBulk(list);
+}
+
+function drawBulk(list) {
+  const actionable = state.tab === "finished" ? list.filter((j) => j.status !== "completed") : list;
+  const verb = state.tab === "finished" ? "Retry" : "Cancel";
+  $("bulk").innerHTML = actionable.length
+    ? `<button type="button" class="${verb === "Cancel" ? "danger" : ""}" id="bulk-action" data-admin>${verb} all ${actionable.length} shown…</button>` : "";
+}
+
+function drawServices() {
+  const svc = state.services;
+  if (!svc) return;
+  const rows = Object.entries(svc.services).map(([name, s]) => `<tr data-service="${esc(name)}">
+    <td>${esc(name)}</td><td class="num">${s.total}</td>
+    <td>${["starting", "idle", "active", "error", "offline"].filter((k) => s[k]).map((k) => `<span class="badge" data-status="${k}">${s[k]} ${k}</span>`).join(" ")}
+      ${s.stale ? `<span class="badge" data-stale="true">${s.stale} </span>` : ""}</td>
+    <td class="num">${s.queue.pending}</td><td class="num">${s.queue.running}</td><td class="num">${s.queue.delayed}</td>
+    <td class="num">${s.durations ? duration(s.durations.p50_ms) : ""}</td><td class="num">${s.durations ? duration(s.durations.p90_ms) : ""}</td></tr>`);
+  $("services").innerHTML = rows.length
+    ? `<table><thead><tr><th>service</th><th class="num">connectors</th><th>by status</th><th class="num">pending</th>
+       <th class="num">running</th><th class="num">delayed</th><th class="num">p50</th><th class="num">p90</th></tr></thead><tbody>${rows.join("")}</tbody></table>`
+    : `<p class="muted">No service is configured or queued yet.</p>`;
+}
+
+// ----- data that is fetched, not folded ------------------------------------------------------
+
+let servicesTimer = 0;
+function refreshServicesSoon() {
+  if (servicesTimer) return;
+  servicesTimer = setTimeout(refreshServices, 250);
+}
+async function refreshServices() {
+  servicesTimer = 0;
+  try {
+    state.services = await api("/api/services");
+    mark("services");
+  } catch { /* shown by the connection pill */ }
+}
+
+async function loadFinished(more) {
+  const q = new URLSearchParams();
+  for (const k of ["service", "worker", "workflow", "customer"]) if (state.filters[k]) q.set(k, state.filters[k]);
+  const statuses = state.filters.status && TERMINAL.has(state.filters.status) ? [state.filters.status] : ["completed", "failed", "cancelled"];
+  q.set("limit", "50");
+  if (statuses.length === 1) q.set("status", statuses[0]);
+  if (more && state.finishedNext) q.set("cursor", state.finishedNext);
+  try {
+    const page = await api(`/api/jobs?${q}`);
+    const got = page.jobs.filter((j) => TERMINAL.has(j.status));
+    state.finished = more ? state.finished.concat(got) : got;
+    state.finishedNext = page.next || null;
+    if (!more) state.newFinished = 0;
+    mark("jobs");
+  } catch { /* shown by the connection pill */ }
+}
+
+// ----- the job detail -------------------------------------------------------------------------
+
+async function openJob(id) {
+  const dialog = $("job-dialog");
+  $("job-title").textContent = `Job ${id}`;
+  $("job-body").innerHTML = `<p class="muted">Loading…</p>`;
+  if (!dialog.open) dialog.showModal();
+  const q = new URLSearchParams(location.search);
+  q.set("job", id);
+  history.replaceState(null, "", `${location.pathname}?${q}`);
+  let job;
+  try {
+    job = await api(`/api/jobs/${encodeURIComponent(id)}`);
+  } catch (e) {
+    $("job-body").innerHTML = `<p class="error">${esc(e.message)}</p>`;
+    return;
+  }
+  let why = "";
+  if (!TERMINAL.has(job.status)) {
+    try {
+      const m = await api(`/api/jobs/${encodeURIComponent(id)}/matching-workers`);
+      const counts = {};
+      for (const w of m.workers) counts[w.verdict] = (counts[w.verdict] || 0) + 1;
+      const reasons = {};
+      for (const w of m.workers) for (const r of w.reasons) reasons[r] = (reasons[r] || 0) + 1;
+      const summary = `${m.workers.length} workers: ` +
+        ["matches", "busy", "incompatible"].map((v) => `${counts[v] || 0} ${v}`).join(", ") +
+        (Object.keys(reasons).length ? "; " + Object.entries(reasons).map(([r, n]) => `${n} ${r}`).join("; ") : "");
+      why = `<h3>Why it is${job.status === "pending" ? " not yet" : ""} running</h3><p id="why-summary">${esc(summary)}</p>
+        <table><thead><tr><th>worker</th><th>verdict</th><th>reasons</th></tr></thead><tbody>${m.workers.map((w) =>
+          `<tr><td>${esc(w.worker_id)}</td><td>${esc(w.verdict)}</td><td>${esc(w.reasons.join("; "))}</td></tr>`).join("")}</tbody></table>`;
+    } catch { /* the rest of the detail still shows */ }
+  }
+  const outcome = job.outcome || null;
+  const images = outcome && outcome.kind === "result" ? imagesOf(id, outcome.value) : [];
+  const cancellable = !TERMINAL.has(job.status);
+  const retryable = job.status === "failed" || job.status === "cancelled";
+  $("job-body").innerHTML = `
+    <p><span class="status" data-status="${esc(job.status)}" data-unworkable="${job.unworkable}">${esc(job.status)}${job.unworkable ? " · unworkable" : ""}</span>
+      attempt ${esc(job.attempt)}/${esc(job.max_attempts)} · ${esc(job.service)} · priority ${esc(job.workflow_priority ?? job.priority)}
+      ${job.queue_position ? ` · position ${esc(job.queue_position)}` : ""}${job.eta_ms != null ? ` · ETA ${duration(job.eta_ms)}` : ""}
+      ${job.cancel_requested ? " · cancel requested" : ""}</p>
+    <p class="muted">submitted ${esc(time(job.created_at))}${job.started_at ? ` · started ${esc(time(job.started_at))}` : ""}
+      ${job.finished_at ? ` · finished ${esc(time(job.finished_at))}` : ""}${job.worker_id ? ` · worker ${esc(job.worker_id)}` : ""}
+      ${job.customer_id ? ` · customer ${esc(job.customer_id)}` : ""}${job.workflow_id ? ` · workflow ${esc(job.workflow_id)} step ${esc(job.step_number ?? "")}` : ""}</p>
+    ${job.error ? `<p class="error">${esc(job.error.category)}: ${esc(job.error.message)}</p>` : ""}
+    <div class="row">
+      ${cancellable ? `<button type="button" class="danger" data-admin data-action="cancel" data-id="${esc(id)}">Cancel</button>` : ""}
+      ${retryable ? `<button type="button" data-admin data-action="retry" data-id="${esc(id)}">Retry</button>` : ""}
+      <span id="action-result" role="status"></span>
+    </div>
+    ${why}
+    ${images.length ? `<h3>Outputs</h3><div class="images">${images.map((src) => `<img src="${esc(src)}" alt="output image" loading="lazy">`).join("")}</div>` : ""}
+    <details><summary>Requirements</summary><pre>${esc(preview(job.spec.requirements ?? {}))}</pre></details>
+    <details><summary>Payload</summary><pre>${esc(preview(job.spec.payload))}</pre></details>
+    ${outcome ? `<details open><summary>Outcome</summary><pre>${esc(preview(outcome))}</pre></details>` : ""}`;
+}
+
+async function act(action, id) {
+  const out = $("action-result");
+  try {
+    await api(`/api/jobs/${encodeURIComponent(id)}/${action}`, { method: "POST" });
+    if (out) out.textContent = `${action} sent`;
+    setTimeout(() => openJob(id), 300);
+  } catch (e) {
+    if (out) out.textContent = e.status === 403 ? "this token may not do that" : e.message;
+  }
+}
+
+async function bulk() {
+  const list = state.tab === "finished" ? state.finished.filter((j) => j.status !== "completed")
+    : Object.values(live.snapshot.jobs).filter(matchesFilters)
+      .filter((j) => (state.tab === "pending" ? j.status === "pending" : j.status !== "pending"));
+  const verb = state.tab === "finished" ? "retry" : "cancel";
+  if (!list.length || !confirm(`${verb} ${list.length} jobs?`)) return;
+  let ok = 0;
+  for (const j of list) {
+    try { await api(`/api/jobs/${encodeURIComponent(j.id)}/${verb}`, { method: "POST" }); ok += 1; } catch { /* counted */ }
+  }
+  alert(`${verb}: ${ok} of ${list.length} done`);
+  if (state.tab === "finished") loadFinished(false);
+}
+
+// ----- wiring ----------------------------------------------------------------------------------
+
+function init() {
+  readFilters();
+  $("utc").checked = isUtc();
+  $("utc").addEventListener("change", (e) => { setUtc(e.target.checked); mark("machines", "jobs"); });
+  $("token-button").addEventListener("click", () => askToken("Kept in the fleetq_token cookie."));
+  $("filters").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const form = e.target;
+    state.filters = {};
+    for (const k of ["service", "status", "worker", "workflow", "customer"]) if (form.elements[k].value.trim()) state.filters[k] = form.elements[k].value.trim();
+    writeUrl();
+    if (state.tab === "finished") loadFinished(false);
+    mark("jobs");
+  });
+  $("find").addEventListener("click", () => {
+    const id = $("filters").elements.id.value.trim();
+    if (id) openJob(id);
+  });
+  for (const b of document.querySelectorAll(".tabs button")) {
+    b.addEventListener("click", () => {
+      state.tab = b.dataset.tab;
+      writeUrl();
+      if (state.tab === "finished") loadFinished(false);
+      mark("jobs");
+    });
+  }
+  document.body.addEventListener("click", (e) => {
+    const t = e.target.closest("[data-action], [data-open], #more, #show-new, #bulk-action");
+    if (!t) return;
+    if (t.id === "more") loadFinished(true);
+    else if (t.id === "show-new") loadFinished(false);
+    else if (t.id === "bulk-action") bulk();
+    else if (t.dataset.action) act(t.dataset.action, t.dataset.id);
+    else if (t.dataset.open) openJob(t.dataset.open);
+  });
+  document.body.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && e.target.dataset && e.target.dataset.open) openJob(e.target.dataset.open);
+  });
+  $("job-dialog").addEventListener("close", () => {
+    const q = new URLSearchParams(location.search);
+    q.delete("job");
+    history.replaceState(null, "", `${location.pathname}${q.toString() ? `?${q}` : ""}`);
+  });
+  // Ages and staleness move with time, not only with events.
+  // A part holding the keyboard focus waits for a real change, so the tick never steals it.
+  setInterval(() => {
+    for (const part of ["machines", "jobs"]) if (!$(part).contains(document.activeElement)) mark(part);
+  }, 1000);
+  setInterval(refreshServices, 5000);
+  refreshServices();
+  whoami();
+  live.start();
+  if (state.tab === "finished") loadFinished(false);
+  const job = new URLSearchParams(location.search).get("job");
+  if (job) openJob(job);
+}
+
+init();
