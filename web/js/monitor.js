@@ -24,6 +24,14 @@ const state = {
 };
 const dirty = new Set();
 let frame = 0;
+/**
+ * How the page keeps up, for `fleetq`'s own page benchmark and for anyone curious (console:
+ * `fleetqStats`): when the first full picture was drawn (ms after navigation), and for recent
+ * events the time from the broker's `at` to the frame that drew them (same-host clocks).
+ */
+const stats = { firstRenderMs: null, lagMs: [] };
+window.fleetqStats = stats;
+let drawnAts = [];
 
 function mark(...parts) {
   for (const p of parts) dirty.add(p);
@@ -43,6 +51,7 @@ const live = new Live({
     if (kind === "connector_status" || kind === "worker_registered" || kind === "worker_removed") refreshServicesSoon();
   },
   onEvent: (e) => {
+    if (typeof e.at === "number") drawnAts.push(e.at);
     if (e.type === "worker_removed") {
       const w = live.snapshot.workersGone?.[e.worker_id];
       state.gone.set(e.worker_id, { worker: w, reason: e.reason, at: e.at });
@@ -114,6 +123,11 @@ function draw() {
   if (parts.has("machines")) drawMachines();
   if (parts.has("jobs")) drawJobs();
   if (parts.has("services")) drawServices();
+  const now = Date.now();
+  for (const at of drawnAts) stats.lagMs.push(now - at);
+  drawnAts = [];
+  if (stats.lagMs.length > 20_000) stats.lagMs.splice(0, stats.lagMs.length - 10_000);
+  if (stats.firstRenderMs === null && parts.has("jobs")) stats.firstRenderMs = Math.round(performance.now());
 }
 
 function badge(service, report) {
@@ -158,11 +172,12 @@ function drawMachines() {
     const phase = ms ? ms.phase : m.workers.length ? "ready" : "offline";
     const steps = ms && ms.steps && ms.steps.length
       ? `<ol class="steps">${ms.steps.map((st) => `<li>${esc(st)}</li>`).join("")}</ol>` : "";
-    const workers = m.workers.sort((a, b) => a.worker_id.localeCompare(b.worker_id)).map((w) => drawWorker(w, null)).join("") +
-      m.gone.map(([w, g]) => drawWorker(w, g)).join("");
-    return `<article class="machine" data-machine-id="${esc(id)}" data-phase="${esc(phase)}">
+    const workers = m.workers.sort((a, b) => a.worker_id.localeCompare(b.worker_id, undefined, { numeric: true }))
+      .map((w) => drawWorker(w, null)).join("") + m.gone.map(([w, g]) => drawWorker(w, g)).join("");
+    const many = m.workers.length + m.gone.length > 4;
+    return `<article class="machine" data-machine-id="${esc(id)}" data-phase="${esc(phase)}" data-many="${many}">
       <h3>${esc(id)} <span class="status" data-status="${esc(phase)}">${esc(phase)}</span></h3>
-      ${ms && ms.message ? `<p class="muted">${esc(ms.message)}</p>` : ""}${steps}${workers}</article>`;
+      ${ms && ms.message ? `<p class="muted">${esc(ms.message)}</p>` : ""}${steps}<div class="workers">${workers}</div></article>`;
   });
   $("machines").innerHTML = cards.join("") || `<p class="muted">No machine has registered.</p>`;
   $("machines-count").textContent = `${byMachine.size} machines · ${Object.keys(s.workers).length} workers`;

@@ -53,7 +53,11 @@ impl Browser {
 
     /// Runs `script` (a function body) in the page until it returns something truthy.
     async fn until(&self, what: &str, script: &str) -> Value {
-        let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+        self.until_within(what, script, Duration::from_secs(30)).await
+    }
+
+    async fn until_within(&self, what: &str, script: &str, bound: Duration) -> Value {
+        let give_up = tokio::time::Instant::now() + bound;
         loop {
             let v = self.client.execute(script, vec![]).await.expect("script runs");
             if !(v.is_null() || v == json!(false) || v == json!(0) || v == json!("")) {
@@ -101,8 +105,9 @@ return {
   rows: q("#jobs tr[data-job-id]").map((r) => `${r.dataset.jobId}:${r.dataset.status}`).sort(),
 };"##;
 
-/// Starts `fleetq worker` (simulation, 100 ms steps) on Redis `queue`, health checks every 120 s so
-/// any change the page shows came from the worker's own reports, not the timer.
+/// Starts `fleetq worker` (simulation, 100 ms steps) on Redis `queue`, health reports every 4 s (so
+/// a live worker's badge is never stale, and a 1 s job's `active` and `idle` come from the
+/// worker's activity reports, not from the timer).
 fn worker(redis: &str, queue: &str, id: &str, machine: &str) -> Guard {
     let child = fleetq()
         .args(["worker", "--queue", queue, "--redis-url", redis])
@@ -110,7 +115,7 @@ fn worker(redis: &str, queue: &str, id: &str, machine: &str) -> Guard {
         .env("MACHINE_ID", machine)
         .env("WORKER_CONNECTORS", "simulation")
         .env("SIMULATION_STEP_MS", "100")
-        .env("WORKER_SERVICE_HEALTH_CHECK_INTERVAL", "120")
+        .env("WORKER_SERVICE_HEALTH_CHECK_INTERVAL", "4")
         .env("WORKER_SHUTDOWN_GRACE_S", "0")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -151,7 +156,7 @@ async fn the_monitor_follows_the_fleet_live() {
     page.goto(&format!("{url}/")).await;
 
     // Flow 1: the machine starts under the open page.
-    let _w = worker(&redis.url, &queue, "box1-gpu0", "box1");
+    let w = worker(&redis.url, &queue, "box1-gpu0", "box1");
     page.until(
         "the worker with an idle badge",
         r#"return !!document.querySelector('[data-machine-id="box1"] [data-worker-id="box1-gpu0"] .badge[data-service="simulation"][data-status="idle"]');"#,
@@ -249,6 +254,18 @@ async fn the_monitor_follows_the_fleet_live() {
     assert_eq!(rows, queued, "every queued job once, none lost across the restart");
     let cancelled = http.post(format!("{other_url}/api/jobs/{running}/cancel")).send().await.expect("cancel");
     assert!(cancelled.status().is_success());
+
+    // The worker killed (kill -9): its reports stop, and its badge turns stale (15 s without one).
+    let fresh =
+        r#"return !!document.querySelector('[data-worker-id="box1-gpu0"] .badge[data-stale="false"]');"#;
+    page.until("a live worker's badge fresh", fresh).await;
+    drop(w);
+    page.until_within(
+        "the badge stale",
+        r#"return !!document.querySelector('[data-worker-id="box1-gpu0"] .badge[data-service="simulation"][data-stale="true"]');"#,
+        Duration::from_secs(60),
+    )
+    .await;
     page.close().await;
 }
 
@@ -421,4 +438,52 @@ fn the_pages_speak_the_documented_api() {
     a.sort_unstable();
     b.sort_unstable();
     assert_eq!(a, b, "the kinds the monitor folds are the kinds the broker emits");
+}
+
+/// The monitor under load — a benchmark, not run by default (`cargo test -p fleetq --test pages --
+/// --ignored --nocapture`): `fleetq up` with 100 simulated workers and 10,000 unfinished jobs.
+/// Prints the time to the first full picture and, over 10 s of live events, the time from an
+/// event's `at` to the frame that drew it (the page's own `fleetqStats`), as one JSON line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run with --ignored --nocapture"]
+async fn monitor_under_load() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut child = fleetq()
+        .args(["up", "--listen", "127.0.0.1:0", "--workers", "100", "--step-ms", "1000", "--data-dir"])
+        .arg(data.path())
+        .env_remove("FLEETQ_TOKENS")
+        .env_remove("HUB_REDIS_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("fleetq up");
+    let rx = common::lines(&mut child);
+    let _up = Guard(child);
+    let url = common::url_in(&rx.recv_timeout(Duration::from_secs(60)).expect("banner"));
+    let http = reqwest::Client::new();
+    for _ in 0..10 {
+        let batch: Vec<Value> =
+            (0..1000).map(|_| json!({"service": "simulation", "payload": {"steps": 60}})).collect();
+        let s = http.post(format!("{url}/api/jobs")).json(&batch).send().await.expect("batch").status();
+        assert!(s.is_success(), "{s}");
+    }
+    let page = Browser::start().await;
+    page.goto(&format!("{url}/")).await;
+    let first = page.until("the first picture", "return window.fleetqStats.firstRenderMs;").await;
+    page.client.execute("window.fleetqStats.lagMs = [];", vec![]).await.expect("reset");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let shown = page.picture().await;
+    let lags = page.client.execute("return window.fleetqStats.lagMs;", vec![]).await.expect("lags");
+    let mut lags: Vec<f64> = serde_json::from_value(lags).expect("numbers");
+    lags.sort_by(f64::total_cmp);
+    let pct = |p: f64| lags.get(((p * lags.len() as f64).ceil() as usize).saturating_sub(1)).copied();
+    let workers = shown["workers"].as_array().map_or(0, Vec::len);
+    println!(
+        "{}",
+        json!({"bench": "monitor", "workers": workers, "tabs": shown["counts"], "first_render_ms": first,
+            "events": lags.len(), "event_to_dom_p50_ms": pct(0.5), "event_to_dom_p99_ms": pct(0.99)})
+    );
+    let png = page.client.screenshot().await.expect("screenshot");
+    std::fs::write("../../target/monitor-load.png", png).ok();
+    page.close().await;
 }
