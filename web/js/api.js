@@ -70,8 +70,20 @@ export async function whoami() {
 
 /** Shows the token dialog; the token is kept in the `fleetq_token` cookie the API accepts. */
 export function askToken(why) {
-  const dialog = document.getElementById("token-dialog");
-  if (!dialog || dialog.open) return;
+  let dialog = document.getElementById("token-dialog");
+  if (!dialog) {
+    dialog = document.createElement("dialog");
+    dialog.id = "token-dialog";
+    dialog.setAttribute("aria-labelledby", "token-h");
+    dialog.innerHTML = `<form>
+      <h2 id="token-h" style="font-size:1rem;margin-top:0">API token</h2>
+      <p class="why muted"></p>
+      <label>Token <input name="token" type="password" autocomplete="off" size="40"></label>
+      <button class="primary">Save</button>
+    </form>`;
+    document.body.append(dialog);
+  }
+  if (dialog.open) return;
   dialog.querySelector(".why").textContent = why || "";
   dialog.showModal();
   const form = dialog.querySelector("form");

@@ -109,11 +109,15 @@ return {
 /// a live worker's badge is never stale, and a 1 s job's `active` and `idle` come from the
 /// worker's activity reports, not from the timer).
 fn worker(redis: &str, queue: &str, id: &str, machine: &str) -> Guard {
+    worker_with(redis, queue, id, machine, &[("WORKER_CONNECTORS", "simulation")])
+}
+
+fn worker_with(redis: &str, queue: &str, id: &str, machine: &str, env: &[(&str, &str)]) -> Guard {
     let child = fleetq()
         .args(["worker", "--queue", queue, "--redis-url", redis])
         .env("WORKER_ID", id)
         .env("MACHINE_ID", machine)
-        .env("WORKER_CONNECTORS", "simulation")
+        .envs(env.iter().copied())
         .env("SIMULATION_STEP_MS", "100")
         .env("WORKER_SERVICE_HEALTH_CHECK_INTERVAL", "4")
         .env("WORKER_SHUTDOWN_GRACE_S", "0")
@@ -121,6 +125,36 @@ fn worker(redis: &str, queue: &str, id: &str, machine: &str) -> Guard {
         .stderr(Stdio::null())
         .spawn()
         .expect("start fleetq worker");
+    Guard(child)
+}
+
+/// Starts `fleetq up` on the embedded store in `data` with `extra` flags; returns it with its URL.
+fn up(data: &std::path::Path, extra: &[&str]) -> (Guard, String) {
+    let mut child = fleetq()
+        .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .args(extra)
+        .env_remove("FLEETQ_TOKENS")
+        .env_remove("HUB_REDIS_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("fleetq up");
+    let rx = common::lines(&mut child);
+    let up = Guard(child);
+    // A guard against a hang, not a timing assertion.
+    let url = common::url_in(&rx.recv_timeout(Duration::from_secs(60)).expect("fleetq up prints its URL"));
+    (up, url)
+}
+
+/// Starts `fleetq mock comfyui` on `port`.
+fn comfy_mock(port: u16) -> Guard {
+    let child = fleetq()
+        .args(["mock", "comfyui", "--port", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("fleetq mock comfyui");
     Guard(child)
 }
 
@@ -269,24 +303,46 @@ async fn the_monitor_follows_the_fleet_live() {
     page.close().await;
 }
 
+/// A ComfyUI that dies and comes back: its worker's badge turns `offline` and back `idle` on the
+/// page (from the connector's own signal: the worker's health timer is 4 s, the page follows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_going_offline_and_back_is_shown() {
+    let redis = RedisServer::shared();
+    let queue = format!("pages-comfy-{}", std::process::id());
+    let (_api, url) = api_at(&redis.url, &queue, "127.0.0.1:0", &[]);
+    let port = free_port();
+    let mock = comfy_mock(port);
+    let comfy = format!("http://127.0.0.1:{port}");
+    let _w = worker_with(
+        &redis.url,
+        &queue,
+        "box2-gpu0",
+        "box2",
+        &[("WORKER_CONNECTORS", "comfyui"), ("COMFYUI_URL", &comfy)],
+    );
+    let page = Browser::start().await;
+    page.goto(&format!("{url}/")).await;
+    let badge = |status: &str| {
+        format!(
+            r#"return !!document.querySelector('[data-worker-id="box2-gpu0"] .badge[data-service="comfyui"][data-status="{status}"]');"#
+        )
+    };
+    page.until("ComfyUI idle", &badge("idle")).await;
+    drop(mock);
+    page.until("ComfyUI offline", &badge("offline")).await;
+    let _mock = comfy_mock(port);
+    page.until("ComfyUI idle again", &badge("idle")).await;
+    page.close().await;
+}
+
 /// With auth on, a read-only token sees no action and the API refuses one; an admin token submits
 /// from the client page, watches a job to completion and cancels a running one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_decide_the_actions_and_the_client_page_submits_and_cancels() {
     let data = tempfile::tempdir().expect("tempdir");
-    let mut child = fleetq()
-        .args(["up", "--listen", "127.0.0.1:0", "--workers", "1", "--step-ms", "100", "--data-dir"])
-        .arg(data.path())
-        .args(["--token", "read:viewer:look-only", "--token", "admin:boss:all-powers"])
-        .env_remove("FLEETQ_TOKENS")
-        .env_remove("HUB_REDIS_URL")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("fleetq up");
-    let rx = common::lines(&mut child);
-    let _up = Guard(child);
-    let url = common::url_in(&rx.recv_timeout(Duration::from_secs(60)).expect("banner"));
+    let tokens = ["--token", "read:viewer:look-only", "--token", "admin:boss:all-powers"];
+    let (_up, url) =
+        up(data.path(), &["--workers", "1", "--step-ms", "100", tokens[0], tokens[1], tokens[2], tokens[3]]);
     let http = reqwest::Client::new();
     let admin = |r: reqwest::RequestBuilder| r.bearer_auth("all-powers");
     let job: Value = admin(http.post(format!("{url}/api/jobs")))
@@ -448,18 +504,7 @@ fn the_pages_speak_the_documented_api() {
 #[ignore = "a benchmark: run with --ignored --nocapture"]
 async fn monitor_under_load() {
     let data = tempfile::tempdir().expect("tempdir");
-    let mut child = fleetq()
-        .args(["up", "--listen", "127.0.0.1:0", "--workers", "100", "--step-ms", "1000", "--data-dir"])
-        .arg(data.path())
-        .env_remove("FLEETQ_TOKENS")
-        .env_remove("HUB_REDIS_URL")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("fleetq up");
-    let rx = common::lines(&mut child);
-    let _up = Guard(child);
-    let url = common::url_in(&rx.recv_timeout(Duration::from_secs(60)).expect("banner"));
+    let (_up, url) = up(data.path(), &["--workers", "100", "--step-ms", "1000"]);
     let http = reqwest::Client::new();
     for _ in 0..10 {
         let batch: Vec<Value> =
