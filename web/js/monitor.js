@@ -238,7 +238,8 @@ function drawBulk(list) {
   const actionable = state.tab === "finished" ? list.filter((j) => j.status !== "completed") : list;
   const verb = state.tab === "finished" ? "Retry" : "Cancel";
   $("bulk").innerHTML = actionable.length
-    ? `<button type="button" class="${verb === "Cancel" ? "danger" : ""}" id="bulk-action" data-admin>${verb} all ${actionable.length} shown…</button>` : "";
+    ? `<button type="button" class="${verb === "Cancel" ? "danger" : ""}" id="bulk-action" data-admin>${verb} every ${state.tab} job matching the filter…</button>`
+    : "";
 }
 
 function drawServices() {
@@ -357,18 +358,55 @@ async function act(action, id) {
   }
 }
 
-async function bulk() {
-  const list = state.tab === "finished" ? state.finished.filter((j) => j.status !== "completed")
-    : Object.values(live.snapshot.jobs).filter(matchesFilters)
-      .filter((j) => (state.tab === "pending" ? j.status === "pending" : j.status !== "pending"));
-  const verb = state.tab === "finished" ? "retry" : "cancel";
-  if (!list.length || !confirm(`${verb} ${list.length} jobs?`)) return;
-  let ok = 0;
-  for (const j of list) {
-    try { await api(`/api/jobs/${encodeURIComponent(j.id)}/${verb}`, { method: "POST" }); ok += 1; } catch { /* counted */ }
+/** The statuses a tab's bulk action applies to, narrowed by the status filter. */
+function bulkStatuses() {
+  const of = { pending: ["pending"], active: ["assigned", "in_progress"], finished: ["failed", "cancelled"] }[state.tab];
+  return state.filters.status ? of.filter((s) => s === state.filters.status) : of;
+}
+
+/** Every job id matching the filter in those statuses, paged from the API (at most 100,000). */
+async function collectIds(statuses) {
+  const ids = [];
+  for (const status of statuses) {
+    let cursor = null;
+    do {
+      const q = new URLSearchParams({ status, limit: "1000" });
+      for (const k of ["service", "worker", "workflow", "customer"]) if (state.filters[k]) q.set(k, state.filters[k]);
+      if (cursor) q.set("cursor", cursor);
+      const page = await api(`/api/jobs?${q}`);
+      ids.push(...page.jobs.filter((j) => j.status === status).map((j) => j.id));
+      cursor = page.next;
+    } while (cursor && ids.length < 100_000);
   }
-  alert(`${verb}: ${ok} of ${list.length} done`);
+  return ids;
+}
+
+/** Cancels (pending, active) or retries (finished) everything matching the filter, after saying how many. */
+async function bulk() {
+  const verb = state.tab === "finished" ? "retry" : "cancel";
+  $("bulk").querySelector("button").disabled = true;
+  let ids;
+  try {
+    ids = await collectIds(bulkStatuses());
+  } catch (e) {
+    alert(`could not list the jobs: ${e.message}`);
+    mark("jobs");
+    return;
+  }
+  if (!ids.length || !confirm(`${verb} ${ids.length} jobs?`)) { mark("jobs"); return; }
+  let ok = 0;
+  let next = 0;
+  // A few requests at a time: the API stays responsive for everyone else.
+  const lane = async () => {
+    while (next < ids.length) {
+      const id = ids[next++];
+      try { await api(`/api/jobs/${encodeURIComponent(id)}/${verb}`, { method: "POST" }); ok += 1; } catch { /* counted below */ }
+    }
+  };
+  await Promise.all(Array.from({ length: 8 }, lane));
+  alert(`${verb}: ${ok} of ${ids.length} done`);
   if (state.tab === "finished") loadFinished(false);
+  mark("jobs");
 }
 
 // ----- wiring ----------------------------------------------------------------------------------

@@ -286,6 +286,19 @@ async fn the_monitor_follows_the_fleet_live() {
     rows.sort();
     queued.sort();
     assert_eq!(rows, queued, "every queued job once, none lost across the restart");
+    // Bulk: every pending job matching the filter, cancelled after the count is confirmed.
+    page.client
+        .execute("window.asked = []; window.confirm = (m) => { window.asked.push(m); return true; }; window.alert = () => {};", vec![])
+        .await
+        .expect("dialogs answered");
+    page.click("#bulk-action").await;
+    page.until("no pending job left", r#"return document.querySelectorAll('#jobs tr[data-status="pending"]').length === 0 && document.querySelector('.tabs [data-tab="pending"] .count').textContent === "(0)";"#).await;
+    let asked = page.client.execute("return window.asked;", vec![]).await.expect("asked");
+    assert_eq!(asked, json!(["cancel 7 jobs?"]), "the count is shown before confirming");
+    for id in &queued {
+        let rec: Value = http.get(format!("{other_url}/api/jobs/{id}")).send().await.expect("get").json().await.expect("JSON");
+        assert_eq!(rec["status"], "cancelled", "{id}");
+    }
     let cancelled = http.post(format!("{other_url}/api/jobs/{running}/cancel")).send().await.expect("cancel");
     assert!(cancelled.status().is_success());
 
