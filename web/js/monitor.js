@@ -323,6 +323,17 @@ async function openJob(id) {
     } catch { /* the rest of the detail still shows */ }
   }
   const outcome = job.outcome || null;
+  const ends = (job.history || []).map((h) => `<tr data-attempt="${esc(h.attempt)}" data-end="${esc(h.end)}">
+      <td class="num">${esc(h.attempt)}</td><td>${esc(h.worker_id || "")}</td><td>${esc(time(h.started_at))}</td>
+      <td>${duration(h.ended_at - (h.started_at ?? h.ended_at))}</td>
+      <td><span class="status" data-status="${esc(h.end)}">${h.end === "pending" ? "given back" : esc(h.end)}</span></td>
+      <td>${esc(h.reason || "")}</td><td>${h.error ? esc(`${h.error.category}: ${h.error.message}`) : ""}</td></tr>`).join("");
+  const now = !TERMINAL.has(job.status) && job.started_at && job.status !== "pending"
+    ? `<tr><td class="num">${esc(job.attempt)}</td><td>${esc(job.worker_id || "")}</td><td>${esc(time(job.started_at))}</td>
+      <td>${duration(serverNow() - job.started_at)}</td><td><span class="status" data-status="${esc(job.status)}">running</span></td><td></td><td>${esc(job.message || "")}</td></tr>` : "";
+  const timeline = `<h3>Timeline</h3><p class="muted">submitted ${esc(time(job.created_at))}</p>${ends || now
+    ? `<table id="timeline"><thead><tr><th class="num">attempt</th><th>worker</th><th>started</th><th>ran</th><th>end</th><th>reason</th><th>error</th></tr></thead><tbody>${ends}${now}</tbody></table>`
+    : `<p class="muted">No attempt yet.</p>`}`;
   const images = outcome && outcome.kind === "result" ? imagesOf(id, outcome.value) : [];
   const cancellable = !TERMINAL.has(job.status);
   const retryable = job.status === "failed" || job.status === "cancelled";
@@ -340,6 +351,7 @@ async function openJob(id) {
       ${retryable ? `<button type="button" data-admin data-action="retry" data-id="${esc(id)}">Retry</button>` : ""}
       <span id="action-result" role="status"></span>
     </div>
+    ${timeline}
     ${why}
     ${images.length ? `<h3>Outputs</h3><div class="images">${images.map((src) => `<img src="${esc(src)}" alt="output image" loading="lazy">`).join("")}</div>` : ""}
     <details><summary>Requirements</summary><pre>${esc(preview(job.spec.requirements ?? {}))}</pre></details>

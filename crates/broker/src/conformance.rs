@@ -39,7 +39,7 @@ macro_rules! conformance_tests {
             order_holds_across_many_partitions, partitions_come_and_go, worker_classes_follow_registrations,
             fair_share_takes_turns, a_returning_worker_finds_its_pending_work,
             an_ended_attempt_leaves_no_message, service_crashes_spend_no_attempt_until_the_second,
-            cancel_is_signalled_to_the_holder, a_retry_can_require_more);
+            cancel_is_signalled_to_the_holder, a_retry_can_require_more, the_record_tells_how_each_attempt_ended);
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
         $(
@@ -1752,4 +1752,64 @@ pub async fn a_retry_can_require_more<B: Broker>(fx: Fixture<B>) {
     );
     let rec = b.job(&last).await.expect("get").expect("exists");
     assert!(rec.spec.requirements.is_empty(), "{:?}", rec.spec.requirements);
+}
+
+/// A job's record keeps how each attempt ended: who ran it, when, how it ended and why.
+pub async fn the_record_tells_how_each_attempt_ended<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    for w in ["w1", "w2"] {
+        b.register_worker(worker(w, &["simulation"], json!({}))).await.expect("register");
+    }
+    let mut spec = sim(json!("history"));
+    spec.retry_backoff_ms = Some(0);
+    spec.max_attempts = 5;
+    let id = b.submit(spec).await.expect("submit").id;
+    assert!(b.job(&id).await.expect("get").expect("exists").history.is_empty(), "nothing ran yet");
+    let lease = claim_now(b, "w1").await.expect("claim");
+    let started = b.clock().now_ms();
+    fx.clock.advance(10);
+    b.fail(&lease.as_ref(), JobError::retryable(FailureCategory::Service, "boom")).await.expect("fail");
+    let lease = claim_now(b, "w2").await.expect("claim");
+    b.release(&lease.as_ref(), "shutdown").await.expect("release");
+    fx.clock.advance(b.config().retry_avoid_ms);
+    let lease = claim_now(b, "w2").await.expect("claim");
+    assert_eq!(lease.attempt, 2, "the refunded attempt's number is used again");
+    b.complete(&lease.as_ref(), json!(1)).await.expect("complete");
+    let history = b.job(&id).await.expect("get").expect("exists").history;
+    let brief: Vec<(u32, Option<&str>, JobStatus, Option<&str>, Option<FailureCategory>)> = history
+        .iter()
+        .map(|h| {
+            (
+                h.attempt,
+                h.worker_id.as_deref(),
+                h.end,
+                h.reason.as_deref(),
+                h.error.as_ref().map(|e| e.category),
+            )
+        })
+        .collect();
+    assert_eq!(
+        brief,
+        vec![
+            (1, Some("w1"), JobStatus::Pending, Some("retry"), Some(FailureCategory::Service)),
+            (2, Some("w2"), JobStatus::Pending, Some("shutdown"), Some(FailureCategory::Internal)),
+            (2, Some("w2"), JobStatus::Completed, None, None),
+        ]
+    );
+    assert_eq!((history[0].started_at, history[0].ended_at), (Some(started), started + 10));
+    // Cancelled while running; failed with no attempt left.
+    let id = b.submit(sim(json!("cancel me"))).await.expect("submit").id;
+    let lease = claim_now(b, "w1").await.expect("claim");
+    b.cancel(&id).await.expect("cancel");
+    b.fail(&lease.as_ref(), JobError::fatal(FailureCategory::Cancelled, "cancelled")).await.expect("fail");
+    let h = b.job(&id).await.expect("get").expect("exists").history;
+    assert_eq!(h.iter().map(|h| (h.attempt, h.end)).collect::<Vec<_>>(), vec![(1, JobStatus::Cancelled)]);
+    let mut once = sim(json!("once"));
+    once.max_attempts = 1;
+    let id = b.submit(once).await.expect("submit").id;
+    let lease = claim_now(b, "w1").await.expect("claim");
+    b.fail(&lease.as_ref(), JobError::retryable(FailureCategory::Oom, "oom")).await.expect("fail");
+    let h = b.job(&id).await.expect("get").expect("exists").history;
+    assert_eq!(h.len(), 1);
+    assert_eq!((h[0].end, h[0].error.as_ref().map(|e| e.retryable)), (JobStatus::Failed, Some(false)));
 }

@@ -196,7 +196,7 @@ mod tests {
         let spec = JobSpec::new("simulation", payload);
         let mut summary = JobSummary::new_pending(JobId("j".into()), &spec, 0);
         summary.attempt = attempt;
-        JobRecord { summary, spec, outcome: None }
+        JobRecord { summary, spec, outcome: None, history: Vec::new() }
     }
 
     #[tokio::test(start_paused = true)]

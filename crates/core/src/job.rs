@@ -431,6 +431,37 @@ pub struct JobRecord {
     /// Result or error once finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<Outcome>,
+    /// How its attempts ended, oldest first (the last [`HISTORY_LEN`]); empty in a lease.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<AttemptEnd>,
+}
+
+/// How many attempt ends a job's record keeps (the newest).
+pub const HISTORY_LEN: usize = 50;
+
+/// How one attempt ended: an entry of a job's timeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AttemptEnd {
+    /// The attempt's number (a refunded attempt's number is used again by the next one).
+    pub attempt: u32,
+    /// The worker that ran it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_id: Option<String>,
+    /// When it was claimed (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<i64>,
+    /// When it ended (ms).
+    pub ended_at: i64,
+    /// The job's status after it: `completed`, `pending` (given back: a retry, a release, a lost
+    /// lease), `failed` or `cancelled`.
+    pub end: JobStatus,
+    /// Why it was given back (`retry`, `progress_timeout`, `service_offline`, `lease_expired`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The attempt's error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<JobError>,
 }
 
 impl JobSummary {

@@ -53,7 +53,9 @@ pub mod worker;
 pub use class::{ClassKey, ClassSpec};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use event::{Event, EventKind, Snapshot};
-pub use job::{FailureCategory, JobError, JobId, JobRecord, JobSpec, JobStatus, JobSummary, Outcome};
+pub use job::{
+    AttemptEnd, FailureCategory, JobError, JobId, JobRecord, JobSpec, JobStatus, JobSummary, Outcome,
+};
 pub use matching::{Match, explain, matches_partition};
 pub use order::OrderKey;
 pub use partition::{PartitionKey, PartitionSpec};

@@ -233,6 +233,13 @@ async fn the_monitor_follows_the_fleet_live() {
         ),
     )
     .await;
+    page.click(&format!(r#"#jobs tr[data-job-id="{id}"]"#)).await;
+    page.until(
+        "its timeline",
+        r#"return !!document.querySelector('#timeline tr[data-attempt="1"][data-end="completed"]');"#,
+    )
+    .await;
+    page.client.execute(r#"document.getElementById("job-dialog").close();"#, vec![]).await.expect("close");
 
     // Flow 2: a job in flight (it hangs at its first step) and three queued behind it.
     let running = submit(&http, &url, json!({"service": "simulation", "payload": {"hang_at_step": 1}})).await;
@@ -296,7 +303,14 @@ async fn the_monitor_follows_the_fleet_live() {
     let asked = page.client.execute("return window.asked;", vec![]).await.expect("asked");
     assert_eq!(asked, json!(["cancel 7 jobs?"]), "the count is shown before confirming");
     for id in &queued {
-        let rec: Value = http.get(format!("{other_url}/api/jobs/{id}")).send().await.expect("get").json().await.expect("JSON");
+        let rec: Value = http
+            .get(format!("{other_url}/api/jobs/{id}"))
+            .send()
+            .await
+            .expect("get")
+            .json()
+            .await
+            .expect("JSON");
         assert_eq!(rec["status"], "cancelled", "{id}");
     }
     let cancelled = http.post(format!("{other_url}/api/jobs/{running}/cancel")).send().await.expect("cancel");
@@ -386,6 +400,11 @@ async fn tokens_decide_the_actions_and_the_client_page_submits_and_cancels() {
     page.token("all-powers").await;
     page.goto(&format!("{url}/?job={id}")).await;
     page.until("the cancel button", r#"const b = document.querySelector('#job-body [data-action="cancel"]'); return b && b.offsetParent !== null;"#).await;
+    page.until(
+        "the running attempt in the timeline",
+        r#"return !!document.querySelector('#timeline tbody tr');"#,
+    )
+    .await;
     page.click(r#"#job-body [data-action="cancel"]"#).await;
     page.until(
         "the job cancelled",
@@ -402,6 +421,7 @@ async fn tokens_decide_the_actions_and_the_client_page_submits_and_cancels() {
             .await
             .expect("JSON");
         if rec["status"] == "cancelled" {
+            assert_eq!(rec["history"][0]["end"], "cancelled", "{rec}");
             break;
         }
         assert!(tokio::time::Instant::now() < give_up, "the cancel from the page never took: {rec}");

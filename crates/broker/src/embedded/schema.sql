@@ -85,3 +85,10 @@ CREATE TABLE IF NOT EXISTS fair_workflows (
     t           INTEGER NOT NULL,
     expires_at  INTEGER NOT NULL
 ) STRICT;
+
+-- How each job's attempts ended (fleetq_core::AttemptEnd), a JSON array of the newest
+-- fleetq_core::job::HISTORY_LEN; a row appears with the first attempt's end.
+CREATE TABLE IF NOT EXISTS job_history (
+    job_id  TEXT PRIMARY KEY,
+    entries TEXT NOT NULL
+) STRICT;

@@ -12,10 +12,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
+use fleetq_core::job::HISTORY_LEN;
 use fleetq_core::{
-    Action, ClassKey, ClassSpec, ConnectorReport, Event, EventKind, FailureCategory, JobError, JobId,
-    JobRecord, JobSpec, JobStatus, JobSummary, MachineEvent, MachineState, OrderKey, Outcome, PartitionKey,
-    PartitionSpec, Requirements, Snapshot, WorkerInfo, WorkerRegistration,
+    Action, AttemptEnd, ClassKey, ClassSpec, ConnectorReport, Event, EventKind, FailureCategory, JobError,
+    JobId, JobRecord, JobSpec, JobStatus, JobSummary, MachineEvent, MachineState, OrderKey, Outcome,
+    PartitionKey, PartitionSpec, Requirements, Snapshot, WorkerInfo, WorkerRegistration,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -911,7 +912,7 @@ impl State {
             attempt: row.summary.attempt,
             worker_id: worker_id.to_owned(),
             deadline_ms: deadline,
-            job: JobRecord { summary: row.summary, spec, outcome: None },
+            job: JobRecord { summary: row.summary, spec, outcome: None, history: Vec::new() },
         }))
     }
 
@@ -950,6 +951,7 @@ impl State {
         let mut row = self.held(lease)?;
         self.flush_progress(&mut row)?;
         Self::transition(&mut row, Action::Complete, now)?;
+        self.note_attempt(&row, row.summary.attempt, JobStatus::Completed, None, None, now)?;
         row.summary.progress = 100.0;
         row.summary.finished_at = Some(now);
         // The attempt's last message ("queued in ComfyUI", "node 4") is not the job's state now.
@@ -967,7 +969,7 @@ impl State {
         let now = self.now();
         let mut row = self.held(lease)?;
         self.flush_progress(&mut row)?;
-        self.give_back(&mut row, error, now, reason.unwrap_or("retry"), true)
+        self.give_back(&mut row, error, now, reason.unwrap_or("retry"), true, false)
     }
 
     pub(super) fn fail_requiring(
@@ -983,7 +985,7 @@ impl State {
         if !s.cancel_requested && error.retryable && s.attempt < s.max_attempts {
             self.move_partition(&mut row, requirements)?;
         }
-        self.give_back(&mut row, error, now, "retry", true)
+        self.give_back(&mut row, error, now, "retry", true, false)
     }
 
     /// Gives a running job new requirements: its spec changes and it moves to their partition
@@ -1017,18 +1019,16 @@ impl State {
         if reason == crate::RELEASE_SERVICE_OFFLINE {
             row.summary.service_crashes = row.summary.service_crashes.saturating_add(1);
             if row.summary.service_crashes >= fleetq_core::job::SERVICE_CRASHES_TO_FAIL {
-                return self.give_back(&mut row, crate::service_crash_error(), now, reason, false);
+                return self.give_back(&mut row, crate::service_crash_error(), now, reason, false, false);
             }
         }
-        if crate::release_refunds(reason) {
-            row.summary.attempt = row.summary.attempt.saturating_sub(1);
-        }
         let error = crate::release_error(reason);
-        self.give_back(&mut row, error, now, reason, false)
+        self.give_back(&mut row, error, now, reason, false, crate::release_refunds(reason))
     }
 
     /// The end of an attempt that did not complete: cancel if requested, else retry while allowed,
-    /// else fail. `backoff` applies the spec's retry delay (failures) or not (releases, expiry).
+    /// else fail. `backoff` applies the spec's retry delay (failures) or not (releases, expiry);
+    /// `refund` gives the attempt back (it is not counted).
     fn give_back(
         &mut self,
         row: &mut Row,
@@ -1036,11 +1036,17 @@ impl State {
         now: i64,
         reason: &str,
         backoff: bool,
+        refund: bool,
     ) -> Result<FailOutcome> {
         let holder = row.summary.worker_id.clone();
+        let ran = row.summary.attempt;
+        if refund {
+            row.summary.attempt = ran.saturating_sub(1);
+        }
         // The message was the ended attempt's.
         row.summary.message = None;
         if row.summary.cancel_requested {
+            self.note_attempt(row, ran, JobStatus::Cancelled, None, None, now)?;
             Self::transition(row, Action::ConfirmCancel, now)?;
             row.summary.finished_at = Some(now);
             let outcome =
@@ -1060,6 +1066,7 @@ impl State {
             let run_at = now.saturating_add(delay);
             row.summary.run_at = (delay > 0).then_some(run_at);
             row.summary.progress = 0.0;
+            self.note_attempt(row, ran, JobStatus::Pending, Some(reason), Some(&error), now)?;
             row.summary.error = Some(error);
             row.avoid_worker = holder;
             row.avoid_until = Some(run_at.saturating_add(self.config.retry_avoid_ms));
@@ -1071,11 +1078,51 @@ impl State {
         row.summary.finished_at = Some(now);
         // No attempt is left: the recorded error is not retryable any more, whatever it was.
         let error = JobError { retryable: false, ..error };
+        self.note_attempt(row, ran, JobStatus::Failed, Some(reason), Some(&error), now)?;
         row.summary.error = Some(error.clone());
         let outcome = to_json(&Outcome::Error { error })?;
         self.store(row, OutcomeChange::Set(outcome))?;
         self.emit(EventKind::JobFailed { job: row.summary.clone() })?;
         Ok(FailOutcome::Failed)
+    }
+
+    /// Appends how attempt `ran` ended to the job's history (the newest [`HISTORY_LEN`] are kept).
+    fn note_attempt(
+        &mut self,
+        row: &Row,
+        ran: u32,
+        end: JobStatus,
+        reason: Option<&str>,
+        error: Option<&JobError>,
+        now: i64,
+    ) -> Result<()> {
+        let s = &row.summary;
+        let entry = AttemptEnd {
+            attempt: ran,
+            worker_id: s.worker_id.clone(),
+            started_at: s.started_at,
+            ended_at: now,
+            end,
+            reason: reason.map(str::to_owned),
+            error: error.cloned(),
+        };
+        let mut entries = self.history(&s.id)?;
+        entries.push(entry);
+        let drop = entries.len().saturating_sub(HISTORY_LEN);
+        entries.drain(..drop);
+        self.conn
+            .prepare_cached("INSERT OR REPLACE INTO job_history(job_id, entries) VALUES (?1, ?2)")?
+            .execute(params![s.id.0, to_json(&entries)?])?;
+        Ok(())
+    }
+
+    fn history(&self, id: &JobId) -> Result<Vec<AttemptEnd>> {
+        let text: Option<String> = self
+            .conn
+            .prepare_cached("SELECT entries FROM job_history WHERE job_id = ?1")?
+            .query_row([&id.0], |r| r.get(0))
+            .optional()?;
+        text.map_or(Ok(Vec::new()), |t| from_json(&t))
     }
 
     // ----- client and operator operations --------------------------------------------------------
@@ -1163,6 +1210,11 @@ impl State {
         report.workers_expired = expired.len();
         self.drop_idle_classes(now)?;
         self.conn.execute(
+            "DELETE FROM job_history WHERE job_id IN
+               (SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?1)",
+            [now - self.config.retention_ms],
+        )?;
+        self.conn.execute(
             "DELETE FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?1",
             [now - self.config.retention_ms],
         )?;
@@ -1212,7 +1264,7 @@ impl State {
             self.flush_progress(&mut row)?;
             let error =
                 JobError::retryable(FailureCategory::LeaseExpired, "lease expired: worker stopped reporting");
-            match self.give_back(&mut row, error, now, "lease_expired", false)? {
+            match self.give_back(&mut row, error, now, "lease_expired", false, false)? {
                 FailOutcome::Retrying { .. } => requeued += 1,
                 _ => finished += 1,
             }
@@ -1350,6 +1402,7 @@ impl State {
                     summary: self.parse_summary(&summary)?,
                     spec: from_json(&spec)?,
                     outcome: outcome.map(|o| from_json(&o)).transpose()?,
+                    history: self.history(id)?,
                 })
             })
             .transpose()

@@ -9,7 +9,7 @@
 -- Order keys are never compared with Lua's `<` on strings (strcoll): see `key_less`. Only fixed,
 -- short field lists are ever unpacked.
 
-local VERSION = '18'
+local VERSION = '19'
 
 -- A job's state is one JSON object of strings, its spec and its outcome JSON documents: fields named
 -- by the job's id in the hashes `J`, `S` and `O` (a key per job would cost a key's overhead and the
@@ -270,12 +270,31 @@ local function flush(P, C, nows, j)
   end
 end
 
+-- How many attempt ends a job's history keeps (fleetq_core::job::HISTORY_LEN).
+local HISTORY_LEN = 50
+
+-- Appends how attempt `ran` ended (fleetq_core::AttemptEnd) to the job's history in hash `H`, the
+-- newest HISTORY_LEN kept. `err` is an error's JSON or nil.
+local function note_attempt(P, j, nows, ran, ending, reason, err)
+  local h = redis.call('HGET', P .. 'H', j.id)
+  local list = h and cjson.decode(h) or {}
+  local e = {attempt = tonumber(ran) or 0, worker_id = j.worker_id, started_at = tonumber(j.started_at),
+    ended_at = tonumber(nows), reason = reason}
+  e['end'] = ending
+  if err then e.error = cjson.decode(err) end
+  list[#list + 1] = e
+  while #list > HISTORY_LEN do table.remove(list, 1) end
+  redis.call('HSET', P .. 'H', j.id, cjson.encode(list))
+end
+
 -- The end of an attempt that did not complete: cancel if requested, retry while allowed, else fail.
 local function give_back(P, C, nows, j, err, retryable, backoff, reason, refund, fail_out, cancel_out)
   local now = tonumber(nows)
   j.progress_dirty = nil
   j.message = nil -- the ended attempt's
+  local ran = j.attempt
   if j.cancel_requested == '1' then
+    note_attempt(P, j, nows, ran, 'cancelled', nil, nil)
     finish(P, j, nows, 'cancelled', cancel_out)
     emit_job(P, C, nows, 'job_cancelled', j)
     return {'cancelled'}
@@ -299,6 +318,7 @@ local function give_back(P, C, nows, j, err, retryable, backoff, reason, refund,
     j.error = err
     j.avoid_worker = j.worker_id
     j.avoid_until = num(run_at + C.avoid_ms)
+    note_attempt(P, j, nows, ran, 'pending', reason, err)
     if delay > 0 then
       j.run_at = num(run_at)
       redis.call('ZADD', P .. 'delayed', run_at, j.id)
@@ -318,6 +338,7 @@ local function give_back(P, C, nows, j, err, retryable, backoff, reason, refund,
     err = cjson.encode(e)
     fail_out = '{"kind":"error","error":' .. err .. '}'
   end
+  note_attempt(P, j, nows, ran, 'failed', reason, err)
   j.error = err
   finish(P, j, nows, 'failed', fail_out)
   emit_job(P, C, nows, 'job_failed', j)
@@ -600,6 +621,7 @@ redis.register_function('fq_complete', function(keys, argv)
   local P, C, nows, j, err = holder(keys, argv)
   if not j then return {err} end
   j.progress = '100'
+  note_attempt(P, j, nows, j.attempt, 'completed', nil, nil)
   local json = finish(P, j, nows, 'completed', argv[5])
   emit_job(P, C, nows, 'job_completed', j, nil, json)
   if #argv > 5 then
@@ -743,7 +765,7 @@ redis.register_function('fq_reap', function(keys, argv)
     if j and j.idem then redis.call('DEL', P .. 'idem:' .. j.idem) end
     redis.call('ZREM', P .. 'ix:all', m)
     redis.call('ZREM', P .. 'done', m)
-    for _, h in ipairs({'J', 'S', 'O'}) do redis.call('HDEL', P .. h, id) end
+    for _, h in ipairs({'J', 'S', 'O', 'H'}) do redis.call('HDEL', P .. h, id) end
   end
   -- Events older than max_event_age_ms: times follow the sequence, so they are a prefix.
   local cutoff = now - C.max_event_age_ms
@@ -935,7 +957,8 @@ redis.register_function{function_name = 'fq_job', flags = {'no-writes'}, callbac
   local j = load(P, argv[1])
   if not j then return false end
   local v = view_of(P, j)
-  return {v[1], v[2], redis.call('HGET', P .. 'S', j.id), redis.call('HGET', P .. 'O', j.id)}
+  return {v[1], v[2], redis.call('HGET', P .. 'S', j.id), redis.call('HGET', P .. 'O', j.id) or '',
+    redis.call('HGET', P .. 'H', j.id) or ''}
 end}
 
 -- ARGV: status ('' = all), service ('' = all), cursor ('' = newest), limit, worker, workflow,

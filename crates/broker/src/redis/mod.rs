@@ -53,7 +53,7 @@ use crate::{
 
 const LIBRARY: &str = include_str!("fleetq.lua");
 /// The version the function library reports (`FCALL fq_version 0`); loading compares the whole code.
-pub const LIBRARY_VERSION: &str = "18";
+pub const LIBRARY_VERSION: &str = "19";
 
 /// Partitions read per call when a pass walks them all (a new class's fill, workability).
 const PARTITION_PAGE: usize = 1000;
@@ -372,7 +372,7 @@ impl RedisBroker {
                     attempt: summary.attempt,
                     worker_id: worker_id.to_owned(),
                     deadline_ms,
-                    job: JobRecord { summary, spec, outcome: None },
+                    job: JobRecord { summary, spec, outcome: None, history: Vec::new() },
                 })))
             }
             other => Err(corrupt(format!("claim reply {other:?}"))),
@@ -931,7 +931,15 @@ impl Broker for RedisBroker {
             .map(|o| serde_json::from_str(&o))
             .transpose()
             .map_err(|e| corrupt(format!("outcome: {e}")))?;
-        Ok(Some(JobRecord { summary, spec, outcome }))
+        let history = reply
+            .get(4)
+            .and_then(text)
+            .filter(|h| !h.is_empty())
+            .map(|h| serde_json::from_str(&h))
+            .transpose()
+            .map_err(|e| corrupt(format!("history: {e}")))?
+            .unwrap_or_default();
+        Ok(Some(JobRecord { summary, spec, outcome, history }))
     }
 
     async fn jobs(&self, filter: &JobFilter) -> Result<JobPage> {

@@ -10,7 +10,7 @@ use serde_json::Value;
 pub(crate) fn job(service: &str, payload: Value) -> JobRecord {
     let spec = JobSpec::new(service, payload);
     let summary = JobSummary::new_pending(JobId("job-1".into()), &spec, 0);
-    JobRecord { summary, spec, outcome: None }
+    JobRecord { summary, spec, outcome: None, history: Vec::new() }
 }
 
 /// Runs one job on `c` to its end: the outcome and every progress report, in order.
