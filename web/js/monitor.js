@@ -189,7 +189,8 @@ function jobRow(j) {
   const unworkable = j.status === "pending" && j.unworkable;
   const cells = {
     pending: () => `<td>${esc(j.service)}</td><td class="num">${prio}</td>
-      <td><span class="status" data-status="pending" data-unworkable="${unworkable}">${unworkable ? "unworkable" : j.run_at ? `retry at ${esc(time(j.run_at))}` : "pending"}</span></td>
+      <td><span class="status" data-status="pending" data-unworkable="${unworkable}"${unworkable ? ` title="no registered worker can serve it: open the job to see why"` : ""}>${unworkable ? "unworkable" : j.run_at ? `retry at ${esc(time(j.run_at))}` : "pending"}</span></td>
+      <td class="num">${esc(estimates.get(j.id)?.position ?? "")}</td><td>${estimates.get(j.id)?.eta != null ? duration(estimates.get(j.id).eta) : ""}</td>
       <td>${esc(j.attempt)}/${esc(j.max_attempts)}</td><td>${esc(time(j.created_at))}</td><td>${duration(now - j.created_at)}</td>`,
     active: () => `<td>${esc(j.service)}</td><td>${esc(j.worker_id || "")}</td>
       <td><div class="bar" role="progressbar" aria-valuenow="${Math.round(j.progress)}" aria-valuemin="0" aria-valuemax="100"><span style="width:${j.progress}%"></span></div></td>
@@ -203,7 +204,7 @@ function jobRow(j) {
 }
 
 const HEADS = {
-  pending: ["id", "service", "priority", "state", "attempt", "submitted", "waiting"],
+  pending: ["id", "service", "priority", "state", "position", "ETA", "attempt", "submitted", "waiting"],
   active: ["id", "service", "worker", "progress", "", "step", "elapsed"],
   finished: ["id", "service", "status", "category", "worker", "ran", "finished"],
 };
@@ -221,6 +222,7 @@ function drawJobs() {
     b.querySelector(".count").textContent = b.dataset.tab === "finished" ? "" : `(${counts[b.dataset.tab]})`;
   }
   const list = state.tab === "pending" ? pending : state.tab === "active" ? active : state.finished;
+  if (state.tab === "pending") refreshEstimates(pending.map((j) => j.id));
   const head = `<tr>${HEADS[state.tab].map((h) => `<th scope="col">${h}</th>`).join("")}</tr>`;
   const rows = list.slice(0, MAX_ROWS).map(jobRow).join("");
   let foot = list.length > MAX_ROWS ? `<p class="muted">and ${list.length - MAX_ROWS} more</p>` : "";
@@ -258,6 +260,32 @@ function drawServices() {
 }
 
 // ----- data that is fetched, not folded ------------------------------------------------------
+
+/**
+ * Queue position and ETA of the first pending rows, as the API estimates them (`GET /api/jobs/{id}`:
+ * the broker's exact position, the API's run-time statistics), refreshed at most every 3 s.
+ */
+let estimates = new Map();
+let estimating = false;
+let estimatedAt = 0;
+async function refreshEstimates(ids) {
+  if (estimating || Date.now() - estimatedAt < 3000 || !ids.length) return;
+  estimating = true;
+  const next = new Map();
+  try {
+    for (const id of ids.slice(0, 20)) {
+      try {
+        const j = await api(`/api/jobs/${encodeURIComponent(id)}`);
+        next.set(id, { position: j.queue_position, eta: j.eta_ms });
+      } catch { /* that row shows none */ }
+    }
+  } finally {
+    estimates = next;
+    estimating = false;
+    estimatedAt = Date.now();
+  }
+  mark("jobs");
+}
 
 let servicesTimer = 0;
 function refreshServicesSoon() {

@@ -74,8 +74,14 @@ impl Browser {
             .await;
     }
 
+    /// Clicks the element `css` names, found and clicked in one script: the page redraws whole
+    /// sections, so an element found in one call may be gone by the next.
     async fn click(&self, css: &str) {
-        self.client.find(Locator::Css(css)).await.expect(css).click().await.expect("click");
+        let quoted = serde_json::to_string(css).expect("a string");
+        let script = format!(
+            "const e = document.querySelector({quoted}); if (!e) return false; e.click(); return true;"
+        );
+        self.until(&format!("{css} to click"), &script).await;
     }
 
     /// Keeps `token` in the `fleetq_token` cookie, as the page's token dialog does.
@@ -253,6 +259,11 @@ async fn the_monitor_follows_the_fleet_live() {
         r#"return document.querySelectorAll('#jobs tr[data-status="pending"]').length === 3;"#,
     )
     .await;
+    let positions = page
+        .until("queue positions", r#"const p = [...document.querySelectorAll('#jobs tr[data-status="pending"] td:nth-child(5)')].map((c) => c.textContent).sort();
+            return p.join() === "1,2,3" && p;"#)
+        .await;
+    assert_eq!(positions, json!(["1", "2", "3"]), "the pending rows carry the broker's positions");
     let before = page.picture().await;
     // For people to look at (the README's picture comes from here).
     page.until(
