@@ -1776,7 +1776,7 @@ pub async fn the_record_tells_how_each_attempt_ended<B: Broker>(fx: Fixture<B>) 
     assert_eq!(lease.attempt, 2, "the refunded attempt's number is used again");
     b.complete(&lease.as_ref(), json!(1)).await.expect("complete");
     let history = b.job(&id).await.expect("get").expect("exists").history;
-    let brief: Vec<(u32, Option<&str>, JobStatus, Option<&str>, Option<FailureCategory>)> = history
+    let brief: Vec<_> = history
         .iter()
         .map(|h| {
             (
