@@ -424,29 +424,33 @@ async function collectIds(statuses) {
 /** Cancels (pending, active) or retries (finished) everything matching the filter, after saying how many. */
 async function bulk() {
   const verb = state.tab === "finished" ? "retry" : "cancel";
-  $("bulk").querySelector("button").disabled = true;
-  let ids;
+  const button = $("bulk").querySelector("button");
+  if (button) button.disabled = true;
   try {
-    ids = await collectIds(bulkStatuses());
-  } catch (e) {
-    alert(`could not list the jobs: ${e.message}`);
-    mark("jobs");
-    return;
-  }
-  if (!ids.length || !confirm(`${verb} ${ids.length} jobs?`)) { mark("jobs"); return; }
-  let ok = 0;
-  let next = 0;
-  // A few requests at a time: the API stays responsive for everyone else.
-  const lane = async () => {
-    while (next < ids.length) {
-      const id = ids[next++];
-      try { await api(`/api/jobs/${encodeURIComponent(id)}/${verb}`, { method: "POST" }); ok += 1; } catch { /* counted below */ }
+    let ids;
+    try {
+      ids = await collectIds(bulkStatuses());
+    } catch (e) {
+      alert(`could not list the jobs: ${e.message}`);
+      return;
     }
-  };
-  await Promise.all(Array.from({ length: 8 }, lane));
-  alert(`${verb}: ${ok} of ${ids.length} done`);
-  if (state.tab === "finished") loadFinished(false);
-  mark("jobs");
+    if (!ids.length || !confirm(`${verb} ${ids.length} jobs?`)) return;
+    let ok = 0;
+    let next = 0;
+    // A few requests at a time: the API stays responsive for everyone else.
+    const lane = async () => {
+      while (next < ids.length) {
+        const id = ids[next++];
+        try { await api(`/api/jobs/${encodeURIComponent(id)}/${verb}`, { method: "POST" }); ok += 1; } catch { /* counted below */ }
+      }
+    };
+    await Promise.all(Array.from({ length: 8 }, lane));
+    alert(`${verb}: ${ok} of ${ids.length} done`);
+    if (state.tab === "finished") loadFinished(false);
+  } finally {
+    if (button) button.disabled = false;
+    mark("jobs");
+  }
 }
 
 // ----- wiring ----------------------------------------------------------------------------------

@@ -442,17 +442,18 @@ async fn tokens_decide_the_actions_and_the_client_page_submits_and_cancels() {
     // The client page: one job to completion, one cancelled while it runs.
     page.goto(&format!("{url}/client")).await;
     let payload = page.client.find(Locator::Css("textarea[name=payload]")).await.expect("payload");
-    payload.clear().await.expect("clear");
-    payload.send_keys(r#"{"steps": 3}"#).await.expect("type");
-    page.click("#submit button[type=submit]").await;
+    let submit_from_page = async |json: &str| {
+        payload.clear().await.expect("clear");
+        payload.send_keys(json).await.expect("type");
+        page.click("#submit button[type=submit]").await;
+    };
+    submit_from_page(r#"{"steps": 3}"#).await;
     page.until(
         "the job completed",
         r#"return !!document.querySelector('#mine tr[data-status="completed"]');"#,
     )
     .await;
-    payload.clear().await.expect("clear");
-    payload.send_keys(r#"{"steps": 1000}"#).await.expect("type");
-    page.click("#submit button[type=submit]").await;
+    submit_from_page(r#"{"steps": 1000}"#).await;
     page.until(
         "the job running",
         r#"return !!document.querySelector('#mine tr[data-status="in_progress"] [data-cancel]');"#,
@@ -465,13 +466,11 @@ async fn tokens_decide_the_actions_and_the_client_page_submits_and_cancels() {
     )
     .await;
     // A field the API refuses is named on the page.
-    payload.clear().await.expect("clear");
-    payload.send_keys("{}").await.expect("type");
     page.client
         .execute(r#"document.querySelector("input[name=priority]").value = "1e12";"#, vec![])
         .await
         .expect("script");
-    page.click("#submit button[type=submit]").await;
+    submit_from_page("{}").await;
     let error =
         page.until("the refusal", r#"return document.getElementById("submit-error").textContent;"#).await;
     assert!(error.as_str().is_some_and(|e| e.starts_with("priority")), "{error}");

@@ -924,21 +924,22 @@ impl Broker for RedisBroker {
             codec::summary_from_state(&text_at(&reply, 0, "job state")?, &text_at(&reply, 1, "flag")?)?;
         let spec_text = text_at(&reply, 2, "spec")?;
         let spec = serde_json::from_str(&spec_text).map_err(|e| corrupt(format!("spec: {e}")))?;
-        let outcome = reply
-            .get(3)
-            .and_then(text)
-            .filter(|o| !o.is_empty())
-            .map(|o| serde_json::from_str(&o))
-            .transpose()
-            .map_err(|e| corrupt(format!("outcome: {e}")))?;
-        let history = reply
-            .get(4)
-            .and_then(text)
-            .filter(|h| !h.is_empty())
-            .map(|h| serde_json::from_str(&h))
-            .transpose()
-            .map_err(|e| corrupt(format!("history: {e}")))?
-            .unwrap_or_default();
+        // Optional JSON documents: '' when absent.
+        fn optional<T: serde::de::DeserializeOwned>(
+            reply: &[Value],
+            i: usize,
+            what: &str,
+        ) -> Result<Option<T>> {
+            reply
+                .get(i)
+                .and_then(text)
+                .filter(|t| !t.is_empty())
+                .map(|t| serde_json::from_str(&t))
+                .transpose()
+                .map_err(|e| corrupt(format!("{what}: {e}")))
+        }
+        let outcome = optional(&reply, 3, "outcome")?;
+        let history = optional(&reply, 4, "history")?.unwrap_or_default();
         Ok(Some(JobRecord { summary, spec, outcome, history }))
     }
 
