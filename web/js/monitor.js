@@ -26,10 +26,11 @@ const dirty = new Set();
 let frame = 0;
 /**
  * How the page keeps up, for `fleetq`'s own page benchmark and for anyone curious (console:
- * `fleetqStats`): when the first full picture was drawn (ms after navigation), and for recent
- * events the time from the broker's `at` to the frame that drew them (same-host clocks).
+ * `fleetqStats`): when the first full picture was drawn (ms after navigation), for recent events
+ * the time from the broker's `at` to the frame that drew them (same-host clocks), and how long
+ * each frame's drawing took.
  */
-const stats = { firstRenderMs: null, lagMs: [] };
+const stats = { firstRenderMs: null, lagMs: [], drawMs: [] };
 window.fleetqStats = stats;
 let drawnAts = [];
 
@@ -115,6 +116,11 @@ function matchesFilters(j) {
 // ----- drawing ---------------------------------------------------------------------------------
 
 function draw() {
+  const began = performance.now();
+  try { drawParts(); } finally { stats.drawMs.push(performance.now() - began); if (stats.drawMs.length > 20_000) stats.drawMs.splice(0, 10_000); }
+}
+
+function drawParts() {
   frame = 0;
   const parts = new Set(dirty);
   dirty.clear();

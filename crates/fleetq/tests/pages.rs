@@ -558,18 +558,26 @@ async fn monitor_under_load() {
     let page = Browser::start().await;
     page.goto(&format!("{url}/")).await;
     let first = page.until("the first picture", "return window.fleetqStats.firstRenderMs;").await;
-    page.client.execute("window.fleetqStats.lagMs = [];", vec![]).await.expect("reset");
+    page.client
+        .execute("window.fleetqStats.lagMs = []; window.fleetqStats.drawMs = [];", vec![])
+        .await
+        .expect("reset");
     tokio::time::sleep(Duration::from_secs(10)).await;
     let shown = page.picture().await;
     let lags = page.client.execute("return window.fleetqStats.lagMs;", vec![]).await.expect("lags");
     let mut lags: Vec<f64> = serde_json::from_value(lags).expect("numbers");
     lags.sort_by(f64::total_cmp);
     let pct = |p: f64| lags.get(((p * lags.len() as f64).ceil() as usize).saturating_sub(1)).copied();
+    let draws = page.client.execute("return window.fleetqStats.drawMs;", vec![]).await.expect("draws");
+    let mut draws: Vec<f64> = serde_json::from_value(draws).expect("numbers");
+    draws.sort_by(f64::total_cmp);
+    let draw_pct = |p: f64| draws.get(((p * draws.len() as f64).ceil() as usize).saturating_sub(1)).copied();
     let workers = shown["workers"].as_array().map_or(0, Vec::len);
     println!(
         "{}",
         json!({"bench": "monitor", "workers": workers, "tabs": shown["counts"], "first_render_ms": first,
-            "events": lags.len(), "event_to_dom_p50_ms": pct(0.5), "event_to_dom_p99_ms": pct(0.99)})
+            "events": lags.len(), "event_to_dom_p50_ms": pct(0.5), "event_to_dom_p99_ms": pct(0.99),
+            "frames": draws.len(), "draw_p50_ms": draw_pct(0.5), "draw_p99_ms": draw_pct(0.99)})
     );
     let png = page.client.screenshot().await.expect("screenshot");
     std::fs::write("../../target/monitor-load.png", png).ok();
