@@ -540,14 +540,18 @@ fn the_pages_speak_the_documented_api() {
 }
 
 /// The monitor under load — a benchmark, not run by default (`cargo test -p fleetq --test pages --
-/// --ignored --nocapture`): `fleetq up` with 100 simulated workers and 10,000 unfinished jobs.
+/// --ignored --nocapture`): `fleetq up` with 100 simulated workers (`FLEETQ_BENCH_WORKERS`) and 10,000
+/// unfinished jobs.
 /// Prints the time to the first full picture and, over 10 s of live events, the time from an
 /// event's `at` to the frame that drew it (the page's own `fleetqStats`), as one JSON line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a benchmark: run with --ignored --nocapture"]
 async fn monitor_under_load() {
     let data = tempfile::tempdir().expect("tempdir");
-    let (_up, url) = up(data.path(), &["--workers", "100", "--step-ms", "1000"]);
+    // FLEETQ_BENCH_WORKERS sets the fleet's size (100 by default).
+    let workers =
+        std::env::var("FLEETQ_BENCH_WORKERS").ok().and_then(|n| n.parse::<u32>().ok()).unwrap_or(100);
+    let (_up, url) = up(data.path(), &["--workers", &workers.to_string(), "--step-ms", "1000"]);
     let http = reqwest::Client::new();
     for _ in 0..10 {
         let batch: Vec<Value> =
