@@ -165,15 +165,16 @@ fn comfy_mock(port: u16) -> Guard {
 }
 
 async fn submit(http: &reqwest::Client, url: &str, body: Value) -> String {
-    let reply: Value = http
-        .post(format!("{url}/api/jobs"))
-        .json(&body)
-        .send()
-        .await
-        .expect("submit")
-        .json()
-        .await
-        .expect("JSON");
+    submit_as(http, url, None, body).await
+}
+
+/// Submits `body`, with `token` when auth is on; returns the job's id.
+async fn submit_as(http: &reqwest::Client, url: &str, token: Option<&str>, body: Value) -> String {
+    let mut request = http.post(format!("{url}/api/jobs"));
+    if let Some(t) = token {
+        request = request.bearer_auth(t);
+    }
+    let reply: Value = request.json(&body).send().await.expect("submit").json().await.expect("JSON");
     reply["id"].as_str().expect("id").to_owned()
 }
 
@@ -383,15 +384,13 @@ async fn tokens_decide_the_actions_and_the_client_page_submits_and_cancels() {
         up(data.path(), &["--workers", "1", "--step-ms", "100", tokens[0], tokens[1], tokens[2], tokens[3]]);
     let http = reqwest::Client::new();
     let admin = |r: reqwest::RequestBuilder| r.bearer_auth("all-powers");
-    let job: Value = admin(http.post(format!("{url}/api/jobs")))
-        .json(&json!({"service": "simulation", "payload": {"hang_at_step": 1}}))
-        .send()
-        .await
-        .expect("submit")
-        .json()
-        .await
-        .expect("JSON");
-    let id = job["id"].as_str().expect("id").to_owned();
+    let id = submit_as(
+        &http,
+        &url,
+        Some("all-powers"),
+        json!({"service": "simulation", "payload": {"hang_at_step": 1}}),
+    )
+    .await;
 
     let page = Browser::start().await;
     page.client.goto(&format!("{url}/client")).await.expect("page");
