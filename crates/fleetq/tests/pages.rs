@@ -168,6 +168,15 @@ async fn submit(http: &reqwest::Client, url: &str, body: Value) -> String {
     submit_as(http, url, None, body).await
 }
 
+/// `GET /api/jobs/{id}`, with `token` when auth is on.
+async fn get_job(http: &reqwest::Client, url: &str, token: Option<&str>, id: &str) -> Value {
+    let mut request = http.get(format!("{url}/api/jobs/{id}"));
+    if let Some(t) = token {
+        request = request.bearer_auth(t);
+    }
+    request.send().await.expect("get").json().await.expect("JSON")
+}
+
 /// Submits `body`, with `token` when auth is on; returns the job's id.
 async fn submit_as(http: &reqwest::Client, url: &str, token: Option<&str>, body: Value) -> String {
     let mut request = http.post(format!("{url}/api/jobs"));
@@ -315,14 +324,7 @@ async fn the_monitor_follows_the_fleet_live() {
     let asked = page.client.execute("return window.asked;", vec![]).await.expect("asked");
     assert_eq!(asked, json!(["cancel 7 jobs?"]), "the count is shown before confirming");
     for id in &queued {
-        let rec: Value = http
-            .get(format!("{other_url}/api/jobs/{id}"))
-            .send()
-            .await
-            .expect("get")
-            .json()
-            .await
-            .expect("JSON");
+        let rec = get_job(&http, &other_url, None, id).await;
         assert_eq!(rec["status"], "cancelled", "{id}");
     }
     let cancelled = http.post(format!("{other_url}/api/jobs/{running}/cancel")).send().await.expect("cancel");
@@ -383,7 +385,6 @@ async fn tokens_decide_the_actions_and_the_client_page_submits_and_cancels() {
     let (_up, url) =
         up(data.path(), &["--workers", "1", "--step-ms", "100", tokens[0], tokens[1], tokens[2], tokens[3]]);
     let http = reqwest::Client::new();
-    let admin = |r: reqwest::RequestBuilder| r.bearer_auth("all-powers");
     let id = submit_as(
         &http,
         &url,
@@ -423,13 +424,7 @@ async fn tokens_decide_the_actions_and_the_client_page_submits_and_cancels() {
     .await;
     let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let rec: Value = admin(http.get(format!("{url}/api/jobs/{id}")))
-            .send()
-            .await
-            .expect("get")
-            .json()
-            .await
-            .expect("JSON");
+        let rec = get_job(&http, &url, Some("all-powers"), &id).await;
         if rec["status"] == "cancelled" {
             assert_eq!(rec["history"][0]["end"], "cancelled", "{rec}");
             break;
