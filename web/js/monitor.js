@@ -144,8 +144,25 @@ function badge(service, report) {
     ` data-stale="${stale}" title="${esc(title)}" aria-label="${esc(title)}">${esc(service)} ${stale ? "" : esc(report.status)}</span>`;
 }
 
+/** How long a job has waited or run, to the second: the table's ages change once a second. */
+function age(ms) {
+  return ms < 60_000 ? `${Math.floor(Math.max(0, ms) / 1000)} s` : duration(ms);
+}
+
+/** An age that changes once a minute, so a worker's line is not redrawn every frame for its clock. */
+function uptime(ms) {
+  const m = Math.floor(Math.max(0, ms) / 60_000);
+  if (m < 1) return "< 1 m";
+  if (m < 60) return `${m} m`;
+  if (m < 48 * 60) return `${Math.floor(m / 60)} h ${String(m % 60).padStart(2, "0")} m`;
+  return `${Math.floor(m / 1440)} d`;
+}
+
+/** The jobs each worker holds, indexed once per drawing of the machines. */
+let byWorker = new Map();
+
 function running(workerId) {
-  return Object.values(live.snapshot.jobs).filter((j) => j.worker_id === workerId && j.status !== "pending");
+  return byWorker.get(workerId) || [];
 }
 
 function drawWorker(w, offline) {
@@ -162,9 +179,57 @@ function drawWorker(w, offline) {
   return `<div class="worker" data-worker-id="${esc(w.worker_id)}" data-status="${status}">
     <div class="head"><strong>${esc(w.worker_id)}</strong>
       <span class="status" data-status="${status}">${status}</span> ${badges}
-      <span class="muted">up ${duration(serverNow() - w.registered_at)} · ${state.done.get(w.worker_id) || 0} done</span> ${gone}</div>
+      <span class="muted">up ${uptime(serverNow() - w.registered_at)} · ${state.done.get(w.worker_id) || 0} done</span> ${gone}</div>
     ${current}</div>`;
 }
+
+/**
+ * Puts `items` ([key, html] in order) into `container`, touching only what changed. When the keys
+ * kept from the last drawing are still in the same order — the usual case: a few rows leave (a job
+ * claimed), a few arrive, some change — the rows that left are removed, the new ones inserted and
+ * only the rows whose HTML differs are re-parsed; otherwise the container is drawn whole. A
+ * progress event on one worker of a hundred re-parses that worker's few lines, not the fleet.
+ * `onRedrawn(key)` is called for each child drawn anew, so caches nested inside it can be reset.
+ */
+function patch(container, items, cache, onRedrawn = () => {}) {
+  const keys = items.map(([k]) => k);
+  const wanted = new Set(keys);
+  const kept = cache.keys.filter((k) => wanted.has(k));
+  const keptSet = new Set(kept);
+  const inOrder = container.children.length === cache.keys.length &&
+    keys.filter((k) => keptSet.has(k)).every((k, i) => k === kept[i]);
+  if (!inOrder) {
+    container.innerHTML = items.map(([, h]) => h).join("");
+    cache.keys = keys;
+    cache.html = new Map(items);
+    for (const k of keys) onRedrawn(k);
+    return;
+  }
+  // Remove the children whose keys left, from the end so the indexes hold.
+  for (let i = cache.keys.length - 1; i >= 0; i -= 1) {
+    if (!wanted.has(cache.keys[i])) {
+      container.children[i].remove();
+      cache.html.delete(cache.keys[i]);
+    }
+  }
+  items.forEach(([k, h], i) => {
+    if (!keptSet.has(k)) {
+      const before = container.children[i];
+      if (before) before.insertAdjacentHTML("beforebegin", h);
+      else container.insertAdjacentHTML("beforeend", h);
+    } else if (cache.html.get(k) !== h) {
+      container.children[i].outerHTML = h;
+    } else {
+      return;
+    }
+    cache.html.set(k, h);
+    onRedrawn(k);
+  });
+  cache.keys = keys;
+}
+
+const machineCache = { keys: [], html: new Map() };
+const workerCaches = new Map(); // machine id → the cache of its workers' list
 
 function drawMachines() {
   const s = live.snapshot;
@@ -173,34 +238,52 @@ function drawMachines() {
   for (const id of Object.keys(s.machines)) add(id);
   for (const w of Object.values(s.workers)) add(w.machine_id).workers.push(w);
   for (const [id, g] of state.gone) if (g.worker) add(g.worker.machine_id).gone.push([g.worker, { ...g, id }]);
-  const cards = [...byMachine.entries()].sort(([a], [b]) => a.localeCompare(b)).map(([id, m]) => {
+  byWorker = new Map();
+  for (const j of Object.values(s.jobs)) {
+    if (j.worker_id && j.status !== "pending") {
+      if (!byWorker.has(j.worker_id)) byWorker.set(j.worker_id, []);
+      byWorker.get(j.worker_id).push(j);
+    }
+  }
+  const machines = [...byMachine.entries()].sort(([a], [b]) => a.localeCompare(b));
+  const root = $("machines");
+  $("machines-count").textContent = `${byMachine.size} machines · ${Object.keys(s.workers).length} workers`;
+  if (!machines.length) {
+    root.innerHTML = `<p class="muted">No machine has registered.</p>`;
+    machineCache.keys = [];
+    return;
+  }
+  const cards = machines.map(([id, m]) => {
     const ms = s.machines[id];
     const phase = ms ? ms.phase : m.workers.length ? "ready" : "offline";
     const steps = ms && ms.steps && ms.steps.length
       ? `<ol class="steps">${ms.steps.map((st) => `<li>${esc(st)}</li>`).join("")}</ol>` : "";
-    const workers = m.workers.sort((a, b) => a.worker_id.localeCompare(b.worker_id, undefined, { numeric: true }))
-      .map((w) => drawWorker(w, null)).join("") + m.gone.map(([w, g]) => drawWorker(w, g)).join("");
     const many = m.workers.length + m.gone.length > 4;
-    return `<article class="machine" data-machine-id="${esc(id)}" data-phase="${esc(phase)}" data-many="${many}">
+    // The card's shell; its workers are patched into `.workers` below.
+    return [id, `<article class="machine" data-machine-id="${esc(id)}" data-phase="${esc(phase)}" data-many="${many}">
       <h3>${esc(id)} <span class="status" data-status="${esc(phase)}">${esc(phase)}</span></h3>
-      ${ms && ms.message ? `<p class="muted">${esc(ms.message)}</p>` : ""}${steps}<div class="workers">${workers}</div></article>`;
+      ${ms && ms.message ? `<p class="muted">${esc(ms.message)}</p>` : ""}${steps}<div class="workers"></div></article>`];
   });
-  $("machines").innerHTML = cards.join("") || `<p class="muted">No machine has registered.</p>`;
-  $("machines-count").textContent = `${byMachine.size} machines · ${Object.keys(s.workers).length} workers`;
+  patch(root, cards, machineCache, (id) => workerCaches.set(id, { keys: [], html: new Map() }));
+  machines.forEach(([id, m], i) => {
+    const workers = m.workers.sort((a, b) => a.worker_id.localeCompare(b.worker_id, undefined, { numeric: true }))
+      .map((w) => [w.worker_id, drawWorker(w, null)])
+      .concat(m.gone.map(([w, g]) => [`gone:${w.worker_id}`, drawWorker(w, g)]));
+    patch(root.children[i].querySelector(".workers"), workers, workerCaches.get(id));
+  });
 }
 
 function jobRow(j) {
-  const now = serverNow();
   const prio = j.workflow_priority ?? j.priority;
   const unworkable = j.status === "pending" && j.unworkable;
   const cells = {
     pending: () => `<td>${esc(j.service)}</td><td class="num">${prio}</td>
       <td><span class="status" data-status="pending" data-unworkable="${unworkable}"${unworkable ? ` title="no registered worker can serve it: open the job to see why"` : ""}>${unworkable ? "unworkable" : j.run_at ? `retry at ${esc(time(j.run_at))}` : "pending"}</span></td>
       <td class="num">${esc(estimates.get(j.id)?.position ?? "")}</td><td>${estimates.get(j.id)?.eta != null ? duration(estimates.get(j.id).eta) : ""}</td>
-      <td>${esc(j.attempt)}/${esc(j.max_attempts)}</td><td>${esc(time(j.created_at))}</td><td>${duration(now - j.created_at)}</td>`,
+      <td>${esc(j.attempt)}/${esc(j.max_attempts)}</td><td>${esc(time(j.created_at))}</td><td data-since="${j.created_at}"></td>`,
     active: () => `<td>${esc(j.service)}</td><td>${esc(j.worker_id || "")}</td>
       <td><div class="bar" role="progressbar" aria-valuenow="${Math.round(j.progress)}" aria-valuemin="0" aria-valuemax="100"><span style="width:${j.progress}%"></span></div></td>
-      <td class="num">${j.progress.toFixed(0)}%</td><td class="muted">${esc(j.message || "")}</td><td>${duration(now - (j.started_at || j.updated_at))}</td>`,
+      <td class="num">${j.progress.toFixed(0)}%</td><td class="muted">${esc(j.message || "")}</td><td data-since="${j.started_at || j.updated_at}"></td>`,
     finished: () => `<td>${esc(j.service)}</td><td><span class="status" data-status="${esc(j.status)}">${esc(j.status)}</span></td>
       <td>${esc(j.error ? j.error.category : "")}</td><td>${esc(j.worker_id || "")}</td>
       <td>${duration((j.finished_at || 0) - (j.started_at || j.created_at))}</td><td>${esc(time(j.finished_at))}</td>`,
@@ -214,6 +297,10 @@ const HEADS = {
   active: ["id", "service", "worker", "progress", "", "step", "elapsed"],
   finished: ["id", "service", "status", "category", "worker", "ran", "finished"],
 };
+
+let jobsShell = "";
+let jobsFoot = "";
+const rowCache = { keys: [], html: new Map() };
 
 function drawJobs() {
   const jobs = Object.values(live.snapshot.jobs).filter(matchesFilters);
@@ -230,15 +317,35 @@ function drawJobs() {
   const list = state.tab === "pending" ? pending : state.tab === "active" ? active : state.finished;
   if (state.tab === "pending") refreshEstimates(pending.map((j) => j.id));
   const head = `<tr>${HEADS[state.tab].map((h) => `<th scope="col">${h}</th>`).join("")}</tr>`;
-  const rows = list.slice(0, MAX_ROWS).map(jobRow).join("");
+  const rows = list.slice(0, MAX_ROWS).map((j) => [j.id, jobRow(j)]);
   let foot = list.length > MAX_ROWS ? `<p class="muted">and ${list.length - MAX_ROWS} more</p>` : "";
   let banner = "";
   if (state.tab === "finished") {
     if (state.newFinished) banner = `<button type="button" class="banner" id="show-new">${state.newFinished} new — show</button>`;
     if (state.finishedNext) foot += `<button type="button" id="more">Load more</button>`;
   }
-  $("jobs").innerHTML = `${banner}<table><thead>${head}</thead><tbody>${rows}</tbody></table>${foot}` +
+  // The shell (banner, head, footer) is redrawn only when it changes; the rows are patched.
+  const shell = `${banner}<table><thead>${head}</thead><tbody></tbody></table><div class="foot"></div>` +
     (list.length ? "" : `<p class="muted">No ${state.tab} jobs${Object.keys(state.filters).length ? " match the filter" : ""}.</p>`);
+  const root = $("jobs");
+  if (shell !== jobsShell || !root.querySelector("tbody")) {
+    root.innerHTML = shell;
+    jobsShell = shell;
+    rowCache.keys = [];
+    jobsFoot = "";
+  }
+  patch(root.querySelector("tbody"), rows, rowCache);
+  // Ages are text set in place (whole seconds), so a row's HTML changes only with its job.
+  const now = serverNow();
+  for (const cell of root.querySelectorAll("[data-since]")) {
+    const text = age(now - Number(cell.dataset.since));
+    if (cell.textContent !== text) cell.textContent = text;
+  }
+  // The footer's count changes with every claim; it is drawn apart so the shell stays.
+  if (foot !== jobsFoot) {
+    root.querySelector(".foot").innerHTML = foot;
+    jobsFoot = foot;
+  }
   drawBulk(list);
 }
 
