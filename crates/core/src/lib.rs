@@ -15,6 +15,7 @@
 //! - [`matching`]: [`explain`], the one rule deciding whether a worker may serve a job.
 //! - [`order`]: the exact ordering key of pending jobs ([`OrderKey`]).
 //! - [`partition`]: the partition a pending job lives in (service + everything matching depends on).
+//! - [`restart`]: when a supervised service is restarted, after how long, or given up.
 //! - [`event`]: the events appended to the broker's ordered log, and [`Snapshot`] folding.
 //!
 //! # Example
@@ -46,6 +47,7 @@ pub mod oom;
 pub mod order;
 pub mod partition;
 pub mod requirements;
+pub mod restart;
 pub mod state;
 pub mod validate;
 pub mod worker;
@@ -60,6 +62,7 @@ pub use matching::{Match, explain, matches_partition};
 pub use order::OrderKey;
 pub use partition::{PartitionKey, PartitionSpec};
 pub use requirements::Requirements;
+pub use restart::{RestartDecision, RestartPolicy, RestartTracker};
 pub use state::{Action, IllegalTransition};
 pub use validate::{
     Limits, ValidationError, admit_batch, job_spec_from_value, job_spec_shape, parse_job_spec,

@@ -12,6 +12,9 @@
 //! `fleetq up` and `fleetq machine` both run their box through this crate, so the demo and a real
 //! GPU box share one path.
 
+pub mod config;
+pub mod gpu;
+pub mod service;
 pub mod simulated;
 
 use std::sync::Arc;
