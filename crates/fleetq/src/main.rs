@@ -1,6 +1,6 @@
-//! The `fleetq` command line. The serving commands (`up`, `api`, `worker`, `mock`) parse their
-//! flags into the libraries' configurations and call their entry points; the client commands
-//! (`submit`, `jobs`, `workers`, `services`) are HTTP calls to the API and their printing; `bench`
+//! The `fleetq` command line. The serving commands (`up`, `api`, `worker`, `machine`, `mock`)
+//! parse their flags into the libraries' configurations and call their entry points; the client
+//! commands (`submit`, `jobs`, `workers`, `services`) are HTTP calls to the API and their printing; `bench`
 //! measures; `explain` and `openapi` print what the libraries answer.
 
 // Doc comments on clap fields are `--help` text, where `<…>` around a URL would be printed.
@@ -11,6 +11,7 @@ mod bench_worker;
 mod chaos;
 mod client;
 mod explain;
+mod machine;
 mod mock;
 mod serve;
 mod signal;
@@ -66,6 +67,9 @@ enum Command {
     Chaos(chaos::Args),
     /// Runs one worker against a Redis broker until SIGTERM/SIGINT.
     Worker(worker::Args),
+    /// Runs this box as a fleet member: its services and one worker per GPU, from a machine TOML
+    /// file, against Redis; SIGTERM drains it, a second SIGTERM forces it.
+    Machine(machine::Args),
     /// Runs a mock service (ComfyUI, A1111, OpenAI) for demos and manual tests.
     #[command(subcommand)]
     Mock(mock::Mock),
@@ -101,6 +105,7 @@ fn main() -> ExitCode {
         Command::Bench(b) => run_async(cli.log_format, "warn", "fleetq bench", bench::run(b)),
         Command::Chaos(args) => run_async(cli.log_format, "warn", "fleetq chaos", chaos::run(args)),
         Command::Worker(args) => run_async(cli.log_format, "info", "fleetq worker", worker::run(args)),
+        Command::Machine(args) => run_async(cli.log_format, "info", "fleetq machine", machine::run(args)),
         Command::Mock(m) => run_async(cli.log_format, "info", "fleetq mock", mock::run(m)),
     }
 }
@@ -131,5 +136,15 @@ fn run_async(
             eprintln!("{name}: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Clap's own consistency checks (unique names, valid defaults) over every subcommand.
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

@@ -15,10 +15,11 @@ use fleetq_broker::redis::RedisBroker;
 use fleetq_broker::{Broker, BrokerConfig, FairShare};
 use fleetq_connectors::CancellationToken;
 use fleetq_core::Capabilities;
+use fleetq_machine::config::{GpusSetting, MachineFile, MachineSpec, Overrides as MachineOverrides, resolve};
 use fleetq_machine::simulated::SimulatedMachine;
 use fleetq_worker::config::capabilities_arg;
 
-use crate::signal::stop_on_signal;
+use crate::signal::{stop_on_signal, stop_then_force};
 
 /// Flags every API process takes.
 #[derive(Debug, ClapArgs)]
@@ -144,12 +145,63 @@ pub(crate) struct UpArgs {
     /// Capabilities of every worker (JSON object, or @file).
     #[arg(long)]
     capabilities: Option<String>,
-    /// The local machine's id.
-    #[arg(long, env = "MACHINE_ID", default_value = "local")]
-    machine_id: String,
     /// Lease length (ms).
     #[arg(long, env = "FLEETQ_LEASE_MS", default_value_t = 30_000)]
     lease_ms: i64,
+    /// Run a real machine from this TOML file (services per GPU, one worker per GPU; see
+    /// examples/machine.toml) instead of simulated workers.
+    #[arg(long, env = "MACHINE_CONFIG", conflicts_with_all = ["comfyui", "a1111", "openai"])]
+    config: Option<PathBuf>,
+    /// One worker serving the ComfyUI at this URL (e.g. http://127.0.0.1:8188) instead of
+    /// simulated workers.
+    #[arg(long)]
+    comfyui: Option<String>,
+    /// One worker serving the AUTOMATIC1111 webui at this URL (e.g. http://127.0.0.1:7860).
+    #[arg(long)]
+    a1111: Option<String>,
+    /// One worker serving the OpenAI-compatible API at this base URL (key from OPENAI_API_KEY).
+    #[arg(long)]
+    openai: Option<String>,
+    #[command(flatten)]
+    machine: crate::machine::MachineOverrides,
+}
+
+impl UpArgs {
+    /// The real machine these flags ask for, if any: `--config`, or the one-flag services.
+    fn real_machine(&self) -> Result<Option<MachineSpec>> {
+        if let Some(path) = &self.config {
+            return self.machine.spec(path).map(Some);
+        }
+        let mut connectors = Vec::new();
+        for (kind, url, key) in [
+            ("comfyui", &self.comfyui, "url"),
+            ("a1111", &self.a1111, "url"),
+            ("openai", &self.openai, "base_url"),
+        ] {
+            if let Some(url) = url {
+                let url = url.trim_end_matches('/');
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    bail!("--{kind} needs an http:// or https:// URL, got {url:?}");
+                }
+                let mut connector = toml::Table::new();
+                connector.insert("type".into(), toml::Value::String(kind.into()));
+                connector.insert(key.into(), toml::Value::String(url.into()));
+                connectors.push(toml::Value::Table(connector));
+            }
+        }
+        if connectors.is_empty() {
+            return Ok(None);
+        }
+        let mut worker = toml::Table::new();
+        worker.insert("connectors".into(), toml::Value::Array(connectors));
+        let file =
+            MachineFile { gpus: Some(GpusSetting::Count(1)), worker: Some(worker), ..MachineFile::default() };
+        let over =
+            MachineOverrides { machine_id: self.machine.machine_id.clone(), ..MachineOverrides::default() };
+        let mut spec = resolve(&file, &over, self.machine.id_or_local())?;
+        spec.shutdown_grace = Duration::from_secs(10);
+        Ok(Some(spec))
+    }
 }
 
 /// `fleetq api` flags.
@@ -184,6 +236,7 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
         bail!("the lease (--lease-ms) must be at least 100 ms");
     }
     let caps = args.capabilities.as_deref().map(capabilities_arg).transpose()?.unwrap_or_default();
+    let real = args.real_machine()?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
     let artifacts = args.data_dir.join("artifacts");
@@ -200,22 +253,15 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
             let broker = RedisBroker::connect(url, &args.queue, broker_config)
                 .await
                 .with_context(|| format!("connecting to {url}"))?;
-            stack(
-                Arc::new(broker),
-                &args,
-                &caps,
-                config,
-                stop,
-                &format!("redis {url} (queue {})", args.queue),
-            )
-            .await
+            let store = format!("redis {url} (queue {})", args.queue);
+            stack(Arc::new(broker), &args, real, &caps, config, stop, &store).await
         }
         None => {
             let path = args.data_dir.join("fleetq.db");
             let broker = EmbeddedBroker::open(&path, broker_config)
                 .with_context(|| format!("opening the store {}", path.display()))?;
-            stack(Arc::new(broker), &args, &caps, config, stop, &format!("embedded store {}", path.display()))
-                .await
+            let store = format!("embedded store {}", path.display());
+            stack(Arc::new(broker), &args, real, &caps, config, stop, &store).await
         }
     }
 }
@@ -223,6 +269,7 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
 async fn stack<B: Broker>(
     broker: Arc<B>,
     args: &UpArgs,
+    real: Option<MachineSpec>,
     caps: &Capabilities,
     config: ApiConfig,
     stop: CancellationToken,
@@ -231,26 +278,69 @@ async fn stack<B: Broker>(
     let listener = args.api.bind().await?;
     let addr = listener.local_addr()?;
     fleetq_api::install_metrics_recorder();
-    tokio::spawn(stop_on_signal(stop.clone()));
-    let machine = SimulatedMachine {
-        machine_id: args.machine_id.clone(),
-        workers: args.workers,
-        services: args.services.iter().map(|s| s.trim().to_owned()).collect(),
-        steps: args.steps,
-        step_ms: args.step_ms,
-        jitter: args.jitter,
-        failure_rate: args.failure_rate,
-        capabilities: caps.clone(),
-        shutdown_grace: Duration::from_secs(10),
-    }
-    .build(broker.clone())?;
-    let running = tokio::spawn(machine.run(stop.clone()));
-    announce(&up_banner(&addr.to_string(), store, &args.machine_id, args.workers, &args.services));
-    let served = fleetq_api::serve(listener, broker, config).await;
-    // Whatever ended serving, the machine drains its workers before the process exits.
+    let banner;
+    let running = match real {
+        Some(spec) => {
+            let force = CancellationToken::new();
+            tokio::spawn(stop_then_force(stop.clone(), force.clone()));
+            let services: Vec<String> = spec.services.iter().map(|s| s.name.clone()).collect();
+            banner = format!(
+                "fleetq is up at http://{addr}  ({store}; machine {} starting{})\n  \
+                 watch it at http://{addr}/ ; submit at http://{addr}/client",
+                spec.machine_id,
+                if services.is_empty() {
+                    String::new()
+                } else {
+                    format!(" its services {}", services.join(", "))
+                }
+            );
+            let broker = broker.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move { crate::machine::supervise(broker, spec, stop, force).await })
+        }
+        None => {
+            tokio::spawn(stop_on_signal(stop.clone()));
+            let machine = SimulatedMachine {
+                machine_id: args.machine.id_or_local().to_owned(),
+                workers: args.workers,
+                services: args.services.iter().map(|s| s.trim().to_owned()).collect(),
+                steps: args.steps,
+                step_ms: args.step_ms,
+                jitter: args.jitter,
+                failure_rate: args.failure_rate,
+                capabilities: caps.clone(),
+                shutdown_grace: Duration::from_secs(10),
+            }
+            .build(broker.clone())?;
+            banner =
+                up_banner(&addr.to_string(), store, args.machine.id_or_local(), args.workers, &args.services);
+            let stop = stop.clone();
+            tokio::spawn(async move { machine.run(stop).await.map_err(anyhow::Error::from) })
+        }
+    };
+    announce(&banner);
+    let stop_api = stop.clone();
+    let stop_machine = stop.clone();
+    // Whatever ends serving, the machine drains its workers before the process exits.
+    let served = async {
+        let served = fleetq_api::serve(listener, broker, config).await;
+        stop_machine.cancel();
+        served
+    };
+    // The API serves until a signal; a machine whose startup failed stops the process with its
+    // error (the API first drains).
+    let machine_end = async {
+        let end = running.await;
+        stop_api.cancel();
+        end
+    };
+    let (served, ended) = tokio::join!(served, machine_end);
     stop.cancel();
-    match running.await {
-        Ok(Err(e)) => tracing::warn!(error = %e, "the machine stopped with an error"),
+    match ended {
+        Ok(Err(e)) => {
+            served.context("serving HTTP")?;
+            return Err(e.context("the machine"));
+        }
         Err(e) => tracing::warn!(error = %e, "the machine task failed"),
         Ok(Ok(())) => {}
     }

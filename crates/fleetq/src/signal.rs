@@ -1,9 +1,10 @@
-//! Process signals: SIGINT or SIGTERM asks a long-running command to drain and stop.
+//! Process signals: SIGINT or SIGTERM asks a long-running command to drain and stop; for a
+//! machine, a second one forces it.
 
 use fleetq_connectors::CancellationToken;
 
-/// Fires `stop` on SIGINT or SIGTERM.
-pub(crate) async fn stop_on_signal(stop: CancellationToken) {
+/// Waits for SIGINT or SIGTERM.
+async fn one_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     let term = async {
@@ -20,6 +21,19 @@ pub(crate) async fn stop_on_signal(stop: CancellationToken) {
         _ = ctrl_c => {}
         () = term => {}
     }
+}
+
+/// Fires `stop` on SIGINT or SIGTERM.
+pub(crate) async fn stop_on_signal(stop: CancellationToken) {
+    one_signal().await;
     tracing::info!("shutdown requested; draining");
     stop.cancel();
+}
+
+/// Fires `stop` on the first SIGINT or SIGTERM and `force` on the second.
+pub(crate) async fn stop_then_force(stop: CancellationToken, force: CancellationToken) {
+    stop_on_signal(stop).await;
+    one_signal().await;
+    tracing::warn!("second signal: stopping at once");
+    force.cancel();
 }

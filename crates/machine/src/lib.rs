@@ -8,6 +8,9 @@
 //!   (each finishes or releases its job within its grace period) and reports it stopped.
 //! - [`simulated`]: the machine of `fleetq up` without services — N workers whose connectors
 //!   simulate services.
+//! - [`supervisor`]: a real box — GPUs detected ([`gpu`]), one service per GPU started, supervised
+//!   and restarted ([`service`]), one worker per GPU, all from one TOML file ([`config`]) — with
+//!   its startup steps reported as machine events.
 //!
 //! `fleetq up` and `fleetq machine` both run their box through this crate, so the demo and a real
 //! GPU box share one path.
@@ -16,6 +19,8 @@ pub mod config;
 pub mod gpu;
 pub mod service;
 pub mod simulated;
+pub mod status;
+pub mod supervisor;
 
 use std::sync::Arc;
 
@@ -35,6 +40,14 @@ pub enum MachineError {
     /// A worker could not be built.
     #[error(transparent)]
     Worker(#[from] WorkerError),
+    /// Startup failed at a step (already reported to the fleet as the machine's `error`).
+    #[error("startup failed at {step}: {reason}")]
+    Startup {
+        /// The step.
+        step: String,
+        /// Why, with the step's output tail.
+        reason: String,
+    },
 }
 
 /// One box's workers, run as one member of the fleet.
@@ -86,8 +99,20 @@ impl<B: Broker> Machine<B> {
     /// nothing (there is no box to show). Worker failures are logged: one worker's end does not
     /// stop the others.
     pub async fn run(self, stop: CancellationToken) -> Result<(), MachineError> {
+        self.run_then(stop, true, async { None }).await
+    }
+
+    /// [`Machine::run`] for a supervisor: `announce_start` false when it already reported
+    /// `starting` and its steps; `after_drain` runs once the workers are drained (stopping the
+    /// services) and its text is the `stopped` event's message.
+    pub async fn run_then(
+        self,
+        stop: CancellationToken,
+        announce_start: bool,
+        after_drain: impl Future<Output = Option<String>>,
+    ) -> Result<(), MachineError> {
         let announce = !self.workers.is_empty();
-        if announce {
+        if announce && announce_start {
             self.broker.machine_event(self.event(MachinePhase::Starting, self.description.clone())).await?;
         }
         let mut tasks = tokio::task::JoinSet::new();
@@ -112,8 +137,9 @@ impl<B: Broker> Machine<B> {
                 Ok(Ok(())) => {}
             }
         }
+        let said = after_drain.await;
         if announce {
-            self.broker.machine_event(self.event(MachinePhase::Stopped, None)).await?;
+            self.broker.machine_event(self.event(MachinePhase::Stopped, said)).await?;
         }
         Ok(())
     }

@@ -200,25 +200,46 @@ impl Running {
 }
 
 impl Instance {
+    /// Makes sure its port is free: a leftover of this same command is killed (with its group),
+    /// anything else is an error naming the holder.
+    async fn clear_port(&self) -> Result<(), ServiceError> {
+        let taken = |port| matches!(std::net::TcpListener::bind(("127.0.0.1", port)), Err(e) if e.kind() == std::io::ErrorKind::AddrInUse);
+        if !taken(self.port) {
+            return Ok(());
+        }
+        let holder = port_holder(self.port);
+        let ours = holder.as_ref().is_some_and(|(_, cmd)| same_command(cmd, &self.command));
+        if let (true, Some((pid, cmd))) = (ours, &holder) {
+            tracing::warn!(service = %self.label(), pid, %cmd, port = self.port, "a leftover of this service holds its port: killing it");
+            if let Ok(pid) = i32::try_from(*pid) {
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            // Bounded: the kernel frees the port once the process is gone.
+            for _ in 0..50 {
+                if !taken(self.port) {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Err(ServiceError::PortTaken {
+            service: self.label(),
+            port: self.port,
+            holder: holder.map(|(pid, cmd)| format!(" by pid {pid} ({cmd})")).unwrap_or_default(),
+        })
+    }
+
     /// `comfyui gpu0`, the prefix of its log lines and messages.
     pub fn label(&self) -> String {
         format!("{} gpu{}", self.name, self.gpu)
     }
 
-    /// Starts the process as the leader of a new process group, output captured.
-    pub fn launch(&self) -> Result<Running, ServiceError> {
-        if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", self.port))
-            && e.kind() == std::io::ErrorKind::AddrInUse
-        {
-            {
-                let holder = port_holder(self.port).map(|(pid, cmd)| format!(" by pid {pid} ({cmd})"));
-                return Err(ServiceError::PortTaken {
-                    service: self.label(),
-                    port: self.port,
-                    holder: holder.unwrap_or_default(),
-                });
-            }
-        }
+    /// Starts the process as the leader of a new process group, output captured. A process
+    /// already holding its port is killed first when it runs this very command (a leftover of an
+    /// earlier supervisor that died without stopping it); anything else there is reported.
+    pub async fn launch(&self) -> Result<Running, ServiceError> {
+        self.clear_port().await?;
         let program = self.command.first().cloned().unwrap_or_default();
         let mut cmd = tokio::process::Command::new(&program);
         cmd.args(&self.command[1..])
@@ -374,18 +395,11 @@ impl Instance {
         stop: &CancellationToken,
         status: &watch::Sender<ServiceStatus>,
     ) -> Option<Running> {
-        if let Some((pid, cmd)) = port_holder(self.port) {
-            tracing::warn!(service = %self.label(), pid, %cmd, port = self.port, "a leftover process holds the port: killing it");
-            if let Ok(pid) = i32::try_from(pid) {
-                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
         status.send_modify(|s| {
             s.phase = ServicePhase::Starting;
             s.restarts = s.restarts.saturating_add(1);
         });
-        let mut running = match self.launch() {
+        let mut running = match self.launch().await {
             Ok(r) => r,
             Err(e) => {
                 status.send_modify(|s| s.last_error = Some(e.to_string()));
@@ -579,6 +593,18 @@ fn rotated(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Whether a process's command line (`/proc/<pid>/cmdline`, NULs as spaces) is `ours`: the same
+/// arguments and a program of the same file name (a launcher may resolve `python3` to a full path).
+fn same_command(cmdline: &str, ours: &[String]) -> bool {
+    let theirs: Vec<&str> = cmdline.split_whitespace().collect();
+    let ours: Vec<&str> = ours.iter().flat_map(|a| a.split_whitespace()).collect();
+    let name = |p: &str| Path::new(p).file_name().map(std::ffi::OsStr::to_owned);
+    theirs.len() == ours.len()
+        && !ours.is_empty()
+        && theirs[1..] == ours[1..]
+        && name(theirs[0]) == name(ours[0])
+}
+
 /// The process listening on TCP `port` (any local address), from `/proc`: its pid and command.
 pub fn port_holder(port: u16) -> Option<(u32, String)> {
     let mut inodes = Vec::new();
@@ -653,7 +679,7 @@ mod tests {
             free_port(),
             dir.path(),
         );
-        let mut running = svc.launch().expect("launch");
+        let mut running = svc.launch().await.expect("launch");
         let stop = CancellationToken::new();
         let err = svc
             .wait_ready(&mut running, Duration::from_secs(60), Duration::from_secs(60), &stop, |_, _| {})
@@ -671,7 +697,7 @@ mod tests {
         // A leader that ignores SIGTERM, with a helper child: both must be gone after stop.
         let svc = sh("trap '' TERM; sleep 300 & echo helper $!; wait", free_port(), dir.path());
         let svc = Instance { stop_timeout: Duration::from_millis(300), ..svc };
-        let mut running = svc.launch().expect("launch");
+        let mut running = svc.launch().await.expect("launch");
         let mut helper = None;
         for _ in 0..500 {
             helper = running
@@ -703,12 +729,47 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
-        let err = sh("exit 0", port, dir.path()).launch().expect_err("port taken");
+        let err = sh("exit 0", port, dir.path()).launch().await.expect_err("port taken");
         let text = err.to_string();
         assert!(
             text.contains(&format!("port {port}")) && text.contains(&format!("pid {}", std::process::id())),
             "{text}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_leftover_of_the_same_command_is_killed_before_the_launch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let command: Vec<String> = ["python3", "-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"]
+            .map(String::from)
+            .into();
+        // A leftover: the same command, started by someone else (a supervisor that died).
+        let mut leftover = std::process::Command::new(&command[0])
+            .args(&command[1..])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3");
+        let svc =
+            Instance { command, ready_url: format!("http://127.0.0.1:{port}/"), ..sh("", port, dir.path()) };
+        let mut bound = false;
+        for _ in 0..200 {
+            if port_holder(port).is_some() {
+                bound = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(bound, "the leftover listens");
+        let mut running = svc.launch().await.expect("the leftover is cleared and the service starts");
+        let status = leftover.wait().expect("the leftover ended");
+        assert!(!status.success(), "the leftover was killed: {status}");
+        svc.stop_process(&mut running).await;
+        // Something else on the port is never killed.
+        let other = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let svc = Instance { port: other.local_addr().expect("addr").port(), ..svc };
+        assert!(matches!(svc.launch().await, Err(ServiceError::PortTaken { .. })));
     }
 
     #[test]
