@@ -794,8 +794,12 @@ impl ComfyUi {
                         // still trips the progress timeout.
                         Some(false) => sink.report(progress.percent(), Some("queued in ComfyUI".into())),
                         Some(true) => {}
+                        // Neither queued, running nor finished: ComfyUI restarted under the job
+                        // (its queue and history are in memory). That is the service going away,
+                        // not the job failing: the worker gives the job back without spending
+                        // an attempt, as when the service cannot be reached.
                         None if self.history(&prompt_id).await?.is_none() => {
-                            return Err(JobError::retryable(FailureCategory::Service, "the prompt vanished from ComfyUI (restarted?)"));
+                            return Err(JobError::retryable(FailureCategory::Connection, "the prompt vanished from ComfyUI (restarted?)"));
                         }
                         None => {}
                     }

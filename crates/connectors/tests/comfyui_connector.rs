@@ -213,3 +213,27 @@ async fn health_follows_the_service() {
     assert_eq!(h.status, ConnectorStatus::Offline);
     assert!(h.message.expect("reason").contains("refused"));
 }
+
+/// ComfyUI restarted under a running prompt (a fresh process: empty queue and history) is the
+/// service going away, not the job failing: the error is `Connection`, so the worker gives the
+/// job back without spending an attempt.
+#[tokio::test]
+async fn a_service_restarted_under_the_prompt_is_the_service_going_away() {
+    let mock = ComfyMock::start(ComfyMockConfig::default()).await.expect("mock");
+    let addr = mock.addr();
+    let c = connector(&mock, None);
+    let restart = async {
+        for _ in 0..200 {
+            if !mock.prompts().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        mock.stop().await;
+        ComfyMock::start_on(addr, ComfyMockConfig::default()).await.expect("restarted on the same port")
+    };
+    let ((out, _), _fresh) = tokio::join!(run(&c, workflow(50, 0.1, "restarted")), restart);
+    let e = out.expect_err("the prompt is gone");
+    assert_eq!(e.category, FailureCategory::Connection, "{e:?}");
+    assert!(e.retryable, "{e:?}");
+}
