@@ -255,7 +255,10 @@ function drawMachines() {
   }
   const cards = machines.map(([id, m]) => {
     const ms = s.machines[id];
-    const phase = ms ? ms.phase : m.workers.length ? "ready" : "offline";
+    // A machine that vanished without a word (kill -9, power loss) never says `stopped`: once
+    // the presence of every worker it had has expired, it is shown offline.
+    const vanished = ms && ["ready", "starting"].includes(ms.phase) && !m.workers.length && m.gone.length;
+    const phase = vanished ? "offline" : ms ? ms.phase : m.workers.length ? "ready" : "offline";
     const steps = ms && ms.steps && ms.steps.length
       ? `<ol class="steps">${ms.steps.map((st) => `<li>${esc(st)}</li>`).join("")}</ol>` : "";
     const many = m.workers.length + m.gone.length > 4;

@@ -226,6 +226,12 @@ async fn a_machine_runs_a_service_per_gpu_restarts_crashes_and_drains() {
     })
     .await;
     assert!(restarted["last_exit"].as_str().is_some_and(|e| e.contains("SIGKILL")), "{restarted}");
+    // The machine card says so.
+    let back = format!("comfyui gpu{gpu} is back (restart 1)");
+    until("the machine reports the service back", 300, async || {
+        machine(&broker).await.filter(|m| m.message.as_deref() == Some(back.as_str()))
+    })
+    .await;
     until("the restarted service's connector is idle", 300, async || {
         worker(&broker, &on)
             .await

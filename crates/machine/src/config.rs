@@ -394,6 +394,19 @@ mod tests {
         assert!(spec_text.contains("http://127.0.0.1:8189"), "{spec_text}");
     }
 
+    /// The README's example stays a file fleetq accepts.
+    #[test]
+    fn the_example_file_resolves() {
+        let file = MachineFile::parse(include_str!("../../../examples/machine.toml")).expect("parses");
+        let spec = resolve(&file, &Overrides::default(), "host").expect("resolves");
+        assert_eq!(spec.gpus, GpuSource::Detect);
+        let g = &gpu::configured(2, 24)[1];
+        let port = spec.services[0].port(1).expect("port");
+        let fill = Placeholders::new(g, &[("comfyui".into(), port)]);
+        let worker = worker_file(&spec, g, &fill, true).expect("worker");
+        assert!(format!("{:?}", worker.connectors[0]).contains("http://127.0.0.1:8189"));
+    }
+
     #[test]
     fn environment_names_win_and_mistakes_are_named() {
         let file = MachineFile::parse(EXAMPLE).expect("parses");

@@ -17,6 +17,7 @@
 
 pub mod config;
 pub mod gpu;
+pub mod notify;
 pub mod service;
 pub mod simulated;
 pub mod status;

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 
 use crate::config::{GpuSource, MachineSpec, Placeholders, worker_file};
 use crate::gpu::{self, Gpu};
-use crate::service::{Instance, ServiceStatus};
+use crate::service::{Instance, ServicePhase, ServiceStatus};
 use crate::{Machine, MachineError};
 
 /// Lines of a failing step's output put into its `error` event.
@@ -134,6 +134,7 @@ impl<B: Broker> Supervisor<B> {
         let tail: Vec<&str> = tail.iter().rev().take(FAILURE_TAIL).rev().map(String::as_str).collect();
         let reason = if tail.is_empty() { reason } else { format!("{reason}\n{}", tail.join("\n")) };
         tracing::error!(step, %reason, "machine startup failed");
+        crate::notify::notify(&format!("STATUS=startup failed at {step}"));
         self.status.send_modify(|s| {
             s.phase = "error".into();
             s.last_error = Some(reason.clone());
@@ -325,10 +326,30 @@ impl<B: Broker> Supervisor<B> {
         let mirror = {
             let status = self.status.clone();
             let mut receivers = receivers;
+            let broker = self.broker.clone();
+            let machine_id = self.spec.machine_id.clone();
             tokio::spawn(async move {
+                let mut before: Vec<ServiceStatus> = Vec::new();
                 loop {
                     let now: Vec<ServiceStatus> = receivers.iter().map(|r| r.borrow().clone()).collect();
-                    status.send_modify(|s| s.services = now);
+                    // A service crashing, coming back or given up is news for the machine card.
+                    for (i, svc) in now.iter().enumerate() {
+                        let was = before.get(i).map(|b| b.phase);
+                        if let Some(message) = service_news(was, svc) {
+                            let event = MachineEvent {
+                                machine_id: machine_id.clone(),
+                                phase: MachinePhase::Step,
+                                step: None,
+                                message: Some(message),
+                                at: broker.clock().now_ms(),
+                            };
+                            if let Err(e) = broker.machine_event(event).await {
+                                tracing::warn!(error = %e, "could not report a service's change");
+                            }
+                        }
+                    }
+                    status.send_modify(|s| s.services = now.clone());
+                    before = now;
                     let changed = futures_any(&mut receivers).await;
                     if !changed {
                         return;
@@ -340,10 +361,12 @@ impl<B: Broker> Supervisor<B> {
             s.workers = worker_ids;
             s.phase = "ready".into();
         });
+        crate::notify::notify("READY=1\nSTATUS=ready");
         let machine = Machine::new(self.broker.clone(), self.spec.machine_id.clone(), workers, None);
         let status = self.status.clone();
         let drained = async move {
             status.send_modify(|s| s.phase = "stopping".into());
+            crate::notify::notify("STOPPING=1\nSTATUS=workers drained; stopping the services");
             services_stop.cancel();
             let stopping = async { while supervised.join_next().await.is_some() {} };
             tokio::select! {
@@ -370,7 +393,25 @@ impl<B: Broker> Supervisor<B> {
     async fn step(&self, text: String, began: Instant) -> Result<(), MachineError> {
         let ms = began.elapsed().as_millis();
         tracing::info!(ms = ms as u64, "{text}");
+        crate::notify::notify(&format!("STATUS={text}"));
         self.say(MachinePhase::Step, Some(format!("{text} ({ms} ms)")), None).await
+    }
+}
+
+/// What the machine card should say when a service's phase moved from `was` to its current one.
+fn service_news(was: Option<ServicePhase>, now: &ServiceStatus) -> Option<String> {
+    let label = format!("{} gpu{}", now.name, now.gpu);
+    let exit = now.last_exit.as_deref().unwrap_or("exited");
+    match (was, now.phase) {
+        (Some(a), b) if a == b => None,
+        (Some(ServicePhase::Ready), ServicePhase::Restarting) => {
+            Some(format!("{label} crashed ({exit}); restarting"))
+        }
+        (Some(_), ServicePhase::Ready) => Some(format!("{label} is back (restart {})", now.restarts)),
+        (_, ServicePhase::Failed) => {
+            Some(format!("{label} failed: {}", now.last_error.as_deref().unwrap_or(exit)))
+        }
+        _ => None,
     }
 }
 
@@ -424,4 +465,35 @@ async fn run_setup(
         .map(str::to_owned)
         .collect();
     Err((crate::service::describe(out.status), tail))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_changes_become_machine_news() {
+        let svc = |phase, restarts| ServiceStatus {
+            name: "comfyui".into(),
+            gpu: 1,
+            phase,
+            restarts,
+            last_exit: Some("signal 9 (SIGKILL)".into()),
+            last_error: Some("6 crashes within 600 s: given up (more than 5 allowed)".into()),
+            ..ServiceStatus::default()
+        };
+        assert_eq!(service_news(None, &svc(ServicePhase::Ready, 0)), None);
+        assert_eq!(service_news(Some(ServicePhase::Ready), &svc(ServicePhase::Ready, 0)), None);
+        assert_eq!(
+            service_news(Some(ServicePhase::Ready), &svc(ServicePhase::Restarting, 0)).as_deref(),
+            Some("comfyui gpu1 crashed (signal 9 (SIGKILL)); restarting")
+        );
+        assert_eq!(
+            service_news(Some(ServicePhase::Starting), &svc(ServicePhase::Ready, 1)).as_deref(),
+            Some("comfyui gpu1 is back (restart 1)")
+        );
+        let failed =
+            service_news(Some(ServicePhase::Restarting), &svc(ServicePhase::Failed, 5)).expect("news");
+        assert!(failed.contains("failed: 6 crashes"), "{failed}");
+    }
 }
