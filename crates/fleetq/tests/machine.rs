@@ -68,6 +68,7 @@ command = ["{bin}", "mock", "comfyui", "--port", "{{port}}"]
 base_port = {base_port}
 setup = [["sh", "-c", "echo custom nodes installed"]]
 stop_timeout_s = 5
+warmup = {{ prompt = {{ "1" = {{ class_type = "EmptyImage", inputs = {{ width = 8, height = 8, batch_size = 1, color = 0 }} }}, "2" = {{ class_type = "SaveImage", inputs = {{ images = ["1", 0], filename_prefix = "warm" }} }} }} }}
 [services.restart]
 backoff_base_ms = 1500
 
@@ -158,6 +159,8 @@ async fn a_machine_runs_a_service_per_gpu_restarts_crashes_and_drains() {
         "launched comfyui gpu1",
         "comfyui gpu0 ready",
         "comfyui gpu1 ready",
+        "warm-up comfyui gpu0 ok",
+        "warm-up comfyui gpu1 ok",
     ];
     assert_eq!(m.steps.len(), expected.len(), "{:?}", m.steps);
     for (step, want) in m.steps.iter().zip(expected) {
@@ -404,6 +407,25 @@ fn startup_failures_are_reported_with_their_output_and_not_looped() {
     );
     let log = std::fs::read_to_string(logs.join("comfyui-gpu0.log")).expect("service log");
     assert_eq!(log.matches("loading models").count(), 1, "launched once, not in a loop: {log}");
+
+    // A warm-up the service refuses: the startup fails naming it, with the service's reason.
+    let bin = env!("CARGO_BIN_EXE_fleetq");
+    let warm = dir.path().join("warm.toml");
+    std::fs::write(
+        &warm,
+        format!(
+            "log_dir = \"{}\"\n[[services]]\nname = \"comfyui\"\ncommand = [\"{bin}\", \"mock\", \"comfyui\", \"--port\", \"{{port}}\"]\n\
+             base_port = {}\nwarmup = {{ prompt = {{ \"1\" = {{ class_type = \"NoSuchNode\", inputs = {{}} }} }} }}\n\
+             [[worker.connectors]]\ntype = \"comfyui\"\nurl = \"http://127.0.0.1:{{port}}\"\n",
+            logs.display(),
+            free_port()
+        ),
+    )
+    .expect("write");
+    let out = run(&warm);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("startup failed at warm-up comfyui gpu0") && err.contains("NoSuchNode"), "{err}");
 
     let unknown = dir.path().join("unknown.toml");
     std::fs::write(&unknown, "gpu = 2\n").expect("write");

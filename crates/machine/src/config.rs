@@ -113,6 +113,10 @@ pub struct ServiceFile {
     pub restart: RestartPolicy,
     /// Seconds between SIGTERM and SIGKILL to its process group; default 10.
     pub stop_timeout_s: Option<u64>,
+    /// A job payload run once on every GPU through its worker's connector for this service, after
+    /// the service is ready and before the worker claims (loads the model into GPU memory). It
+    /// must succeed, or the startup fails with its error.
+    pub warmup: Option<serde_json::Value>,
 }
 
 impl MachineFile {
@@ -175,6 +179,8 @@ pub struct ServiceSpec {
     pub restart: RestartPolicy,
     /// SIGTERM → SIGKILL wait.
     pub stop_timeout: Duration,
+    /// The warm-up job's payload.
+    pub warmup: Option<serde_json::Value>,
 }
 
 impl ServiceSpec {
@@ -255,6 +261,7 @@ pub fn resolve(file: &MachineFile, over: &Overrides, default_id: &str) -> Result
             setup: s.setup.clone(),
             restart: s.restart,
             stop_timeout: Duration::from_secs(s.stop_timeout_s.unwrap_or(10).clamp(1, 600)),
+            warmup: s.warmup.clone(),
         });
     }
     let worker = file.worker.clone().unwrap_or_default();

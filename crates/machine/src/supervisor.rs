@@ -304,6 +304,18 @@ impl<B: Broker> Supervisor<B> {
             };
             settings.worker.shutdown_grace = self.spec.shutdown_grace;
             let id = settings.worker.registration.worker_id.clone();
+            for svc in self.spec.services.iter().filter(|s| s.warmup.is_some()) {
+                let began = Instant::now();
+                let payload = svc.warmup.clone().unwrap_or_default();
+                let label = format!("warm-up {} gpu{}", svc.name, g.index);
+                match warm_up(&settings.connectors, &svc.name, payload, self.spec.startup_timeout).await {
+                    Ok(()) => self.step(format!("{label} ok"), began).await?,
+                    Err(reason) => {
+                        stop_all(&instances, &mut running).await;
+                        return Err(self.failed(&label, reason, &[]).await);
+                    }
+                }
+            }
             match Worker::new(self.broker.clone(), settings.connectors, settings.worker) {
                 Ok(w) => {
                     workers.push(Arc::new(w));
@@ -422,6 +434,32 @@ async fn futures_any(receivers: &mut [watch::Receiver<ServiceStatus>]) -> bool {
     }
     let changes = receivers.iter_mut().map(|r| Box::pin(r.changed()));
     matches!(futures::future::select_all(changes).await, (Ok(()), _, _))
+}
+
+/// Runs `payload` once through the connector serving `service` (bounded by `timeout`).
+async fn warm_up(
+    connectors: &[Arc<dyn fleetq_connectors::Connector>],
+    service: &str,
+    payload: serde_json::Value,
+    timeout: Duration,
+) -> Result<(), String> {
+    let Some(connector) = connectors.iter().find(|c| c.service() == service) else {
+        return Err(format!("no connector of the worker serves {service:?}"));
+    };
+    let spec = fleetq_core::JobSpec::new(service, payload);
+    let id = fleetq_core::JobId(format!("warmup-{service}"));
+    let summary = fleetq_core::JobSummary::new_pending(id, &spec, 0);
+    let job = fleetq_core::JobRecord { summary, spec, outcome: None, history: Vec::new() };
+    let (sink, _progress) = fleetq_connectors::ProgressSink::channel();
+    let cancel = CancellationToken::new();
+    match tokio::time::timeout(timeout, connector.process(&job, sink, cancel.clone())).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("{}: {}", e.category.as_str(), e.message)),
+        Err(_) => {
+            cancel.cancel();
+            Err(format!("no result after {} s", timeout.as_secs()))
+        }
+    }
 }
 
 /// Stops every launched instance (startup failed part-way).
