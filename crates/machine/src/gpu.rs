@@ -1,7 +1,8 @@
-//! The GPUs of a box: detected from `nvidia-smi`'s CSV query (keyed by UUID, since device order
-//! can change between boots), or a configured count for CPU boxes and tests (`TEST_MODE`,
-//! `NUM_GPUS`). The parser is pure and tested on recorded output; a box without the driver fails
-//! detection with a message that says how to configure a count instead.
+//! The GPUs of a box, keyed by UUID (device order can change between boots): detected through
+//! NVML (`nvml-wrapper` loads the driver's library at run time, so a GPU-less box builds and runs),
+//! else from `nvidia-smi`'s CSV query, or a configured count for CPU boxes and tests
+//! (`TEST_MODE`, `NUM_GPUS`). The CSV parser is pure and tested on recorded output; a box without
+//! the driver fails detection with a message that says how to configure a count instead.
 
 use std::time::Duration;
 
@@ -109,8 +110,39 @@ pub fn configured(count: u32, memory_gb: u64) -> Vec<Gpu> {
         .collect()
 }
 
-/// Runs `nvidia-smi` (bounded by `timeout`) and parses its answer.
+/// Detects the GPUs: NVML first, `nvidia-smi` (bounded by `timeout`) when NVML cannot be loaded.
 pub async fn detect(timeout: Duration) -> Result<Vec<Gpu>, GpuError> {
+    match tokio::task::spawn_blocking(nvml).await {
+        Ok(Ok(gpus)) if !gpus.is_empty() => return Ok(gpus),
+        Ok(Ok(_)) => tracing::info!("NVML lists no GPU; asking nvidia-smi"),
+        Ok(Err(e)) => tracing::info!(error = %e, "NVML unavailable; asking nvidia-smi"),
+        Err(e) => tracing::warn!(error = %e, "NVML detection panicked; asking nvidia-smi"),
+    }
+    nvidia_smi(timeout).await
+}
+
+/// The GPUs NVML sees (blocking: the library is loaded and queried synchronously).
+fn nvml() -> Result<Vec<Gpu>, nvml_wrapper::error::NvmlError> {
+    let nvml = nvml_wrapper::Nvml::init()?;
+    let driver_version = nvml.sys_driver_version().ok();
+    let count = nvml.device_count()?.min(crate::config::MAX_GPUS);
+    let mut gpus = Vec::new();
+    for index in 0..count {
+        let device = nvml.device_by_index(index)?;
+        gpus.push(Gpu {
+            index,
+            uuid: device.uuid()?,
+            pci_bus_id: device.pci_info().ok().map(|p| p.bus_id),
+            name: device.name()?,
+            memory_mib: device.memory_info()?.total / (1024 * 1024),
+            driver_version: driver_version.clone(),
+        });
+    }
+    Ok(gpus)
+}
+
+/// Runs `nvidia-smi` (bounded by `timeout`) and parses its answer.
+async fn nvidia_smi(timeout: Duration) -> Result<Vec<Gpu>, GpuError> {
     let run = tokio::process::Command::new("nvidia-smi")
         .arg(format!("--query-gpu={NVIDIA_SMI_QUERY}"))
         .arg("--format=csv,noheader,nounits")
@@ -161,6 +193,16 @@ mod tests {
         let odd = parse_nvidia_smi("0, GPU-y, [N/A], Tesla T4, PCIe, 15360, [N/A]").expect("parses");
         assert_eq!(odd[0].name, "Tesla T4, PCIe");
         assert_eq!((odd[0].pci_bus_id.as_deref(), odd[0].driver_version.as_deref()), (None, None));
+    }
+
+    /// On a box without the NVIDIA driver both ways fail, and the error says what to set.
+    #[tokio::test]
+    async fn without_a_driver_detection_says_how_to_configure() {
+        if std::path::Path::new("/proc/driver/nvidia").exists() {
+            return; // a GPU box: detection is expected to work here
+        }
+        let e = detect(Duration::from_secs(10)).await.expect_err("no driver here");
+        assert!(e.to_string().contains("NUM_GPUS"), "{e}");
     }
 
     #[test]
