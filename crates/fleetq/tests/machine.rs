@@ -122,6 +122,12 @@ async fn health(http: &reqwest::Client, port: u16) -> Value {
         .expect("json")
 }
 
+/// The pids of the machine's services, from its `/health`.
+async fn service_pids(http: &reqwest::Client, port: u16) -> Vec<u64> {
+    let status = health(http, port).await;
+    status["services"].as_array().expect("services").iter().map(|s| s["pid"].as_u64().expect("pid")).collect()
+}
+
 fn alive(pid: u64) -> bool {
     // A zombie awaiting its reaper counts as gone.
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z"))
@@ -186,12 +192,7 @@ async fn a_machine_runs_a_service_per_gpu_restarts_crashes_and_drains() {
     let http = reqwest::Client::new();
     let status = health(&http, status_port).await;
     assert_eq!(status["phase"], "ready", "{status}");
-    let pids: Vec<u64> = status["services"]
-        .as_array()
-        .expect("services")
-        .iter()
-        .map(|s| s["pid"].as_u64().expect("pid"))
-        .collect();
+    let pids = service_pids(&http, status_port).await;
     assert_eq!(pids.len(), 2);
 
     // A service killed mid-job: its connector goes offline, the service comes back after its
@@ -229,6 +230,9 @@ async fn a_machine_runs_a_service_per_gpu_restarts_crashes_and_drains() {
     })
     .await;
     assert!(restarted["last_exit"].as_str().is_some_and(|e| e.contains("SIGKILL")), "{restarted}");
+    let said =
+        restarted["last_lines"].as_array().map(|l| l.iter().filter_map(Value::as_str).collect::<Vec<_>>());
+    assert!(said.is_some_and(|l| l.iter().any(|l| l.contains("mock ComfyUI listening"))), "{restarted}");
     // The machine card says so.
     let back = format!("comfyui gpu{gpu} is back (restart 1)");
     until("the machine reports the service back", 300, async || {
@@ -248,12 +252,7 @@ async fn a_machine_runs_a_service_per_gpu_restarts_crashes_and_drains() {
         Some(job(&broker, &id).await).filter(|r| r.summary.status == JobStatus::InProgress)
     })
     .await;
-    let pids: Vec<u64> = health(&http, status_port).await["services"]
-        .as_array()
-        .expect("services")
-        .iter()
-        .map(|s| s["pid"].as_u64().expect("pid"))
-        .collect();
+    let pids = service_pids(&http, status_port).await;
     signal(&sup, "-TERM");
     let exit = sup.wait().expect("wait");
     assert!(exit.success(), "SIGTERM drains and exits 0: {exit}\n{}", dump());
@@ -274,12 +273,7 @@ async fn a_machine_runs_a_service_per_gpu_restarts_crashes_and_drains() {
         Some(job(&broker, &id).await).filter(|r| r.summary.status == JobStatus::InProgress)
     })
     .await;
-    let orphans: Vec<u64> = health(&http, status_port).await["services"]
-        .as_array()
-        .expect("services")
-        .iter()
-        .map(|s| s["pid"].as_u64().expect("pid"))
-        .collect();
+    let orphans = service_pids(&http, status_port).await;
     sup.kill().expect("kill -9");
     sup.wait().expect("reap");
     let sup = Guard(spawn_machine(&config, &server.url, queue, &log));

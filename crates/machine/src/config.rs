@@ -11,34 +11,12 @@ use std::time::Duration;
 use fleetq_core::RestartPolicy;
 use fleetq_worker::config::WorkerFile;
 use serde::Deserialize;
-use thiserror::Error;
 
 use crate::gpu::Gpu;
 
-/// Why a machine configuration cannot be used; each names what to fix.
-#[derive(Debug, Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("reading {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The file does not parse or has an unknown key.
-    #[error("in {path}: {message}")]
-    File {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong, with the key and line.
-        message: String,
-    },
-    /// A value is missing or out of range.
-    #[error("{0}")]
-    Invalid(String),
-}
+/// Why a machine configuration cannot be used; each names what to fix (the worker's error type:
+/// a machine file embeds a worker file).
+pub use fleetq_worker::config::ConfigError;
 
 /// `gpus = "auto"` (detect) or a count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -122,14 +100,12 @@ pub struct ServiceFile {
 impl MachineFile {
     /// Reads and parses a file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Self::parse(&text).map_err(|message| ConfigError::File { path: path.to_owned(), message })
+        fleetq_worker::config::load_toml(path)
     }
 
     /// Parses a file's text; the error names the key and line.
     pub fn parse(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        fleetq_worker::config::parse_toml(text)
     }
 }
 

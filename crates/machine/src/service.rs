@@ -125,6 +125,8 @@ pub struct ServiceStatus {
     pub restarts: u32,
     /// How the last process ended (exit code or signal).
     pub last_exit: Option<String>,
+    /// Its last output lines when it ended.
+    pub last_lines: Vec<String>,
     /// The last error (a failed start, giving up).
     pub last_error: Option<String>,
 }
@@ -337,7 +339,13 @@ impl Instance {
             let exit = tokio::select! {
                 () = stop.cancelled() => {
                     let exit = self.stop_process(&mut running).await;
-                    status.send_modify(|s| { s.phase = ServicePhase::Stopped; s.pid = None; s.last_exit = Some(exit); });
+                    let tail = running.tail();
+                    status.send_modify(|s| {
+                        s.phase = ServicePhase::Stopped;
+                        s.pid = None;
+                        s.last_exit = Some(exit);
+                        s.last_lines = tail.into_iter().rev().take(10).rev().collect();
+                    });
                     return;
                 }
                 exit = running.child.wait() => exit,
@@ -345,10 +353,12 @@ impl Instance {
             let exit = exit.map_or_else(|e| format!("wait failed: {e}"), describe);
             // Helpers of the crashed process must not keep the GPU or the port.
             kill_group(running.pid, Signal::SIGKILL);
-            tracing::warn!(service = %self.label(), %exit, tail = ?running.tail(), "service exited");
+            let tail = running.tail();
+            tracing::warn!(service = %self.label(), %exit, tail = ?tail, "service exited");
             status.send_modify(|s| {
                 s.pid = None;
                 s.last_exit = Some(exit);
+                s.last_lines = tail.into_iter().rev().take(10).rev().collect();
             });
             let mut ran = running.started.elapsed();
             running = loop {

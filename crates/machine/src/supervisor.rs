@@ -256,13 +256,7 @@ impl<B: Broker> Supervisor<B> {
                         elapsed.as_secs(),
                         last.map_or(String::new(), |l| format!(" — {l}"))
                     );
-                    let event = MachineEvent {
-                        machine_id: machine_id.clone(),
-                        phase: MachinePhase::Step,
-                        step: None,
-                        message: Some(message),
-                        at: broker.clock().now_ms(),
-                    };
+                    let event = note(&machine_id, message, broker.clock().now_ms());
                     let broker = broker.clone();
                     tokio::spawn(async move { broker.machine_event(event).await });
                 })
@@ -348,13 +342,7 @@ impl<B: Broker> Supervisor<B> {
                     for (i, svc) in now.iter().enumerate() {
                         let was = before.get(i).map(|b| b.phase);
                         if let Some(message) = service_news(was, svc) {
-                            let event = MachineEvent {
-                                machine_id: machine_id.clone(),
-                                phase: MachinePhase::Step,
-                                step: None,
-                                message: Some(message),
-                                at: broker.clock().now_ms(),
-                            };
+                            let event = note(&machine_id, message, broker.clock().now_ms());
                             if let Err(e) = broker.machine_event(event).await {
                                 tracing::warn!(error = %e, "could not report a service's change");
                             }
@@ -407,6 +395,18 @@ impl<B: Broker> Supervisor<B> {
         tracing::info!(ms = ms as u64, "{text}");
         crate::notify::notify(&format!("STATUS={text}"));
         self.say(MachinePhase::Step, Some(format!("{text} ({ms} ms)")), None).await
+    }
+}
+
+/// A live line on the machine card: a `step` event without a step, so the list of steps stays
+/// and the message shows.
+fn note(machine_id: &str, message: String, at: i64) -> MachineEvent {
+    MachineEvent {
+        machine_id: machine_id.to_owned(),
+        phase: MachinePhase::Step,
+        step: None,
+        message: Some(message),
+        at,
     }
 }
 

@@ -80,15 +80,25 @@ pub struct WorkerFile {
 impl WorkerFile {
     /// Reads and parses a file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Self::parse(&text).map_err(|message| ConfigError::File { path: path.to_owned(), message })
+        load_toml(path)
     }
 
     /// Parses a file's text; the error names the key and line.
     pub fn parse(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        parse_toml(text)
     }
+}
+
+/// Reads and parses a TOML configuration file (this one's, or a machine's that embeds it).
+pub fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    parse_toml(&text).map_err(|message| ConfigError::File { path: path.to_owned(), message })
+}
+
+/// Parses TOML text; the error names the key and line.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    toml::from_str(text).map_err(|e| e.to_string())
 }
 
 /// Values that take precedence over the file (flags and environment variables).
