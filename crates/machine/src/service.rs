@@ -701,6 +701,36 @@ mod tests {
         assert!(log.contains("[svc gpu0] loading"), "{log}");
     }
 
+    /// A port that answers HTML (a web server, not the service's API yet) is not ready.
+    #[tokio::test]
+    async fn a_port_answering_html_is_not_ready() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let command: Vec<String> = ["python3", "-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"]
+            .map(String::from)
+            .into();
+        let svc =
+            Instance { command, ready_url: format!("http://127.0.0.1:{port}/"), ..sh("", port, dir.path()) };
+        let mut running = svc.launch().await.expect("launch");
+        let mut answered = false;
+        for _ in 0..200 {
+            let body = reqwest::get(format!("http://127.0.0.1:{port}/")).await.ok();
+            if let Some(b) = body {
+                answered = b.text().await.is_ok_and(|t| t.contains("<html") || t.contains("<!DOCTYPE"));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(answered, "the port answers HTML");
+        let stop = CancellationToken::new();
+        let err = svc
+            .wait_ready(&mut running, Duration::from_secs(1), Duration::from_secs(60), &stop, |_, _| {})
+            .await
+            .expect_err("HTML is not ready");
+        assert!(matches!(err, ServiceError::NotReady { .. }), "{err}");
+        svc.stop_process(&mut running).await;
+    }
+
     #[tokio::test]
     async fn stopping_ends_the_whole_process_group() {
         let dir = tempfile::tempdir().expect("tempdir");
