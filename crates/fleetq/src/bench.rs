@@ -19,6 +19,7 @@
 //!   of the idle broker afterwards (workers waiting in `claim`, no job pending), and N plain jobs
 //!   drained before and after (the burst must leave nothing behind that slows them).
 
+use crate::out::outln;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -237,7 +238,7 @@ fn emit(backend: &str, mut line: Value) {
         obj.insert("system".into(), json!("fleetq"));
         obj.insert("backend".into(), json!(backend));
     }
-    println!("{line}");
+    outln!("{line}");
 }
 
 fn bench_job(i: usize) -> JobSpec {

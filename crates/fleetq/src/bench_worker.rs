@@ -10,6 +10,7 @@
 //!
 //! Reads poll the broker every `--poll-us`: a figure's resolution is one poll plus one read.
 
+use crate::out::outln;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -136,7 +137,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn line(backend: &str, figure: &str, samples: Vec<f64>) {
-    println!(
+    outln!(
         "{}",
         json!({"bench": "worker", "backend": backend, "figure": figure, "latency": super::bench::summarize(samples)})
     );

@@ -15,6 +15,7 @@
 //! `api-kill-batch` (kill -9 of `fleetq api` during batch submissions: each batch is all or none),
 //! `service-kill` (kill -9 of the ComfyUI a worker drives, under ComfyUI jobs).
 
+use crate::out::outln;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -256,7 +257,7 @@ fn report(
         "kills": kills, "completed": t.completed, "failed": t.failed, "service_crash": t.service_crash, "lost": lost,
         "double_completed": doubles, "attempts": t.attempts, "recover_ms": recover_ms, "elapsed_ms": elapsed_ms,
     });
-    println!("{line}");
+    outln!("{line}");
     if lost > 0 || doubles > 0 {
         bail!("{lost} jobs lost, {doubles} completed twice");
     }
@@ -421,7 +422,7 @@ async fn api_kill_batch(args: &Args, exe: &Path) -> Result<()> {
         "stored_whole": whole, "stored_none": none, "stored_partly": partial,
         "elapsed_ms": started.elapsed().as_millis(),
     });
-    println!("{line}");
+    outln!("{line}");
     if !partial.is_empty() {
         bail!("{} batches were stored in part: {partial:?}", partial.len());
     }

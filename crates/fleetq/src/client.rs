@@ -1,6 +1,7 @@
 //! The client CLI over the HTTP API: `submit`, `jobs ls|show|cancel|retry|watch`, `workers`,
 //! `services`. Human tables by default, `--json` for scripts.
 
+use crate::out::outln;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -203,7 +204,7 @@ fn json_arg(text: &str, what: &str) -> Result<Value> {
 }
 
 fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    outln!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
 fn enc(s: &str) -> String {
@@ -257,7 +258,7 @@ pub(crate) async fn submit(args: SubmitArgs) -> Result<()> {
         if args.conn.json {
             print_json(&reply);
         } else {
-            ids.iter().for_each(|id| println!("{id}"));
+            ids.iter().for_each(|id| outln!("{id}"));
         }
         return Ok(());
     }
@@ -380,7 +381,7 @@ pub(crate) async fn jobs(cmd: Jobs) -> Result<()> {
             if a.conn.json {
                 print_json(&r)
             } else {
-                println!("{} {}", a.id, r["outcome"].as_str().unwrap_or(""))
+                outln!("{} {}", a.id, r["outcome"].as_str().unwrap_or(""))
             }
             Ok(())
         }
@@ -389,7 +390,7 @@ pub(crate) async fn jobs(cmd: Jobs) -> Result<()> {
             if a.conn.json {
                 print_json(&r)
             } else {
-                println!("{} {}", a.id, r["status"].as_str().unwrap_or(""))
+                outln!("{} {}", a.id, r["status"].as_str().unwrap_or(""))
             }
             Ok(())
         }
@@ -446,7 +447,7 @@ async fn ls(a: LsArgs) -> Result<()> {
         .collect();
     table(&["ID", "STATUS", "SERVICE", "PROGRESS", "WORKER", "PRIORITY", "AGE"], &rows);
     if let Some(next) = page["next"].as_str() {
-        println!("more: --cursor {next}");
+        outln!("more: --cursor {next}");
     }
     Ok(())
 }
@@ -467,11 +468,11 @@ fn show(job: &Value) {
     ] {
         let v = &job[k];
         if !v.is_null() {
-            println!("{k:<15} {}", v.as_str().map_or_else(|| v.to_string(), str::to_owned));
+            outln!("{k:<15} {}", v.as_str().map_or_else(|| v.to_string(), str::to_owned));
         }
     }
     if let Some(e) = job.get("error").filter(|e| !e.is_null()) {
-        println!(
+        outln!(
             "{:<15} {} ({})",
             "error",
             e["message"].as_str().unwrap_or(""),
@@ -479,7 +480,7 @@ fn show(job: &Value) {
         );
     }
     if let Some(o) = job.get("outcome").and_then(|o| o.get("value")) {
-        println!("result");
+        outln!("result");
         print_json(o);
     }
 }
@@ -497,11 +498,11 @@ async fn watch_all(api: &Api, as_json: bool) -> Result<()> {
     while let Some(Ok(ev)) = events.next().await {
         let Ok(data) = serde_json::from_str::<Value>(&ev.data) else { continue };
         if as_json {
-            println!("{data}");
+            outln!("{data}");
             continue;
         }
         let job = &data["job"];
-        println!(
+        outln!(
             "{:>8} {:<22} {:<38} {:<12} {:>5.1}% {}",
             ev.id,
             ev.event,
@@ -612,7 +613,7 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
     }
     let line = |cells: Vec<&str>| {
         let out: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", out.join("  ").trim_end());
+        outln!("{}", out.join("  ").trim_end());
     };
     line(header.to_vec());
     for r in rows {

@@ -1,6 +1,7 @@
 //! `fleetq explain --worker worker.json --job job.json`: why a job does (not) match a worker.
 //! Exit 0 with the verdict either way; exit 2 with a message naming the problem on invalid input.
 
+use crate::out::outln;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -20,7 +21,7 @@ pub(crate) struct Args {
 pub(crate) fn run(args: &Args) -> ExitCode {
     match verdict(args) {
         Ok(json) => {
-            println!("{json}");
+            outln!("{json}");
             ExitCode::SUCCESS
         }
         Err(message) => {

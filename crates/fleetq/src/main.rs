@@ -13,6 +13,7 @@ mod client;
 mod explain;
 mod machine;
 mod mock;
+mod out;
 mod serve;
 mod signal;
 mod worker;
@@ -83,9 +84,7 @@ fn main() -> ExitCode {
             let doc = fleetq_api::openapi_document();
             match serde_json::to_string_pretty(&doc) {
                 Ok(text) => {
-                    use std::io::Write;
-                    // A closed pipe (`| head`) is not an error worth a panic.
-                    let _ = writeln!(std::io::stdout(), "{text}");
+                    out::line(format_args!("{text}"));
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

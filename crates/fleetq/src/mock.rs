@@ -1,5 +1,6 @@
 //! `fleetq mock <service>`: runs a mock service (for demos and manual tests) until Ctrl-C.
 
+use crate::out::announce;
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
@@ -60,7 +61,7 @@ pub(crate) async fn run(mock: Mock) -> Result<()> {
             let server = ComfyMock::start_on(SocketAddr::new(host, port), config)
                 .await
                 .with_context(|| format!("binding {host}:{port}"))?;
-            println!("mock ComfyUI listening on {}", server.url());
+            announce(&format!("mock ComfyUI listening on {}", server.url()));
             tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
             server.stop().await;
             Ok(())
@@ -73,7 +74,7 @@ pub(crate) async fn run(mock: Mock) -> Result<()> {
             let server = A1111Mock::start_on(SocketAddr::new(host, port), config)
                 .await
                 .with_context(|| format!("binding {host}:{port}"))?;
-            println!("mock A1111 listening on {}", server.url());
+            announce(&format!("mock A1111 listening on {}", server.url()));
             tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
             server.kill().await;
             Ok(())
@@ -83,7 +84,7 @@ pub(crate) async fn run(mock: Mock) -> Result<()> {
             let server = OpenAiMock::start_on(SocketAddr::new(host, port), config)
                 .await
                 .with_context(|| format!("binding {host}:{port}"))?;
-            println!("mock OpenAI API listening on {}", server.base_url());
+            announce(&format!("mock OpenAI API listening on {}", server.base_url()));
             tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
             server.kill().await;
             Ok(())

@@ -19,6 +19,7 @@ use fleetq_machine::config::{GpusSetting, MachineFile, MachineSpec, Overrides as
 use fleetq_machine::simulated::SimulatedMachine;
 use fleetq_worker::config::capabilities_arg;
 
+use crate::out::announce;
 use crate::signal::{stop_on_signal, stop_then_force};
 
 /// Flags every API process takes.
@@ -379,14 +380,6 @@ pub(crate) async fn api(args: ApiOnlyArgs) -> Result<()> {
     tokio::spawn(stop_on_signal(stop));
     announce(&format!("fleetq api at http://{addr}  (redis {}, queue {})", args.redis, args.queue));
     fleetq_api::serve(listener, Arc::new(broker), config).await.context("serving HTTP")
-}
-
-/// Prints the startup line. A closed stdout (`fleetq up | head -1`, a supervisor that stopped
-/// reading) must not stop the server, so write errors are ignored where `println!` would panic.
-fn announce(text: &str) {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{text}").and_then(|()| out.flush()).ok();
 }
 
 #[cfg(test)]

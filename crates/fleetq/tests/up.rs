@@ -138,3 +138,30 @@ fn cli_names_an_unreachable_api() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the fleetq API"));
 }
+
+/// `fleetq jobs ls | head -1`: the reader closes the pipe after one line; the command ends quietly
+/// (no "Broken pipe" panic, exit 0) instead of exit 101.
+#[test]
+fn the_cli_ends_quietly_on_a_closed_pipe() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let (child, url) = up(data.path());
+    // Enough rows that the table outgrows the pipe's buffer (64 KiB).
+    let batch = cli(&url, &["submit", "--payload", r#"{"steps": 1000}"#, "--count", "1000"]);
+    assert!(batch.status.success(), "{}", String::from_utf8_lossy(&batch.stderr));
+    let mut ls = fleetq()
+        .args(["jobs", "ls", "--limit", "1000"])
+        .env("FLEETQ_API", &url)
+        .env_remove("FLEETQ_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("jobs ls");
+    let mut first = String::new();
+    BufReader::new(ls.stdout.take().expect("stdout")).read_line(&mut first).expect("a line");
+    // The reader is dropped here: the pipe is closed with most of the table unread.
+    assert!(first.starts_with("ID"), "{first}");
+    let out = ls.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("panicked"), "{}: {err}", out.status);
+    stop(child);
+}
