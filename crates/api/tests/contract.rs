@@ -478,7 +478,8 @@ async fn live_responses_conform_to_the_documented_schemas() {
     .await
     .unwrap();
     // A completed job (statistics, an outcome), a running one, a failed one, pending ones.
-    let done = submit(&a.router, json!({"service": "sim", "workflow_id": "wf", "payload": {"p": 1}})).await;
+    let done =
+        submit(&a.router, json!({"service": "sim", "workflow_id": "wf", "payload": {"note": 1}})).await;
     let lease = common::claim(b, "w1").await;
     b.complete(&lease.as_ref(), json!({"images": ["a.png"]})).await.unwrap();
     let failed = submit(&a.router, json!({"service": "sim", "max_attempts": 1})).await;

@@ -12,11 +12,12 @@ use serde_json::{Value, json};
 #[tokio::test]
 async fn submit_get_and_list() {
     let a = app(ApiConfig::default());
-    let id = submit(&a.router, json!({"service": "sim", "payload": {"x": 1}, "customer_id": "acme"})).await;
+    let id =
+        submit(&a.router, json!({"service": "sim", "payload": {"note": 1}, "customer_id": "acme"})).await;
     let (s, job) = call(&a.router, "GET", &format!("/api/jobs/{id}"), None, &[]).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(job["status"], "pending");
-    assert_eq!(job["spec"]["payload"], json!({"x": 1}));
+    assert_eq!(job["spec"]["payload"], json!({"note": 1}));
     assert_eq!(job["queue_position"], 1);
     assert_eq!(job["eta_ms"], Value::Null, "no statistics and no worker yet");
     let (s, page) = call(&a.router, "GET", "/api/jobs?customer=acme&limit=5", None, &[]).await;

@@ -3,8 +3,10 @@
 //! `NAME-sim` services.
 //!
 //! A job's payload may steer one run (all optional): `{"steps": 5, "step_ms": 20,
-//! "fail": "retryable" | "fatal", "hang_at_step": 3, "hang_on_attempt": 1}`. A hanging job stops
-//! reporting progress and waits for cancellation, as a stuck service would.
+//! "fail": "retryable" | "fatal", "hang_at_step": 3, "hang_on_attempt": 1, "note": …}` (`note`
+//! is ignored: a tag or padding); any other key is
+//! refused, naming these. A hanging job stops reporting progress and waits for cancellation, as a
+//! stuck service would.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -15,6 +17,40 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::{ActiveJobs, CancellationToken, Connector, Health, JobError, ProgressSink};
+
+/// The keys a simulation payload may hold; anything else is refused, naming these.
+pub const PAYLOAD_KEYS: [&str; 6] = ["steps", "step_ms", "fail", "hang_at_step", "hang_on_attempt", "note"];
+
+/// Refuses a payload the simulation would otherwise silently ignore (`{"fail": true}`, a ComfyUI
+/// workflow sent to a simulated `comfyui`): not an object, an unknown key, or a value of the wrong
+/// kind — fatal, naming the field and what is accepted.
+fn check_payload(p: &Value) -> Result<(), JobError> {
+    let refuse = |m: String| Err(JobError::fatal(FailureCategory::Validation, m));
+    let obj = match p {
+        Value::Null => return Ok(()),
+        Value::Object(o) => o,
+        _ => return refuse("payload: a simulation takes an object (or nothing)".into()),
+    };
+    for (k, v) in obj {
+        let ok = match k.as_str() {
+            "fail" => matches!(v.as_str(), Some("retryable" | "fatal")),
+            "steps" | "step_ms" | "hang_at_step" | "hang_on_attempt" => v.is_u64(),
+            // Anything, ignored: to tag or pad a job in tests and benchmarks.
+            "note" => true,
+            _ => {
+                return refuse(format!(
+                    "payload.{k}: not a simulation setting (this service is simulated; it accepts {})",
+                    PAYLOAD_KEYS.join(", ")
+                ));
+            }
+        };
+        if !ok {
+            let want = if k == "fail" { "\"retryable\" or \"fatal\"" } else { "a whole number" };
+            return refuse(format!("payload.{k}: {v} given; {want} expected"));
+        }
+    }
+    Ok(())
+}
 
 /// The longest simulated step a payload may ask for (ms): a step of `u64::MAX` would hold a
 /// worker for ever.
@@ -141,6 +177,7 @@ impl Simulation {
                 return Err(JobError::retryable(FailureCategory::Connection, "simulated service is offline"));
             }
             let p = &job.spec.payload;
+            check_payload(p)?;
             let get = |k: &str| p.get(k).and_then(Value::as_u64);
             let steps = get("steps").map_or(self.config.steps, |n| n.min(10_000) as u32).max(1);
             let step_ms = get("step_ms").unwrap_or(self.config.step_ms);
@@ -237,6 +274,17 @@ mod tests {
         let e = sim.process(&forever, sink, CancellationToken::new()).await.expect_err("refused");
         assert_eq!((e.category, e.retryable), (FailureCategory::Validation, false));
         assert!(e.message.contains("payload.step_ms"), "{}", e.message);
+        for (bad, field) in [
+            (json!({"fail": true}), "payload.fail"),
+            (json!({"prompt": {}}), "payload.prompt"),
+            (json!([1]), "payload"),
+        ] {
+            let e = sim
+                .process(&job(bad, 1), ProgressSink::channel().0, CancellationToken::new())
+                .await
+                .expect_err("refused");
+            assert!(!e.retryable && e.message.starts_with(field), "{}", e.message);
+        }
         let failing = job(json!({"fail": "fatal"}), 1);
         let fatal = sim.process(&failing, ProgressSink::channel().0, CancellationToken::new());
         assert!(fatal.await.is_err_and(|e| !e.retryable));

@@ -612,7 +612,7 @@ async fn api(args: ApiArgs) -> Result<()> {
     let base = format!("http://{}", listener.local_addr()?);
     tokio::spawn(fleetq_api::serve(listener, broker, config));
     let http = reqwest::Client::new();
-    let body = |i: usize| json!({"service": "bench", "payload": {"i": i}});
+    let body = |i: usize| json!({"service": "bench", "payload": {"note": i}});
 
     // One job per request, `concurrency` clients.
     let started = Instant::now();

@@ -312,7 +312,7 @@ async fn embedded_kill(args: &Args, exe: &Path) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let jobs: Vec<serde_json::Value> = (0..args.jobs)
-        .map(|i| json!({"service": "simulation", "payload": {"i": i, "steps": 5}, "max_attempts": 100}))
+        .map(|i| json!({"service": "simulation", "payload": {"note": i, "steps": 5}, "max_attempts": 100}))
         .collect();
     for chunk in jobs.chunks(1000) {
         let r = http.post(format!("{base}/api/jobs")).json(&chunk).send().await?;
@@ -391,7 +391,7 @@ async fn api_kill_batch(args: &Args, exe: &Path) -> Result<()> {
         }
         let tag = format!("round{round}");
         let batch: Vec<serde_json::Value> = (0..args.jobs)
-            .map(|i| json!({"service": "chaos-batch", "customer_id": tag, "payload": {"i": i, "pad": "x".repeat(200)}}))
+            .map(|i| json!({"service": "chaos-batch", "customer_id": tag, "payload": {"note": format!("{i} {}", "x".repeat(200))}}))
             .collect();
         let post = tokio::spawn({
             let (http, base) = (http.clone(), base.clone());
@@ -461,7 +461,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
                 }}),
             )
         } else {
-            JobSpec::new("simulation", json!({"i": i, "steps": 5}))
+            JobSpec::new("simulation", json!({"note": i, "steps": 5}))
         };
         // Every kill spends the attempt of the job the worker held: leave room for many.
         spec.max_attempts = 100;

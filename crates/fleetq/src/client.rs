@@ -195,6 +195,97 @@ impl Api {
     }
 }
 
+/// `GET /api/jobs/{id}` as the API's model types read it (`JobView`: the record plus the estimate).
+#[derive(Debug, serde::Deserialize)]
+struct JobReply {
+    #[serde(flatten)]
+    record: fleetq_core::JobRecord,
+    #[serde(default)]
+    queue_position: Option<usize>,
+    #[serde(default)]
+    eta_ms: Option<u64>,
+}
+
+impl Api {
+    async fn job(&self, id: &str) -> Result<JobReply> {
+        let v = self.get(&format!("/api/jobs/{}", enc(id))).await?;
+        serde_json::from_value(v)
+            .context("the API's job does not read as a job (is the API a different version?)")
+    }
+
+    /// Why a pending job is not running, from the fleet's verdicts: `None` when a worker could
+    /// take it now; otherwise counts per reason (`2 workers: service "comfyui" is not served …`).
+    async fn why_waiting(&self, id: &str) -> Result<Option<String>> {
+        let v = self.get(&format!("/api/jobs/{}/matching-workers", enc(id))).await?;
+        let workers = v["workers"].as_array().map(Vec::as_slice).unwrap_or_default();
+        if workers.is_empty() {
+            return Ok(Some("no worker is registered".into()));
+        }
+        if workers.iter().any(|w| w["verdict"] == "matches") {
+            return Ok(None);
+        }
+        let busy = workers.iter().filter(|w| w["verdict"] == "busy").count();
+        let mut counts: Vec<(String, usize)> = Vec::new();
+        for reason in
+            workers.iter().flat_map(|w| w["reasons"].as_array().map(Vec::as_slice).unwrap_or_default())
+        {
+            let reason = reason.as_str().unwrap_or("").to_owned();
+            match counts.iter_mut().find(|(r, _)| *r == reason) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((reason, 1)),
+            }
+        }
+        let mut parts: Vec<String> = Vec::new();
+        if busy > 0 {
+            parts.push(format!("{busy} able worker(s) busy"));
+        }
+        parts.extend(counts.into_iter().map(|(r, n)| format!("{n} × {r}")));
+        Ok(Some(format!("0/{} workers can take it now: {}", workers.len(), parts.join("; "))))
+    }
+}
+
+/// What a job is waiting for, in one line: queue position and ETA, the attempt on a retry, and
+/// why nobody can run it when the fleet cannot.
+async fn waiting_line(api: &Api, id: &str) -> Result<String> {
+    let job = api.job(id).await?;
+    let s = &job.record.summary;
+    let mut parts = Vec::new();
+    if let Some(p) = job.queue_position {
+        parts.push(format!("position {p}"));
+    }
+    if let Some(eta) = job.eta_ms {
+        parts.push(format!("ETA {}", short_duration(eta)));
+    }
+    if s.attempt >= 1 {
+        parts.push(format!("attempt {}/{} next", s.attempt + 1, s.max_attempts));
+    }
+    if let Some(at) = s.run_at {
+        parts.push(format!("retry at {}", iso_time(at)));
+    }
+    if s.unworkable {
+        let why = api.why_waiting(id).await?.unwrap_or_else(|| "no registered worker can serve it".into());
+        parts.push(format!("UNWORKABLE — {why}"));
+    }
+    Ok(parts.join(", "))
+}
+
+/// Epoch milliseconds as ISO 8601 UTC (`2026-12-04T11:25:31Z`), without a date library.
+fn iso_time(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
 fn json_arg(text: &str, what: &str) -> Result<Value> {
     let text = match text.strip_prefix('@') {
         Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?,
@@ -301,8 +392,20 @@ async fn follow(api: &Api, id: &str, as_json: bool) -> Result<()> {
             }
         };
         let mut events = resp.bytes_stream().eventsource();
-        while let Some(ev) = events.next().await {
-            let Ok(ev) = ev else { break };
+        // While the job waits, say what for (position, ETA, unworkable with why), refreshed.
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut pending = true;
+        loop {
+            let ev = tokio::select! {
+                ev = events.next() => ev,
+                _ = tick.tick(), if pending && !as_json => {
+                    if let Ok(line) = waiting_line(api, id).await {
+                        draw(tty, "pending", 0.0, Some(&line));
+                    }
+                    continue;
+                }
+            };
+            let Some(Ok(ev)) = ev else { break };
             failures = 0;
             if !ev.id.is_empty() {
                 last_id = Some(ev.id.clone());
@@ -310,8 +413,17 @@ async fn follow(api: &Api, id: &str, as_json: bool) -> Result<()> {
             let Ok(data) = serde_json::from_str::<Value>(&ev.data) else { continue };
             let job = &data["job"];
             let status = job["status"].as_str().unwrap_or("");
-            if !as_json {
-                draw(tty, status, job["progress"].as_f64().unwrap_or(0.0), job["message"].as_str());
+            pending = status == "pending";
+            if !as_json && !pending {
+                let attempt = job["attempt"].as_u64().unwrap_or(1);
+                let max = job["max_attempts"].as_u64().unwrap_or(1);
+                let message = job["message"].as_str().unwrap_or("");
+                let line = if attempt > 1 {
+                    format!("attempt {attempt}/{max} {message}")
+                } else {
+                    message.to_owned()
+                };
+                draw(tty, status, job["progress"].as_f64().unwrap_or(0.0), Some(&line));
             }
             if matches!(status, "completed" | "failed" | "cancelled") {
                 if tty {
@@ -368,13 +480,13 @@ pub(crate) async fn jobs(cmd: Jobs) -> Result<()> {
     match cmd {
         Jobs::Ls(a) => ls(a).await,
         Jobs::Show(a) => {
-            let job = Api::new(&a.conn)?.get(&format!("/api/jobs/{}", enc(&a.id))).await?;
+            let api = Api::new(&a.conn)?;
             if a.conn.json {
-                print_json(&job);
+                print_json(&api.get(&format!("/api/jobs/{}", enc(&a.id))).await?);
+                Ok(())
             } else {
-                show(&job);
+                show(&api, &a.id).await
             }
-            Ok(())
         }
         Jobs::Cancel(a) => {
             let r = Api::new(&a.conn)?.post(&format!("/api/jobs/{}/cancel", enc(&a.id)), None).await?;
@@ -436,7 +548,10 @@ async fn ls(a: LsArgs) -> Result<()> {
         .map(|j| {
             vec![
                 j["id"].as_str().unwrap_or("").to_owned(),
-                j["status"].as_str().unwrap_or("").to_owned(),
+                match (j["status"].as_str().unwrap_or(""), j["unworkable"].as_bool()) {
+                    ("pending", Some(true)) => "pending (UNWORKABLE)".to_owned(),
+                    (status, _) => status.to_owned(),
+                },
                 j["service"].as_str().unwrap_or("").to_owned(),
                 format!("{:.0}%", j["progress"].as_f64().unwrap_or(0.0)),
                 j["worker_id"].as_str().unwrap_or("-").to_owned(),
@@ -446,43 +561,93 @@ async fn ls(a: LsArgs) -> Result<()> {
         })
         .collect();
     table(&["ID", "STATUS", "SERVICE", "PROGRESS", "WORKER", "PRIORITY", "AGE"], &rows);
+    if rows.iter().any(|r| r[1].contains("UNWORKABLE")) {
+        outln!("UNWORKABLE: no registered worker can serve it; `fleetq jobs show <id>` says why");
+    }
     if let Some(next) = page["next"].as_str() {
         outln!("more: --cursor {next}");
     }
     Ok(())
 }
 
-fn show(job: &Value) {
-    for k in [
-        "id",
-        "service",
-        "status",
-        "attempt",
-        "max_attempts",
-        "priority",
-        "worker_id",
-        "progress",
-        "message",
-        "queue_position",
-        "eta_ms",
-    ] {
-        let v = &job[k];
-        if !v.is_null() {
-            outln!("{k:<15} {}", v.as_str().map_or_else(|| v.to_string(), str::to_owned));
+/// Longest payload text `jobs show` prints (the rest is cut; `--json` has it whole).
+const SHOW_PAYLOAD: usize = 4000;
+
+async fn show(api: &Api, id: &str) -> Result<()> {
+    let job = api.job(id).await?;
+    let r = &job.record;
+    let s = &r.summary;
+    let row = |k: &str, v: String| outln!("{k:<13} {v}");
+    row("id", s.id.to_string());
+    row("service", s.service.clone());
+    let status = if s.status == fleetq_core::JobStatus::Pending && s.unworkable {
+        "pending (UNWORKABLE)".to_owned()
+    } else {
+        s.status.as_str().to_owned()
+    };
+    row("status", status);
+    row("attempt", format!("{}/{}", s.attempt, s.max_attempts));
+    row("priority", s.priority.to_string());
+    for (k, v) in [("workflow", &s.workflow_id), ("customer", &s.customer_id), ("worker", &s.worker_id)] {
+        if let Some(v) = v {
+            row(k, v.clone());
         }
     }
-    if let Some(e) = job.get("error").filter(|e| !e.is_null()) {
-        outln!(
-            "{:<15} {} ({})",
-            "error",
-            e["message"].as_str().unwrap_or(""),
-            e["category"].as_str().unwrap_or("")
+    if !s.status.is_terminal() {
+        row(
+            "progress",
+            format!(
+                "{:.0}%{}",
+                s.progress,
+                s.message.as_deref().map(|m| format!("  {m}")).unwrap_or_default()
+            ),
         );
+        let line = waiting_line(api, id).await?;
+        if !line.is_empty() {
+            row("waiting", line);
+        }
     }
-    if let Some(o) = job.get("outcome").and_then(|o| o.get("value")) {
+    row("submitted", iso_time(s.created_at));
+    if let Some(t) = s.started_at {
+        row("started", iso_time(t));
+    }
+    if let Some(t) = s.finished_at {
+        let ran = t.saturating_sub(s.started_at.unwrap_or(s.created_at));
+        row("finished", format!("{} (ran {})", iso_time(t), short_duration(u64::try_from(ran).unwrap_or(0))));
+    }
+    // The last error matters while retrying or once failed; on a completed job it is history.
+    if let Some(e) = s.error.as_ref().filter(|_| s.status != fleetq_core::JobStatus::Completed) {
+        row("error", format!("{} ({})", e.message, e.category.as_str()));
+    }
+    let payload = serde_json::to_string(&r.spec.payload).unwrap_or_default();
+    let cut = payload.char_indices().nth(SHOW_PAYLOAD).map_or(payload.len(), |(i, _)| i);
+    let more = if cut < payload.len() {
+        format!(" … ({} bytes; --json for all)", payload.len())
+    } else {
+        String::new()
+    };
+    row("payload", format!("{}{more}", &payload[..cut]));
+    if !r.history.is_empty() {
+        outln!("attempts");
+        for a in &r.history {
+            let how = a
+                .reason
+                .as_deref()
+                .map_or_else(|| a.end.as_str().to_owned(), |why| format!("{} ({why})", a.end.as_str()));
+            let error = a.error.as_ref().map(|e| format!(": {}", e.message)).unwrap_or_default();
+            outln!(
+                "  {:>2}  {:<14} {}  {how}{error}",
+                a.attempt,
+                a.worker_id.as_deref().unwrap_or("-"),
+                iso_time(a.ended_at)
+            );
+        }
+    }
+    if let Some(fleetq_core::Outcome::Result { value }) = &r.outcome {
         outln!("result");
-        print_json(o);
+        print_json(value);
     }
+    Ok(())
 }
 
 async fn watch_all(api: &Api, as_json: bool) -> Result<()> {
@@ -635,6 +800,13 @@ fn age(now: i64, at: Option<i64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_read_as_iso_utc() {
+        assert_eq!(iso_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(iso_time(1_796_384_894_480), "2026-12-04T11:48:14Z");
+        assert_eq!(iso_time(951_782_400_000), "2000-02-29T00:00:00Z");
+    }
 
     #[test]
     fn durations_read_as_people_say_them() {

@@ -261,7 +261,7 @@ async fn the_monitor_follows_the_fleet_live() {
     let running = submit(&http, &url, json!({"service": "simulation", "payload": {"hang_at_step": 1}})).await;
     let mut queued = Vec::new();
     for i in 0..3 {
-        queued.push(submit(&http, &url, json!({"service": "simulation", "payload": {"n": i}})).await);
+        queued.push(submit(&http, &url, json!({"service": "simulation", "payload": {"note": i}})).await);
     }
     page.click(r#".tabs button[data-tab="pending"]"#).await;
     page.until(
@@ -303,7 +303,7 @@ async fn the_monitor_follows_the_fleet_live() {
         .await;
     for i in 0..4 {
         queued
-            .push(submit(&http, &other_url, json!({"service": "simulation", "payload": {"late": i}})).await);
+            .push(submit(&http, &other_url, json!({"service": "simulation", "payload": {"note": i}})).await);
     }
     let (_api, _) = api_at(&redis.url, &queue, &listen, &[]);
     page.until("the stream back", r#"return document.getElementById("conn").dataset.state === "live";"#)

@@ -31,7 +31,7 @@ fn job(payload: Value) -> JobSpec {
 async fn completes_jobs_with_progress<B: Broker>(b: Arc<B>) {
     let w = start(&b, config("w1"), sim());
     let ids: Vec<JobId> = b
-        .submit_batch((0..3).map(|i| job(json!({"n": i}))).collect())
+        .submit_batch((0..3).map(|i| job(json!({"note": i}))).collect())
         .await
         .expect("submit")
         .into_iter()
