@@ -134,10 +134,15 @@ pub enum BrokerError {
     /// The embedded store is open in another process (one process owns a store).
     #[error("the store {0} is in use by another fleetq process")]
     StoreInUse(String),
-    /// Redis failed.
+    /// Redis failed. (Its error is in the message, not also the source, so a printed chain
+    /// says it once.)
     #[cfg(feature = "redis")]
     #[error("redis: {0}")]
-    Redis(#[from] ::redis::RedisError),
+    Redis(::redis::RedisError),
+    /// Redis could not be reached or its URL is malformed, at connect time: the message says
+    /// where and what to do.
+    #[error("{0}")]
+    Connect(String),
     /// Stored data could not be decoded (a bug or a foreign writer).
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
@@ -158,6 +163,13 @@ pub enum BrokerError {
     /// The backend was shut down.
     #[error("broker is closed")]
     Closed,
+}
+
+#[cfg(feature = "redis")]
+impl From<::redis::RedisError> for BrokerError {
+    fn from(e: ::redis::RedisError) -> Self {
+        Self::Redis(e)
+    }
 }
 
 impl BrokerError {

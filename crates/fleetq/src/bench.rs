@@ -183,9 +183,7 @@ async fn make_redis(args: Arc<BrokerArgs>) -> Result<Made<RedisBroker>> {
     }
     let queue = format!("bench-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
     let config = BrokerConfig { wait_replicas: args.wait_replicas, wait_timeout_ms: 5_000, ..bench_config() };
-    let broker = RedisBroker::connect(&args.redis_url, &queue, config)
-        .await
-        .with_context(|| format!("connecting to {}", args.redis_url))?;
+    let broker = RedisBroker::connect(&args.redis_url, &queue, config).await?;
     Ok((Arc::new(broker), Some(client), Box::new(())))
 }
 

@@ -64,8 +64,7 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<()> {
                 &queue,
                 fleetq_broker::BrokerConfig::default(),
             )
-            .await
-            .with_context(|| format!("connecting to {}", args.redis_url))?;
+            .await?;
             measure(Arc::new(broker), "redis", args.tries, poll).await
         }
     }

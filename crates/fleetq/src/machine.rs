@@ -69,9 +69,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
     anyhow::ensure!(args.lease_ms >= 100, "the lease (--lease-ms) must be at least 100 ms");
     let spec = args.machine.spec(&args.config)?;
     let config = BrokerConfig { lease_ms: args.lease_ms, ..BrokerConfig::default() };
-    let broker = RedisBroker::connect(&args.redis, &args.queue, config)
-        .await
-        .with_context(|| format!("connecting to {}", args.redis))?;
+    let broker = RedisBroker::connect(&args.redis, &args.queue, config).await?;
     let stop = CancellationToken::new();
     let force = CancellationToken::new();
     tokio::spawn(stop_then_force(stop.clone(), force.clone()));

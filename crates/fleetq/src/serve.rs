@@ -251,10 +251,8 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
     };
     match &args.redis {
         Some(url) => {
-            let broker = RedisBroker::connect(url, &args.queue, broker_config)
-                .await
-                .with_context(|| format!("connecting to {url}"))?;
-            let store = format!("redis {url} (queue {})", args.queue);
+            let broker = RedisBroker::connect(url, &args.queue, broker_config).await?;
+            let store = store_name(url, &args.queue);
             stack(Arc::new(broker), &args, real, &caps, config, stop, &store).await
         }
         None => {
@@ -348,18 +346,42 @@ async fn stack<B: Broker>(
     served.context("serving HTTP")
 }
 
-/// What `fleetq up` prints once it serves: where, on what, and what it runs.
+/// What `fleetq up` prints once it serves: where, on what, and what it runs. A simulated service
+/// under a real service's name is said to be simulated, so nobody mistakes its results for real.
 fn up_banner(addr: &str, store: &str, machine: &str, workers: usize, services: &[String]) -> String {
     let first = services.first().map_or("simulation", String::as_str);
     let fleet = match workers {
         0 => "no local workers: run `fleetq worker` to serve jobs".to_owned(),
-        1 => format!("machine {machine} with 1 worker serving {}", services.join(", ")),
-        n => format!("machine {machine} with {n} workers serving {}", services.join(", ")),
+        1 => format!("machine {machine} with 1 simulated worker serving {}", services.join(", ")),
+        n => format!("machine {machine} with {n} simulated workers serving {}", services.join(", ")),
     };
-    format!(
+    let mut text = format!(
         "fleetq is up at http://{addr}  ({store}; {fleet})\n  \
-         submit: fleetq submit --service {first} --wait    (or POST http://{addr}/api/jobs)"
-    )
+         monitor: http://{addr}/   submit: fleetq submit --service {first} --wait    (or POST http://{addr}/api/jobs)"
+    );
+    let posing: Vec<&str> =
+        services.iter().map(String::as_str).filter(|s| *s != "simulation" && !s.ends_with("-sim")).collect();
+    if workers > 0 && !posing.is_empty() {
+        text.push_str(&format!(
+            "\n  SIMULATED: {} here is a simulation — jobs get {{\"simulated\": true}}, not real outputs. \
+             For a real service: fleetq up --comfyui URL (or --a1111, --openai, --config machine.toml)",
+            posing.join(", ")
+        ));
+    }
+    text
+}
+
+/// How the store is named in the banner; Redis chosen by a `HUB_REDIS_URL` left in the
+/// environment (not by `--redis`) is said so, loudly.
+fn store_name(redis: &str, queue: &str) -> String {
+    let from_flag = std::env::args().any(|a| a == "--redis" || a.starts_with("--redis="));
+    if !from_flag && std::env::var("HUB_REDIS_URL").is_ok_and(|v| v == redis) {
+        format!(
+            "REDIS {redis} (queue {queue}) FROM THE HUB_REDIS_URL ENVIRONMENT VARIABLE — unset it for the embedded store"
+        )
+    } else {
+        format!("redis {redis} (queue {queue})")
+    }
 }
 
 /// `fleetq api`.
@@ -371,9 +393,7 @@ pub(crate) async fn api(args: ApiOnlyArgs) -> Result<()> {
         fair_share: args.api.fair_share()?,
         ..BrokerConfig::default()
     };
-    let broker = RedisBroker::connect(&args.redis, &args.queue, broker_config)
-        .await
-        .with_context(|| format!("connecting to {}", args.redis))?;
+    let broker = RedisBroker::connect(&args.redis, &args.queue, broker_config).await?;
     let listener = args.api.bind().await?;
     let addr = listener.local_addr()?;
     fleetq_api::install_metrics_recorder();
@@ -392,8 +412,13 @@ mod tests {
         let none = up_banner("127.0.0.1:7777", "embedded store ./d", "box", 0, &sim);
         assert!(none.contains("no local workers") && !none.contains("serving"), "{none}");
         let one = up_banner("127.0.0.1:7777", "embedded store ./d", "box", 1, &sim);
-        assert!(one.contains("machine box with 1 worker serving simulation"), "{one}");
-        let two = up_banner("127.0.0.1:7777", "redis", "box", 2, &["a".into(), "b".into()]);
-        assert!(two.contains("2 workers serving a, b") && two.contains("--service a"), "{two}");
+        assert!(one.contains("machine box with 1 simulated worker serving simulation"), "{one}");
+        assert!(!one.contains("SIMULATED:"), "{one}");
+        let two = up_banner("127.0.0.1:7777", "redis", "box", 2, &["a-sim".into(), "comfyui".into()]);
+        assert!(
+            two.contains("2 simulated workers serving a-sim, comfyui") && two.contains("--service a-sim"),
+            "{two}"
+        );
+        assert!(two.contains("SIMULATED: comfyui here is a simulation"), "{two}");
     }
 }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use fleetq_broker::BrokerConfig;
 use fleetq_broker::redis::RedisBroker;
 use fleetq_connectors::CancellationToken;
@@ -109,9 +109,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         wait_replicas: args.wait_replicas,
         ..BrokerConfig::default()
     };
-    let broker = RedisBroker::connect(&settings.redis_url, &settings.queue, broker_config)
-        .await
-        .with_context(|| format!("connecting to {}", settings.redis_url))?;
+    let broker = RedisBroker::connect(&settings.redis_url, &settings.queue, broker_config).await?;
     let worker = Arc::new(Worker::new(Arc::new(broker), settings.connectors, settings.worker)?);
     let stop = CancellationToken::new();
     tokio::spawn(stop_on_signal(stop.clone()));

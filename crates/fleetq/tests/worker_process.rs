@@ -171,3 +171,27 @@ fn missing_identity_and_bad_files_are_clear_errors() {
     assert_eq!(code, Some(1));
     assert!(err.contains("urll") && err.contains("bad.toml"), "{err}");
 }
+
+/// No Redis where the worker looks: one line saying so, with what to do; a URL without its
+/// scheme: a line saying how to write it.
+#[test]
+fn a_missing_redis_is_said_once_with_a_hint() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+    let run = |url: String| {
+        Command::new(env!("CARGO_BIN_EXE_fleetq"))
+            .args(["worker", "--redis-url", &url])
+            .env("WORKER_ID", "w")
+            .env("MACHINE_ID", "m")
+            .env("WORKER_CONNECTORS", "simulation")
+            .output()
+            .expect("run fleetq worker")
+    };
+    let out = run(format!("redis://127.0.0.1:{port}/"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.matches("connection refused").count(), 1, "{err}");
+    assert!(err.contains("cannot reach Redis") && err.contains("redis-server"), "{err}");
+    let out = run(format!("127.0.0.1:{port}"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("redis://HOST:PORT/"), "{err}");
+}

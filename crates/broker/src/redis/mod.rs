@@ -118,7 +118,28 @@ impl RedisBroker {
         clock: Arc<dyn Clock>,
     ) -> Result<Self> {
         fleetq_core::validate::check_name("queue", queue)?;
-        let client = redis::Client::open(url)?;
+        let client = redis::Client::open(url).map_err(|e| {
+            BrokerError::Connect(format!(
+                "{url:?} is not a Redis URL ({}): write it as redis://HOST:PORT/ (rediss:// for TLS, redis://:PASSWORD@HOST:PORT/ with a password)",
+                e.detail().unwrap_or("unreadable")
+            ))
+        })?;
+        // One plain connection first, so a Redis that is not there is said at once, in one line,
+        // instead of after the connection manager's retries.
+        let hint = "is redis-server running there? (Debian: apt install redis-server; or use `fleetq up` without --redis / HUB_REDIS_URL for the embedded store)";
+        match tokio::time::timeout(Duration::from_secs(5), client.get_multiplexed_async_connection()).await {
+            Err(_) => {
+                return Err(BrokerError::Connect(format!(
+                    "no answer from Redis at {url} within 5 s: {hint}"
+                )));
+            }
+            Ok(Err(e)) => {
+                let why = e.detail().map_or_else(|| e.to_string(), str::to_owned);
+                let why = if e.is_connection_refusal() { "connection refused".to_owned() } else { why };
+                return Err(BrokerError::Connect(format!("cannot reach Redis at {url}: {why}: {hint}")));
+            }
+            Ok(Ok(_)) => {}
+        }
         let manager_config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(Duration::from_secs(30)))
             .set_connection_timeout(Some(Duration::from_secs(5)))
