@@ -194,14 +194,17 @@ pub async fn require(State(tokens): State<Tokens>, mut req: Request, next: Next)
     let Some(needed) = required_role(req.method(), req.uri().path()) else {
         return next.run(req).await;
     };
-    match token_of(&req).and_then(|t| tokens.caller(&t)) {
+    let given = token_of(&req);
+    match given.as_deref().and_then(|t| tokens.caller(t)) {
         None => {
-            let mut resp = ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "a known token is required: Authorization: Bearer <token> (the CLI sends FLEETQ_TOKEN), the fleetq_token cookie, or ?access_token= on event streams",
-            )
-            .into_response();
+            let message = if given.is_some() {
+                "the token given is not one this API knows: check FLEETQ_TOKEN (CLI) or the token you \
+                 gave the page against the API's --token / FLEETQ_TOKENS"
+            } else {
+                "a token is required: Authorization: Bearer <token> (the CLI sends FLEETQ_TOKEN), the \
+                 fleetq_token cookie, or ?access_token= on event streams"
+            };
+            let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
             resp
         }
@@ -212,8 +215,11 @@ pub async fn require(State(tokens): State<Tokens>, mut req: Request, next: Next)
         )
         .into_response(),
         Some(c) => {
-            req.extensions_mut().insert(c);
-            next.run(req).await
+            req.extensions_mut().insert(c.clone());
+            let mut resp = next.run(req).await;
+            // For the access log, which sees only the response.
+            resp.extensions_mut().insert(c);
+            resp
         }
     }
 }

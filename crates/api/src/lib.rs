@@ -133,7 +133,31 @@ pub fn router<B: Broker>(broker: Arc<B>, config: ApiConfig) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(tokens, auth::require))
         .layer(cors)
+        .layer(axum::middleware::from_fn(access_log))
         .with_state(state)
+}
+
+/// One log line per request (target `fleetq_api::access`): method, route (the pattern, not the
+/// ids in it), status, milliseconds to the response head, and the token's name — never the token.
+async fn access_log(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    let began = std::time::Instant::now();
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "(unmatched)".to_owned(), |p| p.as_str().to_owned());
+    let resp = next.run(req).await;
+    let caller = resp.extensions().get::<auth::Caller>().map_or("-", |c| c.name.as_str());
+    tracing::info!(
+        target: "fleetq_api::access",
+        method = method.as_str(),
+        route,
+        status = resp.status().as_u16(),
+        ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
+        token = caller,
+        "request"
+    );
+    resp
 }
 
 /// Every route, each registered by [`openapi::op`] at the path and method its `#[utoipa::path]`

@@ -117,10 +117,17 @@ fn run_async(
     work: impl Future<Output = anyhow::Result<()>>,
 ) -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only on a terminal: escape codes in a log file are noise.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour);
     match format {
         LogFormat::Pretty => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        // One flat object per line: the event's fields beside `message`, the spans' fields
+        // (job_id, worker_id, …) in `span` and `spans`.
+        LogFormat::Json => {
+            builder.json().flatten_event(true).with_current_span(true).with_span_list(true).init()
+        }
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

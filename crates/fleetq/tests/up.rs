@@ -165,3 +165,50 @@ fn the_cli_ends_quietly_on_a_closed_pipe() {
     assert!(out.status.success() && !err.contains("panicked"), "{}: {err}", out.status);
     stop(child);
 }
+
+/// `--log-format json`: every line one valid object, each key once, numbers as numbers, one access
+/// line per request (method, route pattern, status, ms, token name), job lines naming their worker.
+#[test]
+fn json_logs_are_valid_typed_and_complete() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let log = data.path().join("json.log");
+    let mut child = fleetq()
+        .args(["--log-format", "json", "up", "--listen", "127.0.0.1:0", "--step-ms", "5", "--workers", "1"])
+        .arg("--data-dir")
+        .arg(data.path())
+        .env_remove("FLEETQ_TOKENS")
+        .env_remove("HUB_REDIS_URL")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("start fleetq up");
+    let rx = common::lines(&mut child);
+    let url = url_in(&rx.recv_timeout(Duration::from_secs(60)).expect("fleetq up prints its URL"));
+    let done = cli(&url, &["submit", "--payload", r#"{"steps": 2}"#, "--wait"]);
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    stop(child);
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(!text.contains('\u{1b}'), "no colour codes in a file");
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| {
+            assert_eq!(l.matches("\"message\":").count(), 1, "one message per line: {l}");
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))
+        })
+        .collect();
+    let access = lines
+        .iter()
+        .find(|l| l["target"] == "fleetq_api::access" && l["route"] == "/api/jobs" && l["method"] == "POST")
+        .unwrap_or_else(|| panic!("an access line for the submission:\n{text}"));
+    assert_eq!(access["status"], 201, "{access}");
+    assert!(access["ms"].is_u64() && access["token"] == "-", "{access}");
+    let ended = lines
+        .iter()
+        .find(|l| l["message"] == "job attempt ended")
+        .unwrap_or_else(|| panic!("a job line:\n{text}"));
+    assert!(ended["elapsed_ms"].is_u64(), "{ended}");
+    assert_eq!(ended["span"]["worker_id"], "local-gpu0", "{ended}");
+    let status = lines.iter().find(|l| l["message"] == "connector status").expect("a connector status line");
+    assert_eq!(status["status"], "idle", "{status}");
+}

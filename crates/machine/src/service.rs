@@ -354,7 +354,7 @@ impl Instance {
             // Helpers of the crashed process must not keep the GPU or the port.
             kill_group(running.pid, Signal::SIGKILL);
             let tail = running.tail();
-            tracing::warn!(service = %self.label(), %exit, tail = ?tail, "service exited");
+            tracing::warn!(service = %self.label(), %exit, tail = %tail.join(" | "), "service exited");
             status.send_modify(|s| {
                 s.pid = None;
                 s.last_exit = Some(exit);

@@ -76,6 +76,19 @@ enum Stop {
     LeaseLost,
 }
 
+impl Stop {
+    /// Its name in logs.
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Cancelled => "cancelled",
+            Self::Timeout => "timeout",
+            Self::ProgressTimeout => "progress_timeout",
+            Self::Shutdown => "shutdown",
+            Self::LeaseLost => "lease_lost",
+        }
+    }
+}
+
 /// How long a service's last job must have ended before it is reported `idle` (a next job that
 /// starts meanwhile keeps it `active`: one change, not two).
 const ACTIVITY_SETTLE: Duration = Duration::from_millis(50);
@@ -452,7 +465,9 @@ impl<B: Broker> Worker<B> {
             let now = (h.status, h.message.clone());
             let previous = self.reported.lock().await.insert(service.clone(), now.clone());
             if previous.as_ref() != Some(&now) {
-                info!(service = %service, connector_id = %service, status = ?h.status, message = ?h.message, "connector status");
+                // `note`, not `message`: a field named `message` would collide with the event's own.
+                let note = h.message.as_deref().unwrap_or("");
+                info!(service = %service, connector_id = %service, status = h.status.as_str(), note, "connector status");
             }
             // Held until sent (see `report_activity`).
             let mut last = self.last_report.lock().await;
@@ -477,7 +492,8 @@ impl<B: Broker> Worker<B> {
         }
         if changed_availability {
             let services = self.healthy.lock().await.clone();
-            info!(services = ?services, "registering the services whose connectors are healthy, with their models");
+            let services = services.iter().map(String::as_str).collect::<Vec<_>>().join(",");
+            info!(services, "registering the services whose connectors are healthy, with their models");
             if let Err(e) = self.register().await {
                 warn!(error = %e, "re-registration failed");
             }
@@ -490,7 +506,7 @@ impl<B: Broker> Worker<B> {
         let lref = lease.as_ref();
         let service = lease.job.summary.service.clone();
         // `connector_id` names the connector instance: one per service on a worker.
-        let span = info_span!("job", job_id = %lref.job_id, attempt = lref.attempt, service = %service, connector_id = %service);
+        let span = info_span!("job", job_id = %lref.job_id, attempt = lref.attempt, service = %service, connector_id = %service, worker_id = %self.id());
         async {
             let Some(connector) = self.connectors.get(&service).cloned() else {
                 // Cannot happen while registrations list only loaded connectors; give it back.
@@ -606,7 +622,7 @@ impl<B: Broker> Worker<B> {
         outcome: Option<Result<Result<serde_json::Value, JobError>, tokio::task::JoinError>>,
         started: Instant,
     ) {
-        let elapsed_ms = started.elapsed().as_millis();
+        let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         if let Some(category) = failure_category(stop, &outcome) {
             metrics::counter!("fleetq_worker_job_failures_total", "service" => spec.service.clone(), "category" => category.as_str())
                 .increment(1);
@@ -622,7 +638,7 @@ impl<B: Broker> Worker<B> {
             let result = self.end_attempt(lease, spec, stop, &outcome, elapsed_ms).await;
             match result {
                 Ok(()) => {
-                    info!(elapsed_ms, stop = ?stop, "job attempt ended");
+                    info!(elapsed_ms, stop = stop.map_or("none", Stop::as_str), "job attempt ended");
                     return;
                 }
                 Err(e) if e.is_transient() && Instant::now() < give_up => {
@@ -631,7 +647,7 @@ impl<B: Broker> Worker<B> {
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
                 Err(e) => {
-                    warn!(error = %e, stop = ?stop, "could not end the job attempt; its lease will expire");
+                    warn!(error = %e, stop = stop.map_or("none", Stop::as_str), "could not end the job attempt; its lease will expire");
                     return;
                 }
             }
@@ -645,14 +661,17 @@ impl<B: Broker> Worker<B> {
         spec: &JobSpec,
         stop: Option<Stop>,
         outcome: &Option<Result<Result<serde_json::Value, JobError>, tokio::task::JoinError>>,
-        elapsed_ms: u128,
+        elapsed_ms: u64,
     ) -> Result<(), BrokerError> {
         match (stop, outcome) {
             (Some(Stop::LeaseLost), _) => Ok(()),
             // Stopped too late: the service finished the work (a ComfyUI interrupt lands only
             // between nodes). Its result is real; record it rather than drop it and run it again.
             (Some(stop), Some(Ok(Ok(value)))) => {
-                warn!(stop = ?stop, "the service finished the job before it could be stopped; recording its result");
+                warn!(
+                    stop = stop.as_str(),
+                    "the service finished the job before it could be stopped; recording its result"
+                );
                 self.broker.complete(lease, value.clone()).await
             }
             (Some(Stop::Shutdown), _) => self.broker.release(lease, "shutdown").await.map(drop),
