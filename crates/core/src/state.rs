@@ -40,9 +40,25 @@ pub enum Action {
     Retry,
 }
 
+impl Action {
+    /// The action as a verb in a sentence (`retry`, `confirm the cancel of`).
+    pub fn verb(self) -> &'static str {
+        match self {
+            Self::Claim => "claim",
+            Self::Progress => "report progress on",
+            Self::Complete => "complete",
+            Self::Fail => "fail",
+            Self::Requeue => "requeue",
+            Self::Cancel => "cancel",
+            Self::ConfirmCancel => "confirm the cancel of",
+            Self::Retry => "retry",
+        }
+    }
+}
+
 /// The action is not allowed in the job's current status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
-#[error("cannot {action:?} a job that is {from}")]
+#[error("cannot {} a job that is {from}", action.verb())]
 pub struct IllegalTransition {
     /// Status the job was in.
     pub from: JobStatus,

@@ -146,6 +146,9 @@ struct Api {
 
 impl Api {
     fn new(conn: &Conn) -> Result<Self> {
+        if !(conn.api.starts_with("http://") || conn.api.starts_with("https://")) {
+            bail!("--api / FLEETQ_API must be a URL like http://127.0.0.1:7777 (got {:?})", conn.api);
+        }
         let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build()?;
         Ok(Self { base: conn.api.trim_end_matches('/').to_owned(), token: conn.token.clone(), http })
     }

@@ -27,7 +27,7 @@ use crate::signal::{stop_on_signal, stop_then_force};
 pub(crate) struct ApiArgs {
     /// Address to listen on. A non-loopback address needs tokens (or --insecure).
     #[arg(long, env = "FLEETQ_LISTEN", default_value = "127.0.0.1:7777")]
-    listen: SocketAddr,
+    listen: String,
     /// Access tokens `role:secret` (roles read, submit, admin); comma-separated or repeated.
     #[arg(long = "token", env = "FLEETQ_TOKENS", value_delimiter = ',')]
     tokens: Vec<String>,
@@ -62,7 +62,8 @@ pub(crate) struct ApiArgs {
 impl ApiArgs {
     fn config(&self, artifacts_dir: Option<PathBuf>, shutdown: CancellationToken) -> Result<ApiConfig> {
         let tokens = Tokens::parse(self.tokens.iter().map(String::as_str)).map_err(anyhow::Error::msg)?;
-        if tokens.is_empty() && !self.listen.ip().is_loopback() && !self.insecure {
+        let listen = self.listen_addr()?;
+        if tokens.is_empty() && !listen.ip().is_loopback() && !self.insecure {
             bail!(
                 "refusing to serve {} without tokens: anyone who reaches it could submit and cancel jobs. \
                  Give --token admin:<secret> (or FLEETQ_TOKENS), listen on 127.0.0.1, or pass --insecure",
@@ -84,6 +85,16 @@ impl ApiArgs {
 }
 
 impl ApiArgs {
+    /// `--listen` as an address: `HOST:PORT` where the host may be a name (`localhost:7823`);
+    /// the first address it resolves to.
+    fn listen_addr(&self) -> Result<SocketAddr> {
+        use std::net::ToSocketAddrs;
+        let mut addrs = self.listen.to_socket_addrs().with_context(|| {
+            format!("--listen {:?}: give HOST:PORT, e.g. 127.0.0.1:7777 or localhost:7777", self.listen)
+        })?;
+        addrs.next().with_context(|| format!("--listen {:?} resolves to no address", self.listen))
+    }
+
     /// The queue's fair share setting as these flags give it (`None`: leave it).
     fn fair_share(&self) -> Result<Option<FairShare>> {
         match self.fair_share {
@@ -101,9 +112,10 @@ impl ApiArgs {
 
     /// Binds the address, first of all, so a taken port is reported before anything else starts.
     async fn bind(&self) -> Result<tokio::net::TcpListener> {
-        tokio::net::TcpListener::bind(self.listen)
+        let addr = self.listen_addr()?;
+        tokio::net::TcpListener::bind(addr)
             .await
-            .with_context(|| format!("listening on {}", self.listen))
+            .with_context(|| format!("listening on {} ({addr})", self.listen))
     }
 }
 

@@ -137,6 +137,64 @@ fn cli_names_an_unreachable_api() {
     let out = cli("http://127.0.0.1:9", &["jobs", "ls"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the fleetq API"));
+    let out = cli("127.0.0.1:7777", &["jobs", "ls"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("must be a URL like http://"), "{err}");
+}
+
+/// A job no worker can serve says so at once, with why, in `submit --wait`, `jobs ls` and
+/// `jobs show`; a refused action reads as a sentence; `--listen` takes a host name.
+#[test]
+fn the_cli_says_why_a_job_waits() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut child = fleetq()
+        .args(["up", "--listen", "localhost:0", "--step-ms", "5", "--workers", "1", "--data-dir"])
+        .arg(data.path())
+        .env_remove("FLEETQ_TOKENS")
+        .env_remove("HUB_REDIS_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start fleetq up");
+    let rx = common::lines(&mut child);
+    let url =
+        url_in(&rx.recv_timeout(Duration::from_secs(60)).expect("fleetq up on localhost prints its URL"));
+    let mut wait = fleetq()
+        .args(["submit", "--service", "comfyui", "--wait"])
+        .env("FLEETQ_API", &url)
+        .env_remove("FLEETQ_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("submit --wait");
+    let mut said = String::new();
+    let mut err = BufReader::new(wait.stderr.take().expect("stderr"));
+    for _ in 0..20 {
+        let mut line = String::new();
+        if err.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        said.push_str(&line);
+        // (A first line may come before the worker registered: "no worker is registered".)
+        if line.contains("is not served") {
+            break;
+        }
+    }
+    wait.kill().ok();
+    wait.wait().ok();
+    assert!(
+        said.contains(r#"UNWORKABLE — 0/1 workers can take it now: 1 × service "comfyui" is not served"#),
+        "{said}"
+    );
+    let id = said.lines().find_map(|l| l.strip_prefix("submitted ")).expect("the id").trim().to_owned();
+    let ls = String::from_utf8_lossy(&cli(&url, &["jobs", "ls"]).stdout).into_owned();
+    assert!(ls.contains("pending (UNWORKABLE)"), "{ls}");
+    let show = String::from_utf8_lossy(&cli(&url, &["jobs", "show", &id]).stdout).into_owned();
+    assert!(show.contains("waiting") && show.contains("not served") && show.contains("payload"), "{show}");
+    let retry = cli(&url, &["jobs", "retry", &id]);
+    let err = String::from_utf8_lossy(&retry.stderr);
+    assert!(!retry.status.success() && err.contains("cannot retry a job that is pending"), "{err}");
+    stop(child);
 }
 
 /// `fleetq jobs ls | head -1`: the reader closes the pipe after one line; the command ends quietly
