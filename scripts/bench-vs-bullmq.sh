@@ -10,7 +10,7 @@ ROUNDS=${ROUNDS:-3} N=${N:-7000} CONCS=${CONCS:-1,16,64}
 REDIS_PORT=${REDIS_PORT:-6390}
 BULLMQ_DIR=${BULLMQ_DIR:-bench/bullmq}
 for r in $(seq 1 "$ROUNDS"); do
-  ./target/release/fleetq bench broker --backend redis --redis-url "redis://127.0.0.1:$REDIS_PORT/" --flushdb \
+  ./target/release/fleetq bench broker --backend redis --redis "redis://127.0.0.1:$REDIS_PORT/" --flushdb \
     --modes throughput,paced --jobs "$N" --concurrency "$CONCS" | sed "s/^{/{\"run\":$r,/"
   redis-cli -p "$REDIS_PORT" flushdb >/dev/null
   (cd "$BULLMQ_DIR" && RUNS=1 CONCS="$CONCS" N="$N" REDIS_PORT="$REDIS_PORT" ./run.sh 2>/dev/null) | sed "s/\"run\":1,/\"run\":$r,/"

@@ -89,7 +89,14 @@ pub(crate) struct BrokerArgs {
     #[arg(long, value_enum, default_value = "embedded")]
     backend: Backend,
     /// Redis to use (its data under `fleetq:{bench-…}:` is left behind unless --flushdb).
-    #[arg(long, env = "FLEETQ_REDIS_URL", default_value = "redis://127.0.0.1:6390/")]
+    /// Not HUB_REDIS_URL: a benchmark may flush its database, so it never picks up the fleet's
+    /// Redis from the environment.
+    #[arg(
+        long = "redis",
+        visible_alias = "redis-url",
+        env = "FLEETQ_BENCH_REDIS",
+        default_value = "redis://127.0.0.1:6390/"
+    )]
     redis_url: String,
     /// FLUSHDB the Redis before each measurement (like the BullMQ script does).
     #[arg(long)]

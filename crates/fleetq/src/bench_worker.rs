@@ -33,7 +33,14 @@ pub(crate) struct WorkerArgs {
     #[arg(long, value_enum, default_value = "embedded")]
     backend: super::bench::Backend,
     /// Redis to use (`--backend redis`).
-    #[arg(long, env = "FLEETQ_REDIS_URL", default_value = "redis://127.0.0.1:6390/")]
+    /// Not HUB_REDIS_URL: a benchmark may flush its database, so it never picks up the fleet's
+    /// Redis from the environment.
+    #[arg(
+        long = "redis",
+        visible_alias = "redis-url",
+        env = "FLEETQ_BENCH_REDIS",
+        default_value = "redis://127.0.0.1:6390/"
+    )]
     redis_url: String,
     /// Tries per figure.
     #[arg(long, default_value_t = 20)]

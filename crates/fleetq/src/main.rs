@@ -74,6 +74,12 @@ enum Command {
     /// Runs a mock service (ComfyUI, A1111, OpenAI) for demos and manual tests.
     #[command(subcommand)]
     Mock(mock::Mock),
+    /// Prints shell completions: `fleetq completions bash > /etc/bash_completion.d/fleetq`
+    /// (zsh: into a directory of `$fpath` as `_fleetq`; fish: `~/.config/fish/completions/fleetq.fish`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
@@ -92,6 +98,13 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "fleetq", &mut script);
+            out::line(format_args!("{}", String::from_utf8_lossy(&script).trim_end()));
+            ExitCode::SUCCESS
         }
         Command::Up(args) => run_async(cli.log_format, "info", "fleetq up", serve::up(args)),
         Command::Api(args) => run_async(cli.log_format, "info", "fleetq api", serve::api(args)),

@@ -147,7 +147,7 @@ pub(crate) struct UpArgs {
     #[arg(long, default_value_t = 10)]
     steps: u32,
     /// Duration of one step (ms).
-    #[arg(long, env = "SIMULATION_STEP_MS", default_value_t = 300)]
+    #[arg(long, env = "SIMULATION_STEP_MS", default_value_t = crate::worker::SIMULATION_STEP_MS)]
     step_ms: u64,
     /// Spread of job durations (0–1).
     #[arg(long, default_value_t = 0.2)]

@@ -13,6 +13,9 @@ use fleetq_worker::config::{self, Overrides, WorkerFile, capabilities_arg};
 
 use crate::signal::stop_on_signal;
 
+/// A simulated step's default duration (ms): the same in `fleetq up` and `fleetq worker`.
+pub(crate) const SIMULATION_STEP_MS: u64 = 300;
+
 /// Flags of `fleetq worker`. Each is also read from the environment variable shown in `--help`;
 /// precedence: flag > environment > `--config` file > default.
 #[derive(Debug, clap::Args)]
@@ -21,7 +24,7 @@ pub(crate) struct Args {
     #[arg(long, env = "WORKER_CONFIG")]
     config: Option<PathBuf>,
     /// Redis of the fleet [default: redis://127.0.0.1:6379/].
-    #[arg(long, env = "HUB_REDIS_URL")]
+    #[arg(long = "redis", visible_alias = "redis-url", env = "HUB_REDIS_URL")]
     redis_url: Option<String>,
     /// Queue name (keys `fleetq:{QUEUE}:…`) [default: fleetq].
     #[arg(long, env = "FLEETQ_QUEUE")]
@@ -67,7 +70,7 @@ pub(crate) struct Args {
     #[arg(long = "progress-timeout-s", env = "WORKER_JOB_PROGRESS_TIMEOUT_SECONDS")]
     progress_timeout_s: Option<u64>,
     /// Duration of one simulated step, for simulation connectors named in WORKER_CONNECTORS
-    /// [default: 100].
+    /// [default: 300, as in `fleetq up`].
     #[arg(long, env = "SIMULATION_STEP_MS")]
     simulation_step_ms: Option<u64>,
     /// Acknowledge a change (a completion, …) only once this many Redis replicas hold it.
@@ -93,7 +96,7 @@ impl Args {
             artifacts_dir: self.artifacts_dir.clone(),
             health_interval_s: self.health_interval_s,
             progress_timeout_s: self.progress_timeout_s,
-            simulation_step_ms: self.simulation_step_ms,
+            simulation_step_ms: Some(self.simulation_step_ms.unwrap_or(SIMULATION_STEP_MS)),
         })
     }
 }

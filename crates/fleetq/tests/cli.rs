@@ -72,3 +72,15 @@ fn bench_worker_reports_each_figure() {
     assert_eq!(figures, ["activity", "cancel", "offline", "recovered"]);
     assert!(lines.iter().all(|l| l["latency"]["n"] == 2), "{lines:?}");
 }
+
+#[test]
+fn completions_are_printed_for_each_shell() {
+    for (shell, mark) in [("bash", "_fleetq()"), ("zsh", "#compdef fleetq"), ("fish", "complete -c fleetq")] {
+        let out = fleetq().args(["completions", shell]).output().expect("run");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains(mark) && text.contains("machine"),
+            "{shell}: {text:.200}"
+        );
+    }
+}

@@ -120,7 +120,7 @@ fn worker(redis: &str, queue: &str, id: &str, machine: &str) -> Guard {
 
 fn worker_with(redis: &str, queue: &str, id: &str, machine: &str, env: &[(&str, &str)]) -> Guard {
     let child = fleetq()
-        .args(["worker", "--queue", queue, "--redis-url", redis])
+        .args(["worker", "--queue", queue, "--redis", redis])
         .env("WORKER_ID", id)
         .env("MACHINE_ID", machine)
         .envs(env.iter().copied())

@@ -29,7 +29,7 @@ async fn wait_for(b: &RedisBroker, id: &JobId, done: impl Fn(&JobRecord) -> bool
 /// Starts `fleetq worker` on `queue` with 1 s leases, 5 ms simulation steps and no shutdown grace.
 fn spawn_worker(url: &str, queue: &str, id: &str) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_fleetq"))
-        .args(["worker", "--queue", queue, "--redis-url", url])
+        .args(["worker", "--queue", queue, "--redis", url])
         .env("WORKER_ID", id)
         .env("MACHINE_ID", "proc-box")
         .env("WORKER_CONNECTORS", "simulation")
@@ -179,7 +179,7 @@ fn a_missing_redis_is_said_once_with_a_hint() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
     let run = |url: String| {
         Command::new(env!("CARGO_BIN_EXE_fleetq"))
-            .args(["worker", "--redis-url", &url])
+            .args(["worker", "--redis", &url])
             .env("WORKER_ID", "w")
             .env("MACHINE_ID", "m")
             .env("WORKER_CONNECTORS", "simulation")
