@@ -336,6 +336,20 @@ mod tests {
         assert_eq!(s.worker.registration.capabilities.lookup("gpu"), Some(&serde_json::json!("rtx4090")));
     }
 
+    /// The README's example file stays one fleetq accepts.
+    #[test]
+    fn the_example_file_loads() {
+        let file = WorkerFile::parse(include_str!("../../../examples/worker.toml")).expect("parses");
+        assert_eq!(file.worker_id.as_deref(), Some("box1-gpu0"));
+        assert_eq!(file.connectors.len(), 3);
+        assert_eq!(file.connectors[1].max_concurrent_jobs, 8);
+        // The README shows the same file.
+        let example = include_str!("../../../examples/worker.toml");
+        let body: String =
+            example.lines().skip_while(|l| l.starts_with('#')).map(|l| format!("{l}\n")).collect();
+        assert!(include_str!("../../../README.md").contains(&body), "README and examples/worker.toml differ");
+    }
+
     #[test]
     fn errors_name_what_to_fix() {
         let unknown = WorkerFile::parse("worker_idd = \"x\"").expect_err("an unknown key");
