@@ -653,34 +653,60 @@ async fn show(api: &Api, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Follows every job event until interrupted. A dropped stream is resumed after the last event
+/// seen (`Last-Event-ID`, so nothing is missed or shown twice); an API gone for good ends it with
+/// an error, not silently.
 async fn watch_all(api: &Api, as_json: bool) -> Result<()> {
-    let resp = api
-        .req(reqwest::Method::GET, "/api/events?topics=jobs")
-        .send()
-        .await
-        .map_err(|e| api.unreachable(e))?;
-    if !resp.status().is_success() {
-        bail!("{}: cannot follow events", resp.status().as_u16());
-    }
-    let mut events = resp.bytes_stream().eventsource();
-    while let Some(Ok(ev)) = events.next().await {
-        let Ok(data) = serde_json::from_str::<Value>(&ev.data) else { continue };
-        if as_json {
-            outln!("{data}");
-            continue;
+    let mut last_id: Option<String> = None;
+    let mut failures = 0u32;
+    loop {
+        let mut req = api.req(reqwest::Method::GET, "/api/events?topics=jobs");
+        if let Some(l) = &last_id {
+            req = req.header("Last-Event-ID", l);
         }
-        let job = &data["job"];
-        outln!(
-            "{:>8} {:<22} {:<38} {:<12} {:>5.1}% {}",
-            ev.id,
-            ev.event,
-            job["id"].as_str().unwrap_or(""),
-            job["status"].as_str().unwrap_or(""),
-            job["progress"].as_f64().unwrap_or(0.0),
-            job["message"].as_str().unwrap_or("")
-        );
+        let resp = match req.send().await {
+            Ok(r) if r.status().is_success() => r,
+            Ok(r) => bail!("{}: cannot follow events", r.status().as_u16()),
+            Err(e) => {
+                failures += 1;
+                if failures > 10 {
+                    return Err(api.unreachable(e).context("the event stream was lost"));
+                }
+                if failures == 1 {
+                    eprintln!("event stream lost; reconnecting…");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if failures > 0 {
+            eprintln!("reconnected; resuming after event {}", last_id.as_deref().unwrap_or("0"));
+        }
+        failures = 0;
+        let mut events = resp.bytes_stream().eventsource();
+        while let Some(Ok(ev)) = events.next().await {
+            if !ev.id.is_empty() {
+                last_id = Some(ev.id.clone());
+            }
+            let Ok(data) = serde_json::from_str::<Value>(&ev.data) else { continue };
+            if as_json {
+                outln!("{data}");
+                continue;
+            }
+            let job = &data["job"];
+            outln!(
+                "{:>8} {:<22} {:<38} {:<12} {:>5.1}% {}",
+                ev.id,
+                ev.event,
+                job["id"].as_str().unwrap_or(""),
+                job["status"].as_str().unwrap_or(""),
+                job["progress"].as_f64().unwrap_or(0.0),
+                job["message"].as_str().unwrap_or("")
+            );
+        }
+        // The stream ended (the API restarted or a proxy cut it): resume.
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Ok(())
 }
 
 /// `fleetq workers`.

@@ -61,6 +61,13 @@ fn up_serves_the_cli_and_keeps_jobs_across_restarts() {
     let done: Value = serde_json::from_slice(&ok.stdout).expect("JSON");
     assert_eq!(done["type"], "job_completed");
     assert_eq!(done["outcome"]["value"]["steps"], 3);
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/simulation-job.json");
+    let from_file = cli(&url, &["submit", "-f", example, "--wait"]);
+    assert!(
+        from_file.status.success(),
+        "the README's job file runs: {}",
+        String::from_utf8_lossy(&from_file.stderr)
+    );
     let bad = cli(&url, &["submit", "--payload", r#"{"fail": "fatal"}"#, "--wait"]);
     assert!(!bad.status.success(), "a failed job exits non-zero");
     assert!(
@@ -77,7 +84,7 @@ fn up_serves_the_cli_and_keeps_jobs_across_restarts() {
     );
     let ls = cli(&url, &["jobs", "ls", "--json"]);
     let page: Value = serde_json::from_slice(&ls.stdout).expect("JSON");
-    assert_eq!(page["jobs"].as_array().expect("jobs").len(), 2);
+    assert_eq!(page["jobs"].as_array().expect("jobs").len(), 3);
     let table = String::from_utf8_lossy(&cli(&url, &["jobs", "ls"]).stdout).into_owned();
     assert!(table.starts_with("ID") && table.contains("completed") && table.contains("failed"), "{table}");
     let workers = String::from_utf8_lossy(&cli(&url, &["workers"]).stdout).into_owned();
@@ -92,7 +99,7 @@ fn up_serves_the_cli_and_keeps_jobs_across_restarts() {
     let ls = cli(&url, &["jobs", "ls", "--json"]);
     let page: Value = serde_json::from_slice(&ls.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&ls.stderr)));
-    assert_eq!(page["jobs"].as_array().expect("jobs").len(), 2, "the jobs survived the restart");
+    assert_eq!(page["jobs"].as_array().expect("jobs").len(), 3, "the jobs survived the restart");
     stop(child);
 }
 
@@ -269,4 +276,71 @@ fn json_logs_are_valid_typed_and_complete() {
     assert_eq!(ended["span"]["worker_id"], "local-gpu0", "{ended}");
     let status = lines.iter().find(|l| l["message"] == "connector status").expect("a connector status line");
     assert_eq!(status["status"], "idle", "{status}");
+}
+
+/// `fleetq jobs watch` across an API restart: it resumes after the last event it printed (the
+/// next job's events arrive, nothing twice), and when the API is gone for good it exits non-zero
+/// saying so instead of 0 in silence.
+#[test]
+fn jobs_watch_resumes_across_a_restart_and_fails_loudly_when_the_api_is_gone() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+    let listen = format!("127.0.0.1:{port}");
+    let start = || {
+        let mut child = fleetq()
+            .args(["up", "--listen", &listen, "--step-ms", "5", "--workers", "1", "--data-dir"])
+            .arg(data.path())
+            .env_remove("FLEETQ_TOKENS")
+            .env_remove("HUB_REDIS_URL")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start fleetq up");
+        let rx = common::lines(&mut child);
+        let url = url_in(&rx.recv_timeout(Duration::from_secs(60)).expect("fleetq up prints its URL"));
+        (child, url)
+    };
+    let (child, url) = start();
+    let mut watch = fleetq()
+        .args(["jobs", "watch", "--json"])
+        .env("FLEETQ_API", &url)
+        .env_remove("FLEETQ_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("jobs watch");
+    let events = common::lines(&mut watch);
+    let seen = std::cell::RefCell::new(Vec::new());
+    let completed_of = |id: &str| {
+        for _ in 0..200 {
+            let Ok(line) = events.recv_timeout(Duration::from_secs(30)) else { break };
+            let v: Value = serde_json::from_str(&line).expect("a JSON event");
+            seen.borrow_mut().push(v["seq"].as_u64().expect("seq"));
+            if v["type"] == "job_completed" && v["job"]["id"] == id {
+                return true;
+            }
+        }
+        false
+    };
+    let submit = |url: &str| {
+        let out = cli(url, &["submit", "--payload", r#"{"steps": 2}"#]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let first = submit(&url);
+    assert!(completed_of(&first), "the first job's completion is watched");
+    stop(child);
+    let (child, url) = start();
+    let second = submit(&url);
+    assert!(completed_of(&second), "after the restart the watch resumed and saw the next job");
+    let mut seqs = seen.borrow().clone();
+    let n = seqs.len();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), n, "no event shown twice: {:?}", seen.borrow());
+    stop(child);
+    let status = watch.wait().expect("the watch ends once the API is gone");
+    assert!(!status.success(), "an API gone for good is an error: {status}");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut watch.stderr.take().expect("stderr"), &mut err).expect("stderr");
+    assert!(err.contains("event stream was lost"), "{err}");
 }
