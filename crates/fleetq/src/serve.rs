@@ -113,9 +113,10 @@ impl ApiArgs {
     /// Binds the address, first of all, so a taken port is reported before anything else starts.
     async fn bind(&self) -> Result<tokio::net::TcpListener> {
         let addr = self.listen_addr()?;
+        let resolved = if addr.to_string() == self.listen { String::new() } else { format!(" ({addr})") };
         tokio::net::TcpListener::bind(addr)
             .await
-            .with_context(|| format!("listening on {} ({addr})", self.listen))
+            .with_context(|| format!("listening on {}{resolved}", self.listen))
     }
 }
 
