@@ -8,21 +8,21 @@ use fleetq_broker::ServiceDepth;
 use fleetq_core::{
     ConnectorReport, JobId, JobRecord, JobSpec, JobStatus, JobSummary, MachineState, WorkerRegistration,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
 use crate::stats::Durations;
 
 /// Every error: a stable `code`, a message, and the offending input `field` when one is to blame.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     /// The error.
     pub error: ErrorDetail,
 }
 
 /// The inside of [`ErrorBody`].
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
     /// Stable machine-readable code (`invalid`, `malformed_json`, `not_found`, `conflict`, …).
     pub code: String,
@@ -33,7 +33,7 @@ pub struct ErrorDetail {
 }
 
 /// `POST /api/jobs` body: one job, or an array of jobs submitted all or nothing.
-#[derive(Debug, serde::Deserialize, ToSchema)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[allow(dead_code, reason = "describes the body in the OpenAPI document; the handler parses bytes")]
 #[serde(untagged)]
 pub enum Submission {
@@ -44,7 +44,7 @@ pub enum Submission {
 }
 
 /// A submitted job (`created` is false when an idempotency key named an existing job).
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Submitted {
     /// The job id.
     pub id: JobId,
@@ -53,7 +53,7 @@ pub struct Submitted {
 }
 
 /// `POST /api/jobs` reply: what was submitted, shaped like the request (an object or a batch).
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum SubmitReply {
     /// One job was submitted.
@@ -63,14 +63,14 @@ pub enum SubmitReply {
 }
 
 /// A submitted batch, in the order of the request.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct BatchSubmitted {
     /// One entry per submitted job.
     pub jobs: Vec<Submitted>,
 }
 
 /// `GET /api/jobs/{id}`: the stored record, plus estimates while it is unfinished.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct JobView {
     /// The record: summary fields, `spec` and `outcome`.
     #[serde(flatten)]
@@ -81,7 +81,7 @@ pub struct JobView {
 }
 
 /// Queue position and ETA of an unfinished job.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Estimate {
     /// 1-based place among pending jobs of its service in claim order (null when running).
     pub queue_position: Option<usize>,
@@ -92,7 +92,7 @@ pub struct Estimate {
 }
 
 /// `GET /api/jobs`: a page of jobs.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct JobPage {
     /// The jobs.
     pub jobs: Vec<JobSummary>,
@@ -101,7 +101,7 @@ pub struct JobPage {
 }
 
 /// What a cancel did.
-#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CancelResult {
     /// The pending job was cancelled.
@@ -113,7 +113,7 @@ pub enum CancelResult {
 }
 
 /// `POST /api/jobs/{id}/cancel`.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Cancelled {
     /// The job.
     pub id: JobId,
@@ -122,7 +122,7 @@ pub struct Cancelled {
 }
 
 /// `POST /api/jobs/{id}/retry`.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Retried {
     /// The job.
     pub id: JobId,
@@ -131,7 +131,7 @@ pub struct Retried {
 }
 
 /// How a worker stands against a job.
-#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
     /// Could claim it now.
@@ -143,7 +143,7 @@ pub enum Verdict {
 }
 
 /// One worker judged against a job.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct WorkerVerdict {
     /// Worker id.
     pub worker_id: String,
@@ -160,7 +160,7 @@ pub struct WorkerVerdict {
 }
 
 /// `GET /api/jobs/{id}/matching-workers`.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct MatchingWorkers {
     /// The job.
     pub job_id: JobId,
@@ -169,7 +169,7 @@ pub struct MatchingWorkers {
 }
 
 /// Whether a worker is running anything.
-#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Activity {
     /// No job.
@@ -179,7 +179,7 @@ pub enum Activity {
 }
 
 /// A connector report with its freshness.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ConnectorView {
     /// The report as the worker sent it.
     #[serde(flatten)]
@@ -189,7 +189,7 @@ pub struct ConnectorView {
 }
 
 /// A registered worker.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct WorkerView {
     /// Id, machine, services and capabilities.
     #[serde(flatten)]
@@ -207,7 +207,7 @@ pub struct WorkerView {
 }
 
 /// `GET /api/workers`.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Workers {
     /// Every registered worker.
     pub workers: Vec<WorkerView>,
@@ -216,7 +216,7 @@ pub struct Workers {
 }
 
 /// A machine: its lifecycle and its workers.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct MachineView {
     /// Machine id.
     pub machine_id: String,
@@ -249,7 +249,7 @@ impl MachineView {
 }
 
 /// `GET /api/machines`.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Machines {
     /// Machines known by their events or their workers.
     pub machines: Vec<MachineView>,
@@ -258,7 +258,7 @@ pub struct Machines {
 }
 
 /// How much work one service has in the queue.
-#[derive(Debug, Clone, Copy, Default, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, ToSchema)]
 pub struct QueueDepth {
     /// Pending and claimable now.
     pub pending: u64,
@@ -275,7 +275,7 @@ impl From<ServiceDepth> for QueueDepth {
 }
 
 /// One service across the fleet (seed 000's summary shape, with `stale`, `queue`, `durations`).
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ServiceSummary {
     /// Connector instances.
     pub total: usize,
@@ -300,7 +300,7 @@ pub struct ServiceSummary {
 }
 
 /// `GET /api/services`.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Services {
     /// Always true (seed 000's shape).
     pub success: bool,
@@ -311,7 +311,7 @@ pub struct Services {
 }
 
 /// `GET /api/services/{service}/summary`.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ServiceSummaryReply {
     /// Always true.
     pub success: bool,
@@ -325,7 +325,7 @@ pub struct ServiceSummaryReply {
 }
 
 /// One connector instance of a service.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Instance {
     /// `machine:worker`.
     pub id: String,
@@ -346,7 +346,7 @@ pub struct Instance {
 }
 
 /// `GET /api/services/{service}/instances`.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Instances {
     /// Always true.
     pub success: bool,
@@ -361,14 +361,14 @@ pub struct Instances {
 }
 
 /// `GET /api/stats`.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Stats {
     /// Rolling run-time statistics by service.
     pub services: BTreeMap<String, Durations>,
 }
 
 /// `GET /health` and `GET /ready`.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Status {
     /// `ok` (health), `ready`, or `degraded` (ready, but something needs an operator: `message`).
     pub status: String,
@@ -378,7 +378,7 @@ pub struct Status {
 }
 
 /// Who the caller is.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Me {
     /// Whether tokens are required by this API (without them every caller may do everything).
     pub auth: bool,

@@ -17,7 +17,7 @@ pub const MIN_WORKFLOW_SAMPLES: usize = 5;
 type Key = (String, Option<String>);
 
 /// Rolling duration statistics of one key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Durations {
     /// Median run time (ms).
     pub p50_ms: u64,

@@ -9,6 +9,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args as ClapArgs, Subcommand};
 use eventsource_stream::Eventsource;
+use fleetq_api::model::{
+    Activity, Cancelled, JobPage, JobView, MatchingWorkers, Retried, Services, Verdict, Workers,
+};
 use fleetq_broker::Clock as _;
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -198,41 +201,34 @@ impl Api {
     }
 }
 
-/// `GET /api/jobs/{id}` as the API's model types read it (`JobView`: the record plus the estimate).
-#[derive(Debug, serde::Deserialize)]
-struct JobReply {
-    #[serde(flatten)]
-    record: fleetq_core::JobRecord,
-    #[serde(default)]
-    queue_position: Option<usize>,
-    #[serde(default)]
-    eta_ms: Option<u64>,
-}
-
 impl Api {
-    async fn job(&self, id: &str) -> Result<JobReply> {
-        let v = self.get(&format!("/api/jobs/{}", enc(id))).await?;
-        serde_json::from_value(v)
-            .context("the API's job does not read as a job (is the API a different version?)")
+    /// GET `path` read as the API's own reply type, so the CLI cannot drift from the API.
+    async fn get_as<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let v = self.get(path).await?;
+        serde_json::from_value(v).with_context(|| {
+            format!("the API's reply to {path} does not read as expected (a different fleetq version?)")
+        })
+    }
+
+    async fn job(&self, id: &str) -> Result<JobView> {
+        self.get_as(&format!("/api/jobs/{}", enc(id))).await
     }
 
     /// Why a pending job is not running, from the fleet's verdicts: `None` when a worker could
     /// take it now; otherwise counts per reason (`2 workers: service "comfyui" is not served …`).
     async fn why_waiting(&self, id: &str) -> Result<Option<String>> {
-        let v = self.get(&format!("/api/jobs/{}/matching-workers", enc(id))).await?;
-        let workers = v["workers"].as_array().map(Vec::as_slice).unwrap_or_default();
+        let verdicts: MatchingWorkers =
+            self.get_as(&format!("/api/jobs/{}/matching-workers", enc(id))).await?;
+        let workers = &verdicts.workers;
         if workers.is_empty() {
             return Ok(Some("no worker is registered".into()));
         }
-        if workers.iter().any(|w| w["verdict"] == "matches") {
+        if workers.iter().any(|w| matches!(w.verdict, Verdict::Matches)) {
             return Ok(None);
         }
-        let busy = workers.iter().filter(|w| w["verdict"] == "busy").count();
-        let mut counts: Vec<(String, usize)> = Vec::new();
-        for reason in
-            workers.iter().flat_map(|w| w["reasons"].as_array().map(Vec::as_slice).unwrap_or_default())
-        {
-            let reason = reason.as_str().unwrap_or("").to_owned();
+        let busy = workers.iter().filter(|w| matches!(w.verdict, Verdict::Busy)).count();
+        let mut counts: Vec<(&str, usize)> = Vec::new();
+        for reason in workers.iter().flat_map(|w| &w.reasons) {
             match counts.iter_mut().find(|(r, _)| *r == reason) {
                 Some((_, n)) => *n += 1,
                 None => counts.push((reason, 1)),
@@ -253,10 +249,11 @@ async fn waiting_line(api: &Api, id: &str) -> Result<String> {
     let job = api.job(id).await?;
     let s = &job.record.summary;
     let mut parts = Vec::new();
-    if let Some(p) = job.queue_position {
+    let estimate = job.estimate.as_ref();
+    if let Some(p) = estimate.and_then(|e| e.queue_position) {
         parts.push(format!("position {p}"));
     }
-    if let Some(eta) = job.eta_ms {
+    if let Some(eta) = estimate.and_then(|e| e.eta_ms) {
         parts.push(format!("ETA {}", short_duration(eta)));
     }
     if s.attempt >= 1 {
@@ -494,19 +491,21 @@ pub(crate) async fn jobs(cmd: Jobs) -> Result<()> {
         Jobs::Cancel(a) => {
             let r = Api::new(&a.conn)?.post(&format!("/api/jobs/{}/cancel", enc(&a.id)), None).await?;
             if a.conn.json {
-                print_json(&r)
-            } else {
-                outln!("{} {}", a.id, r["outcome"].as_str().unwrap_or(""))
+                print_json(&r);
+                return Ok(());
             }
+            let done: Cancelled = serde_json::from_value(r).context("the API's cancel reply")?;
+            outln!("{} {}", done.id, serde_json::to_value(done.outcome)?.as_str().unwrap_or(""));
             Ok(())
         }
         Jobs::Retry(a) => {
             let r = Api::new(&a.conn)?.post(&format!("/api/jobs/{}/retry", enc(&a.id)), None).await?;
             if a.conn.json {
-                print_json(&r)
-            } else {
-                outln!("{} {}", a.id, r["status"].as_str().unwrap_or(""))
+                print_json(&r);
+                return Ok(());
             }
+            let done: Retried = serde_json::from_value(r).context("the API's retry reply")?;
+            outln!("{} {}", done.id, done.status.as_str());
             Ok(())
         }
         Jobs::Watch(a) => {
@@ -537,29 +536,29 @@ async fn ls(a: LsArgs) -> Result<()> {
     if a.queue {
         q.push("order=queue".into());
     }
-    let page = api.get(&format!("/api/jobs?{}", q.join("&"))).await?;
+    let path = format!("/api/jobs?{}", q.join("&"));
     if a.conn.json {
-        print_json(&page);
+        print_json(&api.get(&path).await?);
         return Ok(());
     }
+    let page: JobPage = api.get_as(&path).await?;
     let now = fleetq_broker::SystemClock.now_ms();
-    let rows: Vec<Vec<String>> = page["jobs"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
+    let rows: Vec<Vec<String>> = page
+        .jobs
         .iter()
         .map(|j| {
             vec![
-                j["id"].as_str().unwrap_or("").to_owned(),
-                match (j["status"].as_str().unwrap_or(""), j["unworkable"].as_bool()) {
-                    ("pending", Some(true)) => "pending (UNWORKABLE)".to_owned(),
-                    (status, _) => status.to_owned(),
+                j.id.to_string(),
+                if j.status == fleetq_core::JobStatus::Pending && j.unworkable {
+                    "pending (UNWORKABLE)".to_owned()
+                } else {
+                    j.status.as_str().to_owned()
                 },
-                j["service"].as_str().unwrap_or("").to_owned(),
-                format!("{:.0}%", j["progress"].as_f64().unwrap_or(0.0)),
-                j["worker_id"].as_str().unwrap_or("-").to_owned(),
-                j["priority"].to_string(),
-                age(now, j["created_at"].as_i64()),
+                j.service.clone(),
+                format!("{:.0}%", j.progress),
+                j.worker_id.clone().unwrap_or_else(|| "-".into()),
+                j.priority.to_string(),
+                age(now, Some(j.created_at)),
             ]
         })
         .collect();
@@ -567,7 +566,7 @@ async fn ls(a: LsArgs) -> Result<()> {
     if rows.iter().any(|r| r[1].contains("UNWORKABLE")) {
         outln!("UNWORKABLE: no registered worker can serve it; `fleetq jobs show <id>` says why");
     }
-    if let Some(next) = page["next"].as_str() {
+    if let Some(next) = &page.next {
         outln!("more: --cursor {next}");
     }
     Ok(())
@@ -711,37 +710,32 @@ async fn watch_all(api: &Api, as_json: bool) -> Result<()> {
 
 /// `fleetq workers`.
 pub(crate) async fn workers(a: ListArgs) -> Result<()> {
-    let v = Api::new(&a.conn)?.get("/api/workers").await?;
+    let api = Api::new(&a.conn)?;
     if a.conn.json {
-        print_json(&v);
+        print_json(&api.get("/api/workers").await?);
         return Ok(());
     }
-    let rows: Vec<Vec<String>> = v["workers"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
+    let list: Workers = api.get_as("/api/workers").await?;
+    let rows: Vec<Vec<String>> = list
+        .workers
         .iter()
         .map(|w| {
-            let conns = w["connectors"]
-                .as_object()
-                .map(|m| {
-                    m.iter()
-                        .map(|(s, c)| {
-                            let stale = if c["stale"].as_bool() == Some(true) { " (stale)" } else { "" };
-                            format!("{s}:{}{stale}", c["status"].as_str().unwrap_or("?"))
-                        })
-                        .collect::<Vec<_>>()
-                        .join(" ")
+            let conns = w
+                .connectors
+                .iter()
+                .map(|(s, c)| {
+                    format!("{s}:{}{}", c.report.status.as_str(), if c.stale { " (stale)" } else { "" })
                 })
-                .unwrap_or_default();
-            let jobs = w["current_jobs"]
-                .as_array()
-                .map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","))
-                .unwrap_or_default();
+                .collect::<Vec<_>>()
+                .join(" ");
+            let jobs = w.current_jobs.iter().map(|j| j.0.as_str()).collect::<Vec<_>>().join(",");
             vec![
-                w["worker_id"].as_str().unwrap_or("").to_owned(),
-                w["machine_id"].as_str().unwrap_or("").to_owned(),
-                w["status"].as_str().unwrap_or("").to_owned(),
+                w.registration.worker_id.clone(),
+                w.registration.machine_id.clone(),
+                match w.status {
+                    Activity::Idle => "idle".into(),
+                    Activity::Busy => "busy".into(),
+                },
                 conns,
                 if jobs.is_empty() { "-".into() } else { jobs },
             ]
@@ -753,34 +747,31 @@ pub(crate) async fn workers(a: ListArgs) -> Result<()> {
 
 /// `fleetq services`.
 pub(crate) async fn services(a: ListArgs) -> Result<()> {
-    let v = Api::new(&a.conn)?.get("/api/services").await?;
+    let api = Api::new(&a.conn)?;
     if a.conn.json {
-        print_json(&v);
+        print_json(&api.get("/api/services").await?);
         return Ok(());
     }
-    let n = |s: &Value, k: &str| s[k].as_u64().unwrap_or(0).to_string();
-    let rows: Vec<Vec<String>> = v["services"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(name, s)| {
-                    let p50 = s["durations"]["p50_ms"].as_u64().map_or("-".into(), short_duration);
-                    vec![
-                        name.clone(),
-                        n(s, "total"),
-                        n(s, "idle"),
-                        n(s, "active"),
-                        n(s, "error"),
-                        n(s, "offline"),
-                        n(s, "stale"),
-                        n(&s["queue"], "pending"),
-                        n(&s["queue"], "running"),
-                        p50,
-                    ]
-                })
-                .collect()
+    let list: Services = api.get_as("/api/services").await?;
+    let rows: Vec<Vec<String>> = list
+        .services
+        .iter()
+        .map(|(name, s)| {
+            let p50 = s.durations.as_ref().map_or("-".into(), |d| short_duration(d.p50_ms));
+            vec![
+                name.clone(),
+                s.total.to_string(),
+                s.idle.to_string(),
+                s.active.to_string(),
+                s.error.to_string(),
+                s.offline.to_string(),
+                s.stale.to_string(),
+                s.queue.pending.to_string(),
+                s.queue.running.to_string(),
+                p50,
+            ]
         })
-        .unwrap_or_default();
+        .collect();
     table(
         &["SERVICE", "TOTAL", "IDLE", "ACTIVE", "ERROR", "OFFLINE", "STALE", "PENDING", "RUNNING", "P50"],
         &rows,
