@@ -427,3 +427,79 @@ fn startup_failures_are_reported_with_their_output_and_not_looped() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("unknown field `gpu`"), "{err}");
 }
+
+/// A service that keeps crashing after it became ready is given up (the machine card says so, it
+/// is not restarted forever), while the other GPU serves; a second SIGTERM stops the machine at
+/// once although a running job still had most of its grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_is_given_up_and_a_second_signal_forces_the_stop() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = RedisServer::shared();
+    let queue = "machine-force";
+    let broker = RedisBroker::connect(&server.url, queue, BrokerConfig::default()).await.expect("connect");
+    let bin = env!("CARGO_BIN_EXE_fleetq");
+    let base = free_ports(2);
+    let status_port = free_port();
+    // GPU 1's service dies two seconds after each start; GPU 0's lives.
+    let text = format!(
+        r#"test_gpu_memory_gb = 24
+status_listen = "127.0.0.1:{status_port}"
+log_dir = "{logs}"
+shutdown_grace_s = 60
+[[services]]
+name = "comfyui"
+command = ["sh", "-c", "if [ {{gpu}} = 1 ]; then (sleep 2; kill $$) & fi; exec {bin} mock comfyui --port {{port}}"]
+base_port = {base}
+stop_timeout_s = 5
+[services.restart]
+backoff_base_ms = 200
+max_crashes = 1
+window_ms = 60000
+[worker]
+health_interval_s = 1
+[[worker.connectors]]
+type = "comfyui"
+url = "http://127.0.0.1:{{port}}"
+"#,
+        logs = dir.path().join("logs").display(),
+    );
+    let config = dir.path().join("machine.toml");
+    std::fs::write(&config, text).expect("write");
+    let log = dir.path().join("machine.log");
+    let sup = spawn_machine(&config, &server.url, queue, &log);
+    let dump = || std::fs::read_to_string(&log).unwrap_or_default();
+    let given_up = until("the crashing service is given up", 600, async || {
+        machine(&broker)
+            .await
+            .filter(|m| m.message.as_deref().is_some_and(|t| t.starts_with("comfyui gpu1 failed")))
+    })
+    .await;
+    let said = given_up.message.unwrap_or_default();
+    assert!(said.contains("2 crashes within 60 s"), "{said}\n{}", dump());
+    let http = reqwest::Client::new();
+    let status = health(&http, status_port).await;
+    assert_eq!(status["services"][1]["phase"], "failed", "{status}");
+    assert_eq!(status["services"][1]["restarts"], 1, "restarted once, then given up: {status}");
+    // The other GPU serves; a long job runs there.
+    let id = broker.submit(JobSpec::new("comfyui", workflow(600, 0.1))).await.expect("submit").id;
+    let running = until("the job runs", 300, async || {
+        Some(job(&broker, &id).await).filter(|r| r.summary.status == JobStatus::InProgress)
+    })
+    .await;
+    assert_eq!(running.summary.worker_id.as_deref(), Some("box-t-gpu0"));
+    let pid = status["services"][0]["pid"].as_u64().expect("gpu0's service pid");
+    signal(&sup, "-TERM");
+    until("the machine is stopping", 300, async || {
+        machine(&broker).await.filter(|m| m.phase == MachinePhase::Stopping)
+    })
+    .await;
+    signal(&sup, "-TERM");
+    let mut sup = Guard(sup);
+    let exit = sup.0.wait().expect("wait");
+    assert!(exit.success(), "{exit}\n{}", dump());
+    let m = machine(&broker).await.expect("machine");
+    assert_eq!(m.phase, MachinePhase::Stopped);
+    assert!(m.message.as_deref().is_some_and(|t| t.contains("forced stop")), "{m:?}");
+    assert!(!alive(pid), "gpu0's service was killed");
+    assert_ne!(job(&broker, &id).await.summary.status, JobStatus::Completed, "the job did not get to finish");
+}

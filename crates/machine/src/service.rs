@@ -477,7 +477,7 @@ fn unit() -> f64 {
 }
 
 /// Signals the process group led by `pid` (its pgid is its pid); a group already gone is fine.
-fn kill_group(pid: Option<u32>, signal: Signal) {
+pub(crate) fn kill_group(pid: Option<u32>, signal: Signal) {
     if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
         let _ = killpg(Pid::from_raw(pid), signal);
     }

@@ -364,6 +364,7 @@ impl<B: Broker> Supervisor<B> {
         crate::notify::notify("READY=1\nSTATUS=ready");
         let machine = Machine::new(self.broker.clone(), self.spec.machine_id.clone(), workers, None);
         let status = self.status.clone();
+        let forced = force.clone();
         let drained = async move {
             status.send_modify(|s| s.phase = "stopping".into());
             crate::notify::notify("STOPPING=1\nSTATUS=workers drained; stopping the services");
@@ -387,7 +388,21 @@ impl<B: Broker> Supervisor<B> {
                 format!("shutdown requested; services {}", exits.join(", "))
             })
         };
-        machine.run_then(stop, false, drained).await
+        tokio::select! {
+            ran = machine.run_then(stop, false, drained) => ran,
+            () = forced.cancelled() => {
+                // A second signal: no more waiting for running jobs (they come back when their
+                // leases expire); every service's process group is killed now.
+                let pids: Vec<u32> = self.status.borrow().services.iter().filter_map(|s| s.pid).collect();
+                for pid in pids {
+                    crate::service::kill_group(Some(pid), nix::sys::signal::Signal::SIGKILL);
+                }
+                self.status.send_modify(|s| s.phase = "stopped".into());
+                let message = "forced stop (a second signal): services killed; running jobs come back when their leases expire";
+                tracing::warn!("{message}");
+                self.say(MachinePhase::Stopped, None, Some(message.into())).await
+            }
+        }
     }
 
     async fn step(&self, text: String, began: Instant) -> Result<(), MachineError> {
