@@ -269,21 +269,9 @@ async fn waiting_line(api: &Api, id: &str) -> Result<String> {
     Ok(parts.join(", "))
 }
 
-/// Epoch milliseconds as ISO 8601 UTC (`2026-12-04T11:25:31Z`), without a date library.
+/// Epoch milliseconds as ISO 8601 UTC, as the API writes times.
 fn iso_time(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    fleetq_api::stats::rfc3339(ms)
 }
 
 fn json_arg(text: &str, what: &str) -> Result<Value> {
@@ -820,13 +808,6 @@ fn age(now: i64, at: Option<i64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn times_read_as_iso_utc() {
-        assert_eq!(iso_time(0), "1970-01-01T00:00:00Z");
-        assert_eq!(iso_time(1_796_384_894_480), "2026-12-04T11:48:14Z");
-        assert_eq!(iso_time(951_782_400_000), "2000-02-29T00:00:00Z");
-    }
 
     #[test]
     fn durations_read_as_people_say_them() {

@@ -7,7 +7,6 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use common::{fleetq, url_in};
@@ -15,25 +14,26 @@ use serde_json::Value;
 
 /// Starts `fleetq up` on a free port and returns it with its URL (read from its first line).
 fn up(data: &Path) -> (Child, String) {
+    up_with(data, &["up", "--listen", "127.0.0.1:0", "--workers", "2", "--reap-every-ms", "100"])
+}
+
+/// Starts `fleetq <args> --step-ms 5 --data-dir <data>` (its log in `<data>/up.log`) and returns
+/// it with the URL of its first line.
+fn up_with(data: &Path, args: &[&str]) -> (Child, String) {
     let mut child = fleetq()
-        .args(["up", "--listen", "127.0.0.1:0", "--step-ms", "5", "--workers", "2", "--reap-every-ms", "100"])
-        .arg("--data-dir")
+        .args(args)
+        .args(["--step-ms", "5", "--data-dir"])
         .arg(data)
         .env_remove("FLEETQ_TOKENS")
+        .env_remove("HUB_REDIS_URL")
+        .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(data.join("up.log")).expect("log file"))
         .spawn()
         .expect("start fleetq up");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).ok();
-        tx.send(line).ok();
-    });
+    let rx = common::lines(&mut child);
     // A guard against a hang, not a timing assertion.
-    let line = rx.recv_timeout(Duration::from_secs(60)).expect("fleetq up prints its URL");
-    let url = url_in(&line);
+    let url = url_in(&rx.recv_timeout(Duration::from_secs(60)).expect("fleetq up prints its URL"));
     (child, url)
 }
 
@@ -154,18 +154,7 @@ fn cli_names_an_unreachable_api() {
 #[test]
 fn the_cli_says_why_a_job_waits() {
     let data = tempfile::tempdir().expect("tempdir");
-    let mut child = fleetq()
-        .args(["up", "--listen", "localhost:0", "--step-ms", "5", "--workers", "1", "--data-dir"])
-        .arg(data.path())
-        .env_remove("FLEETQ_TOKENS")
-        .env_remove("HUB_REDIS_URL")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start fleetq up");
-    let rx = common::lines(&mut child);
-    let url =
-        url_in(&rx.recv_timeout(Duration::from_secs(60)).expect("fleetq up on localhost prints its URL"));
+    let (child, url) = up_with(data.path(), &["up", "--listen", "localhost:0", "--workers", "1"]);
     let mut wait = fleetq()
         .args(["submit", "--service", "comfyui", "--wait"])
         .env("FLEETQ_API", &url)
@@ -236,20 +225,9 @@ fn the_cli_ends_quietly_on_a_closed_pipe() {
 #[test]
 fn json_logs_are_valid_typed_and_complete() {
     let data = tempfile::tempdir().expect("tempdir");
-    let log = data.path().join("json.log");
-    let mut child = fleetq()
-        .args(["--log-format", "json", "up", "--listen", "127.0.0.1:0", "--step-ms", "5", "--workers", "1"])
-        .arg("--data-dir")
-        .arg(data.path())
-        .env_remove("FLEETQ_TOKENS")
-        .env_remove("HUB_REDIS_URL")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("start fleetq up");
-    let rx = common::lines(&mut child);
-    let url = url_in(&rx.recv_timeout(Duration::from_secs(60)).expect("fleetq up prints its URL"));
+    let log = data.path().join("up.log");
+    let (child, url) =
+        up_with(data.path(), &["--log-format", "json", "up", "--listen", "127.0.0.1:0", "--workers", "1"]);
     let done = cli(&url, &["submit", "--payload", r#"{"steps": 2}"#, "--wait"]);
     assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
     stop(child);
@@ -286,20 +264,7 @@ fn jobs_watch_resumes_across_a_restart_and_fails_loudly_when_the_api_is_gone() {
     let data = tempfile::tempdir().expect("tempdir");
     let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
     let listen = format!("127.0.0.1:{port}");
-    let start = || {
-        let mut child = fleetq()
-            .args(["up", "--listen", &listen, "--step-ms", "5", "--workers", "1", "--data-dir"])
-            .arg(data.path())
-            .env_remove("FLEETQ_TOKENS")
-            .env_remove("HUB_REDIS_URL")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start fleetq up");
-        let rx = common::lines(&mut child);
-        let url = url_in(&rx.recv_timeout(Duration::from_secs(60)).expect("fleetq up prints its URL"));
-        (child, url)
-    };
+    let start = || up_with(data.path(), &["up", "--listen", &listen, "--workers", "1"]);
     let (child, url) = start();
     let mut watch = fleetq()
         .args(["jobs", "watch", "--json"])
