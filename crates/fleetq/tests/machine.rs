@@ -503,3 +503,68 @@ url = "http://127.0.0.1:{{port}}"
     assert!(!alive(pid), "gpu0's service was killed");
     assert_ne!(job(&broker, &id).await.summary.status, JobStatus::Completed, "the job did not get to finish");
 }
+
+/// A service that takes a while to load: the machine card gets a live line with the seconds waited
+/// and the service's last log line while it waits, and no timeout cuts it short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_service_is_reported_while_it_loads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = RedisServer::shared();
+    let queue = "machine-slow";
+    let broker = RedisBroker::connect(&server.url, queue, BrokerConfig::default()).await.expect("connect");
+    let bin = env!("CARGO_BIN_EXE_fleetq");
+    let text = format!(
+        r#"log_dir = "{logs}"
+[[services]]
+name = "comfyui"
+command = ["sh", "-c", "echo loading 212 custom nodes; sleep 8; exec {bin} mock comfyui --port {{port}}"]
+base_port = {base}
+[[worker.connectors]]
+type = "comfyui"
+url = "http://127.0.0.1:{{port}}"
+"#,
+        logs = dir.path().join("logs").display(),
+        base = free_port(),
+    );
+    let config = dir.path().join("machine.toml");
+    std::fs::write(&config, text).expect("write");
+    let log = dir.path().join("machine.log");
+    let mut child = fleetq()
+        .args(["machine", "--config"])
+        .arg(&config)
+        .args(["--redis", &server.url, "--queue", queue])
+        .env("MACHINE_ID", "box-slow")
+        .env("NUM_GPUS", "1")
+        .env("TEST_MODE", "true")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("start fleetq machine");
+    until("the slow machine is ready", 600, async || {
+        broker
+            .machines()
+            .await
+            .expect("machines")
+            .into_iter()
+            .find(|m| m.machine_id == "box-slow" && m.phase == MachinePhase::Ready)
+    })
+    .await;
+    let events = broker.events_after(0, 10_000, Duration::from_millis(10)).await.expect("events");
+    let notes: Vec<String> = events
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            fleetq_core::EventKind::Machine { event } if event.machine_id == "box-slow" => event.message,
+            _ => None,
+        })
+        .filter(|m| m.starts_with("waiting for comfyui gpu0"))
+        .collect();
+    // "waiting for comfyui gpu0: <seconds> s — <its last line>", reported every 5 s.
+    let waited = notes.iter().find_map(|m| {
+        let rest = m.strip_prefix("waiting for comfyui gpu0: ")?;
+        let (secs, line) = rest.split_once(" s — ")?;
+        (line == "loading 212 custom nodes").then(|| secs.parse::<u64>().ok()).flatten()
+    });
+    assert!(waited.is_some_and(|s| s >= 5), "{notes:?}");
+    signal(&child, "-TERM");
+    assert!(child.wait().expect("wait").success());
+}
