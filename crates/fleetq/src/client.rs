@@ -12,6 +12,7 @@ use eventsource_stream::Eventsource;
 use fleetq_api::model::{
     Activity, Cancelled, JobPage, JobView, MatchingWorkers, Retried, Services, Verdict, Workers,
 };
+use fleetq_api::stats::rfc3339;
 use fleetq_broker::Clock as _;
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -260,18 +261,13 @@ async fn waiting_line(api: &Api, id: &str) -> Result<String> {
         parts.push(format!("attempt {}/{} next", s.attempt + 1, s.max_attempts));
     }
     if let Some(at) = s.run_at {
-        parts.push(format!("retry at {}", iso_time(at)));
+        parts.push(format!("retry at {}", rfc3339(at)));
     }
     if s.unworkable {
         let why = api.why_waiting(id).await?.unwrap_or_else(|| "no registered worker can serve it".into());
         parts.push(format!("UNWORKABLE — {why}"));
     }
     Ok(parts.join(", "))
-}
-
-/// Epoch milliseconds as ISO 8601 UTC, as the API writes times.
-fn iso_time(ms: i64) -> String {
-    fleetq_api::stats::rfc3339(ms)
 }
 
 fn json_arg(text: &str, what: &str) -> Result<Value> {
@@ -597,13 +593,13 @@ async fn show(api: &Api, id: &str) -> Result<()> {
             row("waiting", line);
         }
     }
-    row("submitted", iso_time(s.created_at));
+    row("submitted", rfc3339(s.created_at));
     if let Some(t) = s.started_at {
-        row("started", iso_time(t));
+        row("started", rfc3339(t));
     }
     if let Some(t) = s.finished_at {
         let ran = t.saturating_sub(s.started_at.unwrap_or(s.created_at));
-        row("finished", format!("{} (ran {})", iso_time(t), short_duration(u64::try_from(ran).unwrap_or(0))));
+        row("finished", format!("{} (ran {})", rfc3339(t), short_duration(u64::try_from(ran).unwrap_or(0))));
     }
     // The last error matters while retrying or once failed; on a completed job it is history.
     if let Some(e) = s.error.as_ref().filter(|_| s.status != fleetq_core::JobStatus::Completed) {
@@ -629,7 +625,7 @@ async fn show(api: &Api, id: &str) -> Result<()> {
                 "  {:>2}  {:<14} {}  {how}{error}",
                 a.attempt,
                 a.worker_id.as_deref().unwrap_or("-"),
-                iso_time(a.ended_at)
+                rfc3339(a.ended_at)
             );
         }
     }

@@ -9,7 +9,7 @@ use fleetq_broker::redis::RedisBroker;
 use fleetq_broker::{Broker, BrokerConfig};
 use fleetq_connectors::CancellationToken;
 use fleetq_machine::config::{MachineFile, MachineSpec, Overrides, resolve};
-use fleetq_machine::supervisor::{HostInfo, Supervisor};
+use fleetq_machine::supervisor::{Supervisor, hostname};
 
 use crate::signal::stop_then_force;
 
@@ -61,7 +61,7 @@ impl MachineOverrides {
             num_gpus: self.num_gpus,
             test_mode: self.test_mode,
         };
-        Ok(resolve(&file, &over, &HostInfo::read().hostname)?)
+        Ok(resolve(&file, &over, &hostname())?)
     }
 }
 

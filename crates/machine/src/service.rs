@@ -462,11 +462,9 @@ impl Instance {
     }
 }
 
-/// The epoch in ms.
+/// The epoch in ms (the project's one clock).
 fn now_epoch_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    fleetq_core::Clock::now_ms(&fleetq_core::SystemClock)
 }
 
 /// A random number in `[0, 1)` for the restart jitter (std's per-process random hash keys).

@@ -63,10 +63,7 @@ pub struct HostInfo {
 impl HostInfo {
     /// Reads this host's facts.
     pub fn read() -> Self {
-        let hostname = nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_else(|| "unknown".into());
+        let hostname = hostname();
         let cpus = std::thread::available_parallelism().map_or(1, usize::from);
         let memory_mib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| {
             t.lines()
@@ -81,6 +78,11 @@ impl HostInfo {
         let memory = self.memory_mib.map_or(String::new(), |m| format!(", {:.1} GiB RAM", m as f64 / 1024.0));
         format!("host {}, {} CPUs{memory}", self.hostname, self.cpus)
     }
+}
+
+/// This host's name (`unknown` when it cannot be read): a machine's default id.
+pub fn hostname() -> String {
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "unknown".into())
 }
 
 /// Runs a machine until `stop`; `force` (a second signal) stops services at once.
