@@ -298,16 +298,17 @@ async fn metrics_show_queue_depth_and_outcomes() {
     let a = app(ApiConfig::default());
     worker(a.broker.as_ref(), "w1", "metered").await;
     // The API counts the events after its fold started (which is asynchronous to the router's
-    // creation): run jobs until one is counted, then leave one pending.
+    // creation): run jobs until one is counted from its claim (queue wait) to its end, then leave
+    // one pending. (A job claimed before the fold started is counted finished without its wait.)
     for _ in 0..100 {
         submit(&a.router, json!({"service": "metered"})).await;
         let lease = claim(a.broker.as_ref(), "w1").await;
         a.broker.complete(&lease.as_ref(), json!(1)).await.unwrap();
         let (s, bytes) = common::call_raw(&a.router, "GET", "/metrics", None, &[]).await;
         assert_eq!(s, StatusCode::OK);
-        if String::from_utf8(bytes)
-            .unwrap()
-            .contains(r#"fleetq_jobs_finished_total{service="metered",outcome="completed""#)
+        let text = String::from_utf8(bytes).unwrap();
+        if text.contains(r#"fleetq_jobs_finished_total{service="metered",outcome="completed""#)
+            && text.contains(r#"fleetq_job_queue_wait_seconds_bucket{service="metered""#)
         {
             break;
         }
