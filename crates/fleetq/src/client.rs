@@ -1,20 +1,19 @@
-//! The client CLI over the HTTP API: `submit`, `jobs ls|show|cancel|retry|watch`, `workers`,
-//! `services`. Human tables by default, `--json` for scripts.
+//! The client commands: `submit`, `jobs ls|show|cancel|retry|watch`, `workers`, `services` —
+//! calls of the typed client library ([`fleetq_client`]) and their printing: human tables by
+//! default, `--json` for scripts.
 
 use crate::out::outln;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Args as ClapArgs, Subcommand};
-use eventsource_stream::Eventsource;
-use fleetq_api::model::{
-    Activity, Cancelled, JobPage, JobView, MatchingWorkers, Retried, Services, Verdict, Workers,
-};
+use fleetq_api::model::{Activity, SubmitReply, Verdict};
 use fleetq_api::stats::rfc3339;
 use fleetq_broker::Clock as _;
-use futures::StreamExt;
+use fleetq_client::{Client, ClientError, FleetEvent, JobQuery, JobUpdate};
+use fleetq_core::{JobId, JobStatus};
 use serde_json::{Value, json};
 
 /// Where the API is and how to talk to it.
@@ -92,8 +91,8 @@ pub(crate) struct LsArgs {
     #[command(flatten)]
     conn: Conn,
     /// Only this status (pending, assigned, in_progress, completed, failed, cancelled).
-    #[arg(long)]
-    status: Option<String>,
+    #[arg(long, value_parser = parse_status)]
+    status: Option<JobStatus>,
     /// Only this service.
     #[arg(long)]
     service: Option<String>,
@@ -142,112 +141,65 @@ pub(crate) struct ListArgs {
     conn: Conn,
 }
 
-struct Api {
-    base: String,
-    token: Option<String>,
-    http: reqwest::Client,
+/// A client of the API `conn` names.
+fn connect(conn: &Conn) -> Result<Client> {
+    Ok(Client::new(&conn.api)
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "--api / FLEETQ_API must be a URL like http://127.0.0.1:7777 (got {:?})",
+                conn.api
+            )
+        })?
+        .with_token(conn.token.clone()))
 }
 
-impl Api {
-    fn new(conn: &Conn) -> Result<Self> {
-        if !(conn.api.starts_with("http://") || conn.api.starts_with("https://")) {
-            bail!("--api / FLEETQ_API must be a URL like http://127.0.0.1:7777 (got {:?})", conn.api);
+/// A client error as the CLI says it: an unreachable API with the hint where to point it.
+fn said(e: ClientError) -> anyhow::Error {
+    match e {
+        ClientError::Unreachable { .. } => {
+            anyhow::anyhow!("{e} (is `fleetq up` running? set --api or FLEETQ_API)")
         }
-        let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build()?;
-        Ok(Self { base: conn.api.trim_end_matches('/').to_owned(), token: conn.token.clone(), http })
-    }
-
-    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let mut r = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(t) = &self.token {
-            r = r.bearer_auth(t);
-        }
-        r
-    }
-
-    async fn send(&self, r: reqwest::RequestBuilder) -> Result<Value> {
-        let resp = r.send().await.map_err(|e| self.unreachable(e))?;
-        let status = resp.status();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
-        if status.is_success() {
-            return Ok(body);
-        }
-        let e = &body["error"];
-        let field = e["field"].as_str().map(|f| format!(" ({f})")).unwrap_or_default();
-        Err(anyhow!(
-            "{} {}{field}: {}",
-            status.as_u16(),
-            e["code"].as_str().unwrap_or("error"),
-            e["message"].as_str().unwrap_or("no details")
-        ))
-    }
-
-    fn unreachable(&self, e: reqwest::Error) -> anyhow::Error {
-        anyhow!(
-            "cannot reach the fleetq API at {}: {e} (is `fleetq up` running? set --api or FLEETQ_API)",
-            self.base
-        )
-    }
-
-    async fn get(&self, path: &str) -> Result<Value> {
-        self.send(self.req(reqwest::Method::GET, path)).await
-    }
-
-    async fn post(&self, path: &str, body: Option<&Value>) -> Result<Value> {
-        let mut r = self.req(reqwest::Method::POST, path);
-        if let Some(b) = body {
-            r = r.json(b);
-        }
-        self.send(r).await
+        e => e.into(),
     }
 }
 
-impl Api {
-    /// GET `path` read as the API's own reply type, so the CLI cannot drift from the API.
-    async fn get_as<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let v = self.get(path).await?;
-        serde_json::from_value(v).with_context(|| {
-            format!("the API's reply to {path} does not read as expected (a different fleetq version?)")
-        })
-    }
+fn parse_status(s: &str) -> Result<JobStatus, String> {
+    JobStatus::parse(s).ok_or_else(|| {
+        format!("{s:?} is not a status (pending, assigned, in_progress, completed, failed, cancelled)")
+    })
+}
 
-    async fn job(&self, id: &str) -> Result<JobView> {
-        self.get_as(&format!("/api/jobs/{}", enc(id))).await
+/// Why a pending job is not running, from the fleet's verdicts: `None` when a worker could take
+/// it now; otherwise counts per reason (`2 workers: service "comfyui" is not served …`).
+async fn why_waiting(api: &Client, id: &JobId) -> Result<Option<String>> {
+    let verdicts = api.matching_workers(id).await.map_err(said)?;
+    let workers = &verdicts.workers;
+    if workers.is_empty() {
+        return Ok(Some("no worker is registered".into()));
     }
-
-    /// Why a pending job is not running, from the fleet's verdicts: `None` when a worker could
-    /// take it now; otherwise counts per reason (`2 workers: service "comfyui" is not served …`).
-    async fn why_waiting(&self, id: &str) -> Result<Option<String>> {
-        let verdicts: MatchingWorkers =
-            self.get_as(&format!("/api/jobs/{}/matching-workers", enc(id))).await?;
-        let workers = &verdicts.workers;
-        if workers.is_empty() {
-            return Ok(Some("no worker is registered".into()));
-        }
-        if workers.iter().any(|w| matches!(w.verdict, Verdict::Matches)) {
-            return Ok(None);
-        }
-        let busy = workers.iter().filter(|w| matches!(w.verdict, Verdict::Busy)).count();
-        let mut counts: Vec<(&str, usize)> = Vec::new();
-        for reason in workers.iter().flat_map(|w| &w.reasons) {
-            match counts.iter_mut().find(|(r, _)| *r == reason) {
-                Some((_, n)) => *n += 1,
-                None => counts.push((reason, 1)),
-            }
-        }
-        let mut parts: Vec<String> = Vec::new();
-        if busy > 0 {
-            parts.push(format!("{busy} able worker(s) busy"));
-        }
-        parts.extend(counts.into_iter().map(|(r, n)| format!("{n} × {r}")));
-        Ok(Some(format!("0/{} workers can take it now: {}", workers.len(), parts.join("; "))))
+    if workers.iter().any(|w| matches!(w.verdict, Verdict::Matches)) {
+        return Ok(None);
     }
+    let busy = workers.iter().filter(|w| matches!(w.verdict, Verdict::Busy)).count();
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for reason in workers.iter().flat_map(|w| &w.reasons) {
+        match counts.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((reason, 1)),
+        }
+    }
+    let mut parts: Vec<String> = Vec::new();
+    if busy > 0 {
+        parts.push(format!("{busy} able worker(s) busy"));
+    }
+    parts.extend(counts.into_iter().map(|(r, n)| format!("{n} × {r}")));
+    Ok(Some(format!("0/{} workers can take it now: {}", workers.len(), parts.join("; "))))
 }
 
 /// What a job is waiting for, in one line: queue position and ETA, the attempt on a retry, and
 /// why nobody can run it when the fleet cannot.
-async fn waiting_line(api: &Api, id: &str) -> Result<String> {
-    let job = api.job(id).await?;
+async fn waiting_line(api: &Client, id: &JobId) -> Result<String> {
+    let job = api.job(id).await.map_err(said)?;
     let s = &job.record.summary;
     let mut parts = Vec::new();
     let estimate = job.estimate.as_ref();
@@ -264,7 +216,7 @@ async fn waiting_line(api: &Api, id: &str) -> Result<String> {
         parts.push(format!("retry at {}", rfc3339(at)));
     }
     if s.unworkable {
-        let why = api.why_waiting(id).await?.unwrap_or_else(|| "no registered worker can serve it".into());
+        let why = why_waiting(api, id).await?.unwrap_or_else(|| "no registered worker can serve it".into());
         parts.push(format!("UNWORKABLE — {why}"));
     }
     Ok(parts.join(", "))
@@ -282,18 +234,9 @@ fn print_json(v: &Value) {
     outln!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// `fleetq submit`.
 pub(crate) async fn submit(args: SubmitArgs) -> Result<()> {
-    let api = Api::new(&args.conn)?;
+    let api = connect(&args.conn)?;
     let body = match &args.file {
         Some(path) => json_arg(&format!("@{}", path.display()), "the job file")?,
         None => {
@@ -320,18 +263,14 @@ pub(crate) async fn submit(args: SubmitArgs) -> Result<()> {
             if args.count > 1 { Value::Array(vec![job; args.count]) } else { job }
         }
     };
-    let mut req = api.req(reqwest::Method::POST, "/api/jobs").json(&body);
-    if let Some(k) = &args.idempotency_key {
-        req = req.header("Idempotency-Key", k);
-    }
-    let reply = api.send(req).await?;
-    let ids: Vec<String> = match reply.get("jobs").and_then(Value::as_array) {
-        Some(list) => list.iter().filter_map(|j| j["id"].as_str().map(str::to_owned)).collect(),
-        None => reply["id"].as_str().map(str::to_owned).into_iter().collect(),
+    let reply = api.submit_json(&body, args.idempotency_key.as_deref()).await.map_err(said)?;
+    let ids: Vec<JobId> = match &reply {
+        SubmitReply::One(one) => vec![one.id.clone()],
+        SubmitReply::Batch(batch) => batch.jobs.iter().map(|j| j.id.clone()).collect(),
     };
     if !args.wait {
         if args.conn.json {
-            print_json(&reply);
+            print_json(&serde_json::to_value(&reply)?);
         } else {
             ids.iter().for_each(|id| outln!("{id}"));
         }
@@ -344,80 +283,42 @@ pub(crate) async fn submit(args: SubmitArgs) -> Result<()> {
     follow(&api, id, args.conn.json).await
 }
 
-/// Follows one job's SSE stream to its end, resuming with `Last-Event-ID` when the connection drops.
-/// Prints the outcome; fails when the job did not complete.
-async fn follow(api: &Api, id: &str, as_json: bool) -> Result<()> {
+/// Follows one job's event stream to its end (the client resumes it when the connection drops),
+/// saying what a pending job waits for. Prints the outcome; fails when the job did not complete.
+async fn follow(api: &Client, id: &JobId, as_json: bool) -> Result<()> {
     let tty = std::io::stderr().is_terminal() && !as_json;
-    let mut last_id: Option<String> = None;
-    let mut failures = 0;
+    let mut events = api.job_events(id);
+    // While the job waits, say what for (position, ETA, unworkable with why), refreshed.
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut pending = true;
     loop {
-        let mut req = api.req(reqwest::Method::GET, &format!("/api/jobs/{}/events", enc(id)));
-        if let Some(l) = &last_id {
-            req = req.header("Last-Event-ID", l);
-        }
-        let resp = match req.send().await {
-            Ok(r) if r.status().is_success() => r,
-            Ok(r) => {
-                let status = r.status();
-                let body: Value = r.json().await.unwrap_or(Value::Null);
-                bail!(
-                    "{}: {}",
-                    status.as_u16(),
-                    body["error"]["message"].as_str().unwrap_or("cannot follow the job")
-                );
-            }
-            Err(e) => {
-                failures += 1;
-                if failures > 10 {
-                    return Err(api.unreachable(e));
+        let update = tokio::select! {
+            update = events.next() => update.map_err(said)?,
+            _ = tick.tick(), if pending && !as_json => {
+                if let Ok(line) = waiting_line(api, id).await {
+                    draw(tty, "pending", 0.0, Some(&line));
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
         };
-        let mut events = resp.bytes_stream().eventsource();
-        // While the job waits, say what for (position, ETA, unworkable with why), refreshed.
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
-        let mut pending = true;
-        loop {
-            let ev = tokio::select! {
-                ev = events.next() => ev,
-                _ = tick.tick(), if pending && !as_json => {
-                    if let Ok(line) = waiting_line(api, id).await {
-                        draw(tty, "pending", 0.0, Some(&line));
-                    }
-                    continue;
-                }
+        let Some(update) = update else { bail!("the job's event stream ended before the job did") };
+        let job = &update.job;
+        pending = job.status == JobStatus::Pending;
+        if !as_json && !pending {
+            let message = job.message.as_deref().unwrap_or("");
+            let line = if job.attempt > 1 {
+                format!("attempt {}/{} {message}", job.attempt, job.max_attempts)
+            } else {
+                message.to_owned()
             };
-            let Some(Ok(ev)) = ev else { break };
-            failures = 0;
-            if !ev.id.is_empty() {
-                last_id = Some(ev.id.clone());
-            }
-            let Ok(data) = serde_json::from_str::<Value>(&ev.data) else { continue };
-            let job = &data["job"];
-            let status = job["status"].as_str().unwrap_or("");
-            pending = status == "pending";
-            if !as_json && !pending {
-                let attempt = job["attempt"].as_u64().unwrap_or(1);
-                let max = job["max_attempts"].as_u64().unwrap_or(1);
-                let message = job["message"].as_str().unwrap_or("");
-                let line = if attempt > 1 {
-                    format!("attempt {attempt}/{max} {message}")
-                } else {
-                    message.to_owned()
-                };
-                draw(tty, status, job["progress"].as_f64().unwrap_or(0.0), Some(&line));
-            }
-            if matches!(status, "completed" | "failed" | "cancelled") {
-                if tty {
-                    eprintln!();
-                }
-                return finish(&data, status, as_json);
-            }
+            draw(tty, job.status.as_str(), job.progress, Some(&line));
         }
-        // The stream dropped before the end: resume after the last event seen.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        if update.is_terminal() {
+            if tty {
+                eprintln!();
+            }
+            return finish(&update, as_json);
+        }
     }
 }
 
@@ -438,23 +339,22 @@ fn draw(tty: bool, status: &str, progress: f64, message: Option<&str>) {
     }
 }
 
-fn finish(data: &Value, status: &str, as_json: bool) -> Result<()> {
-    let outcome = &data["outcome"];
+fn finish(update: &JobUpdate, as_json: bool) -> Result<()> {
     if as_json {
-        print_json(data);
-    } else if status == "completed" {
-        print_json(&outcome["value"]);
+        print_json(&update.json);
     }
-    match status {
-        "completed" => Ok(()),
-        "failed" => {
-            let e = &outcome["error"];
-            bail!(
-                "job failed ({}): {}",
-                e["category"].as_str().unwrap_or("unknown"),
-                e["message"].as_str().unwrap_or("")
-            )
+    match (&update.outcome, update.job.status) {
+        (Some(fleetq_core::Outcome::Result { value }), JobStatus::Completed) => {
+            if !as_json {
+                print_json(value);
+            }
+            Ok(())
         }
+        (_, JobStatus::Completed) => Ok(()),
+        (Some(fleetq_core::Outcome::Error { error }), JobStatus::Failed) => {
+            bail!("job failed ({}): {}", error.category.as_str(), error.message)
+        }
+        (_, JobStatus::Failed) => bail!("job failed (unknown)"),
         _ => bail!("job was cancelled"),
     }
 }
@@ -464,38 +364,37 @@ pub(crate) async fn jobs(cmd: Jobs) -> Result<()> {
     match cmd {
         Jobs::Ls(a) => ls(a).await,
         Jobs::Show(a) => {
-            let api = Api::new(&a.conn)?;
+            let api = connect(&a.conn)?;
+            let id = JobId(a.id);
             if a.conn.json {
-                print_json(&api.get(&format!("/api/jobs/{}", enc(&a.id))).await?);
+                print_json(&serde_json::to_value(api.job(&id).await.map_err(said)?)?);
                 Ok(())
             } else {
-                show(&api, &a.id).await
+                show(&api, &id).await
             }
         }
         Jobs::Cancel(a) => {
-            let r = Api::new(&a.conn)?.post(&format!("/api/jobs/{}/cancel", enc(&a.id)), None).await?;
+            let done = connect(&a.conn)?.cancel(&JobId(a.id)).await.map_err(said)?;
             if a.conn.json {
-                print_json(&r);
+                print_json(&serde_json::to_value(&done)?);
                 return Ok(());
             }
-            let done: Cancelled = serde_json::from_value(r).context("the API's cancel reply")?;
             outln!("{} {}", done.id, serde_json::to_value(done.outcome)?.as_str().unwrap_or(""));
             Ok(())
         }
         Jobs::Retry(a) => {
-            let r = Api::new(&a.conn)?.post(&format!("/api/jobs/{}/retry", enc(&a.id)), None).await?;
+            let done = connect(&a.conn)?.retry(&JobId(a.id)).await.map_err(said)?;
             if a.conn.json {
-                print_json(&r);
+                print_json(&serde_json::to_value(&done)?);
                 return Ok(());
             }
-            let done: Retried = serde_json::from_value(r).context("the API's retry reply")?;
             outln!("{} {}", done.id, done.status.as_str());
             Ok(())
         }
         Jobs::Watch(a) => {
-            let api = Api::new(&a.conn)?;
-            match &a.id {
-                Some(id) => follow(&api, id, a.conn.json).await,
+            let api = connect(&a.conn)?;
+            match a.id {
+                Some(id) => follow(&api, &JobId(id), a.conn.json).await,
                 None => watch_all(&api, a.conn.json).await,
             }
         }
@@ -503,29 +402,22 @@ pub(crate) async fn jobs(cmd: Jobs) -> Result<()> {
 }
 
 async fn ls(a: LsArgs) -> Result<()> {
-    let api = Api::new(&a.conn)?;
-    let mut q = vec![format!("limit={}", a.limit)];
-    for (k, v) in [
-        ("status", &a.status),
-        ("service", &a.service),
-        ("worker", &a.worker),
-        ("workflow", &a.workflow),
-        ("customer", &a.customer),
-        ("cursor", &a.cursor),
-    ] {
-        if let Some(v) = v {
-            q.push(format!("{k}={}", enc(v)));
-        }
-    }
-    if a.queue {
-        q.push("order=queue".into());
-    }
-    let path = format!("/api/jobs?{}", q.join("&"));
+    let api = connect(&a.conn)?;
+    let query = JobQuery {
+        status: a.status,
+        service: a.service,
+        worker: a.worker,
+        workflow: a.workflow,
+        customer: a.customer,
+        limit: Some(a.limit),
+        cursor: a.cursor,
+        queue_order: a.queue,
+    };
     if a.conn.json {
-        print_json(&api.get(&path).await?);
+        print_json(&api.jobs_json(&query).await.map_err(said)?);
         return Ok(());
     }
-    let page: JobPage = api.get_as(&path).await?;
+    let page = api.jobs(&query).await.map_err(said)?;
     let now = fleetq_broker::SystemClock.now_ms();
     let rows: Vec<Vec<String>> = page
         .jobs
@@ -559,8 +451,8 @@ async fn ls(a: LsArgs) -> Result<()> {
 /// Longest payload text `jobs show` prints (the rest is cut; `--json` has it whole).
 const SHOW_PAYLOAD: usize = 4000;
 
-async fn show(api: &Api, id: &str) -> Result<()> {
-    let job = api.job(id).await?;
+async fn show(api: &Client, id: &JobId) -> Result<()> {
+    let job = api.job(id).await.map_err(said)?;
     let r = &job.record;
     let s = &r.summary;
     let row = |k: &str, v: String| outln!("{k:<13} {v}");
@@ -636,70 +528,52 @@ async fn show(api: &Api, id: &str) -> Result<()> {
     Ok(())
 }
 
-/// Follows every job event until interrupted. A dropped stream is resumed after the last event
-/// seen (`Last-Event-ID`, so nothing is missed or shown twice); an API gone for good ends it with
-/// an error, not silently.
-async fn watch_all(api: &Api, as_json: bool) -> Result<()> {
-    let mut last_id: Option<String> = None;
-    let mut failures = 0u32;
+/// Follows every job event until interrupted. The client resumes a dropped stream after the last
+/// event shown (`Last-Event-ID`, so nothing is missed or shown twice); an API gone for good ends
+/// it with an error, not silently.
+async fn watch_all(api: &Client, as_json: bool) -> Result<()> {
+    let mut events = api.events(&["jobs"]);
     loop {
-        let mut req = api.req(reqwest::Method::GET, "/api/events?topics=jobs");
-        if let Some(l) = &last_id {
-            req = req.header("Last-Event-ID", l);
-        }
-        let resp = match req.send().await {
-            Ok(r) if r.status().is_success() => r,
-            Ok(r) => bail!("{}: cannot follow events", r.status().as_u16()),
-            Err(e) => {
-                failures += 1;
-                if failures > 10 {
-                    return Err(api.unreachable(e).context("the event stream was lost"));
-                }
-                if failures == 1 {
-                    eprintln!("event stream lost; reconnecting…");
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+        let item = events.next().await.map_err(|e| said(e).context("the event stream was lost"))?;
+        let (id, event) = match item {
+            FleetEvent::Event { id, event } => (id, event),
+            FleetEvent::Lost => {
+                eprintln!("event stream lost; reconnecting…");
+                continue;
+            }
+            FleetEvent::Resumed { after } => {
+                eprintln!("reconnected; resuming after event {}", after.as_deref().unwrap_or("0"));
+                continue;
+            }
+            FleetEvent::Resync { after, first } => {
+                eprintln!("events after {after} are gone from the log; resuming at {first}");
                 continue;
             }
         };
-        if failures > 0 {
-            eprintln!("reconnected; resuming after event {}", last_id.as_deref().unwrap_or("0"));
+        if as_json {
+            outln!("{}", serde_json::to_string(&event)?);
+            continue;
         }
-        failures = 0;
-        let mut events = resp.bytes_stream().eventsource();
-        while let Some(Ok(ev)) = events.next().await {
-            if !ev.id.is_empty() {
-                last_id = Some(ev.id.clone());
-            }
-            let Ok(data) = serde_json::from_str::<Value>(&ev.data) else { continue };
-            if as_json {
-                outln!("{data}");
-                continue;
-            }
-            let job = &data["job"];
-            outln!(
-                "{:>8} {:<22} {:<38} {:<12} {:>5.1}% {}",
-                ev.id,
-                ev.event,
-                job["id"].as_str().unwrap_or(""),
-                job["status"].as_str().unwrap_or(""),
-                job["progress"].as_f64().unwrap_or(0.0),
-                job["message"].as_str().unwrap_or("")
-            );
-        }
-        // The stream ended (the API restarted or a proxy cut it): resume.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let Some(job) = event.kind.job() else { continue };
+        outln!(
+            "{:>8} {:<22} {:<38} {:<12} {:>5.1}% {}",
+            id,
+            event.kind.name(),
+            job.id,
+            job.status.as_str(),
+            job.progress,
+            job.message.as_deref().unwrap_or("")
+        );
     }
 }
 
 /// `fleetq workers`.
 pub(crate) async fn workers(a: ListArgs) -> Result<()> {
-    let api = Api::new(&a.conn)?;
+    let list = connect(&a.conn)?.workers().await.map_err(said)?;
     if a.conn.json {
-        print_json(&api.get("/api/workers").await?);
+        print_json(&serde_json::to_value(&list)?);
         return Ok(());
     }
-    let list: Workers = api.get_as("/api/workers").await?;
     let rows: Vec<Vec<String>> = list
         .workers
         .iter()
@@ -731,12 +605,11 @@ pub(crate) async fn workers(a: ListArgs) -> Result<()> {
 
 /// `fleetq services`.
 pub(crate) async fn services(a: ListArgs) -> Result<()> {
-    let api = Api::new(&a.conn)?;
+    let list = connect(&a.conn)?.services().await.map_err(said)?;
     if a.conn.json {
-        print_json(&api.get("/api/services").await?);
+        print_json(&serde_json::to_value(&list)?);
         return Ok(());
     }
-    let list: Services = api.get_as("/api/services").await?;
     let rows: Vec<Vec<String>> = list
         .services
         .iter()

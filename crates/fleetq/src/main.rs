@@ -1,14 +1,12 @@
 //! The `fleetq` command line. The serving commands (`up`, `api`, `worker`, `machine`, `mock`)
 //! parse their flags into the libraries' configurations and call their entry points; the client
-//! commands (`submit`, `jobs`, `workers`, `services`) are HTTP calls to the API and their printing; `bench`
-//! measures; `explain` and `openapi` print what the libraries answer.
+//! commands (`submit`, `jobs`, `workers`, `services`) are calls of the client library and their
+//! printing; `bench` and `chaos` are the tools crate's (the `tools` feature, on by default);
+//! `explain` and `openapi` print what the libraries answer.
 
 // Doc comments on clap fields are `--help` text, where `<…>` around a URL would be printed.
 #![allow(rustdoc::bare_urls)]
 
-mod bench;
-mod bench_worker;
-mod chaos;
 mod client;
 mod explain;
 mod machine;
@@ -61,11 +59,13 @@ enum Command {
     /// Prints the API's OpenAPI 3.1 document (the same as GET /openapi.json), for client generators.
     Openapi,
     /// Benchmarks.
+    #[cfg(feature = "tools")]
     #[command(subcommand)]
-    Bench(bench::Bench),
+    Bench(fleetq_tools::bench::Bench),
     /// Does to real processes what a bad day does (kill -9 of workers or Redis) and reports what
     /// was lost or completed twice; exits non-zero if anything was.
-    Chaos(chaos::Args),
+    #[cfg(feature = "tools")]
+    Chaos(fleetq_tools::chaos::Args),
     /// Runs one worker against a Redis broker until SIGTERM/SIGINT.
     Worker(worker::Args),
     /// Runs this box as a fleet member: its services and one worker per GPU, from a machine TOML
@@ -114,8 +114,12 @@ fn main() -> ExitCode {
         Command::Services(args) => {
             run_async(cli.log_format, "warn", "fleetq services", client::services(args))
         }
-        Command::Bench(b) => run_async(cli.log_format, "warn", "fleetq bench", bench::run(b)),
-        Command::Chaos(args) => run_async(cli.log_format, "warn", "fleetq chaos", chaos::run(args)),
+        #[cfg(feature = "tools")]
+        Command::Bench(b) => run_async(cli.log_format, "warn", "fleetq bench", fleetq_tools::bench::run(b)),
+        #[cfg(feature = "tools")]
+        Command::Chaos(args) => {
+            run_async(cli.log_format, "warn", "fleetq chaos", fleetq_tools::chaos::run(args))
+        }
         Command::Worker(args) => run_async(cli.log_format, "info", "fleetq worker", worker::run(args)),
         Command::Machine(args) => run_async(cli.log_format, "info", "fleetq machine", machine::run(args)),
         Command::Mock(m) => run_async(cli.log_format, "info", "fleetq mock", mock::run(m)),

@@ -10,7 +10,6 @@
 //!
 //! Reads poll the broker every `--poll-us`: a figure's resolution is one poll plus one read.
 
-use crate::out::outln;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,7 +27,7 @@ use serde_json::json;
 
 /// Flags of `fleetq bench worker`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct WorkerArgs {
+pub struct WorkerArgs {
     /// Which backend to measure.
     #[arg(long, value_enum, default_value = "embedded")]
     backend: super::bench::Backend,
@@ -143,9 +142,9 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn line(backend: &str, figure: &str, samples: Vec<f64>) {
-    outln!(
-        "{}",
-        json!({"bench": "worker", "backend": backend, "figure": figure, "latency": super::bench::summarize(samples)})
+    crate::report(
+        &json!({"bench": "worker", "backend": backend, "figure": figure, "latency": super::bench::summarize(samples)})
+            .to_string(),
     );
 }
 

@@ -15,7 +15,6 @@
 //! `api-kill-batch` (kill -9 of `fleetq api` during batch submissions: each batch is all or none),
 //! `service-kill` (kill -9 of the ComfyUI a worker drives, under ComfyUI jobs).
 
-use crate::out::outln;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -25,6 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use fleetq_broker::redis::RedisBroker;
 use fleetq_broker::{Broker, BrokerConfig, JobFilter};
+use fleetq_client::{Client, JobQuery};
 use fleetq_core::job::SERVICE_CRASHES_TO_FAIL;
 use fleetq_core::{EventKind, FailureCategory, JobSpec, JobStatus};
 use serde_json::json;
@@ -32,7 +32,7 @@ use serde_json::json;
 /// Which damage to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 #[allow(clippy::enum_variant_names, reason = "each scenario is named for what it kills")]
-pub(crate) enum Scenario {
+pub enum Scenario {
     /// kill -9 of a random worker every --kill-every-ms, restarted at once.
     WorkerKill,
     /// kill -9 of Redis once mid-run, restarted on the same port from its files.
@@ -51,7 +51,7 @@ pub(crate) enum Scenario {
 
 /// `fleetq chaos` flags.
 #[derive(Debug, clap::Args)]
-pub(crate) struct Args {
+pub struct Args {
     /// The damage.
     #[arg(long, value_enum, default_value = "worker-kill")]
     scenario: Scenario,
@@ -257,7 +257,7 @@ fn report(
         "kills": kills, "completed": t.completed, "failed": t.failed, "service_crash": t.service_crash, "lost": lost,
         "double_completed": doubles, "attempts": t.attempts, "recover_ms": recover_ms, "elapsed_ms": elapsed_ms,
     });
-    outln!("{line}");
+    crate::report(&line.to_string());
     if lost > 0 || doubles > 0 {
         bail!("{lost} jobs lost, {doubles} completed twice");
     }
@@ -277,22 +277,11 @@ fn start_up(exe: &Path, data: &Path, port: u16, args: &Args) -> Result<Proc> {
 }
 
 /// Finished jobs, as `fleetq up`'s API lists them (`None` while it does not answer).
-async fn finished_over_http(http: &reqwest::Client, base: &str) -> Option<usize> {
+async fn finished_over_http(api: &Client) -> Option<usize> {
     let mut n = 0;
-    for status in ["completed", "failed", "cancelled"] {
-        let mut cursor: Option<String> = None;
-        loop {
-            let mut url = format!("{base}/api/jobs?status={status}&limit=1000");
-            if let Some(c) = &cursor {
-                url.push_str(&format!("&cursor={c}"));
-            }
-            let page: serde_json::Value = http.get(&url).send().await.ok()?.json().await.ok()?;
-            n += page["jobs"].as_array()?.len();
-            match page["next"].as_str() {
-                Some(c) => cursor = Some(c.to_owned()),
-                None => break,
-            }
-        }
+    for status in [JobStatus::Completed, JobStatus::Failed, JobStatus::Cancelled] {
+        let q = JobQuery { status: Some(status), limit: Some(1000), ..JobQuery::default() };
+        n += api.all_jobs(&q).await.ok()?.len();
     }
     Some(n)
 }
@@ -300,14 +289,13 @@ async fn finished_over_http(http: &reqwest::Client, base: &str) -> Option<usize>
 async fn embedded_kill(args: &Args, exe: &Path) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
-    let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
+    let api = Client::new(&format!("http://127.0.0.1:{port}"))?;
     let mut up = start_up(exe, dir.path(), port, args)?;
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.timeout_s);
-    while finished_over_http(&http, &base).await.is_none() {
+    while finished_over_http(&api).await.is_none() {
         if Instant::now() > deadline {
-            bail!("fleetq up did not answer at {base}");
+            bail!("fleetq up did not answer at {}", api.base());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -315,16 +303,13 @@ async fn embedded_kill(args: &Args, exe: &Path) -> Result<()> {
         .map(|i| json!({"service": "simulation", "payload": {"note": i, "steps": 5}, "max_attempts": 100}))
         .collect();
     for chunk in jobs.chunks(1000) {
-        let r = http.post(format!("{base}/api/jobs")).json(&chunk).send().await?;
-        if !r.status().is_success() {
-            bail!("submitting: {}", r.status());
-        }
+        api.submit_json(&serde_json::Value::Array(chunk.to_vec()), None).await.context("submitting")?;
     }
     let (mut kills, mut damaged_at, mut recover_ms, mut before) = (0, None::<Instant>, None, 0);
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let now = Instant::now();
-        let done = finished_over_http(&http, &base).await;
+        let done = finished_over_http(&api).await;
         if let (Some(at), None, Some(d)) = (damaged_at, recover_ms, done)
             && d > before
         {
@@ -380,12 +365,11 @@ async fn api_kill_batch(args: &Args, exe: &Path) -> Result<()> {
     for round in 0..args.workers {
         let api_port = free_port()?;
         let mut api = start_api(exe, &url, api_port)?;
-        let base = format!("http://127.0.0.1:{api_port}");
-        let http = reqwest::Client::new();
+        let client = Client::new(&format!("http://127.0.0.1:{api_port}"))?;
         let deadline = Instant::now() + Duration::from_secs(10);
-        while http.get(format!("{base}/ready")).send().await.is_err() {
+        while client.ready().await.is_err() {
             if Instant::now() > deadline {
-                bail!("fleetq api did not answer at {base}");
+                bail!("fleetq api did not answer at {}", client.base());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -393,10 +377,8 @@ async fn api_kill_batch(args: &Args, exe: &Path) -> Result<()> {
         let batch: Vec<serde_json::Value> = (0..args.jobs)
             .map(|i| json!({"service": "chaos-batch", "customer_id": tag, "payload": {"note": format!("{i} {}", "x".repeat(200))}}))
             .collect();
-        let post = tokio::spawn({
-            let (http, base) = (http.clone(), base.clone());
-            async move { http.post(format!("{base}/api/jobs")).json(&batch).send().await }
-        });
+        let post =
+            tokio::spawn(async move { client.submit_json(&serde_json::Value::Array(batch), None).await });
         // From 0 to ~60 ms: before the request is read, while it is stored, after the reply.
         tokio::time::sleep(Duration::from_millis((round as u64 * 7) % 60)).await;
         api.kill();
@@ -422,14 +404,16 @@ async fn api_kill_batch(args: &Args, exe: &Path) -> Result<()> {
         "stored_whole": whole, "stored_none": none, "stored_partly": partial,
         "elapsed_ms": started.elapsed().as_millis(),
     });
-    outln!("{line}");
+    crate::report(&line.to_string());
     if !partial.is_empty() {
         bail!("{} batches were stored in part: {partial:?}", partial.len());
     }
     Ok(())
 }
 
-pub(crate) async fn run(args: Args) -> Result<()> {
+/// Runs one scenario, prints its report as a JSON line, and fails when anything was lost or done
+/// twice.
+pub async fn run(args: Args) -> Result<()> {
     if args.jobs == 0 || args.workers == 0 {
         bail!("--jobs and --workers must be at least 1");
     }

@@ -19,7 +19,6 @@
 //!   of the idle broker afterwards (workers waiting in `claim`, no job pending), and N plain jobs
 //!   drained before and after (the burst must leave nothing behind that slows them).
 
-use crate::out::outln;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,7 +34,7 @@ use serde_json::{Value, json};
 
 /// Benchmarks.
 #[derive(Debug, clap::Subcommand)]
-pub(crate) enum Bench {
+pub enum Bench {
     /// Broker throughput and latency with no-op jobs.
     Broker(BrokerArgs),
     /// The HTTP API over the embedded store: submissions per second (single and batched) and the
@@ -48,7 +47,7 @@ pub(crate) enum Bench {
 
 /// `fleetq bench api` flags.
 #[derive(Debug, clap::Args)]
-pub(crate) struct ApiArgs {
+pub struct ApiArgs {
     /// Jobs submitted one per request.
     #[arg(long, default_value_t = 5000)]
     jobs: usize,
@@ -67,9 +66,12 @@ pub(crate) struct ApiArgs {
     watchers: usize,
 }
 
+/// The broker a benchmark runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub(crate) enum Backend {
+pub enum Backend {
+    /// The embedded store (SQLite) in a temporary directory.
     Embedded,
+    /// The Redis of `FLEETQ_BENCH_REDIS` (flushed).
     Redis,
 }
 
@@ -84,7 +86,7 @@ enum Mode {
 
 /// Flags of `fleetq bench broker`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct BrokerArgs {
+pub struct BrokerArgs {
     /// Which backend to measure.
     #[arg(long, value_enum, default_value = "embedded")]
     backend: Backend,
@@ -143,7 +145,8 @@ pub(crate) struct BrokerArgs {
     wait_replicas: u32,
 }
 
-pub(crate) async fn run(b: Bench) -> Result<()> {
+/// Runs one benchmark, printing its figures as JSON lines.
+pub async fn run(b: Bench) -> Result<()> {
     let args = match b {
         Bench::Broker(args) => args,
         Bench::Api(args) => return api(args).await,
@@ -243,7 +246,7 @@ fn emit(backend: &str, mut line: Value) {
         obj.insert("system".into(), json!("fleetq"));
         obj.insert("backend".into(), json!(backend));
     }
-    outln!("{line}");
+    crate::report(&line.to_string());
 }
 
 fn bench_job(i: usize) -> JobSpec {
@@ -603,10 +606,10 @@ async fn position<B: Broker>(made: &Made<B>, pending: usize, queries: usize) -> 
     }))
 }
 
-/// `fleetq bench api`: a real server on a loopback port over a fresh embedded store.
+/// `fleetq bench api`: a real server on a loopback port over a fresh embedded store, driven
+/// through the client library.
 async fn api(args: ApiArgs) -> Result<()> {
-    use eventsource_stream::Eventsource;
-    use futures::StreamExt;
+    use fleetq_client::{Client, FleetEvent};
 
     let dir = tempfile::tempdir()?;
     let broker = Arc::new(EmbeddedBroker::open(dir.path().join("bench.db"), bench_config())?);
@@ -614,9 +617,8 @@ async fn api(args: ApiArgs) -> Result<()> {
     // Dropped at the end of the run: the server stops with the benchmark.
     let _stop = config.shutdown.clone().drop_guard();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
+    let client = Client::new(&format!("http://{}", listener.local_addr()?))?;
     tokio::spawn(fleetq_api::serve(listener, broker, config));
-    let http = reqwest::Client::new();
     let body = |i: usize| json!({"service": "bench", "payload": {"note": i}});
 
     // One job per request, `concurrency` clients.
@@ -624,13 +626,12 @@ async fn api(args: ApiArgs) -> Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     let per = args.jobs.div_ceil(args.concurrency.max(1));
     for c in 0..args.concurrency.max(1) {
-        let (http, url) = (http.clone(), format!("{base}/api/jobs"));
+        let client = client.clone();
         tasks.spawn(async move {
             let mut lat = Vec::with_capacity(per);
             for i in 0..per {
                 let t = Instant::now();
-                let r = http.post(&url).json(&body(c * per + i)).send().await?;
-                anyhow::ensure!(r.status() == 201, "submit answered {}", r.status());
+                client.submit_json(&body(c * per + i), None).await?;
                 lat.push(t.elapsed().as_secs_f64() * 1000.0);
             }
             Ok::<_, anyhow::Error>(lat)
@@ -653,8 +654,7 @@ async fn api(args: ApiArgs) -> Result<()> {
     let started = Instant::now();
     for r in 0..requests {
         let jobs: Vec<Value> = (0..batch).map(|i| body(r * batch + i)).collect();
-        let resp = http.post(format!("{base}/api/jobs")).json(&jobs).send().await?;
-        anyhow::ensure!(resp.status() == 201, "batch answered {}", resp.status());
+        client.submit_json(&Value::Array(jobs), None).await?;
     }
     let secs = started.elapsed().as_secs_f64();
     emit(
@@ -663,19 +663,21 @@ async fn api(args: ApiArgs) -> Result<()> {
         "jobs_per_s": ((requests * batch) as f64 / secs).round()}),
     );
 
-    // Watchers: each drains `/api/events` and counts the `job_submitted` events it saw.
+    // Watchers: each drains `/api/events` and counts the `job_submitted` events it saw. Each is
+    // connected before the timed submissions start.
     let mut watchers = tokio::task::JoinSet::new();
     for _ in 0..args.watchers {
-        let resp = http.get(format!("{base}/api/events?topics=jobs")).send().await?;
-        anyhow::ensure!(resp.status() == 200, "watcher answered {}", resp.status());
+        let mut events = client.events(&["jobs"]);
+        events.connect().await?;
         let expect = args.sse_jobs;
         watchers.spawn(async move {
-            let mut events = resp.bytes_stream().eventsource();
             let mut seen = 0;
             while seen < expect {
                 match tokio::time::timeout(Duration::from_secs(30), events.next()).await {
-                    Ok(Some(Ok(ev))) if ev.event == "job_submitted" => seen += 1,
-                    Ok(Some(Ok(_))) => {}
+                    Ok(Ok(FleetEvent::Event { event, .. })) if event.kind.name() == "job_submitted" => {
+                        seen += 1
+                    }
+                    Ok(Ok(_)) => {}
                     _ => break,
                 }
             }
@@ -684,19 +686,22 @@ async fn api(args: ApiArgs) -> Result<()> {
     }
 
     // POST → its `job_submitted` on the global SSE stream.
-    let resp = http.get(format!("{base}/api/events?topics=jobs")).send().await?;
-    let mut events = resp.bytes_stream().eventsource();
+    let mut events = client.events(&["jobs"]);
+    events.connect().await?;
     let mut lat = Vec::with_capacity(args.sse_jobs);
     for i in 0..args.sse_jobs {
         let t = Instant::now();
-        let v: Value = http.post(format!("{base}/api/jobs")).json(&body(i)).send().await?.json().await?;
-        let id = v["id"].as_str().context("no id")?.to_owned();
+        let id = match client.submit_json(&body(i), None).await? {
+            fleetq_api::model::SubmitReply::One(one) => one.id,
+            fleetq_api::model::SubmitReply::Batch(_) => bail!("one job was answered as a batch"),
+        };
         loop {
-            let ev = tokio::time::timeout(Duration::from_secs(10), events.next())
+            let item = tokio::time::timeout(Duration::from_secs(10), events.next())
                 .await
-                .context("no event within 10 s")?
-                .context("the stream ended")??;
-            if ev.event == "job_submitted" && ev.data.contains(&id) {
+                .context("no event within 10 s")??;
+            if let FleetEvent::Event { event, .. } = item
+                && matches!(&event.kind, fleetq_core::EventKind::JobSubmitted { job } if job.id == id)
+            {
                 break;
             }
         }
