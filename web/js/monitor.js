@@ -6,8 +6,6 @@ import {
   Live, TERMINAL, api, askToken, duration, esc, imagesOf, isUtc, preview, serverNow, setUtc, time, whoami,
 } from "./api.js";
 
-/** A connector report older than this is shown stale (the API's default `--stale-after-s`). */
-const STALE_MS = 15_000;
 /** Rows drawn per job list; the rest is counted. */
 const MAX_ROWS = 300;
 
@@ -137,11 +135,12 @@ function drawParts() {
 }
 
 function badge(service, report) {
-  const stale = serverNow() - report.at > STALE_MS;
+  // The API's threshold (--stale-after-s), sent with the snapshot.
+  const stale = serverNow() - report.at > live.snapshot.stale_after_ms;
   const title = [`${service}: ${report.status}`, report.message, `last report ${time(report.at)}`]
     .filter(Boolean).join("\n");
   return `<span class="badge" tabindex="0" role="img" data-service="${esc(service)}" data-status="${esc(report.status)}"` +
-    ` data-stale="${stale}" title="${esc(title)}" aria-label="${esc(title)}">${esc(service)} ${stale ? "" : esc(report.status)}</span>`;
+    ` data-at="${esc(report.at)}" data-stale="${stale}" title="${esc(title)}" aria-label="${esc(title)}">${esc(service)} ${stale ? "" : esc(report.status)}</span>`;
 }
 
 /** How long a job has waited or run, to the second: the table's ages change once a second. */

@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use fleetq_broker::{Broker, ServiceDepth, fleet};
-use fleetq_core::{ConnectorStatus, Event, JobId, Snapshot, WorkerInfo};
+use fleetq_core::{ConnectorStatus, Event, JobId, WorkerInfo};
 use futures::{Stream, StreamExt};
 use serde_json::{Value, json};
 
@@ -17,7 +17,7 @@ use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::model::{
     self, Activity, ConnectorView, ErrorBody, Instances, MachineView, Machines, ServiceSummary,
-    ServiceSummaryReply, Services, Stats, WorkerView, Workers,
+    ServiceSummaryReply, Services, SnapshotView, Stats, WorkerView, Workers,
 };
 use crate::request::{Params, params};
 use crate::stats::rfc3339;
@@ -32,7 +32,7 @@ fn worker_view(w: &WorkerInfo, running: &[JobId], stale_ms: i64, now: i64) -> Wo
             .connectors
             .iter()
             .map(|(service, r)| {
-                (service.clone(), ConnectorView { report: r.clone(), stale: now - r.at > stale_ms })
+                (service.clone(), ConnectorView { report: r.clone(), stale: r.is_stale(now, stale_ms) })
             })
             .collect(),
         status: if running.is_empty() { Activity::Idle } else { Activity::Busy },
@@ -52,7 +52,7 @@ fn worker_view(w: &WorkerInfo, running: &[JobId], stale_ms: i64, now: i64) -> Wo
 pub(crate) async fn workers<B: Broker>(State(st): State<AppState<B>>) -> ApiResult<Json<Workers>> {
     let snap = st.broker.snapshot().await?;
     let running = fleet::running_by_worker(snap.jobs.values());
-    let (stale, now) = (st.config.stale_after.as_millis() as i64, st.broker.clock().now_ms());
+    let (stale, now) = (st.stale_after_ms(), st.broker.clock().now_ms());
     let list = snap
         .workers
         .values()
@@ -124,7 +124,7 @@ fn instances_of<'a>(
                 status: r.status,
                 message: r.message.as_deref(),
                 at: r.at,
-                stale: now - r.at > stale_ms,
+                stale: r.is_stale(now, stale_ms),
                 info: r.info.as_ref(),
             });
         }
@@ -164,12 +164,7 @@ impl Fleet {
     async fn read<B: Broker>(st: &AppState<B>) -> ApiResult<Self> {
         let workers = st.broker.workers().await?;
         let depths = st.broker.queue_depths().await?;
-        Ok(Self {
-            workers,
-            depths,
-            now: st.broker.clock().now_ms(),
-            stale_ms: st.config.stale_after.as_millis() as i64,
-        })
+        Ok(Self { workers, depths, now: st.broker.clock().now_ms(), stale_ms: st.stale_after_ms() })
     }
 
     fn instances(&self) -> BTreeMap<String, Vec<Instance<'_>>> {
@@ -283,10 +278,10 @@ pub(crate) async fn instances<B: Broker>(
     path = "/api/snapshot",
     operation_id = "snapshot",
     summary = "Unfinished jobs, workers and machines as of a sequence",
-    responses((status = 200, body = Snapshot))
+    responses((status = 200, body = SnapshotView))
 )]
-pub(crate) async fn snapshot<B: Broker>(State(st): State<AppState<B>>) -> ApiResult<Json<Snapshot>> {
-    Ok(Json(st.broker.snapshot().await?))
+pub(crate) async fn snapshot<B: Broker>(State(st): State<AppState<B>>) -> ApiResult<Json<SnapshotView>> {
+    Ok(Json(SnapshotView { snapshot: st.broker.snapshot().await?, stale_after_ms: st.stale_after_ms() }))
 }
 
 /// `GET /api/stats`: rolling run-time statistics per service.

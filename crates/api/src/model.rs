@@ -69,6 +69,17 @@ pub struct BatchSubmitted {
     pub jobs: Vec<Submitted>,
 }
 
+/// `GET /api/snapshot`: the broker's snapshot and how to read it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotView {
+    /// Unfinished jobs, workers and machines as of `seq`.
+    #[serde(flatten)]
+    pub snapshot: fleetq_core::Snapshot,
+    /// A connector report older than this (ms) is stale: its worker stopped refreshing it
+    /// (`fleetq api --stale-after-s`). Pages mark such reports instead of believing them.
+    pub stale_after_ms: i64,
+}
+
 /// `GET /api/jobs/{id}`: the stored record, plus estimates while it is unfinished.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct JobView {

@@ -28,7 +28,7 @@ use utoipa_axum::router::OpenApiRouter;
 use crate::auth::required_role;
 use crate::model::{
     Cancelled, ErrorBody, Instances, JobPage, JobView, Machines, MatchingWorkers, Me, Retried,
-    ServiceSummaryReply, Services, Stats, Status, Submission, SubmitReply, Workers,
+    ServiceSummaryReply, Services, SnapshotView, Stats, Status, Submission, SubmitReply, Workers,
 };
 
 /// The document's fixed parts; paths come from the handlers' `#[utoipa::path]` attributes.
@@ -53,6 +53,7 @@ use crate::model::{
         Status,
         Me,
         Snapshot,
+        SnapshotView,
         Event
     ))
 )]

@@ -78,6 +78,12 @@ impl<B: Broker> AppState<B> {
     }
 
     /// Every event after `after`, through the shared hub.
+    /// [`crate::ApiConfig::stale_after`] in ms, as the staleness rule
+    /// ([`fleetq_core::ConnectorReport::is_stale`]) takes it.
+    pub(crate) fn stale_after_ms(&self) -> i64 {
+        i64::try_from(self.config.stale_after.as_millis()).unwrap_or(i64::MAX)
+    }
+
     pub(crate) fn feed(&self, after: u64) -> impl futures::Stream<Item = stream::Feed> + Send + use<B> {
         stream::feed(self.broker.clone(), self.hub.clone(), after)
     }

@@ -226,6 +226,15 @@ pub struct ConnectorReport {
     pub info: Option<serde_json::Value>,
 }
 
+impl ConnectorReport {
+    /// Whether the report is older than `stale_after_ms` at `now_ms`: the worker stopped
+    /// refreshing it, so its status can no longer be believed. The one staleness rule; the API
+    /// applies it to its views and hands the threshold to the pages with the snapshot.
+    pub fn is_stale(&self, now_ms: i64, stale_after_ms: i64) -> bool {
+        now_ms.saturating_sub(self.at) > stale_after_ms
+    }
+}
+
 /// A registered worker as the broker knows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -343,6 +352,21 @@ impl MachineState {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_report_is_stale_only_past_the_threshold() {
+        let r = super::ConnectorReport {
+            service: "s".into(),
+            status: super::ConnectorStatus::Idle,
+            message: None,
+            at: 1_000,
+            info: None,
+        };
+        assert!(!r.is_stale(16_000, 15_000), "exactly at the threshold is still fresh");
+        assert!(r.is_stale(16_001, 15_000));
+        assert!(!r.is_stale(0, 15_000), "a report from a clock ahead is not stale");
+        assert!(r.is_stale(i64::MAX, 15_000) && !r.is_stale(i64::MIN, 15_000), "no overflow");
+    }
+
     use serde_json::json;
 
     use super::*;

@@ -199,8 +199,10 @@ async fn the_monitor_follows_the_fleet_live() {
     let queue = format!("pages-{}", std::process::id());
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let (api, url) = api_at(&redis.url, &queue, &listen, &[]);
-    let (_other, other_url) = api_at(&redis.url, &queue, "127.0.0.1:0", &[]);
+    // A stale threshold above the page's old built-in 15 s: the page must take the API's.
+    let stale_after = ["--stale-after-s", "20"];
+    let (api, url) = api_at(&redis.url, &queue, &listen, &stale_after);
+    let (_other, other_url) = api_at(&redis.url, &queue, "127.0.0.1:0", &stale_after);
     let http = reqwest::Client::new();
     let page = Browser::start().await;
     page.goto(&format!("{url}/")).await;
@@ -330,7 +332,8 @@ async fn the_monitor_follows_the_fleet_live() {
     let cancelled = http.post(format!("{other_url}/api/jobs/{running}/cancel")).send().await.expect("cancel");
     assert!(cancelled.status().is_success());
 
-    // The worker killed (kill -9): its reports stop, and its badge turns stale (15 s without one).
+    // The worker killed (kill -9): its reports stop, and its badge turns stale once its last report
+    // is older than the API's threshold (20 s), not earlier.
     let fresh =
         r#"return !!document.querySelector('[data-worker-id="box1-gpu0"] .badge[data-stale="false"]');"#;
     page.until("a live worker's badge fresh", fresh).await;
@@ -341,6 +344,35 @@ async fn the_monitor_follows_the_fleet_live() {
         Duration::from_secs(60),
     )
     .await;
+    let reply = http.get(format!("{other_url}/api/workers")).send().await.expect("workers");
+    // The server's clock, to the second (the page estimates it from the same header).
+    let server_now = reply
+        .headers()
+        .get("date")
+        .and_then(|d| d.to_str().ok())
+        .and_then(|d| httpdate::parse_http_date(d).ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as i64)
+        .expect("a Date header");
+    // The report the page judged (its `at`; unchanged reports are not evented, so it may be older
+    // than the broker's latest).
+    let at = page
+        .client
+        .execute(
+            r#"return Number(document.querySelector('[data-worker-id="box1-gpu0"] .badge[data-service="simulation"]').dataset.at);"#,
+            vec![],
+        )
+        .await
+        .expect("the badge's report time")
+        .as_i64()
+        .expect("a number");
+    // Whole seconds on both sides of the page's estimate: 2 s of slack, far below the 5 s between
+    // the old built-in 15 s and the API's 20 s.
+    assert!(
+        server_now + 1000 - at >= 18_000,
+        "the page marked a report stale {} ms after it, before the API's 20 s threshold",
+        server_now - at
+    );
     page.close().await;
 }
 
