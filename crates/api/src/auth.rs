@@ -10,6 +10,8 @@ use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use sha2::Digest as _;
+use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
 
@@ -66,7 +68,15 @@ pub struct Caller {
 
 /// The configured tokens. Empty means auth is off.
 #[derive(Clone, Default)]
-pub struct Tokens(Arc<Vec<(String, Caller)>>);
+pub struct Tokens(Arc<Vec<(Digest, Caller)>>);
+
+/// A token as kept: its SHA-256, so the secrets themselves are not held, and every comparison is
+/// of two 32-byte values (no early return on a length or a first differing byte).
+type Digest = [u8; 32];
+
+fn digest(secret: &str) -> Digest {
+    sha2::Sha256::digest(secret.as_bytes()).into()
+}
 
 impl fmt::Debug for Tokens {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -102,7 +112,7 @@ impl Tokens {
             if secret.len() < 8 {
                 return Err(format!("the {role} token is shorter than 8 characters"));
             }
-            out.push((secret.to_owned(), Caller { role, name }));
+            out.push((digest(secret), Caller { role, name }));
         }
         Ok(Self(Arc::new(out)))
     }
@@ -112,23 +122,20 @@ impl Tokens {
         self.0.is_empty()
     }
 
-    /// The role of `secret`, comparing in constant time per configured token.
+    /// The role of `secret`, comparing digests in constant time per configured token.
     pub fn role_of(&self, secret: &str) -> Option<Role> {
         self.caller(secret).map(|c| c.role)
     }
 
-    /// The caller holding `secret`, comparing in constant time per configured token.
+    /// The caller holding `secret`, comparing digests in constant time per configured token.
     pub fn caller(&self, secret: &str) -> Option<Caller> {
+        let presented = digest(secret);
         self.0
             .iter()
-            .filter(|(s, _)| constant_time_eq(s.as_bytes(), secret.as_bytes()))
+            .filter(|(kept, _)| bool::from(kept.ct_eq(&presented)))
             .map(|(_, c)| c.clone())
             .max_by_key(|c| c.role)
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The role a request needs, or `None` for open routes (`/health`, and the pages, which hold no

@@ -20,8 +20,8 @@ use crate::model::{
     ServiceSummaryReply, Services, SnapshotView, Stats, WorkerView, Workers,
 };
 use crate::request::{Params, params};
-use crate::stats::rfc3339;
 use crate::stream::{Feed, parse_topics, resume_point, topic};
+use fleetq_core::clock::rfc3339;
 
 fn worker_view(w: &WorkerInfo, running: &[JobId], stale_ms: i64, now: i64) -> WorkerView {
     WorkerView {

@@ -54,7 +54,6 @@ use fleetq_api::model::{
     SubmitReply, Submitted, Workers,
 };
 use fleetq_core::{JobId, JobSpec, JobStatus};
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -116,13 +115,10 @@ impl ClientError {
 /// A `Result` of this crate.
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
-/// Characters escaped in a path segment: all but the unreserved ones of RFC 3986.
-const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
-
 /// One path segment, percent-encoded (a job id or service name taken from a user is never trusted
 /// to be URL-safe).
-pub fn segment(s: &str) -> String {
-    utf8_percent_encode(s, SEGMENT).to_string()
+pub(crate) fn segment(s: &str) -> String {
+    fleetq_core::url::component(s)
 }
 
 /// Filters and paging of [`Client::jobs`] (`GET /api/jobs`).
@@ -383,13 +379,6 @@ fn refusal(status: u16, body: &[u8]) -> ClientError {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_segment_escapes_everything_but_unreserved_characters() {
-        assert_eq!(segment("a-b_c.d~e"), "a-b_c.d~e");
-        assert_eq!(segment("a/b?c#d e%"), "a%2Fb%3Fc%23d%20e%25");
-        assert_eq!(segment("é"), "%C3%A9");
-    }
 
     #[test]
     fn a_refusal_reads_the_api_error_body_or_keeps_the_text() {

@@ -24,6 +24,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use fleetq_core::backoff::Backoff;
 use fleetq_core::{ConnectorStatus, FailureCategory, JobRecord};
 use futures::future::BoxFuture;
 use futures::{SinkExt, StreamExt};
@@ -173,7 +174,7 @@ fn ws_url(base: &str, client_id: &str) -> String {
 }
 
 async fn socket_loop(inner: Arc<Inner>) {
-    let mut pause = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     while !inner.stop.is_cancelled() {
         let client_id = uuid::Uuid::new_v4().simple().to_string();
         let url = ws_url(&inner.config.url, &client_id);
@@ -183,7 +184,7 @@ async fn socket_loop(inner: Arc<Inner>) {
             r = connect => r,
         };
         if let Ok(Ok((socket, _))) = connected {
-            pause = Duration::from_millis(100);
+            backoff.reset();
             inner.socket.send_modify(|s| {
                 s.client_id = Some(client_id.clone());
                 s.epoch += 1;
@@ -219,9 +220,8 @@ async fn socket_loop(inner: Arc<Inner>) {
         }
         tokio::select! {
             () = inner.stop.cancelled() => return,
-            () = tokio::time::sleep(pause) => {}
+            () = tokio::time::sleep(backoff.next_delay()) => {}
         }
-        pause = (pause * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -421,18 +421,6 @@ fn history_error(entry: &Value) -> JobError {
     }
 }
 
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 impl ComfyUi {
     async fn history(&self, prompt_id: &str) -> Result<Option<Value>, JobError> {
         let (status, body) = self.inner.http.get_json(&format!("/history/{prompt_id}")).await?;
@@ -586,9 +574,9 @@ impl ComfyUi {
         let kind = item.get("type").and_then(Value::as_str).unwrap_or("output");
         let path = format!(
             "/view?filename={}&subfolder={}&type={}",
-            percent_encode(filename),
-            percent_encode(subfolder),
-            percent_encode(kind)
+            fleetq_core::url::component(filename),
+            fleetq_core::url::component(subfolder),
+            fleetq_core::url::component(kind)
         );
         let mut r = item.clone();
         if let Some(o) = r.as_object_mut() {

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use fleetq_core::FailureCategory;
+use fleetq_core::backoff::Backoff;
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -127,7 +128,7 @@ impl HttpTransport {
     /// One GET with the transport's retries: an idempotent read is tried again, with doubling
     /// pauses (100 ms up to 2 s), while the service is unreachable or answers 5xx.
     async fn get(&self, path: &str) -> Result<(StatusCode, Vec<u8>), JobError> {
-        let mut pause = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         let mut attempt = 0;
         loop {
             let result = self.request(Method::GET, path).send().await;
@@ -142,8 +143,7 @@ impl HttpTransport {
                 return Ok((status, body.to_vec()));
             }
             attempt += 1;
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(2));
+            tokio::time::sleep(backoff.next_delay()).await;
         }
     }
 

@@ -352,7 +352,7 @@ fn cancelled() -> JobError {
 
 /// The SDK's backoff: 0.5 s doubling up to 8 s, with up to 25 % jitter taken off.
 fn backoff(tries: u32) -> Duration {
-    let base = (0.5 * 2f64.powi(tries.min(10) as i32)).min(8.0);
+    let base = fleetq_core::backoff::exponential_ms(500, 8_000, tries) as f64 / 1000.0;
     // uuid v4 is our random source already; its low 32 bits are uniform.
     let unit = f64::from(uuid::Uuid::new_v4().as_u128() as u32) / f64::from(u32::MAX);
     let jitter = 1.0 - 0.25 * unit;

@@ -163,8 +163,12 @@ impl JobSpec {
     /// Delay before attempt `next_attempt` (2, 3, …) may run: base × 2^(n-2), capped.
     pub fn retry_delay_ms(&self, next_attempt: u32) -> u64 {
         let base = self.retry_backoff_ms.unwrap_or(DEFAULT_RETRY_BACKOFF_MS);
-        let shift = next_attempt.saturating_sub(2).min(30);
-        base.saturating_mul(1u64 << shift).min(MAX_RETRY_BACKOFF_MS.max(base))
+        // The shift stops at 30 as the broker's function does (`fleetq.lua`).
+        crate::backoff::exponential_ms(
+            base,
+            MAX_RETRY_BACKOFF_MS.max(base),
+            next_attempt.saturating_sub(2).min(30),
+        )
     }
 }
 

@@ -37,6 +37,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod backoff;
 pub mod class;
 pub mod clock;
 pub mod event;
@@ -49,11 +50,12 @@ pub mod partition;
 pub mod requirements;
 pub mod restart;
 pub mod state;
+pub mod url;
 pub mod validate;
 pub mod worker;
 
 pub use class::{ClassKey, ClassSpec};
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{Clock, ManualClock, SystemClock, rfc3339};
 pub use event::{Event, EventKind, Snapshot};
 pub use job::{
     AttemptEnd, FailureCategory, JobError, JobId, JobRecord, JobSpec, JobStatus, JobSummary, Outcome,

@@ -15,6 +15,8 @@ use std::cmp::Ordering;
 pub const MAX_TIME_MS: i64 = (1 << 48) - 1;
 /// Length of an encoded key.
 pub const ENCODED_LEN: usize = 36;
+/// Length of [`OrderKey::prefix`]: priority (8 hex) and time (12 hex), without the sequence.
+pub const PREFIX_LEN: usize = 20;
 
 /// The ordering key of a pending job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,16 +37,22 @@ impl OrderKey {
 
     /// The byte-ordered text form.
     pub fn encode(&self) -> String {
+        format!("{}{:016x}", self.prefix(), self.seq)
+    }
+
+    /// The key without its sequence ([`PREFIX_LEN`] characters): what a backend that assigns the
+    /// sequence itself (Redis, inside its function) is given.
+    pub fn prefix(&self) -> String {
         let p = !((self.priority as u32) ^ 0x8000_0000);
-        format!("{p:08x}{:012x}{:016x}", self.time_ms, self.seq)
+        format!("{p:08x}{:012x}", self.time_ms)
     }
 
     /// Parses [`OrderKey::encode`]'s output (the first 36 characters of `s`).
     pub fn decode(s: &str) -> Option<Self> {
         let s = s.get(..ENCODED_LEN)?;
         let p = u32::from_str_radix(&s[..8], 16).ok()?;
-        let time_ms = i64::from_str_radix(&s[8..20], 16).ok()?;
-        let seq = u64::from_str_radix(&s[20..], 16).ok()?;
+        let time_ms = i64::from_str_radix(&s[8..PREFIX_LEN], 16).ok()?;
+        let seq = u64::from_str_radix(&s[PREFIX_LEN..], 16).ok()?;
         Some(Self { priority: (!p ^ 0x8000_0000) as i32, time_ms, seq })
     }
 }

@@ -116,8 +116,11 @@ impl RestartTracker {
 /// The wait before restart number `crash` (1-based): `base · 2^(crash-1)` capped at `max`, then
 /// spread by up to ±25 % with `unit` (never above `max`).
 pub fn backoff(policy: &RestartPolicy, crash: u32, unit: f64) -> u64 {
-    let exp = crash.saturating_sub(1).min(62);
-    let raw = policy.backoff_base_ms.saturating_mul(1u64 << exp).min(policy.backoff_max_ms);
+    let raw = crate::backoff::exponential_ms(
+        policy.backoff_base_ms,
+        policy.backoff_max_ms,
+        crash.saturating_sub(1),
+    );
     let unit = if unit.is_finite() { unit.clamp(0.0, 1.0) } else { 0.5 };
     // ±25 %: a factor in [0.75, 1.25).
     let spread = (raw as f64) * (0.75 + unit * 0.5);

@@ -10,9 +10,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args as ClapArgs, Subcommand};
 use fleetq_api::model::{Activity, SubmitReply, Verdict};
-use fleetq_api::stats::rfc3339;
 use fleetq_broker::Clock as _;
 use fleetq_client::{Client, ClientError, FleetEvent, JobQuery, JobUpdate};
+use fleetq_core::clock::rfc3339;
 use fleetq_core::{JobId, JobStatus};
 use serde_json::{Value, json};
 

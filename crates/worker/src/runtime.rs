@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use fleetq_broker::{Broker, BrokerError, Lease, LeaseRef, LeaseState};
 use fleetq_connectors::{CancellationToken, Connector, ProgressSink};
+use fleetq_core::backoff::Backoff;
 use fleetq_core::oom::{GPU_MEMORY_PATH, raised_requirements};
 use fleetq_core::{
     ConnectorReport, ConnectorStatus, FailureCategory, JobError, JobId, JobSpec, ValidationError,
@@ -633,7 +634,7 @@ impl<B: Broker> Worker<B> {
         // LeaseLost, …) ends the loop; so does the lease running out, after which the job is
         // someone else's anyway.
         let give_up = Instant::now() + Duration::from_millis(self.broker.config().lease_ms.max(1000) as u64);
-        let mut pause = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
             let result = self.end_attempt(lease, spec, stop, &outcome, elapsed_ms).await;
             match result {
@@ -643,8 +644,7 @@ impl<B: Broker> Worker<B> {
                 }
                 Err(e) if e.is_transient() && Instant::now() < give_up => {
                     warn!(error = %e, "could not end the job attempt; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(2));
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
                 Err(e) => {
                     warn!(error = %e, stop = stop.map_or("none", Stop::as_str), "could not end the job attempt; its lease will expire");

@@ -9,7 +9,7 @@
 -- Order keys are never compared with Lua's `<` on strings (strcoll): see `key_less`. Only fixed,
 -- short field lists are ever unpacked.
 
-local VERSION = '19'
+local VERSION = '20'
 
 -- A job's state is one JSON object of strings, its spec and its outcome JSON documents: fields named
 -- by the job's id in the hashes `J`, `S` and `O` (a key per job would cost a key's overhead and the
@@ -51,6 +51,11 @@ end
 -- `DEFAULT_RETRY_BACKOFF_MS`).
 local DEFAULT_MAX_ATTEMPTS = '3'
 local DEFAULT_BACKOFF = '1000'
+-- The retry delay's cap (`fleetq_core::job::MAX_RETRY_BACKOFF_MS`; a larger base is its own cap).
+local MAX_BACKOFF = 300000
+-- The time's characters in an order key (`fleetq_core::OrderKey`: 8 hex of priority, then 12 of
+-- time, ending at `order::PREFIX_LEN`).
+local ORDER_TIME = {9, 20}
 
 -- The service a partition belongs to (its key is `{service}:{hash}`).
 local function service_of(p) return string.match(p, '^(.*):[^:]*$') end
@@ -309,7 +314,7 @@ local function give_back(P, C, nows, j, err, retryable, backoff, reason, refund,
     if backoff then
       local base = tonumber(j.backoff or DEFAULT_BACKOFF)
       local shift = math.min(math.max(attempt - 1, 0), 30)
-      delay = math.min(base * 2 ^ shift, math.max(300000, base))
+      delay = math.min(base * 2 ^ shift, math.max(MAX_BACKOFF, base))
     end
     local run_at = now + delay
     j.status = 'pending'
@@ -386,7 +391,7 @@ local function fair_time(P, C, j, now)
   if not v then
     local head = redis.call('ZRANGE', P .. 'sq:' .. s, 0, 0)[1]
     local t = now
-    if head then t = tonumber(string.sub(head, 9, 20), 16) end
+    if head then t = tonumber(string.sub(head, ORDER_TIME[1], ORDER_TIME[2]), 16) end
     v = t * 1000
     redis.call('HSET', P .. 'fv', s, num(v))
   end
@@ -400,7 +405,7 @@ end
 
 -- A claimed job moves its service's virtual time to its start tag.
 local function fair_claimed(P, j)
-  local t = tonumber(string.sub(j.order, 9, 20), 16) * 1000
+  local t = tonumber(string.sub(j.order, ORDER_TIME[1], ORDER_TIME[2]), 16) * 1000
   local v = tonumber(redis.call('HGET', P .. 'fv', j.service))
   if not v or t > v then redis.call('HSET', P .. 'fv', j.service, num(t)) end
 end

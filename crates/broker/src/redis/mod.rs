@@ -53,7 +53,7 @@ use crate::{
 
 const LIBRARY: &str = include_str!("fleetq.lua");
 /// The version the function library reports (`FCALL fq_version 0`); loading compares the whole code.
-pub const LIBRARY_VERSION: &str = "19";
+pub const LIBRARY_VERSION: &str = "20";
 
 /// Partitions read per call when a pass walks them all (a new class's fill, workability).
 const PARTITION_PAGE: usize = 1000;
@@ -609,7 +609,7 @@ impl RedisBroker {
             for (spec, at) in jobs {
                 let id = new_job_id();
                 let summary = fleetq_core::JobSummary::new_pending(id.clone(), spec, now);
-                let order = OrderKey::new(spec.effective_priority(), spec.effective_time(now), 0).encode();
+                let order = OrderKey::new(spec.effective_priority(), spec.effective_time(now), 0).prefix();
                 // (`ckey`, the creation-time key of its listing entries, is derived from
                 // `created_at` by the functions.)
                 // (`backoff` left out is the default, which the functions fill in.)
@@ -624,7 +624,7 @@ impl RedisBroker {
                 cmd.arg(initial_state(&summary, &extra)?)
                     .arg(stored_spec(spec)?)
                     .arg(at)
-                    .arg(&order[..20])
+                    .arg(&order)
                     .arg(idempotency.as_deref().unwrap_or(""));
             }
             let reply = items(self.run(&cmd).await?);
@@ -1197,5 +1197,10 @@ mod tests {
         let max = fleetq_core::job::DEFAULT_MAX_ATTEMPTS;
         assert!(LIBRARY.contains(&format!("local DEFAULT_MAX_ATTEMPTS = '{max}'\n")));
         assert!(LIBRARY.contains(&format!("local DEFAULT_BACKOFF = '{DEFAULT_RETRY_BACKOFF_MS}'\n")));
+        // The retry delay's cap (`JobSpec::retry_delay_ms`), and where the time sits in an order key.
+        let cap = fleetq_core::job::MAX_RETRY_BACKOFF_MS;
+        assert!(LIBRARY.contains(&format!("local MAX_BACKOFF = {cap}\n")));
+        let prefix = fleetq_core::order::PREFIX_LEN;
+        assert!(LIBRARY.contains(&format!("local ORDER_TIME = {{9, {prefix}}}\n")));
     }
 }
