@@ -160,34 +160,55 @@ async fn access_log(req: axum::extract::Request, next: axum::middleware::Next) -
     resp
 }
 
-/// Every route, each registered by [`openapi::op`] at the path and method its `#[utoipa::path]`
-/// attribute declares (`__path_<fn>` is the type that attribute generates).
-pub(crate) fn routes<B: Broker>() -> OpenApiRouter<AppState<B>> {
-    use openapi::op;
-    let r = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi());
-    let r = op::<jobs::__path_submit, _, _, _>(r, jobs::submit::<B>);
-    let r = op::<jobs::__path_list, _, _, _>(r, jobs::list::<B>);
-    let r = op::<jobs::__path_get, _, _, _>(r, jobs::get::<B>);
-    let r = op::<jobs::__path_cancel, _, _, _>(r, jobs::cancel::<B>);
-    let r = op::<jobs::__path_retry, _, _, _>(r, jobs::retry::<B>);
-    let r = op::<jobs::__path_events, _, _, _>(r, jobs::events::<B>);
-    let r = op::<jobs::__path_matching, _, _, _>(r, jobs::matching::<B>);
-    let r = op::<jobs::__path_artifact, _, _, _>(r, jobs::artifact::<B>);
-    let r = op::<fleet::__path_workers, _, _, _>(r, fleet::workers::<B>);
-    let r = op::<fleet::__path_machines, _, _, _>(r, fleet::machines::<B>);
-    let r = op::<fleet::__path_services, _, _, _>(r, fleet::services::<B>);
-    let r = op::<fleet::__path_summary, _, _, _>(r, fleet::summary::<B>);
-    let r = op::<fleet::__path_instances, _, _, _>(r, fleet::instances::<B>);
-    let r = op::<fleet::__path_snapshot, _, _, _>(r, fleet::snapshot::<B>);
-    let r = op::<fleet::__path_stats, _, _, _>(r, fleet::stats::<B>);
-    let r = op::<fleet::__path_events, _, _, _>(r, fleet::events::<B>);
-    let r = op::<ws::__path_monitor, _, _, _>(r, ws::monitor::<B>);
-    let r = op::<ws::__path_client, _, _, _>(r, ws::client::<B>);
-    let r = op::<web::__path_me, _, _, _>(r, web::me);
-    let r = op::<ops::__path_health, _, _, _>(r, ops::health);
-    let r = op::<ops::__path_ready, _, _, _>(r, ops::ready::<B>);
-    let r = op::<ops::__path_metrics, _, _, _>(r, ops::metrics::<B>);
-    op::<openapi::__path_openapi, _, _, _>(r, openapi::openapi)
+/// Every route, listed once as its `#[utoipa::path]` type (`__path_<fn>`) and its handler: the
+/// router registers the handlers at the paths the attributes declare ([`openapi::op`]), and the
+/// OpenAPI document is built from the same types with no broker at all ([`documented_paths`]).
+macro_rules! api_routes {
+    ($($path:ty => $handler:expr),* $(,)?) => {
+        /// The router's routes with their documentation.
+        pub(crate) fn routes<B: Broker>() -> OpenApiRouter<AppState<B>> {
+            let r = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi());
+            $(let r = openapi::op::<$path, _, _, _>(r, $handler);)*
+            r
+        }
+
+        /// The paths of the OpenAPI document: the same list as [`routes`], without a broker.
+        pub(crate) fn documented_paths() -> utoipa::openapi::path::Paths {
+            let mut paths = utoipa::openapi::path::Paths::new();
+            $(paths.add_path_operation(
+                <$path as utoipa::Path>::path(),
+                <$path as utoipa::Path>::methods(),
+                <$path as utoipa::Path>::operation(),
+            );)*
+            paths
+        }
+    };
+}
+
+api_routes! {
+    jobs::__path_submit => jobs::submit::<B>,
+    jobs::__path_list => jobs::list::<B>,
+    jobs::__path_get => jobs::get::<B>,
+    jobs::__path_cancel => jobs::cancel::<B>,
+    jobs::__path_retry => jobs::retry::<B>,
+    jobs::__path_events => jobs::events::<B>,
+    jobs::__path_matching => jobs::matching::<B>,
+    jobs::__path_artifact => jobs::artifact::<B>,
+    fleet::__path_workers => fleet::workers::<B>,
+    fleet::__path_machines => fleet::machines::<B>,
+    fleet::__path_services => fleet::services::<B>,
+    fleet::__path_summary => fleet::summary::<B>,
+    fleet::__path_instances => fleet::instances::<B>,
+    fleet::__path_snapshot => fleet::snapshot::<B>,
+    fleet::__path_stats => fleet::stats::<B>,
+    fleet::__path_events => fleet::events::<B>,
+    ws::__path_monitor => ws::monitor::<B>,
+    ws::__path_client => ws::client::<B>,
+    web::__path_me => web::me,
+    ops::__path_health => ops::health,
+    ops::__path_ready => ops::ready::<B>,
+    ops::__path_metrics => ops::metrics::<B>,
+    openapi::__path_openapi => openapi::openapi,
 }
 
 fn cors_layer(origins: &[String]) -> CorsLayer {

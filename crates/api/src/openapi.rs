@@ -1,24 +1,16 @@
 //! The OpenAPI 3.1 document: [`op`] registers each handler at the path its `#[utoipa::path]`
 //! attribute declares, so the router and the document come from the same declarations; [`finish`]
 //! adds what the attributes do not say (roles, tags, error answers). The document does not depend
-//! on a broker: it is built from the routes over [`NoBroker`], a broker that cannot exist.
+//! on a broker: it is built from the same list of route types as the router
+//! ([`crate::documented_paths`]), without the handlers.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::OnceLock;
 
 use axum::Json;
 use axum::handler::Handler;
 use axum::http::{Method, StatusCode};
 use axum::routing::MethodRouter;
-use fleetq_broker::{
-    Broker, BrokerConfig, CancelOutcome, Clock, FailOutcome, JobFilter, JobPage as BrokerJobPage, Lease,
-    LeaseRef, LeaseState, QueueFilter, ReapReport, Result, ServiceDepth, Submitted,
-};
-use fleetq_core::{
-    ConnectorReport, Event, JobError, JobId, JobRecord, JobSpec, MachineEvent, MachineState, Requirements,
-    Snapshot, WorkerInfo, WorkerRegistration,
-};
+use fleetq_core::{Event, Snapshot};
 use serde_json::{Value, json};
 use utoipa::OpenApi;
 use utoipa::openapi::path::Paths;
@@ -83,7 +75,8 @@ where
 pub fn openapi_document() -> Value {
     static DOC: OnceLock<Value> = OnceLock::new();
     DOC.get_or_init(|| {
-        let api = crate::routes::<NoBroker>().into_openapi();
+        let mut api = ApiDoc::openapi();
+        api.paths = crate::documented_paths();
         finish(serde_json::to_value(&api).unwrap_or(Value::Null))
     })
     .clone()
@@ -214,110 +207,4 @@ fn open_flattened(doc: &mut Value) {
 )]
 pub(crate) async fn openapi() -> Json<Value> {
     Json(openapi_document())
-}
-
-/// A broker with no values: the routes are generic over the broker, the document is not, so it is
-/// built over this type, whose methods can never be called.
-pub(crate) enum NoBroker {}
-
-impl Broker for NoBroker {
-    fn config(&self) -> &BrokerConfig {
-        match *self {}
-    }
-    fn clock(&self) -> &Arc<dyn Clock> {
-        match *self {}
-    }
-    async fn submit(&self, _: JobSpec) -> Result<Submitted> {
-        match *self {}
-    }
-    async fn submit_batch(&self, _: Vec<JobSpec>) -> Result<Vec<Submitted>> {
-        match *self {}
-    }
-    async fn claim(&self, _: &str, _: Duration) -> Result<Option<Lease>> {
-        match *self {}
-    }
-    async fn renew(&self, _: &LeaseRef) -> Result<LeaseState> {
-        match *self {}
-    }
-    async fn progress(&self, _: &LeaseRef, _: f64, _: Option<String>) -> Result<LeaseState> {
-        match *self {}
-    }
-    async fn complete(&self, _: &LeaseRef, _: Value) -> Result<()> {
-        match *self {}
-    }
-    async fn complete_and_claim(&self, _: &LeaseRef, _: Value) -> Result<Option<Lease>> {
-        match *self {}
-    }
-    async fn fail(&self, _: &LeaseRef, _: JobError) -> Result<FailOutcome> {
-        match *self {}
-    }
-    async fn fail_requiring(&self, _: &LeaseRef, _: JobError, _: Requirements) -> Result<FailOutcome> {
-        match *self {}
-    }
-    async fn release(&self, _: &LeaseRef, _: &str) -> Result<FailOutcome> {
-        match *self {}
-    }
-    async fn cancel(&self, _: &JobId) -> Result<CancelOutcome> {
-        match *self {}
-    }
-    async fn retry(&self, _: &JobId) -> Result<()> {
-        match *self {}
-    }
-    async fn reap(&self) -> Result<ReapReport> {
-        match *self {}
-    }
-    async fn evaluate_workability(&self) -> Result<usize> {
-        match *self {}
-    }
-    async fn register_worker(&self, _: WorkerRegistration) -> Result<()> {
-        match *self {}
-    }
-    async fn heartbeat(&self, _: &str) -> Result<()> {
-        match *self {}
-    }
-    async fn deregister_worker(&self, _: &str) -> Result<()> {
-        match *self {}
-    }
-    async fn report_connector(&self, _: &str, _: ConnectorReport) -> Result<()> {
-        match *self {}
-    }
-    async fn machine_event(&self, _: MachineEvent) -> Result<()> {
-        match *self {}
-    }
-    async fn job(&self, _: &JobId) -> Result<Option<JobRecord>> {
-        match *self {}
-    }
-    async fn jobs(&self, _: &JobFilter) -> Result<BrokerJobPage> {
-        match *self {}
-    }
-    async fn queue_position(&self, _: &JobId) -> Result<Option<u64>> {
-        match *self {}
-    }
-    async fn queue(&self, _: &QueueFilter) -> Result<BrokerJobPage> {
-        match *self {}
-    }
-    async fn workers(&self) -> Result<Vec<WorkerInfo>> {
-        match *self {}
-    }
-    async fn queue_depths(&self) -> Result<BTreeMap<String, ServiceDepth>> {
-        match *self {}
-    }
-    async fn machines(&self) -> Result<Vec<MachineState>> {
-        match *self {}
-    }
-    async fn snapshot(&self) -> Result<Snapshot> {
-        match *self {}
-    }
-    async fn log_epoch(&self) -> Result<u64> {
-        match *self {}
-    }
-    async fn advance_log_epoch(&self, _: u64) -> Result<u64> {
-        match *self {}
-    }
-    async fn events_after(&self, _: u64, _: usize, _: Duration) -> Result<Vec<Event>> {
-        match *self {}
-    }
-    async fn cancel_signals(&self, _: &str, _: Duration) -> Result<Vec<fleetq_core::JobId>> {
-        match *self {}
-    }
 }

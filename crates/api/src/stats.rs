@@ -1,5 +1,5 @@
 //! Per-service duration statistics and the ETA built on them from a job's queue position (which the
-//! broker answers, [`fleetq_broker::Broker::queue_position`]). Pure functions over summaries and
+//! broker answers, [`fleetq_broker::Read::queue_position`]). Pure functions over summaries and
 //! samples, so they are tested without I/O; the API feeds them from the event stream (`fold`).
 
 use std::collections::{BTreeMap, VecDeque};

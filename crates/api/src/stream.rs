@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use axum::http::HeaderMap;
-use fleetq_broker::Broker;
+use fleetq_broker::Log;
 use fleetq_core::{Event, EventKind};
 use futures::{Stream, StreamExt};
 use tokio::sync::{broadcast, watch};
@@ -46,7 +46,7 @@ pub(crate) struct Hub {
 struct HubState {
     tx: broadcast::Sender<HubItem>,
     last: u64,
-    /// The log's epoch as this hub knows it ([`Broker::log_epoch`]); carried in event ids.
+    /// The log's epoch as this hub knows it ([`Log::log_epoch`]); carried in event ids.
     epoch: u64,
 }
 
@@ -65,7 +65,7 @@ enum HubItem {
 
 impl Hub {
     /// Starts the reader (needs a Tokio runtime). It stops at `stop` or when the hub is dropped.
-    pub(crate) fn spawn<B: Broker>(broker: Arc<B>, stop: CancellationToken) -> Arc<Self> {
+    pub(crate) fn spawn<B: Log>(broker: Arc<B>, stop: CancellationToken) -> Arc<Self> {
         let (tx, _) = broadcast::channel(HUB_CAPACITY);
         let hub = Arc::new(Self {
             state: Mutex::new(HubState { tx, last: 0, epoch: 0 }),
@@ -85,7 +85,7 @@ impl Hub {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    async fn run<B: Broker>(broker: Arc<B>, hub: Weak<Self>) {
+    async fn run<B: Log>(broker: Arc<B>, hub: Weak<Self>) {
         let (head, epoch) = loop {
             match (broker.snapshot().await, broker.log_epoch().await) {
                 (Ok(s), Ok(epoch)) => break (s.seq, epoch),
@@ -179,7 +179,7 @@ impl Hub {
     /// `Some(head)` when the log no longer holds `last` as it was broadcast (it ends before it,
     /// or another event took its sequence), `None` when it does; `Err` while the log cannot be
     /// read.
-    async fn went_back<B: Broker>(broker: &B, last: &Event) -> Result<Option<u64>, ()> {
+    async fn went_back<B: Log>(broker: &B, last: &Event) -> Result<Option<u64>, ()> {
         let now = broker.events_after(last.seq.saturating_sub(1), 1, Duration::ZERO).await.map_err(drop)?;
         if now.first().is_some_and(|ev| ev == last) {
             return Ok(None);
@@ -221,13 +221,13 @@ impl Hub {
 /// stands, then from the hub. A stream that lags behind the hub's buffer goes back to the log, so a
 /// slow client misses nothing while the log still holds its events; a resume point trimmed from the
 /// log yields one [`Feed::Gap`] first.
-pub(crate) fn feed<B: Broker>(broker: Arc<B>, hub: Arc<Hub>, after: u64) -> impl Stream<Item = Feed> + Send {
+pub(crate) fn feed<B: Log>(broker: Arc<B>, hub: Arc<Hub>, after: u64) -> impl Stream<Item = Feed> + Send {
     feed_at(broker, hub, after, None)
 }
 
 /// [`feed`] from a client's resume token: a token of another epoch than the log's (from before the
 /// log went back) yields one [`Feed::Gap`] first, and the feed goes on from the log's end.
-pub(crate) fn feed_at<B: Broker>(
+pub(crate) fn feed_at<B: Log>(
     broker: Arc<B>,
     hub: Arc<Hub>,
     after: u64,
@@ -392,6 +392,8 @@ pub(crate) fn resume_point(headers: &HeaderMap, since: Option<&str>) -> Result<O
 mod tests {
     use super::*;
     use fleetq_broker::BrokerConfig;
+    use fleetq_broker::Log;
+    use fleetq_broker::Queue;
     use fleetq_broker::embedded::EmbeddedBroker;
     use fleetq_core::{JobSpec, Limits, job_spec_from_value};
 

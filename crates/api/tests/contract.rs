@@ -5,6 +5,8 @@
 
 mod common;
 
+use fleetq_broker::Fleet;
+use fleetq_broker::Queue;
 use std::collections::BTreeSet;
 
 use axum::http::StatusCode;
@@ -463,7 +465,6 @@ fn schema_errors(doc: &Value, method: &str, path: &str, status: StatusCode, body
 
 #[tokio::test]
 async fn live_responses_conform_to_the_documented_schemas() {
-    use fleetq_broker::Broker;
     let doc = openapi_document();
     let a = app(ApiConfig::default());
     let b = a.broker.as_ref();

@@ -5,14 +5,16 @@
 
 mod common;
 
+use fleetq_broker::Log;
+use fleetq_broker::Queue;
 use std::sync::Arc;
 use std::time::Duration;
 
 use eventsource_stream::Eventsource;
 use fleetq_api::ApiConfig;
+use fleetq_broker::BrokerConfig;
 use fleetq_broker::redis::RedisBroker;
 use fleetq_broker::testing::{RedisServer, test_config};
-use fleetq_broker::{Broker, BrokerConfig};
 use fleetq_core::JobSpec;
 use futures::StreamExt;
 use serde_json::{Value, json};

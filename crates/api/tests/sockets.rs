@@ -4,6 +4,8 @@
 
 mod common;
 
+use fleetq_broker::Log;
+use fleetq_broker::Queue;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

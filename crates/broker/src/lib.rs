@@ -8,14 +8,14 @@
 //!
 //! # Core promises (docs/design.md §4)
 //! - **One path for truth.** Every state change happens atomically and appends exactly one event to
-//!   the ordered log in the same step ([`Event::seq`] strictly increases). [`Broker::snapshot`] states
-//!   the sequence it is as of; [`Broker::events_after`] continues from there without gaps.
+//!   the ordered log in the same step ([`Event::seq`] strictly increases). [`Log::snapshot`] states
+//!   the sequence it is as of; [`Log::events_after`] continues from there without gaps.
 //! - **Fenced leases.** Only the holder of a job's *current* attempt may renew, report progress,
 //!   complete, fail or release it; anyone else gets [`BrokerError::LeaseLost`] and changes nothing.
 //! - **Exact order.** Pending jobs are ordered by [`fleetq_core::OrderKey`] within partitions
 //!   ([`fleetq_core::PartitionSpec`]); a claim takes the best head among the partitions the worker
 //!   matches, so incompatible jobs never hide compatible ones. A job's queue position and the
-//!   queue listing come from the same order ([`Broker::queue_position`], [`Broker::queue`]), by
+//!   queue listing come from the same order ([`Read::queue_position`], [`Read::queue`]), by
 //!   index, exact at any backlog. With [`FairShare`] on, customers of equal priority take turns
 //!   ([`fleetq_core::fair`]): the rule sets the order key's time, the indexes are the same.
 //! - **Claims that scale with the fleet, not the partitions.** Both backends keep, per worker class
@@ -24,15 +24,16 @@
 //!   A partition lives while it has an unfinished job and is removed with its workability flag
 //!   after; a class lives while it has a worker. Adding a partition matches it against the classes
 //!   only. The design and its costs: `docs/design.md`, "Claims: an index per worker class".
-//! - **Blocking claims.** [`Broker::claim`] waits on a wake-up signal, never by sleep-polling.
+//! - **Blocking claims.** [`Queue::claim`] waits on a wake-up signal, never by sleep-polling.
 //!
 //! # Example
 //!
 //! ```
 //! use std::time::Duration;
 //!
+//! use fleetq_broker::BrokerConfig;
 //! use fleetq_broker::embedded::EmbeddedBroker;
-//! use fleetq_broker::{Broker, BrokerConfig};
+//! use fleetq_broker::prelude::*;
 //! use fleetq_core::{JobSpec, WorkerRegistration};
 //! use serde_json::json;
 //!
@@ -55,8 +56,10 @@
 //! ```
 //!
 //! # Layout
-//! - [`Broker`] and the types it speaks ([`Lease`], [`LeaseRef`], …), [`BrokerError`];
-//! - [`Clock`] (from core): wall time behind a trait so tests control it; [`Broker::clock`] is the
+//! - [`Broker`], the sum of the capability traits [`Queue`], [`Fleet`], [`Read`] and [`Log`] over
+//!   [`Backend`] ([`prelude`] imports them all), and the types they speak ([`Lease`], [`LeaseRef`], …),
+//!   [`BrokerError`];
+//! - [`Clock`] (from core): wall time behind a trait so tests control it; [`Backend::clock`] is the
 //!   one every caller of a broker reads;
 //! - `embedded`, `redis`: the backends (features of the same names);
 //! - [`subscribe`]: a live event stream on top of any backend;
@@ -216,7 +219,7 @@ pub fn undecodable_records() -> u64 {
 }
 
 /// The reason a worker gives when it releases a job because its service went away under it
-/// ([`Broker::release`]): the attempt is given back, and a job whose service died under it
+/// ([`Queue::release`]): the attempt is given back, and a job whose service died under it
 /// [`fleetq_core::job::SERVICE_CRASHES_TO_FAIL`] times fails as `service_crash`.
 pub const RELEASE_SERVICE_OFFLINE: &str = "service_offline";
 
@@ -326,7 +329,7 @@ impl Default for BrokerConfig {
     }
 }
 
-/// What [`Broker::submit`] returns.
+/// What [`Queue::submit`] returns.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Submitted {
     /// The job's id.
@@ -375,11 +378,11 @@ impl Lease {
 pub struct LeaseState {
     /// New expiry (ms).
     pub deadline_ms: i64,
-    /// A client asked to cancel: interrupt the service, then call [`Broker::fail`] or [`Broker::release`].
+    /// A client asked to cancel: interrupt the service, then call [`Queue::fail`] or [`Queue::release`].
     pub cancel_requested: bool,
 }
 
-/// What [`Broker::fail`] did.
+/// What [`Queue::fail`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum FailOutcome {
@@ -394,7 +397,7 @@ pub enum FailOutcome {
     Cancelled,
 }
 
-/// What [`Broker::cancel`] did.
+/// What [`Queue::cancel`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CancelOutcome {
@@ -406,7 +409,7 @@ pub enum CancelOutcome {
     AlreadyFinished,
 }
 
-/// What [`Broker::reap`] did.
+/// What [`Queue::reap`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReapReport {
     /// Expired leases put back in the queue.
@@ -484,17 +487,35 @@ pub struct JobPage {
     pub next: Option<String>,
 }
 
-/// The broker contract. Both backends implement it and pass `conformance`.
+/// The capability traits, for `use fleetq_broker::prelude::*;` where a concrete broker's methods
+/// are called.
+pub mod prelude {
+    pub use crate::{Backend, Broker, Fleet, Log, Queue, Read};
+}
+
+/// The broker contract: the sum of its capabilities ([`Queue`], [`Fleet`], [`Read`], [`Log`],
+/// over the [`Backend`] they share). Both backends implement every one and pass `conformance`; a
+/// consumer names only the capabilities it uses (a worker needs no [`Read`], a machine only
+/// [`Fleet`]), so a test double implements only those.
 ///
 /// Futures are `Send` so callers can spawn them; implementations may write `async fn`.
-pub trait Broker: Send + Sync + 'static {
+pub trait Broker: Queue + Fleet + Read + Log {}
+
+impl<T: Queue + Fleet + Read + Log> Broker for T {}
+
+/// What every capability shares: the configuration and the clock.
+pub trait Backend: Send + Sync + 'static {
     /// The configuration in force.
     fn config(&self) -> &BrokerConfig;
 
     /// The clock this broker stamps times with; callers computing with broker times (leases, ETAs,
     /// staleness) read this one, so a test's [`ManualClock`] moves them all.
     fn clock(&self) -> &Arc<dyn Clock>;
+}
 
+/// The queue: jobs submitted, claimed under a lease, renewed, ended, cancelled and retried, and the
+/// upkeep that moves expired leases and due retries on.
+pub trait Queue: Backend {
     /// Validates and enqueues a job. An idempotency key already used returns that job.
     fn submit(&self, spec: JobSpec) -> impl Future<Output = Result<Submitted>> + Send;
 
@@ -528,7 +549,7 @@ pub trait Broker: Send + Sync + 'static {
     /// Fails the attempt: retried with backoff while `error.retryable` and attempts remain.
     fn fail(&self, lease: &LeaseRef, error: JobError) -> impl Future<Output = Result<FailOutcome>> + Send;
 
-    /// Fails the attempt like [`Broker::fail`]; when the job is retried, its requirements become
+    /// Fails the attempt like [`Queue::fail`]; when the job is retried, its requirements become
     /// `requirements` (it moves to that partition), so only workers meeting them take it — e.g.
     /// more GPU memory after running out ([`fleetq_core::oom`]). A job that is not retried keeps
     /// its requirements.
@@ -558,7 +579,11 @@ pub trait Broker: Send + Sync + 'static {
     /// their jobs. Returns the number of partitions whose flag changed. Brokers keep the flags as
     /// partitions and workers come and go; this is a full pass (O(partitions)) that repairs.
     fn evaluate_workability(&self) -> impl Future<Output = Result<usize>> + Send;
+}
 
+/// The fleet's own reports: workers registering, alive and leaving, their connectors' status, and
+/// machines' lifecycle events.
+pub trait Fleet: Backend {
     /// Registers (or re-registers, replacing every field) a worker.
     fn register_worker(&self, registration: WorkerRegistration) -> impl Future<Output = Result<()>> + Send;
 
@@ -577,7 +602,11 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Records a machine lifecycle event.
     fn machine_event(&self, event: MachineEvent) -> impl Future<Output = Result<()>> + Send;
+}
 
+/// Reads for people and tools: jobs, the queue in claim order and a job's place in it, depths,
+/// workers and machines.
+pub trait Read: Backend {
     /// One job with payload and outcome.
     fn job(&self, id: &JobId) -> impl Future<Output = Result<Option<JobRecord>>> + Send;
 
@@ -600,7 +629,11 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Known machines.
     fn machines(&self) -> impl Future<Output = Result<Vec<MachineState>>> + Send;
+}
 
+/// The ordered event log and what is read beside it: the snapshot it folds into, its epoch, and the
+/// cancel signals a worker waits on.
+pub trait Log: Backend {
     /// The live state, as of a stated sequence.
     fn snapshot(&self) -> impl Future<Output = Result<Snapshot>> + Send;
 

@@ -1,4 +1,4 @@
-//! A live event stream over any [`Broker`]: resumes after a sequence, never skips, never repeats.
+//! A live event stream over any broker's [`Log`]: resumes after a sequence, never skips, never repeats.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -6,7 +6,7 @@ use std::time::Duration;
 use fleetq_core::Event;
 use futures::Stream;
 
-use crate::{Broker, Result};
+use crate::{Log, Result};
 
 /// Pause after a failed read before trying again, so a down backend is not hammered.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
@@ -20,7 +20,7 @@ struct State<B> {
 
 /// Streams every event with `seq > after`, forever, in order. A read error is yielded and the
 /// stream continues (after a short pause) from the last delivered event, so nothing is lost.
-pub fn subscribe<B: Broker>(broker: Arc<B>, after: u64) -> impl Stream<Item = Result<Event>> + Send {
+pub fn subscribe<B: Log>(broker: Arc<B>, after: u64) -> impl Stream<Item = Result<Event>> + Send {
     let state = State { broker, after, buf: Default::default(), failed: false };
     futures::stream::unfold(state, |mut st| async move {
         loop {

@@ -1,5 +1,5 @@
 //! Wall time behind a trait. Leases, backoff, presence, ETAs and the worker's lease maths all read
-//! [`Clock::now_ms`] — the broker's clock where one exists (`Broker::clock`) — so tests drive time with
+//! [`Clock::now_ms`] — the broker's clock where one exists (`Backend::clock`) — so tests drive time with
 //! [`ManualClock`] instead of sleeping. The only reader of the system's time, and the one writer of
 //! a timestamp as text ([`rfc3339`]).
 

@@ -5,14 +5,17 @@
 
 mod common;
 
+use fleetq_broker::Log;
+use fleetq_broker::Queue;
+use fleetq_broker::Read;
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use common::{Guard, fleetq, url_in};
+use fleetq_broker::BrokerConfig;
 use fleetq_broker::redis::RedisBroker;
 use fleetq_broker::testing::RedisServer;
-use fleetq_broker::{Broker, BrokerConfig};
 use fleetq_core::{
     ConnectorStatus, JobId, JobRecord, JobSpec, JobStatus, MachinePhase, MachineState, WorkerInfo,
 };

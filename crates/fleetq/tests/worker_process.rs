@@ -1,12 +1,15 @@
 //! `fleetq worker` as a process: it works jobs from Redis and drains on SIGTERM.
 
+use fleetq_broker::Log;
+use fleetq_broker::Queue;
+use fleetq_broker::Read;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fleetq_broker::BrokerConfig;
 use fleetq_broker::redis::RedisBroker;
 use fleetq_broker::testing::RedisServer;
-use fleetq_broker::{Broker, BrokerConfig};
 use fleetq_core::{JobId, JobRecord, JobSpec, JobStatus};
 use serde_json::json;
 

@@ -88,6 +88,8 @@ impl SimulatedMachine {
 
 #[cfg(test)]
 mod tests {
+    use fleetq_broker::Queue;
+    use fleetq_broker::Read;
     use fleetq_broker::embedded::EmbeddedBroker;
     use fleetq_broker::testing::test_config;
     use fleetq_connectors::CancellationToken;

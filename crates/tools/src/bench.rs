@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use fleetq_broker::embedded::EmbeddedBroker;
 use fleetq_broker::redis::RedisBroker;
-use fleetq_broker::{Broker, BrokerConfig};
+use fleetq_broker::{Broker, BrokerConfig, Fleet, Queue};
 use fleetq_core::{JobSpec, Requirements, WorkerRegistration};
 use serde_json::{Value, json};
 
@@ -256,7 +256,7 @@ fn bench_job(i: usize) -> JobSpec {
     spec
 }
 
-async fn register_workers<B: Broker>(b: &B, n: usize) -> Result<Vec<String>> {
+async fn register_workers<B: Fleet>(b: &B, n: usize) -> Result<Vec<String>> {
     let mut ids = Vec::new();
     for i in 0..n {
         let id = format!("bench-w{i}");
@@ -270,12 +270,12 @@ async fn register_workers<B: Broker>(b: &B, n: usize) -> Result<Vec<String>> {
     Ok(ids)
 }
 
-async fn submit_all<B: Broker>(b: &B, n: usize) -> Result<f64> {
+async fn submit_all<B: Queue>(b: &B, n: usize) -> Result<f64> {
     submit_built(b, n, bench_job).await
 }
 
 /// Submits jobs `0..n` built by `job`, in batches of 1,000; the seconds it took.
-async fn submit_built<B: Broker>(b: &B, n: usize, job: impl Fn(usize) -> JobSpec) -> Result<f64> {
+async fn submit_built<B: Queue>(b: &B, n: usize, job: impl Fn(usize) -> JobSpec) -> Result<f64> {
     let t0 = Instant::now();
     let mut i = 0;
     while i < n {

@@ -15,6 +15,8 @@
 //! `api-kill-batch` (kill -9 of `fleetq api` during batch submissions: each batch is all or none),
 //! `service-kill` (kill -9 of the ComfyUI a worker drives, under ComfyUI jobs).
 
+use fleetq_broker::Queue;
+use fleetq_broker::Read;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

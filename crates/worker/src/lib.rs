@@ -5,7 +5,7 @@
 //! - **Identity.** It registers once with a validated identity (never defaulted) and the services
 //!   of its loaded connectors, heartbeats, and registers again if the broker forgot it (presence
 //!   expiry, a Redis restart without persistence).
-//! - **Claiming.** It blocks in [`Broker::claim`](fleetq_broker::Broker::claim) on the broker's wake-up, in short slices so that
+//! - **Claiming.** It blocks in [`Queue::claim`](fleetq_broker::Queue::claim) on the broker's wake-up, in short slices so that
 //!   shutdown is noticed, and only for services whose connector is healthy: a connector found
 //!   `offline`/`error` by the health loop is withdrawn from the registration until it recovers.
 //! - **Supervision** of each job: lease renewal; an overall timeout (fail, retryable); a progress

@@ -1,6 +1,8 @@
 //! The worker runtime end to end through a real broker (embedded and Redis) with the simulation
 //! connector. Waiting is on broker events; the generous bounds only turn a hang into a failure.
 
+use fleetq_broker::Queue;
+use fleetq_broker::Read;
 use std::sync::Arc;
 use std::time::Duration;
 

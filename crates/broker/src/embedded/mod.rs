@@ -9,6 +9,11 @@
 
 mod state;
 
+use crate::Backend;
+use crate::Fleet;
+use crate::Log;
+use crate::Queue;
+use crate::Read;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -25,8 +30,8 @@ use tokio::time::Instant;
 
 use self::state::State;
 use crate::{
-    Broker, BrokerConfig, BrokerError, CancelOutcome, Clock, FailOutcome, JobFilter, JobPage, Lease,
-    LeaseRef, LeaseState, QueueFilter, ReapReport, Result, Submitted, SystemClock,
+    BrokerConfig, BrokerError, CancelOutcome, Clock, FailOutcome, JobFilter, JobPage, Lease, LeaseRef,
+    LeaseState, QueueFilter, ReapReport, Result, Submitted, SystemClock,
 };
 
 type Reply = Box<dyn FnOnce(bool) + Send>;
@@ -35,7 +40,7 @@ type Cmd = Box<dyn FnOnce(&mut State) -> Reply + Send>;
 /// Most operations folded into one transaction.
 const MAX_GROUP: usize = 256;
 
-/// SQLite-backed [`Broker`]. Cheap to share behind an `Arc`; dropping the last handle stops the
+/// SQLite-backed [`Broker`](crate::Broker). Cheap to share behind an `Arc`; dropping the last handle stops the
 /// writer thread after it finished the queued operations.
 #[derive(Debug)]
 pub struct EmbeddedBroker {
@@ -51,7 +56,7 @@ pub struct EmbeddedBroker {
 }
 
 /// Cancel signals handed from the writer thread (after the commit that requested the cancel) to
-/// the workers waiting in [`Broker::cancel_signals`].
+/// the workers waiting in [`Log::cancel_signals`].
 #[derive(Debug, Default)]
 struct Signals {
     by_worker: std::sync::Mutex<HashMap<String, Vec<JobId>>>,
@@ -162,7 +167,7 @@ fn writer_loop(
     }
 }
 
-impl Broker for EmbeddedBroker {
+impl Backend for EmbeddedBroker {
     fn config(&self) -> &BrokerConfig {
         &self.config
     }
@@ -170,7 +175,9 @@ impl Broker for EmbeddedBroker {
     fn clock(&self) -> &Arc<dyn Clock> {
         &self.clock
     }
+}
 
+impl Queue for EmbeddedBroker {
     async fn submit(&self, mut spec: JobSpec) -> Result<Submitted> {
         spec.admit(&self.config.limits)?;
         self.call(move |st| st.submit(spec)).await
@@ -265,7 +272,9 @@ impl Broker for EmbeddedBroker {
     async fn evaluate_workability(&self) -> Result<usize> {
         self.call(|st| st.evaluate_workability()).await
     }
+}
 
+impl Fleet for EmbeddedBroker {
     async fn register_worker(&self, registration: WorkerRegistration) -> Result<()> {
         registration.validate()?;
         self.call(move |st| st.register_worker(registration)).await
@@ -290,7 +299,9 @@ impl Broker for EmbeddedBroker {
         event.validate()?;
         self.call(move |st| st.machine_event(event)).await
     }
+}
 
+impl Read for EmbeddedBroker {
     async fn job(&self, id: &JobId) -> Result<Option<JobRecord>> {
         let id = id.clone();
         self.call(move |st| st.job(&id)).await
@@ -311,14 +322,6 @@ impl Broker for EmbeddedBroker {
         self.call(move |st| st.queue(&filter)).await
     }
 
-    async fn log_epoch(&self) -> Result<u64> {
-        self.call(|st| st.log_epoch()).await
-    }
-
-    async fn advance_log_epoch(&self, seen: u64) -> Result<u64> {
-        self.call(move |st| st.advance_log_epoch(seen)).await
-    }
-
     async fn workers(&self) -> Result<Vec<WorkerInfo>> {
         self.call(|st| st.workers()).await
     }
@@ -329,6 +332,16 @@ impl Broker for EmbeddedBroker {
 
     async fn machines(&self) -> Result<Vec<MachineState>> {
         self.call(|st| st.machines()).await
+    }
+}
+
+impl Log for EmbeddedBroker {
+    async fn log_epoch(&self) -> Result<u64> {
+        self.call(|st| st.log_epoch()).await
+    }
+
+    async fn advance_log_epoch(&self, seen: u64) -> Result<u64> {
+        self.call(move |st| st.advance_log_epoch(seen)).await
     }
 
     async fn snapshot(&self) -> Result<Snapshot> {

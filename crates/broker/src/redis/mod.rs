@@ -30,6 +30,11 @@
 
 mod codec;
 
+use crate::Backend;
+use crate::Fleet;
+use crate::Log;
+use crate::Queue;
+use crate::Read;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -47,8 +52,8 @@ use tokio::time::Instant;
 
 use self::codec::{corrupt, event_from_entry, initial_state, items, pairs, stored_spec, text, text_at};
 use crate::{
-    Broker, BrokerConfig, BrokerError, CancelOutcome, Clock, FailOutcome, JobFilter, JobPage, Lease,
-    LeaseRef, LeaseState, QueueFilter, ReapReport, Result, Submitted, SystemClock, new_job_id, page_limit,
+    BrokerConfig, BrokerError, CancelOutcome, Clock, FailOutcome, JobFilter, JobPage, Lease, LeaseRef,
+    LeaseState, QueueFilter, ReapReport, Result, Submitted, SystemClock, new_job_id, page_limit,
 };
 
 const LIBRARY: &str = include_str!("fleetq.lua");
@@ -81,7 +86,7 @@ impl ClassView {
     }
 }
 
-/// Redis-backed [`Broker`].
+/// Redis-backed [`Broker`](crate::Broker).
 #[derive(Debug)]
 pub struct RedisBroker {
     client: redis::Client,
@@ -686,7 +691,7 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(corrupt)
 }
 
-impl Broker for RedisBroker {
+impl Backend for RedisBroker {
     fn config(&self) -> &BrokerConfig {
         &self.config
     }
@@ -694,7 +699,9 @@ impl Broker for RedisBroker {
     fn clock(&self) -> &Arc<dyn Clock> {
         &self.clock
     }
+}
 
+impl Queue for RedisBroker {
     async fn submit(&self, mut spec: JobSpec) -> Result<Submitted> {
         spec.admit(&self.config.limits)?;
         let mut out = self.submit_valid(std::slice::from_ref(&spec)).await?;
@@ -705,6 +712,7 @@ impl Broker for RedisBroker {
         fleetq_core::admit_batch(&mut specs, &self.config.limits)?;
         self.submit_valid(&specs).await
     }
+
     async fn claim(&self, worker_id: &str, wait: Duration) -> Result<Option<Lease>> {
         let deadline = Instant::now() + wait;
         loop {
@@ -871,7 +879,9 @@ impl Broker for RedisBroker {
         }
         Err(corrupt("worker classes kept changing under a workability pass"))
     }
+}
 
+impl Fleet for RedisBroker {
     async fn register_worker(&self, registration: WorkerRegistration) -> Result<()> {
         registration.validate()?;
         self.register(&registration).await
@@ -933,7 +943,9 @@ impl Broker for RedisBroker {
         })
         .await
     }
+}
 
+impl Read for RedisBroker {
     async fn job(&self, id: &JobId) -> Result<Option<JobRecord>> {
         let mut cmd = self.fcall("fq_job", true);
         cmd.arg(&id.0);
@@ -1005,14 +1017,6 @@ impl Broker for RedisBroker {
         page_reply(self.run(&cmd).await?)
     }
 
-    async fn log_epoch(&self) -> Result<u64> {
-        self.epoch_call("").await
-    }
-
-    async fn advance_log_epoch(&self, seen: u64) -> Result<u64> {
-        self.epoch_call(&seen.to_string()).await
-    }
-
     async fn workers(&self) -> Result<Vec<WorkerInfo>> {
         let mut pipe = redis::pipe();
         pipe.cmd("HGETALL")
@@ -1051,6 +1055,16 @@ impl Broker for RedisBroker {
             .collect::<Result<Vec<MachineState>>>()?;
         out.sort_by(|a, b| a.machine_id.cmp(&b.machine_id));
         Ok(out)
+    }
+}
+
+impl Log for RedisBroker {
+    async fn log_epoch(&self) -> Result<u64> {
+        self.epoch_call("").await
+    }
+
+    async fn advance_log_epoch(&self, seen: u64) -> Result<u64> {
+        self.epoch_call(&seen.to_string()).await
     }
 
     async fn snapshot(&self) -> Result<Snapshot> {
