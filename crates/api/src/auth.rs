@@ -138,10 +138,15 @@ impl Tokens {
     }
 }
 
+/// Whether a path is one of the pages or their files (open without a token: they hold no data).
+fn is_page(path: &str) -> bool {
+    path == "/" || path == "/client" || path.starts_with("/web/")
+}
+
 /// The role a request needs, or `None` for open routes (`/health`, and the pages, which hold no
 /// data: they ask for a token when the API does).
 pub fn required_role(method: &Method, path: &str) -> Option<Role> {
-    if path == "/health" || (method == Method::GET && crate::web::is_page(path)) {
+    if path == "/health" || (method == Method::GET && is_page(path)) {
         return None;
     }
     if path == "/ws/client" {

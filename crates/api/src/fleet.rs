@@ -13,13 +13,13 @@ use fleetq_core::{ConnectorStatus, Event, JobId, WorkerInfo};
 use futures::{Stream, StreamExt};
 use serde_json::{Value, json};
 
-use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::model::{
     self, Activity, ConnectorView, ErrorBody, Instances, MachineView, Machines, ServiceSummary,
     ServiceSummaryReply, Services, SnapshotView, Stats, WorkerView, Workers,
 };
 use crate::request::{Params, params};
+use crate::state::AppState;
 use crate::stream::{Feed, parse_topics, resume_point, topic};
 use fleetq_core::clock::rfc3339;
 

@@ -16,7 +16,6 @@ use fleetq_core::{Event, JobId, JobSpec, JobStatus, ValidationError, job_spec_sh
 use futures::{Stream, StreamExt};
 use serde_json::{Value, json};
 
-use crate::AppState;
 use crate::auth::{Caller, Role};
 use crate::error::{ApiError, ApiResult};
 use crate::model::{
@@ -24,6 +23,7 @@ use crate::model::{
     Submission, SubmitReply, Submitted, Verdict, WorkerVerdict,
 };
 use crate::request::{Params, body_bytes, json_body, params};
+use crate::state::AppState;
 use crate::stats::{eta_ms, workers_serving};
 use crate::stream::{Feed, resume_point};
 

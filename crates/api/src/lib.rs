@@ -18,6 +18,7 @@
 //! ```
 
 pub mod auth;
+mod config;
 mod error;
 mod fleet;
 mod fold;
@@ -32,7 +33,6 @@ mod stream;
 mod web;
 mod ws;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,55 +42,14 @@ use axum::http::{HeaderName, HeaderValue, Method, header};
 use fleetq_broker::Broker;
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use utoipa::OpenApi;
-use utoipa_axum::router::OpenApiRouter;
 
 pub use auth::{Caller, Role, Tokens};
+pub use config::ApiConfig;
 pub use error::{ApiError, ApiResult};
 pub use openapi::openapi_document;
+use openapi::routes;
 pub use ops::install_metrics_recorder;
-pub(crate) use state::AppState;
-
-/// How the API behaves.
-#[derive(Debug, Clone)]
-pub struct ApiConfig {
-    /// Tokens with roles; empty turns auth off.
-    pub tokens: Tokens,
-    /// Origins allowed by CORS (exact `scheme://host:port`). Empty allows none (same-origin only).
-    pub cors_origins: Vec<String>,
-    /// Largest request body (413 above).
-    pub max_body_bytes: usize,
-    /// Most jobs in one batch submission (413 above).
-    pub max_batch: usize,
-    /// A connector report older than this is `stale` (the worker stopped refreshing it).
-    pub stale_after: Duration,
-    /// Where workers store artifacts (`<dir>/<job>/<name>`); enables artifact download.
-    pub artifacts_dir: Option<PathBuf>,
-    /// Cancelled when the server shuts down: event streams and WebSocket sessions end, so a
-    /// graceful shutdown does not wait forever on a watcher.
-    pub shutdown: CancellationToken,
-    /// How often [`serve`] reaps expired leases and due retries from this process.
-    pub reap_every: Duration,
-    /// Most event streams (SSE) and WebSockets open at once; beyond, 503 with `Retry-After`.
-    pub max_streams: usize,
-}
-
-impl Default for ApiConfig {
-    fn default() -> Self {
-        Self {
-            tokens: Tokens::default(),
-            cors_origins: Vec::new(),
-            max_body_bytes: 8 * 1024 * 1024,
-            max_batch: 1000,
-            // Three default health intervals (5 s).
-            stale_after: Duration::from_secs(15),
-            artifacts_dir: None,
-            shutdown: CancellationToken::new(),
-            reap_every: Duration::from_secs(1),
-            max_streams: 1024,
-        }
-    }
-}
+use state::AppState;
 
 /// Serves the API on `listener` until `config.shutdown` fires, then drains: the router, this
 /// process's share of the queue's upkeep ([`maintain`] every `config.reap_every`), and a graceful
@@ -158,57 +117,6 @@ async fn access_log(req: axum::extract::Request, next: axum::middleware::Next) -
         "request"
     );
     resp
-}
-
-/// Every route, listed once as its `#[utoipa::path]` type (`__path_<fn>`) and its handler: the
-/// router registers the handlers at the paths the attributes declare ([`openapi::op`]), and the
-/// OpenAPI document is built from the same types with no broker at all ([`documented_paths`]).
-macro_rules! api_routes {
-    ($($path:ty => $handler:expr),* $(,)?) => {
-        /// The router's routes with their documentation.
-        pub(crate) fn routes<B: Broker>() -> OpenApiRouter<AppState<B>> {
-            let r = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi());
-            $(let r = openapi::op::<$path, _, _, _>(r, $handler);)*
-            r
-        }
-
-        /// The paths of the OpenAPI document: the same list as [`routes`], without a broker.
-        pub(crate) fn documented_paths() -> utoipa::openapi::path::Paths {
-            let mut paths = utoipa::openapi::path::Paths::new();
-            $(paths.add_path_operation(
-                <$path as utoipa::Path>::path(),
-                <$path as utoipa::Path>::methods(),
-                <$path as utoipa::Path>::operation(),
-            );)*
-            paths
-        }
-    };
-}
-
-api_routes! {
-    jobs::__path_submit => jobs::submit::<B>,
-    jobs::__path_list => jobs::list::<B>,
-    jobs::__path_get => jobs::get::<B>,
-    jobs::__path_cancel => jobs::cancel::<B>,
-    jobs::__path_retry => jobs::retry::<B>,
-    jobs::__path_events => jobs::events::<B>,
-    jobs::__path_matching => jobs::matching::<B>,
-    jobs::__path_artifact => jobs::artifact::<B>,
-    fleet::__path_workers => fleet::workers::<B>,
-    fleet::__path_machines => fleet::machines::<B>,
-    fleet::__path_services => fleet::services::<B>,
-    fleet::__path_summary => fleet::summary::<B>,
-    fleet::__path_instances => fleet::instances::<B>,
-    fleet::__path_snapshot => fleet::snapshot::<B>,
-    fleet::__path_stats => fleet::stats::<B>,
-    fleet::__path_events => fleet::events::<B>,
-    ws::__path_monitor => ws::monitor::<B>,
-    ws::__path_client => ws::client::<B>,
-    web::__path_me => web::me,
-    ops::__path_health => ops::health,
-    ops::__path_ready => ops::ready::<B>,
-    ops::__path_metrics => ops::metrics::<B>,
-    openapi::__path_openapi => openapi::openapi,
 }
 
 fn cors_layer(origins: &[String]) -> CorsLayer {

@@ -1,8 +1,7 @@
-//! The OpenAPI 3.1 document: [`op`] registers each handler at the path its `#[utoipa::path]`
-//! attribute declares, so the router and the document come from the same declarations; [`finish`]
-//! adds what the attributes do not say (roles, tags, error answers). The document does not depend
-//! on a broker: it is built from the same list of route types as the router
-//! ([`crate::documented_paths`]), without the handlers.
+//! The routes and the OpenAPI 3.1 document, from one list: [`routes`] registers each handler at the
+//! path its `#[utoipa::path]` attribute declares ([`op`]), [`documented_paths`] takes the same
+//! declarations without the handlers, so the document needs no broker; [`finish`] adds what the
+//! attributes do not say (roles, tags, error answers).
 
 use std::sync::OnceLock;
 
@@ -17,11 +16,15 @@ use utoipa::openapi::path::Paths;
 use utoipa_axum::PathItemExt;
 use utoipa_axum::router::OpenApiRouter;
 
+use fleetq_broker::Broker;
+
 use crate::auth::required_role;
 use crate::model::{
     Cancelled, ErrorBody, Instances, JobPage, JobView, Machines, MatchingWorkers, Me, Retried,
     ServiceSummaryReply, Services, SnapshotView, Stats, Status, Submission, SubmitReply, Workers,
 };
+use crate::state::AppState;
+use crate::{fleet, jobs, ops, web, ws};
 
 /// The document's fixed parts; paths come from the handlers' `#[utoipa::path]` attributes.
 #[derive(OpenApi)]
@@ -76,7 +79,7 @@ pub fn openapi_document() -> Value {
     static DOC: OnceLock<Value> = OnceLock::new();
     DOC.get_or_init(|| {
         let mut api = ApiDoc::openapi();
-        api.paths = crate::documented_paths();
+        api.paths = documented_paths();
         finish(serde_json::to_value(&api).unwrap_or(Value::Null))
     })
     .clone()
@@ -207,4 +210,55 @@ fn open_flattened(doc: &mut Value) {
 )]
 pub(crate) async fn openapi() -> Json<Value> {
     Json(openapi_document())
+}
+
+/// Every route, listed once as its `#[utoipa::path]` type (`__path_<fn>`) and its handler: the
+/// router registers the handlers at the paths the attributes declare ([`op`]), and the
+/// OpenAPI document is built from the same types with no broker at all ([`documented_paths`]).
+macro_rules! api_routes {
+    ($($path:ty => $handler:expr),* $(,)?) => {
+        /// The router's routes with their documentation.
+        pub(crate) fn routes<B: Broker>() -> OpenApiRouter<AppState<B>> {
+            let r = OpenApiRouter::with_openapi(ApiDoc::openapi());
+            $(let r = op::<$path, _, _, _>(r, $handler);)*
+            r
+        }
+
+        /// The paths of the OpenAPI document: the same list as [`routes`], without a broker.
+        pub(crate) fn documented_paths() -> utoipa::openapi::path::Paths {
+            let mut paths = utoipa::openapi::path::Paths::new();
+            $(paths.add_path_operation(
+                <$path as utoipa::Path>::path(),
+                <$path as utoipa::Path>::methods(),
+                <$path as utoipa::Path>::operation(),
+            );)*
+            paths
+        }
+    };
+}
+
+api_routes! {
+    jobs::__path_submit => jobs::submit::<B>,
+    jobs::__path_list => jobs::list::<B>,
+    jobs::__path_get => jobs::get::<B>,
+    jobs::__path_cancel => jobs::cancel::<B>,
+    jobs::__path_retry => jobs::retry::<B>,
+    jobs::__path_events => jobs::events::<B>,
+    jobs::__path_matching => jobs::matching::<B>,
+    jobs::__path_artifact => jobs::artifact::<B>,
+    fleet::__path_workers => fleet::workers::<B>,
+    fleet::__path_machines => fleet::machines::<B>,
+    fleet::__path_services => fleet::services::<B>,
+    fleet::__path_summary => fleet::summary::<B>,
+    fleet::__path_instances => fleet::instances::<B>,
+    fleet::__path_snapshot => fleet::snapshot::<B>,
+    fleet::__path_stats => fleet::stats::<B>,
+    fleet::__path_events => fleet::events::<B>,
+    ws::__path_monitor => ws::monitor::<B>,
+    ws::__path_client => ws::client::<B>,
+    web::__path_me => web::me,
+    ops::__path_health => ops::health,
+    ops::__path_ready => ops::ready::<B>,
+    ops::__path_metrics => ops::metrics::<B>,
+    __path_openapi => openapi,
 }

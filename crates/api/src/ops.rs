@@ -10,9 +10,9 @@ use axum::response::{IntoResponse, Response};
 use fleetq_broker::Broker;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::AppState;
 use crate::error::ApiError;
 use crate::model::{ErrorBody, Status};
+use crate::state::AppState;
 
 /// `GET /health`: the process is up.
 #[utoipa::path(

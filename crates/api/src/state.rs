@@ -10,8 +10,9 @@ use fleetq_broker::Broker;
 use serde_json::json;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::config::ApiConfig;
 use crate::error::ApiError;
-use crate::{ApiConfig, stats, stream};
+use crate::{stats, stream};
 
 /// How long one read snapshot serves the WebSocket sessions that open meanwhile.
 const SNAPSHOT_REUSE: Duration = Duration::from_millis(500);
@@ -78,7 +79,7 @@ impl<B: Broker> AppState<B> {
     }
 
     /// Every event after `after`, through the shared hub.
-    /// [`crate::ApiConfig::stale_after`] in ms, as the staleness rule
+    /// [`ApiConfig::stale_after`] in ms, as the staleness rule
     /// ([`fleetq_core::ConnectorReport::is_stale`]) takes it.
     pub(crate) fn stale_after_ms(&self) -> i64 {
         i64::try_from(self.config.stale_after.as_millis()).unwrap_or(i64::MAX)

@@ -17,11 +17,6 @@ use crate::model::Me;
 #[folder = "../../web"]
 struct Assets;
 
-/// Whether a path is one of the pages or their files (open without a token).
-pub(crate) fn is_page(path: &str) -> bool {
-    path == "/" || path == "/client" || path.starts_with("/web/")
-}
-
 /// `GET /`: the monitor page.
 pub(crate) async fn monitor(headers: HeaderMap) -> Response {
     serve("index.html", &headers)

@@ -22,12 +22,12 @@ use fleetq_core::{EventKind, JobId, JobSummary, Outcome};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::jobs::{check_owner, spec_from};
 use crate::model::ErrorBody;
 use crate::request::{Params, params};
+use crate::state::AppState;
 use crate::stream::{Feed, TOPICS, parse_topics, topic};
 
 fn upgrade(ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>) -> ApiResult<WebSocketUpgrade> {

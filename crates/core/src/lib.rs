@@ -40,6 +40,7 @@
 pub mod backoff;
 pub mod class;
 pub mod clock;
+pub mod error;
 pub mod event;
 pub mod fair;
 pub mod job;

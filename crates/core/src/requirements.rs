@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::validate::ValidationError;
+use crate::error::ValidationError;
 
 /// Parsed, validated requirements, flattened to dot paths (sorted, so equal requirements compare and
 /// hash equal whatever their submitted shape).

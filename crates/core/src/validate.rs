@@ -3,35 +3,12 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use thiserror::Error;
 
 use crate::job::{JobSpec, MAX_RETRY_BACKOFF_MS};
 use crate::order::MAX_TIME_MS;
 use crate::requirements::{Requirements, kind};
 
-/// A rejected input: which field, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Error, Serialize, Deserialize)]
-#[error("{field}: {message}")]
-pub struct ValidationError {
-    /// Dot path of the offending field (`requirements.hardware.gpu_memory_gb`, `priority`, …).
-    pub field: String,
-    /// What is wrong with it.
-    pub message: String,
-}
-
-impl ValidationError {
-    /// An error about `field`.
-    pub fn new(field: &str, message: impl Into<String>) -> Self {
-        Self { field: field.to_owned(), message: message.into() }
-    }
-
-    /// The same error inside `parent` (`[3]` + `service` → `[3].service`): the one place a field
-    /// path is prefixed.
-    pub fn within(mut self, parent: &str) -> Self {
-        self.field = format!("{parent}.{}", self.field);
-        self
-    }
-}
+pub use crate::error::ValidationError;
 
 /// The largest `step_number` accepted.
 pub const MAX_STEP_NUMBER: u32 = 1_000_000;

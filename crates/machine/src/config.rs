@@ -171,8 +171,7 @@ impl ServiceSpec {
     }
 }
 
-/// Most GPUs one machine may declare (a bound on a number from outside).
-pub const MAX_GPUS: u32 = 64;
+pub use crate::gpu::MAX_GPUS;
 
 /// What a machine runs, resolved.
 #[derive(Debug, Clone)]

@@ -9,6 +9,9 @@ use std::time::Duration;
 use serde::Serialize;
 use thiserror::Error;
 
+/// Most GPUs one machine may declare or detect (a bound on a number from outside).
+pub const MAX_GPUS: u32 = 64;
+
 /// The columns asked of `nvidia-smi`, in the order [`parse_nvidia_smi`] reads them.
 pub const NVIDIA_SMI_QUERY: &str = "index,uuid,pci.bus_id,name,memory.total,driver_version";
 
@@ -125,7 +128,7 @@ pub async fn detect(timeout: Duration) -> Result<Vec<Gpu>, GpuError> {
 fn nvml() -> Result<Vec<Gpu>, nvml_wrapper::error::NvmlError> {
     let nvml = nvml_wrapper::Nvml::init()?;
     let driver_version = nvml.sys_driver_version().ok();
-    let count = nvml.device_count()?.min(crate::config::MAX_GPUS);
+    let count = nvml.device_count()?.min(MAX_GPUS);
     let mut gpus = Vec::new();
     for index in 0..count {
         let device = nvml.device_by_index(index)?;

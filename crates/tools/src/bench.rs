@@ -32,6 +32,9 @@ use fleetq_broker::{Broker, BrokerConfig, Fleet, Queue};
 use fleetq_core::{JobSpec, Requirements, WorkerRegistration};
 use serde_json::{Value, json};
 
+pub use crate::figures::Backend;
+use crate::figures::summarize;
+
 /// Benchmarks.
 #[derive(Debug, clap::Subcommand)]
 pub enum Bench {
@@ -64,15 +67,6 @@ pub struct ApiArgs {
     /// every event).
     #[arg(long, default_value_t = 0)]
     watchers: usize,
-}
-
-/// The broker a benchmark runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Backend {
-    /// The embedded store (SQLite) in a temporary directory.
-    Embedded,
-    /// The Redis of `FLEETQ_BENCH_REDIS` (flushed).
-    Redis,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -373,19 +367,6 @@ async fn throughput<B: Broker>(made: &Made<B>, n: usize, workers: usize) -> Resu
         );
     }
     Ok(line)
-}
-
-pub(crate) fn summarize(mut v: Vec<f64>) -> Value {
-    if v.is_empty() {
-        return json!(null);
-    }
-    v.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        let i = ((p / 100.0) * v.len() as f64).ceil() as usize;
-        let x = v[i.clamp(1, v.len()) - 1];
-        (x * 1000.0).round() / 1000.0
-    };
-    json!({"n": v.len(), "p50_ms": pct(50.0), "p90_ms": pct(90.0), "p99_ms": pct(99.0), "max_ms": pct(100.0)})
 }
 
 async fn paced<B: Broker>(made: &Made<B>, rate: u64, seconds: u64, workers: usize) -> Result<Value> {

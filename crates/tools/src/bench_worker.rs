@@ -30,7 +30,7 @@ use serde_json::json;
 pub struct WorkerArgs {
     /// Which backend to measure.
     #[arg(long, value_enum, default_value = "embedded")]
-    backend: super::bench::Backend,
+    backend: crate::figures::Backend,
     /// Redis to use (`--backend redis`).
     /// Not HUB_REDIS_URL: a benchmark may flush its database, so it never picks up the fleet's
     /// Redis from the environment.
@@ -55,7 +55,7 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<()> {
     }
     let poll = Duration::from_micros(args.poll_us.clamp(10, 1_000_000));
     match args.backend {
-        super::bench::Backend::Embedded => {
+        crate::figures::Backend::Embedded => {
             let dir = tempfile::tempdir()?;
             let broker = fleetq_broker::embedded::EmbeddedBroker::open(
                 dir.path().join("bench.db"),
@@ -63,7 +63,7 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<()> {
             )?;
             measure(Arc::new(broker), "embedded", args.tries, poll).await
         }
-        super::bench::Backend::Redis => {
+        crate::figures::Backend::Redis => {
             let queue = format!("bench-worker-{}", std::process::id());
             let broker = fleetq_broker::redis::RedisBroker::connect(
                 &args.redis_url,
@@ -143,7 +143,7 @@ fn ms(d: Duration) -> f64 {
 
 fn line(backend: &str, figure: &str, samples: Vec<f64>) {
     crate::report(
-        &json!({"bench": "worker", "backend": backend, "figure": figure, "latency": super::bench::summarize(samples)})
+        &json!({"bench": "worker", "backend": backend, "figure": figure, "latency": crate::figures::summarize(samples)})
             .to_string(),
     );
 }
