@@ -18,5 +18,7 @@
 
 pub mod config;
 mod runtime;
+mod state;
+mod verdict;
 
 pub use runtime::{Worker, WorkerConfig, WorkerError};

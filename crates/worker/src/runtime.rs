@@ -1,6 +1,7 @@
-//! The worker's loops: claim, supervise, heartbeat, health.
+//! The worker's loops: claim, supervise, heartbeat, health. What they share is one [`Known`]
+//! behind one lock; how an attempt ends is [`verdict`]'s rule.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,14 +10,16 @@ use fleetq_connectors::{CancellationToken, Connector, ProgressSink};
 use fleetq_core::backoff::Backoff;
 use fleetq_core::oom::{GPU_MEMORY_PATH, raised_requirements};
 use fleetq_core::{
-    ConnectorReport, ConnectorStatus, FailureCategory, JobError, JobId, JobSpec, ValidationError,
-    WorkerRegistration,
+    ConnectorReport, ConnectorStatus, FailureCategory, JobError, JobSpec, ValidationError, WorkerRegistration,
 };
 use thiserror::Error;
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
 use tracing::{Instrument, info, info_span, warn};
+
+use crate::state::Known;
+use crate::verdict::{Action, Ending, Stop, verdict};
 
 /// Errors that stop a worker.
 #[derive(Debug, Error)]
@@ -67,29 +70,6 @@ impl WorkerConfig {
     }
 }
 
-/// Why the worker stopped a job before the connector finished it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stop {
-    Cancelled,
-    Timeout,
-    ProgressTimeout,
-    Shutdown,
-    LeaseLost,
-}
-
-impl Stop {
-    /// Its name in logs.
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Cancelled => "cancelled",
-            Self::Timeout => "timeout",
-            Self::ProgressTimeout => "progress_timeout",
-            Self::Shutdown => "shutdown",
-            Self::LeaseLost => "lease_lost",
-        }
-    }
-}
-
 /// How long a service's last job must have ended before it is reported `idle` (a next job that
 /// starts meanwhile keeps it `active`: one change, not two).
 const ACTIVITY_SETTLE: Duration = Duration::from_millis(50);
@@ -100,26 +80,20 @@ pub struct Worker<B: Broker> {
     broker: Arc<B>,
     connectors: BTreeMap<String, Arc<dyn Connector>>,
     config: WorkerConfig,
-    /// Services whose connector is healthy.
-    healthy: Mutex<BTreeSet<String>>,
-    /// Jobs running per service.
-    running: Mutex<BTreeMap<String, usize>>,
-    /// The services the broker was last told this worker claims for.
-    advertised: Mutex<Vec<String>>,
+    /// What the loops share. A std mutex, held only to read or change it and never across an
+    /// `.await` (no I/O happens under it), so it cannot stall a loop.
+    known: std::sync::Mutex<Known>,
+    /// Held from deciding a connector report to sending it, so that one worker's reports reach
+    /// the broker in the order they were decided (a health check's and an activity change's never
+    /// overtake each other).
+    report_order: tokio::sync::Mutex<()>,
+    /// Held from computing a registration to sending it, for the same reason.
+    register_order: tokio::sync::Mutex<()>,
     /// Woken when a job ends (a slot frees up) or health changes.
     wake: Notify,
-    /// The last status seen per service (changes are logged).
-    reported: Mutex<BTreeMap<String, (ConnectorStatus, Option<String>)>>,
-    /// The last report sent per service (activity changes are sent from it at once).
-    last_report: Mutex<BTreeMap<String, ConnectorReport>>,
-    /// The status each connector's last health check returned.
-    health_status: Mutex<BTreeMap<String, ConnectorStatus>>,
-    /// Per running job: fired when the broker signals that its cancel was requested.
-    cancels: std::sync::Mutex<BTreeMap<JobId, CancellationToken>>,
-    /// Per service: the models its connector last said the service has (added to the `models`
-    /// capability at registration).
-    models: Mutex<BTreeMap<String, Vec<String>>>,
 }
+
+impl<B: Broker> Worker<B> {}
 
 impl<B: Broker> Worker<B> {
     /// Checks the configuration: a valid identity and at least one connector, one per service.
@@ -148,21 +122,22 @@ impl<B: Broker> Worker<B> {
             )
             .into());
         }
-        let healthy = Mutex::new(BTreeSet::new());
+        let known = std::sync::Mutex::new(Known::new(map.keys()));
         Ok(Self {
             broker,
             connectors: map,
             config,
-            healthy,
-            running: Mutex::new(BTreeMap::new()),
-            advertised: Mutex::new(Vec::new()),
+            known,
+            report_order: tokio::sync::Mutex::new(()),
+            register_order: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
-            reported: Mutex::new(BTreeMap::new()),
-            cancels: std::sync::Mutex::new(BTreeMap::new()),
-            last_report: Mutex::new(BTreeMap::new()),
-            health_status: Mutex::new(BTreeMap::new()),
-            models: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// The shared state, for a moment. A poisoned lock (a panic while it was held) still holds
+    /// consistent data: every change under it is a plain assignment.
+    fn known(&self) -> std::sync::MutexGuard<'_, Known> {
+        self.known.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn limit(&self, service: &str) -> usize {
@@ -170,10 +145,8 @@ impl<B: Broker> Worker<B> {
     }
 
     /// Healthy services with a free slot: what this worker may claim for now.
-    async fn claimable(&self) -> Vec<String> {
-        let healthy = self.healthy.lock().await.clone();
-        let running = self.running.lock().await;
-        healthy.into_iter().filter(|s| running.get(s).copied().unwrap_or(0) < self.limit(s)).collect()
+    fn claimable(&self) -> Vec<String> {
+        self.known().claimable(|s| self.limit(s))
     }
 
     fn id(&self) -> &str {
@@ -186,31 +159,35 @@ impl<B: Broker> Worker<B> {
     /// all busy it keeps the last list (busy is not unavailable); before the first health check,
     /// all of them.
     async fn register(&self) -> Result<(), BrokerError> {
-        let services = self.claimable().await;
-        let checked = !self.health_status.lock().await.is_empty();
-        let all_down = checked && self.healthy.lock().await.is_empty();
+        let _order = self.register_order.lock().await;
         let mut reg = self.config.registration.clone();
-        let all: Vec<String> = self.connectors.keys().cloned().collect();
-        for (service, names) in self.models.lock().await.iter() {
-            reg.capabilities = reg.capabilities.with_reported_models(&all, service, names);
-        }
-        let mut advertised = self.advertised.lock().await;
-        if !services.is_empty() {
-            reg.services = services;
-        } else if all_down {
-            reg.services = Vec::new();
-        } else if !advertised.is_empty() {
-            reg.services = advertised.clone();
+        {
+            let known = self.known();
+            let services = known.claimable(|s| self.limit(s));
+            let all_down = known.checked() && known.usable().is_empty();
+            let all: Vec<String> = self.connectors.keys().cloned().collect();
+            for (service, s) in &known.services {
+                if let Some(names) = &s.models {
+                    reg.capabilities = reg.capabilities.with_reported_models(&all, service, names);
+                }
+            }
+            if !services.is_empty() {
+                reg.services = services;
+            } else if all_down {
+                reg.services = Vec::new();
+            } else if !known.advertised.is_empty() {
+                reg.services = known.advertised.clone();
+            }
         }
         self.broker.register_worker(reg.clone()).await?;
-        *advertised = reg.services;
+        self.known().advertised = reg.services;
         Ok(())
     }
 
     /// Re-registers when the claimable services differ from what the broker has (a service filled
     /// its slots or freed one). Single-service workers never need to: they just stop claiming.
     async fn advertise(&self, claimable: &[String]) -> Result<(), BrokerError> {
-        let stale = *self.advertised.lock().await != claimable;
+        let stale = self.known().advertised != claimable;
         if stale { self.register().await } else { Ok(()) }
     }
 
@@ -238,7 +215,8 @@ impl<B: Broker> Worker<B> {
             }
         }
         self.check_health(None).await;
-        if self.healthy.lock().await.is_empty() {
+        let none_usable = self.known().usable().is_empty();
+        if none_usable {
             // Every service was down at the first check: stop advertising them (that check saw
             // no change of availability to re-register for).
             if let Err(e) = self.register().await {
@@ -278,7 +256,7 @@ impl<B: Broker> Worker<B> {
                 break Ok(());
             }
             while jobs.try_join_next().is_some() {}
-            let claimable = self.claimable().await;
+            let claimable = self.claimable();
             if claimable.is_empty() {
                 // Every connector is down or busy: wait for a slot, a health change or shutdown.
                 tokio::select! {
@@ -299,13 +277,15 @@ impl<B: Broker> Worker<B> {
                     // empty it includes the wait for a job to arrive (the claim long-polls).
                     metrics::histogram!("fleetq_claim_latency_seconds", "service" => service.clone())
                         .record(asked.elapsed().as_secs_f64());
-                    *self.running.lock().await.entry(service.clone()).or_default() += 1;
+                    self.known().service(&service).running += 1;
                     let (me, stop) = (self.clone(), shutdown.clone());
                     jobs.spawn(async move {
                         me.report_activity(&service).await;
                         me.execute(lease, &stop).await;
-                        if let Some(n) = me.running.lock().await.get_mut(&service) {
-                            *n = n.saturating_sub(1);
+                        {
+                            let mut known = me.known();
+                            let s = known.service(&service);
+                            s.running = s.running.saturating_sub(1);
                         }
                         me.wake.notify_one();
                         // Idle only if no next job starts meanwhile: a burst is one change.
@@ -344,9 +324,9 @@ impl<B: Broker> Worker<B> {
             };
             match heard {
                 Ok(ids) => {
-                    let running = self.cancels.lock().map(|m| m.clone()).unwrap_or_default();
+                    let known = self.known();
                     for id in ids {
-                        if let Some(token) = running.get(&id) {
+                        if let Some(token) = known.cancels.get(&id) {
                             token.cancel();
                         }
                     }
@@ -407,37 +387,27 @@ impl<B: Broker> Worker<B> {
         }
     }
 
-    /// Records whether `service` may be claimed for, from its connector's health. Returns true when
-    /// that changed.
-    async fn mark_usable(&self, service: &str, health: &fleetq_connectors::Health) -> bool {
-        let usable = matches!(health.status, ConnectorStatus::Idle | ConnectorStatus::Active);
-        let mut healthy = self.healthy.lock().await;
-        if usable { healthy.insert(service.to_owned()) } else { healthy.remove(service) }
-    }
-
     /// Reports `service` `active` while this worker runs a job of it and `idle` once none runs — at
     /// once, not at the next health check — when that check found it usable. An unchanged status
     /// sends nothing.
     async fn report_activity(&self, service: &str) {
-        // Held until the report is sent: reports of one worker go out in the order they are
-        // decided, so a health check's and an activity change's never overtake each other.
-        let mut last = self.last_report.lock().await;
-        let running = self.running.lock().await.get(service).copied().unwrap_or(0);
-        // Only a usable service changes with activity; an unhealthy one is the health check's.
-        let Some(health) = self.health_status.lock().await.get(service).copied() else { return };
-        if !matches!(health, ConnectorStatus::Idle | ConnectorStatus::Active) {
-            return;
-        }
-        let Some(report) = last.get_mut(service) else { return };
-        // A connector's `active` counts this worker's jobs; a check during one said so, but the
-        // count is ours to know now (the next check says what the connector thinks).
-        let status = if running > 0 { ConnectorStatus::Active } else { ConnectorStatus::Idle };
-        if report.status == status {
-            return;
-        }
-        report.status = status;
-        report.at = self.broker.clock().now_ms();
-        let report = report.clone();
+        let _order = self.report_order.lock().await;
+        let report = {
+            let mut known = self.known();
+            let s = known.service(service);
+            // Only a usable service changes with activity; an unhealthy one is the health check's.
+            if !s.usable() {
+                return;
+            }
+            let status = if s.running > 0 { ConnectorStatus::Active } else { ConnectorStatus::Idle };
+            let Some(report) = s.last_report.as_mut() else { return };
+            if report.status == status {
+                return;
+            }
+            report.status = status;
+            report.at = self.broker.clock().now_ms();
+            report.clone()
+        };
         if let Err(e) = self.broker.report_connector(self.id(), report).await {
             warn!(service = %service, error = %e, "connector report failed");
         }
@@ -445,8 +415,7 @@ impl<B: Broker> Worker<B> {
 
     /// Checks every connector (or only `only`) and reports each one to the broker — every time, so
     /// the report's time stays fresh (the broker events only changes) — then re-registers when the
-    /// set of usable services changed. A usable connector with one of this worker's jobs running is
-    /// `active` whatever its own count says (the two may not agree for a moment).
+    /// set of usable services or their models changed.
     async fn check_health(&self, only: Option<&str>) {
         let mut changed_availability = false;
         for (service, connector) in &self.connectors {
@@ -454,46 +423,43 @@ impl<B: Broker> Worker<B> {
                 continue;
             }
             let h = connector.health().await;
-            changed_availability |= self.mark_usable(service, &h).await;
-            if let Some(names) = &h.models {
-                let mut models = self.models.lock().await;
-                if models.get(service) != Some(names) {
+            let _order = self.report_order.lock().await;
+            let report = {
+                let mut known = self.known();
+                let s = known.service(service);
+                let was_usable = s.usable();
+                s.health = Some(h.status);
+                changed_availability |= s.usable() != was_usable;
+                if let Some(names) = &h.models
+                    && s.models.as_ref() != Some(names)
+                {
                     info!(service = %service, models = names.len(), "the service's models changed");
-                    models.insert(service.clone(), names.clone());
+                    s.models = Some(names.clone());
                     changed_availability = true;
                 }
-            }
-            let now = (h.status, h.message.clone());
-            let previous = self.reported.lock().await.insert(service.clone(), now.clone());
-            if previous.as_ref() != Some(&now) {
-                // `note`, not `message`: a field named `message` would collide with the event's own.
-                let note = h.message.as_deref().unwrap_or("");
-                info!(service = %service, connector_id = %service, status = h.status.as_str(), note, "connector status");
-            }
-            // Held until sent (see `report_activity`).
-            let mut last = self.last_report.lock().await;
-            let running = self.running.lock().await.get(service).copied().unwrap_or(0);
-            self.health_status.lock().await.insert(service.clone(), h.status);
-            let status = match h.status {
-                ConnectorStatus::Idle if running > 0 => ConnectorStatus::Active,
-                other => other,
+                let now = (h.status, h.message.clone());
+                if s.logged.as_ref() != Some(&now) {
+                    // `note`, not `message`: a field named `message` would collide with the event's own.
+                    let note = h.message.as_deref().unwrap_or("");
+                    info!(service = %service, connector_id = %service, status = h.status.as_str(), note, "connector status");
+                    s.logged = Some(now);
+                }
+                let report = ConnectorReport {
+                    service: service.clone(),
+                    status: s.status_to_report(h.status),
+                    message: h.message,
+                    at: self.broker.clock().now_ms(),
+                    info: h.info,
+                };
+                s.last_report = Some(report.clone());
+                report
             };
-            let report = ConnectorReport {
-                service: service.clone(),
-                status,
-                message: h.message,
-                at: self.broker.clock().now_ms(),
-                info: h.info,
-            };
-            last.insert(service.clone(), report.clone());
             if let Err(e) = self.broker.report_connector(self.id(), report).await {
                 warn!(service = %service, error = %e, "connector report failed");
             }
-            drop(last);
         }
         if changed_availability {
-            let services = self.healthy.lock().await.clone();
-            let services = services.iter().map(String::as_str).collect::<Vec<_>>().join(",");
+            let services = self.known().usable().join(",");
             info!(services, "registering the services whose connectors are healthy, with their models");
             if let Err(e) = self.register().await {
                 warn!(error = %e, "re-registration failed");
@@ -520,9 +486,7 @@ impl<B: Broker> Worker<B> {
             let quiet = spec.progress_timeout_ms.map(Duration::from_millis).or(self.config.default_progress_timeout);
             let cancel = CancellationToken::new();
             let signalled = CancellationToken::new();
-            if let Ok(mut m) = self.cancels.lock() {
-                m.insert(lref.job_id.clone(), signalled.clone());
-            }
+            self.known().cancels.insert(lref.job_id.clone(), signalled.clone());
             let (sink, mut progress) = ProgressSink::channel();
             let mut work = {
                 let (job, cancel) = (lease.job.clone(), cancel.clone());
@@ -538,10 +502,14 @@ impl<B: Broker> Worker<B> {
             let mut stop: Option<Stop> = None;
             let mut grace: Option<Instant> = None;
             let far = started + Duration::from_secs(100 * 365 * 24 * 3600);
-            let outcome = loop {
+            let ending = loop {
                 let interrupt_by = stop.map(|_| last_sign.max(Instant::now()) + self.config.interrupt_grace);
                 tokio::select! {
-                    res = &mut work => break Some(res),
+                    res = &mut work => break match res {
+                        Ok(Ok(value)) => Ending::Done(value),
+                        Ok(Err(e)) => Ending::Failed(e),
+                        Err(panic) => Ending::Crashed(panic.to_string()),
+                    },
                     Some((p, message)) = progress.recv() => {
                         last_sign = Instant::now();
                         let state = self.broker.progress(&lref, p, message).await;
@@ -574,15 +542,13 @@ impl<B: Broker> Worker<B> {
                     () = sleep_until(interrupt_by.unwrap_or(far)), if interrupt_by.is_some() => {
                         warn!("connector ignored the interrupt; aborting it");
                         work.abort();
-                        break None;
+                        break Ending::Stuck;
                     }
                 }
             };
-            if let Ok(mut m) = self.cancels.lock() {
-                m.remove(&lref.job_id);
-            }
-            let offline = matches!(&outcome, Some(Ok(Err(e))) if e.category == FailureCategory::Connection);
-            self.finish(&lref, &lease.job.spec, stop, outcome, started).await;
+            self.known().cancels.remove(&lref.job_id);
+            let offline = matches!(&ending, Ending::Failed(e) if e.category == FailureCategory::Connection);
+            self.finish(&lref, &lease.job.spec, stop, ending, started).await;
             if offline {
                 // Look at the service now rather than at the next health tick, so this worker
                 // stops claiming for it before it takes the job (or another one) again.
@@ -615,19 +581,27 @@ impl<B: Broker> Worker<B> {
         }
     }
 
+    /// Ends the attempt as [`verdict`] says, retried through backend outages.
     async fn finish(
         &self,
         lease: &LeaseRef,
         spec: &JobSpec,
         stop: Option<Stop>,
-        outcome: Option<Result<Result<serde_json::Value, JobError>, tokio::task::JoinError>>,
+        ending: Ending,
         started: Instant,
     ) {
         let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        if let Some(category) = failure_category(stop, &outcome) {
+        let verdict = verdict(stop, ending, elapsed_ms);
+        if let Some(category) = verdict.failure {
             metrics::counter!("fleetq_worker_job_failures_total", "service" => spec.service.clone(), "category" => category.as_str())
                 .increment(1);
             info!(category = category.as_str(), "job attempt failed");
+        }
+        if let (Some(stop), Action::Complete(_)) = (stop, &verdict.action) {
+            warn!(
+                stop = stop.as_str(),
+                "the service finished the job before it could be stopped; recording its result"
+            );
         }
         // The attempt's end is retried through backend outages (a Redis restart, a network blip):
         // giving up would lose a finished result and rerun the job. A definite answer (done,
@@ -636,8 +610,7 @@ impl<B: Broker> Worker<B> {
         let give_up = Instant::now() + Duration::from_millis(self.broker.config().lease_ms.max(1000) as u64);
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
-            let result = self.end_attempt(lease, spec, stop, &outcome, elapsed_ms).await;
-            match result {
+            match self.end_attempt(lease, spec, &verdict.action).await {
                 Ok(()) => {
                     info!(elapsed_ms, stop = stop.map_or("none", Stop::as_str), "job attempt ended");
                     return;
@@ -654,56 +627,24 @@ impl<B: Broker> Worker<B> {
         }
     }
 
-    /// One try at ending the attempt the way `stop`/`outcome` say.
+    /// One try at telling the broker `action`.
     async fn end_attempt(
         &self,
         lease: &LeaseRef,
         spec: &JobSpec,
-        stop: Option<Stop>,
-        outcome: &Option<Result<Result<serde_json::Value, JobError>, tokio::task::JoinError>>,
-        elapsed_ms: u64,
+        action: &Action,
     ) -> Result<(), BrokerError> {
-        match (stop, outcome) {
-            (Some(Stop::LeaseLost), _) => Ok(()),
-            // Stopped too late: the service finished the work (a ComfyUI interrupt lands only
-            // between nodes). Its result is real; record it rather than drop it and run it again.
-            (Some(stop), Some(Ok(Ok(value)))) => {
-                warn!(
-                    stop = stop.as_str(),
-                    "the service finished the job before it could be stopped; recording its result"
-                );
-                self.broker.complete(lease, value.clone()).await
+        match action {
+            Action::Drop => Ok(()),
+            Action::Complete(value) => self.broker.complete(lease, value.clone()).await,
+            Action::Release(reason) => {
+                if *reason == fleetq_broker::RELEASE_SERVICE_OFFLINE {
+                    warn!("service offline; releasing the job");
+                }
+                self.broker.release(lease, reason).await.map(drop)
             }
-            (Some(Stop::Shutdown), _) => self.broker.release(lease, "shutdown").await.map(drop),
-            (Some(Stop::ProgressTimeout), _) => {
-                self.broker.release(lease, "progress_timeout").await.map(drop)
-            }
-            (Some(Stop::Timeout), _) => {
-                let error =
-                    JobError::retryable(FailureCategory::Timeout, format!("timed out after {elapsed_ms} ms"));
-                self.broker.fail(lease, error).await.map(drop)
-            }
-            (Some(Stop::Cancelled), _) => {
-                let error = JobError::fatal(FailureCategory::Cancelled, "cancelled");
-                self.broker.fail(lease, error).await.map(drop)
-            }
-            (None, Some(Ok(Ok(value)))) => self.broker.complete(lease, value.clone()).await,
-            // The service went away under the job: give it back for a healthy worker instead of
-            // spending one of its attempts.
-            (None, Some(Ok(Err(e)))) if e.category == FailureCategory::Connection => {
-                warn!(error = %e.message, "service offline; releasing the job");
-                self.broker.release(lease, fleetq_broker::RELEASE_SERVICE_OFFLINE).await.map(drop)
-            }
-            (None, Some(Ok(Err(e)))) if e.category == FailureCategory::Oom && e.retryable => {
-                self.after_oom(lease, spec, e).await
-            }
-            (None, Some(Ok(Err(e)))) => self.broker.fail(lease, e.clone()).await.map(drop),
-            (None, Some(Err(panic))) => {
-                let error =
-                    JobError::retryable(FailureCategory::Internal, format!("connector crashed: {panic}"));
-                self.broker.fail(lease, error).await.map(drop)
-            }
-            (None, None) => self.broker.release(lease, "connector_stuck").await.map(drop),
+            Action::Fail(error) => self.broker.fail(lease, error.clone()).await.map(drop),
+            Action::AfterOom(error) => self.after_oom(lease, spec, error).await,
         }
     }
 }
@@ -735,21 +676,5 @@ impl<B: Broker> Worker<B> {
             );
             self.broker.fail(lease, fatal(why)).await.map(drop)
         }
-    }
-}
-
-/// The failure category of an attempt's end, if it did not succeed.
-fn failure_category(
-    stop: Option<Stop>,
-    outcome: &Option<Result<Result<serde_json::Value, JobError>, tokio::task::JoinError>>,
-) -> Option<FailureCategory> {
-    match (stop, outcome) {
-        (Some(Stop::LeaseLost), _) => Some(FailureCategory::LeaseExpired),
-        (Some(Stop::Shutdown), _) | (_, Some(Ok(Ok(_)))) => None,
-        (Some(Stop::ProgressTimeout), _) => Some(FailureCategory::ProgressTimeout),
-        (Some(Stop::Timeout), _) => Some(FailureCategory::Timeout),
-        (Some(Stop::Cancelled), _) => Some(FailureCategory::Cancelled),
-        (None, Some(Ok(Err(e)))) => Some(e.category),
-        (None, Some(Err(_)) | None) => Some(FailureCategory::Internal),
     }
 }
