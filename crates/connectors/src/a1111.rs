@@ -19,7 +19,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use fleetq_core::{FailureCategory, JobRecord};
-use futures::future::BoxFuture;
 use reqwest::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -27,7 +26,7 @@ use tracing::debug;
 
 use crate::artifacts::{Artifacts, DEFAULT_INLINE_LIMIT, decode_base64};
 use crate::http::{Auth, HttpConfig, HttpTransport};
-use crate::{ActiveJobs, CancellationToken, Connector, Health, JobError, ProgressSink};
+use crate::{CancellationToken, Health, JobError, ProgressSink, Service};
 
 /// Settings of one A1111 connector.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,7 +68,6 @@ pub struct A1111 {
     config: A1111Config,
     http: HttpTransport,
     artifacts: Artifacts,
-    running: ActiveJobs,
 }
 
 impl A1111 {
@@ -79,7 +77,7 @@ impl A1111 {
         http.timeout = Duration::from_millis(config.generation_timeout_ms.max(1));
         http.auth = config.auth.clone();
         let artifacts = Artifacts::new(config.artifacts_dir.clone(), config.inline_limit_bytes);
-        Ok(Self { http: HttpTransport::new(http)?, artifacts, config, running: ActiveJobs::default() })
+        Ok(Self { http: HttpTransport::new(http)?, artifacts, config })
     }
 
     async fn interrupt(&self) {
@@ -116,45 +114,6 @@ impl A1111 {
         let p = body.get("progress").and_then(Value::as_f64).unwrap_or(0.0);
         let message = format!("step {step}/{steps}, image {}/{job_count}", job_no + 1);
         Some(((p * 100.0).clamp(0.0, 99.0), message, (job_no, step, stamp)))
-    }
-
-    async fn run(
-        &self,
-        job: &JobRecord,
-        sink: ProgressSink,
-        cancel: CancellationToken,
-    ) -> Result<Value, JobError> {
-        let (endpoint, body) = parse_payload(&job.spec.payload)?;
-        let path = format!("/sdapi/v1/{endpoint}");
-        let call = self.http.post_json(&path, &body);
-        tokio::pin!(call);
-        let poll_every = Duration::from_millis(self.config.progress_poll_ms.max(10));
-        let mut tick = tokio::time::interval(poll_every);
-        let mut last_key = None;
-        sink.report(0.0, Some(format!("{endpoint} sent")));
-        let (status, reply) = loop {
-            tokio::select! {
-                r = &mut call => break r?,
-                () = cancel.cancelled() => {
-                    // The blocked call would return 200 with partial images: never a success.
-                    self.interrupt().await;
-                    return Err(JobError::fatal(FailureCategory::Cancelled, "interrupted"));
-                }
-                _ = tick.tick() => {
-                    if let Some((p, message, key)) = self.read_progress().await
-                        && last_key.as_ref() != Some(&key)
-                    {
-                        last_key = Some(key);
-                        sink.report(p, Some(message));
-                    }
-                }
-            }
-        };
-        let reply: Value = serde_json::from_slice(&reply).unwrap_or(Value::Null);
-        if status != StatusCode::OK {
-            return Err(classify_error(status, &reply, &path));
-        }
-        self.result(job, &reply).await
     }
 
     async fn result(&self, job: &JobRecord, reply: &Value) -> Result<Value, JobError> {
@@ -282,50 +241,71 @@ fn classify_error(status: StatusCode, body: &Value, path: &str) -> JobError {
     }
 }
 
-impl Connector for A1111 {
-    fn service(&self) -> &str {
+impl Service for A1111 {
+    fn name(&self) -> &str {
         &self.config.service
     }
 
-    fn health(&self) -> BoxFuture<'_, Health> {
-        Box::pin(async move {
-            let sent = self
-                .http
-                .request(Method::GET, "/sdapi/v1/options")
-                .timeout(Duration::from_secs(5))
-                .send()
-                .await;
-            match sent {
-                Ok(r) if r.status().is_success() => {
-                    let options: Value = r.json().await.unwrap_or(Value::Null);
-                    let status = self.running.status();
-                    let (titles, names) = self.models().await.unzip();
-                    let info = json!({
-                        "url": self.config.url,
-                        "checkpoint": options.get("sd_model_checkpoint"),
-                        "models": titles,
-                    });
-                    Health { status, message: None, info: Some(info), models: names }
-                }
-                Ok(r) => Health::error(format!(
-                    "GET /sdapi/v1/options replied {} (is the server started with --api?)",
-                    r.status()
-                )),
-                Err(e) => Health::offline(crate::http::unreachable(&self.config.url, &e).message),
+    async fn check(&self) -> Health {
+        let sent =
+            self.http.request(Method::GET, "/sdapi/v1/options").timeout(Duration::from_secs(5)).send().await;
+        match sent {
+            Ok(r) if r.status().is_success() => {
+                let options: Value = r.json().await.unwrap_or(Value::Null);
+                let status = fleetq_core::ConnectorStatus::Idle;
+                let (titles, names) = self.models().await.unzip();
+                let info = json!({
+                    "url": self.config.url,
+                    "checkpoint": options.get("sd_model_checkpoint"),
+                    "models": titles,
+                });
+                Health { status, message: None, info: Some(info), models: names }
             }
-        })
+            Ok(r) => Health::error(format!(
+                "GET /sdapi/v1/options replied {} (is the server started with --api?)",
+                r.status()
+            )),
+            Err(e) => Health::offline(crate::http::unreachable(&self.config.url, &e).message),
+        }
     }
 
-    fn process<'a>(
-        &'a self,
-        job: &'a JobRecord,
-        progress: ProgressSink,
+    async fn run(
+        &self,
+        job: &JobRecord,
+        sink: ProgressSink,
         cancel: CancellationToken,
-    ) -> BoxFuture<'a, Result<Value, JobError>> {
-        Box::pin(async move {
-            let _active = self.running.start();
-            self.run(job, progress, cancel).await
-        })
+    ) -> Result<Value, JobError> {
+        let (endpoint, body) = parse_payload(&job.spec.payload)?;
+        let path = format!("/sdapi/v1/{endpoint}");
+        let call = self.http.post_json(&path, &body);
+        tokio::pin!(call);
+        let poll_every = Duration::from_millis(self.config.progress_poll_ms.max(10));
+        let mut tick = tokio::time::interval(poll_every);
+        let mut last_key = None;
+        sink.report(0.0, Some(format!("{endpoint} sent")));
+        let (status, reply) = loop {
+            tokio::select! {
+                r = &mut call => break r?,
+                () = cancel.cancelled() => {
+                    // The blocked call would return 200 with partial images: never a success.
+                    self.interrupt().await;
+                    return Err(JobError::fatal(FailureCategory::Cancelled, "interrupted"));
+                }
+                _ = tick.tick() => {
+                    if let Some((p, message, key)) = self.read_progress().await
+                        && last_key.as_ref() != Some(&key)
+                    {
+                        last_key = Some(key);
+                        sink.report(p, Some(message));
+                    }
+                }
+            }
+        };
+        let reply: Value = serde_json::from_slice(&reply).unwrap_or(Value::Null);
+        if status != StatusCode::OK {
+            return Err(classify_error(status, &reply, &path));
+        }
+        self.result(job, &reply).await
     }
 }
 

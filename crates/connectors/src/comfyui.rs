@@ -25,8 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use fleetq_core::backoff::Backoff;
-use fleetq_core::{ConnectorStatus, FailureCategory, JobRecord};
-use futures::future::BoxFuture;
+use fleetq_core::{FailureCategory, JobRecord};
 use futures::{SinkExt, StreamExt};
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
@@ -37,7 +36,7 @@ use tracing::{debug, warn};
 
 use crate::artifacts::Artifacts;
 use crate::http::{Auth, HttpConfig, HttpTransport};
-use crate::{CancellationToken, Connector, Health, JobError, ProgressSink};
+use crate::{CancellationToken, Health, JobError, ProgressSink, Service};
 
 /// Settings of one ComfyUI connector.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -660,38 +659,6 @@ impl ComfyUi {
         })
     }
 
-    /// Runs the job's prompt; out of memory, once more after freeing ComfyUI's memory (models and
-    /// cache), unless the allocation is larger than the whole device.
-    async fn run(
-        &self,
-        job: &JobRecord,
-        sink: ProgressSink,
-        cancel: CancellationToken,
-    ) -> Result<Value, JobError> {
-        let e = match self.run_prompt(job, sink.clone(), cancel.clone()).await {
-            Err(e) if e.category == FailureCategory::Oom && !cancel.is_cancelled() => e,
-            other => return other,
-        };
-        if let (Some(bytes), Some(total)) = (e.alloc_bytes, self.device_memory().await)
-            && bytes > total
-        {
-            let message = format!(
-                "{}; larger than this device's {:.1} GiB, so it cannot fit here",
-                e.message,
-                total as f64 / 1_073_741_824.0
-            );
-            return Err(JobError { message, ..e });
-        }
-        warn!(error = %e.message, "out of memory; freeing ComfyUI's memory and trying once more");
-        if let Err(free) =
-            self.inner.http.post_json("/free", &json!({"unload_models": true, "free_memory": true})).await
-        {
-            warn!(error = %free, "POST /free failed");
-        }
-        sink.report(0.0, Some("out of memory: freed ComfyUI's memory, trying once more".into()));
-        self.run_prompt(job, sink, cancel).await
-    }
-
     /// The memory of ComfyUI's device (`/system_stats`, the first device's `vram_total`).
     async fn device_memory(&self) -> Option<u64> {
         let (status, stats) = self.inner.http.get_json("/system_stats").await.ok()?;
@@ -808,56 +775,72 @@ impl ComfyUi {
     }
 }
 
-impl Connector for ComfyUi {
-    fn service(&self) -> &str {
+impl Service for ComfyUi {
+    fn name(&self) -> &str {
         &self.inner.config.service
     }
 
-    fn health(&self) -> BoxFuture<'_, Health> {
-        Box::pin(async move {
-            match self
-                .inner
-                .http
-                .request(reqwest::Method::GET, "/system_stats")
-                .timeout(Duration::from_secs(5))
-                .send()
-                .await
-            {
-                Ok(r) if r.status().is_success() => {
-                    let status = if self.inner.routes().is_empty() {
-                        ConnectorStatus::Idle
-                    } else {
-                        ConnectorStatus::Active
-                    };
-                    let stats: Value = r.json().await.unwrap_or(Value::Null);
-                    let mut health = Health::up(status);
-                    health.message = (!self.socket_connected())
-                        .then(|| "websocket reconnecting; using history polling".to_owned());
-                    let models = self.models().await;
-                    health.info = Some(self.service_info(&stats, models.as_ref()).await);
-                    health.models = models.map(|m| {
-                        let names: BTreeSet<String> = m.into_values().flatten().collect();
-                        names.into_iter().collect()
-                    });
-                    health
-                }
-                Ok(r) => Health::error(format!("GET /system_stats replied {}", r.status())),
-                Err(e) => Health::offline(crate::http::unreachable(&self.inner.config.url, &e).message),
+    async fn check(&self) -> Health {
+        match self
+            .inner
+            .http
+            .request(reqwest::Method::GET, "/system_stats")
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => {
+                let stats: Value = r.json().await.unwrap_or(Value::Null);
+                let mut health = Health::idle();
+                health.message = (!self.socket_connected())
+                    .then(|| "websocket reconnecting; using history polling".to_owned());
+                let models = self.models().await;
+                health.info = Some(self.service_info(&stats, models.as_ref()).await);
+                health.models = models.map(|m| {
+                    let names: BTreeSet<String> = m.into_values().flatten().collect();
+                    names.into_iter().collect()
+                });
+                health
             }
-        })
+            Ok(r) => Health::error(format!("GET /system_stats replied {}", r.status())),
+            Err(e) => Health::offline(crate::http::unreachable(&self.inner.config.url, &e).message),
+        }
+    }
+
+    /// Runs the job's prompt; out of memory, once more after freeing ComfyUI's memory (models and
+    /// cache), unless the allocation is larger than the whole device.
+    async fn run(
+        &self,
+        job: &JobRecord,
+        sink: ProgressSink,
+        cancel: CancellationToken,
+    ) -> Result<Value, JobError> {
+        let e = match self.run_prompt(job, sink.clone(), cancel.clone()).await {
+            Err(e) if e.category == FailureCategory::Oom && !cancel.is_cancelled() => e,
+            other => return other,
+        };
+        if let (Some(bytes), Some(total)) = (e.alloc_bytes, self.device_memory().await)
+            && bytes > total
+        {
+            let message = format!(
+                "{}; larger than this device's {:.1} GiB, so it cannot fit here",
+                e.message,
+                total as f64 / 1_073_741_824.0
+            );
+            return Err(JobError { message, ..e });
+        }
+        warn!(error = %e.message, "out of memory; freeing ComfyUI's memory and trying once more");
+        if let Err(free) =
+            self.inner.http.post_json("/free", &json!({"unload_models": true, "free_memory": true})).await
+        {
+            warn!(error = %free, "POST /free failed");
+        }
+        sink.report(0.0, Some("out of memory: freed ComfyUI's memory, trying once more".into()));
+        self.run_prompt(job, sink, cancel).await
     }
 
     fn health_signal(&self) -> Option<watch::Receiver<u64>> {
         Some(self.inner.signal.subscribe())
-    }
-
-    fn process<'a>(
-        &'a self,
-        job: &'a JobRecord,
-        progress: ProgressSink,
-        cancel: CancellationToken,
-    ) -> BoxFuture<'a, Result<Value, JobError>> {
-        Box::pin(self.run(job, progress, cancel))
     }
 }
 

@@ -21,7 +21,7 @@ pub mod simulation;
 pub mod spec;
 
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::future::Future;
 
 pub use fleetq_core::JobError;
 use fleetq_core::{ConnectorStatus, JobRecord};
@@ -50,6 +50,10 @@ impl Health {
     pub fn up(status: ConnectorStatus) -> Self {
         Self { status, message: None, info: None, models: None }
     }
+    /// Reachable and working, as a connector's check says it (`active` is the worker's to add).
+    pub fn idle() -> Self {
+        Self::up(ConnectorStatus::Idle)
+    }
     /// Reachable but failing.
     pub fn error(message: impl Into<String>) -> Self {
         Self { status: ConnectorStatus::Error, message: Some(message.into()), info: None, models: None }
@@ -73,33 +77,6 @@ impl ProgressSink {
     /// Reports progress; silently dropped once the worker stopped listening.
     pub fn report(&self, progress: f64, message: Option<String>) {
         let _ = self.0.send((progress, message));
-    }
-}
-
-/// How many jobs a connector is running, for its `idle` / `active` status. A guard keeps the count
-/// right even when the worker aborts a job's task mid-way.
-#[derive(Debug, Default)]
-pub struct ActiveJobs(AtomicUsize);
-
-/// Counts one running job until dropped.
-#[derive(Debug)]
-pub struct ActiveGuard<'a>(&'a AtomicUsize);
-
-impl Drop for ActiveGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-impl ActiveJobs {
-    /// Counts a job as running until the guard is dropped.
-    pub fn start(&self) -> ActiveGuard<'_> {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        ActiveGuard(&self.0)
-    }
-    /// `active` while a job runs, else `idle`.
-    pub fn status(&self) -> ConnectorStatus {
-        if self.0.load(Ordering::SeqCst) > 0 { ConnectorStatus::Active } else { ConnectorStatus::Idle }
     }
 }
 
@@ -129,4 +106,52 @@ pub trait Connector: Send + Sync + fmt::Debug + 'static {
         progress: ProgressSink,
         cancel: CancellationToken,
     ) -> BoxFuture<'a, Result<Value, JobError>>;
+}
+
+/// What a service's connector writes: its name, a health check and one job's run. Every `Service`
+/// is a [`Connector`] through the blanket implementation below, which boxes the futures for the
+/// worker's `dyn Connector`. A health check says whether the service is up (`idle`), failing or
+/// unreachable; whether one of the worker's jobs runs on it (`active`) is the worker's to count.
+pub trait Service: Send + Sync + fmt::Debug + 'static {
+    /// The service name this connector serves (`comfyui`, `simulation`, `comfyui-sim`, …).
+    fn name(&self) -> &str;
+
+    /// Checks the service now.
+    fn check(&self) -> impl Future<Output = Health> + Send;
+
+    /// Runs one job to its result, as [`Connector::process`] says.
+    fn run(
+        &self,
+        job: &JobRecord,
+        progress: ProgressSink,
+        cancel: CancellationToken,
+    ) -> impl Future<Output = Result<Value, JobError>> + Send;
+
+    /// As [`Connector::health_signal`].
+    fn health_signal(&self) -> Option<watch::Receiver<u64>> {
+        None
+    }
+}
+
+impl<S: Service> Connector for S {
+    fn service(&self) -> &str {
+        self.name()
+    }
+
+    fn health(&self) -> BoxFuture<'_, Health> {
+        Box::pin(self.check())
+    }
+
+    fn health_signal(&self) -> Option<watch::Receiver<u64>> {
+        Service::health_signal(self)
+    }
+
+    fn process<'a>(
+        &'a self,
+        job: &'a JobRecord,
+        progress: ProgressSink,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, Result<Value, JobError>> {
+        Box::pin(self.run(job, progress, cancel))
+    }
 }

@@ -22,7 +22,6 @@ use std::time::Duration;
 use eventsource_stream::Eventsource as _;
 use fleetq_core::{FailureCategory, JobRecord};
 use futures::StreamExt as _;
-use futures::future::BoxFuture;
 use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
@@ -31,7 +30,7 @@ use tracing::{debug, info};
 
 use crate::artifacts::{Artifacts, DEFAULT_INLINE_LIMIT, decode_base64};
 use crate::http::{Auth, HttpConfig, HttpTransport};
-use crate::{ActiveJobs, CancellationToken, Connector, Health, JobError, ProgressSink};
+use crate::{CancellationToken, Health, JobError, ProgressSink, Service};
 
 /// Settings of one OpenAI-style connector.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -89,7 +88,6 @@ pub struct OpenAi {
     config: OpenAiConfig,
     http: HttpTransport,
     artifacts: Artifacts,
-    running: ActiveJobs,
     /// The latest `x-ratelimit-*` headers, shown in health info.
     rate_limits: Mutex<Map<String, Value>>,
 }
@@ -113,13 +111,7 @@ impl OpenAi {
             .filter(|k| !k.is_empty());
         http.auth = key.map_or(Auth::None, |token| Auth::Bearer { token });
         let artifacts = Artifacts::new(config.artifacts_dir.clone(), config.inline_limit_bytes);
-        Ok(Self {
-            http: HttpTransport::new(http)?,
-            artifacts,
-            config,
-            running: ActiveJobs::default(),
-            rate_limits: Mutex::new(Map::new()),
-        })
+        Ok(Self { http: HttpTransport::new(http)?, artifacts, config, rate_limits: Mutex::new(Map::new()) })
     }
 
     fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
@@ -205,50 +197,6 @@ impl OpenAi {
                         () = tokio::time::sleep(pause) => {}
                     }
                 }
-            }
-        }
-    }
-
-    async fn run(
-        &self,
-        job: &JobRecord,
-        sink: ProgressSink,
-        cancel: CancellationToken,
-    ) -> Result<Value, JobError> {
-        let (endpoint, mut body) = parse_payload(&job.spec.payload)?;
-        match endpoint {
-            Endpoint::Images => {
-                sink.report(0.0, Some("image generation sent".into()));
-                let response = self.post("/images/generations", &Value::Object(body), &cancel).await?;
-                let reply: Value = tokio::select! {
-                    () = cancel.cancelled() => return Err(cancelled()),
-                    r = response.json() => r.map_err(|e| JobError::retryable(FailureCategory::Service, format!("reading the image reply: {e}")))?,
-                };
-                self.images_result(job, &reply, &cancel).await
-            }
-            Endpoint::Chat => {
-                let stream = body.get("stream").and_then(Value::as_bool) != Some(false);
-                if stream {
-                    body.insert("stream".into(), json!(true));
-                    let options = body.entry("stream_options").or_insert_with(|| json!({}));
-                    if let Some(o) = options.as_object_mut() {
-                        o.insert("include_usage".into(), json!(true));
-                    }
-                }
-                let max_tokens = body
-                    .get("max_completion_tokens")
-                    .or_else(|| body.get("max_tokens"))
-                    .and_then(Value::as_u64);
-                sink.report(0.0, Some("chat sent".into()));
-                let response = self.post("/chat/completions", &Value::Object(body), &cancel).await?;
-                if !stream {
-                    let reply: Value = tokio::select! {
-                        () = cancel.cancelled() => return Err(cancelled()),
-                        r = response.json() => r.map_err(|e| JobError::retryable(FailureCategory::Service, format!("reading the chat reply: {e}")))?,
-                    };
-                    return Ok(chat_result_from_reply(&reply));
-                }
-                self.read_stream(response, max_tokens, &sink, &cancel).await
             }
         }
     }
@@ -550,52 +498,82 @@ fn chat_result_from_reply(reply: &Value) -> Value {
     out
 }
 
-impl Connector for OpenAi {
-    fn service(&self) -> &str {
+impl Service for OpenAi {
+    fn name(&self) -> &str {
         &self.config.service
     }
 
-    fn health(&self) -> BoxFuture<'_, Health> {
-        Box::pin(async move {
-            let sent = self.request(Method::GET, "/models").timeout(Duration::from_secs(10)).send().await;
-            match sent {
-                Ok(r) if r.status().is_success() => {
-                    self.remember_rate_limits(r.headers());
-                    let list: Value = r.json().await.unwrap_or(Value::Null);
-                    let models: Vec<Value> = list
-                        .get("data")
-                        .and_then(Value::as_array)
-                        .map(|d| d.iter().filter_map(|m| m.get("id").cloned()).take(100).collect())
-                        .unwrap_or_default();
-                    let status = self.running.status();
-                    let limits =
-                        self.rate_limits.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-                    let mut health = Health::up(status);
-                    health.info =
-                        Some(json!({"url": self.config.base_url, "models": models, "rate_limits": limits}));
-                    health
-                }
-                Ok(r) => {
-                    let status = r.status();
-                    let text = r.text().await.unwrap_or_default();
-                    let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-                    Health::error(classify(status, &body, &text, "GET /models").message)
-                }
-                Err(e) => Health::offline(crate::http::unreachable(&self.config.base_url, &e).message),
+    async fn check(&self) -> Health {
+        let sent = self.request(Method::GET, "/models").timeout(Duration::from_secs(10)).send().await;
+        match sent {
+            Ok(r) if r.status().is_success() => {
+                self.remember_rate_limits(r.headers());
+                let list: Value = r.json().await.unwrap_or(Value::Null);
+                let models: Vec<Value> = list
+                    .get("data")
+                    .and_then(Value::as_array)
+                    .map(|d| d.iter().filter_map(|m| m.get("id").cloned()).take(100).collect())
+                    .unwrap_or_default();
+                let status = fleetq_core::ConnectorStatus::Idle;
+                let limits =
+                    self.rate_limits.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+                let mut health = Health::up(status);
+                health.info =
+                    Some(json!({"url": self.config.base_url, "models": models, "rate_limits": limits}));
+                health
             }
-        })
+            Ok(r) => {
+                let status = r.status();
+                let text = r.text().await.unwrap_or_default();
+                let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                Health::error(classify(status, &body, &text, "GET /models").message)
+            }
+            Err(e) => Health::offline(crate::http::unreachable(&self.config.base_url, &e).message),
+        }
     }
 
-    fn process<'a>(
-        &'a self,
-        job: &'a JobRecord,
-        progress: ProgressSink,
+    async fn run(
+        &self,
+        job: &JobRecord,
+        sink: ProgressSink,
         cancel: CancellationToken,
-    ) -> BoxFuture<'a, Result<Value, JobError>> {
-        Box::pin(async move {
-            let _active = self.running.start();
-            self.run(job, progress, cancel).await
-        })
+    ) -> Result<Value, JobError> {
+        let (endpoint, mut body) = parse_payload(&job.spec.payload)?;
+        match endpoint {
+            Endpoint::Images => {
+                sink.report(0.0, Some("image generation sent".into()));
+                let response = self.post("/images/generations", &Value::Object(body), &cancel).await?;
+                let reply: Value = tokio::select! {
+                    () = cancel.cancelled() => return Err(cancelled()),
+                    r = response.json() => r.map_err(|e| JobError::retryable(FailureCategory::Service, format!("reading the image reply: {e}")))?,
+                };
+                self.images_result(job, &reply, &cancel).await
+            }
+            Endpoint::Chat => {
+                let stream = body.get("stream").and_then(Value::as_bool) != Some(false);
+                if stream {
+                    body.insert("stream".into(), json!(true));
+                    let options = body.entry("stream_options").or_insert_with(|| json!({}));
+                    if let Some(o) = options.as_object_mut() {
+                        o.insert("include_usage".into(), json!(true));
+                    }
+                }
+                let max_tokens = body
+                    .get("max_completion_tokens")
+                    .or_else(|| body.get("max_tokens"))
+                    .and_then(Value::as_u64);
+                sink.report(0.0, Some("chat sent".into()));
+                let response = self.post("/chat/completions", &Value::Object(body), &cancel).await?;
+                if !stream {
+                    let reply: Value = tokio::select! {
+                        () = cancel.cancelled() => return Err(cancelled()),
+                        r = response.json() => r.map_err(|e| JobError::retryable(FailureCategory::Service, format!("reading the chat reply: {e}")))?,
+                    };
+                    return Ok(chat_result_from_reply(&reply));
+                }
+                self.read_stream(response, max_tokens, &sink, &cancel).await
+            }
+        }
     }
 }
 

@@ -16,13 +16,12 @@
 use std::time::Duration;
 
 use fleetq_core::{FailureCategory, JobRecord};
-use futures::future::BoxFuture;
 use reqwest::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::http::{Auth, HttpConfig, HttpTransport};
-use crate::{ActiveJobs, CancellationToken, Connector, Health, JobError, ProgressSink};
+use crate::{CancellationToken, Health, JobError, ProgressSink, Service};
 
 /// Settings of one REST connector.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -117,7 +116,6 @@ pub struct Rest {
     config: RestConfig,
     method: Method,
     http: HttpTransport,
-    running: ActiveJobs,
 }
 
 impl Rest {
@@ -149,7 +147,7 @@ impl Rest {
         let mut http = HttpConfig::new(config.base_url.clone());
         http.timeout = Duration::from_millis(config.request_timeout_ms.max(1));
         http.auth = config.auth.clone();
-        Ok(Self { http: HttpTransport::new(http)?, method, config, running: ActiveJobs::default() })
+        Ok(Self { http: HttpTransport::new(http)?, method, config })
     }
 
     async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value, JobError> {
@@ -179,6 +177,41 @@ impl Rest {
         serde_json::from_str(&text).map_err(|e| {
             JobError::retryable(FailureCategory::Service, format!("{method} {path}: reply is not JSON: {e}"))
         })
+    }
+}
+
+fn cancelled() -> JobError {
+    JobError::fatal(FailureCategory::Cancelled, "cancelled")
+}
+
+/// The value at `pointer` ("" = all of it).
+fn pick(reply: &Value, pointer: &str) -> Result<Value, JobError> {
+    if pointer.is_empty() {
+        return Ok(reply.clone());
+    }
+    reply.pointer(pointer).cloned().ok_or_else(|| {
+        JobError::fatal(FailureCategory::Service, format!("the reply has nothing at {pointer}: {reply}"))
+    })
+}
+
+impl Service for Rest {
+    fn name(&self) -> &str {
+        &self.config.service
+    }
+
+    async fn check(&self) -> Health {
+        let path = self.config.health_path.as_deref().unwrap_or("/");
+        let sent = self.http.request(Method::GET, path).timeout(Duration::from_secs(5)).send().await;
+        match sent {
+            // Without a health path, any answer means the service is up.
+            Ok(r) if r.status().is_success() || self.config.health_path.is_none() => {
+                let mut h = Health::idle();
+                h.info = Some(json!({"url": self.config.base_url}));
+                h
+            }
+            Ok(r) => Health::error(format!("GET {path} replied {}", r.status())),
+            Err(e) => Health::offline(crate::http::unreachable(&self.config.base_url, &e).message),
+        }
     }
 
     async fn run(
@@ -256,55 +289,6 @@ impl Rest {
                 last = Some(now);
             }
         }
-    }
-}
-
-fn cancelled() -> JobError {
-    JobError::fatal(FailureCategory::Cancelled, "cancelled")
-}
-
-/// The value at `pointer` ("" = all of it).
-fn pick(reply: &Value, pointer: &str) -> Result<Value, JobError> {
-    if pointer.is_empty() {
-        return Ok(reply.clone());
-    }
-    reply.pointer(pointer).cloned().ok_or_else(|| {
-        JobError::fatal(FailureCategory::Service, format!("the reply has nothing at {pointer}: {reply}"))
-    })
-}
-
-impl Connector for Rest {
-    fn service(&self) -> &str {
-        &self.config.service
-    }
-
-    fn health(&self) -> BoxFuture<'_, Health> {
-        Box::pin(async move {
-            let path = self.config.health_path.as_deref().unwrap_or("/");
-            let sent = self.http.request(Method::GET, path).timeout(Duration::from_secs(5)).send().await;
-            match sent {
-                // Without a health path, any answer means the service is up.
-                Ok(r) if r.status().is_success() || self.config.health_path.is_none() => {
-                    let mut h = Health::up(self.running.status());
-                    h.info = Some(json!({"url": self.config.base_url}));
-                    h
-                }
-                Ok(r) => Health::error(format!("GET {path} replied {}", r.status())),
-                Err(e) => Health::offline(crate::http::unreachable(&self.config.base_url, &e).message),
-            }
-        })
-    }
-
-    fn process<'a>(
-        &'a self,
-        job: &'a JobRecord,
-        progress: ProgressSink,
-        cancel: CancellationToken,
-    ) -> BoxFuture<'a, Result<Value, JobError>> {
-        Box::pin(async move {
-            let _active = self.running.start();
-            self.run(job, progress, cancel).await
-        })
     }
 }
 

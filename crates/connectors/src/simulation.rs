@@ -12,11 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fleetq_core::{FailureCategory, JobRecord};
-use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::{ActiveJobs, CancellationToken, Connector, Health, JobError, ProgressSink};
+use crate::{CancellationToken, Health, JobError, ProgressSink, Service};
 
 /// The keys a simulation payload may hold; anything else is refused, naming these.
 pub const PAYLOAD_KEYS: [&str; 6] = ["steps", "step_ms", "fail", "hang_at_step", "hang_on_attempt", "note"];
@@ -96,19 +95,13 @@ impl Default for SimulationConfig {
 pub struct Simulation {
     config: SimulationConfig,
     healthy: AtomicBool,
-    running: ActiveJobs,
     born: tokio::time::Instant,
 }
 
 impl Simulation {
     /// A healthy simulated service.
     pub fn new(config: SimulationConfig) -> Self {
-        Self {
-            config,
-            healthy: AtomicBool::new(true),
-            running: ActiveJobs::default(),
-            born: tokio::time::Instant::now(),
-        }
+        Self { config, healthy: AtomicBool::new(true), born: tokio::time::Instant::now() }
     }
 
     /// Makes the service look down (`offline`) or back up, as health flapping would.
@@ -141,32 +134,16 @@ fn roll(id: &str, attempt: u32) -> f64 {
     (h >> 11) as f64 / (1u64 << 53) as f64
 }
 
-impl Connector for Simulation {
-    fn service(&self) -> &str {
+impl Service for Simulation {
+    fn name(&self) -> &str {
         &self.config.service
     }
 
-    fn health(&self) -> BoxFuture<'_, Health> {
-        Box::pin(async move {
-            if self.is_up() { Health::up(self.running.status()) } else { Health::offline("simulated outage") }
-        })
+    async fn check(&self) -> Health {
+        if self.is_up() { Health::idle() } else { Health::offline("simulated outage") }
     }
 
-    fn process<'a>(
-        &'a self,
-        job: &'a JobRecord,
-        progress: ProgressSink,
-        cancel: CancellationToken,
-    ) -> BoxFuture<'a, Result<Value, JobError>> {
-        Box::pin(async move {
-            let _active = self.running.start();
-            self.simulate(job, progress, cancel).await
-        })
-    }
-}
-
-impl Simulation {
-    async fn simulate(
+    async fn run(
         &self,
         job: &JobRecord,
         progress: ProgressSink,
@@ -223,8 +200,11 @@ impl Simulation {
     }
 }
 
+impl Simulation {}
+
 #[cfg(test)]
 mod tests {
+    use crate::Connector;
     use fleetq_core::{ConnectorStatus, JobId, JobSpec, JobSummary};
 
     use super::*;
