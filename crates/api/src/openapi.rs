@@ -9,14 +9,13 @@ use axum::Json;
 use axum::handler::Handler;
 use axum::http::{Method, StatusCode};
 use axum::routing::MethodRouter;
+use fleetq_broker::Broker;
 use fleetq_core::{Event, Snapshot};
 use serde_json::{Value, json};
 use utoipa::OpenApi;
 use utoipa::openapi::path::Paths;
 use utoipa_axum::PathItemExt;
 use utoipa_axum::router::OpenApiRouter;
-
-use fleetq_broker::Broker;
 
 use crate::auth::required_role;
 use crate::model::{

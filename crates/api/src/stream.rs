@@ -392,9 +392,8 @@ pub(crate) fn resume_point(headers: &HeaderMap, since: Option<&str>) -> Result<O
 mod tests {
     use super::*;
     use fleetq_broker::BrokerConfig;
-    use fleetq_broker::Log;
-    use fleetq_broker::Queue;
     use fleetq_broker::embedded::EmbeddedBroker;
+    use fleetq_broker::{Log, Queue};
     use fleetq_core::{JobSpec, Limits, job_spec_from_value};
 
     fn spec() -> JobSpec {

@@ -5,13 +5,12 @@
 
 mod common;
 
-use fleetq_broker::Fleet;
-use fleetq_broker::Queue;
 use std::collections::BTreeSet;
 
 use axum::http::StatusCode;
 use common::{app, call, call_raw, submit};
 use fleetq_api::{ApiConfig, Role, Tokens, openapi_document};
+use fleetq_broker::{Fleet, Queue};
 use serde_json::{Value, json};
 
 const ADMIN: &str = "admin-secret-1";

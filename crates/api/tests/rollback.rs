@@ -5,8 +5,6 @@
 
 mod common;
 
-use fleetq_broker::Log;
-use fleetq_broker::Queue;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +13,7 @@ use fleetq_api::ApiConfig;
 use fleetq_broker::BrokerConfig;
 use fleetq_broker::redis::RedisBroker;
 use fleetq_broker::testing::{RedisServer, test_config};
+use fleetq_broker::{Log, Queue};
 use fleetq_core::JobSpec;
 use futures::StreamExt;
 use serde_json::{Value, json};

@@ -5,8 +5,7 @@ mod common;
 use axum::http::StatusCode;
 use common::{app, call, claim, submit, worker};
 use fleetq_api::ApiConfig;
-use fleetq_broker::Fleet;
-use fleetq_broker::Queue;
+use fleetq_broker::{Fleet, Queue};
 use fleetq_core::{FailureCategory, JobError};
 use serde_json::{Value, json};
 

@@ -4,8 +4,6 @@
 
 mod common;
 
-use fleetq_broker::Log;
-use fleetq_broker::Queue;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +14,7 @@ use fleetq_api::ApiConfig;
 use fleetq_broker::Broker;
 use fleetq_broker::redis::RedisBroker;
 use fleetq_broker::testing::RedisServer;
+use fleetq_broker::{Log, Queue};
 use futures::{SinkExt, Stream, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;

@@ -1,14 +1,11 @@
 //! Embedded-store operation: ownership and durability across reopen.
 
-use fleetq_broker::Fleet;
-use fleetq_broker::Log;
-use fleetq_broker::Queue;
-use fleetq_broker::Read;
 use std::sync::Arc;
 
 use fleetq_broker::embedded::EmbeddedBroker;
 use fleetq_broker::testing::{T0, test_config};
 use fleetq_broker::{BrokerError, ManualClock};
+use fleetq_broker::{Fleet, Log, Queue, Read};
 use fleetq_core::{JobSpec, JobStatus};
 use serde_json::json;
 

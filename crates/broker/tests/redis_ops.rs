@@ -1,15 +1,12 @@
 //! Redis-specific operation: restarts, long blocking waits, large backlogs.
 
-use fleetq_broker::Fleet;
-use fleetq_broker::Log;
-use fleetq_broker::Queue;
-use fleetq_broker::Read;
 use std::sync::Arc;
 use std::time::Duration;
 
 use fleetq_broker::BrokerError;
 use fleetq_broker::redis::RedisBroker;
 use fleetq_broker::testing::{RedisServer, test_config};
+use fleetq_broker::{Fleet, Log, Queue, Read};
 use fleetq_core::{JobSpec, JobStatus, WorkerRegistration};
 use serde_json::json;
 

@@ -1,13 +1,13 @@
 //! The client against a real API served in-process over the embedded store: every call reads the
 //! API's reply as its type, and the event streams resume across a restart of the API.
 
-use fleetq_broker::Queue;
 use std::sync::Arc;
 use std::time::Duration;
 
 use fleetq_api::ApiConfig;
 use fleetq_api::model::CancelResult;
 use fleetq_broker::BrokerConfig;
+use fleetq_broker::Queue;
 use fleetq_broker::embedded::EmbeddedBroker;
 use fleetq_client::{Client, ClientError, FleetEvent, JobQuery};
 use fleetq_core::{EventKind, JobId, JobSpec, JobStatus};

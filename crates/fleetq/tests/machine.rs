@@ -5,17 +5,15 @@
 
 mod common;
 
-use fleetq_broker::Log;
-use fleetq_broker::Queue;
-use fleetq_broker::Read;
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use common::{Guard, fleetq, url_in};
+use common::{Guard, fleetq, free_port};
 use fleetq_broker::BrokerConfig;
 use fleetq_broker::redis::RedisBroker;
 use fleetq_broker::testing::RedisServer;
+use fleetq_broker::{Log, Queue, Read};
 use fleetq_core::{
     ConnectorStatus, JobId, JobRecord, JobSpec, JobStatus, MachinePhase, MachineState, WorkerInfo,
 };
@@ -28,10 +26,6 @@ fn workflow(steps: u32, step_seconds: f64) -> Value {
         "2": {"class_type": "ProbeSleepProgress", "inputs": {"image": ["1", 0], "steps": steps, "step_seconds": step_seconds, "send_preview": false, "send_text": false}},
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "m"}}
     }})
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
 }
 
 /// A base port whose next `n` ports are free now.
@@ -310,20 +304,8 @@ async fn up_with_comfyui_runs_a_workflow_on_the_embedded_store() {
             .spawn()
             .expect("mock"),
     );
-    let mut child = fleetq()
-        .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .args(["--comfyui", &format!("http://127.0.0.1:{port}")])
-        .env_remove("FLEETQ_TOKENS")
-        .env_remove("HUB_REDIS_URL")
-        .env_remove("MACHINE_CONFIG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("fleetq up");
-    let rx = common::lines(&mut child);
-    let _up = Guard(child);
-    let url = url_in(&rx.recv_timeout(Duration::from_secs(60)).expect("fleetq up prints its URL"));
+    let comfy = format!("http://127.0.0.1:{port}");
+    let (_up, url) = common::fleetq_up(&["up", "--comfyui", &comfy], dir.path(), Stdio::null());
     let http = reqwest::Client::new();
     let submitted: Value = http
         .post(format!("{url}/api/jobs"))

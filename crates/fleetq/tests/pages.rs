@@ -5,18 +5,13 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Guard, api_at, fleetq};
+use common::{Guard, api_at, fleetq, free_port};
 use fantoccini::{Client, ClientBuilder, Locator};
 use fleetq_broker::testing::RedisServer;
 use serde_json::{Value, json};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
-}
 
 /// A headless chromium session; the driver process goes with it.
 struct Browser {
@@ -136,21 +131,7 @@ fn worker_with(redis: &str, queue: &str, id: &str, machine: &str, env: &[(&str, 
 
 /// Starts `fleetq up` on the embedded store in `data` with `extra` flags; returns it with its URL.
 fn up(data: &std::path::Path, extra: &[&str]) -> (Guard, String) {
-    let mut child = fleetq()
-        .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data)
-        .args(extra)
-        .env_remove("FLEETQ_TOKENS")
-        .env_remove("HUB_REDIS_URL")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("fleetq up");
-    let rx = common::lines(&mut child);
-    let up = Guard(child);
-    // A guard against a hang, not a timing assertion.
-    let url = common::url_in(&rx.recv_timeout(Duration::from_secs(60)).expect("fleetq up prints its URL"));
-    (up, url)
+    common::fleetq_up(&[&["up"], extra].concat(), data, Stdio::null())
 }
 
 /// Starts `fleetq mock comfyui` on `port`.

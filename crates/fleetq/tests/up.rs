@@ -6,44 +6,31 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{fleetq, url_in};
+use common::{Guard, fleetq};
 use serde_json::Value;
 
 /// Starts `fleetq up` on a free port and returns it with its URL (read from its first line).
-fn up(data: &Path) -> (Child, String) {
-    up_with(data, &["up", "--listen", "127.0.0.1:0", "--workers", "2", "--reap-every-ms", "100"])
+fn up(data: &Path) -> (Guard, String) {
+    up_with(data, &["up", "--workers", "2", "--reap-every-ms", "100"])
 }
 
-/// Starts `fleetq <args> --step-ms 5 --data-dir <data>` (its log in `<data>/up.log`) and returns
-/// it with the URL of its first line.
-fn up_with(data: &Path, args: &[&str]) -> (Child, String) {
-    let mut child = fleetq()
-        .args(args)
-        .args(["--step-ms", "5", "--data-dir"])
-        .arg(data)
-        .env_remove("FLEETQ_TOKENS")
-        .env_remove("HUB_REDIS_URL")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(data.join("up.log")).expect("log file"))
-        .spawn()
-        .expect("start fleetq up");
-    let rx = common::lines(&mut child);
-    // A guard against a hang, not a timing assertion.
-    let url = url_in(&rx.recv_timeout(Duration::from_secs(60)).expect("fleetq up prints its URL"));
-    (child, url)
+/// Starts `fleetq <args> --step-ms 5` on the embedded store in `data` (its log in `<data>/up.log`)
+/// and returns it with its URL.
+fn up_with(data: &Path, args: &[&str]) -> (Guard, String) {
+    let log = std::fs::File::create(data.join("up.log")).expect("log file");
+    common::fleetq_up(&[args, &["--step-ms", "5"]].concat(), data, log)
 }
 
 fn cli(url: &str, args: &[&str]) -> Output {
     fleetq().args(args).env("FLEETQ_API", url).env_remove("FLEETQ_TOKEN").output().expect("run the CLI")
 }
 
-fn stop(mut child: Child) {
-    Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill -INT");
-    let status = child.wait().expect("wait");
+fn stop(mut up: Guard) {
+    Command::new("kill").args(["-INT", &up.0.id().to_string()]).status().expect("kill -INT");
+    let status = up.0.wait().expect("wait");
     assert!(status.success(), "fleetq up exits cleanly on SIGINT: {status}");
 }
 
@@ -262,7 +249,7 @@ fn json_logs_are_valid_typed_and_complete() {
 #[test]
 fn jobs_watch_resumes_across_a_restart_and_fails_loudly_when_the_api_is_gone() {
     let data = tempfile::tempdir().expect("tempdir");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+    let port = common::free_port();
     let listen = format!("127.0.0.1:{port}");
     let start = || up_with(data.path(), &["up", "--listen", &listen, "--workers", "1"]);
     let (child, url) = start();

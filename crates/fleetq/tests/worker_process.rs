@@ -1,8 +1,5 @@
 //! `fleetq worker` as a process: it works jobs from Redis and drains on SIGTERM.
 
-use fleetq_broker::Log;
-use fleetq_broker::Queue;
-use fleetq_broker::Read;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +7,7 @@ use std::time::Duration;
 use fleetq_broker::BrokerConfig;
 use fleetq_broker::redis::RedisBroker;
 use fleetq_broker::testing::RedisServer;
+use fleetq_broker::{Log, Queue, Read};
 use fleetq_core::{JobId, JobRecord, JobSpec, JobStatus};
 use serde_json::json;
 

@@ -88,10 +88,9 @@ impl SimulatedMachine {
 
 #[cfg(test)]
 mod tests {
-    use fleetq_broker::Queue;
-    use fleetq_broker::Read;
     use fleetq_broker::embedded::EmbeddedBroker;
     use fleetq_broker::testing::test_config;
+    use fleetq_broker::{Queue, Read};
     use fleetq_connectors::CancellationToken;
     use fleetq_core::{JobSpec, JobStatus, MachinePhase};
 

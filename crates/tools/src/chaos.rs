@@ -15,8 +15,6 @@
 //! `api-kill-batch` (kill -9 of `fleetq api` during batch submissions: each batch is all or none),
 //! `service-kill` (kill -9 of the ComfyUI a worker drives, under ComfyUI jobs).
 
-use fleetq_broker::Queue;
-use fleetq_broker::Read;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -26,6 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use fleetq_broker::redis::RedisBroker;
 use fleetq_broker::{Broker, BrokerConfig, JobFilter};
+use fleetq_broker::{Queue, Read};
 use fleetq_client::{Client, JobQuery};
 use fleetq_core::job::SERVICE_CRASHES_TO_FAIL;
 use fleetq_core::{EventKind, FailureCategory, JobSpec, JobStatus};

@@ -1,16 +1,14 @@
 //! The worker runtime end to end through a real broker (embedded and Redis) with the simulation
 //! connector. Waiting is on broker events; the generous bounds only turn a hang into a failure.
 
-use fleetq_broker::Queue;
-use fleetq_broker::Read;
 use std::sync::Arc;
 use std::time::Duration;
 
 use fleetq_broker::redis::RedisBroker;
 use fleetq_broker::testing::RedisServer;
 use fleetq_broker::{Broker, BrokerConfig};
+use fleetq_broker::{Queue, Read};
 use fleetq_connectors::simulation::{Simulation, SimulationConfig};
-
 use fleetq_core::{EventKind, FailureCategory, JobId, JobSpec, JobStatus};
 use fleetq_worker::WorkerConfig;
 use serde_json::{Value, json};

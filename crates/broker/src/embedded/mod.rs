@@ -9,11 +9,6 @@
 
 mod state;
 
-use crate::Backend;
-use crate::Fleet;
-use crate::Log;
-use crate::Queue;
-use crate::Read;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -30,8 +25,8 @@ use tokio::time::Instant;
 
 use self::state::State;
 use crate::{
-    BrokerConfig, BrokerError, CancelOutcome, Clock, FailOutcome, JobFilter, JobPage, Lease, LeaseRef,
-    LeaseState, QueueFilter, ReapReport, Result, Submitted, SystemClock,
+    Backend, BrokerConfig, BrokerError, CancelOutcome, Clock, FailOutcome, Fleet, JobFilter, JobPage, Lease,
+    LeaseRef, LeaseState, Log, Queue, QueueFilter, Read, ReapReport, Result, Submitted, SystemClock,
 };
 
 type Reply = Box<dyn FnOnce(bool) + Send>;

@@ -34,11 +34,6 @@ mod log;
 mod queue;
 mod reads;
 
-use crate::Backend;
-use crate::Fleet;
-use crate::Log;
-use crate::Queue;
-use crate::Read;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -56,8 +51,9 @@ use tokio::time::Instant;
 
 use self::codec::{corrupt, event_from_entry, initial_state, items, pairs, stored_spec, text, text_at};
 use crate::{
-    BrokerConfig, BrokerError, CancelOutcome, Clock, FailOutcome, JobFilter, JobPage, Lease, LeaseRef,
-    LeaseState, QueueFilter, ReapReport, Result, Submitted, SystemClock, new_job_id, page_limit,
+    Backend, BrokerConfig, BrokerError, CancelOutcome, Clock, FailOutcome, Fleet, JobFilter, JobPage, Lease,
+    LeaseRef, LeaseState, Log, Queue, QueueFilter, Read, ReapReport, Result, Submitted, SystemClock,
+    new_job_id, page_limit,
 };
 
 const LIBRARY: &str = include_str!("fleetq.lua");

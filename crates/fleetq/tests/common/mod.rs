@@ -1,9 +1,10 @@
 //! Helpers of the process tests: the binary under test, the URL a server prints first, children
-//! killed when a test ends, and `fleetq api` on a port.
+//! killed when a test ends, a free port, and `fleetq up` or `fleetq api` started and awaited.
 
 #![allow(dead_code, unreachable_pub, reason = "each test binary uses a subset")]
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -43,6 +44,42 @@ pub fn lines(child: &mut Child) -> mpsc::Receiver<String> {
         }
     });
     rx
+}
+
+/// A loopback port free now. Another process may take it before it is bound: only for a program
+/// that cannot bind port 0 itself and say which port it got.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Starts `fleetq <args> --data-dir <data>` (`args` name `up` and its flags; `--listen
+/// 127.0.0.1:0` is added when they name no address) with no token, Redis or machine file taken
+/// from the environment, its log to `stderr`; returns it with the URL its first line prints.
+pub fn fleetq_up(args: &[&str], data: &Path, stderr: impl Into<Stdio>) -> (Guard, String) {
+    let mut cmd = fleetq();
+    cmd.args(args);
+    if !args.contains(&"--listen") {
+        cmd.args(["--listen", "127.0.0.1:0"]);
+    }
+    let mut child = cmd
+        .arg("--data-dir")
+        .arg(data)
+        .env_remove("FLEETQ_TOKENS")
+        .env_remove("HUB_REDIS_URL")
+        .env_remove("MACHINE_CONFIG")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("start fleetq up");
+    let rx = lines(&mut child);
+    let up = Guard(child);
+    // A guard against a hang, not a timing assertion.
+    let line = rx.recv_timeout(Duration::from_secs(60)).expect("fleetq up prints its URL");
+    (up, url_in(&line))
 }
 
 /// Starts `fleetq api` on Redis `queue` at `listen` (`127.0.0.1:0` for a free port) with `extra`
