@@ -516,7 +516,7 @@ mod tests {
     }
 
     #[test]
-    fn topics_parse() {
+    fn topics_parse_and_an_unknown_one_names_the_field() {
         assert_eq!(parse_topics(None).unwrap().len(), 4);
         assert_eq!(
             parse_topics(Some("jobs, workers")).unwrap().into_iter().collect::<Vec<_>>(),

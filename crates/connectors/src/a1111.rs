@@ -314,7 +314,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn endpoint_from_payload() {
+    fn the_endpoint_comes_from_the_payload() {
         let ep = |v: Value| parse_payload(&v).map(|(e, b)| (e, b.get("endpoint").is_none()));
         assert_eq!(ep(json!({"prompt": "a cat"})).ok(), Some(("txt2img", true)));
         assert_eq!(ep(json!({"init_images": ["x"]})).ok(), Some(("img2img", true)));
@@ -324,7 +324,7 @@ mod tests {
     }
 
     #[test]
-    fn error_classes() {
+    fn a1111_errors_are_classed_and_only_transient_ones_retried() {
         let c = |s: u16, b: Value| {
             let e = classify_error(StatusCode::from_u16(s).unwrap_or(StatusCode::IM_A_TEAPOT), &b, "/x");
             (e.category, e.retryable)

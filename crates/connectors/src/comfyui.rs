@@ -865,7 +865,7 @@ mod tests {
     }
 
     #[test]
-    fn payload_forms() {
+    fn a_workflow_is_accepted_bare_or_wrapped() {
         let wf = json!({"1": {"class_type": "EmptyImage", "inputs": {}}});
         assert_eq!(parse_payload(&wf).map(|p| p.0.len()).ok(), Some(1));
         assert_eq!(

@@ -582,7 +582,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn go_durations() {
+    fn go_style_durations_parse_and_nonsense_does_not() {
         let ms = |s: &str| parse_go_duration(s).map(|d| d.as_millis());
         assert_eq!(ms("12ms"), Some(12));
         assert_eq!(ms("1s"), Some(1000));
@@ -616,7 +616,7 @@ mod tests {
     }
 
     #[test]
-    fn error_classes() {
+    fn openai_errors_are_classed_and_quota_is_never_retried() {
         let c = |status: u16, code: &str, kind: &str| {
             let body = json!({"error": {"message": "m", "type": kind, "param": null, "code": code}});
             let e =
@@ -658,7 +658,7 @@ mod tests {
     }
 
     #[test]
-    fn endpoint_from_payload() {
+    fn the_endpoint_comes_from_the_payload() {
         let ep = |v: Value| parse_payload(&v).map(|(e, _)| e);
         assert_eq!(ep(json!({"messages": []})).ok(), Some(Endpoint::Chat));
         assert_eq!(ep(json!({"prompt": "x"})).ok(), Some(Endpoint::Images));

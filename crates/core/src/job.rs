@@ -526,7 +526,7 @@ mod tests {
     }
 
     #[test]
-    fn effective_fields() {
+    fn workflow_fields_override_priority_and_time() {
         let mut spec = JobSpec::new("x", Value::Null);
         spec.priority = 5;
         assert_eq!(spec.effective_priority(), 5);

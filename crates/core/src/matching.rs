@@ -209,7 +209,7 @@ mod tests {
 
     /// (job, expected match) against `gpu_worker()`.
     #[test]
-    fn table() {
+    fn matching_follows_the_rules_case_by_case() {
         let w = gpu_worker();
         let cases: Vec<(Value, bool)> = vec![
             // rule 1
@@ -336,7 +336,7 @@ mod tests {
     }
 
     #[test]
-    fn workflow_restriction() {
+    fn a_workflow_bound_worker_takes_only_that_workflow() {
         let w = worker(&["comfyui"], json!({"workflow_id": "wf-1"}));
         assert!(explain(&w, &job(json!({"service": "comfyui", "workflow_id": "wf-1"}))).matches);
         assert!(!explain(&w, &job(json!({"service": "comfyui", "workflow_id": "wf-2"}))).matches);

@@ -107,7 +107,7 @@ mod tests {
         }
 
         #[test]
-        fn round_trip(k in key()) {
+        fn a_key_decodes_to_itself(k in key()) {
             let enc = k.encode();
             prop_assert_eq!(enc.len(), ENCODED_LEN);
             prop_assert_eq!(OrderKey::decode(&enc), Some(k));
@@ -115,7 +115,7 @@ mod tests {
     }
 
     #[test]
-    fn extremes() {
+    fn extreme_priorities_and_times_still_order_and_decode() {
         let hi = OrderKey::new(i32::MAX, MAX_TIME_MS, u64::MAX);
         let lo = OrderKey::new(i32::MIN, 0, 0);
         assert!(hi.encode() < lo.encode(), "higher priority sorts first");

@@ -204,7 +204,7 @@ mod tests {
     }
 
     #[test]
-    fn blocks() {
+    fn negative_requirements_parse_and_write_back_alike() {
         let r = parse(json!({"negative_requirements": {"region": "eu"}})).unwrap();
         assert!(r.positive.is_empty());
         assert_eq!(r.negative.get("region"), Some(&json!("eu")));

@@ -104,7 +104,7 @@ mod tests {
 
     /// The whole table, written out once more by hand: any change to `apply` must change this too.
     #[test]
-    fn exhaustive_table() {
+    fn only_the_listed_transitions_are_allowed() {
         use Action as A;
         use JobStatus as S;
         let allowed: &[(S, A, S)] = &[

@@ -387,7 +387,7 @@ mod tests {
     }
 
     #[test]
-    fn registration_validation() {
+    fn registrations_are_validated_field_by_field() {
         let ok = WorkerRegistration {
             worker_id: "w1".into(),
             machine_id: "m1".into(),
@@ -448,7 +448,7 @@ mod tests {
     }
 
     #[test]
-    fn machine_fold() {
+    fn machine_events_fold_into_the_machine_state() {
         let mut m = MachineState::default();
         let ev = |phase: MachinePhase, step: Option<&str>| MachineEvent {
             machine_id: "m".into(),

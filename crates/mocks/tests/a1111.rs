@@ -60,7 +60,7 @@ async fn an_interrupted_generation_returns_200_with_images_and_no_mark() {
 }
 
 #[tokio::test]
-async fn error_shapes() {
+async fn the_mock_answers_errors_in_a1111s_own_shapes() {
     let mock = A1111Mock::start(A1111MockConfig::default()).await.expect("mock");
     let url = mock.url();
     let (status, body) = get(&format!("{url}/sdapi/v1/nope")).await;
