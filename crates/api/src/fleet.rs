@@ -18,8 +18,9 @@ use crate::model::{
     self, Activity, ConnectorView, ErrorBody, Instances, MachineView, Machines, ServiceSummary,
     ServiceSummaryReply, Services, SnapshotView, Stats, WorkerView, Workers,
 };
-use crate::request::{Params, params};
+use crate::request::TypedQuery;
 use crate::state::AppState;
+use crate::stream::FleetStreamQuery;
 use crate::stream::{Feed, parse_topics, resume_point, topic};
 use fleetq_core::clock::rfc3339;
 
@@ -307,8 +308,7 @@ pub(crate) async fn stats<B: Broker>(State(st): State<AppState<B>>) -> Json<Stat
     summary = "SSE of all events; topics filter; Last-Event-ID resume",
     description = "Each SSE event has `id` = event id (`seq`, or `seq.epoch` after the log went back), `event` = the kind, `data` = the Event. A resume point trimmed from the log, or past its end, yields one `resync` event (`{type, after, first}`): reload `/api/snapshot`.",
     params(
-        ("topics" = Option<String>, Query, description = "Comma list of jobs, workers, connectors, machines (default all)"),
-        ("since" = Option<String>, Query, description = "Resume after this event id (as Last-Event-ID)"),
+        FleetStreamQuery,
         ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id: `seq`, or `seq.epoch` once the log's epoch moved on; an id of another epoch yields `resync`"),
     ),
     responses((status = 200, description = "text/event-stream; each `data` is an Event", content_type = "text/event-stream", body = Event), (status = 400, body = ErrorBody))
@@ -316,11 +316,10 @@ pub(crate) async fn stats<B: Broker>(State(st): State<AppState<B>>) -> Json<Stat
 pub(crate) async fn events<B: Broker>(
     State(st): State<AppState<B>>,
     headers: HeaderMap,
-    q: Params,
+    TypedQuery(q): TypedQuery<FleetStreamQuery>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
-    let p = params(q, &["topics", "since", "access_token"])?;
-    let topics = parse_topics(p.get("topics").map(String::as_str))?;
-    let (after, epoch) = match resume_point(&headers, p.get("since").map(String::as_str))? {
+    let topics = parse_topics(q.topics.as_deref())?;
+    let (after, epoch) = match resume_point(&headers, q.since.as_deref())? {
         Some(r) => (r.seq, Some(r.epoch)),
         None => (st.broker.snapshot().await?.seq, None),
     };

@@ -14,7 +14,9 @@ use axum::{Extension, Json};
 use fleetq_broker::{Broker, CancelOutcome, JobFilter, QueueFilter, fleet};
 use fleetq_core::{Event, JobId, JobSpec, JobStatus, ValidationError, job_spec_shape};
 use futures::{Stream, StreamExt};
+use serde::Deserialize;
 use serde_json::{Value, json};
+use utoipa::IntoParams;
 
 use crate::auth::{Caller, Role};
 use crate::error::{ApiError, ApiResult};
@@ -22,7 +24,7 @@ use crate::model::{
     BatchSubmitted, CancelResult, Cancelled, ErrorBody, Estimate, JobPage, JobView, MatchingWorkers, Retried,
     Submission, SubmitReply, Submitted, Verdict, WorkerVerdict,
 };
-use crate::request::{Params, body_bytes, json_body, params};
+use crate::request::{TypedQuery, body_bytes, json_body};
 use crate::state::AppState;
 use crate::stats::{eta_ms, workers_serving};
 use crate::stream::{Feed, resume_point};
@@ -168,8 +170,51 @@ pub(crate) async fn get<B: Broker>(
     Ok(Json(JobView { record: rec, estimate }))
 }
 
-const LIST_PARAMS: &[&str] =
-    &["status", "service", "worker", "workflow", "customer", "limit", "cursor", "order"];
+/// `GET /api/jobs` query.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListQuery {
+    /// Only this status.
+    status: Option<JobStatus>,
+    /// Only this service.
+    service: Option<String>,
+    /// Only jobs of this worker.
+    worker: Option<String>,
+    /// Only this workflow id.
+    workflow: Option<String>,
+    /// Only this customer id.
+    customer: Option<String>,
+    /// 1–1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<usize>,
+    /// `next` of the previous page.
+    cursor: Option<String>,
+    /// `newest` (default) or `queue`: claimable pending jobs in claim order (its own cursors).
+    #[param(inline)]
+    order: Option<ListOrder>,
+}
+
+/// The order of a job listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum ListOrder {
+    /// Newest first.
+    #[default]
+    Newest,
+    /// Claimable pending jobs in claim order.
+    Queue,
+}
+
+/// A job event stream's query.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct StreamQuery {
+    /// Resume after this event id (as Last-Event-ID).
+    since: Option<String>,
+    /// The token, for a browser's EventSource, which cannot send headers (prefer `Authorization`).
+    #[allow(dead_code, reason = "read by the auth layer; listed so that it is documented and accepted")]
+    access_token: Option<String>,
+}
 
 /// `GET /api/jobs`: newest first with cursor paging, or `order=queue` (pending jobs in claim order).
 #[utoipa::path(
@@ -177,51 +222,31 @@ const LIST_PARAMS: &[&str] =
     path = "/api/jobs",
     operation_id = "list_jobs",
     summary = "List jobs, newest first (cursor paging) or order=queue",
-    params(
-        ("status" = Option<JobStatus>, Query, description = "Only this status"),
-        ("service" = Option<String>, Query, description = "Only this service"),
-        ("worker" = Option<String>, Query, description = "Only jobs of this worker"),
-        ("workflow" = Option<String>, Query, description = "Only this workflow id"),
-        ("customer" = Option<String>, Query, description = "Only this customer id"),
-        ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "1–1000 (default 100)"),
-        ("cursor" = Option<String>, Query, description = "`next` of the previous page"),
-        ("order" = Option<String>, Query, description = "`newest` (default) or `queue`: claimable pending jobs in claim order (its own cursors)"),
-    ),
+    params(ListQuery),
     responses((status = 200, body = JobPage), (status = 400, body = ErrorBody))
 )]
-pub(crate) async fn list<B: Broker>(State(st): State<AppState<B>>, q: Params) -> ApiResult<Json<JobPage>> {
-    let p = params(q, LIST_PARAMS)?;
-    let status = p
-        .get("status")
-        .map(|s| {
-            JobStatus::parse(s)
-                .ok_or_else(|| ApiError::bad_request("status", format!("unknown status {s:?}")))
-        })
-        .transpose()?;
-    let limit = p
-        .get("limit")
-        .map(|l| {
-            l.parse::<usize>()
-                .ok()
-                .filter(|n| (1..=1000).contains(n))
-                .ok_or_else(|| ApiError::bad_request("limit", "must be 1–1000"))
-        })
-        .transpose()?;
+pub(crate) async fn list<B: Broker>(
+    State(st): State<AppState<B>>,
+    TypedQuery(q): TypedQuery<ListQuery>,
+) -> ApiResult<Json<JobPage>> {
+    if q.limit.is_some_and(|n| !(1..=1000).contains(&n)) {
+        return Err(ApiError::bad_request("limit", "must be 1–1000"));
+    }
     let filter = JobFilter {
-        status,
-        service: p.get("service").cloned(),
-        worker: p.get("worker").cloned(),
-        workflow: p.get("workflow").cloned(),
-        customer: p.get("customer").cloned(),
-        limit,
-        cursor: p.get("cursor").cloned(),
+        status: q.status,
+        service: q.service,
+        worker: q.worker,
+        workflow: q.workflow,
+        customer: q.customer,
+        limit: q.limit,
+        cursor: q.cursor,
     };
-    match p.get("order").map(String::as_str) {
-        None | Some("newest") => {
+    match q.order.unwrap_or_default() {
+        ListOrder::Newest => {
             let page = st.broker.jobs(&filter).await.map_err(query_error)?;
             Ok(Json(JobPage { jobs: page.jobs, next: page.next }))
         }
-        Some("queue") => {
+        ListOrder::Queue => {
             if filter.status.is_some_and(|s| s != JobStatus::Pending) {
                 return Err(ApiError::bad_request("order", "queue order lists pending jobs"));
             }
@@ -237,9 +262,6 @@ pub(crate) async fn list<B: Broker>(State(st): State<AppState<B>>, q: Params) ->
             };
             let page = st.broker.queue(&queue).await.map_err(query_error)?;
             Ok(Json(JobPage { jobs: page.jobs, next: page.next }))
-        }
-        Some(other) => {
-            Err(ApiError::bad_request("order", format!("unknown order {other:?} (newest or queue)")))
         }
     }
 }
@@ -411,7 +433,7 @@ fn terminal_name(status: JobStatus) -> &'static str {
     description = "SSE `id` = event id (`seq`, or `seq.epoch` after the log went back), `event` = kind. First `job_state` (`{type, seq, job, outcome}`: the current state; skipped when resuming), then each change as an Event (`job_claimed`, `job_progress`, …), then `job_completed`, `job_failed` or `job_cancelled`: an Event with `outcome` added. The stream then ends.",
     params(
         ("id" = String, Path, description = "Job id"),
-        ("since" = Option<String>, Query, description = "Resume after this event id (as Last-Event-ID)"),
+        StreamQuery,
         ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id: `seq`, or `seq.epoch` once the log's epoch moved on; an id of another epoch yields a fresh `job_state`"),
     ),
     responses((status = 200, description = "text/event-stream: Events, framed by `job_state` and the terminal event", content_type = "text/event-stream", body = Event), (status = 400, description = "A malformed id or query parameter (`field` names it)", body = ErrorBody), (status = 404, body = ErrorBody))
@@ -420,11 +442,10 @@ pub(crate) async fn events<B: Broker>(
     State(st): State<AppState<B>>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    q: Params,
+    TypedQuery(q): TypedQuery<StreamQuery>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
-    let p = params(q, &["since", "access_token"])?;
     let id = job_id(id)?;
-    let resume = resume_point(&headers, p.get("since").map(String::as_str))?;
+    let resume = resume_point(&headers, q.since.as_deref())?;
     let broker = st.broker.clone();
     let epoch = resume.map(|r| r.epoch);
     let (after, first) = match resume {

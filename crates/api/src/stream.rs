@@ -335,6 +335,21 @@ pub(crate) fn topic(kind: &EventKind) -> &'static str {
 }
 
 /// Parses a comma-separated topic list; empty or absent means all topics.
+/// The query of the fleet's event streams (`/api/events`, `/ws/monitor`).
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct FleetStreamQuery {
+    /// Comma list of jobs, workers, connectors, machines (default all).
+    pub(crate) topics: Option<String>,
+    /// Resume after this event id (`seq`, or `seq.epoch` once the log's epoch moved on), as
+    /// Last-Event-ID; an id of another epoch resynchronizes.
+    pub(crate) since: Option<String>,
+    /// The token, for a browser's EventSource or WebSocket, which cannot send headers (prefer
+    /// `Authorization`).
+    #[allow(dead_code, reason = "read by the auth layer; listed so that it is documented and accepted")]
+    pub(crate) access_token: Option<String>,
+}
+
 pub(crate) fn parse_topics(text: Option<&str>) -> Result<BTreeSet<&'static str>, ApiError> {
     let mut out = BTreeSet::new();
     for t in text.unwrap_or("").split(',').map(str::trim).filter(|t| !t.is_empty()) {

@@ -26,8 +26,9 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::jobs::{check_owner, spec_from};
 use crate::model::ErrorBody;
-use crate::request::{Params, params};
+use crate::request::TypedQuery;
 use crate::state::AppState;
+use crate::stream::FleetStreamQuery;
 use crate::stream::{Feed, TOPICS, parse_topics, topic};
 
 fn upgrade(ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>) -> ApiResult<WebSocketUpgrade> {
@@ -64,21 +65,16 @@ fn err_msg(code: &str, message: impl Into<String>) -> Value {
     operation_id = "ws_monitor",
     summary = "WebSocket: snapshot, then sequenced events; subscribe, ping",
     description = "The server sends `{type: snapshot, seq, snapshot}`, then each Event flat (`{seq, at, type, …}`). Client messages: `{type: subscribe, topics: [...]}`, `{type: ping}` (answered by `{type: pong, seq}`). A resume point trimmed from the log yields a fresh snapshot.",
-    params(
-        ("since" = Option<String>, Query, description = "Resume after this event (`seq`, or `seq.epoch` once the log's epoch moved on) instead of starting with a snapshot; another epoch's yields a fresh snapshot"),
-        ("topics" = Option<String>, Query, description = "Comma list of jobs, workers, connectors, machines"),
-    ),
+    params(FleetStreamQuery),
     responses((status = 101, description = "Switched to the WebSocket protocol"), (status = 400, body = ErrorBody))
 )]
 pub(crate) async fn monitor<B: Broker>(
     State(st): State<AppState<B>>,
-    q: Params,
+    TypedQuery(q): TypedQuery<FleetStreamQuery>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
-    let p = params(q, &["since", "topics", "access_token"])?;
-    let topics = parse_topics(p.get("topics").map(String::as_str))?;
-    let since =
-        crate::stream::resume_point(&axum::http::HeaderMap::new(), p.get("since").map(String::as_str))?;
+    let topics = parse_topics(q.topics.as_deref())?;
+    let since = crate::stream::resume_point(&axum::http::HeaderMap::new(), q.since.as_deref())?;
     let ws = upgrade(ws)?;
     let permit = st.stream_permit()?;
     let stop = st.config.shutdown.clone();
