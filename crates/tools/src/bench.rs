@@ -32,8 +32,8 @@ use fleetq_broker::{Broker, BrokerConfig, Fleet, Queue};
 use fleetq_core::{JobSpec, Requirements, WorkerRegistration};
 use serde_json::{Value, json};
 
-pub use crate::figures::Backend;
 use crate::figures::summarize;
+pub use crate::figures::{Backend, On};
 
 /// Benchmarks.
 #[derive(Debug, clap::Subcommand)]
@@ -81,19 +81,8 @@ enum Mode {
 /// Flags of `fleetq bench broker`.
 #[derive(Debug, clap::Args)]
 pub struct BrokerArgs {
-    /// Which backend to measure.
-    #[arg(long, value_enum, default_value = "embedded")]
-    backend: Backend,
-    /// Redis to use (its data under `fleetq:{bench-…}:` is left behind unless --flushdb).
-    /// Not HUB_REDIS_URL: a benchmark may flush its database, so it never picks up the fleet's
-    /// Redis from the environment.
-    #[arg(
-        long = "redis",
-        visible_alias = "redis-url",
-        env = "FLEETQ_BENCH_REDIS",
-        default_value = "redis://127.0.0.1:6390/"
-    )]
-    redis_url: String,
+    #[command(flatten)]
+    on: On,
     /// FLUSHDB the Redis before each measurement (like the BullMQ script does).
     #[arg(long)]
     flushdb: bool,
@@ -147,7 +136,7 @@ pub async fn run(b: Bench) -> Result<()> {
         Bench::Worker(args) => return crate::bench_worker::run(args).await,
     };
     let args = Arc::new(args);
-    match args.backend {
+    match args.on.backend {
         Backend::Embedded => {
             let a = args.clone();
             run_modes(&args, move || make_embedded(a.clone())).await
@@ -177,7 +166,7 @@ async fn make_embedded(args: Arc<BrokerArgs>) -> Result<Made<EmbeddedBroker>> {
 
 async fn make_redis(args: Arc<BrokerArgs>) -> Result<Made<RedisBroker>> {
     static N: AtomicUsize = AtomicUsize::new(0);
-    let client = redis::Client::open(args.redis_url.as_str())?;
+    let client = redis::Client::open(args.on.redis_url.as_str())?;
     if args.flushdb {
         // A synchronous flush of a large database (1M jobs ≈ 1 GB) takes seconds: no response
         // timeout here (the client's default is 500 ms).
@@ -187,7 +176,7 @@ async fn make_redis(args: Arc<BrokerArgs>) -> Result<Made<RedisBroker>> {
     }
     let queue = format!("bench-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
     let config = BrokerConfig { wait_replicas: args.wait_replicas, wait_timeout_ms: 5_000, ..bench_config() };
-    let broker = RedisBroker::connect(&args.redis_url, &queue, config).await?;
+    let broker = RedisBroker::connect(&args.on.redis_url, &queue, config).await?;
     Ok((Arc::new(broker), Some(client), Box::new(())))
 }
 
@@ -197,7 +186,7 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<Made<B>>>,
 {
-    let backend = format!("{:?}", args.backend).to_lowercase();
+    let backend = format!("{:?}", args.on.backend).to_lowercase();
     for mode in &args.modes {
         match mode {
             Mode::Throughput => {

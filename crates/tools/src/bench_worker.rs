@@ -28,19 +28,8 @@ use serde_json::json;
 /// Flags of `fleetq bench worker`.
 #[derive(Debug, clap::Args)]
 pub struct WorkerArgs {
-    /// Which backend to measure.
-    #[arg(long, value_enum, default_value = "embedded")]
-    backend: crate::figures::Backend,
-    /// Redis to use (`--backend redis`).
-    /// Not HUB_REDIS_URL: a benchmark may flush its database, so it never picks up the fleet's
-    /// Redis from the environment.
-    #[arg(
-        long = "redis",
-        visible_alias = "redis-url",
-        env = "FLEETQ_BENCH_REDIS",
-        default_value = "redis://127.0.0.1:6390/"
-    )]
-    redis_url: String,
+    #[command(flatten)]
+    on: crate::figures::On,
     /// Tries per figure.
     #[arg(long, default_value_t = 20)]
     tries: usize,
@@ -54,7 +43,7 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<()> {
         bail!("--tries must be 1 to 10000");
     }
     let poll = Duration::from_micros(args.poll_us.clamp(10, 1_000_000));
-    match args.backend {
+    match args.on.backend {
         crate::figures::Backend::Embedded => {
             let dir = tempfile::tempdir()?;
             let broker = fleetq_broker::embedded::EmbeddedBroker::open(
@@ -66,7 +55,7 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<()> {
         crate::figures::Backend::Redis => {
             let queue = format!("bench-worker-{}", std::process::id());
             let broker = fleetq_broker::redis::RedisBroker::connect(
-                &args.redis_url,
+                &args.on.redis_url,
                 &queue,
                 fleetq_broker::BrokerConfig::default(),
             )

@@ -7,8 +7,26 @@ use serde_json::{Value, json};
 pub enum Backend {
     /// The embedded store (SQLite) in a temporary directory.
     Embedded,
-    /// The Redis of `FLEETQ_BENCH_REDIS` (flushed).
+    /// The Redis `--redis` names.
     Redis,
+}
+
+/// Which broker a benchmark runs on, as flags (`--backend`, `--redis`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct On {
+    /// Which backend to measure.
+    #[arg(long, value_enum, default_value = "embedded")]
+    pub backend: Backend,
+    /// Redis to use with `--backend redis` (a broker benchmark leaves its data under
+    /// `fleetq:{bench-…}:` unless --flushdb). Not HUB_REDIS_URL: a benchmark may flush its
+    /// database, so it never picks up the fleet's Redis from the environment.
+    #[arg(
+        long = "redis",
+        visible_alias = "redis-url",
+        env = "FLEETQ_BENCH_REDIS",
+        default_value = "redis://127.0.0.1:6390/"
+    )]
+    pub redis_url: String,
 }
 
 /// Latencies (ms) as `{n, p50_ms, p90_ms, p99_ms, max_ms}` (nearest rank), `null` when empty.
