@@ -306,22 +306,15 @@ async fn up_with_comfyui_runs_a_workflow_on_the_embedded_store() {
     );
     let comfy = format!("http://127.0.0.1:{port}");
     let (_up, url) = common::fleetq_up(&["up", "--comfyui", &comfy], dir.path(), Stdio::null());
-    let http = reqwest::Client::new();
-    let submitted: Value = http
-        .post(format!("{url}/api/jobs"))
-        .json(&json!({"service": "comfyui", "payload": workflow(3, 0.05)}))
-        .send()
-        .await
-        .expect("submit")
-        .json()
-        .await
-        .expect("json");
-    let id = submitted["id"].as_str().expect("id").to_owned();
-    let rec: Value = until("the job ends", 600, async || {
-        let r: Value = http.get(format!("{url}/api/jobs/{id}")).send().await.ok()?.json().await.ok()?;
-        matches!(r["status"].as_str(), Some("completed" | "failed" | "cancelled")).then_some(r)
+    let client = fleetq_client::Client::new(&url).expect("the API's URL");
+    let job = fleetq_core::JobSpec::new("comfyui", workflow(3, 0.05));
+    let id = client.submit(&job, None).await.expect("submit").id;
+    let rec = until("the job ends", 600, async || {
+        let r = client.job(&id).await.ok()?;
+        r.record.summary.status.is_terminal().then_some(r)
     })
     .await;
+    let rec = serde_json::to_value(&rec).expect("JSON");
     assert_eq!(rec["status"], "completed", "{rec}");
     assert_eq!(rec["worker_id"], "local-gpu0", "{rec}");
     let images = &rec["outcome"]["value"]["outputs"]["3"]["images"];

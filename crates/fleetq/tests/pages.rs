@@ -145,27 +145,27 @@ fn comfy_mock(port: u16) -> Guard {
     Guard(child)
 }
 
-async fn submit(http: &reqwest::Client, url: &str, body: Value) -> String {
-    submit_as(http, url, None, body).await
+/// The API at `url` through the client library, with `token` when auth is on.
+fn client(url: &str, token: Option<&str>) -> fleetq_client::Client {
+    fleetq_client::Client::new(url).expect("an API URL").with_token(token.map(str::to_owned))
 }
 
-/// `GET /api/jobs/{id}`, with `token` when auth is on.
-async fn get_job(http: &reqwest::Client, url: &str, token: Option<&str>, id: &str) -> Value {
-    let mut request = http.get(format!("{url}/api/jobs/{id}"));
-    if let Some(t) = token {
-        request = request.bearer_auth(t);
-    }
-    request.send().await.expect("get").json().await.expect("JSON")
+async fn submit(url: &str, body: Value) -> String {
+    submit_as(url, None, body).await
+}
+
+/// `GET /api/jobs/{id}` as JSON, with `token` when auth is on.
+async fn get_job(url: &str, token: Option<&str>, id: &str) -> Value {
+    let job = client(url, token).job(&fleetq_core::JobId(id.to_owned())).await.expect("get");
+    serde_json::to_value(job).expect("JSON")
 }
 
 /// Submits `body`, with `token` when auth is on; returns the job's id.
-async fn submit_as(http: &reqwest::Client, url: &str, token: Option<&str>, body: Value) -> String {
-    let mut request = http.post(format!("{url}/api/jobs"));
-    if let Some(t) = token {
-        request = request.bearer_auth(t);
+async fn submit_as(url: &str, token: Option<&str>, body: Value) -> String {
+    match client(url, token).submit_json(&body, None).await.expect("submit") {
+        fleetq_api::model::SubmitReply::One(one) => one.id.0,
+        fleetq_api::model::SubmitReply::Batch(b) => panic!("one job, not a batch of {}", b.jobs.len()),
     }
-    let reply: Value = request.json(&body).send().await.expect("submit").json().await.expect("JSON");
-    reply["id"].as_str().expect("id").to_owned()
 }
 
 /// Flow 1, flow 2 and a dropped stream, on Redis with a worker process:
@@ -208,7 +208,7 @@ async fn the_monitor_follows_the_fleet_live() {
         )
         .await
         .expect("observer");
-    let id = submit(&http, &url, json!({"service": "simulation", "payload": {"steps": 10}})).await;
+    let id = submit(&url, json!({"service": "simulation", "payload": {"steps": 10}})).await;
     page.until(
         "the job running on the worker",
         &format!(r#"return !!document.querySelector('[data-worker-id="box1-gpu0"] [data-open="{id}"]');"#),
@@ -241,10 +241,10 @@ async fn the_monitor_follows_the_fleet_live() {
     page.client.execute(r#"document.getElementById("job-dialog").close();"#, vec![]).await.expect("close");
 
     // Flow 2: a job in flight (it hangs at its first step) and three queued behind it.
-    let running = submit(&http, &url, json!({"service": "simulation", "payload": {"hang_at_step": 1}})).await;
+    let running = submit(&url, json!({"service": "simulation", "payload": {"hang_at_step": 1}})).await;
     let mut queued = Vec::new();
     for i in 0..3 {
-        queued.push(submit(&http, &url, json!({"service": "simulation", "payload": {"note": i}})).await);
+        queued.push(submit(&url, json!({"service": "simulation", "payload": {"note": i}})).await);
     }
     page.click(r#".tabs button[data-tab="pending"]"#).await;
     page.until(
@@ -285,8 +285,7 @@ async fn the_monitor_follows_the_fleet_live() {
     page.until("the stream lost", r#"return document.getElementById("conn").dataset.state !== "live";"#)
         .await;
     for i in 0..4 {
-        queued
-            .push(submit(&http, &other_url, json!({"service": "simulation", "payload": {"note": i}})).await);
+        queued.push(submit(&other_url, json!({"service": "simulation", "payload": {"note": i}})).await);
     }
     let (_api, _) = api_at(&redis.url, &queue, &listen, &[]);
     page.until("the stream back", r#"return document.getElementById("conn").dataset.state === "live";"#)
@@ -307,11 +306,10 @@ async fn the_monitor_follows_the_fleet_live() {
     let asked = page.client.execute("return window.asked;", vec![]).await.expect("asked");
     assert_eq!(asked, json!(["cancel 7 jobs?"]), "the count is shown before confirming");
     for id in &queued {
-        let rec = get_job(&http, &other_url, None, id).await;
+        let rec = get_job(&other_url, None, id).await;
         assert_eq!(rec["status"], "cancelled", "{id}");
     }
-    let cancelled = http.post(format!("{other_url}/api/jobs/{running}/cancel")).send().await.expect("cancel");
-    assert!(cancelled.status().is_success());
+    client(&other_url, None).cancel(&fleetq_core::JobId(running.clone())).await.expect("cancel");
 
     // The worker killed (kill -9): its reports stop, and its badge turns stale once its last report
     // is older than the API's threshold (20 s), not earlier.
@@ -398,13 +396,9 @@ async fn tokens_decide_the_actions_and_the_client_page_submits_and_cancels() {
     let (_up, url) =
         up(data.path(), &["--workers", "1", "--step-ms", "100", tokens[0], tokens[1], tokens[2], tokens[3]]);
     let http = reqwest::Client::new();
-    let id = submit_as(
-        &http,
-        &url,
-        Some("all-powers"),
-        json!({"service": "simulation", "payload": {"hang_at_step": 1}}),
-    )
-    .await;
+    let id =
+        submit_as(&url, Some("all-powers"), json!({"service": "simulation", "payload": {"hang_at_step": 1}}))
+            .await;
 
     let page = Browser::start().await;
     page.client.goto(&format!("{url}/client")).await.expect("page");
@@ -437,7 +431,7 @@ async fn tokens_decide_the_actions_and_the_client_page_submits_and_cancels() {
     .await;
     let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let rec = get_job(&http, &url, Some("all-powers"), &id).await;
+        let rec = get_job(&url, Some("all-powers"), &id).await;
         if rec["status"] == "cancelled" {
             assert_eq!(rec["history"][0]["end"], "cancelled", "{rec}");
             break;
