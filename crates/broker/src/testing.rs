@@ -1,5 +1,7 @@
-//! Test support: a real `redis-server` on a free loopback port, and fixtures for the conformance
-//! suite. Only compiled with the `test-utils` feature.
+//! Test support: a real `redis-server` on a free loopback port, and the one way every crate's tests
+//! get a fresh broker — [`embedded`] and [`redis`] on the system clock, [`embedded_fixture`] and
+//! [`redis_fixture`] on a [`ManualClock`] for the conformance suite. Only compiled with the
+//! `test-utils` feature (the backends with theirs).
 //!
 //! The server is started through `sh`, which kills it when the test process's end of a pipe
 //! closes, so a panicking or killed test binary never leaves a Redis behind.
@@ -147,3 +149,63 @@ pub fn test_config() -> BrokerConfig {
 
 /// The time conformance cases start at (2023-11-14).
 pub const T0: i64 = 1_700_000_000_000;
+
+/// A fresh embedded store with `config` in a temporary directory that lives as long as the
+/// returned guard.
+#[cfg(feature = "embedded")]
+pub fn embedded(config: BrokerConfig) -> (Arc<crate::embedded::EmbeddedBroker>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let broker = crate::embedded::EmbeddedBroker::open(dir.path().join("fleetq.db"), config)
+        .expect("open the test store");
+    (Arc::new(broker), dir)
+}
+
+/// A broker with `config` on this test binary's shared Redis ([`RedisServer::shared`]), on a
+/// queue of its own.
+#[cfg(feature = "redis")]
+pub async fn redis(config: BrokerConfig) -> Arc<crate::redis::RedisBroker> {
+    let server = RedisServer::shared();
+    let broker = crate::redis::RedisBroker::connect(&server.url, &fresh_queue(), config)
+        .await
+        .expect("connect to the test redis");
+    Arc::new(broker)
+}
+
+/// A fixture for the conformance suite: a fresh embedded store on a [`ManualClock`] at [`T0`].
+#[cfg(feature = "embedded")]
+#[allow(clippy::unused_async, reason = "the conformance macro awaits every fixture maker; Redis needs async")]
+pub async fn embedded_fixture(config: BrokerConfig) -> Fixture<crate::embedded::EmbeddedBroker> {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let clock = ManualClock::new(T0);
+    let broker = crate::embedded::EmbeddedBroker::open_with_clock(
+        dir.path().join("fleetq.db"),
+        config,
+        Arc::new(clock.clone()),
+    )
+    .expect("open the test store");
+    Fixture { broker: Arc::new(broker), clock, guard: Box::new(dir) }
+}
+
+/// A fixture for the conformance suite: a queue of its own on the shared Redis, on a
+/// [`ManualClock`] at [`T0`].
+#[cfg(feature = "redis")]
+pub async fn redis_fixture(config: BrokerConfig) -> Fixture<crate::redis::RedisBroker> {
+    let server = RedisServer::shared();
+    let clock = ManualClock::new(T0);
+    let broker = crate::redis::RedisBroker::connect_with_clock(
+        &server.url,
+        &fresh_queue(),
+        config,
+        Arc::new(clock.clone()),
+    )
+    .await
+    .expect("connect to the test redis");
+    Fixture { broker: Arc::new(broker), clock, guard: Box::new(server) }
+}
+
+/// A queue name no other broker of this process uses.
+#[cfg(feature = "redis")]
+fn fresh_queue() -> String {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    format!("t{}-{}", std::process::id(), NEXT.fetch_add(1, SeqCst))
+}

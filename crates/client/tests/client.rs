@@ -9,6 +9,7 @@ use fleetq_api::model::CancelResult;
 use fleetq_broker::BrokerConfig;
 use fleetq_broker::Queue;
 use fleetq_broker::embedded::EmbeddedBroker;
+use fleetq_broker::testing;
 use fleetq_client::{Client, ClientError, FleetEvent, JobQuery};
 use fleetq_core::{EventKind, JobId, JobSpec, JobStatus};
 use serde_json::json;
@@ -37,10 +38,6 @@ impl Server {
     }
 }
 
-fn broker(dir: &tempfile::TempDir) -> Arc<EmbeddedBroker> {
-    Arc::new(EmbeddedBroker::open(dir.path().join("q.db"), BrokerConfig::default()).expect("open"))
-}
-
 /// A guard against a hang, not a timing assertion.
 async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(30), f).await.expect("no answer within 30 s")
@@ -48,8 +45,8 @@ async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
 
 #[tokio::test]
 async fn every_call_reads_the_api_reply_as_its_type() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (at, _server) = serve(broker(&dir), "127.0.0.1:0").await;
+    let (store, _dir) = testing::embedded(BrokerConfig::default());
+    let (at, _server) = serve(store, "127.0.0.1:0").await;
     let client = Client::new(&format!("http://{at}")).expect("client");
     within(client.ready()).await.expect("ready");
 
@@ -97,8 +94,8 @@ async fn every_call_reads_the_api_reply_as_its_type() {
 
 #[tokio::test]
 async fn a_job_stream_starts_with_the_state_and_ends_with_the_outcome() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (at, _server) = serve(broker(&dir), "127.0.0.1:0").await;
+    let (store, _dir) = testing::embedded(BrokerConfig::default());
+    let (at, _server) = serve(store, "127.0.0.1:0").await;
     let client = Client::new(&format!("http://{at}")).expect("client");
     let job = within(client.submit(&JobSpec::new("sim", json!({})), None)).await.expect("submit");
     let mut events = client.job_events(&job.id);
@@ -115,8 +112,7 @@ async fn a_job_stream_starts_with_the_state_and_ends_with_the_outcome() {
 
 #[tokio::test]
 async fn the_fleet_stream_resumes_across_an_api_restart_without_repeats() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = broker(&dir);
+    let (store, _dir) = testing::embedded(BrokerConfig::default());
     let (at, server) = serve(store.clone(), "127.0.0.1:0").await;
     let client = Client::new(&format!("http://{at}")).expect("client");
     let mut events = client.events(&["jobs"]);

@@ -26,9 +26,7 @@ pub struct App {
 }
 
 pub fn app(config: ApiConfig) -> App {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let broker =
-        Arc::new(EmbeddedBroker::open(dir.path().join("q.db"), BrokerConfig::default()).expect("open"));
+    let (broker, dir) = fleetq_broker::testing::embedded(BrokerConfig::default());
     let router = fleetq_api::router(broker.clone(), config);
     App { router, broker, dir }
 }

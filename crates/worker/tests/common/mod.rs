@@ -110,32 +110,19 @@ pub(crate) fn finished(r: &JobRecord) -> bool {
 macro_rules! both_backends {
     ($($case:ident),* $(,)?) => {
         mod embedded {
-            use super::*;
-            use fleetq_broker::embedded::EmbeddedBroker;
-            use fleetq_broker::BrokerConfig;
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    let dir = tempfile::tempdir().expect("tempdir");
-                    let b = Arc::new(EmbeddedBroker::open(dir.path().join("w.db"), BrokerConfig::default()).expect("open"));
+                    let (b, _dir) = fleetq_broker::testing::embedded(fleetq_broker::BrokerConfig::default());
                     super::$case(b).await;
                 }
             )*
         }
         mod redis {
-            use super::*;
-            use fleetq_broker::redis::RedisBroker;
-            use fleetq_broker::testing::RedisServer;
-            use fleetq_broker::BrokerConfig;
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    let server = RedisServer::shared();
-                    let b = Arc::new(
-                        RedisBroker::connect(&server.url, concat!(module_path!(), "-", stringify!($case)), BrokerConfig::default())
-                            .await
-                            .expect("connect"),
-                    );
+                    let b = fleetq_broker::testing::redis(fleetq_broker::BrokerConfig::default()).await;
                     super::$case(b).await;
                 }
             )*
