@@ -40,6 +40,19 @@ pub enum Auth {
     },
 }
 
+/// Whether two URLs share an origin (scheme, host and port, the scheme's default port filled in).
+/// Unparsable URLs share nothing.
+pub fn same_origin(a: &str, b: &str) -> bool {
+    match (reqwest::Url::parse(a), reqwest::Url::parse(b)) {
+        (Ok(a), Ok(b)) => {
+            a.scheme() == b.scheme()
+                && a.host_str() == b.host_str()
+                && a.port_or_known_default() == b.port_or_known_default()
+        }
+        _ => false,
+    }
+}
+
 /// Transport settings.
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
@@ -102,9 +115,15 @@ impl HttpTransport {
         }
     }
 
-    /// A request with authentication applied.
+    /// A request, with the credentials when it goes to the configured service's own origin — an
+    /// absolute URL elsewhere (a link the service returned) never receives them.
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
-        let rb = self.client.request(method, self.url(path));
+        let url = self.url(path);
+        let ours = same_origin(&url, &self.config.base_url);
+        let rb = self.client.request(method, url);
+        if !ours {
+            return rb;
+        }
         match &self.config.auth {
             Auth::None => rb,
             Auth::Bearer { token } => rb.bearer_auth(token),
@@ -171,4 +190,34 @@ pub fn unreachable(base: &str, e: &reqwest::Error) -> JobError {
         "failed"
     };
     JobError::retryable(FailureCategory::Connection, format!("{base} {what}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_compare_scheme_host_and_port() {
+        assert!(same_origin("http://127.0.0.1:8188/view?x=1", "http://127.0.0.1:8188"));
+        assert!(same_origin("https://api.openai.com/v1/files/x", "https://api.openai.com:443/v1"));
+        assert!(!same_origin("http://127.0.0.1:7845/cdn/img.png", "http://127.0.0.1:8188"));
+        assert!(!same_origin("http://api.openai.com/v1", "https://api.openai.com/v1"));
+        assert!(!same_origin("https://evil.example/api.openai.com", "https://api.openai.com/v1"));
+        assert!(!same_origin("not a url", "https://api.openai.com/v1"));
+    }
+
+    #[test]
+    fn credentials_go_only_to_the_services_own_origin() {
+        let mut config = HttpConfig::new("https://api.example.com/v1");
+        config.auth = Auth::Bearer { token: "sk-secret".into() };
+        let t = HttpTransport::new(config).expect("transport");
+        let auth = |path: &str| {
+            let request = t.request(Method::GET, path).build().expect("a request");
+            request.headers().get("authorization").map(|v| v.to_str().unwrap_or("").to_owned())
+        };
+        assert_eq!(auth("/models").as_deref(), Some("Bearer sk-secret"));
+        assert_eq!(auth("https://api.example.com/v1/files/1").as_deref(), Some("Bearer sk-secret"));
+        assert_eq!(auth("https://cdn.example.net/img.png"), None, "another host gets no key");
+        assert_eq!(auth("http://api.example.com/v1/files/1"), None, "nor the same host over plain http");
+    }
 }

@@ -16,6 +16,7 @@ pub mod artifacts;
 pub mod comfyui;
 pub mod http;
 pub mod openai;
+pub mod outbound;
 pub mod rest;
 pub mod simulation;
 pub mod spec;

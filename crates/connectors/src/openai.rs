@@ -30,6 +30,7 @@ use tracing::{debug, info};
 
 use crate::artifacts::{Artifacts, DEFAULT_INLINE_LIMIT, decode_base64};
 use crate::http::{Auth, HttpConfig, HttpTransport};
+use crate::outbound::Fetcher;
 use crate::{CancellationToken, Health, JobError, ProgressSink, Service};
 
 /// Settings of one OpenAI-style connector.
@@ -56,6 +57,9 @@ pub struct OpenAiConfig {
     pub artifacts_dir: Option<PathBuf>,
     /// Largest image inlined as base64 without an artifacts directory.
     pub inline_limit_bytes: usize,
+    /// What an image URL the provider names may reach when it is not on `base_url`'s own origin
+    /// (a CDN): public http(s) addresses only unless `allow_private`; no credentials are sent.
+    pub outbound: fleetq_core::outbound::OutboundPolicy,
 }
 
 impl Default for OpenAiConfig {
@@ -71,6 +75,7 @@ impl Default for OpenAiConfig {
             max_retries: 2,
             artifacts_dir: None,
             inline_limit_bytes: DEFAULT_INLINE_LIMIT,
+            outbound: fleetq_core::outbound::OutboundPolicy::default(),
         }
     }
 }
@@ -87,6 +92,8 @@ enum Endpoint {
 pub struct OpenAi {
     config: OpenAiConfig,
     http: HttpTransport,
+    /// Downloads from anywhere but the provider itself, under `config.outbound`.
+    fetcher: Fetcher,
     artifacts: Artifacts,
     /// The latest `x-ratelimit-*` headers, shown in health info.
     rate_limits: Mutex<Map<String, Value>>,
@@ -111,7 +118,13 @@ impl OpenAi {
             .filter(|k| !k.is_empty());
         http.auth = key.map_or(Auth::None, |token| Auth::Bearer { token });
         let artifacts = Artifacts::new(config.artifacts_dir.clone(), config.inline_limit_bytes);
-        Ok(Self { http: HttpTransport::new(http)?, artifacts, config, rate_limits: Mutex::new(Map::new()) })
+        Ok(Self {
+            http: HttpTransport::new(http)?,
+            fetcher: Fetcher::new(config.outbound)?,
+            artifacts,
+            config,
+            rate_limits: Mutex::new(Map::new()),
+        })
     }
 
     fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
@@ -269,18 +282,13 @@ impl OpenAi {
                     JobError::retryable(FailureCategory::Service, format!("image {i} is not base64: {e}"))
                 })?
             } else if let Some(url) = item.get("url").and_then(Value::as_str) {
-                // The URL expires in about an hour: fetch it now. No auth header to a CDN.
-                let fetched = tokio::select! {
+                // The URL expires in about an hour: fetch it now — from the provider itself with
+                // its credentials, from anywhere else (a CDN) under the outbound policy, without.
+                let what = format!("downloading image {i}");
+                tokio::select! {
                     () = cancel.cancelled() => return Err(cancelled()),
-                    r = self.http.get_bytes(url) => r?,
-                };
-                if fetched.0 != StatusCode::OK {
-                    return Err(JobError::retryable(
-                        FailureCategory::Service,
-                        format!("downloading image {i} replied {}", fetched.0),
-                    ));
+                    r = self.download(&what, url) => r?,
                 }
-                fetched.1
             } else {
                 continue;
             };
@@ -291,6 +299,21 @@ impl OpenAi {
             out.push(entry);
         }
         Ok(json!({"images": out, "usage": reply.get("usage").cloned().unwrap_or(Value::Null)}))
+    }
+}
+
+impl OpenAi {
+    /// An image the provider named by URL: on the provider's own origin through its transport
+    /// (credentials and all), anywhere else through the outbound [`Fetcher`] (no credentials).
+    async fn download(&self, what: &str, url: &str) -> Result<Vec<u8>, JobError> {
+        if !crate::http::same_origin(url, self.http.base_url()) {
+            return self.fetcher.get(what, url).await;
+        }
+        let (status, body) = self.http.get_bytes(url).await?;
+        if status != StatusCode::OK {
+            return Err(JobError::retryable(FailureCategory::Service, format!("{what} replied {status}")));
+        }
+        Ok(body)
     }
 }
 

@@ -187,3 +187,72 @@ async fn health_lists_models_and_rate_limits() {
     mock.kill().await;
     assert_eq!(c.health().await.status, ConnectorStatus::Offline);
 }
+
+/// A provider whose image URLs point at another host (a "CDN" it names, or one a job chose through
+/// a provider that echoes a field), and that host, recording what reached it.
+struct ElsewhereImages {
+    provider_base: String,
+    cdn_hits: std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>>,
+}
+
+async fn provider_naming_another_host() -> ElsewhereImages {
+    use axum::routing::{get, post};
+    let hits = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let cdn_hits = hits.clone();
+    let cdn = axum::Router::new().route(
+        "/cdn/img.png",
+        get(move |headers: axum::http::HeaderMap| {
+            let hits = hits.clone();
+            async move {
+                let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
+                hits.lock().expect("lock").push(auth);
+                b"\x89PNG\r\n\x1a\n not really".to_vec()
+            }
+        }),
+    );
+    let cdn_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let cdn_url = format!("http://{}/cdn/img.png", cdn_listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(cdn_listener, cdn).await });
+    let provider = axum::Router::new().route(
+        "/v1/images/generations",
+        post(move || {
+            let url = cdn_url.clone();
+            async move { axum::Json(json!({"created": 1, "data": [{"url": url}]})) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let provider_base = format!("http://{}/v1", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, provider).await });
+    ElsewhereImages { provider_base, cdn_hits }
+}
+
+/// The API key goes only to the provider's own origin, and a URL the provider names elsewhere is
+/// fetched only under the outbound policy: a loopback "CDN" is refused by default (nothing reaches
+/// it), and when an admin allows private addresses it is fetched without the key.
+#[tokio::test]
+async fn the_key_stays_with_the_provider_and_other_hosts_pass_the_outbound_policy() {
+    let fake = provider_naming_another_host().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = |allow_private: bool| OpenAiConfig {
+        base_url: fake.provider_base.clone(),
+        api_key: Some("sk-secret-key".into()),
+        artifacts_dir: Some(dir.path().to_path_buf()),
+        outbound: fleetq_core::outbound::OutboundPolicy {
+            allow_private,
+            ..fleetq_core::outbound::OutboundPolicy::default()
+        },
+        ..OpenAiConfig::default()
+    };
+    let payload = json!({"model": "dall-e-3", "prompt": "a fox", "response_format": "url"});
+
+    let strict = OpenAi::new(config(false)).expect("connector");
+    let e = failure(run(&strict, payload.clone()).await.0);
+    assert_eq!((e.category, e.retryable), (FailureCategory::Validation, false), "{e:?}");
+    assert!(e.message.contains("outbound policy") && e.message.contains("127.0.0.1"), "{}", e.message);
+    assert!(fake.cdn_hits.lock().expect("lock").is_empty(), "nothing reached the refused host");
+
+    let open = OpenAi::new(config(true)).expect("connector");
+    let out = run(&open, payload).await.0.expect("downloaded");
+    assert!(out["images"][0]["artifact"].is_string(), "{out}");
+    assert_eq!(*fake.cdn_hits.lock().expect("lock"), vec![None], "fetched once, and without the key");
+}

@@ -47,6 +47,7 @@ pub mod job;
 pub mod matching;
 pub mod oom;
 pub mod order;
+pub mod outbound;
 pub mod partition;
 pub mod requirements;
 pub mod restart;
