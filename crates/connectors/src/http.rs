@@ -12,8 +12,8 @@ use serde_json::Value;
 
 use crate::JobError;
 
-/// How requests authenticate.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// How requests authenticate. Its `Debug` shows the kind and names, never a secret.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Auth {
     /// No credentials.
@@ -50,6 +50,17 @@ pub fn same_origin(a: &str, b: &str) -> bool {
                 && a.port_or_known_default() == b.port_or_known_default()
         }
         _ => false,
+    }
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::None => f.write_str("None"),
+            Self::Bearer { .. } => f.write_str("Bearer { token: *** }"),
+            Self::Basic { username, .. } => write!(f, "Basic {{ username: {username:?}, password: *** }}"),
+            Self::Header { name, .. } => write!(f, "Header {{ name: {name:?}, value: *** }}"),
+        }
     }
 }
 

@@ -34,7 +34,7 @@ use crate::outbound::Fetcher;
 use crate::{CancellationToken, Health, JobError, ProgressSink, Service};
 
 /// Settings of one OpenAI-style connector.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OpenAiConfig {
     /// Service name served.
@@ -60,6 +60,26 @@ pub struct OpenAiConfig {
     /// What an image URL the provider names may reach when it is not on `base_url`'s own origin
     /// (a CDN): public http(s) addresses only unless `allow_private`; no credentials are sent.
     pub outbound: fleetq_core::outbound::OutboundPolicy,
+}
+
+impl std::fmt::Debug for OpenAiConfig {
+    /// Every field but the key's value (`api_key: Some(***)`): a logged configuration must not
+    /// carry the secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenAiConfig")
+            .field("service", &self.service)
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "***"))
+            .field("api_key_env", &self.api_key_env)
+            .field("organization", &self.organization)
+            .field("project", &self.project)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("max_retries", &self.max_retries)
+            .field("artifacts_dir", &self.artifacts_dir)
+            .field("inline_limit_bytes", &self.inline_limit_bytes)
+            .field("outbound", &self.outbound)
+            .finish()
+    }
 }
 
 impl Default for OpenAiConfig {

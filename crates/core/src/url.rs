@@ -7,6 +7,22 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 /// Every byte but RFC 3986's unreserved characters (`A-Z a-z 0-9 - _ . ~`) is escaped.
 const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
 
+/// `url` with its password replaced by `***`, for every place a URL is printed (startup lines,
+/// errors, diagnostics): `redis://fq:pw@host:6379/` → `redis://fq:***@host:6379/`. The user name
+/// stays (it says which account); a URL without credentials comes back unchanged, and so does text
+/// that is not a URL.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let Some((userinfo, host)) = authority.rsplit_once('@') else { return url.to_owned() };
+    let user = match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{user}:***"),
+        None => userinfo.to_owned(),
+    };
+    format!("{scheme}://{user}@{host}{tail}")
+}
+
 /// `s` percent-encoded as one URL component (path segment or query value).
 pub fn component(s: &str) -> String {
     utf8_percent_encode(s, COMPONENT).to_string()
@@ -15,6 +31,17 @@ pub fn component(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_password_never_leaves_redacted() {
+        assert_eq!(redacted("redis://fq:s3cret@10.0.0.5:6379/0"), "redis://fq:***@10.0.0.5:6379/0");
+        assert_eq!(redacted("redis://:s3cret@127.0.0.1:6379/"), "redis://:***@127.0.0.1:6379/");
+        assert_eq!(redacted("rediss://u:p@w:rd@host/x?y=1"), "rediss://u:***@host/x?y=1");
+        assert_eq!(redacted("redis://127.0.0.1:6379/"), "redis://127.0.0.1:6379/");
+        assert_eq!(redacted("redis://user@host/"), "redis://user@host/");
+        assert_eq!(redacted("not a url"), "not a url");
+        assert_eq!(redacted("http://h/path@x"), "http://h/path@x", "an @ after the host is not userinfo");
+    }
 
     #[test]
     fn a_component_escapes_everything_but_unreserved_characters() {

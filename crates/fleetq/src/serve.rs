@@ -388,7 +388,9 @@ fn up_banner(addr: &str, store: &str, machine: &str, workers: usize, services: &
 /// environment (not by `--redis`) is said so, loudly.
 fn store_name(redis: &str, queue: &str) -> String {
     let from_flag = std::env::args().any(|a| a == "--redis" || a.starts_with("--redis="));
-    if !from_flag && std::env::var("HUB_REDIS_URL").is_ok_and(|v| v == redis) {
+    let from_env = std::env::var("HUB_REDIS_URL").is_ok_and(|v| v == redis);
+    let redis = fleetq_core::url::redacted(redis);
+    if !from_flag && from_env {
         format!(
             "REDIS {redis} (queue {queue}) FROM THE HUB_REDIS_URL ENVIRONMENT VARIABLE — unset it for the embedded store"
         )
@@ -411,7 +413,8 @@ pub(crate) async fn api(args: ApiOnlyArgs) -> Result<()> {
     let addr = listener.local_addr()?;
     fleetq_api::install_metrics_recorder();
     tokio::spawn(stop_on_signal(stop));
-    announce(&format!("fleetq api at http://{addr}  (redis {}, queue {})", args.redis, args.queue));
+    let redis = fleetq_core::url::redacted(&args.redis);
+    announce(&format!("fleetq api at http://{addr}  (redis {redis}, queue {})", args.queue));
     fleetq_api::serve(listener, Arc::new(broker), config).await.context("serving HTTP")
 }
 

@@ -1,5 +1,7 @@
 //! `fleetq worker` as a process: it works jobs from Redis and drains on SIGTERM.
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -195,4 +197,89 @@ fn a_missing_redis_is_said_once_with_a_hint() {
     let out = run(format!("127.0.0.1:{port}"));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("redis://HOST:PORT/"), "{err}");
+}
+
+/// A Redis with a password: the password reaches no log line or error of a worker or an API run
+/// against it (JSON logs at debug level, read whole), a wrong one is said as a credentials problem
+/// (not "is redis-server running?"), and the API's banner shows the URL redacted.
+#[test]
+fn no_password_reaches_a_log_line() {
+    const SECRET: &str = "S3cret-Pa55word";
+    let port = common::free_port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _redis = common::Guard(
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--requirepass", SECRET, "--dir"])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server"),
+    );
+    let url = format!("redis://:{SECRET}@127.0.0.1:{port}/");
+    let wrong = format!("redis://:not-{SECRET}@127.0.0.1:{port}/");
+    // Until the server accepts connections (a bound on a hang, not a timing assertion).
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A worker that registers, runs, and is stopped: every line it wrote.
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_fleetq"))
+        .args(["--log-format", "json", "worker", "--redis", &url, "--queue", "secrets"])
+        .env("WORKER_ID", "w-secret")
+        .env("MACHINE_ID", "m")
+        .env("WORKER_CONNECTORS", "simulation")
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("fleetq worker");
+    let broker = tokio::runtime::Runtime::new().expect("runtime").block_on(async {
+        let b = fleetq_broker::redis::RedisBroker::connect(
+            &url,
+            "secrets",
+            fleetq_broker::BrokerConfig::default(),
+        )
+        .await
+        .expect("connect");
+        for _ in 0..200 {
+            if b.workers().await.expect("workers").iter().any(|w| w.registration.worker_id == "w-secret") {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    });
+    assert!(broker, "the worker registered");
+    Command::new("kill").args(["-TERM", &worker.id().to_string()]).status().expect("kill");
+    let out = worker.wait_with_output().expect("worker output");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(text.lines().count() > 3, "the worker logged: {text}");
+    assert!(!text.contains(SECRET), "a worker log line holds the password:\n{text}");
+
+    // The API's banner, and a wrong password's error.
+    let api = Command::new(env!("CARGO_BIN_EXE_fleetq"))
+        .args(["api", "--redis", &url, "--queue", "secrets", "--listen", "127.0.0.1:0"])
+        .env_remove("FLEETQ_TOKENS")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("fleetq api");
+    let mut api = common::Guard(api);
+    let banner = common::lines(&mut api.0).recv_timeout(Duration::from_secs(60)).expect("the banner");
+    assert!(banner.contains("redis://:***@127.0.0.1") && !banner.contains(SECRET), "{banner}");
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetq"))
+        .args(["worker", "--redis", &wrong])
+        .env("WORKER_ID", "w")
+        .env("MACHINE_ID", "m")
+        .env("WORKER_CONNECTORS", "simulation")
+        .output()
+        .expect("fleetq worker");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(!err.contains(SECRET), "{err}");
+    assert!(err.contains("password") && !err.contains("redis-server running"), "{err}");
 }

@@ -156,7 +156,7 @@ impl std::fmt::Debug for Settings {
         f.debug_struct("Settings")
             .field("worker", &self.worker)
             .field("connectors", &self.connectors.iter().map(|c| c.service()).collect::<Vec<_>>())
-            .field("redis_url", &self.redis_url)
+            .field("redis_url", &fleetq_core::url::redacted(&self.redis_url))
             .field("queue", &self.queue)
             .field("lease_ms", &self.lease_ms)
             .finish()

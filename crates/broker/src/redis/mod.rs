@@ -123,25 +123,36 @@ impl RedisBroker {
         clock: Arc<dyn Clock>,
     ) -> Result<Self> {
         fleetq_core::validate::check_name("queue", queue)?;
+        // Printed only redacted: a URL's password must not reach a log line.
+        let shown = fleetq_core::url::redacted(url);
         let client = redis::Client::open(url).map_err(|e| {
             BrokerError::Connect(format!(
-                "{url:?} is not a Redis URL ({}): write it as redis://HOST:PORT/ (rediss:// for TLS, redis://:PASSWORD@HOST:PORT/ with a password)",
+                "{shown:?} is not a Redis URL ({}): write it as redis://HOST:PORT/ (redis://USER:PASSWORD@HOST:PORT/ with credentials)",
                 e.detail().unwrap_or("unreadable")
             ))
         })?;
         // One plain connection first, so a Redis that is not there is said at once, in one line,
         // instead of after the connection manager's retries.
-        let hint = "is redis-server running there? (Debian: apt install redis-server; or use `fleetq up` without --redis / HUB_REDIS_URL for the embedded store)";
+        let not_there = "is redis-server running there? (Debian: apt install redis-server; or use `fleetq up` without --redis / HUB_REDIS_URL for the embedded store)";
         match tokio::time::timeout(Duration::from_secs(5), client.get_multiplexed_async_connection()).await {
             Err(_) => {
                 return Err(BrokerError::Connect(format!(
-                    "no answer from Redis at {url} within 5 s: {hint}"
+                    "no answer from Redis at {shown} within 5 s: {not_there}"
                 )));
             }
             Ok(Err(e)) => {
                 let why = e.detail().map_or_else(|| e.to_string(), str::to_owned);
-                let why = if e.is_connection_refusal() { "connection refused".to_owned() } else { why };
-                return Err(BrokerError::Connect(format!("cannot reach Redis at {url}: {why}: {hint}")));
+                let (why, hint) = if e.is_connection_refusal() {
+                    ("connection refused".to_owned(), not_there)
+                } else if e.kind() == redis::ErrorKind::AuthenticationFailed
+                    || why.contains("WRONGPASS")
+                    || why.contains("NOAUTH")
+                {
+                    (why, "check the user name and password in the URL (redis://USER:PASSWORD@HOST:PORT/)")
+                } else {
+                    (why, not_there)
+                };
+                return Err(BrokerError::Connect(format!("cannot reach Redis at {shown}: {why}: {hint}")));
             }
             Ok(Ok(_)) => {}
         }
