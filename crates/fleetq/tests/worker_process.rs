@@ -227,7 +227,7 @@ fn no_password_reaches_a_log_line() {
     }
 
     // A worker that registers, runs, and is stopped: every line it wrote.
-    let mut worker = Command::new(env!("CARGO_BIN_EXE_fleetq"))
+    let worker = Command::new(env!("CARGO_BIN_EXE_fleetq"))
         .args(["--log-format", "json", "worker", "--redis", &url, "--queue", "secrets"])
         .env("WORKER_ID", "w-secret")
         .env("MACHINE_ID", "m")
