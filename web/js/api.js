@@ -90,7 +90,9 @@ export function askToken(why) {
   form.onsubmit = (e) => {
     e.preventDefault();
     const token = form.elements.token.value.trim();
-    document.cookie = `fleetq_token=${encodeURIComponent(token)}; path=/; SameSite=Strict`;
+    // Secure over https: the cookie must never travel in clear text.
+    const secure = location.protocol === "https:" ? "; Secure" : "";
+    document.cookie = `fleetq_token=${encodeURIComponent(token)}; path=/; SameSite=Strict${secure}`;
     dialog.close();
     location.reload();
   };

@@ -172,25 +172,89 @@ pub fn query_token_allowed(method: &Method, path: &str) -> bool {
 /// (percent-decoded). Another scheme in `Authorization` (e.g. `Basic` from a proxy) is not a
 /// token and does not hide the cookie.
 pub fn token_of(req: &Request) -> Option<String> {
+    token_with_source(req).map(|(token, _)| token)
+}
+
+fn token_source(req: &Request) -> Option<Source> {
+    token_with_source(req).map(|(_, source)| source)
+}
+
+fn token_with_source(req: &Request) -> Option<(String, Source)> {
     let headers = req.headers();
     for v in headers.get_all(header::AUTHORIZATION).iter().filter_map(|v| v.to_str().ok()) {
         if let Some((scheme, token)) = v.trim().split_once(' ')
             && scheme.eq_ignore_ascii_case("bearer")
         {
-            return Some(token.trim().to_owned());
+            return Some((token.trim().to_owned(), Source::Header));
         }
     }
     for cookies in headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()) {
         for c in cookies.split(';') {
             if let Some(t) = c.trim().strip_prefix("fleetq_token=") {
-                return Some(decode(t));
+                return Some((decode(t), Source::Cookie));
             }
         }
     }
     if !query_token_allowed(req.method(), req.uri().path()) {
         return None;
     }
-    req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("access_token=").map(decode)))
+    req.uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("access_token=").map(decode)))
+        .map(|t| (t, Source::Query))
+}
+
+/// The origins besides the API's own whose pages may write (`--cors-origin`), for
+/// [`same_origin_writes`].
+#[derive(Debug, Clone, Default)]
+pub struct TrustedOrigins(pub Arc<Vec<String>>);
+
+/// Middleware against cross-site request forgery. A browser names the page that sent a request in
+/// `Origin`; a write (anything but GET, HEAD and OPTIONS — and the legacy WebSocket, through which
+/// jobs are submitted) whose `Origin` is neither the API's own (its `Host`) nor a configured CORS
+/// origin is refused with 403, whatever authenticates it: a page on another port of the same host
+/// (a ComfyUI) is same-site, so the `SameSite=Strict` cookie alone does not stop it, and with auth
+/// off nothing else would. A write authenticated by the `fleetq_token` cookie must carry an
+/// `Origin` at all (browsers always send one on such requests). Clients that are not browsers
+/// (curl, the CLI) send no `Origin` and authenticate with a header: unaffected.
+pub async fn same_origin_writes(State(trusted): State<TrustedOrigins>, req: Request, next: Next) -> Response {
+    let write = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
+        || req.uri().path() == "/ws/client";
+    if !write {
+        return next.run(req).await;
+    }
+    let headers = req.headers();
+    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let cookie = token_source(&req) == Some(Source::Cookie);
+    let verdict = match origin {
+        None if cookie => {
+            Err("a write authenticated by the page's cookie must come from a page (no Origin)".to_owned())
+        }
+        None => Ok(()),
+        Some(o) if trusted.0.iter().any(|t| t == o) => Ok(()),
+        Some(o) if host.is_some_and(|h| authority_of(o) == Some(h)) => Ok(()),
+        Some(o) => {
+            Err(format!("a write from the page at {o} is refused: only this API's own pages may write"))
+        }
+    };
+    match verdict {
+        Ok(()) => next.run(req).await,
+        Err(message) => ApiError::new(StatusCode::FORBIDDEN, "cross_origin", message).into_response(),
+    }
+}
+
+/// `host[:port]` of an origin (`http://127.0.0.1:7777` → `127.0.0.1:7777`).
+fn authority_of(origin: &str) -> Option<&str> {
+    origin.split_once("://").map(|(_, rest)| rest.trim_end_matches('/'))
+}
+
+/// Where a request's token came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Header,
+    Cookie,
+    Query,
 }
 
 /// Percent-decodes a token (`%2B` → `+`; a `+` stays a `+`: tokens are not form data).

@@ -80,6 +80,7 @@ pub fn router<B: Broker>(broker: Arc<B>, config: ApiConfig) -> Router {
     fold::spawn(broker.clone(), hub.clone(), &stats);
     let tokens = config.tokens.clone();
     let cors = cors_layer(&config.cors_origins);
+    let trusted = auth::TrustedOrigins(Arc::new(config.cors_origins.clone()));
     let body_limit = config.max_body_bytes;
     let state = AppState::new(broker, config, stats, hub);
     let (router, _) = routes::<B>().split_for_parts();
@@ -91,6 +92,7 @@ pub fn router<B: Broker>(broker: Arc<B>, config: ApiConfig) -> Router {
         .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(tokens, auth::require))
+        .layer(axum::middleware::from_fn_with_state(trusted, auth::same_origin_writes))
         .layer(cors)
         .layer(axum::middleware::from_fn(access_log))
         .with_state(state)

@@ -598,3 +598,57 @@ async fn the_pages_are_open_and_me_names_the_role() {
     let (_, me) = call(&open.router, "GET", "/api/me", None, &[]).await;
     assert_eq!((me["auth"].clone(), me["role"].clone()), (json!(false), json!("admin")));
 }
+
+/// Cross-site request forgery: a write from another origin's page is refused whatever carries the
+/// token (with auth off too), a write authenticated by the page cookie must name its origin, and
+/// clients that are not browsers (no Origin, a header token) and the API's own pages still write.
+#[tokio::test]
+async fn only_the_apis_own_pages_may_write() {
+    let body = Some(r#"{"service": "sim"}"#);
+    let host = ("host", "127.0.0.1:7777");
+    let cookie = ("cookie", "fleetq_token=submit-secret-1");
+    for tokens in [Tokens::default(), tokens()] {
+        let auth_on = !tokens.is_empty();
+        let a = app(ApiConfig {
+            tokens,
+            cors_origins: vec!["https://studio.example".into()],
+            ..ApiConfig::default()
+        });
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut h = vec![host];
+            if auth_on && !extra.iter().any(|(k, _)| *k == "cookie") {
+                h.push(("authorization", "Bearer submit-secret-1"));
+            }
+            h.extend_from_slice(extra);
+            h
+        };
+        // A same-site page on another port (a ComfyUI beside the API), text/plain or not.
+        let other = [("origin", "http://127.0.0.1:8188"), ("content-type", "text/plain")];
+        let (s, e) = call(&a.router, "POST", "/api/jobs", body, &with(&other)).await;
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (StatusCode::FORBIDDEN, Some("cross_origin")),
+            "auth {auth_on}"
+        );
+        let (s, _) = call(&a.router, "POST", "/api/jobs/x/cancel", None, &with(&other)).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "a cancel from another origin, auth {auth_on}");
+        // The API's own page, a configured CORS origin, and curl.
+        for ok in
+            [vec![("origin", "http://127.0.0.1:7777")], vec![("origin", "https://studio.example")], vec![]]
+        {
+            let (s, v) = call(&a.router, "POST", "/api/jobs", body, &with(&ok)).await;
+            assert_eq!(s, StatusCode::CREATED, "{ok:?}, auth {auth_on}: {v}");
+        }
+        if auth_on {
+            let (s, e) = call(&a.router, "POST", "/api/jobs", body, &with(&[cookie])).await;
+            assert_eq!(
+                (s, e["error"]["code"].as_str()),
+                (StatusCode::FORBIDDEN, Some("cross_origin")),
+                "a cookie write without Origin"
+            );
+            let own = [cookie, ("origin", "http://127.0.0.1:7777")];
+            let (s, v) = call(&a.router, "POST", "/api/jobs", body, &with(&own)).await;
+            assert_eq!(s, StatusCode::CREATED, "the page itself: {v}");
+        }
+    }
+}
