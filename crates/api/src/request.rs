@@ -68,12 +68,72 @@ pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes
     })
 }
 
-/// Parses a JSON body.
+/// Parses a JSON body. A key given twice in one object is refused (`{"service": "a", "service":
+/// "b"}` has no one meaning; a parser that keeps the last lets a check see one value and the
+/// store another).
 pub(crate) fn json_body(bytes: &[u8]) -> ApiResult<Value> {
-    serde_json::from_slice(bytes).map_err(|e| ApiError {
+    serde_json::from_slice::<Unique>(bytes).map(|u| u.0).map_err(|e| ApiError {
         field: Some("body".into()),
         ..ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", format!("the body is not valid JSON: {e}"))
     })
+}
+
+/// A JSON value whose objects have no repeated key.
+struct Unique(Value);
+
+impl<'de> serde::Deserialize<'de> for Unique {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueVisitor).map(Unique)
+    }
+}
+
+struct UniqueVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+        while let Some(Unique(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if out.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!("the key {key:?} is given twice")));
+            }
+            let Unique(v) = map.next_value()?;
+            out.insert(key, v);
+        }
+        Ok(Value::Object(out))
+    }
 }
 
 #[cfg(test)]
@@ -94,6 +154,22 @@ mod tests {
 
     fn field(r: ApiResult<Q>) -> Option<String> {
         r.err().and_then(|e| e.field)
+    }
+
+    #[test]
+    fn a_key_given_twice_is_refused_at_any_depth() {
+        assert!(json_body(br#"{"service":"a","payload":{"x":[1,{"y":null}]}}"#).is_ok());
+        for body in [
+            &br#"{"service":"simulation","service":"other"}"#[..],
+            br#"{"payload":{"a":1,"a":2}}"#,
+            br#"[{"service":"a"},{"k":1,"k":1}]"#,
+        ] {
+            let e = json_body(body).expect_err("a repeated key");
+            assert!(e.message.contains("given twice"), "{}", e.message);
+            assert_eq!(e.field.as_deref(), Some("body"));
+        }
+        let v = json_body(br#"{"n": 1.5, "big": 18446744073709551615, "neg": -3}"#).expect("numbers");
+        assert_eq!(v, serde_json::json!({"n": 1.5, "big": 18_446_744_073_709_551_615_u64, "neg": -3}));
     }
 
     #[test]
