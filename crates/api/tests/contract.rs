@@ -214,7 +214,16 @@ async fn auth_matrix_every_route_every_role() {
         ("read", Some(Role::Read), vec![("authorization", format!("Bearer {READ}"))]),
         ("submit", Some(Role::Submit), vec![("authorization", format!("Bearer {SUBMIT}"))]),
         ("admin", Some(Role::Admin), vec![("authorization", format!("Bearer {ADMIN}"))]),
-        ("admin cookie", Some(Role::Admin), vec![("cookie", format!("theme=dark; fleetq_token={ADMIN}"))]),
+        // The page: its cookie, and the Origin a browser sends with it (its own).
+        (
+            "admin cookie",
+            Some(Role::Admin),
+            vec![
+                ("cookie", format!("theme=dark; fleetq_token={ADMIN}")),
+                ("host", "api.test:7777".into()),
+                ("origin", "http://api.test:7777".into()),
+            ],
+        ),
     ];
     for &(method, path, need) in EXPECTED {
         for (name, role, headers) in &who {
