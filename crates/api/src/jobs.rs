@@ -38,6 +38,26 @@ pub(crate) fn spec_from(value: Value, caller: Option<&Caller>) -> Result<JobSpec
     Ok(spec)
 }
 
+/// Whether `caller` may read a job owned by `owner`: a `submit` token reads only the jobs it
+/// submitted; `read` and `admin` tokens (and auth off) read every job.
+pub(crate) fn may_read(owner: Option<&str>, caller: Option<&Caller>) -> bool {
+    caller.is_none_or(|c| c.role != Role::Submit || owner == Some(c.name.as_str()))
+}
+
+/// One job's record for `caller`: another owner's job is "not found" to a `submit` token (its
+/// existence is not its business either).
+pub(crate) async fn readable_job<B: Broker>(
+    broker: &B,
+    id: &JobId,
+    caller: Option<&Caller>,
+) -> ApiResult<fleetq_core::JobRecord> {
+    broker
+        .job(id)
+        .await?
+        .filter(|rec| may_read(rec.spec.owner.as_deref(), caller))
+        .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))
+}
+
 /// A `submit` caller may touch only the jobs it submitted; `admin` (and auth off) any job.
 pub(crate) async fn check_owner<B: Broker>(broker: &B, id: &JobId, caller: Option<&Caller>) -> ApiResult<()> {
     let Some(c) = caller.filter(|c| c.role < Role::Admin) else { return Ok(()) };
@@ -146,10 +166,11 @@ fn job_id(id: String) -> ApiResult<JobId> {
 )]
 pub(crate) async fn get<B: Broker>(
     State(st): State<AppState<B>>,
+    caller: Option<Extension<Caller>>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<JobView>> {
     let id = job_id(id)?;
-    let rec = st.broker.job(&id).await?.ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
+    let rec = readable_job(st.broker.as_ref(), &id, caller.as_ref().map(|Extension(c)| c)).await?;
     let s = &rec.summary;
     let mut estimate = None;
     if !s.status.is_terminal() {
@@ -329,9 +350,11 @@ pub(crate) async fn retry<B: Broker>(
 )]
 pub(crate) async fn matching<B: Broker>(
     State(st): State<AppState<B>>,
+    caller: Option<Extension<Caller>>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<MatchingWorkers>> {
     let id = job_id(id)?;
+    readable_job(st.broker.as_ref(), &id, caller.as_ref().map(|Extension(c)| c)).await?;
     let verdicts = fleet::matching_workers(st.broker.as_ref(), &id).await?;
     let workers = verdicts
         .into_iter()
@@ -381,6 +404,7 @@ fn safe_segment(field: &str, s: &str) -> ApiResult<()> {
 )]
 pub(crate) async fn artifact<B: Broker>(
     State(st): State<AppState<B>>,
+    caller: Option<Extension<Caller>>,
     Path((id, name)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     safe_segment("id", &id)?;
@@ -391,7 +415,7 @@ pub(crate) async fn artifact<B: Broker>(
         .as_ref()
         .ok_or_else(|| ApiError::not_found("this API has no artifacts directory (--artifacts-dir)"))?;
     let jid = job_id(id.clone())?;
-    st.broker.job(&jid).await?.ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
+    readable_job(st.broker.as_ref(), &jid, caller.as_ref().map(|Extension(c)| c)).await?;
     let path = dir.join(&id).join(&name);
     let bytes = tokio::fs::read(&path)
         .await
@@ -440,6 +464,7 @@ fn terminal_name(status: JobStatus) -> &'static str {
 )]
 pub(crate) async fn events<B: Broker>(
     State(st): State<AppState<B>>,
+    caller: Option<Extension<Caller>>,
     Path(id): Path<String>,
     headers: HeaderMap,
     TypedQuery(q): TypedQuery<StreamQuery>,
@@ -447,17 +472,17 @@ pub(crate) async fn events<B: Broker>(
     let id = job_id(id)?;
     let resume = resume_point(&headers, q.since.as_deref())?;
     let broker = st.broker.clone();
+    let caller = caller.as_ref().map(|Extension(c)| c);
     let epoch = resume.map(|r| r.epoch);
     let (after, first) = match resume {
         Some(r) => {
-            broker.job(&id).await?.ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
+            readable_job(broker.as_ref(), &id, caller).await?;
             (r.seq, None)
         }
         None => {
             // The sequence first, then the state: nothing between them can be missed.
             let seq = broker.snapshot().await?.seq;
-            let rec =
-                broker.job(&id).await?.ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
+            let rec = readable_job(broker.as_ref(), &id, caller).await?;
             (seq, Some(rec))
         }
     };

@@ -361,13 +361,14 @@ async fn client_message<B: Broker>(
                 return with_id(err_msg("bad_request", "request_job_status needs job_id"));
             };
             match st.broker.job(&id).await {
-                Ok(Some(rec)) => {
+                // Another owner's job is not found to a submit token, as over HTTP.
+                Ok(Some(rec)) if crate::jobs::may_read(rec.spec.owner.as_deref(), caller) => {
                     if !rec.summary.status.is_terminal() {
                         watching.insert(id);
                     }
                     status_msg(&rec.summary, rec.outcome.as_ref(), &message_id)
                 }
-                Ok(None) => with_id(err_msg("not_found", format!("job {id} not found"))),
+                Ok(_) => with_id(err_msg("not_found", format!("job {id} not found"))),
                 Err(e) => with_id(ApiError::from(e).body_with_type()),
             }
         }

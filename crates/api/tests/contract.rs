@@ -375,6 +375,23 @@ async fn submit_tokens_act_only_on_their_own_jobs() {
     let (_, job) =
         call(&a.router, "GET", &format!("/api/jobs/{id}"), None, &[("authorization", &admin)]).await;
     assert_eq!(job["spec"]["owner"], "alice");
+    // Reads of one job: another owner's job does not exist for a submit token.
+    for path in [
+        format!("/api/jobs/{id}"),
+        format!("/api/jobs/{id}/matching-workers"),
+        format!("/api/jobs/{id}/events"),
+    ] {
+        let (s, e) = call(&a.router, "GET", &path, None, &[("authorization", &bob)]).await;
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (StatusCode::NOT_FOUND, Some("not_found")),
+            "bob reads {path}"
+        );
+        let (s, _) = call(&a.router, "GET", &path, None, &[("authorization", &alice)]).await;
+        assert_eq!(s, StatusCode::OK, "alice reads {path}");
+        let (s, _) = call(&a.router, "GET", &path, None, &[("authorization", &admin)]).await;
+        assert_eq!(s, StatusCode::OK, "admin reads {path}");
+    }
     let cancel = format!("/api/jobs/{id}/cancel");
     let (s, e) = call(&a.router, "POST", &cancel, None, &[("authorization", &bob)]).await;
     assert_eq!(
