@@ -226,6 +226,26 @@ pub const RELEASE_SERVICE_OFFLINE: &str = "service_offline";
 /// Result alias of this crate.
 pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
 
+/// TLS material for a `rediss://` Redis, as PEM files: a CA to trust instead of the system's
+/// roots, and a client certificate and key for mutual TLS. Only for `rediss://` URLs (the Redis
+/// backend refuses it with a `redis://` URL rather than ignore it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RedisTls {
+    /// The CA certificate(s) the server's certificate must chain to.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// This client's certificate (mutual TLS), with `key_file`.
+    pub cert_file: Option<std::path::PathBuf>,
+    /// This client's private key (mutual TLS), with `cert_file`.
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl RedisTls {
+    /// Whether any file is given.
+    pub fn is_set(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
+    }
+}
+
 /// Tunables shared by both backends.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BrokerConfig {
@@ -265,6 +285,9 @@ pub struct BrokerConfig {
     /// a new queue), so workers never change it; the embedded store is off. `Some` sets it (with
     /// Redis, for every process of the queue).
     pub fair_share: Option<FairShare>,
+    /// TLS files for a `rediss://` Redis (the embedded store has no use for them).
+    #[serde(default)]
+    pub redis_tls: RedisTls,
 }
 
 /// Fair share between customers: among jobs of equal effective priority, customers take turns.
@@ -325,6 +348,7 @@ impl Default for BrokerConfig {
             wait_replicas: 0,
             wait_timeout_ms: 1_000,
             fair_share: None,
+            redis_tls: RedisTls::default(),
         }
     }
 }

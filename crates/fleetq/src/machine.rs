@@ -16,6 +16,8 @@ use crate::signal::stop_then_force;
 /// Flags of `fleetq machine`; each is also read from the environment variable shown in `--help`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
+    #[command(flatten)]
+    tls: crate::redis_tls::RedisTlsArgs,
     /// The machine's TOML file: GPUs, services per GPU, the worker per GPU (see examples/machine.toml).
     #[arg(long, env = "MACHINE_CONFIG")]
     config: PathBuf,
@@ -68,7 +70,8 @@ impl MachineOverrides {
 pub(crate) async fn run(args: Args) -> Result<()> {
     anyhow::ensure!(args.lease_ms >= 100, "the lease (--lease-ms) must be at least 100 ms");
     let spec = args.machine.spec(&args.config)?;
-    let config = BrokerConfig { lease_ms: args.lease_ms, ..BrokerConfig::default() };
+    let config =
+        BrokerConfig { lease_ms: args.lease_ms, redis_tls: args.tls.files(), ..BrokerConfig::default() };
     let broker = RedisBroker::connect(&args.redis, &args.queue, config).await?;
     let stop = CancellationToken::new();
     let force = CancellationToken::new();

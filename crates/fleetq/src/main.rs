@@ -12,6 +12,7 @@ mod explain;
 mod machine;
 mod mock;
 mod out;
+mod redis_tls;
 mod serve;
 mod signal;
 mod worker;

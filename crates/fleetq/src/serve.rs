@@ -125,6 +125,8 @@ impl ApiArgs {
 pub(crate) struct UpArgs {
     #[command(flatten)]
     api: ApiArgs,
+    #[command(flatten)]
+    tls: crate::redis_tls::RedisTlsArgs,
     /// Directory of the embedded store and the artifacts (created if missing).
     #[arg(long, env = "FLEETQ_DATA_DIR", default_value = "fleetq-data")]
     data_dir: PathBuf,
@@ -223,6 +225,8 @@ impl UpArgs {
 pub(crate) struct ApiOnlyArgs {
     #[command(flatten)]
     api: ApiArgs,
+    #[command(flatten)]
+    tls: crate::redis_tls::RedisTlsArgs,
     /// Redis URL.
     #[arg(long, env = "HUB_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
     redis: String,
@@ -256,9 +260,15 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
     let artifacts = args.data_dir.join("artifacts");
     let stop = CancellationToken::new();
     let config = args.api.config(Some(artifacts), stop.clone())?;
+    if args.redis.is_none() && args.tls.files().is_set() {
+        bail!(
+            "--redis-ca, --redis-cert and --redis-key apply to a rediss:// Redis (--redis); the embedded store has no TLS"
+        );
+    }
     let broker_config = BrokerConfig {
         lease_ms: args.lease_ms,
         wait_replicas: args.wait_replicas,
+        redis_tls: args.tls.files(),
         fair_share: args.api.fair_share()?,
         ..BrokerConfig::default()
     };
@@ -405,6 +415,7 @@ pub(crate) async fn api(args: ApiOnlyArgs) -> Result<()> {
     let config = args.api.config(args.artifacts_dir.clone(), stop.clone())?;
     let broker_config = BrokerConfig {
         wait_replicas: args.wait_replicas,
+        redis_tls: args.tls.files(),
         fair_share: args.api.fair_share()?,
         ..BrokerConfig::default()
     };

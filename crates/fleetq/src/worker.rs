@@ -20,6 +20,8 @@ pub(crate) const SIMULATION_STEP_MS: u64 = 300;
 /// precedence: flag > environment > `--config` file > default.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
+    #[command(flatten)]
+    tls: crate::redis_tls::RedisTlsArgs,
     /// TOML file: identity, capabilities, settings and `[[connectors]]` (see README).
     #[arg(long, env = "WORKER_CONFIG")]
     config: Option<PathBuf>,
@@ -110,6 +112,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
     let broker_config = BrokerConfig {
         lease_ms: settings.lease_ms,
         wait_replicas: args.wait_replicas,
+        redis_tls: args.tls.files(),
         ..BrokerConfig::default()
     };
     let broker = RedisBroker::connect(&settings.redis_url, &settings.queue, broker_config).await?;

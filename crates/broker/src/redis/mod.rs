@@ -86,6 +86,49 @@ impl ClassView {
     }
 }
 
+/// A client of `url`: `redis://` plain, `rediss://` over TLS (the system's roots, or the CA file
+/// of `tls`, and a client certificate for mutual TLS). TLS files with a plain URL are refused.
+fn open_client(url: &str, shown: &str, tls: &crate::RedisTls) -> Result<redis::Client> {
+    let unreadable = |e: redis::RedisError| {
+        BrokerError::Connect(format!(
+            "{shown:?} is not a Redis URL ({}): write it as redis://HOST:PORT/ (rediss://HOST:PORT/ over TLS; redis://USER:PASSWORD@HOST:PORT/ with credentials)",
+            e.detail().unwrap_or("unreadable")
+        ))
+    };
+    let secure = url.starts_with("rediss://");
+    if secure {
+        // The process-wide TLS provider (an error only says one is installed already: fine).
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    }
+    if !tls.is_set() {
+        return redis::Client::open(url).map_err(unreadable);
+    }
+    if !secure {
+        return Err(BrokerError::Connect(format!(
+            "TLS files (--redis-ca, --redis-cert, --redis-key) apply to rediss:// URLs; {shown} is not one"
+        )));
+    }
+    let read = |what: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| {
+            BrokerError::Connect(format!("cannot read the Redis TLS {what} {}: {e}", path.display()))
+        })
+    };
+    let client_tls = match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read("certificate", cert)?,
+            client_key: read("key", key)?,
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(BrokerError::Connect(
+                "mutual TLS needs both a client certificate (--redis-cert) and its key (--redis-key)".into(),
+            ));
+        }
+    };
+    let root_cert = tls.ca_file.as_deref().map(|p| read("CA", p)).transpose()?;
+    redis::Client::build_with_tls(url, redis::TlsCertificates { client_tls, root_cert }).map_err(unreadable)
+}
+
 /// Redis-backed [`Broker`](crate::Broker).
 #[derive(Debug)]
 pub struct RedisBroker {
@@ -125,12 +168,7 @@ impl RedisBroker {
         fleetq_core::validate::check_name("queue", queue)?;
         // Printed only redacted: a URL's password must not reach a log line.
         let shown = fleetq_core::url::redacted(url);
-        let client = redis::Client::open(url).map_err(|e| {
-            BrokerError::Connect(format!(
-                "{shown:?} is not a Redis URL ({}): write it as redis://HOST:PORT/ (redis://USER:PASSWORD@HOST:PORT/ with credentials)",
-                e.detail().unwrap_or("unreadable")
-            ))
-        })?;
+        let client = open_client(url, &shown, &config.redis_tls)?;
         // One plain connection first, so a Redis that is not there is said at once, in one line,
         // instead of after the connection manager's retries.
         let not_there = "is redis-server running there? (Debian: apt install redis-server; or use `fleetq up` without --redis / HUB_REDIS_URL for the embedded store)";
