@@ -29,6 +29,15 @@ pub struct ApiConfig {
     pub reap_every: Duration,
     /// Most event streams (SSE) and WebSockets open at once; beyond, 503 with `Retry-After`.
     pub max_streams: usize,
+    /// How long a client may take to send a request's head — and how long a kept-alive connection
+    /// may sit idle before its next one: past it the connection is closed (a slow client cannot
+    /// hold a descriptor for ever).
+    pub header_timeout: Duration,
+    /// How long a request may take from its head to its response head, its body included (408).
+    /// Event streams and WebSockets answer at once, so their length is not bounded by it.
+    pub request_timeout: Duration,
+    /// Most connections open at once; a connection beyond is closed at accept.
+    pub max_connections: usize,
 }
 
 impl Default for ApiConfig {
@@ -44,6 +53,9 @@ impl Default for ApiConfig {
             shutdown: CancellationToken::new(),
             reap_every: Duration::from_secs(1),
             max_streams: 1024,
+            header_timeout: Duration::from_secs(20),
+            request_timeout: Duration::from_secs(60),
+            max_connections: 4096,
         }
     }
 }

@@ -63,12 +63,68 @@ pub async fn serve<B: Broker>(
     let stop = config.shutdown.clone();
     let every = config.reap_every.max(Duration::from_millis(10));
     let upkeep = tokio::spawn(maintain(broker.clone(), every, stop.clone()));
-    let served = axum::serve(listener, router(broker, config))
-        .with_graceful_shutdown(stop.clone().cancelled_owned())
-        .await;
+    let limits = (config.header_timeout, config.max_connections);
+    let served = accept_loop(listener, router(broker, config), limits, stop.clone()).await;
     stop.cancel();
     upkeep.await.ok();
     served
+}
+
+/// Serves connections until `stop`, then lets them finish (event streams end at `stop` too).
+/// Unlike `axum::serve`, a connection is bounded: at most `max_connections` at once (one beyond is
+/// closed at accept), and a request head — or the next one on a kept-alive connection — must
+/// arrive within `header_timeout`.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    (header_timeout, max_connections): (Duration, usize),
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            // Out of descriptors and the like: pause rather than spin, as axum::serve does.
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(max_connections, "connection refused: at the connection limit");
+            drop(stream);
+            continue;
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        tokio::spawn(async move {
+            let _slot = slot;
+            // A new connection must say something within the header timeout too: hyper's timer
+            // starts only once the protocol is known, which takes the first bytes.
+            let mut first = [0u8; 1];
+            if !matches!(tokio::time::timeout(header_timeout, stream.peek(&mut first)).await, Ok(Ok(1..))) {
+                return;
+            }
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(error = %e, "connection ended");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// The whole API as an axum router. Spawns the event hub (one reader of the event log shared by
@@ -82,6 +138,7 @@ pub fn router<B: Broker>(broker: Arc<B>, config: ApiConfig) -> Router {
     let cors = cors_layer(&config.cors_origins);
     let trusted = auth::TrustedOrigins(Arc::new(config.cors_origins.clone()));
     let body_limit = config.max_body_bytes;
+    let request_timeout = config.request_timeout;
     let state = AppState::new(broker, config, stats, hub);
     let (router, _) = routes::<B>().split_for_parts();
     router
@@ -91,6 +148,10 @@ pub fn router<B: Broker>(broker: Arc<B>, config: ApiConfig) -> Router {
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            request_timeout,
+        ))
         .layer(axum::middleware::from_fn_with_state(tokens, auth::require))
         .layer(axum::middleware::from_fn_with_state(trusted, auth::same_origin_writes))
         .layer(cors)

@@ -49,6 +49,17 @@ pub(crate) struct ApiArgs {
     /// Most event streams and WebSockets open at once (beyond: 503 with Retry-After).
     #[arg(long, env = "FLEETQ_MAX_STREAMS", default_value_t = 1024)]
     max_streams: usize,
+    /// Seconds a client may take to send a request's head, or keep a connection idle between
+    /// requests; then the connection is closed.
+    #[arg(long, env = "FLEETQ_HEADER_TIMEOUT_S", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    header_timeout_s: u64,
+    /// Seconds a request may take up to its response head, body included (408 beyond). Event
+    /// streams and WebSockets answer at once and are not bounded by it.
+    #[arg(long, env = "FLEETQ_REQUEST_TIMEOUT_S", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    request_timeout_s: u64,
+    /// Most connections open at once (one beyond is closed at accept).
+    #[arg(long, env = "FLEETQ_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_connections: u64,
     /// Fair share between customers of equal priority: they take turns instead of strict
     /// submission order (on/off). Unset leaves the queue's setting (off for a new queue).
     #[arg(long, env = "FLEETQ_FAIR_SHARE", value_parser = clap::builder::BoolishValueParser::new())]
@@ -79,6 +90,9 @@ impl ApiArgs {
             shutdown,
             reap_every: Duration::from_millis(self.reap_every_ms.max(10)),
             max_streams: self.max_streams.max(1),
+            header_timeout: Duration::from_secs(self.header_timeout_s),
+            request_timeout: Duration::from_secs(self.request_timeout_s),
+            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
             ..ApiConfig::default()
         })
     }
