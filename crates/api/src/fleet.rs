@@ -319,11 +319,13 @@ pub(crate) async fn events<B: Broker>(
     TypedQuery(q): TypedQuery<FleetStreamQuery>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     let topics = parse_topics(q.topics.as_deref())?;
-    let (after, epoch) = match resume_point(&headers, q.since.as_deref())? {
+    let resume = resume_point(&headers, q.since.as_deref())?;
+    // The place among the open streams first: a client that will be refused costs no snapshot.
+    let permit = st.stream_permit()?;
+    let (after, epoch) = match resume {
         Some(r) => (r.seq, Some(r.epoch)),
         None => (st.broker.snapshot().await?.seq, None),
     };
-    let permit = st.stream_permit()?;
     let hub = st.hub.clone();
     let stream = st
         .feed_from(after, epoch)

@@ -473,6 +473,8 @@ pub(crate) async fn events<B: Broker>(
     let resume = resume_point(&headers, q.since.as_deref())?;
     let broker = st.broker.clone();
     let caller = caller.as_ref().map(|Extension(c)| c);
+    // The place among the open streams first: a client that will be refused costs no reads.
+    let permit = st.stream_permit()?;
     let epoch = resume.map(|r| r.epoch);
     let (after, first) = match resume {
         Some(r) => {
@@ -486,7 +488,6 @@ pub(crate) async fn events<B: Broker>(
             (seq, Some(rec))
         }
     };
-    let permit = st.stream_permit()?;
     let stream = job_stream(st.feed_from(after, epoch), broker, st.hub.clone(), id, after, first)
         // The stream holds its place among the server's open streams until it ends.
         .map(move |item| {
