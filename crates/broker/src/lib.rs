@@ -592,7 +592,7 @@ pub trait Queue: Backend {
     fn cancel(&self, id: &JobId) -> impl Future<Output = Result<CancelOutcome>> + Send;
 
     /// Puts a failed or cancelled job back in the queue with a fresh budget of `spec.max_attempts`
-    /// attempts, numbered on from its last (an attempt number is a lease's fence: it never repeats).
+    /// attempts, numbered on from its last (a spent attempt's number is never used again).
     fn retry(&self, id: &JobId) -> impl Future<Output = Result<()>> + Send;
 
     /// Re-queues or finishes jobs whose lease expired, promotes due retries, expires silent workers.
