@@ -51,6 +51,12 @@ impl RedisServer {
         )
     }
 
+    /// Starts a server on `port` with `args` added to its command line (shell words: quote paths
+    /// with spaces), e.g. a password or TLS ports; waits until the plain port listens.
+    pub fn start_with(port: u16, args: &str) -> std::io::Result<Self> {
+        Self::launch(port, &format!("--save '' --appendonly no {args}"))
+    }
+
     /// Starts a throwaway replica (no persistence) of the server on `primary_port`.
     pub fn start_replica_of(primary_port: u16) -> std::io::Result<Self> {
         Self::launch(

@@ -3,7 +3,7 @@
 //! TLS with a client certificate, and TLS files given with a plain URL refused rather than ignored.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use fleetq_broker::redis::RedisBroker;
@@ -72,45 +72,27 @@ fn certificate(dir: &Path, name: &str, ca: Option<&str>) {
     }
 }
 
-/// A TLS-only `redis-server` on a free port; `clients` is its `--tls-auth-clients` (yes, no).
-struct TlsRedis {
-    port: u16,
-    _child: ChildGuard,
-}
-
-struct ChildGuard(std::process::Child);
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        self.0.kill().ok();
-        self.0.wait().ok();
-    }
-}
-
-fn tls_redis(dir: &Path, clients: &str) -> TlsRedis {
-    let port = RedisServer::free_port().expect("a port");
-    let child = Command::new("redis-server")
-        .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args([
-            "--tls-cert-file",
-            "server.crt",
-            "--tls-key-file",
-            "server.key",
-            "--tls-ca-cert-file",
-            "ca.crt",
-        ])
-        .args(["--tls-auth-clients", clients, "--save", "", "--appendonly", "no"])
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .spawn()
+/// A `redis-server` that also listens with TLS (certificates in `dir`); `clients` is its
+/// `--tls-auth-clients` (yes, no). Returns the harness (which owns the process) and the TLS port.
+fn tls_redis(dir: &Path, clients: &str) -> (RedisServer, u16) {
+    let tls_port = RedisServer::free_port().expect("a port");
+    let file = |name: &str| format!("'{}'", dir.join(name).display());
+    let args = format!(
+        "--tls-port {tls_port} --tls-cert-file {} --tls-key-file {} --tls-ca-cert-file {} --tls-auth-clients {clients}",
+        file("server.crt"),
+        file("server.key"),
+        file("ca.crt")
+    );
+    let server = RedisServer::start_with(RedisServer::free_port().expect("a port"), &args)
         .expect("redis-server (Debian's is built with TLS)");
-    // Until it listens (a bound on a hang, not a timing assertion).
+    // The TLS port opens with the plain one; a bound on a hang, not a timing assertion.
     for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        if std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_ok() {
             break;
         }
         std::thread::sleep(Duration::from_millis(25));
     }
-    TlsRedis { port, _child: ChildGuard(child) }
+    (server, tls_port)
 }
 
 fn files(dir: &Path, ca: Option<&str>, client: bool) -> RedisTls {
@@ -136,18 +118,17 @@ async fn rediss_with_a_ca_file_and_mutual_tls() {
     certificate(d, "client", Some("ca"));
     certificate(d, "other-ca", None);
 
-    let server = tls_redis(d, "no");
-    let broker = connect(server.port, files(d, Some("ca"), false)).await.expect("trusted by the CA file");
+    let (_server, port) = tls_redis(d, "no");
+    let broker = connect(port, files(d, Some("ca"), false)).await.expect("trusted by the CA file");
     let id = broker.submit(JobSpec::new("simulation", json!({}))).await.expect("submit").id;
     assert!(broker.job(&id).await.expect("read").is_some(), "a job round-trips over TLS");
 
-    let wrong =
-        connect(server.port, files(d, Some("other-ca"), false)).await.expect_err("a wrong CA is refused");
+    let wrong = connect(port, files(d, Some("other-ca"), false)).await.expect_err("a wrong CA is refused");
     let text = wrong.to_string();
     assert!(text.contains("cannot reach Redis") && text.to_lowercase().contains("certificate"), "{text}");
 
     let plain = RedisBroker::connect(
-        &format!("redis://127.0.0.1:{}/", server.port),
+        &format!("redis://127.0.0.1:{port}/"),
         "tls",
         BrokerConfig { redis_tls: files(d, Some("ca"), false), ..test_config() },
     )
@@ -156,14 +137,11 @@ async fn rediss_with_a_ca_file_and_mutual_tls() {
     assert!(plain.to_string().contains("apply to rediss:// URLs"), "{plain}");
 
     let half = RedisTls { key_file: None, ..files(d, Some("ca"), true) };
-    let e = connect(server.port, half).await.expect_err("a certificate without its key");
+    let e = connect(port, half).await.expect_err("a certificate without its key");
     assert!(e.to_string().contains("--redis-key"), "{e}");
 
-    let mutual = tls_redis(d, "yes");
-    assert!(
-        connect(mutual.port, files(d, Some("ca"), false)).await.is_err(),
-        "no client certificate, no entry"
-    );
-    let broker = connect(mutual.port, files(d, Some("ca"), true)).await.expect("mutual TLS");
+    let (_mutual, mutual) = tls_redis(d, "yes");
+    assert!(connect(mutual, files(d, Some("ca"), false)).await.is_err(), "no client certificate, no entry");
+    let broker = connect(mutual, files(d, Some("ca"), true)).await.expect("mutual TLS");
     broker.submit(JobSpec::new("simulation", json!({}))).await.expect("submit over mutual TLS");
 }

@@ -40,6 +40,11 @@ pub enum Auth {
     },
 }
 
+/// Whether `path` is an absolute http(s) URL rather than a path on the service.
+fn is_absolute(path: &str) -> bool {
+    path.starts_with("http://") || path.starts_with("https://")
+}
+
 /// Whether two URLs share an origin (scheme, host and port, the scheme's default port filled in).
 /// Unparsable URLs share nothing.
 pub fn same_origin(a: &str, b: &str) -> bool {
@@ -119,18 +124,15 @@ impl HttpTransport {
 
     /// `base_url` + `path` (an absolute URL is used as is).
     pub fn url(&self, path: &str) -> String {
-        if path.starts_with("http://") || path.starts_with("https://") {
-            path.to_owned()
-        } else {
-            format!("{}{path}", self.config.base_url)
-        }
+        if is_absolute(path) { path.to_owned() } else { format!("{}{path}", self.config.base_url) }
     }
 
     /// A request, with the credentials when it goes to the configured service's own origin — an
     /// absolute URL elsewhere (a link the service returned) never receives them.
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
         let url = self.url(path);
-        let ours = same_origin(&url, &self.config.base_url);
+        // A path is the service's own by construction; only an absolute URL needs comparing.
+        let ours = !is_absolute(path) || same_origin(&url, &self.config.base_url);
         let rb = self.client.request(method, url);
         if !ours {
             return rb;

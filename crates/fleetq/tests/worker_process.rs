@@ -205,26 +205,14 @@ fn a_missing_redis_is_said_once_with_a_hint() {
 #[test]
 fn no_password_reaches_a_log_line() {
     const SECRET: &str = "S3cret-Pa55word";
-    let port = common::free_port();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let _redis = common::Guard(
-        Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--requirepass", SECRET, "--dir"])
-            .arg(dir.path())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server"),
-    );
+    let redis = RedisServer::start_with(
+        RedisServer::free_port().expect("a port"),
+        &format!("--requirepass {SECRET}"),
+    )
+    .expect("redis-server");
+    let port = redis.port;
     let url = format!("redis://:{SECRET}@127.0.0.1:{port}/");
     let wrong = format!("redis://:not-{SECRET}@127.0.0.1:{port}/");
-    // Until the server accepts connections (a bound on a hang, not a timing assertion).
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 
     // A worker that registers, runs, and is stopped: every line it wrote.
     let worker = Command::new(env!("CARGO_BIN_EXE_fleetq"))
