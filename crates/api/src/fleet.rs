@@ -281,8 +281,16 @@ pub(crate) async fn instances<B: Broker>(
     summary = "Unfinished jobs, workers and machines as of a sequence",
     responses((status = 200, body = SnapshotView))
 )]
-pub(crate) async fn snapshot<B: Broker>(State(st): State<AppState<B>>) -> ApiResult<Json<SnapshotView>> {
-    Ok(Json(SnapshotView { snapshot: st.broker.snapshot().await?, stale_after_ms: st.stale_after_ms() }))
+pub(crate) async fn snapshot<B: Broker>(
+    State(st): State<AppState<B>>,
+    caller: Option<axum::Extension<crate::auth::Caller>>,
+) -> ApiResult<Json<SnapshotView>> {
+    let mut snapshot = st.broker.snapshot().await?;
+    // A submit token sees its own jobs only (the fleet's workers and machines as everyone).
+    if let Some(owner) = crate::jobs::scoped_owner(caller.as_ref().map(|axum::Extension(c)| c)) {
+        snapshot.jobs.retain(|_, j| j.owner.as_deref() == Some(owner));
+    }
+    Ok(Json(SnapshotView { snapshot, stale_after_ms: st.stale_after_ms() }))
 }
 
 /// `GET /api/stats`: rolling run-time statistics per service.
@@ -316,9 +324,13 @@ pub(crate) async fn stats<B: Broker>(State(st): State<AppState<B>>) -> Json<Stat
 pub(crate) async fn events<B: Broker>(
     State(st): State<AppState<B>>,
     headers: HeaderMap,
+    caller: Option<axum::Extension<crate::auth::Caller>>,
     TypedQuery(q): TypedQuery<FleetStreamQuery>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     let topics = parse_topics(q.topics.as_deref())?;
+    // A submit token follows its own jobs' events only.
+    let owner: Option<String> =
+        crate::jobs::scoped_owner(caller.as_ref().map(|axum::Extension(c)| c)).map(str::to_owned);
     let resume = resume_point(&headers, q.since.as_deref())?;
     // The place among the open streams first: a client that will be refused costs no snapshot.
     let permit = st.stream_permit()?;
@@ -338,12 +350,19 @@ pub(crate) async fn events<B: Broker>(
                         .event("resync")
                         .data(json!({"type": "resync", "after": after, "first": first}).to_string()),
                 ),
-                Feed::Event(ev) if topics.contains(topic(&ev.kind)) => Some(
-                    SseEvent::default()
-                        .id(hub.event_id(ev.seq))
-                        .event(ev.kind.name())
-                        .data(serde_json::to_string(&*ev).unwrap_or_default()),
-                ),
+                Feed::Event(ev)
+                    if topics.contains(topic(&ev.kind))
+                        && owner
+                            .as_deref()
+                            .is_none_or(|o| ev.kind.job().is_none_or(|j| j.owner.as_deref() == Some(o))) =>
+                {
+                    Some(
+                        SseEvent::default()
+                            .id(hub.event_id(ev.seq))
+                            .event(ev.kind.name())
+                            .data(serde_json::to_string(&*ev).unwrap_or_default()),
+                    )
+                }
                 Feed::Event(_) => None,
             };
             std::future::ready(out.map(Ok))

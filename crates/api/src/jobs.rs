@@ -44,6 +44,12 @@ pub(crate) fn may_read(owner: Option<&str>, caller: Option<&Caller>) -> bool {
     caller.is_none_or(|c| c.role != Role::Submit || owner == Some(c.name.as_str()))
 }
 
+/// The owner a `submit` caller's reads are scoped to (its own token name); `None` for `read`,
+/// `admin` and auth off, which read every job.
+pub(crate) fn scoped_owner(caller: Option<&Caller>) -> Option<&str> {
+    caller.filter(|c| c.role == Role::Submit).map(|c| c.name.as_str())
+}
+
 /// One job's record for `caller`: another owner's job is "not found" to a `submit` token (its
 /// existence is not its business either).
 pub(crate) async fn readable_job<B: Broker>(
@@ -205,6 +211,9 @@ pub(crate) struct ListQuery {
     workflow: Option<String>,
     /// Only this customer id.
     customer: Option<String>,
+    /// Only jobs submitted by this token name. A `submit` token lists only its own jobs (this
+    /// parameter may only name it).
+    owner: Option<String>,
     /// 1–1000 (default 100).
     #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
@@ -248,12 +257,24 @@ pub(crate) struct StreamQuery {
 )]
 pub(crate) async fn list<B: Broker>(
     State(st): State<AppState<B>>,
+    caller: Option<Extension<Caller>>,
     TypedQuery(q): TypedQuery<ListQuery>,
 ) -> ApiResult<Json<JobPage>> {
     if q.limit.is_some_and(|n| !(1..=1000).contains(&n)) {
         return Err(ApiError::bad_request("limit", "must be 1–1000"));
     }
+    let owner = match caller.as_ref().map(|Extension(c)| c).filter(|c| c.role == Role::Submit) {
+        None => q.owner,
+        Some(c) if q.owner.as_ref().is_none_or(|o| *o == c.name) => Some(c.name.clone()),
+        Some(c) => {
+            return Err(ApiError::bad_request(
+                "owner",
+                format!("a submit token lists only its own jobs: owner may only be {:?}", c.name),
+            ));
+        }
+    };
     let filter = JobFilter {
+        owner,
         status: q.status,
         service: q.service,
         worker: q.worker,
@@ -278,6 +299,7 @@ pub(crate) async fn list<B: Broker>(
                 service: filter.service,
                 workflow: filter.workflow,
                 customer: filter.customer,
+                owner: filter.owner,
                 limit: filter.limit,
                 cursor: filter.cursor,
             };
@@ -454,7 +476,7 @@ fn terminal_name(status: JobStatus) -> &'static str {
     path = "/api/jobs/{id}/events",
     operation_id = "job_events",
     summary = "SSE of one job until its terminal event; Last-Event-ID resume",
-    description = "SSE `id` = event id (`seq`, or `seq.epoch` after the log went back), `event` = kind. First `job_state` (`{type, seq, job, outcome}`: the current state; skipped when resuming), then each change as an Event (`job_claimed`, `job_progress`, …), then `job_completed`, `job_failed` or `job_cancelled`: an Event with `outcome` added. The stream then ends.",
+    description = "SSE `id` = event id (`seq`, or `seq.epoch` after the log went back), `event` = kind. First `job_state` (`{type, seq, job, outcome}`: the current state; skipped when resuming), then each change as an Event (`job_claimed`, `job_progress`, …), then `job_completed`, `job_failed` or `job_cancelled`: an Event with `outcome` added. The stream then ends. A job already finished when the stream opens gets its terminal event at once (`at` = when it finished, `seq` = the log position it was read at).",
     params(
         ("id" = String, Path, description = "Job id"),
         StreamQuery,
@@ -525,7 +547,14 @@ fn job_stream<B: Broker>(
             let terminal = rec.summary.status.is_terminal();
             let name = if terminal { terminal_name(rec.summary.status) } else { "job_state" };
             st.done = terminal;
-            let data = json!({"type": name, "seq": st.seq, "job": rec.summary, "outcome": rec.outcome});
+            // A finished job's stream is its terminal event, shaped as every Event (`at` is when it
+            // finished); its `seq` is the log position it was read at, the resume point.
+            let data = if terminal {
+                let at = rec.summary.finished_at.unwrap_or(rec.summary.updated_at);
+                json!({"type": name, "seq": st.seq, "at": at, "job": rec.summary, "outcome": rec.outcome})
+            } else {
+                json!({"type": name, "seq": st.seq, "job": rec.summary, "outcome": rec.outcome})
+            };
             return Some((Ok(job_sse(st.hub.event_id(st.seq), name, &data)), st));
         }
         loop {

@@ -117,12 +117,38 @@ impl Hub {
             .and_then(|evs| evs.into_iter().next())
             .filter(|ev| ev.seq == head)
             .map(Arc::new);
+        // Where the log is read from: when it changes (a Redis primary followed across a
+        // failover), what was read before may be gone, as after an outage.
+        let mut source = broker.log_source();
         'subscription: loop {
             let mut events = std::pin::pin!(fleetq_broker::subscribe(broker.clone(), from));
             let mut failed = false;
             while let Some(item) = events.next().await {
                 let Some(h) = hub.upgrade() else { return };
                 match item {
+                    Ok(_) if broker.log_source() != source => {
+                        // Read from another server than the events before it: not broadcast
+                        // until that server is known to hold them (below); then read again.
+                        source = broker.log_source();
+                        failed = true;
+                        if last_sent.is_none() {
+                            tracing::warn!(
+                                "event hub: the log moved to another server; clients resynchronize"
+                            );
+                            let head = loop {
+                                match broker.snapshot().await {
+                                    Ok(s) => break s.seq,
+                                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                                }
+                                if hub.strong_count() == 0 {
+                                    return;
+                                }
+                            };
+                            Self::reset(broker.as_ref(), &h, head).await;
+                            from = head;
+                            continue 'subscription;
+                        }
+                    }
                     Ok(ev) => {
                         let ev = Arc::new(ev);
                         let mut st = h.lock();
@@ -151,29 +177,35 @@ impl Hub {
                             return;
                         }
                     };
-                    failed = false;
                     if let Some(head) = head {
                         tracing::warn!(
                             broadcast = last.seq,
                             log_head = head,
                             "event hub: the event log went back (restored or failed over with lost writes); clients resynchronize"
                         );
-                        // A new epoch, so that resume tokens from before name no event of the
-                        // log as it is now (every hub that noticed agrees on one).
-                        let seen = h.epoch();
-                        let epoch = broker.advance_log_epoch(seen).await.unwrap_or(seen + 1);
-                        let mut st = h.lock();
-                        (st.last, st.epoch) = (head, epoch);
-                        let _ = st.tx.send(HubItem::Reset { head });
-                        drop(st);
+                        Self::reset(broker.as_ref(), &h, head).await;
                         from = head;
                         last_sent = None;
                         continue 'subscription;
                     }
+                    // Read on from the last event broadcast, now known to be there (an event read
+                    // from a moved source was held back, not sent).
+                    from = last.seq;
+                    continue 'subscription;
                 }
             }
             return;
         }
+    }
+
+    /// Tells every stream to resynchronize at `head`, under a new epoch, so that resume tokens
+    /// from before name no event of the log as it is now (every hub that noticed agrees on one).
+    async fn reset<B: Log>(broker: &B, h: &Self, head: u64) {
+        let seen = h.epoch();
+        let epoch = broker.advance_log_epoch(seen).await.unwrap_or(seen + 1);
+        let mut st = h.lock();
+        (st.last, st.epoch) = (head, epoch);
+        let _ = st.tx.send(HubItem::Reset { head });
     }
 
     /// `Some(head)` when the log no longer holds `last` as it was broadcast (it ends before it,

@@ -66,13 +66,23 @@ fn err_msg(code: &str, message: impl Into<String>) -> Value {
     summary = "WebSocket: snapshot, then sequenced events; subscribe, ping",
     description = "The server sends `{type: snapshot, seq, snapshot}`, then each Event flat (`{seq, at, type, …}`). Client messages: `{type: subscribe, topics: [...]}`, `{type: ping}` (answered by `{type: pong, seq}`). A resume point trimmed from the log yields a fresh snapshot.",
     params(FleetStreamQuery),
-    responses((status = 101, description = "Switched to the WebSocket protocol"), (status = 400, body = ErrorBody))
+    responses((status = 101, description = "Switched to the WebSocket protocol"), (status = 400, body = ErrorBody), (status = 403, description = "A submit token (its jobs are followed with /api/events)", body = ErrorBody))
 )]
 pub(crate) async fn monitor<B: Broker>(
     State(st): State<AppState<B>>,
+    caller: Option<axum::Extension<Caller>>,
     TypedQuery(q): TypedQuery<FleetStreamQuery>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
+    if crate::jobs::scoped_owner(caller.as_ref().map(|axum::Extension(c)| c)).is_some() {
+        // Its snapshot and events are every owner's jobs; /api/snapshot and /api/events serve a
+        // submit token its own.
+        return Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "forbidden",
+            "/ws/monitor shows every owner's jobs: a submit token follows its own with /api/events (or /ws/client); use a read token for the monitor",
+        ));
+    }
     let topics = parse_topics(q.topics.as_deref())?;
     let since = crate::stream::resume_point(&axum::http::HeaderMap::new(), q.since.as_deref())?;
     let ws = upgrade(ws)?;

@@ -234,6 +234,8 @@ async fn auth_matrix_every_route_every_role() {
                 (None, _) => None,
                 (Some(_), None) => Some(StatusCode::UNAUTHORIZED),
                 (Some(need), Some(have)) if *have < need => Some(StatusCode::FORBIDDEN),
+                // Every owner's jobs: a submit token follows its own with /api/events instead.
+                (Some(_), Some(Role::Submit)) if path == "/ws/monitor" => Some(StatusCode::FORBIDDEN),
                 _ => None,
             };
             match expected {
@@ -409,6 +411,44 @@ async fn submit_tokens_act_only_on_their_own_jobs() {
     assert_eq!(s, StatusCode::OK, "admin cancels any job");
     let (s, _) = call(&a.router, "POST", "/api/jobs/missing/cancel", None, &[("authorization", &bob)]).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // Listings: a submit token lists its own jobs (newest first and in queue order); read and
+    // admin tokens list everyone's, and may narrow by owner.
+    let (_, v) =
+        call(&a.router, "POST", "/api/jobs", Some(r#"{"service": "sim"}"#), &[("authorization", &alice)])
+            .await;
+    let alices_pending = v["id"].as_str().expect("id").to_owned();
+    let (_, v) =
+        call(&a.router, "POST", "/api/jobs", Some(r#"{"service": "sim"}"#), &[("authorization", &bob)]).await;
+    let bobs_pending = v["id"].as_str().expect("id").to_owned();
+    let owners = |page: &Value| -> BTreeSet<String> {
+        page["jobs"]
+            .as_array()
+            .expect("jobs")
+            .iter()
+            .map(|j| j["owner"].as_str().unwrap_or("-").to_owned())
+            .collect()
+    };
+    for list in ["/api/jobs", "/api/jobs?order=queue", "/api/jobs?owner=bob"] {
+        let (s, page) = call(&a.router, "GET", list, None, &[("authorization", &bob)]).await;
+        assert_eq!(s, StatusCode::OK, "{list}: {page}");
+        assert_eq!(owners(&page), BTreeSet::from(["bob".to_owned()]), "bob lists {list}");
+    }
+    let (s, e) = call(&a.router, "GET", "/api/jobs?owner=alice", None, &[("authorization", &bob)]).await;
+    assert_eq!((s, e["error"]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("owner")), "{e}");
+    let (_, page) = call(&a.router, "GET", "/api/jobs", None, &[("authorization", &admin)]).await;
+    assert_eq!(owners(&page), BTreeSet::from(["alice".to_owned(), "bob".to_owned()]));
+    let (_, page) = call(&a.router, "GET", "/api/jobs?owner=alice", None, &[("authorization", &admin)]).await;
+    assert_eq!(owners(&page), BTreeSet::from(["alice".to_owned()]));
+    // The snapshot: a submit token's holds its own unfinished jobs (and the fleet).
+    let (_, snap) = call(&a.router, "GET", "/api/snapshot", None, &[("authorization", &bob)]).await;
+    let ids: Vec<&String> = snap["jobs"].as_object().expect("jobs").keys().collect();
+    assert_eq!(ids, vec![&bobs_pending], "{snap}");
+    let (_, snap) = call(&a.router, "GET", "/api/snapshot", None, &[("authorization", &admin)]).await;
+    assert!(snap["jobs"].as_object().expect("jobs").contains_key(&alices_pending));
+    // The monitor's WebSocket carries every owner's jobs: not for a submit token.
+    let (s, e) = call(&a.router, "GET", "/ws/monitor", None, &[("authorization", &bob)]).await;
+    assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("forbidden")), "{e}");
 }
 
 /// Validates `body` against the schema the document gives for `method path` answering `status`

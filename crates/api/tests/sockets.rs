@@ -8,13 +8,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{app, claim, serve, worker};
+use common::{app, claim, serve, serve_with, worker};
 use eventsource_stream::{Event as SseEvent, Eventsource};
 use fleetq_api::ApiConfig;
 use fleetq_broker::Broker;
 use fleetq_broker::redis::RedisBroker;
 use fleetq_broker::testing::RedisServer;
-use fleetq_broker::{Log, Queue};
+use fleetq_broker::{Log, Queue, Read};
 use futures::{SinkExt, Stream, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -99,8 +99,67 @@ async fn job_sse_runs_to_the_terminal_event_and_resumes_after_a_drop() {
     assert_eq!(seen, expected, "exactly the job's events after the resume point");
     // A finished job's stream is its outcome, then the end.
     let mut s = sse(addr, &format!("/api/jobs/{id}/events"), None).await;
-    assert_eq!(next(&mut s).await.expect("terminal").event, "job_completed");
+    let terminal = next(&mut s).await.expect("terminal");
+    assert_eq!(terminal.event, "job_completed");
+    // Shaped as every terminal event: `at` (when it finished), the job, its outcome.
+    let data: Value = serde_json::from_str(&terminal.data).unwrap();
+    let finished = a.broker.job(&fleetq_core::JobId(id.clone())).await.unwrap().unwrap().summary.finished_at;
+    assert_eq!(data["at"].as_i64(), finished, "{data}");
+    assert_eq!(
+        (data["type"].as_str(), data["outcome"]["kind"].as_str()),
+        (Some("job_completed"), Some("result"))
+    );
     assert!(next(&mut s).await.is_none());
+}
+
+#[tokio::test]
+async fn a_submit_token_follows_only_its_own_jobs_on_the_fleet_stream() {
+    let tokens =
+        fleetq_api::Tokens::parse(["submit:alice:alice-secret,submit:bob:bob-secret,read:ops:ops-secret"])
+            .expect("tokens");
+    let a = app(ApiConfig::default());
+    let addr = serve_with(a.broker.clone(), ApiConfig { tokens, ..ApiConfig::default() }).await;
+    let open = |token: &'static str| async move {
+        let resp = reqwest::Client::new()
+            .get(format!("http://{addr}/api/events?topics=jobs"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("connect");
+        assert_eq!(resp.status(), 200);
+        Box::pin(resp.bytes_stream().eventsource().map(|r| r.map_err(|e| e.to_string()))) as Sse
+    };
+    let (mut bob, mut ops) = (open("bob-secret").await, open("ops-secret").await);
+    let post = |token: &'static str| async move {
+        let v: Value = reqwest::Client::new()
+            .post(format!("http://{addr}/api/jobs"))
+            .bearer_auth(token)
+            .json(&json!({"service": "sim"}))
+            .send()
+            .await
+            .expect("post")
+            .json()
+            .await
+            .expect("json");
+        v["id"].as_str().expect("id").to_owned()
+    };
+    let alices = post("alice-secret").await;
+    let bobs = post("bob-secret").await;
+    // The next job event (partition events carry no job and no owner).
+    async fn next_job(s: &mut Sse) -> Value {
+        loop {
+            let v: Value = serde_json::from_str(&next(s).await.expect("an event").data).expect("json");
+            if v["job"].is_object() {
+                return v;
+            }
+        }
+    }
+    // Bob's first job event is his own job's: alice's, submitted before, was not sent to him.
+    let first = next_job(&mut bob).await;
+    assert_eq!(first["job"]["id"], bobs.as_str(), "{first}");
+    // A read token sees both, in order.
+    let seen = [next_job(&mut ops).await["job"]["id"].clone(), next_job(&mut ops).await["job"]["id"].clone()];
+    assert_eq!(seen, [json!(alices), json!(bobs)]);
 }
 
 #[tokio::test]

@@ -475,6 +475,9 @@ pub struct JobFilter {
     /// Only this customer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub customer: Option<String>,
+    /// Only jobs submitted by this token (the API sets it for a `submit` caller).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// Page size (default 100, at most 1000).
     pub limit: Option<usize>,
     /// Continue after this cursor (from [`JobPage::next`]).
@@ -494,6 +497,9 @@ pub struct QueueFilter {
     /// Only this customer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub customer: Option<String>,
+    /// Only jobs submitted by this token (the API sets it for a `submit` caller).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// Page size (default 100, at most 1000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
@@ -669,6 +675,14 @@ pub trait Log: Backend {
     /// Moves the epoch on from `seen` (once: a caller that saw an older epoch gets the current one
     /// unchanged, so every process that noticed the same going-back agrees). Returns the epoch.
     fn advance_log_epoch(&self, seen: u64) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Which server's copy of the log is read: a number that changes when the backend starts
+    /// reading another one (a Redis primary followed across a failover), after which the log may
+    /// hold fewer events than were read before — a reader checks, as after an outage. Constant
+    /// where the log cannot move (the default).
+    fn log_source(&self) -> u64 {
+        0
+    }
 
     /// Up to `limit` events with `seq > after`, waiting up to `wait` for the first one.
     fn events_after(

@@ -23,6 +23,7 @@ pub struct RedisServer {
     /// The server's port.
     pub port: u16,
     _child: Mutex<Child>,
+    _dir: tempfile::TempDir,
 }
 
 /// The error message when Redis cannot run: tests fail, they never skip.
@@ -79,24 +80,18 @@ impl RedisServer {
     }
 
     fn launch(port: u16, persistence: &str) -> std::io::Result<Self> {
-        // `read` returns when our stdin pipe closes (this process exited), then the server is killed.
-        let script = format!(
-            "redis-server --port {port} --bind 127.0.0.1 {persistence} --daemonize no \
-             --loglevel warning --protected-mode yes >/dev/null 2>&1 & pid=$!; echo started; read _; kill $pid"
-        );
-        let mut child =
-            Command::new("sh").arg("-c").arg(script).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
-        let stdout = child.stdout.take().ok_or_else(|| std::io::Error::other("no stdout"))?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let url = format!("redis://127.0.0.1:{port}/");
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Ok(Self { url, port, _child: Mutex::new(child) });
-            }
-            std::thread::sleep(std::time::Duration::from_millis(25));
-        }
-        Err(std::io::Error::other(format!("redis-server did not listen on port {port}")))
+        // Its own directory (a later --dir of `persistence` wins): a replica writes the data it
+        // receives there, never into the tests' working directory.
+        let dir = tempfile::tempdir()?;
+        let child = spawn_listening(
+            port,
+            &format!(
+                "redis-server --port {port} --bind 127.0.0.1 --dir '{}' {persistence} --daemonize no \
+                 --loglevel warning --protected-mode yes",
+                dir.path().display()
+            ),
+        )?;
+        Ok(Self { url: format!("redis://127.0.0.1:{port}/"), port, _child: Mutex::new(child), _dir: dir })
     }
 
     /// Stops the server at once (`SHUTDOWN NOSAVE`), as a crash or restart would.
@@ -122,6 +117,65 @@ impl RedisServer {
                 Arc::new(RedisServer::start().unwrap_or_else(|e| panic!("{MISSING_REDIS}: {e}")))
             })
             .clone()
+    }
+}
+
+/// Runs `command` through `sh` (killed when this process's end of the pipe closes) and waits until
+/// something listens on `port`.
+fn spawn_listening(port: u16, command: &str) -> std::io::Result<Child> {
+    // `read` returns when our stdin pipe closes (this process exited), then the server is killed.
+    let script = format!("{command} >/dev/null 2>&1 & pid=$!; echo started; read _; kill $pid");
+    let mut child =
+        Command::new("sh").arg("-c").arg(script).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+    let stdout = child.stdout.take().ok_or_else(|| std::io::Error::other("no stdout"))?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(child);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    Err(std::io::Error::other(format!("redis-server did not listen on port {port}")))
+}
+
+/// A running Redis Sentinel (`redis-server --sentinel`) owned by this process, watching one
+/// primary.
+#[derive(Debug)]
+pub struct SentinelServer {
+    /// The sentinel's port.
+    pub port: u16,
+    _child: Mutex<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl SentinelServer {
+    /// Starts a sentinel on a free port watching the primary on `primary_port` under `name`, with
+    /// `quorum`, judging the primary down after `down_after_ms` and giving a failover
+    /// `failover_timeout_ms` (a sentinel rewrites its configuration file: it gets its own).
+    pub fn start(
+        primary_port: u16,
+        name: &str,
+        quorum: u32,
+        down_after_ms: u64,
+        failover_timeout_ms: u64,
+    ) -> std::io::Result<Self> {
+        let port = RedisServer::free_port()?;
+        let dir = tempfile::tempdir()?;
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndaemonize no\nloglevel warning\ndir {dir}\n\
+                 sentinel monitor {name} 127.0.0.1 {primary_port} {quorum}\n\
+                 sentinel down-after-milliseconds {name} {down_after_ms}\n\
+                 sentinel failover-timeout {name} {failover_timeout_ms}\n\
+                 sentinel parallel-syncs {name} 1\n",
+                dir = dir.path().display()
+            ),
+        )?;
+        let child = spawn_listening(port, &format!("redis-server '{}' --sentinel", conf.display()))?;
+        Ok(Self { port, _child: Mutex::new(child), _dir: dir })
     }
 }
 

@@ -382,6 +382,10 @@ pub struct JobSummary {
     /// Customer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub customer_id: Option<String>,
+    /// The token that submitted it ([`JobSpec::owner`]); `None` when auth is off. A `submit`
+    /// token lists, reads and follows only the jobs it owns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// Worker holding (or last holding) the job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_id: Option<String>,
@@ -484,6 +488,7 @@ impl JobSummary {
             workflow_datetime: spec.workflow_datetime,
             step_number: spec.step_number,
             customer_id: spec.customer_id.clone(),
+            owner: spec.owner.clone(),
             worker_id: None,
             progress: 0.0,
             message: None,

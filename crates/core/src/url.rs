@@ -7,20 +7,42 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 /// Every byte but RFC 3986's unreserved characters (`A-Z a-z 0-9 - _ . ~`) is escaped.
 const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
 
-/// `url` with its password replaced by `***`, for every place a URL is printed (startup lines,
-/// errors, diagnostics): `redis://fq:pw@host:6379/` → `redis://fq:***@host:6379/`. The user name
+/// `url` with its passwords replaced by `***`, for every place a URL is printed (startup lines,
+/// errors, diagnostics): `redis://fq:pw@host:6379/` → `redis://fq:***@host:6379/`, and the value
+/// of any query parameter whose name ends in `password` (`?sentinel_password=…`). The user name
 /// stays (it says which account); a URL without credentials comes back unchanged, and so does text
 /// that is not a URL.
 pub fn redacted(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(authority_end);
-    let Some((userinfo, host)) = authority.rsplit_once('@') else { return url.to_owned() };
+    let tail = redacted_query(tail);
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return format!("{scheme}://{authority}{tail}");
+    };
     let user = match userinfo.split_once(':') {
         Some((user, _password)) => format!("{user}:***"),
         None => userinfo.to_owned(),
     };
     format!("{scheme}://{user}@{host}{tail}")
+}
+
+/// The path, query and fragment of a URL with the values of `…password` parameters hidden.
+fn redacted_query(tail: &str) -> String {
+    let Some((path, query)) = tail.split_once('?') else { return tail.to_owned() };
+    let (query, fragment) = match query.split_once('#') {
+        Some((q, f)) => (q, Some(f)),
+        None => (query, None),
+    };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.to_ascii_lowercase().ends_with("password") => format!("{key}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    let fragment = fragment.map(|f| format!("#{f}")).unwrap_or_default();
+    format!("{path}?{}{fragment}", params.join("&"))
 }
 
 /// `s` percent-encoded as one URL component (path segment or query value).
@@ -41,6 +63,14 @@ mod tests {
         assert_eq!(redacted("redis://user@host/"), "redis://user@host/");
         assert_eq!(redacted("not a url"), "not a url");
         assert_eq!(redacted("http://h/path@x"), "http://h/path@x", "an @ after the host is not userinfo");
+        assert_eq!(
+            redacted("redis+sentinel://:pw@a:1,b:2/m/0?sentinel_username=s&sentinel_password=sp#f"),
+            "redis+sentinel://:***@a:1,b:2/m/0?sentinel_username=s&sentinel_password=***#f"
+        );
+        assert_eq!(
+            redacted("redis+sentinel://a:1/m?sentinel_password=sp"),
+            "redis+sentinel://a:1/m?sentinel_password=***"
+        );
     }
 
     #[test]

@@ -85,6 +85,7 @@ impl Args {
     fn overrides(&self) -> Result<Overrides> {
         Ok(Overrides {
             redis_url: self.redis_url.clone(),
+            redis_tls: self.tls.files(),
             queue: self.queue.clone(),
             worker_id: self.worker_id.clone(),
             machine_id: self.machine_id.clone(),
@@ -112,7 +113,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
     let broker_config = BrokerConfig {
         lease_ms: settings.lease_ms,
         wait_replicas: args.wait_replicas,
-        redis_tls: args.tls.files(),
+        redis_tls: settings.redis_tls.clone(),
         ..BrokerConfig::default()
     };
     let broker = RedisBroker::connect(&settings.redis_url, &settings.queue, broker_config).await?;

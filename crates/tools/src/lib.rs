@@ -7,6 +7,7 @@
 pub mod bench;
 mod bench_worker;
 pub mod chaos;
+mod failover;
 mod figures;
 
 use std::io::Write;

@@ -54,6 +54,12 @@ pub enum ConfigError {
 pub struct WorkerFile {
     /// Redis of the fleet.
     pub redis_url: Option<String>,
+    /// CA certificate (PEM) a `rediss://` Redis's certificate must chain to.
+    pub redis_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS with a `rediss://` Redis.
+    pub redis_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    pub redis_key: Option<PathBuf>,
     /// Queue name.
     pub queue: Option<String>,
     /// Stable worker identity.
@@ -106,6 +112,8 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Strin
 pub struct Overrides {
     /// Redis of the fleet.
     pub redis_url: Option<String>,
+    /// TLS files of a `rediss://` Redis (each one given replaces the file's).
+    pub redis_tls: fleetq_broker::RedisTls,
     /// Queue name.
     pub queue: Option<String>,
     /// Stable worker identity.
@@ -145,6 +153,8 @@ pub struct Settings {
     pub connectors: Vec<Arc<dyn Connector>>,
     /// Its broker's Redis.
     pub redis_url: String,
+    /// The TLS files of a `rediss://` Redis.
+    pub redis_tls: fleetq_broker::RedisTls,
     /// Its queue.
     pub queue: String,
     /// Its lease length (ms).
@@ -157,6 +167,7 @@ impl std::fmt::Debug for Settings {
             .field("worker", &self.worker)
             .field("connectors", &self.connectors.iter().map(|c| c.service()).collect::<Vec<_>>())
             .field("redis_url", &fleetq_core::url::redacted(&self.redis_url))
+            .field("redis_tls", &self.redis_tls)
             .field("queue", &self.queue)
             .field("lease_ms", &self.lease_ms)
             .finish()
@@ -219,6 +230,11 @@ pub fn resolve(file: &WorkerFile, over: &Overrides) -> Result<Settings, ConfigEr
             .clone()
             .or_else(|| file.redis_url.clone())
             .unwrap_or_else(|| DEFAULT_REDIS_URL.into()),
+        redis_tls: fleetq_broker::RedisTls {
+            ca_file: over.redis_tls.ca_file.clone().or_else(|| file.redis_ca.clone()),
+            cert_file: over.redis_tls.cert_file.clone().or_else(|| file.redis_cert.clone()),
+            key_file: over.redis_tls.key_file.clone().or_else(|| file.redis_key.clone()),
+        },
         queue: over.queue.clone().or_else(|| file.queue.clone()).unwrap_or_else(|| DEFAULT_QUEUE.into()),
         lease_ms,
     })
@@ -314,6 +330,8 @@ mod tests {
             queue = "q1"
             lease_ms = 5000
             health_interval_s = 2
+            redis_ca = "/etc/fleetq/ca.pem"
+            redis_key = "/etc/fleetq/client.key"
             [capabilities]
             gpu = "rtx4090"
             [[connectors]]
@@ -323,9 +341,19 @@ mod tests {
             "#,
         )
         .expect("parses");
-        let over =
-            Overrides { worker_id: Some("from-flag".into()), lease_ms: Some(7000), ..Overrides::default() };
+        let over = Overrides {
+            worker_id: Some("from-flag".into()),
+            lease_ms: Some(7000),
+            redis_tls: fleetq_broker::RedisTls {
+                key_file: Some("/run/key.pem".into()),
+                ..Default::default()
+            },
+            ..Overrides::default()
+        };
         let s = resolve(&file, &over).expect("resolves");
+        assert_eq!(s.redis_tls.ca_file.as_deref(), Some(Path::new("/etc/fleetq/ca.pem")), "from the file");
+        assert_eq!(s.redis_tls.key_file.as_deref(), Some(Path::new("/run/key.pem")), "the flag wins");
+        assert_eq!(s.redis_tls.cert_file, None);
         assert_eq!(s.worker.registration.worker_id, "from-flag");
         assert_eq!(s.worker.registration.machine_id, "box1");
         assert_eq!((s.queue.as_str(), s.lease_ms, s.redis_url.as_str()), ("q1", 7000, DEFAULT_REDIS_URL));

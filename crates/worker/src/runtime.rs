@@ -615,7 +615,12 @@ impl<B: Broker> Worker<B> {
                     info!(elapsed_ms, stop = stop.map_or("none", Stop::as_str), "job attempt ended");
                     return;
                 }
-                Err(e) if e.is_transient() && Instant::now() < give_up => {
+                // Not confirmed by a replica: the end is on the primary, which a failover may
+                // lose; told again (the lease fences it), it is kept either way.
+                Err(e)
+                    if (e.is_transient() || matches!(e, BrokerError::NotReplicated { .. }))
+                        && Instant::now() < give_up =>
+                {
                     warn!(error = %e, "could not end the job attempt; retrying");
                     tokio::time::sleep(backoff.next_delay()).await;
                 }

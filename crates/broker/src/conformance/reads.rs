@@ -62,6 +62,26 @@ pub(super) async fn job_listing_pages<B: Broker>(fx: Fixture<B>) {
     assert!(b.jobs(&miss).await.expect("list").jobs.is_empty());
     let bad = JobFilter { cursor: Some("garbage".into()), ..JobFilter::default() };
     assert!(matches!(b.jobs(&bad).await, Err(BrokerError::Invalid(_))));
+    // By owner (the token that submitted): in listings newest first and in queue order, and
+    // carried on the job's summary.
+    let mut owned = sim(json!("alice's"));
+    owned.owner = Some("alice".into());
+    let alices = b.submit(owned).await.expect("submit").id;
+    let page =
+        b.jobs(&JobFilter { owner: Some("alice".into()), ..JobFilter::default() }).await.expect("list");
+    assert_eq!(page.jobs.iter().map(|j| j.id.clone()).collect::<Vec<_>>(), vec![alices.clone()]);
+    assert_eq!(page.jobs[0].owner.as_deref(), Some("alice"));
+    let queued =
+        b.queue(&QueueFilter { owner: Some("alice".into()), ..QueueFilter::default() }).await.expect("queue");
+    assert_eq!(queued.jobs.iter().map(|j| j.id.clone()).collect::<Vec<_>>(), vec![alices]);
+    for nobody in [
+        JobFilter { owner: Some("bob".into()), ..JobFilter::default() },
+        JobFilter { owner: Some("alice".into()), service: Some("other".into()), ..JobFilter::default() },
+    ] {
+        assert!(b.jobs(&nobody).await.expect("list").jobs.is_empty(), "{nobody:?}");
+    }
+    let bob = QueueFilter { owner: Some("bob".into()), ..QueueFilter::default() };
+    assert!(b.queue(&bob).await.expect("queue").jobs.is_empty());
 }
 
 /// Pending, delayed and running counts per service.

@@ -26,7 +26,7 @@ const NUMERIC: &[&str] = &[
 const BOOLEAN: &[&str] = &["cancel_requested", "unworkable"];
 /// Summary fields kept as strings (anything not listed here or above is ignored on decode).
 const STRING: &[&str] =
-    &["id", "service", "partition", "status", "workflow_id", "customer_id", "worker_id", "message"];
+    &["id", "service", "partition", "status", "workflow_id", "customer_id", "owner", "worker_id", "message"];
 
 pub(super) fn corrupt(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Corrupt(e.to_string())

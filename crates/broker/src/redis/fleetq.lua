@@ -9,7 +9,7 @@
 -- Order keys are never compared with Lua's `<` on strings (strcoll): see `key_less`. Only fixed,
 -- short field lists are ever unpacked.
 
-local VERSION = '20'
+local VERSION = '21'
 
 -- A job's state is one JSON object of strings, its spec and its outcome JSON documents: fields named
 -- by the job's id in the hashes `J`, `S` and `O` (a key per job would cost a key's overhead and the
@@ -967,7 +967,7 @@ redis.register_function{function_name = 'fq_job', flags = {'no-writes'}, callbac
 end}
 
 -- ARGV: status ('' = all), service ('' = all), cursor ('' = newest), limit, worker, workflow,
--- customer ('' = all). Newest first; a call
+-- customer, owner ('' = all). Newest first; a call
 -- scans at most 10,000 entries and returns a cursor to continue from.
 redis.register_function{function_name = 'fq_jobs', flags = {'no-writes'}, callback = function(keys, argv)
   local P = keys[1]
@@ -986,7 +986,7 @@ redis.register_function{function_name = 'fq_jobs', flags = {'no-writes'}, callba
       local j = load(P, string.sub(m, 13))
       if j and (argv[1] == '' or j.status == argv[1]) and (argv[2] == '' or j.service == argv[2])
           and (argv[5] == '' or j.worker_id == argv[5]) and (argv[6] == '' or j.workflow_id == argv[6])
-          and (argv[7] == '' or j.customer_id == argv[7]) then
+          and (argv[7] == '' or j.customer_id == argv[7]) and (argv[8] == '' or j.owner == argv[8]) then
         out[#out + 1] = view_of(P, j)
         if #out == limit then
           next_cursor = m
@@ -1097,7 +1097,8 @@ redis.register_function{function_name = 'fq_position', flags = {'no-writes'}, ca
   return r + 1
 end}
 
--- ARGV: service, workflow, customer ('' = all), cursor (an order key, '' = from the head), limit.
+-- ARGV: service, workflow, customer ('' = all), cursor (an order key, '' = from the head), limit,
+-- owner ('' = all).
 -- Claimable jobs in claim order from the narrowest queue that holds them; a call reads at most
 -- 10,000 members and returns a cursor to continue from ('' at the end).
 redis.register_function{function_name = 'fq_queue', flags = {'no-writes'}, callback = function(keys, argv)
@@ -1122,7 +1123,8 @@ redis.register_function{function_name = 'fq_queue', flags = {'no-writes'}, callb
       start = '(' .. m
       last = m
       local j = load(P, string.sub(m, 37))
-      if j and (service == '' or j.service == service) and (customer == '' or j.customer_id == customer) then
+      if j and (service == '' or j.service == service) and (customer == '' or j.customer_id == customer)
+          and (argv[6] == '' or j.owner == argv[6]) then
         if #out == limit then
           full = true
           break

@@ -11,6 +11,10 @@ impl Log for RedisBroker {
         self.epoch_call(&seen.to_string()).await
     }
 
+    fn log_source(&self) -> u64 {
+        self.link.current().generation
+    }
+
     async fn snapshot(&self) -> Result<Snapshot> {
         let mut cmd = self.fcall("fq_snapshot", true);
         cmd.arg(self.config.snapshot_pending_limit);
@@ -41,19 +45,16 @@ impl Log for RedisBroker {
         if !entries.is_empty() || wait.is_zero() {
             return entries.into_iter().map(event_from_entry).collect();
         }
-        let mut conn = self.blocking_conn().await?;
         let block_ms = wait.as_millis().clamp(1, 60_000) as u64;
-        let reply: Value = redis::cmd("XREAD")
-            .arg("COUNT")
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT")
             .arg(limit)
             .arg("BLOCK")
             .arg(block_ms)
             .arg("STREAMS")
             .arg(self.key("ev"))
-            .arg(format!("0-{after}"))
-            .query_async(&mut conn)
-            .await?;
-        self.return_conn(conn);
+            .arg(format!("0-{after}"));
+        let reply = self.run_blocking(&cmd).await?;
         // [[key, [entries…]]] (or a map under RESP3); nil on timeout.
         let mut out = Vec::new();
         for stream in items(reply) {
@@ -73,11 +74,10 @@ impl Log for RedisBroker {
         let key = self.key(&format!("sig:{worker_id}"));
         let mut out = Vec::new();
         if !wait.is_zero() {
-            let mut conn = self.blocking_conn().await?;
             let secs = wait.as_secs_f64().clamp(0.001, 60.0);
-            let reply: Value =
-                redis::cmd("BLPOP").arg(&key).arg(format!("{secs:.3}")).query_async(&mut conn).await?;
-            self.return_conn(conn);
+            let mut cmd = redis::cmd("BLPOP");
+            cmd.arg(&key).arg(format!("{secs:.3}"));
+            let reply = self.run_blocking(&cmd).await?;
             // [key, id] (or nil on timeout)
             out.extend(items(reply).get(1).and_then(text).map(JobId));
         }

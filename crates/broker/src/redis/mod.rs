@@ -4,8 +4,9 @@
 //! changes the keys and `XADD`s the event in the same atomic call. All keys live under
 //! `fleetq:{QUEUE}:` so one hash tag pins a queue to one cluster slot.
 //!
-//! Connections: one [`ConnectionManager`] (multiplexed, reconnecting) carries every non-blocking
-//! command; each blocking wait (`BLPOP` on wake lists, `XREAD BLOCK`) borrows a dedicated connection
+//! Connections: one [`ConnectionManager`] (multiplexed, reconnecting) to the primary carries every
+//! non-blocking command (the primary is a fixed address, or the one Redis Sentinel names, followed
+//! across failovers: `primary`); each blocking wait (`BLPOP` on wake lists, `XREAD BLOCK`) borrows a dedicated connection
 //! with no response timeout and always a finite block, so the client's default 500 ms timeout never
 //! cuts a block short and a dropped waiter never holds the shared connection.
 //!
@@ -31,8 +32,10 @@
 mod codec;
 mod fleet;
 mod log;
+mod primary;
 mod queue;
 mod reads;
+pub mod sentinel_url;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -44,8 +47,7 @@ use fleetq_core::{
     JobSpec, JobStatus, MachineEvent, MachineState, OrderKey, Outcome, PartitionKey, PartitionSpec,
     Requirements, Snapshot, ValidationError, WorkerInfo, WorkerRegistration,
 };
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Cmd, Value};
+use redis::{Cmd, Value};
 use serde_json::Value as Json;
 use tokio::time::Instant;
 
@@ -58,7 +60,7 @@ use crate::{
 
 const LIBRARY: &str = include_str!("fleetq.lua");
 /// The version the function library reports (`FCALL fq_version 0`); loading compares the whole code.
-pub const LIBRARY_VERSION: &str = "20";
+pub const LIBRARY_VERSION: &str = "21";
 
 /// Partitions read per call when a pass walks them all (a new class's fill, workability).
 const PARTITION_PAGE: usize = 1000;
@@ -129,16 +131,45 @@ fn open_client(url: &str, shown: &str, tls: &crate::RedisTls) -> Result<redis::C
     redis::Client::build_with_tls(url, redis::TlsCertificates { client_tls, root_cert }).map_err(unreadable)
 }
 
+/// Whether a command changes state (an `FCALL`, not an `FCALL_RO` or a plain read).
+fn writes(cmd: &Cmd) -> bool {
+    matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(b"FCALL")))
+}
+
+/// One plain connection first, so a Redis that is not there is said at once, in one line,
+/// instead of after the connection manager's retries.
+async fn reachable(client: &redis::Client, shown: &str) -> Result<()> {
+    let not_there = "is redis-server running there? (Debian: apt install redis-server; or use `fleetq up` without --redis / HUB_REDIS_URL for the embedded store)";
+    match tokio::time::timeout(Duration::from_secs(5), client.get_multiplexed_async_connection()).await {
+        Err(_) => {
+            Err(BrokerError::Connect(format!("no answer from Redis at {shown} within 5 s: {not_there}")))
+        }
+        Ok(Err(e)) => {
+            let why = e.detail().map_or_else(|| e.to_string(), str::to_owned);
+            let (why, hint) = if e.is_connection_refusal() {
+                ("connection refused".to_owned(), not_there)
+            } else if e.kind() == redis::ErrorKind::AuthenticationFailed
+                || why.contains("WRONGPASS")
+                || why.contains("NOAUTH")
+            {
+                (why, "check the user name and password in the URL (redis://USER:PASSWORD@HOST:PORT/)")
+            } else {
+                (why, not_there)
+            };
+            Err(BrokerError::Connect(format!("cannot reach Redis at {shown}: {why}: {hint}")))
+        }
+        Ok(Ok(_)) => Ok(()),
+    }
+}
+
 /// Redis-backed [`Broker`](crate::Broker).
 #[derive(Debug)]
 pub struct RedisBroker {
-    client: redis::Client,
-    conn: ConnectionManager,
+    link: Arc<primary::Link>,
     prefix: String,
     config: BrokerConfig,
     clock: Arc<dyn Clock>,
     view: Mutex<Option<Arc<ClassView>>>,
-    blocking: Mutex<Vec<MultiplexedConnection>>,
 }
 
 enum ClaimReply {
@@ -168,47 +199,23 @@ impl RedisBroker {
         fleetq_core::validate::check_name("queue", queue)?;
         // Printed only redacted: a URL's password must not reach a log line.
         let shown = fleetq_core::url::redacted(url);
-        let client = open_client(url, &shown, &config.redis_tls)?;
-        // One plain connection first, so a Redis that is not there is said at once, in one line,
-        // instead of after the connection manager's retries.
-        let not_there = "is redis-server running there? (Debian: apt install redis-server; or use `fleetq up` without --redis / HUB_REDIS_URL for the embedded store)";
-        match tokio::time::timeout(Duration::from_secs(5), client.get_multiplexed_async_connection()).await {
-            Err(_) => {
-                return Err(BrokerError::Connect(format!(
-                    "no answer from Redis at {shown} within 5 s: {not_there}"
-                )));
+        let link = if sentinel_url::SentinelUrl::is_sentinel(url) {
+            if config.redis_tls.is_set() {
+                return Err(BrokerError::Connect(
+                    "TLS files (--redis-ca, --redis-cert, --redis-key) do not apply to redis+sentinel:// URLs: Sentinel over TLS is not supported"
+                        .into(),
+                ));
             }
-            Ok(Err(e)) => {
-                let why = e.detail().map_or_else(|| e.to_string(), str::to_owned);
-                let (why, hint) = if e.is_connection_refusal() {
-                    ("connection refused".to_owned(), not_there)
-                } else if e.kind() == redis::ErrorKind::AuthenticationFailed
-                    || why.contains("WRONGPASS")
-                    || why.contains("NOAUTH")
-                {
-                    (why, "check the user name and password in the URL (redis://USER:PASSWORD@HOST:PORT/)")
-                } else {
-                    (why, not_there)
-                };
-                return Err(BrokerError::Connect(format!("cannot reach Redis at {shown}: {why}: {hint}")));
-            }
-            Ok(Ok(_)) => {}
-        }
-        let manager_config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(Duration::from_secs(30)))
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(6)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = client.get_connection_manager_with_config(manager_config).await?;
-        let broker = Self {
-            client,
-            conn,
-            prefix: format!("fleetq:{{{queue}}}:"),
-            config,
-            clock,
-            view: Mutex::new(None),
-            blocking: Mutex::new(Vec::new()),
+            let parsed = sentinel_url::SentinelUrl::parse(url)
+                .map_err(|why| BrokerError::Connect(format!("{shown:?} is not a Sentinel URL: {why}")))?;
+            primary::Link::sentinel(parsed, &shown).await?
+        } else {
+            let client = open_client(url, &shown, &config.redis_tls)?;
+            reachable(&client, &shown).await?;
+            primary::Link::fixed(client).await?
         };
+        let broker =
+            Self { link, prefix: format!("fleetq:{{{queue}}}:"), config, clock, view: Mutex::new(None) };
         broker.init().await?;
         Ok(broker)
     }
@@ -221,7 +228,18 @@ impl RedisBroker {
     /// Loads the library unless the server holds exactly this code (compared whole, so an edited
     /// library is never kept by mistake), and writes the queue's tunables.
     async fn init(&self) -> Result<()> {
-        let mut conn = self.conn.clone();
+        let primary = self.link.current();
+        let mut conn = primary.conn.clone();
+        let replica = |e: redis::RedisError| {
+            if primary::is_replica_answer(&e) && !self.link.follows_failovers() {
+                BrokerError::Connect(format!(
+                    "Redis at {} is a read-only replica: point fleetq at the primary, or name the sentinels with redis+sentinel://HOST:PORT[,HOST:PORT…]/MASTER_NAME to follow failovers",
+                    primary.addr
+                ))
+            } else {
+                e.into()
+            }
+        };
         let listed: Value = redis::cmd("FUNCTION")
             .arg("LIST")
             .arg("LIBRARYNAME")
@@ -236,7 +254,8 @@ impl RedisBroker {
                 .arg("REPLACE")
                 .arg(LIBRARY)
                 .query_async::<()>(&mut conn)
-                .await?;
+                .await
+                .map_err(replica)?;
         }
         let c = &self.config;
         redis::cmd("HSET")
@@ -250,7 +269,8 @@ impl RedisBroker {
                 ("max_event_age_ms", c.max_event_age_ms.to_string()),
             ])
             .query_async::<()>(&mut conn)
-            .await?;
+            .await
+            .map_err(replica)?;
         // Fair share only when this process sets it: a worker never turns it off.
         if let Some(fair) = &c.fair_share {
             let mut set = redis::pipe();
@@ -284,7 +304,7 @@ impl RedisBroker {
     /// AOF a restart loses everything since the last snapshot, and an eviction policy other than
     /// `noeviction` lets Redis delete jobs under memory pressure. Servers that refuse `INFO` (some
     /// managed ones) are not judged.
-    async fn warn_about_durability(&self, conn: &mut ConnectionManager) {
+    async fn warn_about_durability(&self, conn: &mut primary::Conn) {
         let Ok(info) = redis::cmd("INFO").arg("persistence").arg("memory").query_async::<String>(conn).await
         else {
             return;
@@ -306,13 +326,28 @@ impl RedisBroker {
     }
 
     /// Runs a command; when the server lost the library (a restart without persistence, a new
-    /// node) it reloads it once and retries.
+    /// node) it reloads it once and retries. When the primary moved (Sentinel), the command goes
+    /// to the new one if it cannot have run on the old: a replica refused it, or it only reads.
     async fn run(&self, cmd: &Cmd) -> Result<Value> {
-        match self.exec(cmd).await {
+        let primary = self.link.current();
+        match self.exec(&primary.conn, cmd).await {
             Err(BrokerError::Redis(e)) if e.to_string().contains("Function not found") => {
                 tracing::warn!("fleetq functions missing on the server; reloading");
                 self.init().await?;
-                self.exec(cmd).await
+                self.exec(&self.link.current().conn, cmd).await
+            }
+            Err(BrokerError::Redis(e)) if self.link.failed(primary.generation, &e).await => {
+                let again = primary::is_replica_answer(&e) || !writes(cmd);
+                if !again {
+                    return Err(BrokerError::Redis(e));
+                }
+                match self.exec(&self.link.current().conn, cmd).await {
+                    Err(BrokerError::Redis(e)) if e.to_string().contains("Function not found") => {
+                        self.init().await?;
+                        self.exec(&self.link.current().conn, cmd).await
+                    }
+                    other => other,
+                }
             }
             other => other,
         }
@@ -320,11 +355,10 @@ impl RedisBroker {
 
     /// One command; a state change (`FCALL`) is followed on the same connection by `WAIT` when
     /// `wait_replicas` asks for it, and is acknowledged only once enough replicas hold it.
-    async fn exec(&self, cmd: &Cmd) -> Result<Value> {
-        let mut conn = self.conn.clone();
+    async fn exec(&self, conn: &primary::Conn, cmd: &Cmd) -> Result<Value> {
+        let mut conn = conn.clone();
         let wanted = self.config.wait_replicas;
-        let writes = matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(b"FCALL")));
-        if wanted == 0 || !writes {
+        if wanted == 0 || !writes(cmd) {
             return Ok(cmd.query_async::<Value>(&mut conn).await?);
         }
         let mut pipe = redis::pipe();
@@ -335,6 +369,23 @@ impl RedisBroker {
             return Err(BrokerError::NotReplicated { wanted, got });
         }
         Ok(value)
+    }
+
+    /// A blocking command (`BLPOP`, `XREAD BLOCK`) on a pooled connection to the primary; a
+    /// connection loss or a replica's answer sends the link to the sentinels (the caller waits
+    /// again, as after any error).
+    async fn run_blocking(&self, cmd: &Cmd) -> Result<Value> {
+        let (generation, mut conn) = self.link.blocking_conn().await?;
+        match cmd.query_async::<Value>(&mut conn).await {
+            Ok(v) => {
+                self.link.return_conn(generation, conn);
+                Ok(v)
+            }
+            Err(e) => {
+                self.link.failed(generation, &e).await;
+                Err(e.into())
+            }
+        }
     }
 
     fn fcall(&self, name: &str, read_only: bool) -> Cmd {
@@ -461,37 +512,12 @@ impl RedisBroker {
         self.parse_claim(&reply, worker_id)
     }
 
-    async fn blocking_conn(&self) -> Result<MultiplexedConnection> {
-        if let Some(c) = self.blocking.lock().ok().and_then(|mut p| p.pop()) {
-            return Ok(c);
-        }
-        let config = AsyncConnectionConfig::new()
-            .set_response_timeout(None)
-            .set_connection_timeout(Some(Duration::from_secs(5)));
-        Ok(self.client.get_multiplexed_async_connection_with_config(&config).await?)
-    }
-
-    fn return_conn(&self, conn: MultiplexedConnection) {
-        if let Ok(mut pool) = self.blocking.lock()
-            && pool.len() < 64
-        {
-            pool.push(conn);
-        }
-    }
-
     /// Blocks on the wake lists for at most `timeout`.
     async fn wait_wake(&self, keys: &[String], timeout: Duration) -> Result<()> {
-        let mut conn = self.blocking_conn().await?;
         let secs = timeout.as_secs_f64().max(0.001);
-        let reply: redis::RedisResult<Value> =
-            redis::cmd("BLPOP").arg(keys).arg(format!("{secs:.3}")).query_async(&mut conn).await;
-        match reply {
-            Ok(_) => {
-                self.return_conn(conn);
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
-        }
+        let mut cmd = redis::cmd("BLPOP");
+        cmd.arg(keys).arg(format!("{secs:.3}"));
+        self.run_blocking(&cmd).await.map(drop)
     }
 
     // ----- fenced operations ---------------------------------------------------------------------

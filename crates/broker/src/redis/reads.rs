@@ -49,7 +49,8 @@ impl Read for RedisBroker {
             .arg(page_limit(filter))
             .arg(filter.worker.as_deref().unwrap_or(""))
             .arg(filter.workflow.as_deref().unwrap_or(""))
-            .arg(filter.customer.as_deref().unwrap_or(""));
+            .arg(filter.customer.as_deref().unwrap_or(""))
+            .arg(filter.owner.as_deref().unwrap_or(""));
         page_reply(self.run(&cmd).await?)
     }
 
@@ -70,7 +71,8 @@ impl Read for RedisBroker {
             .arg(filter.workflow.as_deref().unwrap_or(""))
             .arg(filter.customer.as_deref().unwrap_or(""))
             .arg(cursor)
-            .arg(filter.page_limit());
+            .arg(filter.page_limit())
+            .arg(filter.owner.as_deref().unwrap_or(""));
         page_reply(self.run(&cmd).await?)
     }
 
@@ -83,8 +85,18 @@ impl Read for RedisBroker {
             .arg(0)
             .arg(-1)
             .arg("WITHSCORES");
-        let mut conn = self.conn.clone();
-        let (raw, seen): (Value, Value) = pipe.query_async(&mut conn).await?;
+        let primary = self.link.current();
+        let mut conn = primary.conn.clone();
+        let (raw, seen): (Value, Value) = match pipe.query_async(&mut conn).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                // A read: once the primary moved, it is asked again there.
+                if !self.link.failed(primary.generation, &e).await {
+                    return Err(e.into());
+                }
+                pipe.query_async(&mut self.link.current().conn.clone()).await?
+            }
+        };
         let mut out: Vec<WorkerInfo> = decode_workers(pairs(raw), &pairs(seen))?.into_values().collect();
         out.sort_by(|a, b| a.registration.worker_id.cmp(&b.registration.worker_id));
         Ok(out)

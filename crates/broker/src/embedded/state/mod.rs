@@ -51,16 +51,19 @@ const POSITION_SQL: &str = "SELECT COUNT(*) FROM jobs INDEXED BY jobs_queue
 const QUEUE_SERVICE_SQL: &str = "SELECT summary FROM jobs INDEXED BY jobs_queue
      WHERE claimable = 1 AND service = ?1 AND order_key > ?2
        AND (?3 IS NULL OR workflow_id = ?3) AND (?4 IS NULL OR json_extract(summary, '$.customer_id') = ?4)
+       AND (?6 IS NULL OR json_extract(summary, '$.owner') = ?6)
      ORDER BY order_key LIMIT ?5";
 /// Claimable jobs of one workflow in claim order, after a cursor.
 const QUEUE_WORKFLOW_SQL: &str = "SELECT summary FROM jobs INDEXED BY jobs_wf
      WHERE claimable = 1 AND workflow_id = ?3 AND order_key > ?2
        AND (?1 IS NULL OR service = ?1) AND (?4 IS NULL OR json_extract(summary, '$.customer_id') = ?4)
+       AND (?6 IS NULL OR json_extract(summary, '$.owner') = ?6)
      ORDER BY order_key LIMIT ?5";
 /// Every claimable job in claim order, after a cursor.
 const QUEUE_ALL_SQL: &str = "SELECT summary FROM jobs INDEXED BY jobs_order
      WHERE claimable = 1 AND order_key > ?2 AND (?1 IS NULL OR service = ?1) AND (?3 IS NULL OR workflow_id = ?3)
        AND (?4 IS NULL OR json_extract(summary, '$.customer_id') = ?4)
+       AND (?6 IS NULL OR json_extract(summary, '$.owner') = ?6)
      ORDER BY order_key LIMIT ?5";
 /// Expired leases.
 const EXPIRED_SQL: &str = "SELECT id FROM jobs WHERE lease_deadline IS NOT NULL AND lease_deadline <= ?1
@@ -726,7 +729,8 @@ mod tests {
                     .replace("?2", "''")
                     .replace("?3", "'w'")
                     .replace("?4", "NULL")
-                    .replace("?5", "10"),
+                    .replace("?5", "10")
+                    .replace("?6", "NULL"),
             );
             assert!(p.contains(&format!("INDEX {index}")), "{index}: {p}");
             assert!(!p.contains("TEMP B-TREE"), "{index} sorts: {p}");

@@ -66,6 +66,7 @@ impl State {
                AND (?6 IS NULL OR json_extract(summary, '$.worker_id') = ?6)
                AND (?7 IS NULL OR workflow_id = ?7)
                AND (?8 IS NULL OR json_extract(summary, '$.customer_id') = ?8)
+               AND (?9 IS NULL OR json_extract(summary, '$.owner') = ?9)
              ORDER BY created_at DESC, id DESC LIMIT ?5",
         )?;
         // One row more than the page tells whether another page follows.
@@ -78,7 +79,8 @@ impl State {
                 (limit + 1) as i64,
                 filter.worker,
                 filter.workflow,
-                filter.customer
+                filter.customer,
+                filter.owner
             ],
             |r| r.get::<_, String>(0),
         )?;
@@ -112,7 +114,14 @@ impl State {
         let mut stmt = self.conn.prepare_cached(sql)?;
         // One row more than the page tells whether another page follows.
         let rows = stmt.query_map(
-            params![filter.service, after, filter.workflow, filter.customer, (limit + 1) as i64],
+            params![
+                filter.service,
+                after,
+                filter.workflow,
+                filter.customer,
+                (limit + 1) as i64,
+                filter.owner
+            ],
             |r| r.get::<_, String>(0),
         )?;
         let mut jobs = self.listed(rows)?;
