@@ -248,17 +248,41 @@ fn no_password_reaches_a_log_line() {
     assert!(text.lines().count() > 3, "the worker logged: {text}");
     assert!(!text.contains(SECRET), "a worker log line holds the password:\n{text}");
 
-    // The API's banner, and a wrong password's error.
+    // The API's banner and every line it logs, and a wrong password's error.
     let api = Command::new(env!("CARGO_BIN_EXE_fleetq"))
         .args(["api", "--redis", &url, "--queue", "secrets", "--listen", "127.0.0.1:0"])
         .env_remove("FLEETQ_TOKENS")
+        .env("RUST_LOG", "debug")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("fleetq api");
     let mut api = common::Guard(api);
     let banner = common::lines(&mut api.0).recv_timeout(Duration::from_secs(60)).expect("the banner");
     assert!(banner.contains("redis://:***@127.0.0.1") && !banner.contains(SECRET), "{banner}");
+    Command::new("kill").args(["-TERM", &api.0.id().to_string()]).status().expect("kill");
+    let mut logged = String::new();
+    if let Some(mut stderr) = api.0.stderr.take() {
+        std::io::Read::read_to_string(&mut stderr, &mut logged).expect("the API's log");
+    }
+    assert!(logged.lines().count() > 1, "the API logged: {logged}");
+    assert!(!logged.contains(SECRET), "an API log line holds the password:\n{logged}");
+    // A Sentinel URL's passwords (the servers' and the sentinels'), where no sentinel answers.
+    let sentinel = format!(
+        "redis+sentinel://:{SECRET}@127.0.0.1:{}/m?sentinel_password={SECRET}",
+        RedisServer::free_port().expect("a port")
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetq"))
+        .args(["worker", "--redis", &sentinel])
+        .env("WORKER_ID", "w")
+        .env("MACHINE_ID", "m")
+        .env("WORKER_CONNECTORS", "simulation")
+        .env("RUST_LOG", "debug")
+        .output()
+        .expect("fleetq worker");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() && text.contains("sentinel"), "{text}");
+    assert!(!text.contains(SECRET), "{text}");
     let out = Command::new(env!("CARGO_BIN_EXE_fleetq"))
         .args(["worker", "--redis", &wrong])
         .env("WORKER_ID", "w")

@@ -107,6 +107,42 @@ impl Drop for Proc {
     }
 }
 
+/// Spawns a `fleetq up` or `fleetq api` told to listen on `127.0.0.1:0` and returns it with the
+/// URL its first line prints (the port it bound: no port is picked, released and raced for).
+pub(crate) fn spawn_serving(cmd: &mut Command, what: &str) -> Result<(Proc, String)> {
+    let mut child = cmd
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
+    let stdout = child.stdout.take().context("its stdout")?;
+    let proc = Proc(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let _ = tx.send(lines.next());
+        // The rest is read and dropped, so the process never blocks on a full pipe.
+        for _ in lines {}
+    });
+    let first = rx
+        .recv_timeout(Duration::from_secs(30))
+        .ok()
+        .flatten()
+        .and_then(Result::ok)
+        .with_context(|| format!("{what} printed no address within 30 s"))?;
+    let url = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .with_context(|| format!("{what} printed no address: {first:?}"))?
+        .trim_end_matches('/')
+        .to_owned();
+    Ok((proc, url))
+}
+
+/// A loopback port free now: only for the servers that cannot bind port 0 and say which port they
+/// got (`redis-server`, a sentinel, the mock ComfyUI restarted on its port).
 pub(crate) fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
@@ -282,16 +318,17 @@ fn report(
     Ok(())
 }
 
-fn start_up(exe: &Path, data: &Path, port: u16, args: &Args) -> Result<Proc> {
+fn start_up(exe: &Path, data: &Path, args: &Args) -> Result<(Proc, Client)> {
     let mut cmd = Command::new(exe);
     cmd.arg("up")
         .arg("--data-dir")
         .arg(data)
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--workers", &args.workers.to_string()])
+        .args(["--listen", "127.0.0.1:0", "--workers", &args.workers.to_string()])
         .args(["--step-ms", &args.step_ms.to_string(), "--steps", "5", "--jitter", "0"])
         .args(["--lease-ms", &args.lease_ms.to_string()])
         .env_remove("HUB_REDIS_URL");
-    spawn(&mut cmd, "fleetq up", None)
+    let (proc, url) = spawn_serving(&mut cmd, "fleetq up")?;
+    Ok((proc, Client::new(&url)?))
 }
 
 /// Finished jobs, as `fleetq up`'s API lists them (`None` while it does not answer).
@@ -306,9 +343,7 @@ async fn finished_over_http(api: &Client) -> Option<usize> {
 
 async fn embedded_kill(args: &Args, exe: &Path) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let port = free_port()?;
-    let api = Client::new(&format!("http://127.0.0.1:{port}"))?;
-    let mut up = start_up(exe, dir.path(), port, args)?;
+    let (mut up, mut api) = start_up(exe, dir.path(), args)?;
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.timeout_s);
     while finished_over_http(&api).await.is_none() {
@@ -339,10 +374,12 @@ async fn embedded_kill(args: &Args, exe: &Path) -> Result<()> {
         }
         if kills == 0 && done >= args.jobs / 3 {
             before = done;
+            let killed = Instant::now();
             up.kill();
-            up = start_up(exe, dir.path(), port, args)?;
+            // Restarted on its data directory; it binds another port, which it prints.
+            (up, api) = start_up(exe, dir.path(), args)?;
             kills += 1;
-            damaged_at = Some(Instant::now());
+            damaged_at = Some(killed);
         }
     }
     let elapsed_ms = started.elapsed().as_millis();
@@ -363,10 +400,11 @@ async fn embedded_kill(args: &Args, exe: &Path) -> Result<()> {
     report(args, kills, &t, doubles, recover_ms, elapsed_ms)
 }
 
-fn start_api(exe: &Path, url: &str, port: u16) -> Result<Proc> {
+fn start_api(exe: &Path, url: &str) -> Result<(Proc, Client)> {
     let mut cmd = Command::new(exe);
-    cmd.arg("api").args(["--redis", url, "--queue", "chaos", "--listen", &format!("127.0.0.1:{port}")]);
-    spawn(&mut cmd, "fleetq api", None)
+    cmd.arg("api").args(["--redis", url, "--queue", "chaos", "--listen", "127.0.0.1:0"]);
+    let (proc, url) = spawn_serving(&mut cmd, "fleetq api")?;
+    Ok((proc, Client::new(&url)?))
 }
 
 /// `--workers` rounds: a `fleetq api` receives a batch of `--jobs` and is killed (-9) after a
@@ -381,9 +419,7 @@ async fn api_kill_batch(args: &Args, exe: &Path) -> Result<()> {
     let started = Instant::now();
     let (mut whole, mut none, mut partial) = (0usize, 0usize, Vec::new());
     for round in 0..args.workers {
-        let api_port = free_port()?;
-        let mut api = start_api(exe, &url, api_port)?;
-        let client = Client::new(&format!("http://127.0.0.1:{api_port}"))?;
+        let (mut api, client) = start_api(exe, &url)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while client.ready().await.is_err() {
             if Instant::now() > deadline {

@@ -31,7 +31,7 @@ use fleetq_client::{Client, FleetEvent};
 use fleetq_core::{EventKind, JobStatus};
 use serde_json::json;
 
-use crate::chaos::{Args, Proc, completions, connect, free_port, spawn, tally};
+use crate::chaos::{Args, Proc, completions, connect, free_port, spawn, spawn_serving, tally};
 
 const MASTER: &str = "chaos";
 /// How long the sentinels wait before they judge the primary down (Sentinel's default is 30 s;
@@ -166,10 +166,13 @@ pub(crate) async fn run(args: &Args, exe: &Path) -> Result<()> {
         env.extend(extra.iter().cloned());
         env
     };
-    let api_port = free_port()?;
-    let _api =
-        start_process(exe, &["api", "--listen", &format!("127.0.0.1:{api_port}")], &env(&[]), "fleetq api")?;
-    let api = Client::new(&format!("http://127.0.0.1:{api_port}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["api", "--listen", "127.0.0.1:0"]);
+    for (k, v) in env(&[]) {
+        cmd.env(k, v);
+    }
+    let (_api, api_url) = spawn_serving(&mut cmd, "fleetq api")?;
+    let api = Client::new(&api_url)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while api.ready().await.is_err() {
         if Instant::now() > deadline {
