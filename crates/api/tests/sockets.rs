@@ -39,15 +39,16 @@ async fn next(s: &mut Sse) -> Option<SseEvent> {
 }
 
 async fn submit_http(addr: SocketAddr, body: Value) -> String {
-    let v: Value = reqwest::Client::new()
-        .post(format!("http://{addr}/api/jobs"))
-        .json(&body)
-        .send()
-        .await
-        .expect("post")
-        .json()
-        .await
-        .expect("json");
+    submit_as(addr, None, body).await
+}
+
+/// Submits with a bearer token (`None`: none); the job's id.
+async fn submit_as(addr: SocketAddr, token: Option<&str>, body: Value) -> String {
+    let mut req = reqwest::Client::new().post(format!("http://{addr}/api/jobs")).json(&body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let v: Value = req.send().await.expect("post").json().await.expect("json");
     v["id"].as_str().expect("id").to_owned()
 }
 
@@ -130,21 +131,8 @@ async fn a_submit_token_follows_only_its_own_jobs_on_the_fleet_stream() {
         Box::pin(resp.bytes_stream().eventsource().map(|r| r.map_err(|e| e.to_string()))) as Sse
     };
     let (mut bob, mut ops) = (open("bob-secret").await, open("ops-secret").await);
-    let post = |token: &'static str| async move {
-        let v: Value = reqwest::Client::new()
-            .post(format!("http://{addr}/api/jobs"))
-            .bearer_auth(token)
-            .json(&json!({"service": "sim"}))
-            .send()
-            .await
-            .expect("post")
-            .json()
-            .await
-            .expect("json");
-        v["id"].as_str().expect("id").to_owned()
-    };
-    let alices = post("alice-secret").await;
-    let bobs = post("bob-secret").await;
+    let alices = submit_as(addr, Some("alice-secret"), json!({"service": "sim"})).await;
+    let bobs = submit_as(addr, Some("bob-secret"), json!({"service": "sim"})).await;
     // The next job event (partition events carry no job and no owner).
     async fn next_job(s: &mut Sse) -> Value {
         loop {

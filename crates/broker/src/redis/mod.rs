@@ -4,9 +4,9 @@
 //! changes the keys and `XADD`s the event in the same atomic call. All keys live under
 //! `fleetq:{QUEUE}:` so one hash tag pins a queue to one cluster slot.
 //!
-//! Connections: one [`ConnectionManager`] (multiplexed, reconnecting) to the primary carries every
-//! non-blocking command (the primary is a fixed address, or the one Redis Sentinel names, followed
-//! across failovers: `primary`); each blocking wait (`BLPOP` on wake lists, `XREAD BLOCK`) borrows a dedicated connection
+//! Connections: one multiplexed connection to the primary carries every non-blocking command (the
+//! primary is a fixed address, kept by a reconnecting `ConnectionManager`, or the one Redis Sentinel
+//! names, followed across failovers: `primary`); each blocking wait (`BLPOP` on wake lists, `XREAD BLOCK`) borrows a dedicated connection
 //! with no response timeout and always a finite block, so the client's default 500 ms timeout never
 //! cuts a block short and a dropped waiter never holds the shared connection.
 //!
