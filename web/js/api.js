@@ -147,6 +147,30 @@ export class Live {
       source.close();
       this.start();
     });
+    source.addEventListener("workers_seen", (m) => this.seen(m));
+  }
+
+  /**
+   * The server's periodic `workers_seen`: each worker's last heartbeat and the time of each of its
+   * connector reports (unchanged reports are not events), so what is alive never turns stale on a
+   * page left open. Only times move forward here; statuses change by events.
+   */
+  seen(message) {
+    let e;
+    try { e = JSON.parse(message.data); } catch { return; }
+    const s = this.snapshot;
+    if (!s || !e.workers) return;
+    if (typeof e.at === "number") noteServerTime(e.at);
+    for (const [id, fresh] of Object.entries(e.workers)) {
+      const w = s.workers[id];
+      if (!w) continue;
+      if (typeof fresh.last_seen === "number" && fresh.last_seen > (w.last_seen || 0)) w.last_seen = fresh.last_seen;
+      for (const [service, at] of Object.entries(fresh.connectors || {})) {
+        const report = w.connectors && w.connectors[service];
+        if (report && typeof at === "number" && at > report.at) report.at = at;
+      }
+    }
+    this.onChange("workers_seen");
   }
 
   fold(message) {

@@ -314,7 +314,7 @@ pub(crate) async fn stats<B: Broker>(State(st): State<AppState<B>>) -> Json<Stat
     path = "/api/events",
     operation_id = "events",
     summary = "SSE of all events; topics filter; Last-Event-ID resume",
-    description = "Each SSE event has `id` = event id (`seq`, or `seq.epoch` after the log went back), `event` = the kind, `data` = the Event. A resume point trimmed from the log, or past its end, yields one `resync` event (`{type, after, first}`): reload `/api/snapshot`.",
+    description = "Each SSE event has `id` = event id (`seq`, or `seq.epoch` after the log went back), `event` = the kind, `data` = the Event. A resume point trimmed from the log, or past its end, yields one `resync` event (`{type, after, first}`): reload `/api/snapshot`. With the `workers` or `connectors` topic, a `workers_seen` event without id comes every third of `--stale-after-s`: `{type, at, workers: {ID: {last_seen, connectors: {SERVICE: at}}}}`, the latest heartbeats (which are not events of the log).",
     params(
         FleetStreamQuery,
         ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id: `seq`, or `seq.epoch` once the log's epoch moved on; an id of another epoch yields `resync`"),
@@ -364,6 +364,11 @@ pub(crate) async fn events<B: Broker>(
                     )
                 }
                 Feed::Event(_) => None,
+                Feed::Seen(seen) if topics.contains("workers") || topics.contains("connectors") => {
+                    // No id: it is no event of the log, and a resume never asks for it.
+                    Some(SseEvent::default().event("workers_seen").data(seen.json.clone()))
+                }
+                Feed::Seen(_) => None,
             };
             std::future::ready(out.map(Ok))
         })

@@ -564,6 +564,7 @@ fn job_stream<B: Broker>(
                     st.first = Some(rec);
                     return Some((Ok(SseEvent::default().comment("resync: events were trimmed")), st));
                 }
+                Feed::Seen(_) => {}
                 Feed::Event(ev) => {
                     st.seq = ev.seq;
                     let Some(job) = ev.kind.job() else { continue };

@@ -133,6 +133,9 @@ async fn accept_loop(
 pub fn router<B: Broker>(broker: Arc<B>, config: ApiConfig) -> Router {
     let stats = Arc::new(stats::DurationStats::default());
     let hub = stream::Hub::spawn(broker.clone(), config.shutdown.clone());
+    // Heartbeats reach open pages three times within the staleness threshold.
+    let refresh = (config.stale_after / 3).max(std::time::Duration::from_millis(500));
+    hub.spawn_refresh(broker.clone(), refresh, config.shutdown.clone());
     fold::spawn(broker.clone(), hub.clone(), &stats);
     let tokens = config.tokens.clone();
     let cors = cors_layer(&config.cors_origins);

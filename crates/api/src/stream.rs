@@ -21,6 +21,8 @@ use crate::error::ApiError;
 pub(crate) enum Feed {
     /// The next event.
     Event(Arc<Event>),
+    /// The fleet's latest heartbeats (not an event of the log: no sequence, nothing to resume).
+    Seen(Arc<Seen>),
     /// Events after the resume point were trimmed from the log; the client must reload the snapshot.
     Gap {
         /// The resume point asked for.
@@ -50,11 +52,39 @@ struct HubState {
     epoch: u64,
 }
 
+/// The `workers_seen` message: each worker's last heartbeat and the time of each of its connector
+/// reports, as the broker has them now. Heartbeats and unchanged health reports are not events of
+/// the log (at a thousand workers they would flood it), so an open page would see healthy workers
+/// go stale; the hub reads them once per refresh for every stream of the process instead.
+#[derive(Debug)]
+pub(crate) struct Seen {
+    /// `{"type": "workers_seen", "at", "workers": {id: {"last_seen", "connectors": {service: at}}}}`.
+    pub(crate) json: String,
+}
+
+impl Seen {
+    fn of(workers: &[fleetq_core::WorkerInfo], at: i64) -> Self {
+        let workers: serde_json::Map<String, serde_json::Value> = workers
+            .iter()
+            .map(|w| {
+                let connectors: serde_json::Map<String, serde_json::Value> =
+                    w.connectors.iter().map(|(service, r)| (service.clone(), r.at.into())).collect();
+                let seen = serde_json::json!({"last_seen": w.last_seen, "connectors": connectors});
+                (w.registration.worker_id.clone(), seen)
+            })
+            .collect();
+        let json = serde_json::json!({"type": "workers_seen", "at": at, "workers": workers}).to_string();
+        Self { json }
+    }
+}
+
 /// What the hub broadcasts.
 #[derive(Debug, Clone)]
 enum HubItem {
     /// The next event of the log.
     Event(Arc<Event>),
+    /// The fleet's latest heartbeats.
+    Seen(Arc<Seen>),
     /// The log went back (a restore, a failover that lost writes): sequences up to the hub's
     /// last may now name other events. Streams resynchronize and go on after `head`.
     Reset {
@@ -79,6 +109,35 @@ impl Hub {
             }
         });
         hub
+    }
+
+    /// Every `every`, reads the workers once and sends their latest heartbeats to every stream
+    /// ([`Seen`]): one read per API process, whatever the number of open pages. Stops at `stop` or
+    /// when the hub is dropped.
+    pub(crate) fn spawn_refresh<B: fleetq_broker::Read>(
+        self: &Arc<Self>,
+        broker: Arc<B>,
+        every: Duration,
+        stop: CancellationToken,
+    ) {
+        let hub = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = stop.cancelled() => return,
+                }
+                let Some(h) = hub.upgrade() else { return };
+                let Ok(workers) = broker.workers().await else { continue };
+                let at = fleetq_core::clock::Clock::now_ms(&fleetq_core::clock::SystemClock);
+                let seen = Arc::new(Seen::of(&workers, at));
+                let st = h.lock();
+                // No receiver is not an error: nobody is watching right now.
+                let _ = st.tx.send(HubItem::Seen(seen));
+            }
+        });
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HubState> {
@@ -335,6 +394,7 @@ pub(crate) fn feed_at<B: Log>(
                 continue;
             }
             match rx.recv().await {
+                Ok(HubItem::Seen(seen)) => return Some((Feed::Seen(seen), st)),
                 Ok(HubItem::Event(ev)) if ev.seq <= st.delivered => {}
                 Ok(HubItem::Event(ev)) => st.buf.push_back(ev),
                 // The log went back: what this stream delivered may no longer be the log's. The
@@ -467,6 +527,7 @@ mod tests {
             .map(|f| match f {
                 Feed::Event(ev) => ev.seq,
                 Feed::Gap { .. } => panic!("unexpected gap"),
+                Feed::Seen(_) => panic!("no refresh runs in these tests"),
             })
             .collect()
     }

@@ -64,7 +64,7 @@ fn err_msg(code: &str, message: impl Into<String>) -> Value {
     path = "/ws/monitor",
     operation_id = "ws_monitor",
     summary = "WebSocket: snapshot, then sequenced events; subscribe, ping",
-    description = "The server sends `{type: snapshot, seq, snapshot}`, then each Event flat (`{seq, at, type, …}`). Client messages: `{type: subscribe, topics: [...]}`, `{type: ping}` (answered by `{type: pong, seq}`). A resume point trimmed from the log yields a fresh snapshot.",
+    description = "The server sends `{type: snapshot, seq, snapshot}`, then each Event flat (`{seq, at, type, …}`). Client messages: `{type: subscribe, topics: [...]}`, `{type: ping}` (answered by `{type: pong, seq}`). A resume point trimmed from the log yields a fresh snapshot. With the `workers` or `connectors` topic, `{type: workers_seen, at, workers: {ID: {last_seen, connectors: {SERVICE: at}}}}` comes every third of `--stale-after-s` (the latest heartbeats, not events of the log).",
     params(FleetStreamQuery),
     responses((status = 101, description = "Switched to the WebSocket protocol"), (status = 400, body = ErrorBody), (status = 403, description = "A submit token (its jobs are followed with /api/events)", body = ErrorBody))
 )]
@@ -151,6 +151,15 @@ async fn monitor_session<B: Broker>(
                             continue;
                         }
                         serde_json::to_value(&*ev).unwrap_or(Value::Null)
+                    }
+                    Some(Feed::Seen(seen)) => {
+                        if !(topics.contains("workers") || topics.contains("connectors")) {
+                            continue;
+                        }
+                        if socket.send(Message::Text(seen.json.clone().into())).await.is_err() {
+                            return;
+                        }
+                        continue;
                     }
                 };
                 if !send(&mut socket, &out).await {

@@ -14,7 +14,7 @@ use fleetq_api::ApiConfig;
 use fleetq_broker::Broker;
 use fleetq_broker::redis::RedisBroker;
 use fleetq_broker::testing::RedisServer;
-use fleetq_broker::{Log, Queue, Read};
+use fleetq_broker::{Fleet, Log, Queue, Read};
 use futures::{SinkExt, Stream, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -148,6 +148,36 @@ async fn a_submit_token_follows_only_its_own_jobs_on_the_fleet_stream() {
     // A read token sees both, in order.
     let seen = [next_job(&mut ops).await["job"]["id"].clone(), next_job(&mut ops).await["job"]["id"].clone()];
     assert_eq!(seen, [json!(alices), json!(bobs)]);
+}
+
+#[tokio::test]
+async fn a_fleet_stream_carries_the_latest_heartbeats_without_an_id() {
+    let a = app(ApiConfig::default());
+    worker(a.broker.as_ref(), "w1", "sim").await;
+    let config = ApiConfig { stale_after: Duration::from_millis(1500), ..ApiConfig::default() };
+    let addr = serve_with(a.broker.clone(), config).await;
+    let mut s = sse(addr, "/api/events?topics=connectors", None).await;
+    // A health refresh that changes nothing: no event of the log, but the next heartbeat says it.
+    let reported = fleetq_core::ConnectorReport {
+        service: "sim".into(),
+        status: fleetq_core::ConnectorStatus::Idle,
+        message: None,
+        at: a.broker.workers().await.unwrap()[0].connectors["sim"].at + 1,
+        info: None,
+    };
+    let before = a.broker.snapshot().await.unwrap().seq;
+    a.broker.report_connector("w1", reported.clone()).await.unwrap();
+    assert_eq!(a.broker.snapshot().await.unwrap().seq, before, "an unchanged report is no event");
+    loop {
+        let ev = next(&mut s).await.expect("a heartbeat");
+        assert_eq!(ev.event, "workers_seen", "only heartbeats on an idle fleet: {ev:?}");
+        assert!(ev.id.is_empty(), "no resume point: {ev:?}");
+        let data: Value = serde_json::from_str(&ev.data).unwrap();
+        if data["workers"]["w1"]["connectors"]["sim"] == json!(reported.at) {
+            assert!(data["workers"]["w1"]["last_seen"].is_i64() && data["at"].is_i64(), "{data}");
+            break;
+        }
+    }
 }
 
 #[tokio::test]

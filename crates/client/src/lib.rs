@@ -59,7 +59,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 pub use fleetq_core::Event;
-pub use stream::{FleetEvent, FleetEvents, JobEvents, JobUpdate};
+pub use stream::{FleetEvent, FleetEvents, JobEvents, JobUpdate, WorkerSeen, WorkersSeen};
 
 /// What a call can fail with.
 #[derive(Debug, thiserror::Error)]

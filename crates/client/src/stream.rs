@@ -219,6 +219,10 @@ pub enum FleetEvent {
         /// The first event still available.
         first: u64,
     },
+    /// The fleet's latest heartbeats (with the `workers` or `connectors` topic, every third of the
+    /// API's `--stale-after-s`): heartbeats and unchanged connector reports are not events of the
+    /// log, so a view kept up to date by events alone would see live workers go stale.
+    WorkersSeen(Box<WorkersSeen>),
     /// The connection was lost; the stream is reconnecting (nothing to do).
     Lost,
     /// Reconnected after a loss; the stream resumes after `after` (the last event yielded).
@@ -226,6 +230,25 @@ pub enum FleetEvent {
         /// The last event id yielded before the loss.
         after: Option<String>,
     },
+}
+
+/// A `workers_seen` message: each worker's last heartbeat and the time of each connector report.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WorkersSeen {
+    /// When the API read them (ms since the epoch).
+    pub at: i64,
+    /// By worker id.
+    pub workers: std::collections::BTreeMap<String, WorkerSeen>,
+}
+
+/// One worker in [`WorkersSeen`].
+#[derive(Debug, Clone, Deserialize)]
+pub struct WorkerSeen {
+    /// Its last heartbeat (ms).
+    pub last_seen: i64,
+    /// The time of its latest report, by service (ms).
+    #[serde(default)]
+    pub connectors: std::collections::BTreeMap<String, i64>,
 }
 
 /// `GET /api/events`: every event from now on (of the chosen topics), resuming across drops.
@@ -257,6 +280,11 @@ impl FleetEvents {
         match self.inner.next().await? {
             Frame::Lost => Ok(FleetEvent::Lost),
             Frame::Resumed => Ok(FleetEvent::Resumed { after: self.inner.last_id.clone() }),
+            Frame::Event(ev) if ev.event == "workers_seen" => {
+                let seen: WorkersSeen =
+                    serde_json::from_str(&ev.data).map_err(|e| decode("/api/events", e))?;
+                Ok(FleetEvent::WorkersSeen(Box::new(seen)))
+            }
             Frame::Event(ev) if ev.event == "resync" => {
                 let r: ResyncData = serde_json::from_str(&ev.data).map_err(|e| decode("/api/events", e))?;
                 Ok(FleetEvent::Resync { after: r.after, first: r.first })

@@ -151,7 +151,7 @@ async fn the_fleet_stream_resumes_across_an_api_restart_without_repeats() {
                     }
                 }
             }
-            FleetEvent::Lost | FleetEvent::Resumed { .. } => {}
+            FleetEvent::Lost | FleetEvent::Resumed { .. } | FleetEvent::WorkersSeen(_) => {}
             FleetEvent::Resync { .. } => panic!("nothing was trimmed"),
         }
     }

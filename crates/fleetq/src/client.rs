@@ -549,6 +549,8 @@ async fn watch_all(api: &Client, as_json: bool) -> Result<()> {
                 eprintln!("events after {after} are gone from the log; resuming at {first}");
                 continue;
             }
+            // Heartbeats come with the workers topic only.
+            FleetEvent::WorkersSeen(_) => continue,
         };
         if as_json {
             outln!("{}", serde_json::to_string(&event)?);

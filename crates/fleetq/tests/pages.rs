@@ -118,10 +118,10 @@ fn worker_with(redis: &str, queue: &str, id: &str, machine: &str, env: &[(&str, 
         .args(["worker", "--queue", queue, "--redis", redis])
         .env("WORKER_ID", id)
         .env("MACHINE_ID", machine)
-        .envs(env.iter().copied())
         .env("SIMULATION_STEP_MS", "100")
         .env("WORKER_SERVICE_HEALTH_CHECK_INTERVAL", "4")
         .env("WORKER_SHUTDOWN_GRACE_S", "0")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -384,6 +384,50 @@ async fn a_connector_going_offline_and_back_is_shown() {
     page.until("ComfyUI offline", &badge("offline")).await;
     let _mock = comfy_mock(port);
     page.until("ComfyUI idle again", &badge("idle")).await;
+    page.close().await;
+}
+
+/// A page left open on an idle, healthy worker: its health reports change nothing (no event), yet
+/// its badge never turns stale — the API sends the latest heartbeats to open pages three times per
+/// `--stale-after-s` (here 3 s, watched for 9 s: three thresholds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_left_open_keeps_a_live_worker_fresh() {
+    let redis = RedisServer::shared();
+    let queue = format!("pages-fresh-{}", std::process::id());
+    let (_api, url) = api_at(&redis.url, &queue, "127.0.0.1:0", &["--stale-after-s", "3"]);
+    let _w = worker_with(
+        &redis.url,
+        &queue,
+        "fresh-gpu0",
+        "fresh",
+        &[("WORKER_CONNECTORS", "simulation"), ("WORKER_SERVICE_HEALTH_CHECK_INTERVAL", "1")],
+    );
+    let page = Browser::start().await;
+    page.goto(&format!("{url}/")).await;
+    let badge = r#"[data-worker-id="fresh-gpu0"] .badge[data-service="simulation"]"#;
+    page.until(
+        "the worker's badge, fresh",
+        &format!(r#"return !!document.querySelector('{badge}[data-stale="false"]');"#),
+    )
+    .await;
+    page.client
+        .execute(
+            &format!(
+                r#"window.sawStale = 0; window.watch = setInterval(() => {{
+                     if (document.querySelector('{badge}[data-stale="true"]')) window.sawStale += 1; }}, 100);"#
+            ),
+            vec![],
+        )
+        .await
+        .expect("watch the badge");
+    // An observation window, not a timing assertion: three thresholds with nothing changing.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let stale = page
+        .client
+        .execute("clearInterval(window.watch); return window.sawStale;", vec![])
+        .await
+        .expect("seen");
+    assert_eq!(stale, json!(0), "a live worker's badge turned stale on a page left open");
     page.close().await;
 }
 

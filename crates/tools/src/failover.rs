@@ -214,7 +214,7 @@ pub(crate) async fn run(args: &Args, exe: &Path) -> Result<()> {
                         }
                     }
                     FleetEvent::Resync { .. } => s.resyncs += 1,
-                    FleetEvent::Lost | FleetEvent::Resumed { .. } => {}
+                    FleetEvent::Lost | FleetEvent::Resumed { .. } | FleetEvent::WorkersSeen(_) => {}
                 }
             }
         })
