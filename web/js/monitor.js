@@ -164,17 +164,32 @@ function running(workerId) {
   return byWorker.get(workerId) || [];
 }
 
+/**
+ * A worker none of whose connectors has reported within the API's threshold (its health checks
+ * report every few seconds, and open pages get their times): it died without a word (kill -9, a
+ * power loss) and its presence has not expired yet. Every viewer judges it alike, from the data.
+ */
+function silentFor(w) {
+  const reports = Object.values(w.connectors || {});
+  if (!reports.length) return null;
+  const last = Math.max(...reports.map((r) => r.at));
+  const quiet = serverNow() - last;
+  return quiet > live.snapshot.stale_after_ms ? quiet : null;
+}
+
 function drawWorker(w, offline) {
+  const silent = offline ? null : silentFor(w);
   const jobs = offline ? [] : running(w.worker_id);
-  const status = offline ? "offline" : jobs.length ? "busy" : "idle";
+  const status = offline ? "offline" : silent !== null ? "silent" : jobs.length ? "busy" : "idle";
   const badges = Object.entries(w.connectors || {}).map(([s, r]) => badge(s, r)).join(" ");
   const current = jobs.map((j) => `
     <div class="row clickable" data-open="${esc(j.id)}">
-      <span class="mono">${esc(j.id.slice(0, 8))}</span>
+      <span class="mono" title="${esc(j.id)}">…${esc(j.id.slice(-8))}</span>
       <div class="bar" role="progressbar" aria-valuenow="${Math.round(j.progress)}" aria-valuemin="0" aria-valuemax="100"><span style="width:${j.progress}%"></span></div>
       <span>${j.progress.toFixed(0)}%</span><span class="muted">${esc(j.message || "")}</span>
     </div>`).join("");
-  const gone = offline ? `<span class="muted">${esc(offline.reason)} at ${esc(time(offline.at))}</span>` : "";
+  const gone = offline ? `<span class="muted">${esc(offline.reason)} at ${esc(time(offline.at))}</span>`
+    : silent !== null ? `<span class="muted">no report for ${esc(age(silent))}</span>` : "";
   return `<div class="worker" data-worker-id="${esc(w.worker_id)}" data-status="${status}">
     <div class="head"><strong>${esc(w.worker_id)}</strong>
       <span class="status" data-status="${status}">${status}</span> ${badges}
@@ -254,16 +269,21 @@ function drawMachines() {
   }
   const cards = machines.map(([id, m]) => {
     const ms = s.machines[id];
-    // A machine that vanished without a word (kill -9, power loss) never says `stopped`: once
-    // the presence of every worker it had has expired, it is shown offline.
-    const vanished = ms && ["ready", "starting"].includes(ms.phase) && !m.workers.length && m.gone.length;
-    const phase = vanished ? "offline" : ms ? ms.phase : m.workers.length ? "ready" : "offline";
+    // A machine that vanished without a word (kill -9, power loss) never says `stopped`: it is
+    // `lost` once it was ready and none of its workers is heard any more — their presence expired
+    // (a page opened afterwards sees no worker at all) or they are silent — for every viewer.
+    const heard = m.workers.filter((w) => silentFor(w) === null);
+    const lost = (ms ? ms.phase === "ready" : m.workers.length > 0) && !heard.length;
+    const phase = lost ? "lost" : ms ? ms.phase : m.workers.length ? "ready" : "offline";
+    const lastHeard = lost ? Math.max((ms && ms.updated_at) || 0, ...m.workers.flatMap((w) =>
+      Object.values(w.connectors || {}).map((r) => r.at))) : 0;
     const steps = ms && ms.steps && ms.steps.length
       ? `<ol class="steps">${ms.steps.map((st) => `<li>${esc(st)}</li>`).join("")}</ol>` : "";
     const many = m.workers.length + m.gone.length > 4;
     // The card's shell; its workers are patched into `.workers` below.
     return [id, `<article class="machine" data-machine-id="${esc(id)}" data-phase="${esc(phase)}" data-many="${many}">
-      <h3>${esc(id)} <span class="status" data-status="${esc(phase)}">${esc(phase)}</span></h3>
+      <h3>${esc(id)} <span class="status" data-status="${esc(phase)}">${esc(phase)}</span>${lost
+        ? ` <span class="muted">last heard ${esc(age(serverNow() - lastHeard))} ago</span>` : ""}</h3>
       ${ms && ms.message ? `<p class="muted">${esc(ms.message)}</p>` : ""}${steps}<div class="workers"></div></article>`];
   });
   patch(root, cards, machineCache, (id) => workerCaches.set(id, { keys: [], html: new Map() }));

@@ -138,7 +138,8 @@ fn summary_of(
     depth: Option<&ServiceDepth>,
     durations: Option<crate::stats::Durations>,
 ) -> ServiceSummary {
-    let count = |s: ConnectorStatus| list.iter().filter(|i| i.status == s).count();
+    // A stale instance counts as stale only: the counts add up to the total.
+    let count = |s: ConnectorStatus| list.iter().filter(|i| !i.stale && i.status == s).count();
     ServiceSummary {
         total: list.len(),
         starting: count(ConnectorStatus::Starting),

@@ -288,7 +288,8 @@ impl From<ServiceDepth> for QueueDepth {
 /// One service across the fleet (seed 000's summary shape, with `stale`, `queue`, `durations`).
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ServiceSummary {
-    /// Connector instances.
+    /// Connector instances: `starting + idle + active + error + offline + stale` (an instance whose
+    /// report is stale counts as stale only: its last status is not known to hold).
     pub total: usize,
     /// Instances starting.
     pub starting: usize,
@@ -300,7 +301,7 @@ pub struct ServiceSummary {
     pub error: usize,
     /// Instances offline.
     pub offline: usize,
-    /// Instances whose report is stale.
+    /// Instances whose report is older than `--stale-after-s`.
     pub stale: usize,
     /// Newest report (RFC 3339).
     pub last_update: Option<String>,

@@ -431,6 +431,46 @@ async fn a_page_left_open_keeps_a_live_worker_fresh() {
     page.close().await;
 }
 
+/// A box whose workers die without a word (kill -9): on a page open before and on one opened
+/// after, its workers read `silent` and the box `lost`, with how long ago it was last heard —
+/// judged from the data both pages have, not from what one of them happened to see.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_box_killed_reads_lost_on_pages_opened_before_and_after() {
+    let redis = RedisServer::shared();
+    let queue = format!("pages-lost-{}", std::process::id());
+    let (_api, url) = api_at(&redis.url, &queue, "127.0.0.1:0", &["--stale-after-s", "3"]);
+    let fast = [("WORKER_CONNECTORS", "simulation"), ("WORKER_SERVICE_HEALTH_CHECK_INTERVAL", "1")];
+    let mut workers = vec![
+        worker_with(&redis.url, &queue, "boxk-gpu0", "boxk", &fast),
+        worker_with(&redis.url, &queue, "boxk-gpu1", "boxk", &fast),
+    ];
+    let before = Browser::start().await;
+    before.goto(&format!("{url}/")).await;
+    before
+        .until(
+            "the box ready, two workers heard",
+            r#"const m = document.querySelector('[data-machine-id="boxk"]');
+               return !!m && m.dataset.phase === "ready" && m.querySelectorAll('.worker[data-status="idle"]').length === 2;"#,
+        )
+        .await;
+    for w in &mut workers {
+        w.0.kill().expect("kill -9");
+    }
+    let lost = r#"const m = document.querySelector('[data-machine-id="boxk"]');
+        return !!m && m.dataset.phase === "lost" && m.querySelectorAll('.worker[data-status="silent"]').length === 2
+          && /last heard \d+ s ago/.test(m.textContent);"#;
+    before.until_within("the box lost on the page open before", lost, Duration::from_secs(30)).await;
+    let after = Browser::start().await;
+    after.goto(&format!("{url}/")).await;
+    after.until_within("the box lost on a page opened after", lost, Duration::from_secs(30)).await;
+    // For a person to look at (not compared).
+    if let Ok(png) = after.client.screenshot().await {
+        std::fs::write("../../target/monitor-lost.png", png).ok();
+    }
+    after.close().await;
+    before.close().await;
+}
+
 /// With auth on, a read-only token sees no action and the API refuses one; an admin token submits
 /// from the client page, watches a job to completion and cancels a running one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
