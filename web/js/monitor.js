@@ -64,8 +64,29 @@ const live = new Live({
       state.newFinished += 1;
       mark("jobs");
     }
+    if (e.job && e.job.id === openJobId()) followOpenJob(TERMINAL.has(e.job.status));
   },
 });
+
+/** The id of the job whose detail is open, if one is. */
+function openJobId() {
+  return $("job-dialog").open ? $("job-dialog").dataset.jobId : null;
+}
+
+/**
+ * The open detail follows its job: an event of it redraws the detail from the API (at most every
+ * second; at once when the job ended, so its outcome shows), keeping which sections are expanded.
+ */
+let followTimer = null;
+function followOpenJob(now) {
+  if (followTimer && !now) return;
+  clearTimeout(followTimer);
+  followTimer = setTimeout(() => {
+    followTimer = null;
+    const id = openJobId();
+    if (id) openJob(id, { quiet: true });
+  }, now ? 0 : 1000);
+}
 
 // Keep a removed worker's last picture for its offline card (the fold deletes it).
 const fold = live.fold.bind(live);
@@ -454,10 +475,13 @@ async function loadFinished(more) {
 
 // ----- the job detail -------------------------------------------------------------------------
 
-async function openJob(id) {
+async function openJob(id, { quiet = false } = {}) {
   const dialog = $("job-dialog");
+  dialog.dataset.jobId = id;
   $("job-title").textContent = `Job ${id}`;
-  $("job-body").innerHTML = `<p class="muted">Loading…</p>`;
+  // A redraw of the open detail keeps what is shown until the new picture is ready.
+  const expanded = new Set([...$("job-body").querySelectorAll("details[open] > summary")].map((s) => s.textContent));
+  if (!quiet) $("job-body").innerHTML = `<p class="muted">Loading…</p>`;
   if (!dialog.open) dialog.showModal();
   const q = new URLSearchParams(location.search);
   q.set("job", id);
@@ -485,6 +509,8 @@ async function openJob(id) {
           `<tr><td>${esc(w.worker_id)}</td><td>${esc(w.verdict)}</td><td>${esc(w.reasons.join("; "))}</td></tr>`).join("")}</tbody></table>`;
     } catch { /* the rest of the detail still shows */ }
   }
+  // Another job was opened meanwhile: this answer is not what the dialog shows any more.
+  if (dialog.dataset.jobId !== id) return;
   const outcome = job.outcome || null;
   const ends = (job.history || []).map((h) => `<tr data-attempt="${esc(h.attempt)}" data-end="${esc(h.end)}">
       <td class="num">${esc(h.attempt)}</td><td>${esc(h.worker_id || "")}</td><td>${esc(time(h.started_at))}</td>
@@ -507,7 +533,7 @@ async function openJob(id) {
       ${job.cancel_requested ? " · cancel requested" : ""}</p>
     <p class="muted">submitted ${esc(time(job.created_at))}${job.started_at ? ` · started ${esc(time(job.started_at))}` : ""}
       ${job.finished_at ? ` · finished ${esc(time(job.finished_at))}` : ""}${job.worker_id ? ` · worker ${esc(job.worker_id)}` : ""}
-      ${job.customer_id ? ` · customer ${esc(job.customer_id)}` : ""}${job.workflow_id ? ` · workflow ${esc(job.workflow_id)} step ${esc(job.step_number ?? "")}` : ""}</p>
+      ${job.customer_id ? ` · customer ${esc(job.customer_id)}` : ""}${job.workflow_id ? ` · workflow ${esc(job.workflow_id)}${job.step_number != null ? ` step ${esc(job.step_number)}` : ""}` : ""}</p>
     ${job.error ? `<p class="error">${esc(job.error.category)}: ${esc(job.error.message)}</p>` : ""}
     <div class="row">
       ${cancellable ? `<button type="button" class="danger" data-admin data-action="cancel" data-id="${esc(id)}">Cancel</button>` : ""}
@@ -520,6 +546,11 @@ async function openJob(id) {
     <details><summary>Requirements</summary><pre>${esc(preview(job.spec.requirements ?? {}))}</pre></details>
     <details><summary>Payload</summary><pre>${esc(preview(job.spec.payload))}</pre></details>
     ${outcome ? `<details open><summary>Outcome</summary><pre>${esc(preview(outcome))}</pre></details>` : ""}`;
+  if (quiet) {
+    for (const d of $("job-body").querySelectorAll("details")) {
+      if (expanded.has(d.querySelector("summary")?.textContent)) d.open = true;
+    }
+  }
 }
 
 async function act(action, id) {

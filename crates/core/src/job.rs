@@ -414,7 +414,8 @@ pub struct JobSummary {
     /// from the job's partition (one flag per partition), never stored per job.
     #[serde(default)]
     pub unworkable: bool,
-    /// Last error (of the final attempt when failed, of the previous attempt while retrying).
+    /// Last error (of the final attempt when failed, of the previous attempt while retrying; none
+    /// once completed: earlier attempts' errors are in the history).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<JobError>,
     /// How many times the service died while running this job (each gave it back without

@@ -471,6 +471,31 @@ async fn a_box_killed_reads_lost_on_pages_opened_before_and_after() {
     before.close().await;
 }
 
+/// The open job detail follows its job: opened while it runs, it turns `completed`, with its
+/// outcome, without a reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_job_detail_follows_the_job() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_up, url) = up(dir.path(), &["--workers", "1", "--step-ms", "400", "--steps", "5", "--jitter", "0"]);
+    let id = submit(&url, json!({"service": "simulation", "payload": {"steps": 5}})).await;
+    let page = Browser::start().await;
+    page.goto(&format!("{url}/?job={id}")).await;
+    page.until(
+        "the detail shows the job running",
+        r##"return document.getElementById("job-dialog").open
+             && !!document.querySelector('#job-body .status[data-status="in_progress"], #job-body .status[data-status="assigned"]');"##,
+    )
+    .await;
+    page.until_within(
+        "the detail turns completed, with its outcome",
+        r##"return !!document.querySelector('#job-body > p .status[data-status="completed"]')
+             && [...document.querySelectorAll("#job-body summary")].some((s) => s.textContent === "Outcome");"##,
+        Duration::from_secs(30),
+    )
+    .await;
+    page.close().await;
+}
+
 /// With auth on, a read-only token sees no action and the API refuses one; an admin token submits
 /// from the client page, watches a job to completion and cancels a running one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -377,6 +377,8 @@ pub(super) async fn the_record_tells_how_each_attempt_ended<B: Broker>(fx: Fixtu
         ]
     );
     assert_eq!((history[0].started_at, history[0].ended_at), (Some(started), started + 10));
+    let done = b.job(&id).await.expect("get").expect("exists").summary;
+    assert_eq!(done.error, None, "a completed job has no error: the first attempt's is in the history");
     // Cancelled while running; failed with no attempt left.
     let id = b.submit(sim(json!("cancel me"))).await.expect("submit").id;
     let lease = claim_now(b, "w1").await.expect("claim");
@@ -392,4 +394,12 @@ pub(super) async fn the_record_tells_how_each_attempt_ended<B: Broker>(fx: Fixtu
     let h = b.job(&id).await.expect("get").expect("exists").history;
     assert_eq!(h.len(), 1);
     assert_eq!((h[0].end, h[0].error.as_ref().map(|e| e.retryable)), (JobStatus::Failed, Some(false)));
+    assert_eq!(h[0].reason, None, "a failure that was not retried gives no retry as its reason");
+    let mut fatal = sim(json!("fatal"));
+    fatal.max_attempts = 3;
+    let id = b.submit(fatal).await.expect("submit").id;
+    let lease = claim_now(b, "w1").await.expect("claim");
+    b.fail(&lease.as_ref(), JobError::fatal(FailureCategory::Validation, "bad input")).await.expect("fail");
+    let h = b.job(&id).await.expect("get").expect("exists").history;
+    assert_eq!((h.len(), h[0].end, h[0].reason.as_deref()), (1, JobStatus::Failed, None));
 }

@@ -9,7 +9,7 @@
 -- Order keys are never compared with Lua's `<` on strings (strcoll): see `key_less`. Only fixed,
 -- short field lists are ever unpacked.
 
-local VERSION = '21'
+local VERSION = '22'
 
 -- A job's state is one JSON object of strings, its spec and its outcome JSON documents: fields named
 -- by the job's id in the hashes `J`, `S` and `O` (a key per job would cost a key's overhead and the
@@ -343,7 +343,10 @@ local function give_back(P, C, nows, j, err, retryable, backoff, reason, refund,
     err = cjson.encode(e)
     fail_out = '{"kind":"error","error":' .. err .. '}'
   end
-  note_attempt(P, j, nows, ran, 'failed', reason, err)
+  -- 'retry' is how a failure asks to be retried; the last one was not, so it names no reason.
+  local final_reason = reason
+  if reason == 'retry' then final_reason = nil end
+  note_attempt(P, j, nows, ran, 'failed', final_reason, err)
   j.error = err
   finish(P, j, nows, 'failed', fail_out)
   emit_job(P, C, nows, 'job_failed', j)
@@ -626,6 +629,8 @@ redis.register_function('fq_complete', function(keys, argv)
   local P, C, nows, j, err = holder(keys, argv)
   if not j then return {err} end
   j.progress = '100'
+  -- A completed job has no error: an earlier attempt's lives in its history.
+  j.error = nil
   note_attempt(P, j, nows, j.attempt, 'completed', nil, nil)
   local json = finish(P, j, nows, 'completed', argv[5])
   emit_job(P, C, nows, 'job_completed', j, nil, json)

@@ -255,8 +255,10 @@ impl State {
         self.note_attempt(&row, row.summary.attempt, JobStatus::Completed, None, None, now)?;
         row.summary.progress = 100.0;
         row.summary.finished_at = Some(now);
-        // The attempt's last message ("queued in ComfyUI", "node 4") is not the job's state now.
+        // The attempt's last message ("queued in ComfyUI", "node 4") is not the job's state now,
+        // nor is an earlier attempt's error (it lives in the history).
         row.summary.message = None;
+        row.summary.error = None;
         self.store(&row, OutcomeChange::Set(crate::result_outcome(&result)))?;
         self.emit(EventKind::JobCompleted { job: row.summary })
     }
@@ -379,7 +381,9 @@ impl State {
         row.summary.finished_at = Some(now);
         // No attempt is left: the recorded error is not retryable any more, whatever it was.
         let error = JobError { retryable: false, ..error };
-        self.note_attempt(row, ran, JobStatus::Failed, Some(reason), Some(&error), now)?;
+        // "retry" is how a failure asks to be retried; the last one was not, so it names no reason.
+        let reason = (reason != "retry").then_some(reason);
+        self.note_attempt(row, ran, JobStatus::Failed, reason, Some(&error), now)?;
         row.summary.error = Some(error.clone());
         let outcome = to_json(&Outcome::Error { error })?;
         self.store(row, OutcomeChange::Set(outcome))?;
