@@ -205,6 +205,9 @@ export class Live {
       }
       default:
         if (event.job) {
+          // The broker counts each worker's completions; folded here as `Snapshot::apply` does.
+          const by = event.type === "job_completed" && event.job.worker_id && s.workers[event.job.worker_id];
+          if (by) by.completed = (by.completed || 0) + 1;
           if (TERMINAL.has(event.job.status)) delete s.jobs[event.job.id];
           else s.jobs[event.job.id] = event.job;
         }

@@ -17,7 +17,6 @@ const state = {
   finishedNext: null,
   newFinished: 0,
   gone: new Map(), // worker id → { worker, reason, at }: shown offline until the page reloads
-  done: new Map(), // worker id → jobs completed since the page opened
   services: null,
 };
 const dirty = new Set();
@@ -56,9 +55,6 @@ const live = new Live({
       state.gone.set(e.worker_id, { worker: w, reason: e.reason, at: e.at });
     } else if (e.type === "worker_registered") {
       state.gone.delete(e.worker.worker_id);
-    }
-    if (e.type === "job_completed" && e.job.worker_id) {
-      state.done.set(e.job.worker_id, (state.done.get(e.job.worker_id) || 0) + 1);
     }
     if (e.job && TERMINAL.has(e.job.status) && matchesFilters(e.job)) {
       state.newFinished += 1;
@@ -214,7 +210,7 @@ function drawWorker(w, offline) {
   return `<div class="worker" data-worker-id="${esc(w.worker_id)}" data-status="${status}">
     <div class="head"><strong>${esc(w.worker_id)}</strong>
       <span class="status" data-status="${status}">${status}</span> ${badges}
-      <span class="muted">up ${uptime(serverNow() - w.registered_at)} · ${state.done.get(w.worker_id) || 0} done</span> ${gone}</div>
+      <span class="muted">up ${uptime(serverNow() - w.registered_at)} · ${w.completed || 0} done</span> ${gone}</div>
     ${current}</div>`;
 }
 

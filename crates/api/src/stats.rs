@@ -214,8 +214,13 @@ mod tests {
                 "worker_id": id, "machine_id": "m", "services": ["comfyui"]
             }))
             .unwrap();
-            let mut info =
-                WorkerInfo { registration, registered_at: 0, last_seen: 0, connectors: Default::default() };
+            let mut info = WorkerInfo {
+                registration,
+                registered_at: 0,
+                last_seen: 0,
+                connectors: Default::default(),
+                completed: 0,
+            };
             if let Some(status) = status {
                 let report = fleetq_core::ConnectorReport {
                     service: "comfyui".into(),

@@ -199,6 +199,12 @@ impl Snapshot {
                 self.machines.entry(event.machine_id.clone()).or_default().apply(event);
             }
             kind => {
+                if let EventKind::JobCompleted { job } = kind
+                    && let Some(w) = job.worker_id.as_ref().and_then(|id| self.workers.get_mut(id))
+                {
+                    // As the broker counts it.
+                    w.completed = w.completed.saturating_add(1);
+                }
                 if let Some(job) = kind.job() {
                     if job.status.is_terminal() {
                         self.jobs.remove(&job.id);

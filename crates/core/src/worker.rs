@@ -249,6 +249,10 @@ pub struct WorkerInfo {
     /// Latest report per connector.
     #[serde(default)]
     pub connectors: BTreeMap<String, ConnectorReport>,
+    /// Jobs it completed, counted by the broker (kept across its re-registrations while its
+    /// presence lasts), so every viewer shows the same number.
+    #[serde(default)]
+    pub completed: u64,
 }
 
 /// Where a machine is in its life, as its supervisor reports it.

@@ -493,6 +493,14 @@ async fn the_open_job_detail_follows_the_job() {
         Duration::from_secs(30),
     )
     .await;
+    // The worker's count is the broker's: a page opened now says the same as the one open before.
+    let done =
+        r#"return [...document.querySelectorAll(".worker")].some((w) => / 1 done/.test(w.textContent));"#;
+    page.until("the open page counts the completion", done).await;
+    let later = Browser::start().await;
+    later.goto(&format!("{url}/")).await;
+    later.until("a page opened afterwards counts it too", done).await;
+    later.close().await;
     page.close().await;
 }
 

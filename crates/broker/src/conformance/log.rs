@@ -106,7 +106,11 @@ pub(super) async fn snapshot_and_events_converge<B: Broker>(fx: Fixture<B>) {
     let l2 = claim_now(b, "late").await.expect("claim");
     b.progress(&l2.as_ref(), 10.0, None).await.expect("progress");
     b.cancel(&ids[5]).await.expect("cancel");
-    let _l3 = claim_now(b, "late").await.expect("claim");
+    let l3 = claim_now(b, "late").await.expect("claim");
+    b.complete(&l3.as_ref(), json!(null)).await.expect("complete");
+    // Re-registering keeps what it completed.
+    b.register_worker(worker("late", &["simulation", "other"], json!({}))).await.expect("reg");
+    let _l4 = claim_now(b, "late").await.expect("claim");
     b.deregister_worker("early").await.expect("deregister");
     let mut folded = early.clone();
     for e in b.events_after(early.seq, 10_000, Duration::ZERO).await.expect("events") {
@@ -116,6 +120,8 @@ pub(super) async fn snapshot_and_events_converge<B: Broker>(fx: Fixture<B>) {
     assert_eq!(folded.seq, fresh.seq);
     assert_eq!(normalized(folded), normalized(fresh.clone()));
     assert_eq!(fresh.workers.len(), 1);
+    assert_eq!(fresh.workers["late"].completed, 1, "counted by the broker, folded from the events alike");
+    assert_eq!(b.workers().await.expect("workers")[0].completed, 1);
     assert!(fresh.jobs.values().any(|j| j.unworkable), "the unservable job is flagged");
     assert_eq!(fresh.machines["m1"].steps, vec!["pull"]);
     // Folding everything from zero converges too.

@@ -9,7 +9,7 @@
 -- Order keys are never compared with Lua's `<` on strings (strcoll): see `key_less`. Only fixed,
 -- short field lists are ever unpacked.
 
-local VERSION = '22'
+local VERSION = '23'
 
 -- A job's state is one JSON object of strings, its spec and its outcome JSON documents: fields named
 -- by the job's id in the hashes `J`, `S` and `O` (a key per job would cost a key's overhead and the
@@ -631,6 +631,8 @@ redis.register_function('fq_complete', function(keys, argv)
   j.progress = '100'
   -- A completed job has no error: an earlier attempt's lives in its history.
   j.error = nil
+  -- Counted per worker for every viewer (`wdone`, dropped with the worker's presence).
+  redis.call('HINCRBY', P .. 'wdone', argv[4], 1)
   note_attempt(P, j, nows, j.attempt, 'completed', nil, nil)
   local json = finish(P, j, nows, 'completed', argv[5])
   emit_job(P, C, nows, 'job_completed', j, nil, json)
@@ -756,6 +758,7 @@ redis.register_function('fq_reap', function(keys, argv)
   for _, w in ipairs(expired) do
     redis.call('HDEL', P .. 'workers', w)
     redis.call('ZREM', P .. 'wseen', w)
+    redis.call('HDEL', P .. 'wdone', w)
     if leave_class(P, redis.call('HGET', P .. 'wclass', w), nows) then dropped = dropped + 1 end
     redis.call('HDEL', P .. 'wclass', w)
     emit_data(P, C, nows, 'worker_removed', '{"type":"worker_removed","worker_id":"' .. w .. '","reason":"expired"}')
@@ -910,6 +913,7 @@ redis.register_function('fq_deregister', function(keys, argv)
   local P = keys[1]
   if redis.call('HDEL', P .. 'workers', argv[2]) == 0 then return 'unknown' end
   redis.call('ZREM', P .. 'wseen', argv[2])
+  redis.call('HDEL', P .. 'wdone', argv[2])
   local idled = leave_class(P, redis.call('HGET', P .. 'wclass', argv[2]), argv[1])
   redis.call('HDEL', P .. 'wclass', argv[2])
   emit_data(P, cfg(P), argv[1], 'worker_removed', argv[3])
@@ -1198,5 +1202,6 @@ redis.register_function{function_name = 'fq_snapshot', flags = {'no-writes'}, ca
     for _, m in ipairs(all_services(P, '-', budget)) do add(string.sub(m, 37)) end
   end
   return {last_seq(P), jobs, redis.call('HGETALL', P .. 'workers'),
-    redis.call('ZRANGE', P .. 'wseen', 0, -1, 'WITHSCORES'), redis.call('HGETALL', P .. 'machines')}
+    redis.call('ZRANGE', P .. 'wseen', 0, -1, 'WITHSCORES'), redis.call('HGETALL', P .. 'machines'),
+    redis.call('HGETALL', P .. 'wdone')}
 end}

@@ -28,8 +28,10 @@ impl Log for RedisBroker {
         }
         let raw = pairs(next());
         let seen = pairs(next());
-        snap.workers = decode_workers(raw, &seen)?.into_iter().collect();
-        for (id, v) in pairs(next()) {
+        let machines = pairs(next());
+        let done = pairs(next());
+        snap.workers = decode_workers(raw, &seen, &done)?.into_iter().collect();
+        for (id, v) in machines {
             let m: MachineState =
                 serde_json::from_str(&v).map_err(|e| corrupt(format!("machine {id}: {e}")))?;
             snap.machines.insert(id, m);

@@ -60,7 +60,7 @@ use crate::{
 
 const LIBRARY: &str = include_str!("fleetq.lua");
 /// The version the function library reports (`FCALL fq_version 0`); loading compares the whole code.
-pub const LIBRARY_VERSION: &str = "22";
+pub const LIBRARY_VERSION: &str = "23";
 
 /// Partitions read per call when a pass walks them all (a new class's fill, workability).
 const PARTITION_PAGE: usize = 1000;
@@ -592,11 +592,15 @@ impl RedisBroker {
                     .map(serde_json::from_str)
                     .transpose()
                     .map_err(|e| corrupt(format!("worker {id}: {e}")))?;
+                // What it completed so far, for the registration's event (the count lives in
+                // `wdone`; a registering worker completes nothing meanwhile).
+                let completed = self.hget("wdone", id).await?.and_then(|n| n.parse().ok()).unwrap_or(0);
                 let info = WorkerInfo {
                     registration: registration.clone(),
                     registered_at: prior.as_ref().map_or(now, |o| o.registered_at),
                     last_seen: now,
                     connectors: prior.map(|o| o.connectors).unwrap_or_default(),
+                    completed,
                 };
                 let event = EventKind::WorkerRegistered { worker: info.clone() };
                 let mut cmd = self.fcall("fq_register", false);
@@ -726,9 +730,12 @@ impl RedisBroker {
 fn decode_workers(
     raw: Vec<(String, String)>,
     seen: &[(String, String)],
+    done: &[(String, String)],
 ) -> Result<HashMap<String, WorkerInfo>> {
     let seen: HashMap<&str, i64> =
         seen.iter().filter_map(|(k, v)| Some((k.as_str(), v.parse::<f64>().ok()? as i64))).collect();
+    let done: HashMap<&str, u64> =
+        done.iter().filter_map(|(k, v)| Some((k.as_str(), v.parse().ok()?))).collect();
     let mut out = HashMap::new();
     for (id, text) in raw {
         let mut info: WorkerInfo =
@@ -736,6 +743,8 @@ fn decode_workers(
         if let Some(t) = seen.get(id.as_str()) {
             info.last_seen = *t;
         }
+        // Counted by the functions (`wdone`), not in the stored registration.
+        info.completed = done.get(id.as_str()).copied().unwrap_or(0);
         out.insert(id, info);
     }
     Ok(out)

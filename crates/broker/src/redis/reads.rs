@@ -84,10 +84,12 @@ impl Read for RedisBroker {
             .arg(self.key("wseen"))
             .arg(0)
             .arg(-1)
-            .arg("WITHSCORES");
+            .arg("WITHSCORES")
+            .cmd("HGETALL")
+            .arg(self.key("wdone"));
         let primary = self.link.current();
         let mut conn = primary.conn.clone();
-        let (raw, seen): (Value, Value) = match pipe.query_async(&mut conn).await {
+        let (raw, seen, done): (Value, Value, Value) = match pipe.query_async(&mut conn).await {
             Ok(reply) => reply,
             Err(e) => {
                 // A read: once the primary moved, it is asked again there.
@@ -97,7 +99,8 @@ impl Read for RedisBroker {
                 pipe.query_async(&mut self.link.current().conn.clone()).await?
             }
         };
-        let mut out: Vec<WorkerInfo> = decode_workers(pairs(raw), &pairs(seen))?.into_values().collect();
+        let mut out: Vec<WorkerInfo> =
+            decode_workers(pairs(raw), &pairs(seen), &pairs(done))?.into_values().collect();
         out.sort_by(|a, b| a.registration.worker_id.cmp(&b.registration.worker_id));
         Ok(out)
     }

@@ -9,11 +9,11 @@ impl State {
     pub(in crate::embedded) fn register_worker(&mut self, registration: WorkerRegistration) -> Result<()> {
         let now = self.now();
         let id = registration.worker_id.clone();
-        let (registered_at, connectors) = match self.workers.get(&id) {
-            Some(old) => (old.registered_at, old.connectors.clone()),
-            None => (now, BTreeMap::new()),
+        let (registered_at, connectors, completed) = match self.workers.get(&id) {
+            Some(old) => (old.registered_at, old.connectors.clone(), old.completed),
+            None => (now, BTreeMap::new(), 0),
         };
-        let info = WorkerInfo { registration, registered_at, last_seen: now, connectors };
+        let info = WorkerInfo { registration, registered_at, last_seen: now, connectors, completed };
         self.conn.execute(
             "INSERT INTO workers(id, info, last_seen) VALUES (?1, ?2, ?3)
              ON CONFLICT(id) DO UPDATE SET info = excluded.info, last_seen = excluded.last_seen",
@@ -47,6 +47,15 @@ impl State {
         if let Some(w) = self.workers.get_mut(id) {
             w.last_seen = now;
         }
+        Ok(())
+    }
+
+    /// Counts a job completed by worker `id` (a worker already gone counts nothing).
+    pub(super) fn count_completed(&mut self, id: &str) -> Result<()> {
+        let Some(w) = self.workers.get_mut(id) else { return Ok(()) };
+        w.completed = w.completed.saturating_add(1);
+        let info = to_json(&*w)?;
+        self.conn.prepare_cached("UPDATE workers SET info = ?1 WHERE id = ?2")?.execute(params![info, id])?;
         Ok(())
     }
 

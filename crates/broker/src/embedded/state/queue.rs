@@ -259,6 +259,7 @@ impl State {
         // nor is an earlier attempt's error (it lives in the history).
         row.summary.message = None;
         row.summary.error = None;
+        self.count_completed(&lease.worker_id)?;
         self.store(&row, OutcomeChange::Set(crate::result_outcome(&result)))?;
         self.emit(EventKind::JobCompleted { job: row.summary })
     }
