@@ -534,7 +534,7 @@ async function openJob(id, { quiet = false } = {}) {
     <div class="row">
       ${cancellable ? `<button type="button" class="danger" data-admin data-action="cancel" data-id="${esc(id)}">Cancel</button>` : ""}
       ${retryable ? `<button type="button" data-admin data-action="retry" data-id="${esc(id)}">Retry</button>` : ""}
-      <span id="action-result" role="status"></span>
+      <span id="action-result" role="status">${actionNote && actionNote.id === id ? esc(actionNote.text) : ""}</span>
     </div>
     ${timeline}
     ${why}
@@ -549,14 +549,21 @@ async function openJob(id, { quiet = false } = {}) {
   }
 }
 
+/** What the last action on the open job answered: kept when its detail is redrawn. */
+let actionNote = null;
+
 async function act(action, id) {
-  const out = $("action-result");
+  const say = (text) => {
+    actionNote = { id, text };
+    const out = $("action-result");
+    if (out) out.textContent = text;
+  };
   try {
     await api(`/api/jobs/${encodeURIComponent(id)}/${action}`, { method: "POST" });
-    if (out) out.textContent = `${action} sent`;
-    setTimeout(() => openJob(id), 300);
+    say(`${action} sent`);
+    setTimeout(() => openJob(id, { quiet: true }), 300);
   } catch (e) {
-    if (out) out.textContent = e.status === 403 ? "this token may not do that" : e.message;
+    say(e.status === 403 ? "this token may not do that" : e.message);
   }
 }
 

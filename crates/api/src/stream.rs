@@ -122,7 +122,9 @@ impl Hub {
     ) {
         let hub = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+            let every = every.max(Duration::from_millis(100));
+            // The first refresh one period in: a stream opening now has just read the snapshot.
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
@@ -131,6 +133,9 @@ impl Hub {
                 }
                 let Some(h) = hub.upgrade() else { return };
                 let Ok(workers) = broker.workers().await else { continue };
+                if workers.is_empty() {
+                    continue;
+                }
                 let at = fleetq_core::clock::Clock::now_ms(&fleetq_core::clock::SystemClock);
                 let seen = Arc::new(Seen::of(&workers, at));
                 let st = h.lock();

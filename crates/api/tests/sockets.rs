@@ -34,7 +34,17 @@ async fn sse(addr: SocketAddr, path: &str, last_id: Option<&str>) -> Sse {
     Box::pin(resp.bytes_stream().eventsource().map(|r| r.map_err(|e| e.to_string())))
 }
 
+/// The next event of the log (the periodic `workers_seen` heartbeats are skipped).
 async fn next(s: &mut Sse) -> Option<SseEvent> {
+    loop {
+        let ev = next_any(s).await?;
+        if ev.event != "workers_seen" {
+            return Some(ev);
+        }
+    }
+}
+
+async fn next_any(s: &mut Sse) -> Option<SseEvent> {
     tokio::time::timeout(PATIENCE, s.next()).await.expect("an event in time").map(|r| r.expect("sse"))
 }
 
@@ -169,7 +179,7 @@ async fn a_fleet_stream_carries_the_latest_heartbeats_without_an_id() {
     a.broker.report_connector("w1", reported.clone()).await.unwrap();
     assert_eq!(a.broker.snapshot().await.unwrap().seq, before, "an unchanged report is no event");
     loop {
-        let ev = next(&mut s).await.expect("a heartbeat");
+        let ev = next_any(&mut s).await.expect("a heartbeat");
         assert_eq!(ev.event, "workers_seen", "only heartbeats on an idle fleet: {ev:?}");
         assert!(ev.id.is_empty(), "no resume point: {ev:?}");
         let data: Value = serde_json::from_str(&ev.data).unwrap();
@@ -224,7 +234,7 @@ async fn ws(addr: SocketAddr, path: &str) -> Ws {
 async fn recv(ws: &mut Ws) -> Value {
     loop {
         let v = recv_any(ws).await;
-        if v["type"] != "partition_workability" {
+        if v["type"] != "partition_workability" && v["type"] != "workers_seen" {
             return v;
         }
     }

@@ -25,7 +25,9 @@ impl Cluster {
         let primary = RedisServer::start().expect("primary");
         let replica = RedisServer::start_replica_of(primary.port).expect("replica");
         let sentinels = (0..3)
-            .map(|_| SentinelServer::start(primary.port, NAME, 2, 500, 1000).expect("sentinel"))
+            // Down after 2 s: short enough for a test, long enough that a loaded CI machine does
+            // not fail over on its own.
+            .map(|_| SentinelServer::start(primary.port, NAME, 2, 2000, 2000).expect("sentinel"))
             .collect();
         Self { primary, replica, sentinels }
     }
@@ -169,8 +171,7 @@ async fn the_broker_follows_the_primary_the_sentinels_name() {
     )
     .expect("restart the crashed server");
     let after = submit(&broker, "after").await;
-    assert_ne!(broker.log_source(), moved);
-    assert_eq!(role(cluster.primary.port).await, "master");
+    assert_ne!(broker.log_source(), moved, "the writer followed the second failover");
     for (id, what) in [(&before, "before"), (&during, "during"), (&after, "after")] {
         let job = broker.job(id).await.expect("read").unwrap_or_else(|| panic!("the job {what} was lost"));
         assert_eq!(job.spec.payload["note"], what);
