@@ -62,6 +62,8 @@ export async function whoami() {
   try {
     const me = await api("/api/me");
     document.body.dataset.role = me.role;
+    const who = document.getElementById("me");
+    if (who) who.textContent = me.name ? `${me.name} (${me.role})` : "";
     return me;
   } catch {
     return null;
@@ -118,7 +120,8 @@ export class Live {
     try {
       this.snapshot = await api("/api/snapshot");
     } catch (e) {
-      this.onState("offline");
+      // Without a (valid) token the API answers, but says no: not the same as it being down.
+      this.onState(e.status === 401 ? "unauthorized" : "offline");
       setTimeout(() => this.start(), 2000);
       return;
     }

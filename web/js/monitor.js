@@ -36,11 +36,19 @@ function mark(...parts) {
   if (!frame) frame = requestAnimationFrame(draw);
 }
 
+/** When the page last had the stream (the data shown is as of then when it has not now). */
+let liveSince = null;
+
 const live = new Live({
   onState: (s) => {
     const pill = $("conn");
     pill.dataset.state = s;
-    pill.textContent = s;
+    document.body.dataset.conn = s;
+    if (s === "live") liveSince = null;
+    else if (liveSince === null && pill.textContent.startsWith("live")) liveSince = Date.now();
+    const asOf = liveSince !== null ? ` · data as of ${time(liveSince)}` : "";
+    pill.textContent = s === "unauthorized" ? "needs a token" : `${s}${asOf}`;
+    pill.title = s === "unauthorized" ? "The API asks for a token: use Token…" : "";
   },
   onChange: (kind) => {
     if (kind === "snapshot") mark("machines", "jobs", "seq");
@@ -140,7 +148,11 @@ function drawParts() {
   const parts = new Set(dirty);
   dirty.clear();
   if (!live.snapshot) return;
-  if (parts.has("seq")) $("seq").textContent = `seq ${live.snapshot.seq}`;
+  if (parts.has("seq")) {
+    // When the picture last changed; the event's number is for whoever needs it (hover).
+    $("seq").textContent = `updated ${time(serverNow())}`;
+    $("seq").title = `as of event ${live.snapshot.seq}`;
+  }
   if (parts.has("machines")) drawMachines();
   if (parts.has("jobs")) drawJobs();
   if (parts.has("services")) drawServices();
@@ -278,7 +290,8 @@ function drawMachines() {
   }
   const machines = [...byMachine.entries()].sort(([a], [b]) => a.localeCompare(b));
   const root = $("machines");
-  $("machines-count").textContent = `${byMachine.size} machines · ${Object.keys(s.workers).length} workers`;
+  const plural = (n, one) => `${n} ${one}${n === 1 ? "" : "s"}`;
+  $("machines-count").textContent = `${plural(byMachine.size, "machine")} · ${plural(Object.keys(s.workers).length, "worker")}`;
   if (!machines.length) {
     root.innerHTML = `<p class="muted">No machine has registered.</p>`;
     machineCache.keys = [];
@@ -634,6 +647,10 @@ function init() {
     const form = e.target;
     state.filters = {};
     for (const k of ["service", "status", "worker", "workflow", "customer"]) if (form.elements[k].value.trim()) state.filters[k] = form.elements[k].value.trim();
+    // A finished status is found on the Finished tab, not as an empty Pending list.
+    if (state.filters.status && TERMINAL.has(state.filters.status)) state.tab = "finished";
+    else if (state.filters.status === "pending") state.tab = "pending";
+    else if (["assigned", "in_progress"].includes(state.filters.status)) state.tab = "active";
     writeUrl();
     if (state.tab === "finished") loadFinished(false);
     mark("jobs");

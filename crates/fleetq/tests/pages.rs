@@ -282,7 +282,10 @@ async fn the_monitor_follows_the_fleet_live() {
     // The stream dropped and resumed: the API restarts on its port; jobs arrive meanwhile through
     // another API process.
     drop(api);
-    page.until("the stream lost", r#"return document.getElementById("conn").dataset.state !== "live";"#)
+    page.until(
+        "the stream lost, the data said to be as of when it was",
+        r#"const p = document.getElementById("conn"); return p.dataset.state !== "live" && /data as of/.test(p.textContent);"#,
+    )
         .await;
     for i in 0..4 {
         queued.push(submit(&other_url, json!({"service": "simulation", "payload": {"note": i}})).await);
@@ -518,9 +521,21 @@ async fn tokens_decide_the_actions_and_the_client_page_submits_and_cancels() {
             .await;
 
     let page = Browser::start().await;
+    // Without a token the monitor says what it needs, not that the API is offline.
+    page.client.goto(&format!("{url}/")).await.expect("page");
+    page.until(
+        "the pill asks for a token",
+        r#"const p = document.getElementById("conn"); return p.dataset.state === "unauthorized" && p.textContent === "needs a token";"#,
+    )
+    .await;
     page.client.goto(&format!("{url}/client")).await.expect("page");
     page.token("look-only").await;
     page.goto(&format!("{url}/?job={id}")).await;
+    page.until(
+        "who is signed in",
+        r#"return document.getElementById("me").textContent === "viewer (read)";"#,
+    )
+    .await;
     page.until("the job detail", r#"return document.getElementById("job-dialog").open && !!document.querySelector('#job-body [data-action="cancel"]');"#).await;
     let visible = page
         .client
