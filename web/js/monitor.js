@@ -17,6 +17,7 @@ const state = {
   finishedNext: null,
   newFinished: 0,
   gone: new Map(), // worker id → { worker, reason, at }: shown offline until the page reloads
+  bulkRunning: false, // a bulk action is under way (its button stays disabled)
   services: null,
 };
 const dirty = new Set();
@@ -405,7 +406,7 @@ function drawBulk(list) {
   const actionable = state.tab === "finished" ? list.filter((j) => j.status !== "completed") : list;
   const verb = state.tab === "finished" ? "Retry" : "Cancel";
   $("bulk").innerHTML = actionable.length
-    ? `<button type="button" class="${verb === "Cancel" ? "danger" : ""}" id="bulk-action" data-admin>${verb} every ${state.tab} job matching the filter…</button>`
+    ? `<button type="button" class="${verb === "Cancel" ? "danger" : ""}" id="bulk-action" data-admin${state.bulkRunning ? " disabled" : ""}>${state.bulkRunning ? `${verb} running…` : `${verb} every ${state.tab} job matching the filter…`}</button>`
     : "";
 }
 
@@ -587,50 +588,47 @@ function bulkStatuses() {
 }
 
 /** Every job id matching the filter in those statuses, paged from the API (at most 100,000). */
-async function collectIds(statuses) {
-  const ids = [];
+/** The server's bulk action over the filter, one status at a time (`dry_run` counts). */
+async function bulkOnServer(action, statuses, dryRun) {
+  const total = { matched: 0, done: 0, failed: 0 };
   for (const status of statuses) {
-    let cursor = null;
-    do {
-      const q = new URLSearchParams({ status, limit: "1000" });
-      for (const k of ["service", "worker", "workflow", "customer"]) if (state.filters[k]) q.set(k, state.filters[k]);
-      if (cursor) q.set("cursor", cursor);
-      const page = await api(`/api/jobs?${q}`);
-      ids.push(...page.jobs.filter((j) => j.status === status).map((j) => j.id));
-      cursor = page.next;
-    } while (cursor && ids.length < 100_000);
+    const filter = { status };
+    for (const k of ["service", "worker", "workflow", "customer"]) if (state.filters[k]) filter[k] = state.filters[k];
+    const r = await api("/api/bulk", { method: "POST", body: { action, filter, dry_run: dryRun } });
+    total.matched += r.matched;
+    total.done += r.done + r.already_finished;
+    total.failed += r.failed;
   }
-  return ids;
+  return total;
 }
 
-/** Cancels (pending, active) or retries (finished) everything matching the filter, after saying how many. */
+/**
+ * Cancels (pending, active) or retries (finished) everything matching the filter, on the server,
+ * after saying how many. The button stays disabled (through redraws) until it is over.
+ */
 async function bulk() {
+  if (state.bulkRunning) return;
   const verb = state.tab === "finished" ? "retry" : "cancel";
-  const button = $("bulk").querySelector("button");
-  if (button) button.disabled = true;
+  state.bulkRunning = true;
+  mark("jobs");
   try {
-    let ids;
+    let count;
     try {
-      ids = await collectIds(bulkStatuses());
+      count = await bulkOnServer(verb, bulkStatuses(), true);
     } catch (e) {
-      alert(`could not list the jobs: ${e.message}`);
+      alert(`could not count the jobs: ${e.message}`);
       return;
     }
-    if (!ids.length || !confirm(`${verb} ${ids.length} jobs?`)) return;
-    let ok = 0;
-    let next = 0;
-    // A few requests at a time: the API stays responsive for everyone else.
-    const lane = async () => {
-      while (next < ids.length) {
-        const id = ids[next++];
-        try { await api(`/api/jobs/${encodeURIComponent(id)}/${verb}`, { method: "POST" }); ok += 1; } catch { /* counted below */ }
-      }
-    };
-    await Promise.all(Array.from({ length: 8 }, lane));
-    alert(`${verb}: ${ok} of ${ids.length} done`);
+    if (!count.matched || !confirm(`${verb} ${count.matched} jobs?`)) return;
+    try {
+      const done = await bulkOnServer(verb, bulkStatuses(), false);
+      alert(`${verb}: ${done.done} of ${done.matched} done${done.failed ? `, ${done.failed} refused` : ""}`);
+    } catch (e) {
+      alert(`${verb} stopped: ${e.message}`);
+    }
     if (state.tab === "finished") loadFinished(false);
   } finally {
-    if (button) button.disabled = false;
+    state.bulkRunning = false;
     mark("jobs");
   }
 }

@@ -18,6 +18,7 @@
 //! ```
 
 pub mod auth;
+pub mod bulk;
 mod config;
 mod error;
 mod fleet;

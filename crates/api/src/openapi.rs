@@ -23,7 +23,7 @@ use crate::model::{
     ServiceSummaryReply, Services, SnapshotView, Stats, Status, Submission, SubmitReply, Workers,
 };
 use crate::state::AppState;
-use crate::{fleet, jobs, ops, web, ws};
+use crate::{bulk, fleet, jobs, ops, web, ws};
 
 /// The document's fixed parts; paths come from the handlers' `#[utoipa::path]` attributes.
 #[derive(OpenApi)]
@@ -48,7 +48,9 @@ use crate::{fleet, jobs, ops, web, ws};
         Me,
         Snapshot,
         SnapshotView,
-        Event
+        Event,
+        bulk::BulkRequest,
+        bulk::BulkReply
     ))
 )]
 pub(crate) struct ApiDoc;
@@ -245,6 +247,7 @@ api_routes! {
     jobs::__path_events => jobs::events::<B>,
     jobs::__path_matching => jobs::matching::<B>,
     jobs::__path_artifact => jobs::artifact::<B>,
+    bulk::__path_bulk => bulk::bulk::<B>,
     fleet::__path_workers => fleet::workers::<B>,
     fleet::__path_machines => fleet::machines::<B>,
     fleet::__path_services => fleet::services::<B>,

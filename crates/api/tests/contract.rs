@@ -30,6 +30,7 @@ const EXPECTED: &[(&str, &str, Option<Role>)] = &[
     ("GET", "/api/jobs/{id}", Some(Role::Read)),
     ("POST", "/api/jobs/{id}/cancel", Some(Role::Submit)),
     ("POST", "/api/jobs/{id}/retry", Some(Role::Admin)),
+    ("POST", "/api/bulk", Some(Role::Admin)),
     ("GET", "/api/jobs/{id}/events", Some(Role::Read)),
     ("GET", "/api/jobs/{id}/matching-workers", Some(Role::Read)),
     ("GET", "/api/jobs/{id}/artifacts/{name}", Some(Role::Read)),

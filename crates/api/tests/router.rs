@@ -329,3 +329,60 @@ async fn metrics_show_queue_depth_and_outcomes() {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
     }
 }
+
+#[tokio::test]
+async fn bulk_cancel_and_retry_on_the_server_with_a_dry_run() {
+    let a = app(ApiConfig::default());
+    let mut a_ids = Vec::new();
+    for _ in 0..2 {
+        a_ids.push(submit(&a.router, json!({"service": "a"})).await);
+    }
+    let mut b_ids = Vec::new();
+    for _ in 0..3 {
+        b_ids.push(submit(&a.router, json!({"service": "b", "customer_id": "acme"})).await);
+    }
+    let bulk = |body: Value| {
+        let router = a.router.clone();
+        async move { call(&router, "POST", "/api/bulk", Some(&body.to_string()), &[]).await }
+    };
+    let by_filter =
+        json!({"action": "cancel", "filter": {"status": "pending", "service": "b"}, "dry_run": true});
+    let (s, v) = bulk(by_filter.clone()).await;
+    assert_eq!((s, v["matched"].as_u64(), v["done"].as_u64()), (StatusCode::OK, Some(3), Some(0)), "{v}");
+    let status = |id: String| {
+        let router = a.router.clone();
+        async move { call(&router, "GET", &format!("/api/jobs/{id}"), None, &[]).await.1["status"].clone() }
+    };
+    assert_eq!(status(b_ids[0].clone()).await, "pending", "a dry run changes nothing");
+    let mut real = by_filter;
+    real["dry_run"] = json!(false);
+    let (s, v) = bulk(real).await;
+    assert_eq!(
+        (s, v["matched"].as_u64(), v["done"].as_u64(), v["failed"].as_u64()),
+        (StatusCode::OK, Some(3), Some(3), Some(0)),
+        "{v}"
+    );
+    for id in &b_ids {
+        assert_eq!(status(id.clone()).await, "cancelled");
+    }
+    for id in &a_ids {
+        assert_eq!(status(id.clone()).await, "pending", "another service's jobs are untouched");
+    }
+    // By ids: retry two of them; one id that cannot be retried is counted, not fatal.
+    let body = json!({"action": "retry", "ids": [b_ids[0], b_ids[1], a_ids[0]]});
+    let (s, v) = bulk(body).await;
+    assert_eq!((s, v["done"].as_u64(), v["failed"].as_u64()), (StatusCode::OK, Some(2), Some(1)), "{v}");
+    assert_eq!(v["errors"][0]["id"], a_ids[0].as_str());
+    assert_eq!(status(b_ids[0].clone()).await, "pending");
+    // Refusals name the field.
+    for (body, field) in [
+        (json!({"action": "cancel", "filter": {"service": "a"}}), "filter.status"),
+        (json!({"action": "retry", "filter": {"status": "pending"}}), "filter.status"),
+        (json!({"action": "cancel"}), "filter"),
+        (json!({"action": "cancel", "ids": [], "filter": {"status": "pending"}}), "filter"),
+        (json!({"action": "purge", "ids": []}), "body"),
+    ] {
+        let (s, v) = bulk(body.clone()).await;
+        assert_eq!((s, v["error"]["field"].as_str()), (StatusCode::BAD_REQUEST, Some(field)), "{body}: {v}");
+    }
+}

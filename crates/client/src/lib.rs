@@ -323,6 +323,12 @@ impl Client {
         self.post(&format!("/api/jobs/{}/retry", segment(&id.0))).await
     }
 
+    /// `POST /api/bulk` (admin): cancels or retries every job a filter or a list of ids selects,
+    /// on the server; `dry_run` only counts them.
+    pub async fn bulk(&self, request: &fleetq_api::bulk::BulkRequest) -> Result<fleetq_api::bulk::BulkReply> {
+        self.send_as("/api/bulk", self.request(reqwest::Method::POST, "/api/bulk").json(request)).await
+    }
+
     /// `GET /api/jobs/{id}/matching-workers`: each worker's verdict on the job, with reasons.
     pub async fn matching_workers(&self, id: &JobId) -> Result<MatchingWorkers> {
         self.get(&format!("/api/jobs/{}/matching-workers", segment(&id.0))).await

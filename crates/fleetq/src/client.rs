@@ -81,6 +81,8 @@ pub(crate) enum Jobs {
     Cancel(IdArgs),
     /// Puts a failed or cancelled job back in the queue.
     Retry(IdArgs),
+    /// Cancels or retries every job of a status matching filters, on the server (admin).
+    Bulk(BulkArgs),
     /// Follows one job until it ends, or every job event without an id.
     Watch(WatchArgs),
 }
@@ -114,6 +116,34 @@ pub(crate) struct LsArgs {
     /// Pending jobs in the order workers will claim them.
     #[arg(long)]
     queue: bool,
+}
+
+/// `fleetq jobs bulk`.
+#[derive(Debug, ClapArgs)]
+pub(crate) struct BulkArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// cancel (pending, assigned, in_progress) or retry (failed, cancelled).
+    #[arg(value_parser = ["cancel", "retry"])]
+    action: String,
+    /// The status the jobs have now.
+    #[arg(long, value_parser = parse_status)]
+    status: JobStatus,
+    /// Only this service.
+    #[arg(long)]
+    service: Option<String>,
+    /// Only jobs of this worker.
+    #[arg(long)]
+    worker: Option<String>,
+    /// Only this workflow.
+    #[arg(long)]
+    workflow: Option<String>,
+    /// Only this customer.
+    #[arg(long)]
+    customer: Option<String>,
+    /// Only count them.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 /// A command about one job.
@@ -389,6 +419,44 @@ pub(crate) async fn jobs(cmd: Jobs) -> Result<()> {
                 return Ok(());
             }
             outln!("{} {}", done.id, done.status.as_str());
+            Ok(())
+        }
+        Jobs::Bulk(a) => {
+            use fleetq_api::bulk::{BulkAction, BulkFilter, BulkRequest};
+            let action = if a.action == "retry" { BulkAction::Retry } else { BulkAction::Cancel };
+            let filter = BulkFilter {
+                status: Some(a.status),
+                service: a.service,
+                worker: a.worker,
+                workflow: a.workflow,
+                customer: a.customer,
+                owner: None,
+            };
+            let request = BulkRequest { action, filter: Some(filter), ids: None, dry_run: a.dry_run };
+            let reply = connect(&a.conn)?.bulk(&request).await.map_err(said)?;
+            if a.conn.json {
+                print_json(&serde_json::to_value(&reply)?);
+                return Ok(());
+            }
+            if a.dry_run {
+                outln!(
+                    "{} jobs would be {}",
+                    reply.matched,
+                    if a.action == "retry" { "retried" } else { "cancelled" }
+                );
+            } else {
+                outln!(
+                    "{} of {} done, {} already finished, {} refused{}",
+                    reply.done,
+                    reply.matched,
+                    reply.already_finished,
+                    reply.failed,
+                    if reply.truncated { " (more matched: run it again)" } else { "" }
+                );
+                for e in &reply.errors {
+                    outln!("  {} {}", e.id, e.error);
+                }
+            }
             Ok(())
         }
         Jobs::Watch(a) => {

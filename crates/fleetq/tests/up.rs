@@ -296,3 +296,25 @@ fn jobs_watch_resumes_across_a_restart_and_fails_loudly_when_the_api_is_gone() {
     std::io::Read::read_to_string(&mut watch.stderr.take().expect("stderr"), &mut err).expect("stderr");
     assert!(err.contains("event stream was lost"), "{err}");
 }
+
+/// `fleetq jobs bulk`: counts with --dry-run, then cancels on the server what the filters select.
+#[test]
+fn the_cli_cancels_in_bulk_on_the_server() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let (child, url) = up(data.path());
+    for _ in 0..3 {
+        let out = cli(&url, &["submit", "--service", "nobody-serves-this"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let args = ["jobs", "bulk", "cancel", "--status", "pending", "--service", "nobody-serves-this"];
+    let dry = cli(&url, &[&args[..], &["--dry-run"]].concat());
+    let said = String::from_utf8_lossy(&dry.stdout).into_owned();
+    assert!(dry.status.success() && said.contains("3 jobs would be cancelled"), "{said}");
+    let real = cli(&url, &args);
+    let said = String::from_utf8_lossy(&real.stdout).into_owned();
+    assert!(real.status.success() && said.starts_with("3 of 3 done"), "{said}");
+    let ls = cli(&url, &["jobs", "ls", "--status", "cancelled", "--json"]);
+    let page: serde_json::Value = serde_json::from_slice(&ls.stdout).expect("json");
+    assert_eq!(page["jobs"].as_array().map(Vec::len), Some(3), "{page}");
+    stop(child);
+}
