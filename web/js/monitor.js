@@ -56,6 +56,8 @@ const live = new Live({
     else if (kind.startsWith("job_") || kind === "partition_workability") mark("jobs", "machines", "seq");
     else mark("machines", "seq");
     if (kind === "connector_status" || kind === "worker_registered" || kind === "worker_removed") refreshServicesSoon();
+    // The queue's true depth moves with submissions, claims and ends.
+    if (kind === "job_submitted" || kind === "job_claimed" || kind === "job_cancelled" || kind === "job_requeued") refreshServicesSoon(2000);
   },
   onEvent: (e) => {
     if (typeof e.at === "number") drawnAts.push(e.at);
@@ -362,7 +364,8 @@ function drawJobs() {
     (a.workflow_datetime ?? a.created_at) - (b.workflow_datetime ?? b.created_at));
   const active = jobs.filter((j) => j.status === "assigned" || j.status === "in_progress")
     .sort((a, b) => (a.started_at || 0) - (b.started_at || 0));
-  const counts = { pending: pending.length, active: active.length, finished: state.finished.length };
+  const waiting = pendingTotal(pending.length);
+  const counts = { pending: waiting.text, active: active.length, finished: state.finished.length };
   for (const b of document.querySelectorAll(".tabs button")) {
     b.setAttribute("aria-selected", String(b.dataset.tab === state.tab));
     b.querySelector(".count").textContent = b.dataset.tab === "finished" ? "" : `(${counts[b.dataset.tab]})`;
@@ -371,7 +374,8 @@ function drawJobs() {
   if (state.tab === "pending") refreshEstimates(pending.map((j) => j.id));
   const head = `<tr>${HEADS[state.tab].map((h) => `<th scope="col">${h}</th>`).join("")}</tr>`;
   const rows = list.slice(0, MAX_ROWS).map((j) => [j.id, jobRow(j)]);
-  let foot = list.length > MAX_ROWS ? `<p class="muted">and ${list.length - MAX_ROWS} more</p>` : "";
+  const beyond = state.tab === "pending" && waiting.total !== null ? waiting.total - rows.length : list.length - rows.length;
+  let foot = beyond > 0 ? `<p class="muted">and ${beyond} more${state.tab === "pending" ? " in the queue" : ""}</p>` : "";
   let banner = "";
   if (state.tab === "finished") {
     if (state.newFinished) banner = `<button type="button" class="banner" id="show-new">${state.newFinished} new — show</button>`;
@@ -400,6 +404,27 @@ function drawJobs() {
     jobsFoot = foot;
   }
   drawBulk(list);
+}
+
+/**
+ * How many jobs wait, as the broker counts them (`/api/services`: pending and delayed per service),
+ * not as many as the snapshot carries (it holds the first 1,000 in claim order). With filters the
+ * broker does not count by, the page's own count, marked `+` when the snapshot may hold fewer than
+ * there are. `total` is the broker's number when it applies, else null.
+ */
+function pendingTotal(shown) {
+  const svc = state.services && state.services.services;
+  if (!svc) return { text: `${shown}`, total: null };
+  const f = state.filters;
+  const waiting = (names) => names.reduce((t, n) => t + (svc[n] ? svc[n].queue.pending + svc[n].queue.delayed : 0), 0);
+  const byService = !f.worker && !f.workflow && !f.customer && (!f.status || f.status === "pending");
+  if (byService) {
+    const total = Math.max(shown, waiting(f.service ? [f.service] : Object.keys(svc)));
+    return { text: `${total}`, total };
+  }
+  const carried = Object.values(live.snapshot.jobs).filter((j) => j.status === "pending").length;
+  const more = carried < waiting(Object.keys(svc));
+  return { text: `${shown}${more ? "+" : ""}`, total: null };
 }
 
 function drawBulk(list) {
@@ -454,15 +479,16 @@ async function refreshEstimates(ids) {
 }
 
 let servicesTimer = 0;
-function refreshServicesSoon() {
+/** Reads `/api/services` again within `ms` (once, however many changes ask meanwhile). */
+function refreshServicesSoon(ms = 250) {
   if (servicesTimer) return;
-  servicesTimer = setTimeout(refreshServices, 250);
+  servicesTimer = setTimeout(refreshServices, ms);
 }
 async function refreshServices() {
   servicesTimer = 0;
   try {
     state.services = await api("/api/services");
-    mark("services");
+    mark("services", "jobs");
   } catch { /* shown by the connection pill */ }
 }
 

@@ -507,6 +507,26 @@ async fn the_open_job_detail_follows_the_job() {
     page.close().await;
 }
 
+/// The Pending tab counts what the broker counts, not the 1,000 jobs the snapshot carries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pending_count_is_the_brokers() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_up, url) = up(dir.path(), &["--workers", "1"]);
+    let batch: Vec<Value> =
+        (0..1200).map(|i| json!({"service": "nobody-serves-this", "payload": i})).collect();
+    client(&url, None).submit_json(&Value::Array(batch[..600].to_vec()), None).await.expect("submit");
+    client(&url, None).submit_json(&Value::Array(batch[600..].to_vec()), None).await.expect("submit");
+    let page = Browser::start().await;
+    page.goto(&format!("{url}/")).await;
+    page.until(
+        "the tab counts 1,200 and the list says how many more",
+        r##"return document.querySelector('.tabs [data-tab="pending"] .count').textContent === "(1200)"
+             && /and \d+ more in the queue/.test(document.querySelector("#jobs .foot").textContent);"##,
+    )
+    .await;
+    page.close().await;
+}
+
 /// With auth on, a read-only token sees no action and the API refuses one; an admin token submits
 /// from the client page, watches a job to completion and cancels a running one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
