@@ -404,6 +404,10 @@ function drawJobs() {
     jobsFoot = foot;
   }
   drawBulk(list);
+  drawKnown((text) => {
+    const note = $("filter-note");
+    if (note && note.textContent !== text) note.textContent = text;
+  });
 }
 
 /**
@@ -425,6 +429,30 @@ function pendingTotal(shown) {
   const carried = Object.values(live.snapshot.jobs).filter((j) => j.status === "pending").length;
   const more = carried < waiting(Object.keys(svc));
   return { text: `${shown}${more ? "+" : ""}`, total: null };
+}
+
+/**
+ * The values the filters can take, as the fleet knows them now (services of the fleet table,
+ * registered workers, workflows and customers of unfinished jobs), offered as the inputs'
+ * suggestions; a filter naming none of them says so instead of silently matching nothing.
+ */
+function drawKnown(filterNote) {
+  const s = live.snapshot;
+  const jobs = Object.values(s.jobs);
+  const known = {
+    services: Object.keys((state.services && state.services.services) || {}),
+    workers: Object.keys(s.workers),
+    workflows: [...new Set(jobs.map((j) => j.workflow_id).filter(Boolean))],
+    customers: [...new Set(jobs.map((j) => j.customer_id).filter(Boolean))],
+  };
+  for (const [k, values] of Object.entries(known)) {
+    const html = values.sort().slice(0, 200).map((v) => `<option value="${esc(v)}"></option>`).join("");
+    const list = $(`known-${k}`);
+    if (list && list.innerHTML !== html) list.innerHTML = html;
+  }
+  const service = state.filters.service;
+  const unknown = service && state.services && !known.services.includes(service);
+  filterNote(unknown ? `no service is named "${service}" (known: ${known.services.join(", ") || "none"})` : "");
 }
 
 function drawBulk(list) {

@@ -524,6 +524,14 @@ async fn the_pending_count_is_the_brokers() {
              && /and \d+ more in the queue/.test(document.querySelector("#jobs .foot").textContent);"##,
     )
     .await;
+    // A filter naming no known service says so, and the known ones are offered.
+    page.goto(&format!("{url}/?service=nobody-serve")).await;
+    page.until(
+        "the mistyped service named, the known ones offered",
+        r#"return /no service is named "nobody-serve"/.test(document.getElementById("filter-note").textContent)
+             && !!document.querySelector('#known-services option[value="nobody-serves-this"]');"#,
+    )
+    .await;
     page.close().await;
 }
 
