@@ -95,6 +95,22 @@ pub(crate) struct LsArgs {
     /// Only this status (pending, assigned, in_progress, completed, failed, cancelled).
     #[arg(long, value_parser = parse_status)]
     status: Option<JobStatus>,
+    #[command(flatten)]
+    only: OnlyArgs,
+    /// Page size.
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+    /// Continue from a cursor.
+    #[arg(long)]
+    cursor: Option<String>,
+    /// Pending jobs in the order workers will claim them.
+    #[arg(long)]
+    queue: bool,
+}
+
+/// The filters a listing and a bulk action share.
+#[derive(Debug, ClapArgs)]
+pub(crate) struct OnlyArgs {
     /// Only this service.
     #[arg(long)]
     service: Option<String>,
@@ -107,15 +123,6 @@ pub(crate) struct LsArgs {
     /// Only this customer.
     #[arg(long)]
     customer: Option<String>,
-    /// Page size.
-    #[arg(long, default_value_t = 50)]
-    limit: usize,
-    /// Continue from a cursor.
-    #[arg(long)]
-    cursor: Option<String>,
-    /// Pending jobs in the order workers will claim them.
-    #[arg(long)]
-    queue: bool,
 }
 
 /// `fleetq jobs bulk`.
@@ -129,18 +136,8 @@ pub(crate) struct BulkArgs {
     /// The status the jobs have now.
     #[arg(long, value_parser = parse_status)]
     status: JobStatus,
-    /// Only this service.
-    #[arg(long)]
-    service: Option<String>,
-    /// Only jobs of this worker.
-    #[arg(long)]
-    worker: Option<String>,
-    /// Only this workflow.
-    #[arg(long)]
-    workflow: Option<String>,
-    /// Only this customer.
-    #[arg(long)]
-    customer: Option<String>,
+    #[command(flatten)]
+    only: OnlyArgs,
     /// Only count them.
     #[arg(long)]
     dry_run: bool,
@@ -426,10 +423,10 @@ pub(crate) async fn jobs(cmd: Jobs) -> Result<()> {
             let action = if a.action == "retry" { BulkAction::Retry } else { BulkAction::Cancel };
             let filter = BulkFilter {
                 status: Some(a.status),
-                service: a.service,
-                worker: a.worker,
-                workflow: a.workflow,
-                customer: a.customer,
+                service: a.only.service,
+                worker: a.only.worker,
+                workflow: a.only.workflow,
+                customer: a.only.customer,
                 owner: None,
             };
             let request = BulkRequest { action, filter: Some(filter), ids: None, dry_run: a.dry_run };
@@ -473,10 +470,10 @@ async fn ls(a: LsArgs) -> Result<()> {
     let api = connect(&a.conn)?;
     let query = JobQuery {
         status: a.status,
-        service: a.service,
-        worker: a.worker,
-        workflow: a.workflow,
-        customer: a.customer,
+        service: a.only.service,
+        worker: a.only.worker,
+        workflow: a.only.workflow,
+        customer: a.only.customer,
         limit: Some(a.limit),
         cursor: a.cursor,
         queue_order: a.queue,
