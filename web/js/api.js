@@ -4,7 +4,7 @@
 /** The event kinds the broker emits (`EventKind::name`); the stream names each SSE event so. */
 export const EVENT_KINDS = [
   "job_submitted", "job_claimed", "job_progress", "job_requeued", "job_completed", "job_failed",
-  "job_cancel_requested", "job_cancelled", "job_retried", "partition_workability",
+  "job_cancel_requested", "job_cancelled", "job_retried", "partition_workability", "service_paused",
   "worker_registered", "worker_removed", "connector_status", "machine", "undecodable",
 ];
 
@@ -184,6 +184,13 @@ export class Live {
     s.seq = event.seq;
     if (typeof event.at === "number") noteServerTime(event.at);
     switch (event.type) {
+      case "service_paused": {
+        const paused = new Set(s.paused || []);
+        if (event.paused) paused.add(event.service);
+        else paused.delete(event.service);
+        s.paused = [...paused].sort();
+        break;
+      }
       case "partition_workability":
         for (const j of Object.values(s.jobs)) {
           if (j.partition === event.partition && j.status === "pending") j.unworkable = event.unworkable;

@@ -54,6 +54,7 @@ const live = new Live({
   onChange: (kind) => {
     if (kind === "snapshot") mark("machines", "jobs", "seq");
     else if (kind.startsWith("job_") || kind === "partition_workability") mark("jobs", "machines", "seq");
+    else if (kind === "service_paused") { mark("jobs", "seq"); refreshServicesSoon(); }
     else mark("machines", "seq");
     if (kind === "connector_status" || kind === "worker_registered" || kind === "worker_removed") refreshServicesSoon();
     // The queue's true depth moves with submissions, claims and ends.
@@ -331,10 +332,12 @@ function drawMachines() {
 function jobRow(j) {
   const prio = j.workflow_priority ?? j.priority;
   const unworkable = j.status === "pending" && j.unworkable;
+  // A paused service's jobs wait for its resume, not for a worker: no ETA.
+  const paused = j.status === "pending" && (live.snapshot.paused || []).includes(j.service);
   const cells = {
     pending: () => `<td>${esc(j.service)}</td><td class="num">${prio}</td>
-      <td><span class="status" data-status="pending" data-unworkable="${unworkable}"${unworkable ? ` title="no registered worker can serve it: open the job to see why"` : ""}>${unworkable ? "unworkable" : j.run_at ? `retry at ${esc(time(j.run_at))}` : "pending"}</span></td>
-      <td class="num">${esc(estimates.get(j.id)?.position ?? "")}</td><td>${estimates.get(j.id)?.eta != null ? duration(estimates.get(j.id).eta) : ""}</td>
+      <td><span class="status" data-status="${paused ? "paused" : "pending"}" data-unworkable="${unworkable}"${unworkable ? ` title="no registered worker can serve it: open the job to see why"` : ""}>${paused ? "paused" : unworkable ? "unworkable" : j.run_at ? `retry at ${esc(time(j.run_at))}` : "pending"}</span></td>
+      <td class="num">${esc(estimates.get(j.id)?.position ?? "")}</td><td>${paused ? "—" : estimates.get(j.id)?.eta != null ? duration(estimates.get(j.id).eta) : ""}</td>
       <td>${esc(j.attempt)}/${esc(j.max_attempts)}</td><td>${esc(time(j.created_at))}</td><td data-since="${j.created_at}"></td>`,
     active: () => `<td>${esc(j.service)}</td><td>${esc(j.worker_id || "")}</td>
       <td><div class="bar" role="progressbar" aria-valuenow="${Math.round(j.progress)}" aria-valuemin="0" aria-valuemax="100"><span style="width:${j.progress}%"></span></div></td>
@@ -467,7 +470,8 @@ function drawServices() {
   const svc = state.services;
   if (!svc) return;
   const rows = Object.entries(svc.services).map(([name, s]) => `<tr data-service="${esc(name)}">
-    <td>${esc(name)}</td><td class="num">${s.total}</td>
+    <td>${esc(name)}${s.paused ? ` <span class="status" data-status="paused">paused</span>` : ""}
+      <button type="button" data-admin data-pause="${esc(name)}" data-paused="${s.paused}">${s.paused ? "Resume" : "Pause"}</button></td><td class="num">${s.total}</td>
     <td>${["starting", "idle", "active", "error", "offline"].filter((k) => s[k]).map((k) => `<span class="badge" data-status="${k}">${s[k]} ${k}</span>`).join(" ")}
       ${s.stale ? `<span class="badge" data-stale="true">${s.stale} </span>` : ""}</td>
     <td class="num">${s.queue.pending}</td><td class="num">${s.queue.running}</td><td class="num">${s.queue.delayed}</td>
@@ -720,8 +724,16 @@ function init() {
     });
   }
   document.body.addEventListener("click", (e) => {
-    const t = e.target.closest("[data-action], [data-open], #more, #show-new, #bulk-action");
+    const t = e.target.closest("[data-action], [data-open], [data-pause], #more, #show-new, #bulk-action");
     if (!t) return;
+    if (t.dataset.pause) {
+      const verb = t.dataset.paused === "true" ? "resume" : "pause";
+      t.disabled = true;
+      api(`/api/services/${encodeURIComponent(t.dataset.pause)}/${verb}`, { method: "POST" })
+        .then(refreshServices)
+        .catch((err) => alert(`${verb} ${t.dataset.pause}: ${err.message}`));
+      return;
+    }
     if (t.id === "more") loadFinished(true);
     else if (t.id === "show-new") loadFinished(false);
     else if (t.id === "bulk-action") bulk();

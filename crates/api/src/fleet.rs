@@ -137,6 +137,7 @@ fn summary_of(
     list: &[Instance<'_>],
     depth: Option<&ServiceDepth>,
     durations: Option<crate::stats::Durations>,
+    paused: bool,
 ) -> ServiceSummary {
     // A stale instance counts as stale only: the counts add up to the total.
     let count = |s: ConnectorStatus| list.iter().filter(|i| !i.stale && i.status == s).count();
@@ -148,6 +149,7 @@ fn summary_of(
         error: count(ConnectorStatus::Error),
         offline: count(ConnectorStatus::Offline),
         stale: list.iter().filter(|i| i.stale).count(),
+        paused,
         last_update: list.iter().map(|i| i.at).max().map(rfc3339),
         queue: depth.copied().unwrap_or_default().into(),
         durations,
@@ -158,6 +160,7 @@ fn summary_of(
 struct Fleet {
     workers: Vec<WorkerInfo>,
     depths: BTreeMap<String, ServiceDepth>,
+    paused: BTreeSet<String>,
     now: i64,
     stale_ms: i64,
 }
@@ -166,7 +169,8 @@ impl Fleet {
     async fn read<B: Broker>(st: &AppState<B>) -> ApiResult<Self> {
         let workers = st.broker.workers().await?;
         let depths = st.broker.queue_depths().await?;
-        Ok(Self { workers, depths, now: st.broker.clock().now_ms(), stale_ms: st.stale_after_ms() })
+        let paused = st.broker.paused_services().await?;
+        Ok(Self { workers, depths, paused, now: st.broker.clock().now_ms(), stale_ms: st.stale_after_ms() })
     }
 
     fn instances(&self) -> BTreeMap<String, Vec<Instance<'_>>> {
@@ -198,12 +202,14 @@ fn known<'a>(
 pub(crate) async fn services<B: Broker>(State(st): State<AppState<B>>) -> ApiResult<Json<Services>> {
     let fleet = Fleet::read(&st).await?;
     let inst = fleet.instances();
-    let names: BTreeSet<&String> = inst.keys().chain(fleet.depths.keys()).collect();
+    let names: BTreeSet<&String> =
+        inst.keys().chain(fleet.depths.keys()).chain(fleet.paused.iter()).collect();
     let services = names
         .into_iter()
         .map(|s| {
             let list = inst.get(s).map_or(&[][..], Vec::as_slice);
-            (s.clone(), summary_of(list, fleet.depths.get(s), st.stats.estimate(s, None)))
+            let paused = fleet.paused.contains(s);
+            (s.clone(), summary_of(list, fleet.depths.get(s), st.stats.estimate(s, None), paused))
         })
         .collect();
     Ok(Json(Services { success: true, services, timestamp: rfc3339(fleet.now) }))
@@ -225,7 +231,8 @@ pub(crate) async fn summary<B: Broker>(
     let fleet = Fleet::read(&st).await?;
     let inst = fleet.instances();
     let list = known(&fleet, &inst, &service)?;
-    let summary = summary_of(list, fleet.depths.get(&service), st.stats.estimate(&service, None));
+    let paused = fleet.paused.contains(&service);
+    let summary = summary_of(list, fleet.depths.get(&service), st.stats.estimate(&service, None), paused);
     Ok(Json(ServiceSummaryReply {
         success: true,
         service_type: service,

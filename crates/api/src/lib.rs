@@ -20,6 +20,7 @@
 pub mod auth;
 pub mod bulk;
 mod config;
+pub mod control;
 mod error;
 mod fleet;
 mod fold;

@@ -303,6 +303,9 @@ pub struct ServiceSummary {
     pub offline: usize,
     /// Instances whose report is older than `--stale-after-s`.
     pub stale: usize,
+    /// Its queue is paused: nothing of it is claimed (`POST /api/services/{service}/resume`).
+    #[serde(default)]
+    pub paused: bool,
     /// Newest report (RFC 3339).
     pub last_update: Option<String>,
     /// Queue depth.

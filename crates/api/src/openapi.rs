@@ -23,7 +23,7 @@ use crate::model::{
     ServiceSummaryReply, Services, SnapshotView, Stats, Status, Submission, SubmitReply, Workers,
 };
 use crate::state::AppState;
-use crate::{bulk, fleet, jobs, ops, web, ws};
+use crate::{bulk, control, fleet, jobs, ops, web, ws};
 
 /// The document's fixed parts; paths come from the handlers' `#[utoipa::path]` attributes.
 #[derive(OpenApi)]
@@ -50,7 +50,8 @@ use crate::{bulk, fleet, jobs, ops, web, ws};
         SnapshotView,
         Event,
         bulk::BulkRequest,
-        bulk::BulkReply
+        bulk::BulkReply,
+        control::Paused
     ))
 )]
 pub(crate) struct ApiDoc;
@@ -248,6 +249,8 @@ api_routes! {
     jobs::__path_matching => jobs::matching::<B>,
     jobs::__path_artifact => jobs::artifact::<B>,
     bulk::__path_bulk => bulk::bulk::<B>,
+    control::__path_pause => control::pause::<B>,
+    control::__path_resume => control::resume::<B>,
     fleet::__path_workers => fleet::workers::<B>,
     fleet::__path_machines => fleet::machines::<B>,
     fleet::__path_services => fleet::services::<B>,

@@ -31,6 +31,8 @@ const EXPECTED: &[(&str, &str, Option<Role>)] = &[
     ("POST", "/api/jobs/{id}/cancel", Some(Role::Submit)),
     ("POST", "/api/jobs/{id}/retry", Some(Role::Admin)),
     ("POST", "/api/bulk", Some(Role::Admin)),
+    ("POST", "/api/services/{service}/pause", Some(Role::Admin)),
+    ("POST", "/api/services/{service}/resume", Some(Role::Admin)),
     ("GET", "/api/jobs/{id}/events", Some(Role::Read)),
     ("GET", "/api/jobs/{id}/matching-workers", Some(Role::Read)),
     ("GET", "/api/jobs/{id}/artifacts/{name}", Some(Role::Read)),

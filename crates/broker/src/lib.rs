@@ -601,6 +601,14 @@ pub trait Queue: Backend {
     /// attempts, numbered on from its last (a spent attempt's number is never used again).
     fn retry(&self, id: &JobId) -> impl Future<Output = Result<()>> + Send;
 
+    /// Pauses (`paused`) or resumes a service's queue: while paused, nothing of it is claimed;
+    /// resumed, it goes on in the same order. Evented (`service_paused`) when it changes; returns
+    /// whether it did.
+    fn pause_service(&self, service: &str, paused: bool) -> impl Future<Output = Result<bool>> + Send;
+
+    /// The services whose queue is paused.
+    fn paused_services(&self) -> impl Future<Output = Result<std::collections::BTreeSet<String>>> + Send;
+
     /// Re-queues or finishes jobs whose lease expired, promotes due retries, expires silent workers.
     /// Idempotent; safe from every process. Claims do the lease part themselves.
     fn reap(&self) -> impl Future<Output = Result<ReapReport>> + Send;

@@ -323,6 +323,13 @@ impl Client {
         self.post(&format!("/api/jobs/{}/retry", segment(&id.0))).await
     }
 
+    /// `POST /api/services/{service}/pause` or `/resume` (admin): nothing of the service is
+    /// claimed while it is paused.
+    pub async fn pause_service(&self, service: &str, paused: bool) -> Result<fleetq_api::control::Paused> {
+        let verb = if paused { "pause" } else { "resume" };
+        self.post(&format!("/api/services/{}/{verb}", segment(service))).await
+    }
+
     /// `POST /api/bulk` (admin): cancels or retries every job a filter or a list of ids selects,
     /// on the server; `dry_run` only counts them.
     pub async fn bulk(&self, request: &fleetq_api::bulk::BulkRequest) -> Result<fleetq_api::bulk::BulkReply> {

@@ -77,6 +77,13 @@ pub enum EventKind {
         /// The job after the change.
         job: JobSummary,
     },
+    /// A service's queue was paused (nothing of it is claimed) or resumed.
+    ServicePaused {
+        /// The service.
+        service: String,
+        /// Paused now (false: resumed).
+        paused: bool,
+    },
     /// The unworkable flag of a partition changed: it applies to the partition's pending jobs.
     PartitionWorkability {
         /// Partition key.
@@ -146,6 +153,7 @@ impl EventKind {
             Self::JobCancelled { .. } => "job_cancelled",
             Self::JobRetried { .. } => "job_retried",
             Self::PartitionWorkability { .. } => "partition_workability",
+            Self::ServicePaused { .. } => "service_paused",
             Self::WorkerRegistered { .. } => "worker_registered",
             Self::WorkerRemoved { .. } => "worker_removed",
             Self::ConnectorStatus { .. } => "connector_status",
@@ -167,6 +175,9 @@ pub struct Snapshot {
     pub workers: BTreeMap<String, WorkerInfo>,
     /// Machines, by id.
     pub machines: BTreeMap<String, MachineState>,
+    /// Services whose queue is paused.
+    #[serde(default)]
+    pub paused: std::collections::BTreeSet<String>,
 }
 
 impl Snapshot {
@@ -182,6 +193,13 @@ impl Snapshot {
                     if &j.partition == partition && j.status == JobStatus::Pending {
                         j.unworkable = *unworkable;
                     }
+                }
+            }
+            EventKind::ServicePaused { service, paused } => {
+                if *paused {
+                    self.paused.insert(service.clone());
+                } else {
+                    self.paused.remove(service);
                 }
             }
             EventKind::WorkerRegistered { worker } => {

@@ -670,9 +670,48 @@ pub(crate) async fn workers(a: ListArgs) -> Result<()> {
     Ok(())
 }
 
+/// `fleetq services [pause|resume SERVICE]`.
+#[derive(Debug, ClapArgs)]
+pub(crate) struct ServicesArgs {
+    #[command(flatten)]
+    conn: Conn,
+    #[command(subcommand)]
+    action: Option<ServiceAction>,
+}
+
+/// What to do to a service's queue (admin).
+#[derive(Debug, Subcommand)]
+pub(crate) enum ServiceAction {
+    /// Pauses it: nothing of it is claimed until resumed; running jobs finish.
+    Pause {
+        /// The service.
+        service: String,
+    },
+    /// Resumes it: its jobs are claimed again, in their order.
+    Resume {
+        /// The service.
+        service: String,
+    },
+}
+
 /// `fleetq services`.
-pub(crate) async fn services(a: ListArgs) -> Result<()> {
-    let list = connect(&a.conn)?.services().await.map_err(said)?;
+pub(crate) async fn services(a: ServicesArgs) -> Result<()> {
+    let api = connect(&a.conn)?;
+    if let Some(action) = a.action {
+        let (service, paused) = match action {
+            ServiceAction::Pause { service } => (service, true),
+            ServiceAction::Resume { service } => (service, false),
+        };
+        let done = api.pause_service(&service, paused).await.map_err(said)?;
+        if a.conn.json {
+            print_json(&serde_json::to_value(&done)?);
+        } else {
+            let state = if done.paused { "paused" } else { "resumed" };
+            outln!("{} {state}{}", done.service, if done.changed { "" } else { " (it already was)" });
+        }
+        return Ok(());
+    }
+    let list = api.services().await.map_err(said)?;
     if a.conn.json {
         print_json(&serde_json::to_value(&list)?);
         return Ok(());
@@ -683,7 +722,7 @@ pub(crate) async fn services(a: ListArgs) -> Result<()> {
         .map(|(name, s)| {
             let p50 = s.durations.as_ref().map_or("-".into(), |d| short_duration(d.p50_ms));
             vec![
-                name.clone(),
+                if s.paused { format!("{name} (paused)") } else { name.clone() },
                 s.total.to_string(),
                 s.idle.to_string(),
                 s.active.to_string(),

@@ -59,8 +59,8 @@ enum Command {
     Jobs(client::Jobs),
     /// Lists the registered workers.
     Workers(client::ListArgs),
-    /// Lists the services of the fleet.
-    Services(client::ListArgs),
+    /// Lists the services of the fleet; pauses or resumes one's queue.
+    Services(client::ServicesArgs),
     /// Explains whether a worker may serve a job: prints {"matches": bool, "reasons": [...]}.
     Explain(explain::Args),
     /// Prints the API's OpenAPI 3.1 document (the same as GET /openapi.json), for client generators.

@@ -535,6 +535,42 @@ async fn the_pending_count_is_the_brokers() {
     page.close().await;
 }
 
+/// A paused service: its pending job reads `paused` (no ETA), the fleet table offers Resume, and
+/// a click on it lets the job run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_service_is_shown_and_resumed_from_the_page() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_up, url) = up(dir.path(), &["--workers", "1", "--step-ms", "50"]);
+    client(&url, None).pause_service("simulation", true).await.expect("pause");
+    let id = submit(&url, json!({"service": "simulation", "payload": {"steps": 2}})).await;
+    let page = Browser::start().await;
+    page.goto(&format!("{url}/")).await;
+    page.until(
+        "the job paused, Resume offered",
+        &format!(
+            r#"return !!document.querySelector('#jobs tr[data-job-id="{id}"] .status[data-status="paused"]')
+                 && !!document.querySelector('[data-pause="simulation"][data-paused="true"]');"#
+        ),
+    )
+    .await;
+    page.click(r#"[data-pause="simulation"]"#).await;
+    page.until(
+        "the job ran once resumed",
+        &format!(
+            r#"return !document.querySelector('#jobs tr[data-job-id="{id}"]')
+                 && !!document.querySelector('[data-pause="simulation"][data-paused="false"]');"#
+        ),
+    )
+    .await;
+    // A guard against a hang, not a timing assertion.
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+    while get_job(&url, None, &id).await["status"] != "completed" {
+        assert!(tokio::time::Instant::now() < give_up, "the resumed job never completed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    page.close().await;
+}
+
 /// With auth on, a read-only token sees no action and the API refuses one; an admin token submits
 /// from the client page, watches a job to completion and cancels a running one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

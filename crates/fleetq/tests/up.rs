@@ -318,3 +318,28 @@ fn the_cli_cancels_in_bulk_on_the_server() {
     assert_eq!(page["jobs"].as_array().map(Vec::len), Some(3), "{page}");
     stop(child);
 }
+
+/// `fleetq services pause|resume`: a paused service's job waits, the listing says paused, and it
+/// runs once resumed.
+#[test]
+fn the_cli_pauses_and_resumes_a_service() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let (child, url) = up(data.path());
+    let out = cli(&url, &["services", "pause", "simulation"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "simulation paused");
+    let again = cli(&url, &["services", "pause", "simulation"]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("(it already was)"));
+    let listed = String::from_utf8_lossy(&cli(&url, &["services"]).stdout).into_owned();
+    assert!(listed.contains("simulation (paused)"), "{listed}");
+    let out = cli(&url, &["submit", "--payload", r#"{"steps": 1}"#, "--json"]);
+    let id = serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let out = cli(&url, &["services", "resume", "simulation"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "simulation resumed");
+    let wait = cli(&url, &["jobs", "watch", &id, "--json"]);
+    assert!(wait.status.success(), "the job ran once resumed: {}", String::from_utf8_lossy(&wait.stderr));
+    stop(child);
+}

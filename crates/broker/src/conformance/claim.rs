@@ -618,3 +618,45 @@ pub(super) async fn a_returning_worker_finds_its_pending_work<B: Broker>(fx: Fix
     }
     assert_eq!(got, ids);
 }
+
+/// A paused service's jobs are not claimed (another service's are); resumed, they are claimed in
+/// their order; the pause is evented, in the snapshot, and listed.
+pub(super) async fn a_paused_service_is_not_claimed<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.register_worker(worker("w", &["simulation", "other"], json!({}))).await.expect("register");
+    let first = b.submit(sim(json!("first"))).await.expect("submit").id;
+    let second = b.submit(sim(json!("second"))).await.expect("submit").id;
+    assert!(b.pause_service("simulation", true).await.expect("pause"), "paused now");
+    assert!(!b.pause_service("simulation", true).await.expect("pause"), "already paused: no change");
+    let other = b.submit(JobSpec::new("other", json!(null))).await.expect("submit").id;
+    let lease = claim_now(b, "w").await.expect("the other service's job");
+    assert_eq!(lease.job.summary.id, other);
+    assert!(claim_now(b, "w").await.is_none(), "nothing of the paused service is claimed");
+    let snap = b.snapshot().await.expect("snapshot");
+    assert!(snap.paused.contains("simulation"));
+    assert_eq!(
+        b.paused_services().await.expect("paused").into_iter().collect::<Vec<_>>(),
+        vec!["simulation"]
+    );
+    assert!(b.pause_service("simulation", false).await.expect("resume"));
+    let order: Vec<JobId> = [claim_now(b, "w").await, claim_now(b, "w").await]
+        .into_iter()
+        .map(|l| l.expect("claimed after the resume").job.summary.id)
+        .collect();
+    assert_eq!(order, vec![first, second], "in the same order as before the pause");
+    let kinds: Vec<(String, bool)> = all_events(b)
+        .await
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::ServicePaused { service, paused } => Some((service.clone(), *paused)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(kinds, vec![("simulation".to_owned(), true), ("simulation".to_owned(), false)]);
+    let mut folded = snap;
+    for e in b.events_after(folded.seq, 1000, Duration::ZERO).await.expect("events") {
+        folded.apply(&e);
+    }
+    assert!(folded.paused.is_empty(), "the fold resumes it too");
+    assert!(matches!(b.pause_service("", true).await, Err(BrokerError::Invalid(_))));
+}

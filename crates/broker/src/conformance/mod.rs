@@ -78,6 +78,7 @@ suite! {
     submit::batch_is_all_or_nothing,
     claim::claim_follows_exact_order,
     claim::claim_needs_registered_worker,
+    claim::a_paused_service_is_not_claimed,
     claim::matching_rules_through_broker,
     claim::incompatible_heads_do_not_hide_compatible_jobs,
     claim::workflow_restricted_worker,

@@ -267,6 +267,15 @@ impl Queue for EmbeddedBroker {
     async fn evaluate_workability(&self) -> Result<usize> {
         self.call(|st| st.evaluate_workability()).await
     }
+
+    async fn pause_service(&self, service: &str, paused: bool) -> Result<bool> {
+        let service = service.to_owned();
+        self.call(move |st| st.pause_service(&service, paused)).await
+    }
+
+    async fn paused_services(&self) -> Result<std::collections::BTreeSet<String>> {
+        self.call(|st| Ok(st.paused_services())).await
+    }
 }
 
 impl Fleet for EmbeddedBroker {

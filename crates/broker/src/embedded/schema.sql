@@ -56,6 +56,11 @@ CREATE TABLE IF NOT EXISTS workers (
     last_seen INTEGER NOT NULL
 ) STRICT;
 
+-- services whose queue is paused (nothing of them is claimed).
+CREATE TABLE IF NOT EXISTS paused_services (
+    service TEXT PRIMARY KEY
+) STRICT;
+
 CREATE TABLE IF NOT EXISTS meta (
     k TEXT PRIMARY KEY,
     v INTEGER NOT NULL

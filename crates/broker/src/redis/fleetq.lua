@@ -9,7 +9,7 @@
 -- Order keys are never compared with Lua's `<` on strings (strcoll): see `key_less`. Only fixed,
 -- short field lists are ever unpacked.
 
-local VERSION = '23'
+local VERSION = '24'
 
 -- A job's state is one JSON object of strings, its spec and its outcome JSON documents: fields named
 -- by the job's id in the hashes `J`, `S` and `O` (a key per job would cost a key's overhead and the
@@ -40,11 +40,17 @@ local function ckey(j) return j.ckey or hex12(tonumber(j.created_at)) end
 
 local function cfg(P)
   local v = redis.call('HMGET', P .. 'cfg', 'max_events', 'avoid_ms', 'coalesce_ms',
-    'retention_ms', 'worker_ttl_ms', 'max_event_age_ms', 'fair')
+    'retention_ms', 'worker_ttl_ms', 'max_event_age_ms', 'fair', 'npaused')
   return {max_events = tonumber(v[1]) or 100000, avoid_ms = tonumber(v[2]) or 5000,
     coalesce_ms = tonumber(v[3]) or 250, retention_ms = tonumber(v[4]) or 604800000,
     worker_ttl_ms = tonumber(v[5]) or 30000, max_event_age_ms = tonumber(v[6]) or 86400000,
-    fair = v[7] == '1'}
+    fair = v[7] == '1', npaused = tonumber(v[8]) or 0}
+end
+
+-- Whether a service's queue is paused (`paused`: nothing of it is claimed). Free while nothing is
+-- (the count rides on the configuration read every call already makes).
+local function paused(P, C, service)
+  return C.npaused > 0 and redis.call('HEXISTS', P .. 'paused', service) == 1
 end
 
 -- What a new job's state leaves out (`fleetq_core::job::DEFAULT_MAX_ATTEMPTS`,
@@ -479,7 +485,8 @@ local function claim(P, C, nows, lease_ms, worker)
   if wf then
     for _, m in ipairs(redis.call('ZRANGE', P .. 'wfq:' .. wf, 0, 255)) do
       local j = load(P, string.sub(m, 37))
-      if j and redis.call('SISMEMBER', P .. 'pcl:' .. j.partition, c) == 1 and usable(P, j, worker, now) then
+      if j and not paused(P, C, j.service) and redis.call('SISMEMBER', P .. 'pcl:' .. j.partition, c) == 1
+          and usable(P, j, worker, now) then
         return take(P, C, nows, worker, lease_ms, j)
       end
     end
@@ -490,7 +497,9 @@ local function claim(P, C, nows, lease_ms, worker)
     local heads = redis.call('ZRANGE', P .. 'ch:' .. c, start, start + 7)
     for _, m in ipairs(heads) do
       local j = load(P, string.sub(m, 37))
-      if j and usable(P, j, worker, now) then return take(P, C, nows, worker, lease_ms, j) end
+      if j and not paused(P, C, j.service) and usable(P, j, worker, now) then
+        return take(P, C, nows, worker, lease_ms, j)
+      end
     end
     if #heads < 8 then break end
   end
@@ -706,6 +715,25 @@ redis.register_function('fq_cancel', function(keys, argv)
     return 'requested'
   end
   return 'finished'
+end)
+
+-- ARGV: now, service, '1' to pause or '0' to resume, the event json. Returns 1 when it changed.
+redis.register_function('fq_pause', function(keys, argv)
+  local P = keys[1]
+  local changed
+  if argv[3] == '1' then
+    changed = redis.call('HSET', P .. 'paused', argv[2], argv[1])
+  else
+    changed = redis.call('HDEL', P .. 'paused', argv[2])
+  end
+  if changed == 0 then return 0 end
+  redis.call('HSET', P .. 'cfg', 'npaused', redis.call('HLEN', P .. 'paused'))
+  if argv[3] == '0' then
+    -- Its jobs are claimable again: every class's waiting workers look.
+    for _, c in ipairs(redis.call('HKEYS', P .. 'classes')) do wake(P, c, 64) end
+  end
+  emit_data(P, cfg(P), argv[1], 'service_paused', argv[4])
+  return 1
 end)
 
 -- ARGV: now, id, then optionally cver, partition spec, matching classes. A finished job's partition
@@ -1203,5 +1231,5 @@ redis.register_function{function_name = 'fq_snapshot', flags = {'no-writes'}, ca
   end
   return {last_seq(P), jobs, redis.call('HGETALL', P .. 'workers'),
     redis.call('ZRANGE', P .. 'wseen', 0, -1, 'WITHSCORES'), redis.call('HGETALL', P .. 'machines'),
-    redis.call('HGETALL', P .. 'wdone')}
+    redis.call('HGETALL', P .. 'wdone'), redis.call('HKEYS', P .. 'paused')}
 end}

@@ -30,6 +30,7 @@ impl Log for RedisBroker {
         let seen = pairs(next());
         let machines = pairs(next());
         let done = pairs(next());
+        snap.paused = items(next()).iter().filter_map(text).collect();
         snap.workers = decode_workers(raw, &seen, &done)?.into_iter().collect();
         for (id, v) in machines {
             let m: MachineState =

@@ -151,6 +151,20 @@ impl Queue for RedisBroker {
 
     /// A full pass over the live partitions (a page per call). Flags are kept up to date as
     /// partitions and classes come and go; this pass runs when a class was dropped, and repairs.
+    async fn pause_service(&self, service: &str, paused: bool) -> Result<bool> {
+        fleetq_core::validate::check_name("service", service)?;
+        let event = EventKind::ServicePaused { service: service.to_owned(), paused };
+        let mut cmd = self.fcall("fq_pause", false);
+        cmd.arg(self.now()).arg(service).arg(if paused { "1" } else { "0" }).arg(to_json(&event)?);
+        Ok(matches!(self.run(&cmd).await?, Value::Int(1)))
+    }
+
+    async fn paused_services(&self) -> Result<std::collections::BTreeSet<String>> {
+        let mut cmd = redis::cmd("HKEYS");
+        cmd.arg(self.key("paused"));
+        Ok(items(self.run(&cmd).await?).iter().filter_map(text).collect())
+    }
+
     async fn evaluate_workability(&self) -> Result<usize> {
         for fresh in [true, true, true, true] {
             let view = self.view(fresh).await?;

@@ -140,6 +140,8 @@ pub(super) struct State {
     workers: HashMap<String, WorkerInfo>,
     /// Each registered worker's class.
     worker_class: HashMap<String, ClassKey>,
+    /// Services whose queue is paused. Mirrors the `paused_services` table.
+    paused: std::collections::BTreeSet<String>,
     /// A savepoint rolled back after touching the caches: reload them before the next operation.
     caches_dirty: bool,
     committed_seq: u64,
@@ -188,6 +190,7 @@ impl State {
             classes: HashMap::new(),
             workers: HashMap::new(),
             worker_class: HashMap::new(),
+            paused: std::collections::BTreeSet::new(),
             caches_dirty: true,
             committed_seq: 0,
             wake: false,
@@ -253,6 +256,11 @@ impl State {
                 }
             }
         }
+        self.paused = {
+            let mut stmt = self.conn.prepare("SELECT service FROM paused_services")?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
         let mut workers = HashMap::new();
         {
             let mut stmt = self.conn.prepare("SELECT id, info, last_seen FROM workers")?;

@@ -67,6 +67,9 @@ impl State {
         let Some(key) = self.worker_class.get(worker_id) else { return Ok(None) };
         let Some(class) = self.classes.get(key) else { return Ok(None) };
         let usable = |row: &Row| {
+            if self.paused.contains(&row.summary.service) {
+                return false;
+            }
             let avoided =
                 row.avoid_worker.as_deref() == Some(worker_id) && row.avoid_until.is_some_and(|t| now < t);
             !avoided || !self.others_match(&PartitionKey(row.summary.partition.clone()))
@@ -458,6 +461,35 @@ impl State {
             }
             _ => Ok(CancelOutcome::AlreadyFinished),
         }
+    }
+
+    pub(in crate::embedded) fn pause_service(&mut self, service: &str, paused: bool) -> Result<bool> {
+        fleetq_core::validate::check_name("service", service)?;
+        let changed = if paused {
+            self.conn
+                .prepare_cached("INSERT OR IGNORE INTO paused_services(service) VALUES (?1)")?
+                .execute([service])?
+                > 0
+        } else {
+            self.conn.prepare_cached("DELETE FROM paused_services WHERE service = ?1")?.execute([service])?
+                > 0
+        };
+        if !changed {
+            return Ok(false);
+        }
+        if paused {
+            self.paused.insert(service.to_owned());
+        } else {
+            self.paused.remove(service);
+            // Its jobs are claimable again: waiting workers look.
+            self.wake = true;
+        }
+        self.emit(EventKind::ServicePaused { service: service.to_owned(), paused })?;
+        Ok(true)
+    }
+
+    pub(in crate::embedded) fn paused_services(&self) -> std::collections::BTreeSet<String> {
+        self.paused.clone()
     }
 
     pub(in crate::embedded) fn retry(&mut self, id: &JobId) -> Result<()> {

@@ -203,6 +203,6 @@ impl State {
         }
         let workers = self.workers.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let machines = self.machines()?.into_iter().map(|m| (m.machine_id.clone(), m)).collect();
-        Ok(Snapshot { seq, jobs, workers, machines })
+        Ok(Snapshot { seq, jobs, workers, machines, paused: self.paused.clone() })
     }
 }
