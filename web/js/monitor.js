@@ -727,11 +727,12 @@ function init() {
     const t = e.target.closest("[data-action], [data-open], [data-pause], #more, #show-new, #bulk-action");
     if (!t) return;
     if (t.dataset.pause) {
-      const verb = t.dataset.paused === "true" ? "resume" : "pause";
+      const toggle = t.dataset.paused === "true" ? "resume" : "pause";
+      const service = t.dataset.pause;
       t.disabled = true;
-      api(`/api/services/${encodeURIComponent(t.dataset.pause)}/${verb}`, { method: "POST" })
+      api(`/api/services/${encodeURIComponent(service)}/${toggle}`, { method: "POST" })
         .then(refreshServices)
-        .catch((err) => alert(`${verb} ${t.dataset.pause}: ${err.message}`));
+        .catch((err) => alert(`${toggle} ${service}: ${err.message}`));
       return;
     }
     if (t.id === "more") loadFinished(true);

@@ -696,7 +696,8 @@ fn the_pages_speak_the_documented_api() {
                 .replace("${encodeURIComponent(id)}", "{id}")
                 .replace("${encodeURIComponent(j.id)}", "{id}")
                 .replace("${encodeURIComponent(jobId)}", "{id}")
-                .replace("${encodeURIComponent(name)}", "{name}");
+                .replace("${encodeURIComponent(name)}", "{name}")
+                .replace("${encodeURIComponent(service)}", "{service}");
             called.push(path);
         }
     }
@@ -704,6 +705,8 @@ fn the_pages_speak_the_documented_api() {
     for path in &called {
         let candidates: Vec<String> = if path.contains("${action}") || path.contains("${verb}") {
             ["cancel", "retry"].iter().map(|a| path.replace("${action}", a).replace("${verb}", a)).collect()
+        } else if path.contains("${toggle}") {
+            ["pause", "resume"].iter().map(|a| path.replace("${toggle}", a)).collect()
         } else {
             vec![path.clone()]
         };
