@@ -18,8 +18,25 @@ const TEMPLATES = {
   openai: { model: "gpt-4o-mini", messages: [{ role: "user", content: "Say hello" }] },
 };
 
-/** Jobs submitted from this page: id → summary. */
+/** Jobs submitted from this page: id → summary. Their ids outlive a reload (the newest 200). */
 const mine = new Map();
+const KEPT = "fleetq-client-jobs";
+
+function keep() {
+  try { localStorage.setItem(KEPT, JSON.stringify([...mine.keys()].slice(-200))); } catch { /* private mode */ }
+}
+
+/** The jobs of an earlier visit, read again (one another token may not read is dropped). */
+function restore() {
+  let ids = [];
+  try { ids = JSON.parse(localStorage.getItem(KEPT) || "[]"); } catch { ids = []; }
+  for (const id of Array.isArray(ids) ? ids : []) {
+    if (typeof id !== "string") continue;
+    mine.set(id, { id, status: "pending", progress: 0 });
+    refresh(id, { dropMissing: true });
+  }
+  draw();
+}
 
 function useTemplate() {
   const form = $("submit");
@@ -97,6 +114,7 @@ async function submit(e) {
     const reply = await api("/api/jobs", { method: "POST", body: count === 1 ? job : Array.from({ length: count }, () => job) });
     const ids = count === 1 ? [reply.id] : reply.jobs.map((j) => j.id);
     for (const id of ids) mine.set(id, { id, status: "pending", progress: 0 });
+    keep();
     $("submit-result").textContent = `submitted ${ids.length}`;
     draw();
     for (const id of ids) refresh(id);
@@ -105,20 +123,32 @@ async function submit(e) {
   }
 }
 
-async function refresh(id) {
+async function refresh(id, { dropMissing = false } = {}) {
   try {
     const job = await api(`/api/jobs/${encodeURIComponent(id)}`);
     mine.set(id, job);
     draw();
-  } catch { /* the stream brings it */ }
+  } catch (e) {
+    // Gone (retention) or not this token's: not shown again.
+    if (dropMissing && e.status === 404) {
+      mine.delete(id);
+      keep();
+      draw();
+    }
+    /* otherwise the stream brings it */
+  }
 }
 
 function draw() {
-  const rows = [...mine.values()].reverse().map((j) => `<tr data-job-id="${esc(j.id)}" data-status="${esc(j.status)}">
-    <td class="mono">${esc(j.id)}</td>
-    <td><span class="status" data-status="${esc(j.status)}">${esc(j.status)}</span>${j.error ? ` <span class="error">${esc(j.error.message)}</span>` : ""}</td>
+  const rows = [...mine.values()].reverse().map((j) => {
+    // No registered worker can serve it: say so, not a plain `pending` that never moves.
+    const shown = j.status === "pending" && j.unworkable ? "unworkable" : j.status;
+    return `<tr data-job-id="${esc(j.id)}" data-status="${esc(j.status)}">
+    <td class="mono"><a href="/?job=${encodeURIComponent(j.id)}" title="open in the monitor">${esc(j.id)}</a></td>
+    <td><span class="status" data-status="${esc(shown)}"${shown === "unworkable" ? ` data-unworkable="true" title="no registered worker can serve it: the monitor's job detail says why"` : ""}>${esc(shown)}</span>${j.error ? ` <span class="error">${esc(j.error.message)}</span>` : ""}</td>
     <td><div class="bar" role="progressbar" aria-valuenow="${Math.round(j.progress)}" aria-valuemin="0" aria-valuemax="100"><span style="width:${j.progress}%"></span></div> ${esc(j.message || "")}</td>
-    <td>${TERMINAL.has(j.status) ? "" : `<button type="button" class="danger" data-submit data-cancel="${esc(j.id)}">Cancel</button>`}</td></tr>`);
+    <td>${TERMINAL.has(j.status) ? "" : `<button type="button" class="danger" data-submit data-cancel="${esc(j.id)}">Cancel</button>`}</td></tr>`;
+  });
   $("mine").innerHTML = rows.join("");
   const results = [...mine.values()].filter((j) => j.outcome && j.outcome.kind === "result").slice(-12).reverse();
   $("results").innerHTML = results.map((j) => {
@@ -169,6 +199,7 @@ function init() {
   });
   whoami();
   follow();
+  restore();
 }
 
 init();

@@ -571,6 +571,28 @@ async fn a_paused_service_is_shown_and_resumed_from_the_page() {
     page.close().await;
 }
 
+/// The client page says when no worker can serve a job, links each job to the monitor's detail,
+/// and keeps its jobs across a reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_page_shows_unworkable_links_and_keeps_its_jobs() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_up, url) = up(dir.path(), &["--workers", "1"]);
+    let page = Browser::start().await;
+    page.goto(&format!("{url}/client")).await;
+    let service = page.client.find(Locator::Css("input[name=service]")).await.expect("service");
+    service.clear().await.expect("clear");
+    service.send_keys("nobody-serves-this").await.expect("type");
+    page.click("#submit button[type=submit]").await;
+    let unworkable = r##"const r = document.querySelector('#mine tr[data-status="pending"]');
+        return !!r && !!r.querySelector('.status[data-status="unworkable"]')
+          && r.querySelector("a").getAttribute("href") === "/?job=" + r.dataset.jobId && r.dataset.jobId;"##;
+    let id = page.until("the job unworkable, linked to the monitor", unworkable).await;
+    page.goto(&format!("{url}/client")).await;
+    let again = page.until("the job kept across the reload", unworkable).await;
+    assert_eq!(again, id);
+    page.close().await;
+}
+
 /// With auth on, a read-only token sees no action and the API refuses one; an admin token submits
 /// from the client page, watches a job to completion and cancels a running one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
