@@ -528,6 +528,8 @@ async function loadFinished(more) {
   const q = new URLSearchParams();
   for (const k of ["service", "worker", "workflow", "customer"]) if (state.filters[k]) q.set(k, state.filters[k]);
   const statuses = state.filters.status && TERMINAL.has(state.filters.status) ? [state.filters.status] : ["completed", "failed", "cancelled"];
+  // The latest to finish first (the broker orders them by end time).
+  q.set("order", "finished");
   q.set("limit", "50");
   if (statuses.length === 1) q.set("status", statuses[0]);
   if (more && state.finishedNext) q.set("cursor", state.finishedNext);

@@ -233,6 +233,8 @@ pub(crate) enum ListOrder {
     Newest,
     /// Claimable pending jobs in claim order.
     Queue,
+    /// Finished jobs (completed, failed, cancelled), the latest to finish first.
+    Finished,
 }
 
 /// A job event stream's query.
@@ -246,12 +248,13 @@ pub(crate) struct StreamQuery {
     access_token: Option<String>,
 }
 
-/// `GET /api/jobs`: newest first with cursor paging, or `order=queue` (pending jobs in claim order).
+/// `GET /api/jobs`: newest first with cursor paging, `order=queue` (pending jobs in claim order) or
+/// `order=finished` (finished jobs, the latest to finish first).
 #[utoipa::path(
     get,
     path = "/api/jobs",
     operation_id = "list_jobs",
-    summary = "List jobs, newest first (cursor paging) or order=queue",
+    summary = "List jobs, newest first (cursor paging), order=queue or order=finished",
     params(ListQuery),
     responses((status = 200, body = JobPage), (status = 400, body = ErrorBody))
 )]
@@ -286,6 +289,16 @@ pub(crate) async fn list<B: Broker>(
     match q.order.unwrap_or_default() {
         ListOrder::Newest => {
             let page = st.broker.jobs(&filter).await.map_err(query_error)?;
+            Ok(Json(JobPage { jobs: page.jobs, next: page.next }))
+        }
+        ListOrder::Finished => {
+            if filter.status.is_some_and(|s| !s.is_terminal()) {
+                return Err(ApiError::bad_request(
+                    "order",
+                    "finished order lists completed, failed or cancelled jobs",
+                ));
+            }
+            let page = st.broker.finished(&filter).await.map_err(query_error)?;
             Ok(Json(JobPage { jobs: page.jobs, next: page.next }))
         }
         ListOrder::Queue => {

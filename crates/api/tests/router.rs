@@ -386,3 +386,24 @@ async fn bulk_cancel_and_retry_on_the_server_with_a_dry_run() {
         assert_eq!((s, v["error"]["field"].as_str()), (StatusCode::BAD_REQUEST, Some(field)), "{body}: {v}");
     }
 }
+
+#[tokio::test]
+async fn finished_jobs_list_the_latest_to_finish_first() {
+    let a = app(ApiConfig::default());
+    let first = submit(&a.router, json!({"service": "sim"})).await;
+    let second = submit(&a.router, json!({"service": "sim"})).await;
+    submit(&a.router, json!({"service": "sim"})).await;
+    // The second submitted ends first, then the first.
+    for id in [&second, &first] {
+        let (s, _) = call(&a.router, "POST", &format!("/api/jobs/{id}/cancel"), None, &[]).await;
+        assert_eq!(s, StatusCode::OK);
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let (s, page) = call(&a.router, "GET", "/api/jobs?order=finished", None, &[]).await;
+    assert_eq!(s, StatusCode::OK, "{page}");
+    let ids: Vec<&str> =
+        page["jobs"].as_array().expect("jobs").iter().filter_map(|j| j["id"].as_str()).collect();
+    assert_eq!(ids, vec![first.as_str(), second.as_str()], "the latest to finish first, nothing unfinished");
+    let (s, e) = call(&a.router, "GET", "/api/jobs?order=finished&status=pending", None, &[]).await;
+    assert_eq!((s, e["error"]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("order")), "{e}");
+}

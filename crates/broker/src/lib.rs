@@ -651,6 +651,9 @@ pub trait Read: Backend {
     /// A page of jobs, newest first.
     fn jobs(&self, filter: &JobFilter) -> impl Future<Output = Result<JobPage>> + Send;
 
+    /// A page of finished jobs (completed, failed, cancelled), the latest to finish first.
+    fn finished(&self, filter: &JobFilter) -> impl Future<Output = Result<JobPage>> + Send;
+
     /// The 1-based place of a claimable pending job among its service's claimable jobs, in claim
     /// order; `None` when the job is not waiting in the queue (delayed by a retry backoff, running,
     /// finished, or unknown). Exact at any backlog; an index count, never a scan of the jobs.

@@ -101,6 +101,7 @@ suite! {
     fleet::connector_status_changes_only,
     fleet::machine_events_fold,
     reads::job_listing_pages,
+    reads::finished_jobs_by_end_time,
     submit::oversized_result_is_refused,
     log::events_after_waits_for_news,
     claim::complete_and_claim_hands_over_next_job,

@@ -222,3 +222,52 @@ pub(super) async fn queue_position_and_order_at_a_large_backlog<B: Broker>(fx: F
     let bad = QueueFilter { cursor: Some("garbage".into()), ..QueueFilter::default() };
     assert!(matches!(b.queue(&bad).await, Err(BrokerError::Invalid(e)) if e.field == "cursor"));
 }
+
+/// Finished jobs the latest to finish first, whatever their submission order, paged and filtered.
+pub(super) async fn finished_jobs_by_end_time<B: Broker>(fx: Fixture<B>) {
+    let b = fx.broker.as_ref();
+    b.register_worker(worker("w", &["simulation"], json!({}))).await.expect("reg");
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        fx.clock.advance(1);
+        ids.push(b.submit(sim(json!(i))).await.expect("submit").id);
+    }
+    let mut leases = Vec::new();
+    for _ in 0..2 {
+        leases.push(claim_now(b, "w").await.expect("claim"));
+    }
+    // The last submitted is cancelled first, then the first completes, then the second fails.
+    fx.clock.advance(10);
+    b.cancel(&ids[2]).await.expect("cancel");
+    fx.clock.advance(10);
+    b.complete(&leases[0].as_ref(), json!(null)).await.expect("complete");
+    fx.clock.advance(10);
+    let mut error = JobError::fatal(FailureCategory::Service, "boom");
+    error.retryable = false;
+    b.fail(&leases[1].as_ref(), error).await.expect("fail");
+    b.submit(sim(json!("still pending"))).await.expect("submit");
+    let all = b.finished(&JobFilter::default()).await.expect("finished");
+    assert_eq!(
+        all.jobs.iter().map(|j| j.id.clone()).collect::<Vec<_>>(),
+        vec![ids[1].clone(), ids[0].clone(), ids[2].clone()],
+        "the latest to finish first; nothing unfinished"
+    );
+    let mut filter = JobFilter { limit: Some(2), ..JobFilter::default() };
+    let mut paged = Vec::new();
+    loop {
+        let page = b.finished(&filter).await.expect("page");
+        paged.extend(page.jobs.into_iter().map(|j| j.id));
+        match page.next {
+            Some(n) => filter.cursor = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(paged, vec![ids[1].clone(), ids[0].clone(), ids[2].clone()], "every one once across pages");
+    let failed = b
+        .finished(&JobFilter { status: Some(JobStatus::Failed), ..JobFilter::default() })
+        .await
+        .expect("failed");
+    assert_eq!(failed.jobs.iter().map(|j| j.id.clone()).collect::<Vec<_>>(), vec![ids[1].clone()]);
+    let bad = JobFilter { cursor: Some("garbage".into()), ..JobFilter::default() };
+    assert!(matches!(b.finished(&bad).await, Err(BrokerError::Invalid(_))));
+}

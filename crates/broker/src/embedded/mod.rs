@@ -316,6 +316,11 @@ impl Read for EmbeddedBroker {
         self.call(move |st| st.jobs(&filter)).await
     }
 
+    async fn finished(&self, filter: &JobFilter) -> Result<JobPage> {
+        let filter = filter.clone();
+        self.call(move |st| st.finished(&filter)).await
+    }
+
     async fn queue_position(&self, id: &JobId) -> Result<Option<u64>> {
         let id = id.clone();
         self.call(move |st| st.queue_position(&id)).await

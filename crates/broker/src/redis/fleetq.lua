@@ -9,7 +9,7 @@
 -- Order keys are never compared with Lua's `<` on strings (strcoll): see `key_less`. Only fixed,
 -- short field lists are ever unpacked.
 
-local VERSION = '24'
+local VERSION = '25'
 
 -- A job's state is one JSON object of strings, its spec and its outcome JSON documents: fields named
 -- by the job's id in the hashes `J`, `S` and `O` (a key per job would cost a key's overhead and the
@@ -1034,6 +1034,47 @@ redis.register_function{function_name = 'fq_jobs', flags = {'no-writes'}, callba
   end
   if next_cursor ~= '' and #redis.call('ZRANGE', ix, '(' .. next_cursor, '-', 'BYLEX', 'REV', 'LIMIT', 0, 1) == 0 then
     next_cursor = ''
+  end
+  if #out < limit and scanned >= 10000 and last then next_cursor = last end
+  return {next_cursor, out}
+end}
+
+-- ARGV: status ('' = every finished one), service, cursor ('' = the latest; 'finish time:member'),
+-- limit, worker, workflow, customer, owner ('' = all). Finished jobs, the latest to finish first
+-- (`done`: score the finish time; the same time orders by member, descending); a call scans at
+-- most 10,000 entries and returns a cursor to continue from.
+redis.register_function{function_name = 'fq_finished', flags = {'no-writes'}, callback = function(keys, argv)
+  local P = keys[1]
+  local limit = tonumber(argv[4])
+  local max, after = '+inf', nil
+  if argv[3] ~= '' then
+    local t, m = string.match(argv[3], '^(%d+):(.+)$')
+    if not t then return {'', {}} end
+    max, after = t, m
+  end
+  local out, next_cursor, scanned, off, last = {}, '', 0, 0, nil
+  while #out < limit and scanned < 10000 do
+    local batch = redis.call('ZRANGE', P .. 'done', max, '-inf', 'BYSCORE', 'REV', 'LIMIT', off, 256, 'WITHSCORES')
+    if #batch == 0 then break end
+    off = off + #batch / 2
+    for i = 1, #batch, 2 do
+      local m, t = batch[i], batch[i + 1]
+      -- Entries at the cursor's time up to its member were on earlier pages.
+      if not (after and t == max and m >= after) then
+        scanned = scanned + 1
+        last = t .. ':' .. m
+        local j = load(P, string.sub(m, 13))
+        if j and (argv[1] == '' or j.status == argv[1]) and (argv[2] == '' or j.service == argv[2])
+            and (argv[5] == '' or j.worker_id == argv[5]) and (argv[6] == '' or j.workflow_id == argv[6])
+            and (argv[7] == '' or j.customer_id == argv[7]) and (argv[8] == '' or j.owner == argv[8]) then
+          out[#out + 1] = view_of(P, j)
+          if #out == limit then
+            next_cursor = last
+            break
+          end
+        end
+      end
+    end
   end
   if #out < limit and scanned >= 10000 and last then next_cursor = last end
   return {next_cursor, out}

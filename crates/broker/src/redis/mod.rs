@@ -60,7 +60,7 @@ use crate::{
 
 const LIBRARY: &str = include_str!("fleetq.lua");
 /// The version the function library reports (`FCALL fq_version 0`); loading compares the whole code.
-pub const LIBRARY_VERSION: &str = "24";
+pub const LIBRARY_VERSION: &str = "25";
 
 /// Partitions read per call when a pass walks them all (a new class's fill, workability).
 const PARTITION_PAGE: usize = 1000;

@@ -54,6 +54,27 @@ impl Read for RedisBroker {
         page_reply(self.run(&cmd).await?)
     }
 
+    async fn finished(&self, filter: &JobFilter) -> Result<JobPage> {
+        let cursor = filter.cursor.clone().unwrap_or_default();
+        let valid = cursor.is_empty()
+            || cursor
+                .split_once(':')
+                .is_some_and(|(t, m)| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) && m.len() > 12);
+        if !valid {
+            return Err(ValidationError::new("cursor", "not a cursor of this broker").into());
+        }
+        let mut cmd = self.fcall("fq_finished", true);
+        cmd.arg(filter.status.map(JobStatus::as_str).unwrap_or(""))
+            .arg(filter.service.as_deref().unwrap_or(""))
+            .arg(cursor)
+            .arg(page_limit(filter))
+            .arg(filter.worker.as_deref().unwrap_or(""))
+            .arg(filter.workflow.as_deref().unwrap_or(""))
+            .arg(filter.customer.as_deref().unwrap_or(""))
+            .arg(filter.owner.as_deref().unwrap_or(""));
+        page_reply(self.run(&cmd).await?)
+    }
+
     async fn queue_position(&self, id: &JobId) -> Result<Option<u64>> {
         let mut cmd = self.fcall("fq_position", true);
         cmd.arg(&id.0);

@@ -39,6 +39,50 @@ impl State {
             .transpose()
     }
 
+    pub(in crate::embedded) fn finished(&mut self, filter: &JobFilter) -> Result<JobPage> {
+        let limit = page_limit(filter);
+        let bad = || {
+            BrokerError::Invalid(fleetq_core::ValidationError::new("cursor", "not a cursor of this broker"))
+        };
+        let (c_at, c_id) = match &filter.cursor {
+            Some(c) => {
+                let (at, id) = c.split_once(':').ok_or_else(bad)?;
+                (at.parse::<i64>().map_err(|_| bad())?, id.to_owned())
+            }
+            None => (i64::MAX, String::new()),
+        };
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT summary FROM jobs INDEXED BY jobs_done
+             WHERE finished_at IS NOT NULL AND (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR service = ?2)
+               AND (finished_at < ?3 OR (finished_at = ?3 AND ?4 <> '' AND id < ?4))
+               AND (?6 IS NULL OR json_extract(summary, '$.worker_id') = ?6)
+               AND (?7 IS NULL OR workflow_id = ?7)
+               AND (?8 IS NULL OR json_extract(summary, '$.customer_id') = ?8)
+               AND (?9 IS NULL OR json_extract(summary, '$.owner') = ?9)
+             ORDER BY finished_at DESC, id DESC LIMIT ?5",
+        )?;
+        let rows = stmt.query_map(
+            params![
+                filter.status.map(|s| s.as_str()),
+                filter.service,
+                c_at,
+                c_id,
+                (limit + 1) as i64,
+                filter.worker,
+                filter.workflow,
+                filter.customer,
+                filter.owner
+            ],
+            |r| r.get::<_, String>(0),
+        )?;
+        let mut jobs = self.listed(rows)?;
+        let more = jobs.len() > limit;
+        jobs.truncate(limit);
+        let next =
+            jobs.last().filter(|_| more).map(|last| format!("{}:{}", last.finished_at.unwrap_or(0), last.id));
+        Ok(JobPage { jobs, next })
+    }
+
     pub(in crate::embedded) fn jobs(&mut self, filter: &JobFilter) -> Result<JobPage> {
         let limit = page_limit(filter);
         let (c_at, c_id) = match &filter.cursor {
