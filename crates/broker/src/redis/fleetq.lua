@@ -1003,6 +1003,14 @@ redis.register_function{function_name = 'fq_job', flags = {'no-writes'}, callbac
     redis.call('HGET', P .. 'H', j.id) or ''}
 end}
 
+-- Whether a job passes a listing's filters (ARGV of `fq_jobs` and `fq_finished`: status, service,
+-- -, -, worker, workflow, customer, owner; '' = any).
+local function listed(j, argv)
+  return (argv[1] == '' or j.status == argv[1]) and (argv[2] == '' or j.service == argv[2])
+    and (argv[5] == '' or j.worker_id == argv[5]) and (argv[6] == '' or j.workflow_id == argv[6])
+    and (argv[7] == '' or j.customer_id == argv[7]) and (argv[8] == '' or j.owner == argv[8])
+end
+
 -- ARGV: status ('' = all), service ('' = all), cursor ('' = newest), limit, worker, workflow,
 -- customer, owner ('' = all). Newest first; a call
 -- scans at most 10,000 entries and returns a cursor to continue from.
@@ -1021,9 +1029,7 @@ redis.register_function{function_name = 'fq_jobs', flags = {'no-writes'}, callba
       start = '(' .. m
       last = m
       local j = load(P, string.sub(m, 13))
-      if j and (argv[1] == '' or j.status == argv[1]) and (argv[2] == '' or j.service == argv[2])
-          and (argv[5] == '' or j.worker_id == argv[5]) and (argv[6] == '' or j.workflow_id == argv[6])
-          and (argv[7] == '' or j.customer_id == argv[7]) and (argv[8] == '' or j.owner == argv[8]) then
+      if j and listed(j, argv) then
         out[#out + 1] = view_of(P, j)
         if #out == limit then
           next_cursor = m
@@ -1064,9 +1070,7 @@ redis.register_function{function_name = 'fq_finished', flags = {'no-writes'}, ca
         scanned = scanned + 1
         last = t .. ':' .. m
         local j = load(P, string.sub(m, 13))
-        if j and (argv[1] == '' or j.status == argv[1]) and (argv[2] == '' or j.service == argv[2])
-            and (argv[5] == '' or j.worker_id == argv[5]) and (argv[6] == '' or j.workflow_id == argv[6])
-            and (argv[7] == '' or j.customer_id == argv[7]) and (argv[8] == '' or j.owner == argv[8]) then
+        if j and listed(j, argv) then
           out[#out + 1] = view_of(P, j)
           if #out == limit then
             next_cursor = last

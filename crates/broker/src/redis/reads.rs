@@ -39,19 +39,7 @@ impl Read for RedisBroker {
             || (cursor.len() > 12
                 && cursor.is_char_boundary(12)
                 && cursor[..12].bytes().all(|b| b.is_ascii_hexdigit()));
-        if !valid {
-            return Err(ValidationError::new("cursor", "not a cursor of this broker").into());
-        }
-        let mut cmd = self.fcall("fq_jobs", true);
-        cmd.arg(filter.status.map(JobStatus::as_str).unwrap_or(""))
-            .arg(filter.service.as_deref().unwrap_or(""))
-            .arg(cursor)
-            .arg(page_limit(filter))
-            .arg(filter.worker.as_deref().unwrap_or(""))
-            .arg(filter.workflow.as_deref().unwrap_or(""))
-            .arg(filter.customer.as_deref().unwrap_or(""))
-            .arg(filter.owner.as_deref().unwrap_or(""));
-        page_reply(self.run(&cmd).await?)
+        self.listing("fq_jobs", filter, cursor, valid).await
     }
 
     async fn finished(&self, filter: &JobFilter) -> Result<JobPage> {
@@ -60,19 +48,7 @@ impl Read for RedisBroker {
             || cursor
                 .split_once(':')
                 .is_some_and(|(t, m)| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) && m.len() > 12);
-        if !valid {
-            return Err(ValidationError::new("cursor", "not a cursor of this broker").into());
-        }
-        let mut cmd = self.fcall("fq_finished", true);
-        cmd.arg(filter.status.map(JobStatus::as_str).unwrap_or(""))
-            .arg(filter.service.as_deref().unwrap_or(""))
-            .arg(cursor)
-            .arg(page_limit(filter))
-            .arg(filter.worker.as_deref().unwrap_or(""))
-            .arg(filter.workflow.as_deref().unwrap_or(""))
-            .arg(filter.customer.as_deref().unwrap_or(""))
-            .arg(filter.owner.as_deref().unwrap_or(""));
-        page_reply(self.run(&cmd).await?)
+        self.listing("fq_finished", filter, cursor, valid).await
     }
 
     async fn queue_position(&self, id: &JobId) -> Result<Option<u64>> {
@@ -148,5 +124,31 @@ impl Read for RedisBroker {
             .collect::<Result<Vec<MachineState>>>()?;
         out.sort_by(|a, b| a.machine_id.cmp(&b.machine_id));
         Ok(out)
+    }
+}
+
+impl RedisBroker {
+    /// A listing function's page (`fq_jobs`, `fq_finished`: the same arguments) from `cursor`,
+    /// refused by name unless `valid`.
+    async fn listing(
+        &self,
+        function: &str,
+        filter: &JobFilter,
+        cursor: String,
+        valid: bool,
+    ) -> Result<JobPage> {
+        if !valid {
+            return Err(ValidationError::new("cursor", "not a cursor of this broker").into());
+        }
+        let mut cmd = self.fcall(function, true);
+        cmd.arg(filter.status.map(JobStatus::as_str).unwrap_or(""))
+            .arg(filter.service.as_deref().unwrap_or(""))
+            .arg(cursor)
+            .arg(page_limit(filter))
+            .arg(filter.worker.as_deref().unwrap_or(""))
+            .arg(filter.workflow.as_deref().unwrap_or(""))
+            .arg(filter.customer.as_deref().unwrap_or(""))
+            .arg(filter.owner.as_deref().unwrap_or(""));
+        page_reply(self.run(&cmd).await?)
     }
 }

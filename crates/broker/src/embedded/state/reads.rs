@@ -3,6 +3,33 @@
 
 use super::*;
 
+/// The filters every listing takes: status and service (?1, ?2), worker, workflow, customer and
+/// owner (?6–?9).
+macro_rules! listing_filters {
+    () => {
+        " AND (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR service = ?2)
+          AND (?6 IS NULL OR json_extract(summary, '$.worker_id') = ?6)
+          AND (?7 IS NULL OR workflow_id = ?7)
+          AND (?8 IS NULL OR json_extract(summary, '$.customer_id') = ?8)
+          AND (?9 IS NULL OR json_extract(summary, '$.owner') = ?9) "
+    };
+}
+
+/// Jobs newest first, after a `created_at:id` cursor (?3, ?4), ?5 rows.
+const NEWEST_SQL: &str = concat!(
+    "SELECT summary FROM jobs WHERE (created_at < ?3 OR (created_at = ?3 AND ?4 <> '' AND id < ?4))",
+    listing_filters!(),
+    "ORDER BY created_at DESC, id DESC LIMIT ?5"
+);
+
+/// Finished jobs, the latest to finish first, after a `finished_at:id` cursor (?3, ?4), ?5 rows.
+const FINISHED_SQL: &str = concat!(
+    "SELECT summary FROM jobs INDEXED BY jobs_done WHERE finished_at IS NOT NULL
+       AND (finished_at < ?3 OR (finished_at = ?3 AND ?4 <> '' AND id < ?4))",
+    listing_filters!(),
+    "ORDER BY finished_at DESC, id DESC LIMIT ?5"
+);
+
 impl State {
     pub(in crate::embedded) fn events_after(&mut self, after: u64, limit: usize) -> Result<Vec<Event>> {
         let mut stmt = self
@@ -39,7 +66,24 @@ impl State {
             .transpose()
     }
 
+    /// Finished jobs, the latest to finish first.
     pub(in crate::embedded) fn finished(&mut self, filter: &JobFilter) -> Result<JobPage> {
+        self.page_by_time(filter, FINISHED_SQL, |s| s.finished_at.unwrap_or(0))
+    }
+
+    /// Jobs, newest first.
+    pub(in crate::embedded) fn jobs(&mut self, filter: &JobFilter) -> Result<JobPage> {
+        self.page_by_time(filter, NEWEST_SQL, |s| s.created_at)
+    }
+
+    /// A page of `sql` (ordered by a time, then id, both descending, from a `time:id` cursor: the
+    /// parameters of [`NEWEST_SQL`]); the next page's cursor is taken with `time_of`.
+    fn page_by_time(
+        &mut self,
+        filter: &JobFilter,
+        sql: &str,
+        time_of: fn(&JobSummary) -> i64,
+    ) -> Result<JobPage> {
         let limit = page_limit(filter);
         let bad = || {
             BrokerError::Invalid(fleetq_core::ValidationError::new("cursor", "not a cursor of this broker"))
@@ -51,68 +95,7 @@ impl State {
             }
             None => (i64::MAX, String::new()),
         };
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT summary FROM jobs INDEXED BY jobs_done
-             WHERE finished_at IS NOT NULL AND (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR service = ?2)
-               AND (finished_at < ?3 OR (finished_at = ?3 AND ?4 <> '' AND id < ?4))
-               AND (?6 IS NULL OR json_extract(summary, '$.worker_id') = ?6)
-               AND (?7 IS NULL OR workflow_id = ?7)
-               AND (?8 IS NULL OR json_extract(summary, '$.customer_id') = ?8)
-               AND (?9 IS NULL OR json_extract(summary, '$.owner') = ?9)
-             ORDER BY finished_at DESC, id DESC LIMIT ?5",
-        )?;
-        let rows = stmt.query_map(
-            params![
-                filter.status.map(|s| s.as_str()),
-                filter.service,
-                c_at,
-                c_id,
-                (limit + 1) as i64,
-                filter.worker,
-                filter.workflow,
-                filter.customer,
-                filter.owner
-            ],
-            |r| r.get::<_, String>(0),
-        )?;
-        let mut jobs = self.listed(rows)?;
-        let more = jobs.len() > limit;
-        jobs.truncate(limit);
-        let next =
-            jobs.last().filter(|_| more).map(|last| format!("{}:{}", last.finished_at.unwrap_or(0), last.id));
-        Ok(JobPage { jobs, next })
-    }
-
-    pub(in crate::embedded) fn jobs(&mut self, filter: &JobFilter) -> Result<JobPage> {
-        let limit = page_limit(filter);
-        let (c_at, c_id) = match &filter.cursor {
-            Some(c) => {
-                let (at, id) = c.split_once(':').ok_or_else(|| {
-                    BrokerError::Invalid(fleetq_core::ValidationError::new(
-                        "cursor",
-                        "not a cursor of this broker",
-                    ))
-                })?;
-                let at: i64 = at.parse().map_err(|_| {
-                    BrokerError::Invalid(fleetq_core::ValidationError::new(
-                        "cursor",
-                        "not a cursor of this broker",
-                    ))
-                })?;
-                (at, id.to_owned())
-            }
-            None => (i64::MAX, String::new()),
-        };
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT summary FROM jobs
-             WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR service = ?2)
-               AND (created_at < ?3 OR (created_at = ?3 AND ?4 <> '' AND id < ?4))
-               AND (?6 IS NULL OR json_extract(summary, '$.worker_id') = ?6)
-               AND (?7 IS NULL OR workflow_id = ?7)
-               AND (?8 IS NULL OR json_extract(summary, '$.customer_id') = ?8)
-               AND (?9 IS NULL OR json_extract(summary, '$.owner') = ?9)
-             ORDER BY created_at DESC, id DESC LIMIT ?5",
-        )?;
+        let mut stmt = self.conn.prepare_cached(sql)?;
         // One row more than the page tells whether another page follows.
         let rows = stmt.query_map(
             params![
@@ -131,7 +114,7 @@ impl State {
         let mut jobs = self.listed(rows)?;
         let more = jobs.len() > limit;
         jobs.truncate(limit);
-        let next = jobs.last().filter(|_| more).map(|last| format!("{}:{}", last.created_at, last.id));
+        let next = jobs.last().filter(|_| more).map(|last| format!("{}:{}", time_of(last), last.id));
         Ok(JobPage { jobs, next })
     }
 
