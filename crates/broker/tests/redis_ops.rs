@@ -307,7 +307,8 @@ async fn writes_wait_for_replicas_when_asked() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert!(synced, "the replica connected");
-    let config = fleetq_broker::BrokerConfig { wait_replicas: 1, wait_timeout_ms: 300, ..test_config() };
+    // 2 s for a replica's acknowledgement: a loaded CI machine took more than 300 ms.
+    let config = fleetq_broker::BrokerConfig { wait_replicas: 1, wait_timeout_ms: 2000, ..test_config() };
     let broker = RedisBroker::connect(&primary.url, "wait", config).await.expect("connect");
     let mut spec = JobSpec::new("simulation", json!(1));
     spec.idempotency_key = Some("k1".into());
