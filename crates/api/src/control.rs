@@ -6,7 +6,7 @@ use fleetq_broker::Broker;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiResult;
 use crate::model::ErrorBody;
 use crate::state::AppState;
 
@@ -22,10 +22,7 @@ pub struct Paused {
 }
 
 async fn set<B: Broker>(st: &AppState<B>, service: String, paused: bool) -> ApiResult<Json<Paused>> {
-    let changed = st.broker.pause_service(&service, paused).await.map_err(|e| match e {
-        fleetq_broker::BrokerError::Invalid(v) => ApiError::bad_request("service", v.message),
-        other => other.into(),
-    })?;
+    let changed = st.broker.pause_service(&service, paused).await.map_err(crate::jobs::query_error)?;
     Ok(Json(Paused { service, paused, changed }))
 }
 

@@ -41,7 +41,7 @@ pub(crate) fn spec_from(value: Value, caller: Option<&Caller>) -> Result<JobSpec
 /// Whether `caller` may read a job owned by `owner`: a `submit` token reads only the jobs it
 /// submitted; `read` and `admin` tokens (and auth off) read every job.
 pub(crate) fn may_read(owner: Option<&str>, caller: Option<&Caller>) -> bool {
-    caller.is_none_or(|c| c.role != Role::Submit || owner == Some(c.name.as_str()))
+    scoped_owner(caller).is_none_or(|name| owner == Some(name))
 }
 
 /// The owner a `submit` caller's reads are scoped to (its own token name); `None` for `read`,
@@ -266,13 +266,13 @@ pub(crate) async fn list<B: Broker>(
     if q.limit.is_some_and(|n| !(1..=1000).contains(&n)) {
         return Err(ApiError::bad_request("limit", "must be 1–1000"));
     }
-    let owner = match caller.as_ref().map(|Extension(c)| c).filter(|c| c.role == Role::Submit) {
+    let owner = match scoped_owner(caller.as_ref().map(|Extension(c)| c)) {
         None => q.owner,
-        Some(c) if q.owner.as_ref().is_none_or(|o| *o == c.name) => Some(c.name.clone()),
-        Some(c) => {
+        Some(name) if q.owner.as_deref().is_none_or(|o| o == name) => Some(name.to_owned()),
+        Some(name) => {
             return Err(ApiError::bad_request(
                 "owner",
-                format!("a submit token lists only its own jobs: owner may only be {:?}", c.name),
+                format!("a submit token lists only its own jobs: owner may only be {name:?}"),
             ));
         }
     };
@@ -322,9 +322,9 @@ pub(crate) async fn list<B: Broker>(
     }
 }
 
-/// A listing's refusal of one of its query parameters (a cursor of another broker) is the
-/// request's fault in its query: 400, like every other bad parameter.
-fn query_error(e: fleetq_broker::BrokerError) -> ApiError {
+/// The broker's refusal of one of a request's parameters (a cursor of another broker, a name that
+/// is not one) is the request's fault: 400 naming the field, like every other bad parameter.
+pub(crate) fn query_error(e: fleetq_broker::BrokerError) -> ApiError {
     match e {
         fleetq_broker::BrokerError::Invalid(v) => ApiError::bad_request(&v.field, v.message),
         other => other.into(),

@@ -170,11 +170,17 @@ pub(crate) fn spawn(cmd: &mut Command, what: &str, port: Option<u16>) -> Result<
 }
 
 fn start_redis(bin: &str, port: u16, dir: &Path) -> Result<Proc> {
+    start_redis_with(bin, port, dir, &["--appendfsync", "always"])
+}
+
+/// A `redis-server` on loopback `port` with an append-only file in `dir` and `extra` arguments.
+pub(crate) fn start_redis_with(bin: &str, port: u16, dir: &Path, extra: &[&str]) -> Result<Proc> {
     let mut cmd = Command::new(bin);
     cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
-        .args(["--appendfsync", "always", "--dir"])
+        .arg("--dir")
         .arg(dir)
-        .args(["--loglevel", "warning"]);
+        .args(["--loglevel", "warning"])
+        .args(extra);
     spawn(&mut cmd, &format!("{bin} (Debian: apt-get install -y redis-server)"), Some(port))
 }
 

@@ -31,7 +31,9 @@ use fleetq_client::{Client, FleetEvent};
 use fleetq_core::{EventKind, JobStatus};
 use serde_json::json;
 
-use crate::chaos::{Args, Proc, completions, connect, free_port, spawn, spawn_serving, tally};
+use crate::chaos::{
+    Args, Proc, completions, connect, free_port, spawn, spawn_serving, start_redis_with, tally,
+};
 
 const MASTER: &str = "chaos";
 /// How long the sentinels wait before they judge the primary down (Sentinel's default is 30 s;
@@ -41,15 +43,12 @@ const FAILOVER_TIMEOUT_MS: u64 = 2000;
 
 fn start_node(bin: &str, port: u16, dir: &Path, replica_of: Option<u16>) -> Result<Proc> {
     std::fs::create_dir_all(dir)?;
-    let mut cmd = Command::new(bin);
-    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
-        .args(["--appendfsync", "everysec", "--repl-diskless-sync-delay", "0", "--dir"])
-        .arg(dir)
-        .args(["--loglevel", "warning"]);
-    if let Some(primary) = replica_of {
-        cmd.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
+    let primary = replica_of.map(|p| p.to_string());
+    let mut extra = vec!["--appendfsync", "everysec", "--repl-diskless-sync-delay", "0"];
+    if let Some(p) = &primary {
+        extra.extend(["--replicaof", "127.0.0.1", p.as_str()]);
     }
-    spawn(&mut cmd, &format!("{bin} (Debian: apt-get install -y redis-server)"), Some(port))
+    start_redis_with(bin, port, dir, &extra)
 }
 
 fn start_sentinel(bin: &str, port: u16, primary: u16, dir: &Path) -> Result<Proc> {

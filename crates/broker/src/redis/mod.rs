@@ -330,24 +330,24 @@ impl RedisBroker {
     /// to the new one if it cannot have run on the old: a replica refused it, or it only reads.
     async fn run(&self, cmd: &Cmd) -> Result<Value> {
         let primary = self.link.current();
-        match self.exec(&primary.conn, cmd).await {
+        match self.exec_reloading(&primary.conn, cmd).await {
+            Err(BrokerError::Redis(e))
+                if self.link.failed(primary.generation, &e).await
+                    && (primary::is_replica_answer(&e) || !writes(cmd)) =>
+            {
+                self.exec_reloading(&self.link.current().conn, cmd).await
+            }
+            other => other,
+        }
+    }
+
+    /// [`Self::exec`], reloading the function library once when the server lacks it.
+    async fn exec_reloading(&self, conn: &primary::Conn, cmd: &Cmd) -> Result<Value> {
+        match self.exec(conn, cmd).await {
             Err(BrokerError::Redis(e)) if e.to_string().contains("Function not found") => {
                 tracing::warn!("fleetq functions missing on the server; reloading");
                 self.init().await?;
                 self.exec(&self.link.current().conn, cmd).await
-            }
-            Err(BrokerError::Redis(e)) if self.link.failed(primary.generation, &e).await => {
-                let again = primary::is_replica_answer(&e) || !writes(cmd);
-                if !again {
-                    return Err(BrokerError::Redis(e));
-                }
-                match self.exec(&self.link.current().conn, cmd).await {
-                    Err(BrokerError::Redis(e)) if e.to_string().contains("Function not found") => {
-                        self.init().await?;
-                        self.exec(&self.link.current().conn, cmd).await
-                    }
-                    other => other,
-                }
             }
             other => other,
         }

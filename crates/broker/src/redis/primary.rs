@@ -240,6 +240,11 @@ impl Link {
                 return false;
             }
         };
+        self.adopt(s, client).await
+    }
+
+    /// Connects to the primary `client` names and makes it current (a new generation).
+    async fn adopt(&self, s: &Sentinels, client: redis::Client) -> bool {
         let addr = addr_of(&client);
         let old = self.current();
         // A new connection even to the same address: the old one is lost or went to a replica.
@@ -278,16 +283,16 @@ impl Link {
     /// seconds by the watcher); follows it when they do.
     async fn check(&self) {
         let Some(s) = &self.sentinel else { return };
-        let named = {
-            let mut sentinel = s.client.lock().await;
-            tokio::time::timeout(Duration::from_secs(5), sentinel.async_get_client()).await
-        };
-        if let Ok(Ok(client)) = named {
-            let current = self.current();
-            if addr_of(&client) != current.addr {
-                self.resolve(current.generation).await;
-            }
+        // Asked and followed under the sentinels' lock, as `resolve` does: the answer is used,
+        // not asked for twice.
+        let mut sentinel = s.client.lock().await;
+        let named = tokio::time::timeout(Duration::from_secs(5), sentinel.async_get_client()).await;
+        if let Ok(Ok(client)) = named
+            && addr_of(&client) != self.current().addr
+        {
+            self.adopt(s, client).await;
         }
+        drop(sentinel);
     }
 
     /// A connection for a blocking command (no reply timeout) to the current primary, and its
